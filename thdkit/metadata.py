@@ -1,0 +1,287 @@
+"""Per-segment lengths and offsets for varlen attention: ``SeqMeta``, the dispatcher, the linear
+method, and the flat (cu_seqlens) form.
+
+Axis legend used in this package: B batch dims (any number), T_q / T_kv row lengths of queries and
+keys/values, S = ``max_segments_per_seq``.
+
+The linear method. Under the layout rules every segment is one run, so everything the reference
+needs per segment is read off the run's two endpoints: the run's length, and (positions strictly
+increasing along it) its smallest and largest position. The tokens that stay active form one
+interval of the run (a suffix on the q side, a prefix on the kv side, or the whole run), bounded by
+a threshold on positions:
+
+- padding / no_mask: the whole run, if the segment is present on both sides;
+- causal: q iff ``pos_q >= pos_kv[first_kv]``; kv iff ``pos_kv <= pos_q[last_q]``;
+- bottom-right (``rl - pos`` compared): q iff ``pos_q >= pos_kv[first_kv] + len_q - len_kv``;
+  kv iff ``pos_kv <= pos_q[last_q] + len_kv - len_q``.
+
+So one scatter per side finds the endpoints (O(T) time, O(S) memory), a vectorised binary search
+over each run finds the interval ends (O(S log T)), and the rest is O(S).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Int
+
+from thdkit import counting
+from thdkit.layout import _map_rows, as_layout, check_max_segments, is_concrete, validate_layout
+from thdkit.masks import MaskType
+from thdkit.one_hot import one_hot_row
+from thdkit.reference import dense_row
+
+__all__ = ["FlatSeqMeta", "Method", "SeqMeta", "linear_row", "seqlens_and_offsets"]
+
+Method = Literal["linear", "one_hot", "dense"]
+
+
+class FlatSeqMeta(NamedTuple):
+    """Metadata for kernels that take a flattened ``[B*T]`` token axis (single batch dim).
+
+    Attributes:
+        cu_seqlens_q: int32[B*S+1]; cumulative q seqlens, starting at 0.
+        cu_seqlens_kv: int32[B*S+1]; cumulative kv seqlens.
+        q_starts: int32[B*S]; start of each q segment in flattened coordinates (row b's offset
+            plus ``b * T_q``), -1 where the slot is empty.
+        kv_starts: int32[B*S]; the same for kv (``b * T_kv``).
+    """
+
+    cu_seqlens_q: Int[Array, " BS1"]
+    cu_seqlens_kv: Int[Array, " BS1"]
+    q_starts: Int[Array, " BS"]
+    kv_starts: Int[Array, " BS"]
+
+
+class SeqMeta(NamedTuple):
+    """Per-segment lengths and start offsets of one batch of packed rows (a pytree).
+
+    Attributes:
+        q_seqlens: int32[*B, S]; active query tokens of each segment.
+        kv_seqlens: int32[*B, S]; active key/value tokens of each segment.
+        q_offsets: int32[*B, S+1]; index of each segment's first active query token, -1 after.
+        kv_offsets: int32[*B, S+1]; the same for keys/values.
+
+    In the compact format, slot k of every array describes the k-th surviving segment of the row,
+    seqlens padded with 0; in the raw format seqlens are indexed by segment id - 1.
+    """
+
+    q_seqlens: Int[Array, "*B S"]
+    kv_seqlens: Int[Array, "*B S"]
+    q_offsets: Int[Array, "*B S1"]
+    kv_offsets: Int[Array, "*B S1"]
+
+    def flat(self, *, seq_len_q: int, seq_len_kv: int | None = None) -> FlatSeqMeta:
+        """The cu_seqlens form for a flattened ``[B*T]`` token axis.
+
+        Meant for compact metadata with one batch dim (flatten more dims first).
+
+        Args:
+            seq_len_q: T_q, the row length the q offsets refer to.
+            seq_len_kv: T_kv; defaults to ``seq_len_q``.
+
+        Returns:
+            :class:`FlatSeqMeta`.
+
+        Example:
+            >>> meta = SeqMeta(jnp.array([[3, 2]]), jnp.array([[3, 2]]),
+            ...                jnp.array([[0, 3, -1]]), jnp.array([[0, 3, -1]]))
+            >>> meta.flat(seq_len_q=8).cu_seqlens_q
+            Array([0, 3, 5], dtype=int32)
+        """
+        seq_len_kv = seq_len_q if seq_len_kv is None else seq_len_kv
+        if self.q_seqlens.ndim != 2:
+            raise ValueError(
+                f"flat() needs metadata with exactly one batch dim, got q_seqlens of shape "
+                f"{self.q_seqlens.shape}; reshape to [B, S] first"
+            )
+
+        def cumulative(seqlens: Array) -> Array:
+            return jnp.concatenate(
+                [jnp.zeros(1, jnp.int32), jnp.cumsum(seqlens.reshape(-1), dtype=jnp.int32)]
+            )
+
+        def starts(offsets: Array, seq_len: int) -> Array:
+            shift = jnp.arange(offsets.shape[0], dtype=jnp.int32)[:, None] * seq_len
+            body = offsets[:, :-1]
+            return jnp.where(body >= 0, body + shift, -1).reshape(-1)
+
+        return FlatSeqMeta(
+            cumulative(self.q_seqlens),
+            cumulative(self.kv_seqlens),
+            starts(self.q_offsets, seq_len_q),
+            starts(self.kv_offsets, seq_len_kv),
+        )
+
+
+def _endpoints(ids: Int[Array, " T"], num_segments: int) -> tuple[Array, Array]:
+    """First and last token index of each id 1..S (T and -1 where absent); one scatter."""
+    t = jnp.arange(ids.shape[0], dtype=jnp.int32)
+    init = jnp.broadcast_to(jnp.array([-1, -ids.shape[0]], jnp.int32), (num_segments + 1, 2))
+    # One scatter-max of (t, -t) gives both the last and (negated) the first index.
+    ends = init.at[ids].max(jnp.stack([t, -t], axis=-1), mode="drop")
+    return -ends[1:, 1], ends[1:, 0]
+
+
+def _first_at_least(pos: Int[Array, " T"], lo: Array, hi: Array, threshold: Array) -> Array:
+    """Per segment, the smallest i in [lo, hi) with ``pos[i] >= threshold`` (hi if none).
+
+    ``pos`` must increase on each [lo, hi); all of lo, hi, threshold are int[S].
+    """
+    steps = max(1, math.ceil(math.log2(pos.shape[0] + 1)))
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        below = pos[jnp.clip(mid, 0, pos.shape[0] - 1)] < threshold
+        open_ = lo < hi
+        return jnp.where(open_ & below, mid + 1, lo), jnp.where(open_ & ~below, mid, hi)
+
+    lo, _ = jax.lax.fori_loop(0, steps, halve, (lo, hi), unroll=True)
+    return lo
+
+
+def linear_row(
+    q: tuple[Int[Array, " T_q"], Int[Array, " T_q"]],
+    kv: tuple[Int[Array, " T_kv"], Int[Array, " T_kv"]] | None,
+    *,
+    mask_type: MaskType,
+    num_segments: int,
+) -> tuple[Array, Array, Array, Array]:
+    """Raw metadata of one row by the linear method (kv None means kv = q).
+
+    Returns:
+        ``(q_seqlens int32[S], kv_seqlens int32[S], q_offsets int32[S+1], kv_offsets int32[S+1])``.
+    """
+    ids_q, pos_q = q
+    first_q, last_q = _endpoints(ids_q, num_segments)
+    if kv is None:
+        (ids_kv, pos_kv), first_kv, last_kv = q, first_q, last_q
+    else:
+        ids_kv, pos_kv = kv
+        first_kv, last_kv = _endpoints(ids_kv, num_segments)
+    both = (last_q >= 0) & (last_kv >= 0)
+    end_q, end_kv = last_q + 1, last_kv + 1
+    if mask_type.uses_positions:
+        min_pos_kv = pos_kv[jnp.clip(first_kv, 0, ids_kv.shape[0] - 1)]
+        max_pos_q = pos_q[jnp.clip(last_q, 0, ids_q.shape[0] - 1)]
+        # Bottom-right compares rl - pos; with rl the run length this shifts the thresholds.
+        shift = (end_q - first_q) - (end_kv - first_kv) if mask_type.is_bottom_right else 0
+        start_q = _first_at_least(pos_q, first_q, end_q, min_pos_kv + shift)
+        end_kv = _first_at_least(pos_kv, first_kv, end_kv, max_pos_q - shift + 1)
+    else:
+        start_q = first_q
+    q_seqlens = jnp.where(both, end_q - start_q, 0)
+    kv_seqlens = jnp.where(both, end_kv - first_kv, 0)
+    offsets = functools.partial(counting.compact, size=num_segments + 1, fill=-1)
+    return (
+        q_seqlens,
+        kv_seqlens,
+        offsets(start_q, q_seqlens > 0),
+        offsets(first_kv, kv_seqlens > 0),
+    )
+
+
+_ROW_METHODS: dict[str, Callable[..., tuple[Array, Array, Array, Array]]] = {
+    "linear": linear_row,
+    "one_hot": one_hot_row,
+    "dense": dense_row,
+}
+
+
+def seqlens_and_offsets(
+    *,
+    segment_ids_q: ArrayLike,
+    segment_pos_q: ArrayLike,
+    segment_ids_kv: ArrayLike | None = None,
+    segment_pos_kv: ArrayLike | None = None,
+    mask_type: MaskType | str = "padding_causal",
+    max_segments_per_seq: int,
+    compact: bool = True,
+    method: Method = "linear",
+) -> SeqMeta:
+    """Per-segment lengths and offsets of packed rows, after masking, for varlen attention.
+
+    Exactly equal to the O(T_q·T_kv) reference of DESIGN.md for every valid layout, every mask
+    type and every method. When the inputs are concrete, both sides are validated
+    (:func:`thdkit.validate_layout`); under jit, check with :func:`thdkit.check_layout`.
+
+    Args:
+        segment_ids_q: int[*B, T_q]; 0 = padding, 1..S = the document of each query token.
+        segment_pos_q: int[*B, T_q]; each query token's position inside its document.
+        segment_ids_kv: int[*B, T_kv] or None; None means self-attention (kv = q).
+        segment_pos_kv: int[*B, T_kv] or None; given together with ``segment_ids_kv``.
+        mask_type: a :class:`thdkit.MaskType` or its name (aliases accepted).
+        max_segments_per_seq: S, a static int >= the largest id; sizes the outputs.
+        compact: True (default) gives the format varlen kernels read (surviving segments first,
+            seqlens padded with 0); False the raw format (seqlens indexed by id - 1).
+        method: "linear" (O(T + S), default), "one_hot" (O(T·S)) or "dense" (O(T_q·T_kv)).
+
+    Returns:
+        :class:`SeqMeta`; seqlens int32[*B, S], offsets int32[*B, S+1] (-1 after the last
+        segment).
+
+    Raises:
+        TypeError: a non-integer array, a bad ``max_segments_per_seq`` or ``mask_type`` type.
+        ValueError: shape or batch mismatches, half-given kv, unknown ``mask_type`` or
+            ``method``, or (concrete inputs) a layout that breaks a rule: the message names the
+            parameter, row and token.
+
+    Example:
+        >>> ids = jnp.array([1, 1, 1, 2, 2, 0, 0, 3])
+        >>> pos = jnp.array([0, 1, 2, 0, 1, 2, 0, 0])
+        >>> meta = seqlens_and_offsets(segment_ids_q=ids, segment_pos_q=pos,
+        ...                            max_segments_per_seq=4)
+        >>> meta.q_seqlens, meta.q_offsets
+        (Array([3, 2, 1, 0], dtype=int32), Array([ 0,  3,  7, -1, -1], dtype=int32))
+
+        Under jit, the options are static:
+
+        >>> fn = jax.jit(seqlens_and_offsets, static_argnames=(
+        ...     "mask_type", "max_segments_per_seq", "compact", "method"))
+        >>> fn(segment_ids_q=ids, segment_pos_q=pos, max_segments_per_seq=4).kv_seqlens
+        Array([3, 2, 1, 0], dtype=int32)
+    """
+    mask = MaskType.parse(mask_type)
+    num_segments = check_max_segments(max_segments_per_seq)
+    if method not in _ROW_METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(_ROW_METHODS)}")
+    if not isinstance(compact, bool):
+        raise TypeError(f"compact must be a bool, got {type(compact).__name__}")
+    q = as_layout(segment_ids_q, segment_pos_q, name="segment_ids_q")
+    if (segment_ids_kv is None) != (segment_pos_kv is None):
+        given = "segment_ids_kv" if segment_pos_kv is None else "segment_pos_kv"
+        raise ValueError(
+            f"only {given} was given: pass both segment_ids_kv and segment_pos_kv for "
+            "cross-attention, or neither for self-attention"
+        )
+    kv = None
+    if segment_ids_kv is not None:
+        kv = as_layout(segment_ids_kv, segment_pos_kv, name="segment_ids_kv")
+        if kv[0].shape[:-1] != q[0].shape[:-1]:
+            raise ValueError(
+                "segment_ids_q and segment_ids_kv must have the same batch dims, got "
+                f"{q[0].shape[:-1]} and {kv[0].shape[:-1]} (shapes {q[0].shape}, {kv[0].shape})"
+            )
+    for name, side in (("segment_ids_q", q), ("segment_ids_kv", kv)):
+        if side is not None and is_concrete(*side):
+            validate_layout(
+                *side, max_segments_per_seq=num_segments, mask_type=mask, name=name
+            )
+    row_fn = functools.partial(_ROW_METHODS[method], mask_type=mask, num_segments=num_segments)
+    if kv is None:
+        raw = _map_rows(lambda ids, pos: row_fn((ids, pos), None), *q)
+    else:
+        raw = _map_rows(lambda *row: row_fn(row[:2], row[2:]), *q, *kv)
+    q_seqlens, kv_seqlens, q_offsets, kv_offsets = raw
+    if compact:
+        q_seqlens, kv_seqlens = (
+            _map_rows(lambda s: counting.compact(s, s > 0, size=num_segments, fill=0), seqlens)
+            for seqlens in (q_seqlens, kv_seqlens)
+        )
+    return SeqMeta(q_seqlens, kv_seqlens, q_offsets, kv_offsets)
