@@ -1,9 +1,15 @@
 """Repository-wide pytest setup: strict rank promotion and a doctest namespace."""
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+import os
+
+# Multi-device tests (context parallelism) run on simulated CPU devices; the flag must be set
+# before JAX initialises its backends.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

@@ -157,7 +157,7 @@ def run_lengths(segment_ids: Int[Array, "*B T"]) -> Int[Array, "*B T"]:
 
 
 def _shift(x: Array, by: int, *, fill: int) -> Array:
-    """Shifts ``x`` along its last axis by ``by`` places (right if positive), filling with ``fill``."""
+    """Shifts ``x`` along its last axis by ``by`` places (right if positive), filling in."""
     pad = jnp.full((*x.shape[:-1], abs(by)), fill, x.dtype)
     if by > 0:
         return jnp.concatenate([pad, x[..., :-by]], axis=-1)
@@ -275,7 +275,7 @@ def validate_layout(
         ...                 max_segments_per_seq=2)
         Traceback (most recent call last):
         ...
-        ValueError: segment_ids row 0, token 3: id 1 starts a second run (a padding hole inside a document?)
+        ValueError: segment_ids row 0, token 3: id 1 starts a second run ...
     """
     mask = MaskType.parse(mask_type)
     num_segments = check_max_segments(max_segments_per_seq)
@@ -295,9 +295,7 @@ def validate_layout(
     ids_row = np.asarray(ids).reshape(-1, ids.shape[-1])[flat_row]
     pos_row = np.asarray(pos).reshape(-1, ids.shape[-1])[flat_row]
     error = LayoutError(int(np.asarray(code).reshape(-1)[flat_row]))
-    raise ValueError(
-        _describe(error, name, _row_label(row), t, ids_row, pos_row, num_segments)
-    )
+    raise ValueError(_describe(error, name, _row_label(row), t, ids_row, pos_row, num_segments))
 
 
 def _row_label(row: tuple[int, ...]) -> str:
@@ -328,9 +326,7 @@ def _describe(
         return f"{where}: id {v} starts a second run (a padding hole inside a document?)"
     if error is LayoutError.IDS_NOT_INCREASING:
         earlier = int(np.max(ids[:t]))
-        return (
-            f"{where}: id {v} follows id {earlier}; non-zero ids must increase from run to run"
-        )
+        return f"{where}: id {v} follows id {earlier}; non-zero ids must increase from run to run"
     where = f"{pos_name} {row}, token {t}"
     if error is LayoutError.NEGATIVE_POSITION:
         return f"{where}: position {int(pos[t])} is negative"

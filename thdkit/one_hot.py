@@ -48,7 +48,7 @@ def one_hot_row(
     """
     ids_q, pos_q = q
     ids_kv, pos_kv = q if kv is None else kv
-    segments = jnp.arange(num_segments + 1, dtype=ids_q.dtype)
+    segments = jnp.arange(num_segments + 1, dtype=ids_q.dtype)[None, :]
     one_hot_q = ids_q[:, None] == segments
     one_hot_kv = ids_kv[:, None] == segments
     if mask_type.is_causal:

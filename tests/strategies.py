@@ -1,0 +1,109 @@
+"""Hypothesis strategies and NumPy oracles shared by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import strategies as st
+
+from thdkit.masks import MaskType
+
+ALL_MASKS = list(MaskType)
+
+
+@st.composite
+def rows(draw, *, seq_len: int, max_segments: int, strides=(1, 2, 3)) -> tuple[np.ndarray, ...]:
+    """One valid row (ids, pos) of length ``seq_len`` with ids in 1..max_segments.
+
+    Documents get random gaps of padding before them, tail padding whose positions keep counting,
+    ids with gaps between them, positions that start anywhere and step by a stride (as in
+    context-parallel shards); rows may be all padding.
+    """
+    ids = np.zeros(seq_len, np.int32)
+    pos = np.zeros(seq_len, np.int32)
+    n_docs = draw(st.integers(0, max_segments))
+    doc_ids = sorted(draw(st.sets(st.integers(1, max_segments), min_size=n_docs, max_size=n_docs)))
+    t = 0
+    for doc in doc_ids:
+        t += draw(st.integers(0, 2))  # padding (position 0) between documents
+        length = draw(st.integers(1, max(1, seq_len // max(1, n_docs))))
+        tail = draw(st.integers(0, 2))
+        if t + length > seq_len:
+            break
+        start = draw(st.integers(0, 3))
+        stride = draw(st.sampled_from(strides))
+        run = start + stride * np.arange(length + tail)
+        ids[t : t + length] = doc
+        end = min(seq_len, t + length + tail)
+        pos[t:end] = run[: end - t]
+        t = end
+    return ids, pos
+
+
+@st.composite
+def batches(draw, *, shape: tuple[int, ...], max_segments: int, strides=(1, 2, 3)):
+    """A batch of valid rows of the given shape ``(*B, T)``."""
+    *batch, seq_len = shape
+    n = int(np.prod(batch, dtype=int))
+    drawn = [
+        draw(rows(seq_len=seq_len, max_segments=max_segments, strides=strides)) for _ in range(n)
+    ]
+    ids = np.stack([r[0] for r in drawn]).reshape(shape)
+    pos = np.stack([r[1] for r in drawn]).reshape(shape)
+    return ids, pos
+
+
+def np_run_lengths(ids: np.ndarray) -> np.ndarray:
+    """Run length of each token of a 1-D row, 0 on padding (a plain loop)."""
+    out = np.zeros_like(ids)
+    t = 0
+    while t < len(ids):
+        end = t
+        while end + 1 < len(ids) and ids[end + 1] == ids[t]:
+            end += 1
+        if ids[t] != 0:
+            out[t : end + 1] = end - t + 1
+        t = end + 1
+    return out
+
+
+def np_allowed(ids_q, pos_q, ids_kv, pos_kv, mask: MaskType) -> np.ndarray:
+    """allowed[i, j] of one row by loops over i and j, straight from DESIGN.md."""
+    rl_q, rl_kv = np_run_lengths(ids_q), np_run_lengths(ids_kv)
+    out = np.zeros((len(ids_q), len(ids_kv)), bool)
+    for i in range(len(ids_q)):
+        for j in range(len(ids_kv)):
+            if ids_q[i] == 0 or ids_q[i] != ids_kv[j]:
+                continue
+            if mask.is_causal:
+                ok = pos_q[i] >= pos_kv[j]
+            elif mask.is_bottom_right:
+                ok = rl_q[i] - pos_q[i] <= rl_kv[j] - pos_kv[j]
+            else:
+                ok = True
+            out[i, j] = ok
+    return out
+
+
+def kernel_reading(meta_row, seq_len_q: int, seq_len_kv: int, mask: MaskType) -> np.ndarray:
+    """The [T_q, T_kv] mask a varlen kernel applies when it reads one row of compact metadata.
+
+    Segment k: q rows [qo, qo + lq) attend kv rows [ko, ko + lk); with a, c the row and column
+    inside the segment, top-left causal keeps c <= a and bottom-right keeps c <= a + lk - lq.
+    """
+    q_seqlens, kv_seqlens, q_offsets, kv_offsets = (np.asarray(a) for a in meta_row)
+    out = np.zeros((seq_len_q, seq_len_kv), bool)
+    for k in range(len(q_seqlens)):
+        lq, lk = int(q_seqlens[k]), int(kv_seqlens[k])
+        if lq == 0 or lk == 0:
+            continue
+        qo, ko = int(q_offsets[k]), int(kv_offsets[k])
+        a = np.arange(lq)[:, None]
+        c = np.arange(lk)[None, :]
+        if mask.is_causal:
+            block = c <= a
+        elif mask.is_bottom_right:
+            block = c <= a + lk - lq
+        else:
+            block = np.ones((lq, lk), bool)
+        out[qo : qo + lq, ko : ko + lk] = block
+    return out
