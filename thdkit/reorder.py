@@ -37,8 +37,9 @@ def _check(seq_len: int, cp: int, multiple: int, what: str) -> None:
     if not isinstance(cp, int) or cp < 1:
         raise ValueError(f"cp must be a positive int, got {cp!r}")
     if seq_len % multiple:
-        raise ValueError(f"{what} needs the sequence length to be a multiple of {multiple}, "
-                         f"got T={seq_len}")
+        raise ValueError(
+            f"{what} needs the sequence length to be a multiple of {multiple}, got T={seq_len}"
+        )
 
 
 @functools.lru_cache(maxsize=256)

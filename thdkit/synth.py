@@ -53,9 +53,7 @@ def _segment_sizes(
     return sizes, valid
 
 
-def _fill_row(
-    ids: np.ndarray, pos: np.ndarray, sizes: np.ndarray, valid: np.ndarray
-) -> None:
+def _fill_row(ids: np.ndarray, pos: np.ndarray, sizes: np.ndarray, valid: np.ndarray) -> None:
     start = 0
     for k, (size, n_valid) in enumerate(zip(sizes, valid, strict=True)):
         ids[start : start + n_valid] = k + 1
@@ -94,7 +92,9 @@ def packed_segments(
     ids = np.zeros((batch, seq_len), np.int32)
     pos = np.zeros((batch, seq_len), np.int32)
     for b in range(batch):
-        _fill_row(ids[b], pos[b], *_segment_sizes(rng, seq_len, max_segments, min_len, tail_padding))
+        _fill_row(
+            ids[b], pos[b], *_segment_sizes(rng, seq_len, max_segments, min_len, tail_padding)
+        )
     return ids, pos
 
 
