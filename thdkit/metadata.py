@@ -256,6 +256,11 @@ def linear_rows(
     )
 
 
+def _as_rows(layout: tuple[Array, Array]) -> Rows:
+    """Flattens the batch dims of ``(ids, pos)``: ``[*B, T] -> [N, T]``."""
+    return tuple(a.reshape(-1, a.shape[-1]) for a in layout)
+
+
 def _rows_from_row_fn(row_fn: Callable[..., tuple[Array, ...]]) -> Callable[..., tuple[Array, ...]]:
     """Lifts a method written for one row to N rows with vmap."""
 
@@ -353,14 +358,9 @@ def seqlens_and_offsets(
         if side is not None and is_concrete(*side):
             validate_layout(*side, max_segments_per_seq=num_segments, mask_type=mask, name=name)
     batch = q[0].shape[:-1]
-    as_rows = lambda ids, pos: (ids.reshape(-1, ids.shape[-1]), pos.reshape(-1, pos.shape[-1]))  # noqa: E731
-    raw = _METHODS[method](
-        as_rows(*q),
-        None if kv is None else as_rows(*kv),
-        mask_type=mask,
-        num_segments=num_segments,
+    q_seqlens, kv_seqlens, q_offsets, kv_offsets = _METHODS[method](
+        _as_rows(q), None if kv is None else _as_rows(kv), mask_type=mask, num_segments=num_segments
     )
-    q_seqlens, kv_seqlens, q_offsets, kv_offsets = raw
     if compact:
         to_front = jax.vmap(lambda s: counting.compact(s, s > 0, size=num_segments, fill=0))
         q_seqlens, kv_seqlens = to_front(q_seqlens), to_front(kv_seqlens)
