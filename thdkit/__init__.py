@@ -1,6 +1,10 @@
-"""thdkit: exact O(T) varlen-attention metadata for packed sequences in JAX."""
+"""thdkit: exact O(T) varlen-attention metadata, and attention, for packed sequences in JAX."""
 
+from thdkit import reorder
 from thdkit import synth
+from thdkit.attention import attention
+from thdkit.attention import attention_partial
+from thdkit.attention import is_representable
 from thdkit.layout import LayoutError
 from thdkit.layout import LayoutErrors
 from thdkit.layout import check_layout
@@ -11,6 +15,9 @@ from thdkit.masks import MaskType
 from thdkit.metadata import FlatSeqMeta
 from thdkit.metadata import SeqMeta
 from thdkit.metadata import seqlens_and_offsets
+from thdkit.reference import reference_attention
+from thdkit.ring import ring_attention
+from thdkit.ring import ring_schedule
 
 __all__ = [
     "FlatSeqMeta",
@@ -18,8 +25,15 @@ __all__ = [
     "LayoutErrors",
     "MaskType",
     "SeqMeta",
+    "attention",
+    "attention_partial",
     "check_layout",
+    "is_representable",
     "layout_error_codes",
+    "reference_attention",
+    "reorder",
+    "ring_attention",
+    "ring_schedule",
     "run_lengths",
     "seqlens_and_offsets",
     "synth",

@@ -357,6 +357,20 @@ def seqlens_and_offsets(
     for name, side in (("segment_ids_q", q), ("segment_ids_kv", kv)):
         if side is not None and is_concrete(*side):
             validate_layout(*side, max_segments_per_seq=num_segments, mask_type=mask, name=name)
+    return _compute(q, kv, method=method, mask=mask, num_segments=num_segments, compact=compact)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "mask", "num_segments", "compact"))
+def _compute(
+    q: tuple[Array, Array],
+    kv: tuple[Array, Array] | None,
+    *,
+    method: str,
+    mask: MaskType,
+    num_segments: int,
+    compact: bool,
+) -> SeqMeta:
+    """The checked call of :func:`seqlens_and_offsets`, compiled once per shape when eager."""
     batch = q[0].shape[:-1]
     q_seqlens, kv_seqlens, q_offsets, kv_offsets = _METHODS[method](
         _as_rows(q), None if kv is None else _as_rows(kv), mask_type=mask, num_segments=num_segments

@@ -48,10 +48,16 @@ def allowed_pairs(
                [1, 1, 0],
                [0, 0, 0]], dtype=int32)
     """
-    q = (ids_q[..., :, None], pos_q[..., :, None], run_lengths(ids_q)[..., :, None])
-    kv = (ids_kv[..., None, :], pos_kv[..., None, :], run_lengths(ids_kv)[..., None, :])
-    same_segment = (q[0] == kv[0]) & (q[0] != 0)
-    return same_segment & rel(mask_type, q[1], kv[1], q[2], kv[2])
+    return pair_mask(
+        ids_q,
+        pos_q,
+        run_lengths(ids_q),
+        ids_kv,
+        pos_kv,
+        run_lengths(ids_kv),
+        mask_type=mask_type,
+        window_size=None,
+    )
 
 
 def dense_row(
@@ -212,8 +218,10 @@ def reference_attention(
         >>> out, lse = reference_attention(q, k, v, ids_q=ids, pos_q=pos, rl_q=2 * ids,
         ...     ids_kv=ids, pos_kv=pos, rl_kv=2 * ids, mask_type=MaskType.CAUSAL,
         ...     window_size=None, scale=1.0)
-        >>> out[0, :, 0, 0], lse[0, :, 0]
-        (Array([0. , 0.5, 0. ], dtype=float32), Array([0.       , 0.6931472,      -inf], dtype=float32))
+        >>> out[0, :, 0, 0]
+        Array([0. , 0.5, 0. ], dtype=float32)
+        >>> lse[0, :, 0]
+        Array([0.       , 0.6931472,      -inf], dtype=float32)
     """
     batch, seq_q, heads_q, _ = query.shape
     heads_kv = key.shape[2]

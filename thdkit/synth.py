@@ -5,6 +5,9 @@ row, up to ``max_segments`` documents, each of ``size`` uniform in ``[min_len, T
 tokens, of which a uniform number in ``[min_len, size]`` are valid and the rest are tail padding
 (id 0, positions still counting); the row's remainder is trailing padding with position 0.
 
+``filled_segments`` packs rows full (no padding) with documents of widely varying lengths, the
+shape of real packed training data used by the attention and ring benchmarks.
+
 All generators are host-side NumPy and return int32 arrays.
 """
 
@@ -24,6 +27,7 @@ from thdkit.reorder import (
 __all__ = [
     "cross_segments",
     "dual_chunk_swap",
+    "filled_segments",
     "packed_segments",
     "ring_step",
     "shard",
@@ -138,3 +142,36 @@ def cross_segments(
         _fill_row(ids_q[b], pos_q[b], sizes, valid)
         _fill_row(ids_kv[b], pos_kv[b], kv_sizes, kv_valid)
     return ids_q, pos_q, ids_kv, pos_kv
+
+
+def filled_segments(
+    rng: np.random.Generator, *, batch: int, seq_len: int, segments: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows packed full with ``segments`` documents of random lengths (no padding).
+
+    The lengths come from ``segments - 1`` distinct cut points drawn uniformly in the row, so
+    they vary widely, as packed training data does.
+
+    Args:
+        rng: a NumPy generator.
+        batch: B.
+        seq_len: T.
+        segments: documents per row, at most T.
+
+    Returns:
+        ``(segment_ids, segment_pos)``, each int32[B, T]; ids 1..segments.
+
+    Example:
+        >>> ids, pos = filled_segments(np.random.default_rng(0), batch=1, seq_len=8, segments=1)
+        >>> ids.tolist(), pos.tolist()
+        ([[1, 1, 1, 1, 1, 1, 1, 1]], [[0, 1, 2, 3, 4, 5, 6, 7]])
+    """
+    ids = np.zeros((batch, seq_len), np.int32)
+    pos = np.zeros((batch, seq_len), np.int32)
+    for row in range(batch):
+        cuts = np.sort(rng.choice(np.arange(1, seq_len), size=segments - 1, replace=False))
+        starts = np.concatenate([[0], cuts])
+        lengths = np.diff(np.concatenate([starts, [seq_len]]))
+        ids[row] = np.repeat(np.arange(1, segments + 1), lengths)
+        pos[row] = np.arange(seq_len) - np.repeat(starts, lengths)
+    return ids, pos

@@ -1,0 +1,581 @@
+"""Context-parallel ring attention over packed sequences on a device mesh.
+
+Axis legend: B batch, T_q / T_kv row lengths, H_q / H_kv heads, D / D_v head dims,
+S = ``max_segments_per_seq``, cp = size of the context-parallel mesh axis, n = T / cp tokens per
+shard.
+
+The sequence axis of every input is split into cp contiguous shards, shard r on rank r. Each rank
+keeps its query shard; the key/value shard (with its segment ids and positions) travels around the
+ring with ``lax.ppermute``, so at step k rank r sees the keys of rank ``(r - k) % cp``. Each step
+runs :func:`thdkit.attention.attention_partial`, which masks from ids and positions directly (so
+any token order works: plain, striped or dual-chunk-swapped), and the partial results merge with
+their log-sum-exps. Masks that compare run lengths (bottom-right) need each token's *document*
+length over the whole row; it is the count of the token's id in the row, an order-independent
+quantity computed once from per-shard counts and a ``psum`` of S+1 integers.
+
+Steps that cannot contain an allowed pair are skipped with ``lax.cond``. Whether they can is
+decided from O(S) numbers per shard, per segment: presence and the span (min, max) of the
+quantity the mask compares (position, or run length minus position for bottom-right). A pair of
+shards can attend within segment s only if the difference of that quantity, kv minus q, can fall
+in the interval the mask and window allow. Without a window the test is exact: a step is skipped
+if and only if it has no allowed pair. With a window it is conservative (it never skips a step
+that has work, and it may run a step whose only candidate pairs fall in a gap between stripes).
+
+The backward pass is a second ring (a ``jax.custom_vjp``): each step recomputes its partial, pulls
+the cotangent back through ``attention_partial`` and adds the key/value gradients to buffers that
+travel with the keys, so memory per device stays O(n) instead of holding every visited shard.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
+
+from thdkit.attention import attention_partial
+from thdkit.layout import _map_rows, as_layout, check_max_segments, is_concrete, validate_layout
+from thdkit.masks import MaskType
+
+__all__ = ["ring_attention", "ring_schedule"]
+
+Window = tuple[int | None, int | None] | None
+
+
+class _Bounds(NamedTuple):
+    """Interval that ``x_kv - x_q`` must fall in for an allowed pair of one segment.
+
+    ``x`` is the position (top-left and unmasked types) or run length minus position
+    (bottom-right types); None means unbounded on that side.
+    """
+
+    uses_key: bool
+    lo: int | None
+    hi: int | None
+
+
+def _normalize_window(window_size: Any) -> Window:
+    """Returns ``window_size`` as ``(left, right)`` with None for an unbounded side, or None."""
+    if window_size is None:
+        return None
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise ValueError(f"window_size must be None or a pair (left, right), got {window_size!r}")
+    sides = []
+    for side in window_size:
+        if side is not None and (isinstance(side, bool) or not isinstance(side, (int, np.integer))):
+            raise TypeError(f"window_size entries must be ints or None, got {window_size!r}")
+        sides.append(None if side is None or side < 0 else int(side))
+    if sides == [None, None]:
+        return None
+    return sides[0], sides[1]
+
+
+def _difference_bounds(mask: MaskType, window: Window) -> _Bounds:
+    """The interval of ``x_kv - x_q`` that ``rel`` and the window allow (see :class:`_Bounds`)."""
+    left, right = window if window is not None else (None, None)
+    if mask.is_bottom_right:
+        # rel: rl_q - pos_q <= rl_kv - pos_kv; window: rl_kv - pos_kv <= rl_q - pos_q + left.
+        return _Bounds(True, 0, left)
+    lo = None if left is None else -left
+    if mask.is_causal:
+        return _Bounds(False, lo, 0 if right is None else min(0, right))
+    return _Bounds(False, lo, right)
+
+
+def _segment_counts(ids: Int[Array, "B n"], num_segments: int) -> Int[Array, "B S1"]:
+    """Tokens of each id 0..S per row (ids outside the range are dropped)."""
+    return _map_rows(
+        lambda row: jnp.zeros(num_segments + 1, jnp.int32).at[row].add(1, mode="drop"), ids
+    )
+
+
+def _document_lengths(ids: Int[Array, "B n"], counts: Int[Array, "B S1"]) -> Int[Array, "B n"]:
+    """Each token's document length from the row's per-id counts; 0 on padding."""
+    length = jnp.take_along_axis(counts, jnp.clip(ids, 0, counts.shape[-1] - 1), axis=-1)
+    return jnp.where(ids > 0, length, 0)
+
+
+class _Spans(NamedTuple):
+    """Per row and segment 0..S of one shard: presence and the span of the compared quantity."""
+
+    present: Bool[Array, "*B S1"]
+    low: Int[Array, "*B S1"]
+    high: Int[Array, "*B S1"]
+
+
+def _spans(ids: Int[Array, "*B n"], x: Int[Array, "*B n"], num_segments: int) -> _Spans:
+    """Presence and min/max of ``x`` per segment of each row (two scatters, O(n + S))."""
+    big = jnp.iinfo(jnp.int32).max
+
+    def row(ids_row: Array, x_row: Array) -> tuple[Array, Array]:
+        bins = jnp.full((num_segments + 1, 2), -big, jnp.int32)
+        # One scatter-max of (x, -x) gives the max and (negated) the min.
+        ends = bins.at[ids_row].max(jnp.stack([x_row, -x_row], axis=-1), mode="drop")
+        return -ends[:, 1], ends[:, 0]
+
+    low, high = _map_rows(row, ids, x)
+    present = high > -big
+    return _Spans(present.at[..., 0].set(False), low, high)
+
+
+def _may_attend(q: _Spans, kv: _Spans, bounds: _Bounds) -> Bool[Array, "*B S1"]:
+    """Per segment, whether some q token and kv token can form an allowed pair."""
+    ok = q.present & kv.present
+    # Differences x_kv - x_q range over [kv.low - q.high, kv.high - q.low].
+    if bounds.hi is not None:
+        ok &= kv.low - q.high <= bounds.hi
+    if bounds.lo is not None:
+        ok &= kv.high - q.low >= bounds.lo
+    return ok
+
+
+def _compared(
+    pos: Int[Array, "*B n"], lengths: Int[Array, "*B n"], bounds: _Bounds
+) -> Int[Array, "*B n"]:
+    return lengths - pos if bounds.uses_key else pos
+
+
+def ring_schedule(
+    segment_ids_q: ArrayLike,
+    segment_pos_q: ArrayLike,
+    segment_ids_kv: ArrayLike | None = None,
+    segment_pos_kv: ArrayLike | None = None,
+    *,
+    cp: int,
+    mask_type: MaskType | str = "padding_causal",
+    window_size: tuple[int | None, int | None] | None = None,
+    max_segments_per_seq: int,
+) -> Bool[Array, "*B cp cp"]:
+    """Which ring steps each rank runs, per row, as :func:`ring_attention` decides it.
+
+    At step k rank r attends the key shard of rank ``(r - k) % cp``. A step runs when the
+    per-segment spans of the two shards admit an allowed pair (exact without a window,
+    conservative with one); :func:`ring_attention` runs a step on a rank when any row of the
+    rank's batch needs it.
+
+    Args:
+        segment_ids_q: int[*B, T_q]; ids in the order the ring sees them (already reordered).
+        segment_pos_q: int[*B, T_q]; positions, reordered with the ids.
+        segment_ids_kv, segment_pos_kv: int[*B, T_kv], or None for self-attention.
+        cp: number of ranks; must divide T_q and T_kv.
+        mask_type: a :class:`thdkit.MaskType` or its name.
+        window_size: ``(left, right)``; None or a negative side means unbounded.
+        max_segments_per_seq: S.
+
+    Returns:
+        bool[*B, cp, cp]; ``[..., r, k]`` is True where rank r runs step k.
+
+    Raises:
+        ValueError: cp does not divide a row length, or a bad option.
+
+    Example:
+        One causal document over a plain (not reordered) row: rank r only needs the keys of
+        ranks 0..r, i.e. steps 0..r.
+
+        >>> ids, pos = jnp.ones(8, jnp.int32), jnp.arange(8, dtype=jnp.int32)
+        >>> ring_schedule(ids, pos, cp=4, max_segments_per_seq=1).astype(int)
+        Array([[1, 0, 0, 0],
+               [1, 1, 0, 0],
+               [1, 1, 1, 0],
+               [1, 1, 1, 1]], dtype=int32)
+    """
+    mask = MaskType.parse(mask_type)
+    num_segments = check_max_segments(max_segments_per_seq)
+    bounds = _difference_bounds(mask, _normalize_window(window_size))
+    q = as_layout(segment_ids_q, segment_pos_q, name="segment_ids_q")
+    kv = (
+        q
+        if segment_ids_kv is None
+        else as_layout(segment_ids_kv, segment_pos_kv, name="segment_ids_kv")
+    )
+    if not isinstance(cp, (int, np.integer)) or isinstance(cp, bool) or cp < 1:
+        raise ValueError(f"cp must be a positive int, got {cp!r}")
+    for name, (ids, _) in (("segment_ids_q", q), ("segment_ids_kv", kv)):
+        if ids.shape[-1] % cp:
+            raise ValueError(f"cp={cp} must divide the length of {name}, got shape {ids.shape}")
+
+    return _schedule(*q, *kv, cp=int(cp), bounds=bounds, num_segments=num_segments)
+
+
+@functools.partial(jax.jit, static_argnames=("cp", "bounds", "num_segments"))
+def _schedule(
+    ids_q: Array,
+    pos_q: Array,
+    ids_kv: Array,
+    pos_kv: Array,
+    *,
+    cp: int,
+    bounds: _Bounds,
+    num_segments: int,
+) -> Array:
+    """The body of :func:`ring_schedule` on whole rows, compiled once per shape and options."""
+
+    def shard_spans(ids: Array, pos: Array) -> _Spans:
+        lengths = _document_lengths(ids, _segment_counts(ids, num_segments))
+        x = _compared(pos, lengths, bounds)
+        split = (*ids.shape[:-1], cp, ids.shape[-1] // cp)
+        return _spans(ids.reshape(split), x.reshape(split), num_segments)
+
+    q_spans, kv_spans = shard_spans(ids_q, pos_q), shard_spans(ids_kv, pos_kv)
+    pair = (
+        jax.tree.map(lambda a: a[..., :, None, :], q_spans),
+        jax.tree.map(lambda a: a[..., None, :, :], kv_spans),
+    )
+    by_source = jnp.any(_may_attend(*pair, bounds), axis=-1)  # [*B, q rank, kv rank]
+    ranks = np.arange(cp)
+    source = (ranks[:, None] - ranks[None, :]) % cp  # source[r, k] = kv rank seen at step k
+    return jnp.take_along_axis(
+        by_source, jnp.broadcast_to(jnp.asarray(source), by_source.shape), axis=-1
+    )
+
+
+class _Static(NamedTuple):
+    """Static configuration of one ring (hashable, so the built function can be cached)."""
+
+    mesh: Mesh
+    axis_name: str
+    mask: MaskType
+    window: Window
+    num_segments: int
+    scale: float
+    self_attention: bool
+
+
+def _merge(
+    out: Array, lse: Array, out_k: Array, lse_k: Array
+) -> tuple[Float[Array, "B n H Dv"], Float[Array, "B n H"]]:
+    """Merges two softmax partials by their log-sum-exps; stable, and -inf safe."""
+    m = jnp.maximum(lse, lse_k)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    a, b = jnp.exp(lse - m), jnp.exp(lse_k - m)
+    total = a + b
+    safe = jnp.where(total > 0, total, 1.0)
+    merged = (out * a[..., None] + out_k * b[..., None]) / safe[..., None]
+    return merged, jnp.where(total > 0, m + jnp.log(safe), -jnp.inf)
+
+
+def _build_core(static: _Static, cp: int) -> Callable[..., Array]:
+    """The per-device ring (forward and backward rings) for the given static configuration.
+
+    The returned function takes local shards ``(q, k, v, layout_q, layout_kv, runs)`` with
+    ``layout_* = (ids, pos, lengths)`` and ``runs`` bool[cp] (step k runs), and returns the
+    float32 output shard.
+    """
+    perm = [(j, (j + 1) % cp) for j in range(cp)]
+
+    def rotate(tree: Any) -> Any:
+        return jax.tree.map(lambda a: lax.ppermute(a, static.axis_name, perm), tree)
+
+    def partial(q: Array, k: Array, v: Array, layout_q: tuple, layout_kv: tuple):
+        (ids_q, pos_q, len_q), (ids_kv, pos_kv, len_kv) = layout_q, layout_kv
+        return attention_partial(
+            q,
+            k,
+            v,
+            ids_q=ids_q,
+            pos_q=pos_q,
+            rl_q=len_q,
+            ids_kv=ids_kv,
+            pos_kv=pos_kv,
+            rl_kv=len_kv,
+            mask_type=static.mask,
+            window_size=static.window,
+            scale=static.scale,
+        )
+
+    def forward(q, k, v, layout_q, layout_kv, runs):
+        batch, n_q, heads, _ = q.shape
+        out = jnp.zeros((batch, n_q, heads, v.shape[-1]), jnp.float32)
+        lse = jnp.full((batch, n_q, heads), -jnp.inf, jnp.float32)
+
+        def visit(step, out, lse, kv):
+            def run(out, lse):
+                return _merge(out, lse, *partial(q, kv[0], kv[1], layout_q, kv[2]))
+
+            return lax.cond(runs[step], run, lambda out, lse: (out, lse), out, lse)
+
+        def body(carry, step):
+            out, lse, kv = carry
+            # Sent before the step's compute so that the transfer can overlap it.
+            incoming = rotate(kv)
+            out, lse = visit(step, out, lse, kv)
+            return (out, lse, incoming), None
+
+        kv = (k, v, layout_kv)
+        # The last step needs no transfer, so it is peeled off the loop.
+        (out, lse, kv), _ = lax.scan(body, (out, lse, kv), jnp.arange(cp - 1))
+        out, lse = visit(cp - 1, out, lse, kv)
+        return out, lse
+
+    @jax.custom_vjp
+    def core(q, k, v, layout_q, layout_kv, runs):
+        return forward(q, k, v, layout_q, layout_kv, runs)[0]
+
+    def core_fwd(q, k, v, layout_q, layout_kv, runs):
+        out, lse = forward(q, k, v, layout_q, layout_kv, runs)
+        return out, (q, k, v, layout_q, layout_kv, runs, out, lse)
+
+    def core_bwd(residuals, d_out):
+        q, k, v, layout_q, layout_kv, runs, out, lse = residuals
+        d_out = d_out.astype(jnp.float32)
+        # Each partial's weight in the output is exp(lse_k - lse); rows with no key get none.
+        lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+        d_out_dot_out = jnp.sum(d_out * out, axis=-1)
+
+        def body(carry, step):
+            d_q, kv, d_kv = carry
+
+            def run(d_q, d_kv):
+                (out_k, lse_k), pull = jax.vjp(
+                    lambda q, k, v: partial(q, k, v, layout_q, kv[2]), q, kv[0], kv[1]
+                )
+                weight = jnp.where(jnp.isfinite(lse), jnp.exp(lse_k - lse_safe), 0.0)
+                # out = sum_k w_k out_k with w_k = exp(lse_k - logsumexp_m lse_m), so
+                # d out_k = w_k d_out and d lse_k = w_k <d_out, out_k - out>.
+                d_lse_k = weight * (jnp.sum(d_out * out_k, axis=-1) - d_out_dot_out)
+                d_q_k, d_k_k, d_v_k = pull((weight[..., None] * d_out, d_lse_k))
+                return d_q + d_q_k.astype(jnp.float32), (
+                    d_kv[0] + d_k_k.astype(jnp.float32),
+                    d_kv[1] + d_v_k.astype(jnp.float32),
+                )
+
+            d_q, d_kv = lax.cond(runs[step], run, lambda d_q, d_kv: (d_q, d_kv), d_q, d_kv)
+            # The gradient buffers travel with the keys; after cp moves they are home again.
+            return (d_q, *rotate((kv, d_kv))), None
+
+        def zeros(x: Array) -> Array:
+            return jnp.zeros(x.shape, jnp.float32)
+
+        carry = (zeros(q), (k, v, layout_kv), (zeros(k), zeros(v)))
+        # cp moves, one more than the keys need: the gradients must get home, and one loop body
+        # compiles faster than a peeled last step.
+        (d_q, _, (d_k, d_v)), _ = lax.scan(body, carry, jnp.arange(cp))
+        return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None, None, None
+
+    core.defvjp(core_fwd, core_bwd)
+    return core
+
+
+@functools.lru_cache(maxsize=64)
+def _ring_fn(static: _Static) -> Callable[..., Array]:
+    """The jitted, shard-mapped ring attention for one static configuration."""
+    axis = static.axis_name
+    cp = static.mesh.shape[axis]
+    bounds = _difference_bounds(static.mask, static.window)
+    core = _build_core(static, cp)
+
+    def local(q, k, v, ids_q, pos_q, ids_kv, pos_kv):
+        def layout(ids: Array, pos: Array) -> tuple[Array, Array, Array]:
+            counts = lax.psum(_segment_counts(ids, static.num_segments), axis)
+            return ids, pos, _document_lengths(ids, counts)
+
+        layout_q = layout(ids_q, pos_q)
+        layout_kv = layout_q if static.self_attention else layout(ids_kv, pos_kv)
+        q_spans = _spans(ids_q, _compared(pos_q, layout_q[2], bounds), static.num_segments)
+        kv_spans = q_spans
+        if not static.self_attention:
+            kv_spans = _spans(
+                layout_kv[0], _compared(layout_kv[1], layout_kv[2], bounds), static.num_segments
+            )
+        # O(cp * B * S) numbers: every rank learns every kv shard's spans once.
+        all_kv = jax.tree.map(lambda a: lax.all_gather(a, axis), kv_spans)
+        q_all = jax.tree.map(lambda a: a[None], q_spans)
+        by_source = jnp.any(_may_attend(q_all, all_kv, bounds), axis=(1, 2))  # bool[cp]
+        rank = lax.axis_index(axis)
+        runs = by_source[(rank - jnp.arange(cp)) % cp]
+        out = core(q, k, v, layout_q, layout_kv, runs)
+        return out.astype(q.dtype)
+
+    tokens = P(None, axis)
+    heads = P(None, axis, None, None)
+    mapped = jax.shard_map(
+        local,
+        mesh=static.mesh,
+        in_specs=(heads, heads, heads, tokens, tokens, tokens, tokens),
+        out_specs=heads,
+        # Manual over the ring axis only: other mesh axes (e.g. a sharded batch) stay automatic.
+        axis_names=frozenset({axis}),
+        # Per-rank variance is not tracked: loop carries inside attention_partial start out
+        # rank-invariant, and the ring's own gradients come from its custom_vjp, not from the
+        # variance-aware transposes of collectives.
+        check_vma=False,
+    )
+    return jax.jit(mapped)
+
+
+def _check_mesh(mesh: Any, axis_name: Any) -> int:
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if axis_name not in mesh.axis_names:
+        raise ValueError(
+            f"axis_name {axis_name!r} is not an axis of the mesh; its axes are {mesh.axis_names}"
+        )
+    return int(mesh.shape[axis_name])
+
+
+def _check_shapes(
+    query: Array, key: Array, value: Array, layout_q: tuple, layout_kv: tuple, cp: int, axis: str
+) -> None:
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be [B, T, H, D], got shape {x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
+    if key.shape[:3] != value.shape[:3]:
+        raise ValueError(
+            f"key and value must agree on [B, T_kv, H_kv], got {key.shape} and {value.shape}"
+        )
+    if query.shape[0] != key.shape[0] or query.shape[-1] != key.shape[-1]:
+        raise ValueError(
+            "query and key must agree on the batch and head dims (B, D), got "
+            f"{query.shape} and {key.shape}"
+        )
+    if query.shape[2] % key.shape[2]:
+        raise ValueError(
+            f"key heads must divide query heads, got H_q={query.shape[2]}, H_kv={key.shape[2]}"
+        )
+    for (ids_name, ids), (x_name, x) in (
+        (("segment_ids_q", layout_q[0]), ("query", query)),
+        (("segment_ids_kv", layout_kv[0]), ("key", key)),
+    ):
+        if ids.shape != x.shape[:2]:
+            raise ValueError(
+                f"{ids_name} must be [B, T] = {x.shape[:2]} to match {x_name}, got {ids.shape}"
+            )
+        if x.shape[1] % cp:
+            raise ValueError(
+                f"the size of mesh axis {axis!r} (cp={cp}) must divide the sequence length of "
+                f"{x_name}, got T={x.shape[1]}"
+            )
+
+
+def _readable(*arrays: Array) -> bool:
+    """Whether this process can read every value: concrete, and (multi-host) fully addressable."""
+    return is_concrete(*arrays) and all(getattr(a, "is_fully_addressable", True) for a in arrays)
+
+
+def _validate_shards(
+    layout: tuple[Array, Array], *, cp: int, num_segments: int, mask: MaskType, name: str
+) -> None:
+    """Validates each rank's shard of a concrete layout (a reordered row is not itself valid)."""
+    ids, pos = layout
+    split = (ids.shape[0], cp, ids.shape[1] // cp)
+    try:
+        validate_layout(
+            ids.reshape(split),
+            pos.reshape(split),
+            max_segments_per_seq=num_segments,
+            mask_type=mask,
+            name=name,
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"{error} [row = (batch index, shard index); token counts within the shard of "
+            f"{split[2]} tokens]"
+        ) from None
+
+
+def ring_attention(
+    query: Float[Array, "B T_q H_q D"],
+    key: Float[Array, "B T_kv H_kv D"],
+    value: Float[Array, "B T_kv H_kv D_v"],
+    *,
+    segment_ids_q: ArrayLike,
+    segment_pos_q: ArrayLike,
+    segment_ids_kv: ArrayLike | None = None,
+    segment_pos_kv: ArrayLike | None = None,
+    mask_type: MaskType | str = "padding_causal",
+    window_size: tuple[int | None, int | None] | None = None,
+    max_segments_per_seq: int,
+    mesh: Mesh,
+    axis_name: str,
+    scale: float | None = None,
+) -> Float[Array, "B T_q H_q D_v"]:
+    """Context-parallel attention over packed rows: the sequence axis is sharded over a mesh axis.
+
+    Computes what :func:`thdkit.attention` computes on the same tokens, with the same mask and
+    window semantics, keeping only T / cp tokens of each array per device. Tokens may be in any
+    order that keeps each shard a valid layout: plain, or reordered with
+    :func:`thdkit.reorder.striped` / :func:`thdkit.reorder.dual_chunk_swap` (ids and positions
+    reordered with the tokens; the output comes back in the same order). Differentiable; the
+    gradients match the single-device attention's.
+
+    Args:
+        query: float[B, T_q, H_q, D]; sequence axis sharded over ``axis_name``.
+        key: float[B, T_kv, H_kv, D]; H_kv divides H_q (grouped-query attention).
+        value: float[B, T_kv, H_kv, D_v].
+        segment_ids_q: int[B, T_q]; 0 = padding, 1..S = the document of each query token.
+        segment_pos_q: int[B, T_q]; each query token's position inside its document.
+        segment_ids_kv, segment_pos_kv: int[B, T_kv], or None for self-attention (kv = q).
+        mask_type: a :class:`thdkit.MaskType` or its name.
+        window_size: ``(left, right)`` sliding window; None, or None/negative on a side, means
+            unbounded on that side.
+        max_segments_per_seq: S, a static int >= the largest id.
+        mesh: the device mesh; other axes (e.g. one sharding the batch) are left to the
+            compiler.
+        axis_name: the mesh axis the sequence axis is sharded over; its size cp must divide T_q
+            and T_kv.
+        scale: multiplier of the logits; default ``1 / sqrt(D)``.
+
+    Returns:
+        float[B, T_q, H_q, D_v] in the dtype of ``query``; zeros for queries with no allowed key.
+
+    Raises:
+        TypeError: non-floating inputs, non-integer ids, a mesh that is not a ``Mesh``.
+        ValueError: an unknown axis, a cp that does not divide T, mismatched shapes, bad
+            options, or (concrete inputs) a shard that breaks a layout rule.
+
+    Example:
+        Two documents in a row of eight, striped over a ring of two devices. With all logits
+        equal, each token averages the values of its document's tokens up to itself:
+
+        >>> import numpy as np
+        >>> from jax.sharding import Mesh
+        >>> from thdkit.reorder import striped, unstriped
+        >>> mesh = Mesh(np.array(jax.devices()[:2]), ("cp",))
+        >>> ids = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2]])
+        >>> pos = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2]])
+        >>> qk = jnp.zeros((1, 8, 1, 4))
+        >>> v = jnp.arange(8.0).reshape(1, 8, 1, 1)
+        >>> out = ring_attention(
+        ...     qk, qk, striped(v, cp=2, axis=1),
+        ...     segment_ids_q=striped(ids, cp=2), segment_pos_q=striped(pos, cp=2),
+        ...     max_segments_per_seq=2, mesh=mesh, axis_name="cp")
+        >>> unstriped(out, cp=2, axis=1)[0, :, 0, 0]
+        Array([0. , 0.5, 1. , 1.5, 2. , 5. , 5.5, 6. ], dtype=float32)
+    """
+    mask = MaskType.parse(mask_type)
+    num_segments = check_max_segments(max_segments_per_seq)
+    window = _normalize_window(window_size)
+    cp = _check_mesh(mesh, axis_name)
+    query, key, value = (jnp.asarray(x) for x in (query, key, value))
+    layout_q = as_layout(segment_ids_q, segment_pos_q, name="segment_ids_q")
+    if (segment_ids_kv is None) != (segment_pos_kv is None):
+        given = "segment_ids_kv" if segment_pos_kv is None else "segment_pos_kv"
+        raise ValueError(
+            f"only {given} was given: pass both segment_ids_kv and segment_pos_kv for "
+            "cross-attention, or neither for self-attention"
+        )
+    self_attention = segment_ids_kv is None
+    layout_kv = (
+        layout_q
+        if self_attention
+        else as_layout(segment_ids_kv, segment_pos_kv, name="segment_ids_kv")
+    )
+    _check_shapes(query, key, value, layout_q, layout_kv, cp, axis_name)
+    for name, layout in (("segment_ids_q", layout_q), ("segment_ids_kv", layout_kv)):
+        if _readable(*layout) and not (self_attention and name == "segment_ids_kv"):
+            _validate_shards(layout, cp=cp, num_segments=num_segments, mask=mask, name=name)
+    if scale is None:
+        scale = float(query.shape[-1]) ** -0.5
+    elif not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+    static = _Static(mesh, axis_name, mask, window, num_segments, float(scale), self_attention)
+    return _ring_fn(static)(query, key, value, *layout_q, *layout_kv)
