@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
+from thdkit.counting import first_at_least
 from thdkit.layout import (
     _map_rows,
     as_layout,
@@ -81,28 +82,6 @@ class TileRanges(NamedTuple):
         return jnp.sum(self.hi - self.lo).astype(jnp.float32) / total
 
 
-def _bisect(
-    values: Int[Array, "B T"], lo: Int[Array, "B K"], hi: Int[Array, "B K"], target: Array
-) -> Int[Array, "B K"]:
-    """Per query, the first index in ``[lo, hi)`` whose value is ``>= target`` (``hi`` if none);
-    ``values`` must not decrease on each ``[lo, hi)``.
-
-    A plain binary search in a rolled loop: it runs for two tokens per query tile only, so what
-    counts is that it compiles quickly.
-    """
-    last = values.shape[-1] - 1
-
-    def halve(_, bounds):
-        lo, hi = bounds
-        mid = (lo + hi) // 2
-        value = jnp.take_along_axis(values, jnp.clip(mid, 0, last), axis=-1)
-        below = (value < target) & (lo < hi)
-        return jnp.where(below, mid + 1, lo), jnp.where(below | (lo >= hi), hi, mid)
-
-    steps = max(1, math.ceil(math.log2(last + 2)))
-    return jax.lax.fori_loop(0, steps, halve, (lo, hi))[0]
-
-
 def _kv_spans(
     tokens: Int[Array, "B K"],
     q: tuple[Array, Array, Array],
@@ -124,7 +103,7 @@ def _kv_spans(
     # Padding inherits the id before it, so the key ids become sorted and the start of segment s
     # (or of the first later one, where s is absent) is a binary search.
     sorted_ids = jax.lax.cummax(ids_kv, axis=ids_kv.ndim - 1)
-    start = _bisect(sorted_ids, jnp.zeros_like(seg), jnp.full_like(seg, seq_kv), seg)
+    start = first_at_least(sorted_ids, jnp.zeros_like(seg), jnp.full_like(seg, seq_kv), seg)
     first = jnp.minimum(start, seq_kv - 1)
     present = (start < seq_kv) & (jnp.take_along_axis(ids_kv, first, axis=-1) == seg)
     run = jnp.take_along_axis(run_lengths(ids_kv), first, axis=-1)
@@ -138,8 +117,8 @@ def _kv_spans(
         threshold = threshold + rl_at_start - jnp.take_along_axis(rl_q, tokens, axis=-1)
     left = _bound(window_size, 0)
     if left is None:
-        return start, _bisect(pos_kv, start, end, threshold + 1)
-    both = _bisect(
+        return start, first_at_least(pos_kv, start, end, threshold + 1)
+    both = first_at_least(
         pos_kv,
         jnp.concatenate([start, start], axis=-1),
         jnp.concatenate([end, end], axis=-1),

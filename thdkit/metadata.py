@@ -22,7 +22,6 @@ over each run finds the interval ends (O(S log T)), and the rest is O(S).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
@@ -138,71 +137,6 @@ def _endpoints(ids: Int[Array, "N T"], num_segments: int) -> tuple[Array, Array]
     return -ends[..., 1], ends[..., 0]
 
 
-def _first_at_least(
-    pos: Int[Array, "N T"],
-    lo: Int[Array, "N K"],
-    hi: Int[Array, "N K"],
-    threshold: Int[Array, "N K"],
-) -> Int[Array, "N K"]:
-    """Per query, the smallest i in [lo, hi) with ``pos[i] >= threshold`` (hi if none).
-
-    ``pos`` must strictly increase on each [lo, hi). Positions are usually affine along a run
-    (``0, 1, 2, ...`` in a packed row, ``r, r + cp, ...`` in a striped shard), so one
-    interpolation step finds every answer; it is verified, and only when some answer is wrong
-    (e.g. stripes of several tokens) does the exact search run.
-    """
-    guess = _affine_guess(pos, lo, hi, threshold)
-    before = _gather(pos, jnp.clip(guess - 1, 0, pos.shape[-1] - 1))
-    at = _gather(pos, jnp.clip(guess, 0, pos.shape[-1] - 1))
-    exact = ((guess <= lo) | (before < threshold)) & ((guess >= hi) | (at >= threshold))
-    return jax.lax.cond(
-        jnp.all(exact | (lo >= hi)),
-        lambda: guess,
-        lambda: _search(pos, lo, hi, threshold),
-    )
-
-
-def _affine_guess(pos: Array, lo: Array, hi: Array, threshold: Array) -> Array:
-    """The answer of :func:`_first_at_least` if positions were affine on each [lo, hi)."""
-    last = jnp.maximum(hi - 1, lo)
-    first_pos = _gather(pos, jnp.clip(lo, 0, pos.shape[-1] - 1))
-    last_pos = _gather(pos, jnp.clip(last, 0, pos.shape[-1] - 1))
-    stride = jnp.maximum((last_pos - first_pos) // jnp.maximum(last - lo, 1), 1)
-    steps = -((first_pos - threshold) // stride)  # ceil((threshold - first_pos) / stride)
-    return jnp.clip(lo + steps, lo, jnp.maximum(hi, lo))
-
-
-_SEARCH_WAYS = 16
-
-
-def _search(pos: Array, lo: Array, hi: Array, threshold: Array) -> Array:
-    """:func:`_first_at_least` by a 16-way search.
-
-    Each round probes 15 points of every interval at once: ~log16(T) dependent rounds instead of
-    log2(T) (the rounds, not the gathers, dominate the cost).
-    """
-    seq_len = pos.shape[-1]
-    fractions = jnp.arange(1, _SEARCH_WAYS, dtype=jnp.int32)[None, None, :]
-    for _ in range(max(1, math.ceil(math.log(seq_len + 1, _SEARCH_WAYS)))):
-        probes = lo[..., None] + ((hi - lo)[..., None] * fractions) // _SEARCH_WAYS
-        values = _gather(pos, jnp.clip(probes, 0, seq_len - 1))
-        below = (values < threshold[..., None]) & (probes < hi[..., None])
-        n_below = jnp.sum(below, axis=-1, dtype=jnp.int32)
-        last_below = jnp.take_along_axis(probes, jnp.maximum(n_below - 1, 0)[..., None], axis=-1)
-        first_not = jnp.take_along_axis(
-            probes, jnp.minimum(n_below, _SEARCH_WAYS - 2)[..., None], axis=-1
-        )
-        lo = jnp.where(n_below > 0, last_below[..., 0] + 1, lo)
-        hi = jnp.maximum(jnp.where(n_below < _SEARCH_WAYS - 1, first_not[..., 0], hi), lo)
-    return lo
-
-
-def _gather(values: Int[Array, "N T"], index: Int[Array, "N ..."]) -> Int[Array, "N ..."]:
-    """``values[n, index[n, ...]]`` for every row n."""
-    flat = index.reshape(index.shape[0], -1)
-    return jnp.take_along_axis(values, flat, axis=-1).reshape(index.shape)
-
-
 def linear_rows(
     q: Rows, kv: Rows | None, *, mask_type: MaskType, num_segments: int
 ) -> tuple[Array, Array, Array, Array]:
@@ -229,22 +163,22 @@ def linear_rows(
     end_q, end_kv = last_q + 1, last_kv + 1
     start_q = first_q
     if mask_type.uses_positions:
-        min_pos_kv = _gather(pos_kv, jnp.clip(first_kv, 0, pos_kv.shape[-1] - 1))
-        max_pos_q = _gather(pos_q, jnp.clip(last_q, 0, pos_q.shape[-1] - 1))
+        min_pos_kv = counting.gather_rows(pos_kv, jnp.clip(first_kv, 0, pos_kv.shape[-1] - 1))
+        max_pos_q = counting.gather_rows(pos_q, jnp.clip(last_q, 0, pos_q.shape[-1] - 1))
         # Bottom-right compares rl - pos; with rl the run length this shifts the thresholds.
         shift = (end_q - first_q) - (end_kv - first_kv) if mask_type.is_bottom_right else 0
         q_search = (first_q, end_q, min_pos_kv + shift)
         kv_search = (first_kv, end_kv, max_pos_q - shift + 1)
         if kv is None:
             # Same positions on both sides: one search over both sets of intervals.
-            found = _first_at_least(
+            found = counting.first_at_least(
                 pos_q,
                 *(jnp.concatenate(pair, axis=-1) for pair in zip(q_search, kv_search, strict=True)),
             )
             start_q, end_kv = jnp.split(found, 2, axis=-1)
         else:
-            start_q = _first_at_least(pos_q, *q_search)
-            end_kv = _first_at_least(pos_kv, *kv_search)
+            start_q = counting.first_at_least(pos_q, *q_search)
+            end_kv = counting.first_at_least(pos_kv, *kv_search)
     q_seqlens = jnp.where(both, end_q - start_q, 0)
     kv_seqlens = jnp.where(both, end_kv - first_kv, 0)
     offsets = jax.vmap(functools.partial(counting.compact, size=num_segments + 1, fill=-1))
