@@ -33,15 +33,15 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 from thdkit.counting import first_at_least
 from thdkit.layout import (
     _map_rows,
-    as_layout,
+    as_layouts,
     check_max_segments,
     is_concrete,
     run_lengths,
-    validate_layout,
+    validate_concrete,
 )
 from thdkit.masks import MaskType
 from thdkit.metadata import seqlens_and_offsets
-from thdkit.reference import Window, _bound, pair_mask, reference_attention
+from thdkit.reference import Window, _bound, check_window, pair_mask, reference_attention
 
 __all__ = [
     "Implementation",
@@ -613,9 +613,8 @@ def is_representable(
     """
     mask = MaskType.parse(mask_type)
     num_segments = check_max_segments(max_segments_per_seq)
-    q = as_layout(segment_ids_q, segment_pos_q, name="segment_ids_q")
-    kv = _kv_layout(segment_ids_kv, segment_pos_kv, q)
-    _validate_concrete(q, kv, mask, num_segments)
+    q, kv = as_layouts(segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)
+    validate_concrete(q, kv, max_segments_per_seq=num_segments, mask_type=mask)
     return _reproduces(q, kv, mask=mask, num_segments=num_segments, window_left=None)
 
 
@@ -720,31 +719,6 @@ def _cudnn(query, key, value, q, kv, *, mask, window_size, scale, num_segments):
 # --- The public entry point --------------------------------------------------------------------
 
 
-def _kv_layout(ids: Any, pos: Any, q: tuple[Array, Array]) -> tuple[Array, Array] | None:
-    """The checked kv layout, or None for self-attention."""
-    if (ids is None) != (pos is None):
-        given = "segment_ids_kv" if pos is None else "segment_pos_kv"
-        raise ValueError(
-            f"only {given} was given: pass both segment_ids_kv and segment_pos_kv for "
-            "cross-attention, or neither for self-attention"
-        )
-    if ids is None:
-        return None
-    kv = as_layout(ids, pos, name="segment_ids_kv")
-    if kv[0].shape[:-1] != q[0].shape[:-1]:
-        raise ValueError(
-            "segment_ids_q and segment_ids_kv must have the same batch dims, got "
-            f"{q[0].shape[:-1]} and {kv[0].shape[:-1]}"
-        )
-    return kv
-
-
-def _validate_concrete(q, kv, mask: MaskType, num_segments: int) -> None:
-    for name, side in (("segment_ids_q", q), ("segment_ids_kv", kv)):
-        if side is not None and is_concrete(*side):
-            validate_layout(*side, max_segments_per_seq=num_segments, mask_type=mask, name=name)
-
-
 def _check_arrays(query: Any, key: Any, value: Any) -> tuple[Array, Array, Array]:
     """Dtype and shape checks of query/key/value; returns them as arrays."""
     arrays = []
@@ -781,24 +755,6 @@ def _check_arrays(query: Any, key: Any, value: Any) -> tuple[Array, Array, Array
             f"H_kv={key.shape[2]}"
         )
     return query, key, value
-
-
-def _check_window(window_size: Any) -> Window:
-    """``window_size`` as ``(left, right)`` with None for unbounded sides, or None."""
-    if window_size is None:
-        return None
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        raise ValueError(f"window_size must be None or a pair (left, right), got {window_size!r}")
-    bounds = []
-    for side, bound in zip(("left", "right"), window_size, strict=True):
-        if bound is not None and (
-            isinstance(bound, bool) or not isinstance(bound, (int, np.integer))
-        ):
-            raise TypeError(
-                f"window_size {side} bound must be a Python int or None, got {type(bound).__name__}"
-            )
-        bounds.append(None if bound is None or bound < 0 else int(bound))
-    return None if bounds == [None, None] else (bounds[0], bounds[1])
 
 
 def _check_options(scale: Any, dim: int, block_q: Any, block_kv: Any) -> float:
@@ -896,11 +852,10 @@ def attention(
     query, key, value = _check_arrays(query, key, value)
     batch, seq_q, _, dim = query.shape
     seq_kv = key.shape[1]
-    window = _check_window(window_size)
+    window = check_window(window_size)
     scale = _check_options(scale, dim, block_q, block_kv)
-    q = as_layout(segment_ids_q, segment_pos_q, name="segment_ids_q")
+    q, kv = as_layouts(segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)
     _check_layout_shape(q, "segment_ids_q", batch, seq_q, "query")
-    kv = _kv_layout(segment_ids_kv, segment_pos_kv, q)
     if kv is None and seq_kv != seq_q:
         raise ValueError(
             f"self-attention (no segment_ids_kv) needs T_kv == T_q, got key length {seq_kv} "
@@ -908,7 +863,7 @@ def attention(
         )
     if kv is not None:
         _check_layout_shape(kv, "segment_ids_kv", batch, seq_kv, "key")
-    _validate_concrete(q, kv, mask, num_segments)
+    validate_concrete(q, kv, max_segments_per_seq=num_segments, mask_type=mask)
 
     run = functools.partial(
         _run,

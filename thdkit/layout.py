@@ -124,6 +124,54 @@ def as_layout(
     return ids, pos
 
 
+def as_layouts(
+    segment_ids_q: ArrayLike,
+    segment_pos_q: ArrayLike,
+    segment_ids_kv: ArrayLike | None,
+    segment_pos_kv: ArrayLike | None,
+) -> tuple[tuple[Array, Array], tuple[Array, Array] | None]:
+    """Checks both sides' layouts (:func:`as_layout`); kv None means self-attention.
+
+    Returns:
+        ``(q, kv)``: ``(ids, pos)`` int32 pairs; kv is None when neither kv array is given.
+
+    Raises:
+        TypeError, ValueError: as :func:`as_layout`; only one of the kv arrays given; q and kv
+            with different batch dims.
+    """
+    q = as_layout(segment_ids_q, segment_pos_q, name="segment_ids_q")
+    if (segment_ids_kv is None) != (segment_pos_kv is None):
+        given = "segment_ids_kv" if segment_pos_kv is None else "segment_pos_kv"
+        raise ValueError(
+            f"only {given} was given: pass both segment_ids_kv and segment_pos_kv for "
+            "cross-attention, or neither for self-attention"
+        )
+    if segment_ids_kv is None:
+        return q, None
+    kv = as_layout(segment_ids_kv, segment_pos_kv, name="segment_ids_kv")
+    if kv[0].shape[:-1] != q[0].shape[:-1]:
+        raise ValueError(
+            "segment_ids_q and segment_ids_kv must have the same batch dims, got "
+            f"{q[0].shape[:-1]} and {kv[0].shape[:-1]} (shapes {q[0].shape}, {kv[0].shape})"
+        )
+    return q, kv
+
+
+def validate_concrete(
+    q: tuple[Array, Array],
+    kv: tuple[Array, Array] | None,
+    *,
+    max_segments_per_seq: int,
+    mask_type: MaskType,
+) -> None:
+    """Runs :func:`validate_layout` on each side whose values are concrete (not traced)."""
+    for name, side in (("segment_ids_q", q), ("segment_ids_kv", kv)):
+        if side is not None and is_concrete(*side):
+            validate_layout(
+                *side, max_segments_per_seq=max_segments_per_seq, mask_type=mask_type, name=name
+            )
+
+
 def positions_name(ids_name: str) -> str:
     """The positions parameter that goes with an ids parameter (segment_ids_q -> segment_pos_q)."""
     if "segment_ids" in ids_name:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Int
 
 from thdkit import counting
-from thdkit.layout import as_layout, check_max_segments, is_concrete, validate_layout
+from thdkit.layout import as_layouts, check_max_segments, validate_concrete
 from thdkit.masks import MaskType
 from thdkit.one_hot import one_hot_row
 from thdkit.reference import dense_row
@@ -273,24 +273,8 @@ def seqlens_and_offsets(
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(_METHODS)}")
     if not isinstance(compact, bool):
         raise TypeError(f"compact must be a bool, got {type(compact).__name__}")
-    q = as_layout(segment_ids_q, segment_pos_q, name="segment_ids_q")
-    if (segment_ids_kv is None) != (segment_pos_kv is None):
-        given = "segment_ids_kv" if segment_pos_kv is None else "segment_pos_kv"
-        raise ValueError(
-            f"only {given} was given: pass both segment_ids_kv and segment_pos_kv for "
-            "cross-attention, or neither for self-attention"
-        )
-    kv = None
-    if segment_ids_kv is not None:
-        kv = as_layout(segment_ids_kv, segment_pos_kv, name="segment_ids_kv")
-        if kv[0].shape[:-1] != q[0].shape[:-1]:
-            raise ValueError(
-                "segment_ids_q and segment_ids_kv must have the same batch dims, got "
-                f"{q[0].shape[:-1]} and {kv[0].shape[:-1]} (shapes {q[0].shape}, {kv[0].shape})"
-            )
-    for name, side in (("segment_ids_q", q), ("segment_ids_kv", kv)):
-        if side is not None and is_concrete(*side):
-            validate_layout(*side, max_segments_per_seq=num_segments, mask_type=mask, name=name)
+    q, kv = as_layouts(segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)
+    validate_concrete(q, kv, max_segments_per_seq=num_segments, mask_type=mask)
     return _compute(q, kv, method=method, mask=mask, num_segments=num_segments, compact=compact)
 
 

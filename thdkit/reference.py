@@ -6,8 +6,11 @@ against and the "before" of the benchmark; do not use it on long rows.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from thdkit.counting import count_and_offsets
@@ -16,6 +19,7 @@ from thdkit.masks import MaskType, rel
 
 __all__ = [
     "allowed_pairs",
+    "check_window",
     "dense_row",
     "in_window",
     "pair_mask",
@@ -86,6 +90,33 @@ def dense_row(
 
 Window = tuple[int | None, int | None] | None
 """A sliding window ``(left, right)``; None (or a negative bound) means unbounded on that side."""
+
+
+def check_window(window_size: Any) -> Window:
+    """``window_size`` as ``(left, right)`` with None for unbounded sides, or None.
+
+    Raises:
+        ValueError: not None and not a pair.
+        TypeError: a bound that is neither a Python int nor None.
+
+    Example:
+        >>> check_window((-1, 3)), check_window((None, -1))
+        ((None, 3), None)
+    """
+    if window_size is None:
+        return None
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise ValueError(f"window_size must be None or a pair (left, right), got {window_size!r}")
+    bounds = []
+    for side, bound in zip(("left", "right"), window_size, strict=True):
+        if bound is not None and (
+            isinstance(bound, bool) or not isinstance(bound, (int, np.integer))
+        ):
+            raise TypeError(
+                f"window_size {side} bound must be a Python int or None, got {type(bound).__name__}"
+            )
+        bounds.append(None if bound is None or bound < 0 else int(bound))
+    return None if bounds == [None, None] else (bounds[0], bounds[1])
 
 
 def _bound(window_size: Window, side: int) -> int | None:

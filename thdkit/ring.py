@@ -41,8 +41,9 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from thdkit.attention import attention_partial
-from thdkit.layout import _map_rows, as_layout, check_max_segments, is_concrete, validate_layout
+from thdkit.layout import _map_rows, as_layouts, check_max_segments, is_concrete, validate_layout
 from thdkit.masks import MaskType
+from thdkit.reference import check_window
 
 __all__ = ["ring_attention", "ring_schedule"]
 
@@ -59,22 +60,6 @@ class _Bounds(NamedTuple):
     uses_key: bool
     lo: int | None
     hi: int | None
-
-
-def _normalize_window(window_size: Any) -> Window:
-    """Returns ``window_size`` as ``(left, right)`` with None for an unbounded side, or None."""
-    if window_size is None:
-        return None
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        raise ValueError(f"window_size must be None or a pair (left, right), got {window_size!r}")
-    sides = []
-    for side in window_size:
-        if side is not None and (isinstance(side, bool) or not isinstance(side, (int, np.integer))):
-            raise TypeError(f"window_size entries must be ints or None, got {window_size!r}")
-        sides.append(None if side is None or side < 0 else int(side))
-    if sides == [None, None]:
-        return None
-    return sides[0], sides[1]
 
 
 def _difference_bounds(mask: MaskType, window: Window) -> _Bounds:
@@ -188,13 +173,9 @@ def ring_schedule(
     """
     mask = MaskType.parse(mask_type)
     num_segments = check_max_segments(max_segments_per_seq)
-    bounds = _difference_bounds(mask, _normalize_window(window_size))
-    q = as_layout(segment_ids_q, segment_pos_q, name="segment_ids_q")
-    kv = (
-        q
-        if segment_ids_kv is None
-        else as_layout(segment_ids_kv, segment_pos_kv, name="segment_ids_kv")
-    )
+    bounds = _difference_bounds(mask, check_window(window_size))
+    q, kv = as_layouts(segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)
+    kv = q if kv is None else kv
     if not isinstance(cp, (int, np.integer)) or isinstance(cp, bool) or cp < 1:
         raise ValueError(f"cp must be a positive int, got {cp!r}")
     for name, (ids, _) in (("segment_ids_q", q), ("segment_ids_kv", kv)):
@@ -553,22 +534,12 @@ def ring_attention(
     """
     mask = MaskType.parse(mask_type)
     num_segments = check_max_segments(max_segments_per_seq)
-    window = _normalize_window(window_size)
+    window = check_window(window_size)
     cp = _check_mesh(mesh, axis_name)
     query, key, value = (jnp.asarray(x) for x in (query, key, value))
-    layout_q = as_layout(segment_ids_q, segment_pos_q, name="segment_ids_q")
-    if (segment_ids_kv is None) != (segment_pos_kv is None):
-        given = "segment_ids_kv" if segment_pos_kv is None else "segment_pos_kv"
-        raise ValueError(
-            f"only {given} was given: pass both segment_ids_kv and segment_pos_kv for "
-            "cross-attention, or neither for self-attention"
-        )
-    self_attention = segment_ids_kv is None
-    layout_kv = (
-        layout_q
-        if self_attention
-        else as_layout(segment_ids_kv, segment_pos_kv, name="segment_ids_kv")
-    )
+    layout_q, layout_kv = as_layouts(segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)
+    self_attention = layout_kv is None
+    layout_kv = layout_q if self_attention else layout_kv
     _check_shapes(query, key, value, layout_q, layout_kv, cp, axis_name)
     for name, layout in (("segment_ids_q", layout_q), ("segment_ids_kv", layout_kv)):
         if _readable(*layout) and not (self_attention and name == "segment_ids_kv"):

@@ -38,11 +38,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from rich.table import Table
 
-from thdkit import reorder, synth
+from thdkit import reorder, ring, synth
 from thdkit.attention import DEFAULT_BLOCK, tile_ranges
 from thdkit.bench.measure import interleaved_latency, write_report
 from thdkit.masks import MaskType
-from thdkit.ring import _difference_bounds, _normalize_window, ring_attention, ring_schedule
+from thdkit.reference import check_window
+from thdkit.ring import _difference_bounds, ring_attention, ring_schedule
 
 __all__ = [
     "MASK_TYPE",
@@ -133,10 +134,10 @@ def _reorder_fn(name: str, cp: int) -> Callable[..., Any]:
 
 
 def _document_lengths(segment_ids: np.ndarray) -> np.ndarray:
-    """int32[B, T]: each token's document length over its whole row (the count of its id)."""
-    counts = np.stack([np.bincount(row, minlength=segment_ids.max() + 1) for row in segment_ids])
-    lengths = np.take_along_axis(counts, segment_ids, axis=-1)
-    return np.where(segment_ids > 0, lengths, 0).astype(np.int32)
+    """int32[B, T]: each token's document length over its whole row, as the ring computes it."""
+    ids = jnp.asarray(segment_ids, jnp.int32)
+    counts = ring._segment_counts(ids, int(segment_ids.max()))
+    return np.asarray(ring._document_lengths(ids, counts))
 
 
 def _step_pairs(
@@ -192,7 +193,7 @@ def work_per_rank(
         >>> work_per_rank(ids, pos, cp=2).tolist()
         [[10, 0], [10, 16]]
     """
-    bounds = _difference_bounds(MaskType.parse(mask_type), _normalize_window(window_size))
+    bounds = _difference_bounds(MaskType.parse(mask_type), check_window(window_size))
     x = segment_pos.astype(np.int64)
     if bounds.uses_key:
         x = _document_lengths(segment_ids) - x
