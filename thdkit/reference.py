@@ -1,7 +1,8 @@
-"""The dense method: the O(T_q·T_kv) reference of DESIGN.md, written as the spec reads.
+"""The dense references: the O(T_q·T_kv) spec of DESIGN.md, written as it reads.
 
-It materialises ``allowed[T_q, T_kv]`` per row. It is the oracle the other methods are tested
-against and the "before" of the benchmark; do not use it on long rows.
+``dense_row`` is the dense metadata method, ``reference_attention`` the dense masked-softmax
+attention; both materialise ``allowed[T_q, T_kv]``. They are the oracles every other method is
+tested against and the "before" of the benchmarks; do not use them on long rows.
 """
 
 from __future__ import annotations
