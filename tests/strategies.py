@@ -107,3 +107,106 @@ def kernel_reading(meta_row, seq_len_q: int, seq_len_kv: int, mask: MaskType) ->
             block = np.ones((lq, lk), bool)
         out[qo : qo + lq, ko : ko + lk] = block
     return out
+
+
+# --- Attention layouts and inputs (shared by the attention test modules) -----------------------
+# One shape for most attention tests: B rows of T query tokens, T_KV keys in cross-attention,
+# 8 query heads over 2 key/value heads (GQA), D = 8, D_v = 4; each compiles once per mask type.
+
+ATTN_B, ATTN_T, ATTN_T_KV, ATTN_H_Q, ATTN_H_KV, ATTN_D, ATTN_D_V = 2, 40, 56, 8, 2, 8, 4
+ATTN_S = 4
+
+
+def self_layout(seed: int, *, batch: int = ATTN_B, seq_len: int = ATTN_T) -> dict[str, np.ndarray]:
+    """A self-attention batch as ``attention_partial`` keywords: the kv layout is the query's."""
+    from thdkit import synth
+    from thdkit.layout import run_lengths
+
+    ids, pos = synth.packed_segments(
+        np.random.default_rng(seed), batch=batch, seq_len=seq_len, max_segments=ATTN_S
+    )
+    rl = np.asarray(run_lengths(ids))
+    return dict(ids_q=ids, pos_q=pos, rl_q=rl, ids_kv=ids, pos_kv=pos, rl_kv=rl)
+
+
+def missing_layout(seed: int) -> dict[str, np.ndarray]:
+    """Cross-attention with segment 2 absent from the keys: its query rows attend nothing."""
+    from thdkit.layout import run_lengths
+
+    layout = self_layout(seed)
+    ids_kv = np.where(layout["ids_q"] == 2, 0, layout["ids_q"])
+    return layout | dict(ids_kv=ids_kv, rl_kv=np.asarray(run_lengths(ids_kv)))
+
+
+def cross_layout(seed: int) -> dict[str, np.ndarray]:
+    """Cross-attention whose key documents are at least as long as the query ones."""
+    from thdkit import synth
+    from thdkit.layout import run_lengths
+
+    ids_q, pos_q, ids_kv, pos_kv = synth.cross_segments(
+        np.random.default_rng(seed),
+        batch=ATTN_B,
+        seq_len_q=ATTN_T,
+        seq_len_kv=ATTN_T_KV,
+        max_segments=ATTN_S,
+    )
+    return dict(
+        ids_q=ids_q,
+        pos_q=pos_q,
+        rl_q=np.asarray(run_lengths(ids_q)),
+        ids_kv=ids_kv,
+        pos_kv=pos_kv,
+        rl_kv=np.asarray(run_lengths(ids_kv)),
+    )
+
+
+def ring_step_layout(
+    ids: np.ndarray, pos: np.ndarray, order: str, q_rank: int, kv_rank: int
+) -> dict[str, np.ndarray]:
+    """Ring step (q_rank, kv_rank) of rows ``ids, pos`` reordered for 2 ranks (``"striped1"``,
+    ``"striped2"`` or ``"dual_chunk_swap"``); rl holds the global document lengths, as ring
+    attention passes them to the bottom-right rule."""
+    from thdkit import reorder
+    from thdkit.layout import run_lengths
+
+    rl = np.asarray(run_lengths(ids))
+    if order == "dual_chunk_swap":
+        ids, pos, rl = (reorder.dual_chunk_swap(x, cp=2) for x in (ids, pos, rl))
+    else:
+        stripe = int(order[-1])
+        ids, pos, rl = (reorder.striped(x, cp=2, stripe_size=stripe) for x in (ids, pos, rl))
+    ids_q, pos_q, ids_kv, pos_kv = reorder.ring_step(ids, pos, cp=2, q_rank=q_rank, kv_rank=kv_rank)
+    return dict(
+        ids_q=np.asarray(ids_q),
+        pos_q=np.asarray(pos_q),
+        rl_q=np.asarray(reorder.shard(rl, cp=2, rank=q_rank)),
+        ids_kv=np.asarray(ids_kv),
+        pos_kv=np.asarray(pos_kv),
+        rl_kv=np.asarray(reorder.shard(rl, cp=2, rank=kv_rank)),
+    )
+
+
+def ring_layout(seed: int, order: str, q_rank: int, kv_rank: int) -> dict[str, np.ndarray]:
+    """:func:`ring_step_layout` of a random packed 2T-token batch."""
+    from thdkit import synth
+
+    ids, pos = synth.packed_segments(
+        np.random.default_rng(seed), batch=ATTN_B, seq_len=2 * ATTN_T, max_segments=ATTN_S
+    )
+    return ring_step_layout(ids, pos, order, q_rank, kv_rank)
+
+
+def attention_inputs(seed: int, seq_kv: int, dtype=np.float32, *, seq_q: int = ATTN_T):
+    """``(q, k, v, w_out, w_lse)``: random inputs and loss weights of the shared shape."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(100 + seed)
+    shapes = (
+        (ATTN_B, seq_q, ATTN_H_Q, ATTN_D),
+        (ATTN_B, seq_kv, ATTN_H_KV, ATTN_D),
+        (ATTN_B, seq_kv, ATTN_H_KV, ATTN_D_V),
+        (ATTN_B, seq_q, ATTN_H_Q, ATTN_D_V),
+    )
+    q, k, v, w_out = (jnp.asarray(rng.normal(size=s), dtype) for s in shapes)
+    w_lse = jnp.asarray(rng.normal(size=(ATTN_B, seq_q, ATTN_H_Q)), jnp.float32)
+    return q, k, v, w_out, w_lse

@@ -3,8 +3,8 @@
 from thdkit import reorder
 from thdkit import synth
 from thdkit.attention import attention
-from thdkit.attention import attention_partial
 from thdkit.attention import is_representable
+from thdkit.attention import plan_attention
 from thdkit.layout import LayoutError
 from thdkit.layout import LayoutErrors
 from thdkit.layout import check_layout
@@ -15,7 +15,6 @@ from thdkit.masks import MaskType
 from thdkit.metadata import FlatSeqMeta
 from thdkit.metadata import SeqMeta
 from thdkit.metadata import seqlens_and_offsets
-from thdkit.reference import reference_attention
 from thdkit.ring import ring_attention
 from thdkit.ring import ring_schedule
 
@@ -26,11 +25,10 @@ __all__ = [
     "MaskType",
     "SeqMeta",
     "attention",
-    "attention_partial",
     "check_layout",
     "is_representable",
     "layout_error_codes",
-    "reference_attention",
+    "plan_attention",
     "reorder",
     "ring_attention",
     "ring_schedule",

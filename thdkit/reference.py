@@ -1,4 +1,4 @@
-"""The dense references: the O(T_q·T_kv) spec of DESIGN.md, written as it reads.
+"""The dense references: the O(T_q·T_kv) spec of docs/semantics.md, written as it reads.
 
 ``dense_row`` is the dense metadata method, ``reference_attention`` the dense masked-softmax
 attention; both materialise ``allowed[T_q, T_kv]``. They are the oracles every other method is
@@ -7,23 +7,17 @@ tested against and the "before" of the benchmarks; do not use them on long rows.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from thdkit.counting import count_and_offsets
 from thdkit.layout import run_lengths
-from thdkit.masks import MaskType, rel
+from thdkit.masks import MaskType, Window, pair_mask, sanitize
 
 __all__ = [
     "allowed_pairs",
-    "check_window",
     "dense_row",
-    "in_window",
-    "pair_mask",
     "reference_attention",
 ]
 
@@ -89,127 +83,6 @@ def dense_row(
 
 # --- The dense reference attention -------------------------------------------------------------
 
-Window = tuple[int | None, int | None] | None
-"""A sliding window ``(left, right)``; None (or a negative bound) means unbounded on that side."""
-
-
-def check_window(window_size: Any) -> Window:
-    """``window_size`` as ``(left, right)`` with None for unbounded sides, or None.
-
-    Raises:
-        ValueError: not None and not a pair.
-        TypeError: a bound that is neither a Python int nor None.
-
-    Example:
-        >>> check_window((-1, 3)), check_window((None, -1))
-        ((None, 3), None)
-    """
-    if window_size is None:
-        return None
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        raise ValueError(f"window_size must be None or a pair (left, right), got {window_size!r}")
-    bounds = []
-    for side, bound in zip(("left", "right"), window_size, strict=True):
-        if bound is not None and (
-            isinstance(bound, bool) or not isinstance(bound, (int, np.integer))
-        ):
-            raise TypeError(
-                f"window_size {side} bound must be a Python int or None, got {type(bound).__name__}"
-            )
-        bounds.append(None if bound is None or bound < 0 else int(bound))
-    return None if bounds == [None, None] else (bounds[0], bounds[1])
-
-
-def _bound(window_size: Window, side: int) -> int | None:
-    """One side of a window as a non-negative int, or None where it is unbounded."""
-    if window_size is None or window_size[side] is None or window_size[side] < 0:
-        return None
-    return int(window_size[side])
-
-
-def in_window(
-    mask_type: MaskType,
-    window_size: Window,
-    pos_q: Int[Array, "..."],
-    pos_kv: Int[Array, "..."],
-    rl_q: Int[Array, "..."],
-    rl_kv: Int[Array, "..."],
-) -> Bool[Array, "..."] | bool:
-    """Whether key tokens lie inside the queries' sliding window, broadcasting the arguments.
-
-    Top-left types (causal, padding_causal) and no_mask/padding: ``pos_q - left <= pos_kv <=
-    pos_q + right``. Bottom-right types: ``rl_q - pos_q + left >= rl_kv - pos_kv`` (the window
-    slides along the bottom-right diagonal; ``right`` does not apply).
-
-    Args:
-        mask_type: a parsed ``MaskType``.
-        window_size: ``(left, right)`` or None; None or negative bounds are unbounded.
-        pos_q, pos_kv: positions inside the documents.
-        rl_q, rl_kv: run (document) lengths, read by the bottom-right types only.
-
-    Returns:
-        bool array of the broadcast shape, or the Python ``True`` when nothing is bounded.
-
-    Example:
-        >>> pos = jnp.arange(4)
-        >>> in_window(MaskType.CAUSAL, (1, None), pos[:, None], pos[None, :], 4, 4).astype(int)
-        Array([[1, 1, 1, 1],
-               [1, 1, 1, 1],
-               [0, 1, 1, 1],
-               [0, 0, 1, 1]], dtype=int32)
-    """
-    left, right = _bound(window_size, 0), _bound(window_size, 1)
-    inside: Bool[Array, "..."] | bool = True
-    if mask_type.is_bottom_right:
-        if left is not None:
-            inside = rl_q - pos_q + left >= rl_kv - pos_kv
-        return inside
-    if left is not None:
-        inside = pos_kv >= pos_q - left
-    if right is not None:
-        inside = inside & (pos_kv <= pos_q + right)
-    return inside
-
-
-def pair_mask(
-    ids_q: Int[Array, "*B T_q"],
-    pos_q: Int[Array, "*B T_q"],
-    rl_q: Int[Array, "*B T_q"],
-    ids_kv: Int[Array, "*B T_kv"],
-    pos_kv: Int[Array, "*B T_kv"],
-    rl_kv: Int[Array, "*B T_kv"],
-    *,
-    mask_type: MaskType,
-    window_size: Window,
-) -> Bool[Array, "*B T_q T_kv"]:
-    """``allowed[..., i, j]`` with explicit run lengths, intersected with the sliding window.
-
-    With ``rl = run_lengths(ids)`` and no window this equals :func:`allowed_pairs`; ring steps
-    pass the global document lengths instead, which the bottom-right rule needs there.
-
-    Args:
-        ids_q, pos_q, rl_q: int[*B, T_q]; query ids (0 = padding), positions, run lengths.
-        ids_kv, pos_kv, rl_kv: int[*B, T_kv]; the same for keys/values.
-        mask_type: a parsed ``MaskType``.
-        window_size: ``(left, right)`` or None (see :func:`in_window`).
-
-    Returns:
-        bool[*B, T_q, T_kv].
-
-    Example:
-        >>> ids, pos = jnp.array([1, 1, 1]), jnp.arange(3)
-        >>> pair_mask(ids, pos, 3 * ids, ids, pos, 3 * ids, mask_type=MaskType.CAUSAL,
-        ...           window_size=(1, 0)).astype(int)
-        Array([[1, 0, 0],
-               [1, 1, 0],
-               [0, 1, 1]], dtype=int32)
-    """
-    q = (ids_q[..., :, None], pos_q[..., :, None], rl_q[..., :, None])
-    kv = (ids_kv[..., None, :], pos_kv[..., None, :], rl_kv[..., None, :])
-    same_segment = (q[0] == kv[0]) & (q[0] != 0)
-    allowed = same_segment & rel(mask_type, q[1], kv[1], q[2], kv[2])
-    return allowed & in_window(mask_type, window_size, q[1], kv[1], q[2], kv[2])
-
 
 def reference_attention(
     query: Float[Array, "B T_q H_q D"],
@@ -226,17 +99,23 @@ def reference_attention(
     window_size: Window,
     scale: float,
 ) -> tuple[Float[Array, "B T_q H_q D_v"], Float[Array, "B T_q H_q"]]:
-    """Dense masked-softmax attention over :func:`pair_mask`: the oracle, O(T_q·T_kv) memory.
+    """Dense masked-softmax attention over :func:`thdkit.masks.pair_mask`: the oracle.
 
-    Query head ``h`` reads key/value head ``h // (H_q // H_kv)`` (GQA/MQA). Computed in float32.
-    Rows with no allowed key give zeros and ``-inf``, with zero (never NaN) gradients.
+    O(T_q·T_kv) memory. Query head ``h`` reads key/value head ``h // (H_q // H_kv)`` (GQA/MQA).
+    Computed in float32. Rows with no allowed key give zeros and ``-inf``, with zero (never NaN)
+    gradients. Isolation: every product is computed from inputs whose non-finite elements were
+    replaced by zeros (:func:`thdkit.masks.sanitize`); a row with at least one allowed key whose
+    own query, or one of whose allowed keys or values, holds a NaN or inf gets NaN output and NaN
+    ``lse``, and passes no gradient back (it contributes zeros to every gradient; non-finite
+    input elements get zero gradients). Every other row, and its gradients, is bit-equal to the
+    same call without the non-finite values.
 
     Args:
         query: float[B, T_q, H_q, D].
         key: float[B, T_kv, H_kv, D]; ``H_q`` a multiple of ``H_kv``.
         value: float[B, T_kv, H_kv, D_v].
         ids_q, pos_q, rl_q, ids_kv, pos_kv, rl_kv, mask_type, window_size: as for
-            :func:`pair_mask`.
+            :func:`thdkit.masks.pair_mask`.
         scale: multiplies the logits.
 
     Returns:
@@ -258,6 +137,7 @@ def reference_attention(
     batch, seq_q, heads_q, _ = query.shape
     heads_kv = key.shape[2]
     groups = heads_q // heads_kv
+    (query, bad_q), (key, bad_k), (value, bad_v) = (sanitize(x) for x in (query, key, value))
     q = query.astype(jnp.float32).reshape(batch, seq_q, heads_kv, groups, -1)
     logits = scale * jnp.einsum("bqhgd,bkhd->bhgqk", q, key.astype(jnp.float32))
     allowed = pair_mask(
@@ -275,6 +155,13 @@ def reference_attention(
     out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value.astype(jnp.float32))
     out = out / jnp.moveaxis(safe_total, 3, 1)[..., None]
     lse = jnp.where(total > 0, row_max[..., 0] + jnp.log(safe_total), -jnp.inf)
+    # Poisoned rows: [B, H_kv, G, T_q], like total.
+    bad_kv = jnp.moveaxis(bad_k | bad_v, 1, 2)[:, :, None, None, :]
+    poisoned = jnp.any(allowed & bad_kv, axis=-1)
+    poisoned |= jnp.moveaxis(bad_q.reshape(batch, seq_q, heads_kv, groups), 1, 3)
+    poisoned &= total > 0
+    out = jnp.where(jnp.moveaxis(poisoned, 3, 1)[..., None], jnp.nan, out)
+    lse = jnp.where(poisoned, jnp.nan, lse)
     return (
         out.reshape(batch, seq_q, heads_q, -1),
         jnp.moveaxis(lse, 3, 1).reshape(batch, seq_q, heads_q),

@@ -40,10 +40,9 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from thdkit.attention import attention_partial
+from thdkit.attention.blockwise import attention_partial
 from thdkit.layout import _map_rows, as_layouts, check_max_segments, is_concrete, validate_layout
-from thdkit.masks import MaskType
-from thdkit.reference import check_window
+from thdkit.masks import MaskType, check_window
 
 __all__ = ["ring_attention", "ring_schedule"]
 

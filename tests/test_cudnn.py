@@ -1,0 +1,217 @@
+"""cuDNN: JAX's packed offsets address the intended keys once kv heads are repeated (CPU), the
+metadata handed to JAX, the refusal without a GPU, and (GPU) cuDNN against the reference."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from thdkit import reorder, synth
+from thdkit.attention import attention, is_representable
+from thdkit.attention.cudnn import packed_inputs, poisoned_rows, spans_of
+from thdkit.layout import run_lengths
+from thdkit.masks import MaskType, pair_mask
+from thdkit.metadata import seqlens_and_offsets
+
+from .strategies import ATTN_S
+
+S = ATTN_S
+IDS = jnp.array([[1, 1, 1, 0, 2, 2, 2, 2]])
+POS = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3]])
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+
+
+def _fix_seqlen_offsets():
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    return fused_attention_stablehlo._fix_seqlen_offsets
+
+
+@pytest.mark.parametrize("heads_kv", [4, 2, 1], ids=lambda h: f"H_kv={h}")
+def test_jax_packed_offsets_address_the_intended_keys(heads_kv):
+    """JAX's own offset fix on our compact metadata: with kv heads repeated up to H_q (what
+    cudnn.run does), every kv offset is the flat index of element [b, k_o, 0, 0] of the key
+    tensor; with GQA unrepeated it is not (JAX scales by the query's heads)."""
+    batch, seq_q, seq_kv, heads_q, dim = 3, 16, 24, 4, 8
+    ids_q, pos_q, ids_kv, pos_kv = synth.cross_segments(
+        np.random.default_rng(0), batch=batch, seq_len_q=seq_q, seq_len_kv=seq_kv, max_segments=S
+    )
+    meta = seqlens_and_offsets(
+        segment_ids_q=ids_q,
+        segment_pos_q=pos_q,
+        segment_ids_kv=ids_kv,
+        segment_pos_kv=pos_kv,
+        mask_type="padding_causal",
+        max_segments_per_seq=S,
+    )
+    packed = packed_inputs(meta, S)
+    query = jnp.zeros((batch, seq_q, heads_q, dim))
+
+    def offsets(heads):
+        key = jnp.zeros((batch, seq_kv, heads, dim))
+        fixed = _fix_seqlen_offsets()(*packed, query, key)
+        return np.asarray(fixed[3]).reshape(-1), np.asarray(fixed[2]).reshape(-1)
+
+    # The intended flat index of each segment's first key (and query), in row order.
+    want_kv, want_q = [], []
+    for b in range(batch):
+        for k in range(S):
+            if int(meta.kv_offsets[b, k]) >= 0:
+                want_kv.append((b * seq_kv + int(meta.kv_offsets[b, k])) * heads_q * dim)
+                want_q.append((b * seq_q + int(meta.q_offsets[b, k])) * heads_q * dim)
+    kv_repeated, q_offsets = offsets(heads_q)  # what cudnn.run passes
+    count = len(want_kv)
+    np.testing.assert_array_equal(kv_repeated[:count], want_kv)
+    np.testing.assert_array_equal(q_offsets[:count], want_q)
+    if heads_kv != heads_q:
+        # Unrepeated: the flat index of element [b, k_o, 0, 0] is (b*T + k_o) * H_kv * D.
+        kv_raw, _ = offsets(heads_kv)
+        intended = np.asarray(want_kv) // heads_q * heads_kv
+        assert not np.array_equal(kv_raw[:count], intended), "JAX fixed the GQA offsets"
+
+
+@pytest.mark.parametrize("mask", ["padding", "padding_causal", "causal_bottom_right"])
+def test_poisoned_rows_match_the_dense_rule(mask):
+    """The O(T) poison of the cuDNN path (prefix sums over key spans) equals the dense rule."""
+    mask = MaskType.parse(mask)
+    ids, pos = synth.packed_segments(np.random.default_rng(1), batch=2, seq_len=32, max_segments=S)
+    ids, pos = jnp.asarray(ids), jnp.asarray(pos)
+    side = (ids, pos, run_lengths(ids))
+    window = (3, None) if mask.uses_positions else None
+    spans = spans_of(side, side, mask_type=mask, window_size=window)
+    rng = np.random.default_rng(2)
+    bad_q = jnp.asarray(rng.random((2, 32, 4)) < 0.05)
+    bad_kv = jnp.asarray(rng.random((2, 32, 2)) < 0.1)
+    got = poisoned_rows(spans, bad_q, bad_kv)
+    allowed = np.asarray(pair_mask(*side, *side, mask_type=mask, window_size=window))
+    kv_heads = np.repeat(np.asarray(bad_kv), 2, axis=-1)  # query head h reads kv head h // 2
+    hits = np.einsum("bqk,bkh->bqh", allowed, kv_heads) > 0
+    want = (hits | np.asarray(bad_q)) & allowed.any(-1)[..., None]
+    np.testing.assert_array_equal(got, want)
+    assert want.any() and not want.all()
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the error without a GPU")
+def test_cudnn_without_gpu_raises_clearly():
+    with pytest.raises(NotImplementedError, match=r"cudnn: needs a CUDA GPU"):
+        x = jnp.zeros((1, 8, 2, 8), jnp.bfloat16)
+        attention(
+            x,
+            x,
+            x,
+            segment_ids_q=IDS,
+            segment_pos_q=POS,
+            max_segments_per_seq=2,
+            implementation="cudnn",
+        )
+
+
+# --- GPU: cuDNN against the reference ----------------------------------------------------------
+
+
+def _gpu_inputs(seq: int, seed: int):
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, seq, 4, 64)), jnp.bfloat16) for _ in range(3))
+    return q, k, v
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("mask", ["padding", "padding_causal", "causal_bottom_right"])
+@pytest.mark.parametrize("window", [None, (16, 0)], ids=str)
+def test_cudnn_matches_reference_self_attention(mask, window):
+    if window is not None and mask == "padding":
+        pytest.skip("cuDNN applies windows with causal masks only")
+    ids, pos = synth.packed_segments(np.random.default_rng(0), batch=2, seq_len=256, max_segments=S)
+    q, k, v = _gpu_inputs(256, 0)
+    common = dict(
+        segment_ids_q=ids,
+        segment_pos_q=pos,
+        mask_type=mask,
+        window_size=window,
+        max_segments_per_seq=S,
+    )
+
+    def loss(q, k, v, implementation):
+        out = attention(q, k, v, **common, implementation=implementation)
+        return jnp.sum(out.astype(jnp.float32) ** 2), out
+
+    grad = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True), static_argnums=3)
+    (_, out_c), grads_c = grad(q, k, v, "cudnn")
+    (_, out_r), grads_r = grad(q, k, v, "reference")
+    tol = {"atol": 3e-2, "rtol": 3e-2}
+    np.testing.assert_allclose(np.asarray(out_c, np.float32), np.asarray(out_r, np.float32), **tol)
+    for g_c, g_r in zip(grads_c, grads_r, strict=True):
+        np.testing.assert_allclose(np.asarray(g_c, np.float32), np.asarray(g_r, np.float32), **tol)
+
+
+@gpu
+@needs_gpu
+def test_cudnn_cross_attention_and_automatic_choice():
+    ids_q, pos_q, ids_kv, pos_kv = synth.cross_segments(
+        np.random.default_rng(1), batch=2, seq_len_q=128, seq_len_kv=256, max_segments=S
+    )
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(2, 128, 4, 64)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.normal(size=(2, 256, 2, 64)), jnp.bfloat16) for _ in range(2))
+    common = dict(
+        segment_ids_q=ids_q,
+        segment_pos_q=pos_q,
+        segment_ids_kv=ids_kv,
+        segment_pos_kv=pos_kv,
+        mask_type="padding_causal",
+        max_segments_per_seq=S,
+    )
+    want = attention(q, k, v, **common, implementation="reference")
+    for implementation in ("cudnn", None):
+        got = jax.jit(functools.partial(attention, **common, implementation=implementation))(
+            q, k, v
+        )
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2
+        )
+
+
+@gpu
+@needs_gpu
+def test_cudnn_refuses_what_it_cannot_express():
+    ids, pos = synth.packed_segments(np.random.default_rng(2), batch=1, seq_len=128, max_segments=S)
+    shuffled = [reorder.striped(x, cp=2, stripe_size=4) for x in (ids, pos)]
+    ids_q, pos_q, ids_kv, pos_kv = reorder.ring_step(*shuffled, cp=2, q_rank=1, kv_rank=0)
+    assert not bool(
+        is_representable(
+            segment_ids_q=ids_q,
+            segment_pos_q=pos_q,
+            segment_ids_kv=ids_kv,
+            segment_pos_kv=pos_kv,
+            mask_type="padding_causal",
+            max_segments_per_seq=S,
+        )
+    ), "choose a layout the kernel cannot read"
+    q, k, v = (jnp.zeros((1, 64, 2, 64), jnp.bfloat16) for _ in range(3))
+    common = dict(
+        segment_ids_q=ids_q,
+        segment_pos_q=pos_q,
+        segment_ids_kv=ids_kv,
+        segment_pos_kv=pos_kv,
+        mask_type="padding_causal",
+        max_segments_per_seq=S,
+    )
+    with pytest.raises(NotImplementedError, match="compact metadata cannot express"):
+        attention(q, k, v, **common, implementation="cudnn")
+    with pytest.raises(NotImplementedError, match="float32"):
+        attention(
+            q.astype(jnp.float32),
+            k.astype(jnp.float32),
+            v.astype(jnp.float32),
+            **common,
+            implementation="cudnn",
+        )
+    automatic = attention(q, k, v, **common)
+    blockwise = attention(q, k, v, **common, implementation="blockwise")
+    np.testing.assert_array_equal(np.asarray(automatic), np.asarray(blockwise))

@@ -1,0 +1,16 @@
+"""Attention over packed (THD) rows, masked from segment ids and positions."""
+
+from thdkit.attention.api import AttentionPlan, Implementation, attention, plan_attention
+from thdkit.attention.representable import is_representable
+from thdkit.attention.tiles import DEFAULT_BLOCK, TileRanges, tile_ranges
+
+__all__ = [
+    "DEFAULT_BLOCK",
+    "AttentionPlan",
+    "Implementation",
+    "TileRanges",
+    "attention",
+    "is_representable",
+    "plan_attention",
+    "tile_ranges",
+]

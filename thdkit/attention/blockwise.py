@@ -1,0 +1,433 @@
+"""The blockwise method: online softmax over the visited (query tile, key tile) pairs.
+
+Each query tile visits only its range of key tiles (:mod:`thdkit.attention.tiles`); inside a tile
+the mask is rebuilt from ids, positions and document lengths (:func:`thdkit.masks.pair_mask`), so
+the result is exact for every valid layout, ring steps included. A ``jax.custom_vjp`` recomputes
+the tiles in the backward pass, saving only the output and the log-sum-exp: O(T·tile) memory.
+
+Isolation: the inputs are sanitised once (:func:`thdkit.masks.sanitize`); every tile also counts,
+per query row, the allowed keys whose key or value was non-finite (a ``[q, k] x [k]`` contraction
+of the tile's mask with the key flags), and the rows that count one, or whose own query was
+non-finite, come out NaN. Every masked product is a select.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from thdkit.attention.tiles import DEFAULT_BLOCK, TileRanges, pad_tokens, tile_ranges
+from thdkit.masks import MaskType, Window, check_window, pair_mask, sanitize
+from thdkit.reference import reference_attention
+
+__all__ = ["attention_partial", "blockwise_attention", "check_arrays", "check_config", "run"]
+
+# Tiles are stored head-major, as the batched matmuls read them: query tile r is
+# ``q[r]: [H_kv, G, block_q, D]``, key tile c is ``k[c]: [H_kv, block_kv, D]``, the batch folded
+# into the tile index. One transpose per input up front is cheaper than transposing a tile at
+# every visit (a key tile is visited once per query tile that reaches it); scaling and casting
+# happen per tile, so that the transpose is the only pass over the inputs.
+
+
+class _Tiles(NamedTuple):
+    """Static description of one blockwise call (hashable: a ``custom_vjp`` non-diff argument)."""
+
+    mask: MaskType
+    window: Window
+    scale: float
+
+
+class _Work(NamedTuple):
+    """The visited (query tile, key tile) pairs, flattened in query-tile order: item w belongs to
+    query tile r where ``starts[r] <= w < ends[r]`` and visits key tile
+    ``kv_first[r] + w - starts[r]``."""
+
+    starts: Int[Array, " R"]
+    ends: Int[Array, " R"]
+    kv_first: Int[Array, " R"]
+
+
+def _locate(work: _Work, item: Array) -> tuple[Array, Array]:
+    """Query tile and key tile of work item ``item``."""
+    row = jnp.sum(work.ends <= item, dtype=jnp.int32)
+    return row, work.kv_first[row] + item - work.starts[row]
+
+
+def _index(x: Array, i: Array) -> Array:
+    return jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+
+
+def _put(x: Array, i: Array, value: Array) -> Array:
+    return jax.lax.dynamic_update_index_in_dim(x, value, i, 0)
+
+
+def _tile_logits(tiles: _Tiles, q, k, layout_q, layout_kv, r, c):
+    """Scaled logits ``[H_kv, G, block_q, block_kv]`` of tile (r, c) and its mask
+    ``[block_q, block_kv]``, rebuilt from ids, positions and document lengths."""
+    q_tile = _index(q, r).astype(jnp.float32)
+    k_tile = _index(k, c).astype(jnp.float32)
+    logits = tiles.scale * jnp.einsum("hgqd,hkd->hgqk", q_tile, k_tile)
+    allowed = pair_mask(
+        *(_index(a, r) for a in layout_q),
+        *(_index(a, c) for a in layout_kv),
+        mask_type=tiles.mask,
+        window_size=tiles.window,
+    )
+    return q_tile, k_tile, logits, allowed
+
+
+def _forward_tiles(tiles: _Tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, work: _Work):
+    """Online softmax over the visited tiles: (out, lse, poisoned) per query tile, float32."""
+    stats = q.shape[:-1]
+    init = (
+        jnp.zeros((*stats, v.shape[-1]), jnp.float32),  # unnormalised output
+        jnp.full(stats, -jnp.inf, jnp.float32),  # running max of the logits
+        jnp.zeros(stats, jnp.float32),  # running sum of exp(logit - max)
+        jnp.zeros((stats[0], stats[1], stats[3]), jnp.float32),  # allowed non-finite keys
+    )
+
+    def visit(item, carry):
+        acc, row_max, total, hits = carry
+        r, c = _locate(work, item)
+        _, _, logits, allowed = _tile_logits(tiles, q, k, layout_q, layout_kv, r, c)
+        bad = _index(bad_kv, c).astype(jnp.float32)
+        new_hits = _index(hits, r) + jnp.einsum("qk,hk->hq", allowed.astype(jnp.float32), bad)
+        logits = jnp.where(allowed, logits, -jnp.inf)
+        old_max = _index(row_max, r)
+        new_max = jnp.maximum(old_max, jnp.max(logits, axis=-1))
+        # A row with nothing allowed so far keeps max -inf; exp must then see a finite shift.
+        shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+        weights = jnp.exp(logits - shift[..., None])
+        rescale = jnp.exp(old_max - shift)
+        new_total = rescale * _index(total, r) + jnp.sum(weights, axis=-1)
+        v_tile = _index(v, c).astype(jnp.float32)
+        new_acc = rescale[..., None] * _index(acc, r) + jnp.einsum(
+            "hgqk,hkd->hgqd", weights, v_tile
+        )
+        return (
+            _put(acc, r, new_acc),
+            _put(row_max, r, new_max),
+            _put(total, r, new_total),
+            _put(hits, r, new_hits),
+        )
+
+    acc, row_max, total, hits = jax.lax.fori_loop(0, work.ends[-1], visit, init)
+    safe_total = jnp.where(total > 0, total, 1.0)
+    lse = jnp.where(total > 0, row_max + jnp.log(safe_total), -jnp.inf)
+    poisoned = ((hits > 0)[:, :, None, :] | bad_q) & (total > 0)
+    return acc / safe_total[..., None], lse, poisoned
+
+
+def _backward_tiles(
+    tiles: _Tiles, q, k, v, layout_q, layout_kv, work: _Work, out, lse, d_out, d_lse
+):
+    """Flash-attention backward over the visited tiles, recomputing each tile's weights."""
+    # d logit = p * (d_out . v - d_out . out + d_lse); the row term is computed once here.
+    row_term = d_lse - jnp.sum(d_out * out, axis=-1)
+    safe_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    init = tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
+
+    def visit(item, carry):
+        dq, dk, dv = carry
+        r, c = _locate(work, item)
+        q_tile, k_tile, logits, allowed = _tile_logits(tiles, q, k, layout_q, layout_kv, r, c)
+        weights = jnp.where(allowed, jnp.exp(logits - _index(safe_lse, r)[..., None]), 0.0)
+        do_tile = _index(d_out, r)
+        d_weights = jnp.einsum("hgqd,hkd->hgqk", do_tile, _index(v, c).astype(jnp.float32))
+        d_logits = jnp.where(
+            allowed, tiles.scale * weights * (d_weights + _index(row_term, r)[..., None]), 0.0
+        )
+        dq = _put(dq, r, _index(dq, r) + jnp.einsum("hgqk,hkd->hgqd", d_logits, k_tile))
+        dk = _put(dk, c, _index(dk, c) + jnp.einsum("hgqk,hgqd->hkd", d_logits, q_tile))
+        dv = _put(dv, c, _index(dv, c) + jnp.einsum("hgqk,hgqd->hkd", weights, do_tile))
+        return dq, dk, dv
+
+    grads = jax.lax.fori_loop(0, work.ends[-1], visit, init)
+    return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v), strict=True))
+
+
+def _poison(out, lse, poisoned):
+    return jnp.where(poisoned[..., None], jnp.nan, out), jnp.where(poisoned, jnp.nan, lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(tiles: _Tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, work):
+    return _poison(*_forward_tiles(tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, work))
+
+
+def _flash_fwd(tiles: _Tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, work):
+    out, lse, poisoned = _forward_tiles(tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, work)
+    residuals = (q, k, v, layout_q, layout_kv, work, out, lse, poisoned)
+    return _poison(out, lse, poisoned), residuals
+
+
+def _flash_bwd(tiles: _Tiles, residuals, cotangents):
+    q, k, v, layout_q, layout_kv, work, out, lse, poisoned = residuals
+    # Poisoned rows pass nothing back: their cotangents are selected away.
+    d_out = jnp.where(poisoned[..., None], 0.0, cotangents[0])
+    d_lse = jnp.where(poisoned, 0.0, cotangents[1])
+    dq, dk, dv = _backward_tiles(tiles, q, k, v, layout_q, layout_kv, work, out, lse, d_out, d_lse)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _head_major(tiles: Array, *, vectors: bool = True) -> Array:
+    """Moves the token axis of each tile behind the heads: ``[N, block, *heads, D] ->
+    [N, *heads, block, D]`` (``[N, block, *heads] -> [N, *heads, block]`` for per-head flags,
+    ``vectors=False``).
+
+    Tile by tile: XLA:CPU lowers one whole-array transpose that feeds a loop as two strided
+    copies, several times slower than transposing each (cache-resident) tile in turn.
+    """
+    rank = tiles.ndim - 1  # of one tile
+    heads = tuple(range(1, rank - 1 if vectors else rank))
+    axes = (*heads, 0, rank - 1) if vectors else (*heads, 0)
+    return jax.lax.map(lambda t: t.transpose(axes), tiles)
+
+
+def blockwise_attention(
+    query: Float[Array, "B T_q H_q D"],
+    key: Float[Array, "B T_kv H_kv D"],
+    value: Float[Array, "B T_kv H_kv D_v"],
+    layout_q: tuple[Int[Array, "B T_q"], Int[Array, "B T_q"], Int[Array, "B T_q"]],
+    layout_kv: tuple[Int[Array, "B T_kv"], Int[Array, "B T_kv"], Int[Array, "B T_kv"]],
+    ranges: TileRanges,
+    *,
+    mask_type: MaskType,
+    window_size: Window,
+    scale: float,
+) -> tuple[Float[Array, "B T_q H_q D_v"], Float[Array, "B T_q H_q"]]:
+    """The flash loop over precomputed tile ranges: ``(out, lse)`` as :func:`attention_partial`.
+
+    The tile sizes are read off ``ranges``; nothing of the layout is recomputed.
+    Differentiable with respect to query, key and value.
+
+    Args:
+        query, key, value: as for :func:`attention_partial`.
+        layout_q: ``(ids, pos, rl)`` of the queries, int32[B, T_q] each.
+        layout_kv: ``(ids, pos, rl)`` of the keys/values, int32[B, T_kv] each.
+        ranges: :class:`thdkit.attention.TileRanges` of this layout and these tile sizes.
+        mask_type: a parsed ``MaskType``.
+        window_size: a parsed window (:func:`thdkit.masks.check_window`).
+        scale: multiplies the logits.
+
+    Returns:
+        ``(out, lse)``: float32[B, T_q, H_q, D_v] and float32[B, T_q, H_q].
+
+    Example:
+        >>> from thdkit.layout import run_lengths
+        >>> ids, pos = jnp.array([[1, 1, 2, 2]]), jnp.array([[0, 1, 0, 1]])
+        >>> side = (ids, pos, run_lengths(ids))
+        >>> ranges = tile_ranges(*side, *side, mask_type=MaskType.CAUSAL, window_size=None,
+        ...                      block_q=2, block_kv=2)
+        >>> v = jnp.arange(4.0).reshape(1, 4, 1, 1)
+        >>> out, _ = blockwise_attention(jnp.zeros((1, 4, 1, 1)), jnp.zeros((1, 4, 1, 1)), v,
+        ...     side, side, ranges, mask_type=MaskType.CAUSAL, window_size=None, scale=1.0)
+        >>> out[0, :, 0, 0]
+        Array([0. , 0.5, 2. , 2.5], dtype=float32)
+    """
+    batch, seq_q, heads_q, _ = query.shape
+    _, _, heads_kv, dim_v = value.shape
+    num_q, num_kv = ranges.lo.shape[-1], ranges.num_kv_tiles
+    block_q, block_kv = ranges.block_q, ranges.block_kv
+    count = (ranges.hi - ranges.lo).reshape(-1)
+    ends = jnp.cumsum(count, dtype=jnp.int32)
+    kv_first = ranges.lo + num_kv * jnp.arange(batch, dtype=jnp.int32)[:, None]
+    work = _Work(starts=ends - count, ends=ends, kv_first=kv_first.reshape(-1))
+
+    def tile(x: Array, block: int, num: int) -> Array:
+        """[B, T, ...] -> [B * num, block, ...]; padding tokens (id 0) fill the last tile."""
+        if num * block != x.shape[1]:
+            x = pad_tokens(x, num * block)
+        return x.reshape(batch * num, block, *x.shape[2:])
+
+    def tile_q(x: Array, vectors: bool = True) -> Array:
+        x = tile(x, block_q, num_q)
+        x = x.reshape(*x.shape[:2], heads_kv, heads_q // heads_kv, *x.shape[3:])
+        return _head_major(x, vectors=vectors)
+
+    (query, bad_q), (key, bad_k), (value, bad_v) = (sanitize(x) for x in (query, key, value))
+    q, bad_q = tile_q(query), tile_q(bad_q, vectors=False)
+    k, v = (_head_major(tile(x, block_kv, num_kv)) for x in (key, value))
+    bad_kv = _head_major(tile(bad_k | bad_v, block_kv, num_kv), vectors=False)
+    tiled_q = tuple(tile(a, block_q, num_q) for a in layout_q)
+    tiled_kv = tuple(tile(a, block_kv, num_kv) for a in layout_kv)
+    tiles = _Tiles(mask_type, window_size, float(scale))
+    out, lse = _flash(tiles, q, k, v, tiled_q, tiled_kv, bad_q, bad_kv, work)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(batch, num_q * block_q, heads_q, dim_v)
+    lse = lse.transpose(0, 3, 1, 2).reshape(batch, num_q * block_q, heads_q)
+    return out[:, :seq_q], lse[:, :seq_q]
+
+
+def attention_partial(
+    query: Float[Array, "B T_q H_q D"],
+    key: Float[Array, "B T_kv H_kv D"],
+    value: Float[Array, "B T_kv H_kv D_v"],
+    *,
+    ids_q: Int[Array, "B T_q"],
+    pos_q: Int[Array, "B T_q"],
+    rl_q: Int[Array, "B T_q"],
+    ids_kv: Int[Array, "B T_kv"],
+    pos_kv: Int[Array, "B T_kv"],
+    rl_kv: Int[Array, "B T_kv"],
+    mask_type: MaskType,
+    window_size: Window,
+    scale: float,
+    implementation: Literal["blockwise", "reference"] = "blockwise",
+    block_q: int = DEFAULT_BLOCK,
+    block_kv: int = DEFAULT_BLOCK,
+) -> tuple[Float[Array, "B T_q H_q D_v"], Float[Array, "B T_q H_q"]]:
+    """Attention over one set of keys, with its log-sum-exp, for merging partial results.
+
+    The building block of ring attention (one call per ring step; the partials merge through
+    ``lse``). Nothing is validated: the layouts must be valid (docs/semantics.md) and ``rl_q`` /
+    ``rl_kv`` constant along each run, as run lengths and global document lengths are.
+    Differentiable with respect to ``query``, ``key`` and ``value``, including through ``lse``;
+    rows with no allowed key get zero gradients.
+
+    Isolation: a row with at least one allowed key whose own query, or one of whose allowed keys
+    or values, holds a NaN or inf gets NaN in ``out`` and ``lse`` and passes no gradient back (it
+    adds zeros to every gradient; non-finite input elements get zero gradients). Every other row
+    and every gradient it produces are bit-equal to the same call without the non-finite values.
+
+    Args:
+        query: float[B, T_q, H_q, D].
+        key: float[B, T_kv, H_kv, D]; ``H_q`` a multiple of ``H_kv``.
+        value: float[B, T_kv, H_kv, D_v].
+        ids_q, pos_q: int32[B, T_q]; query segment ids (0 = padding) and positions.
+        rl_q: int32[B, T_q]; the length of each query token's document, as the bottom-right rule
+            reads it (:func:`thdkit.run_lengths`, or the global lengths in a ring step).
+        ids_kv, pos_kv, rl_kv: int32[B, T_kv]; the same for keys/values.
+        mask_type: a ``MaskType`` or its name.
+        window_size: ``(left, right)`` or None (:func:`thdkit.masks.check_window`).
+        scale: multiplies the logits.
+        implementation: ``"blockwise"`` (default) or ``"reference"`` (dense).
+        block_q, block_kv: tile sizes of the blockwise method, capped to T_q and T_kv.
+
+    Returns:
+        ``(out, lse)``: float32[B, T_q, H_q, D_v], normalised over this call's keys (zeros where no
+        key is allowed); float32[B, T_q, H_q], the log-sum-exp of the allowed logits (-inf where
+        none is).
+
+    Raises:
+        ValueError: an unknown ``implementation``.
+
+    Example:
+        >>> from thdkit.layout import run_lengths
+        >>> ids, pos = jnp.array([[1, 1, 1, 0, 2, 2, 2, 2]]), jnp.array([[0, 1, 2, 3, 0, 1, 2, 3]])
+        >>> rl = run_lengths(ids)
+        >>> q = k = jnp.zeros((1, 8, 1, 4))
+        >>> v = jnp.arange(8.0).reshape(1, 8, 1, 1)
+        >>> out, lse = attention_partial(q, k, v, ids_q=ids, pos_q=pos, rl_q=rl, ids_kv=ids,
+        ...     pos_kv=pos, rl_kv=rl, mask_type=MaskType.CAUSAL, window_size=None, scale=0.5,
+        ...     block_q=4, block_kv=4)
+        >>> out[0, :, 0, 0]
+        Array([0. , 0.5, 1. , 0. , 4. , 4.5, 5. , 5.5], dtype=float32)
+        >>> jnp.exp(lse[0, :, 0])
+        Array([1., 2., 3., 0., 1., 2., 3., 4.], dtype=float32)
+    """
+    mask = MaskType.parse(mask_type)
+    window = check_window(window_size)
+    if implementation == "reference":
+        return reference_attention(
+            query,
+            key,
+            value,
+            ids_q=ids_q,
+            pos_q=pos_q,
+            rl_q=rl_q,
+            ids_kv=ids_kv,
+            pos_kv=pos_kv,
+            rl_kv=rl_kv,
+            mask_type=mask,
+            window_size=window,
+            scale=scale,
+        )
+    if implementation != "blockwise":
+        raise ValueError(
+            f"unknown implementation {implementation!r} for attention_partial; valid: "
+            "'blockwise', 'reference'"
+        )
+    return _partial_blockwise(
+        query,
+        key,
+        value,
+        (ids_q, pos_q, rl_q),
+        (ids_kv, pos_kv, rl_kv),
+        mask_type=mask,
+        window_size=window,
+        scale=float(scale),
+        block_q=block_q,
+        block_kv=block_kv,
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("mask_type", "window_size", "scale", "block_q", "block_kv")
+)
+def _partial_blockwise(
+    query, key, value, layout_q, layout_kv, *, mask_type, window_size, scale, block_q, block_kv
+):
+    """Tile ranges, then the flash loop; jitted so that eager calls compile once."""
+    ranges = tile_ranges(
+        *layout_q,
+        *layout_kv,
+        mask_type=mask_type,
+        window_size=window_size,
+        block_q=min(block_q, query.shape[1]),
+        block_kv=min(block_kv, key.shape[1]),
+    )
+    return blockwise_attention(
+        query,
+        key,
+        value,
+        layout_q,
+        layout_kv,
+        ranges,
+        mask_type=mask_type,
+        window_size=window_size,
+        scale=scale,
+    )
+
+
+def check_config(*, mask_type: MaskType, window_size: Window, self_attention: bool) -> None:
+    """The blockwise method runs every configuration: never raises.
+
+    Example:
+        >>> check_config(mask_type=MaskType.CAUSAL, window_size=None, self_attention=False)
+    """
+    del mask_type, window_size, self_attention
+
+
+def check_arrays(query: Array, key: Array, value: Array) -> None:
+    """The blockwise method takes every checked input: never raises.
+
+    Example:
+        >>> x = jnp.zeros((1, 2, 1, 1))
+        >>> check_arrays(x, x, x)
+    """
+    del query, key, value
+
+
+def run(query: Array, key: Array, value: Array, plan: Any, *, scale: float) -> Array:
+    """The candidate's entry: :func:`blockwise_attention` on an ``AttentionPlan``'s fields,
+    the output cast to the query's dtype."""
+    q, kv = plan.q_segments, plan.kv_segments
+    out, _ = blockwise_attention(
+        query,
+        key,
+        value,
+        (q.ids, q.positions, q.lengths),
+        (kv.ids, kv.positions, kv.lengths),
+        plan.ranges,
+        mask_type=plan.mask_type,
+        window_size=plan.window_size,
+        scale=scale,
+    )
+    return out.astype(query.dtype)

@@ -1,0 +1,203 @@
+"""Tile ranges: the contiguous range of key tiles each query tile of the blockwise method visits.
+
+Computed in O(T) from ids, positions and document lengths (no ``[T_q, T_kv]`` array): the key
+span of the segments at a query tile's two ends, narrowed by causality and the window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from thdkit.counting import first_at_least
+from thdkit.layout import run_lengths
+from thdkit.masks import MaskType, Window, window_bound
+
+__all__ = ["DEFAULT_BLOCK", "TileRanges", "kv_spans", "pad_tokens", "tile_ranges"]
+
+DEFAULT_BLOCK = 128
+"""The default ``block_q`` and ``block_kv`` of the blockwise method."""
+
+# Positions lie in [0, 2**30 - 1] (docs/semantics.md, accepted ranges): a search threshold
+# clipped to [0, 2**30] finds the same key, and keeps every later expression inside int32.
+_THRESHOLD_MAX = 2**30
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TileRanges:
+    """The key tiles each query tile visits: ``[lo, hi)`` in units of ``block_kv``.
+
+    A pytree: ``lo`` and ``hi`` are its arrays, the sizes static.
+
+    Attributes:
+        lo: int32[B, ceil(T_q / block_q)]; first key tile visited (0 where none is).
+        hi: int32[B, ceil(T_q / block_q)]; one past the last (equal to ``lo`` where none is).
+        num_kv_tiles: ceil(T_kv / block_kv), the tiles of one key row.
+        block_q, block_kv: the tile sizes.
+    """
+
+    lo: Int[Array, "B NQ"]
+    hi: Int[Array, "B NQ"]
+    num_kv_tiles: int = dataclasses.field(metadata=dict(static=True))
+    block_q: int = dataclasses.field(metadata=dict(static=True))
+    block_kv: int = dataclasses.field(metadata=dict(static=True))
+
+    def visited_fraction(self) -> Float[Array, ""]:
+        """Visited (query tile, key tile) pairs over all of them: float32[]."""
+        total = self.lo.size * self.num_kv_tiles
+        return jnp.sum(self.hi - self.lo).astype(jnp.float32) / total
+
+
+def kv_spans(
+    tokens: Int[Array, "B K"],
+    q: tuple[Array, Array, Array],
+    kv: tuple[Array, Array, Array],
+    *,
+    mask_type: MaskType,
+    window_size: Window,
+) -> tuple[Int[Array, "B K"], Int[Array, "B K"]]:
+    """``[lo, hi)``: the key tokens that query tokens ``tokens`` may attend.
+
+    The key run of the token's segment, narrowed by causality and the left window where the mask
+    type guarantees increasing positions: exactly the allowed keys of the token for causal and
+    bottom-right types and for no_mask/padding without a window, a superset otherwise (the right
+    bound of a window is not applied). For a segment absent from the key row both ends are where
+    its run would start, so the ends never decrease along a query row: the span of a query tile is
+    the lo of its first non-padding token to the hi of its last.
+
+    Args:
+        tokens: int32[B, K]; indices of query tokens, per row.
+        q: ``(ids, pos, rl)`` of the queries, int32[B, T_q] each.
+        kv: ``(ids, pos, rl)`` of the keys, int32[B, T_kv] each.
+        mask_type: a parsed ``MaskType``.
+        window_size: a parsed window (:func:`thdkit.masks.check_window`).
+
+    Returns:
+        ``(lo, hi)``: int32[B, K] each, key token indices.
+
+    Example:
+        >>> ids, pos = jnp.array([[1, 1, 1, 2, 2]]), jnp.array([[0, 1, 2, 0, 1]])
+        >>> side = (ids, pos, run_lengths(ids))
+        >>> lo, hi = kv_spans(jnp.array([[1, 4]]), side, side, mask_type=MaskType.CAUSAL,
+        ...                   window_size=None)
+        >>> lo.tolist(), hi.tolist()
+        ([[0, 3]], [[2, 5]])
+    """
+    (ids_q, pos_q, rl_q), (ids_kv, pos_kv, rl_kv) = q, kv
+    seq_kv = ids_kv.shape[-1]
+    seg = jnp.take_along_axis(ids_q, tokens, axis=-1)
+    # Padding inherits the id before it, so the key ids become sorted and the start of segment s
+    # (or of the first later one, where s is absent) is a binary search.
+    sorted_ids = jax.lax.cummax(ids_kv, axis=ids_kv.ndim - 1)
+    start = first_at_least(sorted_ids, jnp.zeros_like(seg), jnp.full_like(seg, seq_kv), seg)
+    first = jnp.minimum(start, seq_kv - 1)
+    present = (start < seq_kv) & (jnp.take_along_axis(ids_kv, first, axis=-1) == seg)
+    run = jnp.take_along_axis(run_lengths(ids_kv), first, axis=-1)
+    end = jnp.where(present, start + run, start)
+    if not mask_type.uses_positions:
+        return start, end
+    # Allowed keys: pos_kv <= threshold (rel) and pos_kv >= threshold - left (window).
+    threshold = jnp.take_along_axis(pos_q, tokens, axis=-1)
+    if mask_type.is_bottom_right:
+        # rl_q - pos_q <= rl_kv - pos_kv with document lengths constant along each run.
+        rl_at_start = jnp.take_along_axis(rl_kv, first, axis=-1)
+        threshold = threshold - (jnp.take_along_axis(rl_q, tokens, axis=-1) - rl_at_start)
+    above = jnp.clip(threshold, -1, _THRESHOLD_MAX - 1) + 1
+    left = window_bound(window_size, 0)
+    if left is None:
+        return start, first_at_least(pos_kv, start, end, above)
+    # threshold - left where positive, else 0 (the same search); no int32 overflow.
+    lowest = jnp.minimum(jnp.maximum(threshold, left) - left, _THRESHOLD_MAX)
+    both = first_at_least(
+        pos_kv,
+        jnp.concatenate([start, start], axis=-1),
+        jnp.concatenate([end, end], axis=-1),
+        jnp.concatenate([lowest, above], axis=-1),
+    )
+    return both[:, : tokens.shape[-1]], both[:, tokens.shape[-1] :]
+
+
+def pad_tokens(x: Array, length: int, fill: float = 0) -> Array:
+    """Pads axis 1 (the token axis) of ``x`` at its end to ``length`` with ``fill``.
+
+    Args:
+        x: [B, T, ...] of any dtype.
+        length: the new token count, at least T.
+        fill: the value of the added entries.
+
+    Returns:
+        [B, length, ...], ``x``'s dtype.
+
+    Example:
+        >>> pad_tokens(jnp.array([[1, 2]]), 4).tolist()
+        [[1, 2, 0, 0]]
+    """
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, length - x.shape[1])
+    return jnp.pad(x, widths, constant_values=fill)
+
+
+def tile_ranges(
+    ids_q: Int[Array, "B T_q"],
+    pos_q: Int[Array, "B T_q"],
+    rl_q: Int[Array, "B T_q"],
+    ids_kv: Int[Array, "B T_kv"],
+    pos_kv: Int[Array, "B T_kv"],
+    rl_kv: Int[Array, "B T_kv"],
+    *,
+    mask_type: MaskType,
+    window_size: Window,
+    block_q: int,
+    block_kv: int,
+) -> TileRanges:
+    """The contiguous range of key tiles each query tile of the blockwise method visits.
+
+    O(T) passes (run lengths, per-tile first/last non-padding token) and a binary search per tile
+    end; no [T_q, T_kv] array. Every allowed pair lies inside a visited tile.
+
+    Args:
+        ids_q, pos_q, rl_q: int32[B, T_q]; query ids, positions and document lengths.
+        ids_kv, pos_kv, rl_kv: int32[B, T_kv]; the same for keys/values.
+        mask_type: a parsed ``MaskType``.
+        window_size: ``(left, right)`` or None.
+        block_q, block_kv: tile sizes (not capped here).
+
+    Returns:
+        :class:`TileRanges`.
+
+    Example:
+        >>> ids = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2]])
+        >>> pos = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3]])
+        >>> rl = run_lengths(ids)
+        >>> r = tile_ranges(ids, pos, rl, ids, pos, rl, mask_type=MaskType.CAUSAL,
+        ...                 window_size=None, block_q=2, block_kv=2)
+        >>> r.lo.tolist(), r.hi.tolist(), float(r.visited_fraction())
+        ([[0, 0, 2, 2]], [[1, 2, 3, 4]], 0.375)
+    """
+    batch, seq_q = ids_q.shape
+    num_q = -(-seq_q // block_q)
+    nonpad = pad_tokens(ids_q, num_q * block_q).reshape(batch, num_q, block_q) != 0
+    base = jnp.arange(num_q, dtype=jnp.int32)[None, :] * block_q
+    first = base + jnp.argmax(nonpad, axis=-1).astype(jnp.int32)
+    last = base + block_q - 1 - jnp.argmax(nonpad[..., ::-1], axis=-1).astype(jnp.int32)
+    last = jnp.minimum(last, seq_q - 1)
+    lo, hi = kv_spans(
+        jnp.concatenate([first, last], axis=-1),
+        (ids_q, pos_q, rl_q),
+        (ids_kv, pos_kv, rl_kv),
+        mask_type=mask_type,
+        window_size=window_size,
+    )
+    lo, hi = lo[:, :num_q], hi[:, num_q:]
+    empty = ~jnp.any(nonpad, axis=-1) | (hi <= lo)
+    return TileRanges(
+        lo=jnp.where(empty, 0, lo // block_kv).astype(jnp.int32),
+        hi=jnp.where(empty, 0, -(-hi // block_kv)).astype(jnp.int32),
+        num_kv_tiles=-(-ids_kv.shape[-1] // block_kv),
+        block_q=block_q,
+        block_kv=block_kv,
+    )
