@@ -16,6 +16,7 @@ from thdkit.metadata import FlatSeqMeta
 from thdkit.metadata import SeqMeta
 from thdkit.metadata import seqlens_and_offsets
 from thdkit.reference import reference_attention
+from thdkit.segments import Segments
 from thdkit.ring import ring_attention
 from thdkit.ring import ring_schedule
 
@@ -25,6 +26,7 @@ __all__ = [
     "LayoutErrors",
     "MaskType",
     "SeqMeta",
+    "Segments",
     "attention",
     "attention_partial",
     "check_layout",
