@@ -30,7 +30,7 @@ from jaxtyping import Array, ArrayLike, Int
 
 from thdkit.layout import as_layout, is_concrete, run_lengths, validate_layout
 
-__all__ = ["Segments"]
+__all__ = ["Segments", "global_lengths", "lengths_from_counts", "segment_counts"]
 
 
 @jax.tree_util.register_dataclass
@@ -242,10 +242,51 @@ class Segments:
             >>> local(seg).lengths
             Array([[3, 3, 3, 4, 4, 4, 4, 0]], dtype=int32)
         """
-        num_segments = operator.index(max_segments_per_seq)
-        counts = jax.lax.psum(segment_counts(self.ids, num_segments=num_segments), axis_name)
-        length = jnp.take_along_axis(counts, jnp.clip(self.ids, 0, num_segments), axis=-1)
-        return dataclasses.replace(self, lengths=jnp.where(self.ids > 0, length, 0))
+        lengths = global_lengths(
+            self.ids, axis_name=axis_name, num_segments=operator.index(max_segments_per_seq)
+        )
+        return dataclasses.replace(self, lengths=lengths)
+
+
+def global_lengths(
+    ids: Int[Array, "*B n"], *, axis_name: str, num_segments: int
+) -> Int[Array, "*B n"]:
+    """Inside ``shard_map``: each token's document length over all shards of ``axis_name``.
+
+    The body of :meth:`Segments.with_global_lengths`, for callers that hold bare ids: a ``psum``
+    of each shard's :func:`segment_counts`, read back at every token (0 on padding and on ids
+    above S).
+
+    Args:
+        ids: int32[*B, n]; this shard's segment ids.
+        axis_name: the mesh axis the sequence is sharded over.
+        num_segments: S.
+
+    Returns:
+        int32[*B, n].
+    """
+    counts = jax.lax.psum(segment_counts(ids, num_segments=num_segments), axis_name)
+    return lengths_from_counts(ids, counts)
+
+
+def lengths_from_counts(ids: Int[Array, "*B n"], counts: Int[Array, "*B S1"]) -> Int[Array, "*B n"]:
+    """Each token's document length read off per-row counts of ids 0..S (0 on padding and above S).
+
+    Args:
+        ids: int32[*B, n].
+        counts: int32[*B, S+1]; e.g. :func:`segment_counts` of the whole row.
+
+    Returns:
+        int32[*B, n].
+
+    Example:
+        >>> ids = jnp.array([1, 1, 2, 0])
+        >>> lengths_from_counts(ids, segment_counts(ids, num_segments=2))
+        Array([2, 2, 1, 0], dtype=int32)
+    """
+    num_segments = counts.shape[-1] - 1
+    length = jnp.take_along_axis(counts, jnp.clip(ids, 0, num_segments), axis=-1)
+    return jnp.where((ids > 0) & (ids <= num_segments), length, 0)
 
 
 def segment_counts(ids: Int[Array, "*B T"], *, num_segments: int) -> Int[Array, "*B S1"]:

@@ -38,12 +38,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from rich.table import Table
 
-from thdkit import reorder, ring, synth
+from thdkit import reorder, synth
 from thdkit.attention import DEFAULT_BLOCK, tile_ranges
 from thdkit.bench.measure import interleaved_latency, write_report
 from thdkit.masks import MaskType
 from thdkit.reference import check_window
-from thdkit.ring import _difference_bounds, ring_attention, ring_schedule
+from thdkit.ring import difference_bounds, ring_attention, ring_schedule
+from thdkit.segments import lengths_from_counts, segment_counts
 
 __all__ = [
     "MASK_TYPE",
@@ -136,8 +137,8 @@ def _reorder_fn(name: str, cp: int) -> Callable[..., Any]:
 def _document_lengths(segment_ids: np.ndarray) -> np.ndarray:
     """int32[B, T]: each token's document length over its whole row, as the ring computes it."""
     ids = jnp.asarray(segment_ids, jnp.int32)
-    counts = ring._segment_counts(ids, int(segment_ids.max()))
-    return np.asarray(ring._document_lengths(ids, counts))
+    counts = segment_counts(ids, num_segments=int(segment_ids.max()))
+    return np.asarray(lengths_from_counts(ids, counts))
 
 
 def _step_pairs(
@@ -193,7 +194,7 @@ def work_per_rank(
         >>> work_per_rank(ids, pos, cp=2).tolist()
         [[10, 0], [10, 16]]
     """
-    bounds = _difference_bounds(MaskType.parse(mask_type), check_window(window_size))
+    bounds = difference_bounds(MaskType.parse(mask_type), check_window(window_size))
     x = segment_pos.astype(np.int64)
     if bounds.uses_key:
         x = _document_lengths(segment_ids) - x
@@ -275,7 +276,13 @@ def _balance_record(
 ) -> dict[str, Any]:
     work = work_per_rank(ids, pos, cp=config.cp)
     runs = np.asarray(
-        ring_schedule(ids, pos, cp=config.cp, mask_type=MASK_TYPE, max_segments_per_seq=segments)
+        ring_schedule(
+            segment_ids_q=ids,
+            segment_pos_q=pos,
+            cp=config.cp,
+            mask_type=MASK_TYPE,
+            max_segments_per_seq=segments,
+        )
     ).any(axis=0)  # a rank runs a step when any row of its batch needs it
     per_rank = work.sum(axis=1)
     mean = float(per_rank.mean())
