@@ -101,8 +101,9 @@ class AttentionBench(BenchConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for field in ("seq_lens", "segments", "heads", "head_dim", "block_q", "block_kv"):
-            self._at_least(field, 1)
+        sizes = ("seq_lens", "segments", "heads", "head_dim", "block_q", "block_kv")
+        self._at_least(1, *sizes, "memory_limit_bytes")
+        self._positive("compile_timeout_s")
         if max(self.segments) > min(self.seq_lens):
             raise ConfigError("segments", f"must be at most min(seq_lens), got {self.segments}")
         self._among("implementations", IMPLEMENTATIONS)
@@ -121,10 +122,6 @@ class AttentionBench(BenchConfig):
                     "dtype",
                     f"must name a floating dtype such as float32 or bfloat16, got {self.dtype!r}",
                 )
-        if not self.compile_timeout_s > 0:
-            raise ConfigError("compile_timeout_s", f"must be > 0, got {self.compile_timeout_s}")
-        if self.memory_limit_bytes is not None:
-            self._at_least("memory_limit_bytes", 1)
 
     @property
     def input_dtype(self) -> jnp.dtype:

@@ -89,21 +89,29 @@ class BenchConfig:
     time_per_program_s: float = 1.0
 
     def __post_init__(self) -> None:
-        for field, low in (("batch", 1), ("seed", 0), ("warmup", 0), ("repeats", 1)):
-            self._at_least(field, low)
-        if not self.time_per_program_s > 0:
-            raise ConfigError("time_per_program_s", f"must be > 0, got {self.time_per_program_s}")
+        self._at_least(1, "batch", "repeats")
+        self._at_least(0, "seed", "warmup")
+        self._positive("time_per_program_s")
 
-    def _at_least(self, field: str, low: int, value: Any = None) -> None:
-        """Raises ConfigError unless ``field`` (or ``value``, for each of a tuple) is >= low."""
-        values = getattr(self, field) if value is None else value
-        many = isinstance(values, tuple)
-        for item in values if many else (values,):
-            if isinstance(item, bool) or not isinstance(item, (int, np.integer)) or item < low:
-                kind = "integers" if many else "an integer"
-                raise ConfigError(field, f"must be {kind} >= {low}, got {values!r}")
-        if values == ():
-            raise ConfigError(field, "must hold at least one value, got none")
+    def _at_least(self, low: int, *fields: str) -> None:
+        """Raises ConfigError unless each field (each item of a tuple) is an int >= low; None
+        passes."""
+        for field in fields:
+            values = getattr(self, field)
+            many = isinstance(values, tuple)
+            for item in values if many else () if values is None else (values,):
+                if isinstance(item, bool) or not isinstance(item, (int, np.integer)) or item < low:
+                    kind = "integers" if many else "an integer"
+                    raise ConfigError(field, f"must be {kind} >= {low}, got {values!r}")
+            if values == ():
+                raise ConfigError(field, "must hold at least one value, got none")
+
+    def _positive(self, *fields: str) -> None:
+        """Raises ConfigError unless each field is a number > 0."""
+        for field in fields:
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(field, f"must be a number > 0, got {value!r}")
 
     def _among(self, field: str, valid: Sequence[str]) -> None:
         """Raises ConfigError unless ``field`` is a non-empty tuple of names from ``valid``."""

@@ -88,8 +88,7 @@ class RingBench(BenchConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for field in ("cp", "seq_len", "segments", "stripe_sizes", "heads", "head_dim"):
-            self._at_least(field, 1)
+        self._at_least(1, "cp", "seq_len", "segments", "stripe_sizes", "heads", "head_dim")
         multiples = [self.cp * s for s in self.stripe_sizes]
         if any(self.seq_len % m for m in [2 * self.cp, *multiples]):
             raise ConfigError(
@@ -157,6 +156,16 @@ def _step_pairs(
     return total
 
 
+def _per_step(
+    arrays: Sequence[np.ndarray], cp: int, count: Callable[[tuple, tuple], int]
+) -> np.ndarray:
+    """int64[cp, cp]: ``[r, k]`` = ``count(q, kv)`` of rank r's shards of ``arrays`` and those
+    of rank ``(r - k) % cp``, whose keys rank r holds at ring step k."""
+    shards = [tuple(reorder.shard(x, cp=cp, rank=rank) for x in arrays) for rank in range(cp)]
+    counts = [[count(shards[r], shards[(r - k) % cp]) for k in range(cp)] for r in range(cp)]
+    return np.array(counts, np.int64)
+
+
 def work_per_rank(
     segment_ids: np.ndarray,
     segment_pos: np.ndarray,
@@ -192,42 +201,14 @@ def work_per_rank(
     big = 2**40  # unbounded sides; _step_pairs clips them to the data's reach
     lo = -big if bounds.lo is None else bounds.lo
     hi = big if bounds.hi is None else bounds.hi
-    work = np.zeros((cp, cp), np.int64)
-    for rank in range(cp):
-        q = (reorder.shard(segment_ids, cp=cp, rank=rank), reorder.shard(x, cp=cp, rank=rank))
-        for step in range(cp):
-            source = (rank - step) % cp
-            kv = (
-                reorder.shard(segment_ids, cp=cp, rank=source),
-                reorder.shard(x, cp=cp, rank=source),
-            )
-            work[rank, step] = _step_pairs(q, kv, lo, hi)
-    return work
+    return _per_step((segment_ids, x), cp, lambda q, kv: _step_pairs(q, kv, lo, hi))
 
 
 @functools.partial(jax.jit, static_argnames=("block",))
-def _visited_tiles(
-    ids_q: jax.Array,
-    pos_q: jax.Array,
-    rl_q: jax.Array,
-    ids_kv: jax.Array,
-    pos_kv: jax.Array,
-    rl_kv: jax.Array,
-    *,
-    block: int,
-) -> jax.Array:
-    ranges = tile_ranges(
-        ids_q,
-        pos_q,
-        rl_q,
-        ids_kv,
-        pos_kv,
-        rl_kv,
-        mask_type=MaskType.parse(MASK_TYPE),
-        window_size=None,
-        block_q=block,
-        block_kv=block,
-    )
+def _visited_tiles(q: tuple[jax.Array, ...], kv: tuple[jax.Array, ...], *, block: int) -> jax.Array:
+    """Visited tiles of one step; ``q`` and ``kv`` are (ids, positions, document lengths)."""
+    mask = MaskType.parse(MASK_TYPE)
+    ranges = tile_ranges(*q, *kv, mask_type=mask, window_size=None, block_q=block, block_kv=block)
     return jnp.sum(ranges.hi - ranges.lo)
 
 
@@ -253,13 +234,7 @@ def tiles_per_rank(
     lengths = _document_lengths(segment_ids)
     layout = [np.asarray(x, np.int32) for x in (segment_ids, segment_pos, lengths)]
     block = min(block, segment_ids.shape[-1] // cp)
-    tiles = np.zeros((cp, cp), np.int64)
-    for rank in range(cp):
-        for step in range(cp):
-            q = [reorder.shard(x, cp=cp, rank=rank) for x in layout]
-            kv = [reorder.shard(x, cp=cp, rank=(rank - step) % cp) for x in layout]
-            tiles[rank, step] = int(_visited_tiles(*q, *kv, block=block))
-    return tiles
+    return _per_step(layout, cp, lambda q, kv: int(_visited_tiles(q, kv, block=block)))
 
 
 def _balance_record(

@@ -118,8 +118,8 @@ class MetadataSweep(BenchConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._at_least("seq_lens", 1)
-        self._at_least("max_segments", 1)
+        self._at_least(1, "seq_lens", "max_segments", "memory_limit_bytes", "compile_limit_bytes")
+        self._positive("compile_timeout_s")
         self._among("methods", METHODS)
         try:
             canonical = tuple(MaskType.parse(m).value for m in self.mask_types)
@@ -130,11 +130,6 @@ class MetadataSweep(BenchConfig):
         object.__setattr__(self, "mask_types", canonical)
         if self.layout not in LAYOUTS:
             raise ConfigError("layout", f"must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
-        if not self.compile_timeout_s > 0:
-            raise ConfigError("compile_timeout_s", f"must be > 0, got {self.compile_timeout_s}")
-        for field in ("memory_limit_bytes", "compile_limit_bytes"):
-            if getattr(self, field) is not None:
-                self._at_least(field, 1)
 
     def cells(self) -> list[Cell]:
         """Every (T, S, mask type), T outermost, in sweep order."""
