@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from thdkit.attention import attention
 from thdkit.attention.blockwise import attention_partial
@@ -25,6 +27,7 @@ from .strategies import (
     ATTN_T,
     ATTN_T_KV,
     attention_inputs,
+    batches,
     cross_layout,
     missing_layout,
     ring_layout,
@@ -285,3 +288,62 @@ def test_reference_matches_brute_force():
             want_out, want_lse = _brute_force(q, k, v, layout, mask, window, 0.7)
             np.testing.assert_allclose(out, want_out, atol=1e-5, err_msg=f"{mask} {window}")
             np.testing.assert_allclose(lse, want_lse, atol=1e-5, err_msg=f"{mask} {window}")
+
+
+# --- int32 ranges ------------------------------------------------------------------------------
+
+MAX_POSITION = 2**30 - 1
+RANGE_SHAPE = (2, 32)
+
+
+@functools.partial(jax.jit, static_argnames=("mask", "window", "implementation"))
+def _forward(q, k, v, layout, *, mask, window, implementation):
+    return attention_partial(
+        q,
+        k,
+        v,
+        **layout,
+        mask_type=mask,
+        window_size=window,
+        scale=SCALE,
+        implementation=implementation,
+        **BLOCKS,
+    )
+
+
+@pytest.mark.parametrize("mask", ALL_MASKS, ids=lambda m: m.value)
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    q_side=batches(shape=RANGE_SHAPE, max_segments=3),
+    kv_side=batches(shape=RANGE_SHAPE, max_segments=3),
+    cross=st.booleans(),
+    window=st.sampled_from([None, (2, 1), (2**31 - 2, 2**31 - 2), (2**31 - 1, 0)]),
+)
+def test_shifting_positions_to_the_largest_leaves_outputs_unchanged(
+    mask, q_side, kv_side, cross, window
+):
+    """Positions shifted so the largest is 2**30 - 1, window bounds near 2**31 - 1: the blockwise
+    output is bit-equal to the unshifted one and matches the reference."""
+    ids_q, pos_q = q_side
+    ids_kv, pos_kv = kv_side if cross else q_side
+    shift = MAX_POSITION - int(max(pos_q.max(), pos_kv.max()))
+    rl_q, rl_kv = (np.asarray(run_lengths(x)) for x in (ids_q, ids_kv))
+    rng = np.random.default_rng(0)
+    q, k, v = (
+        jnp.asarray(rng.normal(size=(2, 32, h, d)), jnp.float32)
+        for h, d in ((4, 8), (2, 8), (2, 4))
+    )
+
+    def layout(offset):
+        return dict(
+            ids_q=ids_q, pos_q=pos_q + offset, rl_q=rl_q,
+            ids_kv=ids_kv, pos_kv=pos_kv + offset, rl_kv=rl_kv,
+        )  # fmt: skip
+
+    options = dict(mask=mask, window=window)
+    out, lse = _forward(q, k, v, layout(0), **options, implementation="blockwise")
+    out_s, lse_s = _forward(q, k, v, layout(shift), **options, implementation="blockwise")
+    np.testing.assert_array_equal(out_s, out)
+    np.testing.assert_array_equal(lse_s, lse)
+    want, _ = _forward(q, k, v, layout(shift), **options, implementation="reference")
+    np.testing.assert_allclose(out_s, want, **TOL)

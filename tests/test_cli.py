@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -10,38 +13,23 @@ import typer
 from typer.testing import CliRunner
 
 from thdkit import __version__
-from thdkit.cli import app, parse_size
+from thdkit.bench.commands import app, parse_size
 
 RECORD_KEYS = {
-    "method",
-    "mask_type",
-    "layout",
-    "batch",
-    "seq_len",
-    "max_segments",
-    "arg_bytes",
-    "output_bytes",
-    "temp_bytes",
-    "flops",
-    "bytes_accessed",
-    "latency_ms",
-    "skip_reason",
-}
+    "method", "mask_type", "layout", "batch", "seq_len", "max_segments", "arg_bytes",
+    "output_bytes", "temp_bytes", "flops", "bytes_accessed", "latency_ms", "skip_reason",
+}  # fmt: skip
 ENVIRONMENT_KEYS = {"jax", "jaxlib", "backend", "device_kind", "cpu_count", "date"}
+DOCUMENT_KEYS = ["benchmark", "config", "environment", "summary", "records"]
+LATENCY_KEYS = {"median", "min", "max", "samples"}
 TINY = [
-    "bench",
-    "--seq-lens",
-    "64,128",
-    "--max-segments",
-    "4",
-    "--mask-types",
-    "padding",
-    "--warmup",
-    "1",
-    "--repeats",
-    "2",
-    "--time-per-method",
-    "0.01",
+    *("bench", "--seq-lens", "64,128", "--max-segments", "4", "--mask-types", "padding"),
+    *("--warmup", "1", "--repeats", "2", "--time-per-program", "0.01"),
+]
+TINY_RING = ["bench", "ring", "--seq-len", "256", "--segments", "1,4", "--stripe-sizes", "1"]
+TINY_ATTENTION = [
+    *("bench", "attention", "--seq-lens", "256", "--segments", "4", "--heads", "1"),
+    *("--head-dim", "8", "--repeats", "1"),
 ]
 
 
@@ -52,40 +40,47 @@ def runner() -> CliRunner:
 
 def _invoke(runner: CliRunner, *args: str):
     result = runner.invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
     return result
 
 
+def _document(path) -> dict:
+    document = json.loads(path.read_text())
+    assert list(document) == DOCUMENT_KEYS
+    assert set(document["environment"]) >= ENVIRONMENT_KEYS
+    assert document["environment"]["backend"] == jax.default_backend()
+    for record in document["records"]:
+        assert "skip_reason" in record
+        assert record["latency_ms"] is None or set(record["latency_ms"]) == LATENCY_KEYS
+    return document
+
+
 def test_version(runner):
-    result = _invoke(runner, "--version")
-    assert result.exit_code == 0
-    assert result.output.strip() == f"thdkit {__version__}"
+    assert _invoke(runner, "--version").output.strip() == f"thdkit {__version__}"
 
 
 def test_bench_is_a_group_for_later_subcommands():
-    command = typer.main.get_command(app)
-    bench = command.commands["bench"]
-    assert isinstance(bench, typer.core.TyperGroup)
-    assert bench.invoke_without_command
+    bench = typer.main.get_command(app).commands["bench"]
+    assert isinstance(bench, typer.core.TyperGroup) and bench.invoke_without_command
+    assert set(bench.commands) == {"attention", "ring"}
 
 
 def test_bench_writes_tables_json_and_plot(runner, tmp_path):
     json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
     result = _invoke(runner, *TINY, "--json", str(json_path), "--plot", str(png_path))
-    assert result.exit_code == 0, result.output
     for title in ("MEMORY SUMMARY", "WORK SUMMARY", "LATENCY SUMMARY", "GROWTH OVER T"):
         assert title in result.output
     assert f"backend {jax.default_backend()}" in result.output
-
-    document = json.loads(json_path.read_text())
-    assert set(document["environment"]) >= ENVIRONMENT_KEYS
-    assert document["environment"]["backend"] == jax.default_backend()
+    document = _document(json_path)
+    assert document["benchmark"] == "metadata"
+    assert document["config"]["seq_lens"] == [64, 128] and document["config"]["repeats"] == 2
+    assert {row["method"] for row in document["summary"]["growth"]} >= {"linear", "dense"}
     records = document["records"]
     assert len(records) == 2 * 4  # two T, three methods + floor
     assert {r["method"] for r in records} == {"linear", "one_hot", "dense", "floor"}
     for record in records:
         assert set(record) >= RECORD_KEYS
-        assert record["skip_reason"] is None
-        assert set(record["latency_ms"]) >= {"median", "min", "max"}
+        assert record["skip_reason"] is None and record["latency_ms"]["samples"] == 2
         assert record["layout"] == "self" and record["batch"] == 1
     assert png_path.read_bytes().startswith(b"\x89PNG")
 
@@ -95,8 +90,7 @@ def test_memory_limit_forces_not_run(runner, tmp_path):
     result = _invoke(
         runner, *TINY, "--seq-lens", "64", "--memory-limit-bytes", "1", "--json", str(json_path)
     )
-    assert result.exit_code == 0, result.output
-    records = json.loads(json_path.read_text())["records"]
+    records = _document(json_path)["records"]
     assert {r["method"] for r in records} == {"linear", "one_hot", "dense", "floor"}
     for record in records:
         assert record["latency_ms"] is None
@@ -107,20 +101,11 @@ def test_memory_limit_forces_not_run(runner, tmp_path):
 
 def test_compile_limit_skips_compiling(runner, tmp_path):
     json_path = tmp_path / "bench.json"
-    result = _invoke(
-        runner,
-        *TINY,
-        "--seq-lens",
-        "64",
-        "--methods",
-        "dense",
-        "--compile-limit-bytes",
-        "1k",
-        "--json",
-        str(json_path),
-    )
-    assert result.exit_code == 0, result.output
-    dense, floor = json.loads(json_path.read_text())["records"]
+    _invoke(
+        runner, *TINY, "--seq-lens", "64", "--methods", "dense", "--compile-limit-bytes", "1k",
+        "--json", str(json_path),
+    )  # fmt: skip
+    dense, floor = _document(json_path)["records"]
     assert dense["skip_reason"].startswith("not compiled: needs ~4.0 KiB")
     assert dense["temp_bytes"] is None and dense["compile_s"] is None
     assert floor["method"] == "floor" and floor["latency_ms"] is not None
@@ -129,38 +114,101 @@ def test_compile_limit_skips_compiling(runner, tmp_path):
 @pytest.mark.parametrize("layout", ["cross", "ring"])
 def test_other_layouts(runner, tmp_path, layout):
     json_path = tmp_path / "bench.json"
-    result = _invoke(
-        runner,
-        *TINY,
-        "--seq-lens",
-        "64",
-        "--methods",
-        "linear,one_hot",
-        "--layout",
-        layout,
-        "--json",
-        str(json_path),
-    )
-    assert result.exit_code == 0, result.output
-    records = json.loads(json_path.read_text())["records"]
+    _invoke(
+        runner, *TINY, "--seq-lens", "64", "--methods", "linear,one_hot", "--layout", layout,
+        "--json", str(json_path),
+    )  # fmt: skip
+    records = _document(json_path)["records"]
     assert {r["layout"] for r in records} == {layout}
     assert all(r["matches_linear"] for r in records if r["method"] != "floor")
     assert all((r["ring_step"] is not None) == (layout == "ring") for r in records)
 
 
+def test_bench_ring_subcommand(runner, tmp_path):
+    # conftest gives 8 simulated CPU devices, so the latency path runs on a mesh of cp=4.
+    json_path = tmp_path / "ring.json"
+    result = _invoke(runner, *TINY_RING, "--json", str(json_path))
+    assert "RING SUMMARY" in result.output
+    document = _document(json_path)
+    assert document["benchmark"] == "ring" and document["config"]["cp"] == 4
+    records = document["records"]
+    reorders = {(r["segments"], r["reorder"]) for r in records}
+    assert reorders == {(s, r) for s in (1, 4) for r in ("none", "striped(1)", "dual_chunk_swap")}
+    striped = next(r for r in records if r["segments"] == 1 and r["reorder"] == "striped(1)")
+    assert striped["imbalance"] < 1.05
+    assert all(r["latency_ms"] is not None and r["skip_reason"] is None for r in records)
+
+
+def test_bench_ring_without_latency(runner, tmp_path):
+    json_path = tmp_path / "ring.json"
+    _invoke(runner, *TINY_RING, "--no-latency", "--json", str(json_path))
+    records = _document(json_path)["records"]
+    assert all(r["latency_ms"] is None for r in records)
+    assert {r["skip_reason"] for r in records} == {"latency not requested"}
+
+
+def test_bench_attention_subcommand(runner, tmp_path):
+    json_path = tmp_path / "attention.json"
+    _invoke(runner, *TINY_ATTENTION, "--json", str(json_path))
+    document = _document(json_path)
+    records = document["records"]
+    assert document["benchmark"] == "attention"
+    assert {(r["implementation"], r["pass"]) for r in records} == {
+        (impl, p) for impl in ("reference", "blockwise") for p in ("fwd", "fwd+bwd")
+    }
+    assert all(r["skip_reason"] is None and r["latency_ms"]["samples"] == 1 for r in records)
+    blockwise = [r for r in records if r["implementation"] == "blockwise"]
+    assert all(0 < r["tiles_visited_fraction"] <= 1 for r in blockwise)
+    assert all(0 < r["allowed_pair_fraction"] < 1 for r in records)
+
+
 @pytest.mark.parametrize(
-    "args",
+    ("args", "option"),
     [
-        ["bench", "--quick", "--full"],
-        ["bench", "--methods", "fast"],
-        ["bench", "--seq-lens", "lots"],
-        ["bench", "--layout", "diagonal"],
+        (["bench", "--seed", "-1"], "'--seed'"),
+        (["bench", "--batch", "0"], "'--batch'"),
+        (["bench", "--repeats", "0"], "'--repeats'"),
+        (["bench", "--warmup", "-1"], "'--warmup'"),
+        (["bench", "--time-per-program", "0"], "'--time-per-program'"),
+        (["bench", "--compile-timeout", "-1"], "'--compile-timeout'"),
+        (["bench", "--json", "/missing/dir/x.json"], "'--json'"),
+        (["bench", "--plot", "/missing/dir/x.png"], "'--plot'"),
+        (["bench", "--mask-types", ","], "'--mask-types'"),
+        (["bench", "--mask-types", "sideways"], "'--mask-types'"),
+        (["bench", "--seq-lens", ""], "'--seq-lens'"),
+        (["bench", "--seq-lens", "lots"], "'--seq-lens'"),
+        (["bench", "--max-segments", "0"], "'--max-segments'"),
+        (["bench", "--methods", "fast"], "'--methods'"),
+        (["bench", "--layout", "diagonal"], "'--layout'"),
+        (["bench", "--memory-limit-bytes", "lots"], "'--memory-limit-bytes'"),
+        (["bench", "--memory-limit-bytes", "0"], "'--memory-limit-bytes'"),
+        (["bench", "--quick", "--full"], "'--quick' / '--full'"),
+        (["bench", "--seed", "x"], "'--seed'"),
+        (["bench", "attention", "--dtype", "bogus"], "'--dtype'"),
+        (["bench", "attention", "--implementations", "fast"], "'--implementations'"),
+        (["bench", "attention", "--mask-type", "sideways"], "'--mask-type'"),
+        (["bench", "attention", "--segments", "0"], "'--segments'"),
+        (["bench", "attention", "--heads", "0"], "'--heads'"),
+        (["bench", "ring", "--seq-len", "100"], "'--seq-len'"),
+        (["bench", "ring", "--cp", "0"], "'--cp'"),
+        (["bench", "ring", "--stripe-sizes", ","], "'--stripe-sizes'"),
+        (["bench", "ring", "--json", "/missing/dir/x.json"], "'--json'"),
     ],
 )
-def test_bad_options_fail_cleanly(runner, args):
+def test_bad_options_fail_up_front_in_one_line(runner, args, option):
     result = runner.invoke(app, args)
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output  # nothing ran: no header, no tables
+    assert lines[0].startswith("Error: Invalid value for ") and option in lines[0]
+
+
+def test_unknown_option_and_command_fail_in_one_line(runner):
+    for args in (["bench", "--bogus"], ["bench", "nope"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2
+        assert result.output.strip().splitlines() == [result.output.strip()]
+        assert result.output.startswith("Error: ")
 
 
 def test_parse_size():
@@ -171,50 +219,19 @@ def test_parse_size():
         parse_size("-3")
 
 
-def test_bench_ring_subcommand(runner, tmp_path):
-    # conftest gives 8 simulated CPU devices, so the latency path runs on a mesh of cp=4.
-    json_path = tmp_path / "ring.json"
-    result = runner.invoke(
-        app,
-        [
-            *("bench", "ring", "--seq-len", "256", "--segments", "1,4", "--stripe-sizes", "1"),
-            *("--json", str(json_path)),
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    assert "RING SUMMARY" in result.output
-    document = json.loads(json_path.read_text())
-    assert document["benchmark"] == "ring" and document["environment"]["backend"] == "cpu"
-    reorders = {(r["segments"], r["reorder"]) for r in document["records"]}
-    assert reorders == {(s, r) for s in (1, 4) for r in ("none", "striped(1)", "dual_chunk_swap")}
-    one_doc_striped = next(
-        r for r in document["records"] if r["segments"] == 1 and r["reorder"] == "striped(1)"
-    )
-    assert one_doc_striped["imbalance"] < 1.05
-    assert all(r["latency_ms"] is not None for r in document["records"])
-
-
-def test_bench_attention_subcommand(runner, tmp_path):
-    json_path = tmp_path / "attention.json"
-    result = runner.invoke(
-        app,
-        [
-            *("bench", "attention", "--seq-lens", "256", "--segments", "4", "--heads", "1"),
-            *("--head-dim", "8", "--repeats", "1", "--json", str(json_path)),
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    records = json.loads(json_path.read_text())["records"]
-    assert {(r["implementation"], r["pass"]) for r in records} == {
-        (impl, p) for impl in ("reference", "blockwise") for p in ("fwd", "fwd+bwd")
-    }
-    assert all(r["status"] == "ran" for r in records)
-    with_tiles = [r for r in records if r["implementation"] == "blockwise"]
-    assert all(0 < r["tiles_visited_fraction"] <= 1 for r in with_tiles)
-
-
-def test_bench_subcommand_bad_options_fail_cleanly(runner):
-    for args in (["bench", "ring", "--seq-len", "100"], ["bench", "attention", "--segments", "0"]):
-        result = runner.invoke(app, args)
-        assert result.exit_code != 0
-        assert "Traceback" not in result.output
+@pytest.mark.parametrize(
+    ("args", "title"), [(TINY_RING, "RING SUMMARY"), (TINY_ATTENTION, "ATTENTION")]
+)
+def test_python_m_runs_every_subcommand(tmp_path, args, title):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    json_path = tmp_path / "out.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "thdkit.cli", *args, "--json", str(json_path)],
+        capture_output=True, text=True, check=False, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert title in result.stdout
+    document = _document(json_path)
+    if args is TINY_RING:  # the ring command asked XLA:CPU for cp devices before JAX started
+        assert document["environment"]["device_count"] == 4
+        assert all(r["latency_ms"] is not None for r in document["records"])

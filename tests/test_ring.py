@@ -286,8 +286,8 @@ def test_schedule_matches_brute_force(order: str) -> None:
         forward, _ = _reorder_pair(order, 4)
         runs = np.asarray(
             ring_schedule(
-                forward(ids),
-                forward(pos),
+                segment_ids_q=forward(ids),
+                segment_pos_q=forward(pos),
                 cp=4,
                 mask_type=mask_type,
                 window_size=window,
@@ -303,14 +303,18 @@ def test_schedule_matches_brute_force(order: str) -> None:
 
 def test_schedule_one_document() -> None:
     ids, pos = np.ones((1, 64), np.int32), np.arange(64, dtype=np.int32)[None]
-    plain = ring_schedule(ids, pos, cp=4, max_segments_per_seq=1)[0]
+    plain = ring_schedule(segment_ids_q=ids, segment_pos_q=pos, cp=4, max_segments_per_seq=1)[0]
     np.testing.assert_array_equal(plain, np.tril(np.ones((4, 4), bool)))
     for order in ("striped1", "striped2", "dual_chunk_swap"):
         forward, _ = _reorder_pair(order, 4)
-        assert ring_schedule(forward(ids), forward(pos), cp=4, max_segments_per_seq=1).all()
+        assert ring_schedule(
+            segment_ids_q=forward(ids), segment_pos_q=forward(pos), cp=4, max_segments_per_seq=1
+        ).all()
     # With a short window, a rank needs only its own keys (step 0) and its left neighbour's
     # (step 1); rank 0 has no left neighbour.
-    windowed = ring_schedule(ids, pos, cp=4, window_size=(3, 0), max_segments_per_seq=1)[0]
+    windowed = ring_schedule(
+        segment_ids_q=ids, segment_pos_q=pos, cp=4, window_size=(3, 0), max_segments_per_seq=1
+    )[0]
     expected = np.zeros((4, 4), bool)
     expected[:, 0] = expected[1:, 1] = True
     np.testing.assert_array_equal(windowed, expected)

@@ -15,6 +15,7 @@ from thdkit.masks import MaskType
 from thdkit.metadata import FlatSeqMeta
 from thdkit.metadata import SeqMeta
 from thdkit.metadata import seqlens_and_offsets
+from thdkit.segments import Segments
 from thdkit.ring import ring_attention
 from thdkit.ring import ring_schedule
 
@@ -23,6 +24,7 @@ __all__ = [
     "LayoutError",
     "LayoutErrors",
     "MaskType",
+    "Segments",
     "SeqMeta",
     "attention",
     "check_layout",

@@ -43,14 +43,15 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 from thdkit.attention.blockwise import attention_partial
 from thdkit.layout import _map_rows, as_layouts, check_max_segments, is_concrete, validate_layout
 from thdkit.masks import MaskType, check_window
+from thdkit.segments import global_lengths, lengths_from_counts, segment_counts
 
 __all__ = ["ring_attention", "ring_schedule"]
 
 Window = tuple[int | None, int | None] | None
 
 
-class _Bounds(NamedTuple):
-    """Interval that ``x_kv - x_q`` must fall in for an allowed pair of one segment.
+class DifferenceBounds(NamedTuple):
+    """The interval that ``x_kv - x_q`` must fall in for an allowed pair of one segment.
 
     ``x`` is the position (top-left and unmasked types) or run length minus position
     (bottom-right types); None means unbounded on that side.
@@ -61,29 +62,28 @@ class _Bounds(NamedTuple):
     hi: int | None
 
 
-def _difference_bounds(mask: MaskType, window: Window) -> _Bounds:
-    """The interval of ``x_kv - x_q`` that ``rel`` and the window allow (see :class:`_Bounds`)."""
+def difference_bounds(mask: MaskType, window: Window) -> DifferenceBounds:
+    """The interval of ``x_kv - x_q`` that ``rel`` and the window allow, for one segment.
+
+    Args:
+        mask: a parsed ``MaskType``.
+        window: ``(left, right)`` as parsed by ``check_window``, or None.
+
+    Returns:
+        :class:`DifferenceBounds`.
+
+    Example:
+        >>> difference_bounds(MaskType.CAUSAL, (3, None))
+        DifferenceBounds(uses_key=False, lo=-3, hi=0)
+    """
     left, right = window if window is not None else (None, None)
     if mask.is_bottom_right:
         # rel: rl_q - pos_q <= rl_kv - pos_kv; window: rl_kv - pos_kv <= rl_q - pos_q + left.
-        return _Bounds(True, 0, left)
+        return DifferenceBounds(True, 0, left)
     lo = None if left is None else -left
     if mask.is_causal:
-        return _Bounds(False, lo, 0 if right is None else min(0, right))
-    return _Bounds(False, lo, right)
-
-
-def _segment_counts(ids: Int[Array, "B n"], num_segments: int) -> Int[Array, "B S1"]:
-    """Tokens of each id 0..S per row (ids outside the range are dropped)."""
-    return _map_rows(
-        lambda row: jnp.zeros(num_segments + 1, jnp.int32).at[row].add(1, mode="drop"), ids
-    )
-
-
-def _document_lengths(ids: Int[Array, "B n"], counts: Int[Array, "B S1"]) -> Int[Array, "B n"]:
-    """Each token's document length from the row's per-id counts; 0 on padding."""
-    length = jnp.take_along_axis(counts, jnp.clip(ids, 0, counts.shape[-1] - 1), axis=-1)
-    return jnp.where(ids > 0, length, 0)
+        return DifferenceBounds(False, lo, 0 if right is None else min(0, right))
+    return DifferenceBounds(False, lo, right)
 
 
 class _Spans(NamedTuple):
@@ -109,7 +109,7 @@ def _spans(ids: Int[Array, "*B n"], x: Int[Array, "*B n"], num_segments: int) ->
     return _Spans(present.at[..., 0].set(False), low, high)
 
 
-def _may_attend(q: _Spans, kv: _Spans, bounds: _Bounds) -> Bool[Array, "*B S1"]:
+def _may_attend(q: _Spans, kv: _Spans, bounds: DifferenceBounds) -> Bool[Array, "*B S1"]:
     """Per segment, whether some q token and kv token can form an allowed pair."""
     ok = q.present & kv.present
     # Differences x_kv - x_q range over [kv.low - q.high, kv.high - q.low].
@@ -121,17 +121,17 @@ def _may_attend(q: _Spans, kv: _Spans, bounds: _Bounds) -> Bool[Array, "*B S1"]:
 
 
 def _compared(
-    pos: Int[Array, "*B n"], lengths: Int[Array, "*B n"], bounds: _Bounds
+    pos: Int[Array, "*B n"], lengths: Int[Array, "*B n"], bounds: DifferenceBounds
 ) -> Int[Array, "*B n"]:
     return lengths - pos if bounds.uses_key else pos
 
 
 def ring_schedule(
+    *,
     segment_ids_q: ArrayLike,
     segment_pos_q: ArrayLike,
     segment_ids_kv: ArrayLike | None = None,
     segment_pos_kv: ArrayLike | None = None,
-    *,
     cp: int,
     mask_type: MaskType | str = "padding_causal",
     window_size: tuple[int | None, int | None] | None = None,
@@ -164,7 +164,8 @@ def ring_schedule(
         ranks 0..r, i.e. steps 0..r.
 
         >>> ids, pos = jnp.ones(8, jnp.int32), jnp.arange(8, dtype=jnp.int32)
-        >>> ring_schedule(ids, pos, cp=4, max_segments_per_seq=1).astype(int)
+        >>> ring_schedule(segment_ids_q=ids, segment_pos_q=pos, cp=4,
+        ...               max_segments_per_seq=1).astype(int)
         Array([[1, 0, 0, 0],
                [1, 1, 0, 0],
                [1, 1, 1, 0],
@@ -172,7 +173,7 @@ def ring_schedule(
     """
     mask = MaskType.parse(mask_type)
     num_segments = check_max_segments(max_segments_per_seq)
-    bounds = _difference_bounds(mask, check_window(window_size))
+    bounds = difference_bounds(mask, check_window(window_size))
     q, kv = as_layouts(segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)
     kv = q if kv is None else kv
     if not isinstance(cp, (int, np.integer)) or isinstance(cp, bool) or cp < 1:
@@ -192,13 +193,13 @@ def _schedule(
     pos_kv: Array,
     *,
     cp: int,
-    bounds: _Bounds,
+    bounds: DifferenceBounds,
     num_segments: int,
 ) -> Array:
     """The body of :func:`ring_schedule` on whole rows, compiled once per shape and options."""
 
     def shard_spans(ids: Array, pos: Array) -> _Spans:
-        lengths = _document_lengths(ids, _segment_counts(ids, num_segments))
+        lengths = lengths_from_counts(ids, segment_counts(ids, num_segments=num_segments))
         x = _compared(pos, lengths, bounds)
         split = (*ids.shape[:-1], cp, ids.shape[-1] // cp)
         return _spans(ids.reshape(split), x.reshape(split), num_segments)
@@ -348,13 +349,13 @@ def _ring_fn(static: _Static) -> Callable[..., Array]:
     """The jitted, shard-mapped ring attention for one static configuration."""
     axis = static.axis_name
     cp = static.mesh.shape[axis]
-    bounds = _difference_bounds(static.mask, static.window)
+    bounds = difference_bounds(static.mask, static.window)
     core = _build_core(static, cp)
 
     def local(q, k, v, ids_q, pos_q, ids_kv, pos_kv):
         def layout(ids: Array, pos: Array) -> tuple[Array, Array, Array]:
-            counts = lax.psum(_segment_counts(ids, static.num_segments), axis)
-            return ids, pos, _document_lengths(ids, counts)
+            lengths = global_lengths(ids, axis_name=axis, num_segments=static.num_segments)
+            return ids, pos, lengths
 
         layout_q = layout(ids_q, pos_q)
         layout_kv = layout_q if static.self_attention else layout(ids_kv, pos_kv)

@@ -28,7 +28,13 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from thdkit.attention import blockwise, cudnn
 from thdkit.attention.tiles import DEFAULT_BLOCK, TileRanges, tile_ranges
-from thdkit.layout import as_layouts, check_max_segments, is_concrete, validate_layout
+from thdkit.layout import (
+    as_layouts,
+    check_max_segments,
+    is_concrete,
+    run_lengths,
+    validate_layout,
+)
 from thdkit.masks import MaskType, Window, check_window
 from thdkit.metadata import SeqMeta, seqlens_and_offsets
 from thdkit.reference import reference_attention
@@ -574,9 +580,12 @@ def attention(
                     f"{name} must have shape [B, T] = {(batch, seq)} to match {of}, "
                     f"got {side[0].shape}"
                 )
+        # Validated (naming these keywords) by _plan; built directly, not checked twice.
+        q_segments = Segments(*q_layout, run_lengths(q_layout[0]))
+        kv_segments = None if kv_layout is None else Segments(*kv_layout, run_lengths(kv_layout[0]))
         plan = _plan(
-            Segments.from_ids(*q_layout),
-            None if kv_layout is None else Segments.from_ids(*kv_layout),
+            q_segments,
+            kv_segments,
             names=("segment_ids_q", "segment_ids_kv"),
             mask_type="padding_causal" if mask_type is None else mask_type,
             window_size=window_size,

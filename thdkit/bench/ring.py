@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -38,12 +37,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from rich.table import Table
 
-from thdkit import reorder, ring, synth
+from thdkit import reorder, synth
 from thdkit.attention import DEFAULT_BLOCK, tile_ranges
-from thdkit.bench.measure import interleaved_latency, write_report
+from thdkit.bench.measure import BenchConfig, Column, ConfigError, interleaved_latency, table
 from thdkit.masks import MaskType
 from thdkit.reference import check_window
-from thdkit.ring import _difference_bounds, ring_attention, ring_schedule
+from thdkit.ring import difference_bounds, ring_attention, ring_schedule
+from thdkit.segments import lengths_from_counts, segment_counts
 
 __all__ = [
     "MASK_TYPE",
@@ -53,7 +53,6 @@ __all__ = [
     "run_ring_bench",
     "tiles_per_rank",
     "work_per_rank",
-    "write_json",
 ]
 
 # The balance question is about causal work: the benchmark measures this mask type.
@@ -61,54 +60,46 @@ MASK_TYPE = "padding_causal"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RingBench:
-    """What to measure.
+class RingBench(BenchConfig):
+    """What the ring benchmark measures (the timing fields are :class:`BenchConfig`'s).
 
     Attributes:
         cp: ranks of the ring.
         seq_len: T, tokens per row (a multiple of ``2 * cp`` and of ``cp`` times each stripe).
-        batch: B, rows per layout.
         segments: documents per row, one layout each.
         stripe_sizes: a striped reorder is measured for each.
         heads: H, for the latency runs.
         head_dim: D, for the latency runs.
         latency: whether to time ``ring_attention`` (needs cp devices).
-        warmup: untimed runs per program.
-        repeats: most timed runs per program.
-        time_per_program_s: rough seconds of timed runs per program.
-        seed: seed of the document lengths and of the latency inputs.
+
+    Example:
+        >>> RingBench(cp=4, seq_len=100)
+        Traceback (most recent call last):
+        ...
+        thdkit.bench.measure.ConfigError: seq_len must be a multiple of 2 * cp = 8 ... got 100
     """
 
     cp: int = 4
     seq_len: int = 4096
-    batch: int = 1
     segments: tuple[int, ...] = (1, 16)
     stripe_sizes: tuple[int, ...] = (1, 2, 128)
     heads: int = 2
     head_dim: int = 64
     latency: bool = True
-    warmup: int = 1
-    repeats: int = 10
-    time_per_program_s: float = 1.0
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.cp < 1 or self.batch < 1 or self.heads < 1 or self.head_dim < 1:
-            raise ValueError(
-                f"cp, batch, heads and head_dim must be >= 1, got {self.cp=}, {self.batch=}, "
-                f"{self.heads=}, {self.head_dim=}"
+        super().__post_init__()
+        self._at_least(1, "cp", "seq_len", "segments", "stripe_sizes", "heads", "head_dim")
+        multiples = [self.cp * s for s in self.stripe_sizes]
+        if any(self.seq_len % m for m in [2 * self.cp, *multiples]):
+            raise ConfigError(
+                "seq_len",
+                f"must be a multiple of 2 * cp = {2 * self.cp} and of cp * stripe_size = "
+                f"{', '.join(map(str, multiples))}, got {self.seq_len}",
             )
-        multiples = [2 * self.cp, *(self.cp * s for s in self.stripe_sizes)]
-        if any(s < 1 for s in self.stripe_sizes) or any(self.seq_len % m for m in multiples):
-            raise ValueError(
-                f"seq_len={self.seq_len} must be a multiple of 2 * cp and of cp * stripe_size "
-                f"for every stripe size, got cp={self.cp}, stripe_sizes={self.stripe_sizes}"
-            )
-        if not self.segments or any(s < 1 or s > self.seq_len for s in self.segments):
-            raise ValueError(f"segments must be in [1, seq_len], got {self.segments}")
-        if self.repeats < 1 or self.warmup < 0:
-            raise ValueError(
-                f"need repeats >= 1 and warmup >= 0, got {self.repeats}, {self.warmup}"
+        if max(self.segments) > self.seq_len:
+            raise ConfigError(
+                "segments", f"must be at most seq_len={self.seq_len}, got {self.segments}"
             )
 
 
@@ -136,8 +127,8 @@ def _reorder_fn(name: str, cp: int) -> Callable[..., Any]:
 def _document_lengths(segment_ids: np.ndarray) -> np.ndarray:
     """int32[B, T]: each token's document length over its whole row, as the ring computes it."""
     ids = jnp.asarray(segment_ids, jnp.int32)
-    counts = ring._segment_counts(ids, int(segment_ids.max()))
-    return np.asarray(ring._document_lengths(ids, counts))
+    counts = segment_counts(ids, num_segments=int(segment_ids.max()))
+    return np.asarray(lengths_from_counts(ids, counts))
 
 
 def _step_pairs(
@@ -163,6 +154,16 @@ def _step_pairs(
         lower = np.searchsorted(keys, base + row_lo, side="left")
         total += int(np.maximum(upper - lower, 0).sum())
     return total
+
+
+def _per_step(
+    arrays: Sequence[np.ndarray], cp: int, count: Callable[[tuple, tuple], int]
+) -> np.ndarray:
+    """int64[cp, cp]: ``[r, k]`` = ``count(q, kv)`` of rank r's shards of ``arrays`` and those
+    of rank ``(r - k) % cp``, whose keys rank r holds at ring step k."""
+    shards = [tuple(reorder.shard(x, cp=cp, rank=rank) for x in arrays) for rank in range(cp)]
+    counts = [[count(shards[r], shards[(r - k) % cp]) for k in range(cp)] for r in range(cp)]
+    return np.array(counts, np.int64)
 
 
 def work_per_rank(
@@ -193,49 +194,21 @@ def work_per_rank(
         >>> work_per_rank(ids, pos, cp=2).tolist()
         [[10, 0], [10, 16]]
     """
-    bounds = _difference_bounds(MaskType.parse(mask_type), check_window(window_size))
+    bounds = difference_bounds(MaskType.parse(mask_type), check_window(window_size))
     x = segment_pos.astype(np.int64)
     if bounds.uses_key:
         x = _document_lengths(segment_ids) - x
     big = 2**40  # unbounded sides; _step_pairs clips them to the data's reach
     lo = -big if bounds.lo is None else bounds.lo
     hi = big if bounds.hi is None else bounds.hi
-    work = np.zeros((cp, cp), np.int64)
-    for rank in range(cp):
-        q = (reorder.shard(segment_ids, cp=cp, rank=rank), reorder.shard(x, cp=cp, rank=rank))
-        for step in range(cp):
-            source = (rank - step) % cp
-            kv = (
-                reorder.shard(segment_ids, cp=cp, rank=source),
-                reorder.shard(x, cp=cp, rank=source),
-            )
-            work[rank, step] = _step_pairs(q, kv, lo, hi)
-    return work
+    return _per_step((segment_ids, x), cp, lambda q, kv: _step_pairs(q, kv, lo, hi))
 
 
 @functools.partial(jax.jit, static_argnames=("block",))
-def _visited_tiles(
-    ids_q: jax.Array,
-    pos_q: jax.Array,
-    rl_q: jax.Array,
-    ids_kv: jax.Array,
-    pos_kv: jax.Array,
-    rl_kv: jax.Array,
-    *,
-    block: int,
-) -> jax.Array:
-    ranges = tile_ranges(
-        ids_q,
-        pos_q,
-        rl_q,
-        ids_kv,
-        pos_kv,
-        rl_kv,
-        mask_type=MaskType.parse(MASK_TYPE),
-        window_size=None,
-        block_q=block,
-        block_kv=block,
-    )
+def _visited_tiles(q: tuple[jax.Array, ...], kv: tuple[jax.Array, ...], *, block: int) -> jax.Array:
+    """Visited tiles of one step; ``q`` and ``kv`` are (ids, positions, document lengths)."""
+    mask = MaskType.parse(MASK_TYPE)
+    ranges = tile_ranges(*q, *kv, mask_type=mask, window_size=None, block_q=block, block_kv=block)
     return jnp.sum(ranges.hi - ranges.lo)
 
 
@@ -261,13 +234,7 @@ def tiles_per_rank(
     lengths = _document_lengths(segment_ids)
     layout = [np.asarray(x, np.int32) for x in (segment_ids, segment_pos, lengths)]
     block = min(block, segment_ids.shape[-1] // cp)
-    tiles = np.zeros((cp, cp), np.int64)
-    for rank in range(cp):
-        for step in range(cp):
-            q = [reorder.shard(x, cp=cp, rank=rank) for x in layout]
-            kv = [reorder.shard(x, cp=cp, rank=(rank - step) % cp) for x in layout]
-            tiles[rank, step] = int(_visited_tiles(*q, *kv, block=block))
-    return tiles
+    return _per_step(layout, cp, lambda q, kv: int(_visited_tiles(q, kv, block=block)))
 
 
 def _balance_record(
@@ -275,12 +242,16 @@ def _balance_record(
 ) -> dict[str, Any]:
     work = work_per_rank(ids, pos, cp=config.cp)
     runs = np.asarray(
-        ring_schedule(ids, pos, cp=config.cp, mask_type=MASK_TYPE, max_segments_per_seq=segments)
+        ring_schedule(
+            segment_ids_q=ids,
+            segment_pos_q=pos,
+            cp=config.cp,
+            mask_type=MASK_TYPE,
+            max_segments_per_seq=segments,
+        )
     ).any(axis=0)  # a rank runs a step when any row of its batch needs it
     per_rank = work.sum(axis=1)
-    mean = float(per_rank.mean())
     tiles = (tiles_per_rank(ids, pos, cp=config.cp) * runs).sum(axis=1)
-    tiles_mean = float(tiles.mean())
     return {
         "cp": config.cp,
         "seq_len": config.seq_len,
@@ -288,53 +259,32 @@ def _balance_record(
         "segments": segments,
         "mask_type": MASK_TYPE,
         "reorder": name,
-        "work_per_rank": [int(w) for w in per_rank],
+        "work_per_rank": per_rank.tolist(),
         "work_max": int(per_rank.max()),
-        "work_mean": mean,
-        "imbalance": float(per_rank.max()) / mean if mean else None,
+        "work_mean": float(per_rank.mean()),
+        "imbalance": float(per_rank.max() / per_rank.mean()) if per_rank.any() else None,
         "block": min(DEFAULT_BLOCK, config.seq_len // config.cp),
-        "tiles_per_rank": [int(t) for t in tiles],
+        "tiles_per_rank": tiles.tolist(),
         "tiles_max": int(tiles.max()),
         "tiles_total": int(tiles.sum()),
-        "tile_imbalance": float(tiles.max()) / tiles_mean if tiles_mean else None,
+        "tile_imbalance": float(tiles.max() / tiles.mean()) if tiles.any() else None,
         "steps_total": config.cp * config.cp,
         "steps_run": int(runs.sum()),
         "steps_skipped": int((~runs).sum()),
         "steps_empty": int((work == 0).sum()),
         "max_steps_run_per_rank": int(runs.sum(axis=1).max()),
         "latency_ms": None,
-        "latency_note": None,
+        "skip_reason": None if config.latency else "latency not requested",
     }
 
 
-def _latency_program(config: RingBench, mesh: Mesh, max_segments: int) -> Callable[..., Any]:
-    """A jitted ring attention whose ids and positions are traced (one compile for all cells)."""
-
-    def program(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array, pos: jax.Array):
-        return ring_attention(
-            q,
-            k,
-            v,
-            segment_ids_q=ids,
-            segment_pos_q=pos,
-            mask_type=MASK_TYPE,
-            max_segments_per_seq=max_segments,
-            mesh=mesh,
-            axis_name="cp",
-        )
-
-    return jax.jit(program)
-
-
 def _measure_latency(
-    config: RingBench,
-    cells: Mapping[str, tuple[np.ndarray, np.ndarray]],
-    on_step: Callable[[str], None] | None,
+    config: RingBench, cells: Mapping[str, tuple[np.ndarray, np.ndarray]]
 ) -> tuple[dict[str, dict[str, Any]], str | None]:
-    """Median/min/max ms of each cell's ring attention, or a note on why there are none."""
+    """Latency of ring attention on each cell's layout, or why there is none."""
     if jax.device_count() < config.cp:
         return {}, (
-            f"needs {config.cp} devices, found {jax.device_count()}; on CPU set "
+            f"not run: needs {config.cp} devices, found {jax.device_count()}; on CPU set "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={config.cp} before JAX starts"
         )
     mesh = Mesh(np.array(jax.devices()[: config.cp]), ("cp",))
@@ -342,18 +292,21 @@ def _measure_latency(
     heads = NamedSharding(mesh, P(None, "cp", None, None))
     rng = np.random.default_rng(config.seed)
     shape = (config.batch, config.seq_len, config.heads, config.head_dim)
-    qkv = [
-        jax.device_put(jnp.asarray(rng.standard_normal(shape), jnp.float32), heads)
-        for _ in range(3)
-    ]
-    # S only sizes per-segment bins, so the largest document count serves every cell.
-    program = _latency_program(config, mesh, max(config.segments))
+    qkv = [jax.device_put(rng.standard_normal(shape, np.float32), heads) for _ in range(3)]
+
+    # One jitted program for every cell: ids and positions are traced, and S only sizes
+    # per-segment bins, so the largest document count serves all.
+    @jax.jit
+    def program(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array, pos: jax.Array):
+        return ring_attention(
+            q, k, v, segment_ids_q=ids, segment_pos_q=pos, mask_type=MASK_TYPE,
+            max_segments_per_seq=max(config.segments), mesh=mesh, axis_name="cp",
+        )  # fmt: skip
+
     args = {
         key: (*qkv, jax.device_put(ids, tokens), jax.device_put(pos, tokens))
         for key, (ids, pos) in cells.items()
     }
-    if on_step is not None:
-        on_step(f"ring latency: compiling and timing {len(cells)} cells")
     stats = interleaved_latency(
         dict.fromkeys(cells, program),
         args,
@@ -361,29 +314,30 @@ def _measure_latency(
         repeats=config.repeats,
         budget_s=config.time_per_program_s,
     )
-    return {
-        key: {"median": s.median_ms, "min": s.min_ms, "max": s.max_ms, "samples": s.samples}
-        for key, s in stats.items()
-    }, None
+    return {key: s._asdict() for key, s in stats.items()}, None
 
 
 def run_ring_bench(
-    config: RingBench, *, on_step: Callable[[str], None] | None = None
+    config: RingBench,
+    *,
+    on_step: Callable[[str], None] | None = None,
+    on_cell_done: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Work balance, skipped steps and (optionally) latency of every layout x reorder.
 
     Args:
         config: the options.
         on_step: called with a short progress line before each stage.
+        on_cell_done: called after each (layout, reorder) is counted.
 
     Returns:
         JSON-ready records, one per (segments, reorder), in table order, with keys ``cp``,
         ``seq_len``, ``batch``, ``segments``, ``mask_type``, ``reorder``, ``work_per_rank``,
         ``work_max``, ``work_mean``, ``imbalance`` (max / mean), ``block``, ``tiles_per_rank``,
         ``tiles_max``, ``tiles_total``, ``tile_imbalance`` (max / mean of visited tiles over the
-        steps that run), ``steps_total``, ``steps_run``,
-        ``steps_skipped``, ``steps_empty`` (steps with no allowed pair),
-        ``max_steps_run_per_rank``, ``latency_ms`` (dict or None) and ``latency_note``.
+        steps that run), ``steps_total``, ``steps_run``, ``steps_skipped``, ``steps_empty``
+        (steps with no allowed pair), ``max_steps_run_per_rank``, ``latency_ms`` and
+        ``skip_reason`` (why ``latency_ms`` is None).
 
     Example:
         >>> config = RingBench(cp=4, seq_len=64, segments=(1,), stripe_sizes=(1, 2), latency=False)
@@ -394,6 +348,7 @@ def run_ring_bench(
         striped(2) 1.09 0
         dual_chunk_swap 1.0 0
     """
+    step = on_step or (lambda _: None)
     rng = np.random.default_rng(config.seed)
     records: list[dict[str, Any]] = []
     cells: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -402,22 +357,19 @@ def run_ring_bench(
             rng, batch=config.batch, seq_len=config.seq_len, segments=segments
         )
         for name in reorder_names(config.stripe_sizes):
-            if on_step is not None:
-                on_step(f"ring work: {segments} segments per row, reorder {name}")
+            step(f"ring work: {segments} segments per row, reorder {name}")
             fn = _reorder_fn(name, config.cp)
-            cell = (fn(ids, axis=-1), fn(pos, axis=-1))
+            cells[f"{segments}/{name}"] = cell = (fn(ids, axis=-1), fn(pos, axis=-1))
             records.append(_balance_record(config, segments, name, *cell))
-            cells[f"{segments}/{name}"] = cell
+            if on_cell_done is not None:
+                on_cell_done()
     if config.latency:
-        latency, note = _measure_latency(config, cells, on_step)
+        step(f"ring latency: compiling and timing {len(cells)} layouts")
+        latency, reason = _measure_latency(config, cells)
         for record in records:
             record["latency_ms"] = latency.get(f"{record['segments']}/{record['reorder']}")
-            record["latency_note"] = note
+            record["skip_reason"] = reason
     return records
-
-
-def _fmt(value: float | None, digits: str = ".3g") -> str:
-    return "-" if value is None else format(value, digits)
 
 
 def ring_table(records: Sequence[Mapping[str, Any]]) -> Table:
@@ -430,65 +382,28 @@ def ring_table(records: Sequence[Mapping[str, Any]]) -> Table:
         a rich table.
     """
     first = records[0] if records else {}
-    table = Table(
-        title=(
-            f"RING SUMMARY (cp={first.get('cp')}, T={first.get('seq_len')}, "
-            f"B={first.get('batch')}, {first.get('mask_type')}; work = allowed (q, kv) pairs; "
-            f"tiles = visited {first.get('block')}x{first.get('block')} tiles)"
-        ),
-        title_justify="left",
-        header_style="bold",
+    block = first.get("block")
+    title = (
+        f"RING SUMMARY (cp={first.get('cp')}, T={first.get('seq_len')}, B={first.get('batch')}, "
+        f"{first.get('mask_type')}; work = allowed (q, kv) pairs; tiles = visited {block}x{block} "
+        "tiles)"
     )
+    count, ratio = "{:,}".format, "{:.3f}".format
     columns = [
-        ("segments", "right"),
-        ("reorder", "left"),
-        ("work max", "right"),
-        ("work mean", "right"),
-        ("max / mean", "right"),
-        ("tiles max", "right"),
-        ("tiles total", "right"),
-        ("tiles max / mean", "right"),
-        ("steps run", "right"),
-        ("skipped", "right"),
-        ("empty", "right"),
-        ("latency ms", "right"),
-        ("runs", "right"),
+        Column("segments", "segments"),
+        Column("reorder", "reorder", justify="left"),
+        Column("work max", "work_max", count),
+        Column("work mean", "work_mean", "{:,.0f}".format),
+        Column("max / mean", "imbalance", ratio),
+        Column("tiles max", "tiles_max", count),
+        Column("tiles total", "tiles_total", count),
+        Column("tiles max / mean", "tile_imbalance", ratio),
+        Column("steps run", lambda r: f"{r['steps_run']}/{r['steps_total']}"),
+        Column("skipped", "steps_skipped"),
+        Column("empty", "steps_empty"),
+        Column("latency ms", lambda r: (r["latency_ms"] or {}).get("median"), "{:.3g}".format),
+        Column("runs", lambda r: (r["latency_ms"] or {}).get("samples")),
     ]
-    for name, justify in columns:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    previous = None
-    for record in records:
-        if previous is not None and record["segments"] != previous:
-            table.add_section()
-        previous = record["segments"]
-        latency = record["latency_ms"] or {}
-        table.add_row(
-            str(record["segments"]),
-            record["reorder"],
-            f"{record['work_max']:,}",
-            f"{record['work_mean']:,.0f}",
-            _fmt(record["imbalance"], ".3f"),
-            f"{record['tiles_max']:,}",
-            f"{record['tiles_total']:,}",
-            _fmt(record["tile_imbalance"], ".3f"),
-            f"{record['steps_run']}/{record['steps_total']}",
-            str(record["steps_skipped"]),
-            str(record["steps_empty"]),
-            _fmt(latency.get("median")),
-            str(latency.get("samples", "-")),
-        )
-    notes = {record["latency_note"] for record in records if record["latency_note"]}
-    if notes:
-        table.caption = "latency: " + "; ".join(sorted(notes))
-    return table
-
-
-def write_json(
-    path: Path | str,
-    records: Sequence[Mapping[str, Any]],
-    *,
-    environment: Mapping[str, Any],
-    config: RingBench,
-) -> None:
-    """Writes the ring benchmark's records, environment and options as JSON."""
-    write_report(path, benchmark="ring", environment=environment, options=config, records=records)
+    reasons = sorted({r["skip_reason"] for r in records if r["skip_reason"]})
+    caption = "latency: " + "; ".join(reasons) if reasons else None
+    return table(title, columns, records, section=lambda r: r["segments"], caption=caption)

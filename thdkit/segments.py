@@ -1,0 +1,371 @@
+"""``Segments``: one side's packed layout as a pytree, and the converters real data comes in.
+
+A packed row holds several documents told apart by per-token segment ids (0 = padding, 1..n the
+documents, each one run, increasing along the row) and positions (each token's position inside its
+document). Attention also needs each token's *document length* (the bottom-right causal rule
+compares ``length - position``); computing it once, next to the ids, means no layer recomputes it,
+and context-parallel shards can carry the length of the whole document rather than of their slice.
+
+``Segments`` holds those three int32 ``[*B, T]`` arrays. Build one per batch with a converter:
+
+- :meth:`Segments.from_ids`: segment ids (0 or -1 marking padding) and optional positions;
+- :meth:`Segments.from_cu_seqlens`: cumulative document lengths (FlashAttention / HF varlen);
+- :meth:`Segments.from_positions`: position ids that restart at each document (HF
+  ``DataCollatorWithFlattening``).
+
+Being a pytree, it goes through ``jax.jit``, ``jax.lax.scan`` and ``shard_map``, and a token
+reorder applies to every field at once: ``jax.tree.map(lambda a: striped(a, cp=4), segments)``
+(lengths stay the document lengths, as the bottom-right rule needs in every shard).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Int
+
+from thdkit.layout import as_layout, is_concrete, run_lengths, validate_layout
+
+__all__ = ["Segments", "global_lengths", "lengths_from_counts", "segment_counts"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Segments:
+    """One side's packed layout: segment ids, positions and document lengths (a pytree).
+
+    Attributes:
+        ids: int32[*B, T]; 0 = padding, 1..n = the document of each token (one run per document,
+            ids increasing along the row).
+        positions: int32[*B, T]; each token's position inside its document.
+        lengths: int32[*B, T]; the length of each token's document (0 on padding): the run length
+            in a whole row, the global document length in a context-parallel shard.
+
+    Example:
+        >>> seg = Segments.from_ids(jnp.array([[1, 1, 1, 2, 2, 0, 0, 3]]))
+        >>> seg.positions
+        Array([[0, 1, 2, 0, 1, 0, 0, 0]], dtype=int32)
+        >>> seg.lengths
+        Array([[3, 3, 3, 2, 2, 0, 0, 1]], dtype=int32)
+    """
+
+    ids: Int[Array, "*B T"]
+    positions: Int[Array, "*B T"]
+    lengths: Int[Array, "*B T"]
+
+    @property
+    def seq_len(self) -> int:
+        """T, the row length."""
+        return self.ids.shape[-1]
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """The batch dims ``*B``."""
+        return tuple(self.ids.shape[:-1])
+
+    @classmethod
+    def from_ids(
+        cls,
+        segment_ids: Int[ArrayLike, "*B T"],
+        segment_pos: Int[ArrayLike, "*B T"] | None = None,
+        *,
+        padding_id: int = 0,
+    ) -> Segments:
+        """Segments from per-token segment ids and (optionally) positions.
+
+        When the inputs are concrete the layout rules that need neither
+        ``max_segments_per_seq`` nor a mask type are checked (each document one run, ids
+        increasing, positions in range); :func:`thdkit.attention.plan_attention` and
+        :func:`thdkit.seqlens_and_offsets` check the rest. Under ``jit`` nothing is checked (see
+        docs/semantics.md, "Accepted ranges, and validation under jit and vmap").
+
+        Args:
+            segment_ids: int[*B, T]; ``padding_id`` marks padding, the other values the documents.
+            segment_pos: int[*B, T], or None to number each document's tokens 0, 1, 2, ... (and
+                padding 0).
+            padding_id: 0 (ids 1..n are documents: thdkit's, Grain's and cuDNN's convention) or
+                -1 (ids 0..n-1 are documents: splash attention's and kvax's); -1 shifts every id
+                up by one.
+
+        Returns:
+            :class:`Segments` with int32[*B, T] fields.
+
+        Raises:
+            TypeError: non-integer arrays, or a ``padding_id`` that is not an int.
+            ValueError: shapes (scalars, empty rows, ids and positions of different shapes),
+                ``padding_id`` other than 0 or -1, an id below ``padding_id``, or (concrete inputs)
+                a broken layout rule, naming the parameter, the row and the token.
+
+        Example:
+            >>> seg = Segments.from_ids(jnp.array([0, 0, 1, 1, -1]), padding_id=-1)
+            >>> seg.ids, seg.positions
+            (Array([1, 1, 2, 2, 0], dtype=int32), Array([0, 1, 0, 1, 0], dtype=int32))
+        """
+        if isinstance(padding_id, bool) or not isinstance(padding_id, (int, np.integer)):
+            raise TypeError(f"padding_id must be 0 or -1, got {type(padding_id).__name__}")
+        if padding_id not in (0, -1):
+            raise ValueError(f"padding_id must be 0 or -1, got {padding_id}")
+        given_pos = segment_pos is not None
+        ids, pos = as_layout(
+            segment_ids, segment_pos if given_pos else segment_ids, name="segment_ids"
+        )
+        if padding_id == -1:
+            if is_concrete(ids):
+                _check_not_below(ids, -1, name="segment_ids")
+            ids = ids + 1
+        if not given_pos:
+            pos = _positions_in_runs(ids)
+        if is_concrete(ids, pos):
+            # S is not known here: the id bound and rule 6 (mask-dependent) are checked later.
+            validate_layout(
+                ids,
+                pos,
+                max_segments_per_seq=max(1, int(jnp.max(ids, initial=0))),
+                mask_type="padding",
+                name="segment_ids",
+            )
+        return cls(ids, pos, run_lengths(ids))
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: Int[ArrayLike, "*B N1"], *, total_len: int) -> Segments:
+        """Segments from cumulative document lengths (the FlashAttention / HF varlen format).
+
+        Document k of a row covers tokens ``[cu_seqlens[k], cu_seqlens[k + 1])`` and gets id
+        ``k + 1``; tokens from ``cu_seqlens[-1]`` to ``total_len`` are padding. Repeated entries
+        (empty documents) leave a gap in the ids, which is allowed.
+
+        Args:
+            cu_seqlens: int[N+1] for one row (a flattened token axis) or int[*B, N+1] for
+                several; starts at 0 and never decreases.
+            total_len: T, a static int >= ``cu_seqlens[..., -1]``.
+
+        Returns:
+            :class:`Segments` with int32[*B, T] fields (``[1, T]`` for a 1-D ``cu_seqlens``).
+
+        Raises:
+            TypeError: non-integer ``cu_seqlens`` or ``total_len``.
+            ValueError: ``total_len < 1``, fewer than 2 entries, or (concrete inputs) a first
+                entry other than 0, a decrease, or an end beyond ``total_len``, naming the row and
+                the entry.
+
+        Example:
+            >>> seg = Segments.from_cu_seqlens(jnp.array([0, 3, 5]), total_len=7)
+            >>> seg.ids, seg.positions
+            (Array([[1, 1, 1, 2, 2, 0, 0]], dtype=int32),
+             Array([[0, 1, 2, 0, 1, 0, 0]], dtype=int32))
+        """
+        total_len = _positive_int(total_len, "total_len")
+        cu = _int_array(cu_seqlens, "cu_seqlens")
+        if cu.ndim == 1:
+            cu = cu[None]
+        if cu.ndim == 0 or cu.shape[-1] < 2:
+            raise ValueError(f"cu_seqlens must hold at least 2 entries, got shape {cu.shape}")
+        if is_concrete(cu):
+            _check_cu_seqlens(np.asarray(cu), total_len)
+        t = jnp.arange(total_len, dtype=jnp.int32)
+
+        def row(cu_row: Array) -> tuple[Array, Array]:
+            ids = jnp.searchsorted(cu_row, t, side="right").astype(jnp.int32)
+            inside = t < cu_row[-1]
+            start = cu_row[jnp.clip(ids - 1, 0, cu_row.shape[0] - 1)]
+            return jnp.where(inside, ids, 0), jnp.where(inside, t - start, 0)
+
+        flat = cu.reshape(-1, cu.shape[-1])
+        ids, pos = jax.vmap(row)(flat)
+        shape = (*cu.shape[:-1], total_len)
+        ids, pos = ids.reshape(shape), pos.reshape(shape)
+        return cls(ids, pos, run_lengths(ids))
+
+    @classmethod
+    def from_positions(cls, position_ids: Int[ArrayLike, "*B T"]) -> Segments:
+        """Segments from position ids that restart at every document (no padding).
+
+        The format of rows flattened without padding (e.g. Hugging Face
+        ``DataCollatorWithFlattening``): a document starts at token 0 and wherever the position
+        does not increase (usually a reset to 0); documents get ids 1, 2, ... in order.
+
+        Args:
+            position_ids: int[*B, T]; positions >= 0.
+
+        Returns:
+            :class:`Segments` with int32[*B, T] fields; no token is padding.
+
+        Raises:
+            TypeError, ValueError: as :meth:`from_ids` (the positions are named
+                ``position_ids``).
+
+        Example:
+            >>> Segments.from_positions(jnp.array([0, 1, 2, 0, 1, 0])).ids
+            Array([1, 1, 1, 2, 2, 3], dtype=int32)
+        """
+        pos, _ = as_layout(position_ids, position_ids, name="position_ids")
+        previous = jnp.concatenate(
+            [jnp.full((*pos.shape[:-1], 1), jnp.iinfo(jnp.int32).max), pos[..., :-1]], axis=-1
+        )
+        ids = jnp.cumsum(pos <= previous, axis=-1, dtype=jnp.int32)
+        if is_concrete(pos):
+            validate_layout(
+                ids,
+                pos,
+                max_segments_per_seq=max(1, int(jnp.max(ids, initial=0))),
+                mask_type="padding",
+                name="position_ids",
+            )
+        return cls(ids, pos, run_lengths(ids))
+
+    def with_global_lengths(self, *, axis_name: str, max_segments_per_seq: int) -> Segments:
+        """Inside ``shard_map``: the lengths of whole documents across the shards of ``axis_name``.
+
+        Each shard counts its tokens of every id 0..S; a ``psum`` of those S+1 counts per row
+        gives each document's length over the whole row, whatever the token order (plain,
+        striped, dual-chunk swap). Ids above S are not counted (their length reads 0).
+
+        Args:
+            axis_name: the mesh axis the sequence is sharded over (bound by ``shard_map``).
+            max_segments_per_seq: S, a static int >= the largest id.
+
+        Returns:
+            :class:`Segments` with the same ids and positions and global ``lengths``.
+
+        Example:
+            >>> import numpy as np
+            >>> from jax.sharding import Mesh, PartitionSpec as P
+            >>> mesh = Mesh(np.array(jax.devices()[:2]), ("cp",))
+            >>> seg = Segments.from_ids(jnp.array([[1, 1, 1, 2, 2, 2, 2, 0]]))
+            >>> local = jax.shard_map(
+            ...     lambda s: s.with_global_lengths(axis_name="cp", max_segments_per_seq=2),
+            ...     mesh=mesh, in_specs=P(None, "cp"), out_specs=P(None, "cp"))
+            >>> local(seg).lengths
+            Array([[3, 3, 3, 4, 4, 4, 4, 0]], dtype=int32)
+        """
+        lengths = global_lengths(
+            self.ids, axis_name=axis_name, num_segments=operator.index(max_segments_per_seq)
+        )
+        return dataclasses.replace(self, lengths=lengths)
+
+
+def global_lengths(
+    ids: Int[Array, "*B n"], *, axis_name: str, num_segments: int
+) -> Int[Array, "*B n"]:
+    """Inside ``shard_map``: each token's document length over all shards of ``axis_name``.
+
+    The body of :meth:`Segments.with_global_lengths`, for callers that hold bare ids: a ``psum``
+    of each shard's :func:`segment_counts`, read back at every token (0 on padding and on ids
+    above S).
+
+    Args:
+        ids: int32[*B, n]; this shard's segment ids.
+        axis_name: the mesh axis the sequence is sharded over.
+        num_segments: S.
+
+    Returns:
+        int32[*B, n].
+    """
+    counts = jax.lax.psum(segment_counts(ids, num_segments=num_segments), axis_name)
+    return lengths_from_counts(ids, counts)
+
+
+def lengths_from_counts(ids: Int[Array, "*B n"], counts: Int[Array, "*B S1"]) -> Int[Array, "*B n"]:
+    """Each token's document length read off per-row counts of ids 0..S (0 on padding and above S).
+
+    Args:
+        ids: int32[*B, n].
+        counts: int32[*B, S+1]; e.g. :func:`segment_counts` of the whole row.
+
+    Returns:
+        int32[*B, n].
+
+    Example:
+        >>> ids = jnp.array([1, 1, 2, 0])
+        >>> lengths_from_counts(ids, segment_counts(ids, num_segments=2))
+        Array([2, 2, 1, 0], dtype=int32)
+    """
+    num_segments = counts.shape[-1] - 1
+    length = jnp.take_along_axis(counts, jnp.clip(ids, 0, num_segments), axis=-1)
+    return jnp.where((ids > 0) & (ids <= num_segments), length, 0)
+
+
+def segment_counts(ids: Int[Array, "*B T"], *, num_segments: int) -> Int[Array, "*B S1"]:
+    """Tokens of each id 0..S per row (ids outside [0, S] are not counted).
+
+    Args:
+        ids: int[*B, T].
+        num_segments: S.
+
+    Returns:
+        int32[*B, S+1].
+
+    Example:
+        >>> segment_counts(jnp.array([1, 1, 0, 2, 5]), num_segments=2)
+        Array([1, 2, 1], dtype=int32)
+    """
+
+    def row(ids_row: Array) -> Array:
+        return jnp.zeros(num_segments + 1, jnp.int32).at[ids_row].add(1, mode="drop")
+
+    flat = ids.reshape(-1, ids.shape[-1])
+    return jax.vmap(row)(flat).reshape(*ids.shape[:-1], num_segments + 1)
+
+
+def _positions_in_runs(ids: Array) -> Array:
+    """Each token's index inside its run of equal ids (0 on padding)."""
+    t = jnp.broadcast_to(jnp.arange(ids.shape[-1], dtype=jnp.int32), ids.shape)
+    previous = jnp.concatenate([jnp.full((*ids.shape[:-1], 1), -1, ids.dtype), ids[..., :-1]], -1)
+    start = jax.lax.cummax(jnp.where(ids != previous, t, 0), axis=ids.ndim - 1)
+    return jnp.where(ids != 0, t - start, 0)
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a static Python int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _int_array(x: ArrayLike, name: str) -> Array:
+    dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+    if not jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_):
+        raise TypeError(f"{name} must be an integer array, got dtype {dtype}")
+    if not isinstance(x, jax.core.Tracer):
+        host = np.asarray(x)
+        info = np.iinfo(np.int32)
+        outside = (host < info.min) | (host > info.max)
+        if outside.any():
+            index = np.unravel_index(int(np.argmax(outside.reshape(-1))), host.shape)
+            raise ValueError(f"{name} at {index}: {int(host[index])} is outside the int32 range")
+    return jnp.asarray(x).astype(jnp.int32)
+
+
+def _check_not_below(ids: Array, lowest: int, *, name: str) -> None:
+    host = np.asarray(ids).reshape(-1, ids.shape[-1])
+    bad = np.argwhere(host < lowest)
+    if bad.size:
+        row, token = (int(i) for i in bad[0])
+        raise ValueError(
+            f"{name} row {row}, token {token}: id {int(host[row, token])} is below the "
+            f"padding id {lowest}"
+        )
+
+
+def _check_cu_seqlens(cu: np.ndarray, total_len: int) -> None:
+    for row, entries in enumerate(cu.reshape(-1, cu.shape[-1])):
+        where = f"cu_seqlens row {row}"
+        if entries[0] != 0:
+            raise ValueError(f"{where}, entry 0: must be 0, got {int(entries[0])}")
+        drops = np.flatnonzero(np.diff(entries) < 0)
+        if drops.size:
+            k = int(drops[0]) + 1
+            raise ValueError(
+                f"{where}, entry {k}: {int(entries[k])} is below the entry before it "
+                f"({int(entries[k - 1])}); cu_seqlens never decreases"
+            )
+        if entries[-1] > total_len:
+            raise ValueError(
+                f"{where}, entry {len(entries) - 1}: the last document ends at "
+                f"{int(entries[-1])}, beyond total_len={total_len}"
+            )
