@@ -67,7 +67,7 @@ def np_run_lengths(ids: np.ndarray) -> np.ndarray:
 
 
 def np_allowed(ids_q, pos_q, ids_kv, pos_kv, mask: MaskType) -> np.ndarray:
-    """allowed[i, j] of one row by loops over i and j, straight from DESIGN.md."""
+    """allowed[i, j] of one row by loops over i and j, straight from docs/semantics.md."""
     rl_q, rl_kv = np_run_lengths(ids_q), np_run_lengths(ids_kv)
     out = np.zeros((len(ids_q), len(ids_kv)), bool)
     for i in range(len(ids_q)):

@@ -1,4 +1,4 @@
-"""seqlens_and_offsets: DESIGN.md's worked examples, arguments, jit/vmap, flat form."""
+"""seqlens_and_offsets: the worked examples of docs/semantics.md, arguments, jit/vmap, flat form."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 
 import thdkit
 from thdkit.synth import packed_segments
@@ -174,6 +175,45 @@ def test_flat_form():
         thdkit.SeqMeta(*(a.reshape(1, *a.shape) for a in meta)).flat(seq_len_q=8)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        (dict(seq_len_q=8.0), TypeError, r"seq_len_q must be an int, got float"),
+        (dict(seq_len_q=True), TypeError, r"seq_len_q must be an int, got bool"),
+        (dict(seq_len_q=jnp.int32(8)), TypeError, r"seq_len_q must be an int, got"),
+        (dict(seq_len_q=0), ValueError, r"seq_len_q must be in \[1, 1073741824\], got 0"),
+        (dict(seq_len_q=-8), ValueError, r"seq_len_q must be in \[1, "),
+        (dict(seq_len_q=2**30 + 1), ValueError, r"seq_len_q must be in \[1, 1073741824\]"),
+        (dict(seq_len_q=8, seq_len_kv=0), ValueError, r"seq_len_kv must be in \[1, "),
+        (dict(seq_len_q=8, seq_len_kv="8"), TypeError, r"seq_len_kv must be an int, got str"),
+        (dict(seq_len_q=7), ValueError, r"seq_len_q=7 is shorter than row 0's q segments, which end at 8"),
+        (dict(seq_len_q=8, seq_len_kv=5), ValueError, r"seq_len_kv=5 is shorter than row 0's kv segments, which end at 8"),
+        (dict(seq_len_q=2**30), ValueError, r"seq_len_q=1073741824 with 2 rows gives 2147483648 flattened tokens, beyond int32"),
+    ],
+)  # fmt: skip
+def test_flat_form_checks_its_lengths(kwargs, error, pattern):
+    meta = thdkit.seqlens_and_offsets(
+        segment_ids_q=jnp.array([[1, 1, 1, 2, 2, 0, 0, 3], [1, 1, 2, 2, 2, 2, 2, 2]]),
+        segment_pos_q=jnp.array([[0, 1, 2, 0, 1, 2, 0, 0], [0, 1, 0, 1, 2, 3, 4, 5]]),
+        max_segments_per_seq=3,
+    )
+    with pytest.raises(error, match=pattern):
+        meta.flat(**kwargs)
+
+
+def test_flat_form_accepts_numpy_ints_and_gives_int32():
+    meta = thdkit.SeqMeta(
+        np.array([[3, 2]], np.int64), np.array([[3, 2]], np.int64),
+        np.array([[0, 3, -1]], np.int64), np.array([[0, 3, -1]], np.int64),
+    )  # fmt: skip
+    flat = meta.flat(seq_len_q=np.int64(8), seq_len_kv=np.int16(5))
+    assert all(a.dtype == jnp.int32 for a in flat)
+    np.testing.assert_array_equal(flat.kv_starts, [0, 3])
+    # Traced metadata: only the static checks apply.
+    jitted = jax.jit(lambda m: m.flat(seq_len_q=4))(meta)
+    np.testing.assert_array_equal(jitted.cu_seqlens_q, [0, 3, 5])
+
+
 def test_seqmeta_is_a_pytree():
     meta = _call(WORKED_EXAMPLES["1-self"], compact=True, method="linear")
     assert len(jax.tree.leaves(meta)) == 4
@@ -206,8 +246,9 @@ _DROP = object()
         (dict(segment_ids_kv=_IDS), ValueError, r"only segment_ids_kv was given"),
         (dict(segment_pos_kv=_POS), ValueError, r"only segment_pos_kv was given"),
         (dict(segment_ids_kv=jnp.ones((2, 4), jnp.int32), segment_pos_kv=jnp.zeros((2, 4), jnp.int32)), ValueError, r"same batch dims, got \(\) and \(2,\)"),
-        (dict(max_segments_per_seq=0), ValueError, r"max_segments_per_seq must be >= 1, got 0"),
-        (dict(max_segments_per_seq=-3), ValueError, r"max_segments_per_seq must be >= 1"),
+        (dict(max_segments_per_seq=0), ValueError, r"max_segments_per_seq must be in \[1, 1073741823\], got 0"),
+        (dict(max_segments_per_seq=-3), ValueError, r"max_segments_per_seq must be in \[1, "),
+        (dict(max_segments_per_seq=2**31 - 1), ValueError, r"max_segments_per_seq must be in \[1, 1073741823\], got 2147483647"),
         (dict(max_segments_per_seq=2.0), TypeError, r"max_segments_per_seq must be a static Python int"),
         (dict(max_segments_per_seq=True), TypeError, r"max_segments_per_seq must be a static Python int"),
         (dict(max_segments_per_seq=_DROP), TypeError, r"max_segments_per_seq"),
@@ -215,7 +256,13 @@ _DROP = object()
         (dict(mask_type="causal_top_left"), ValueError, r"unknown mask_type 'causal_top_left'; valid names: .*bottom_right_causal.*padding_causal"),
         (dict(mask_type=3), TypeError, r"mask_type must be a thdkit.MaskType or its name, got int"),
         (dict(method="cumsum"), ValueError, r"unknown method 'cumsum'; valid: linear, one_hot, dense"),
-        (dict(compact="yes"), TypeError, r"compact must be a bool"),
+        (dict(compact="yes"), TypeError, r"compact must be a bool, got str"),
+        (dict(compact=1), TypeError, r"compact must be a bool, got int"),
+        (dict(method=["linear"]), TypeError, r"method must be a string \(one of linear, one_hot, dense\), got list"),
+        (dict(segment_pos_q=jnp.array([0, 1, 0, 2**30])), ValueError, r"segment_pos_q row 0, token 3: position 1073741824 exceeds thdkit.layout.MAX_POSITION"),
+        (dict(segment_ids_q=[[1, 1], [2]], segment_pos_q=[[0, 1], [0]]), ValueError, r"segment_ids_q must be a rectangular integer array"),
+        (dict(segment_ids_q=[1, 1, 2, None]), TypeError, r"segment_ids_q must be an integer array, got an object array of non-integers"),
+        (dict(segment_ids_q=[1, 1, 2, 2**33]), ValueError, r"segment_ids_q row 0, token 3: id 8589934592 is outside the int32 range"),
         (dict(segment_ids_q=jnp.zeros((1, 0), jnp.int32), segment_pos_q=jnp.zeros((1, 0), jnp.int32)), ValueError, r"at least one token"),
     ],
 )  # fmt: skip
@@ -224,9 +271,54 @@ def test_bad_arguments(overrides, error, pattern):
         thdkit.seqlens_and_offsets(**_args(**overrides))
 
 
+@pytest.mark.parametrize("compact", [np.bool_(True), np.bool_(False)])
+def test_numpy_bool_compact(compact):
+    meta = thdkit.seqlens_and_offsets(**_args(compact=compact))
+    raw = thdkit.seqlens_and_offsets(**_args(compact=bool(compact)))
+    for a, b in zip(meta, raw, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_arguments_are_keyword_only():
     with pytest.raises(TypeError):
         thdkit.seqlens_and_offsets(_IDS, _POS, max_segments_per_seq=2)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", [(0, 8), (3, 0, 8)])
+def test_empty_batch(method, shape):
+    empty = np.zeros(shape, np.int32)
+    meta = thdkit.seqlens_and_offsets(
+        segment_ids_q=empty, segment_pos_q=empty, segment_ids_kv=np.zeros((*shape[:-1], 5), np.int32),
+        segment_pos_kv=np.zeros((*shape[:-1], 5), np.int32), max_segments_per_seq=2,
+        mask_type="causal", method=method,
+    )  # fmt: skip
+    assert [a.shape for a in meta] == [(*shape[:-1], 2)] * 2 + [(*shape[:-1], 3)] * 2
+    assert all(a.dtype == jnp.int32 for a in meta)
+    if len(shape) == 2:
+        flat = meta.flat(seq_len_q=8, seq_len_kv=5)
+        np.testing.assert_array_equal(flat.cu_seqlens_q, [0])
+        assert flat.q_starts.shape == (0,)
+
+
+def test_vmap_skips_value_checks_and_check_layout_catches_them():
+    ids, pos = jnp.array([[1, 0, 1, 2], [1, 1, 2, 2]]), jnp.array([[0, 1, 0, 1]] * 2)
+
+    def plain(i, p):
+        return thdkit.seqlens_and_offsets(segment_ids_q=i, segment_pos_q=p, max_segments_per_seq=2)
+
+    def checked(i, p):
+        thdkit.check_layout(i, p, max_segments_per_seq=2, name="segment_ids_q")
+        return plain(i, p)
+
+    # Eagerly the invalid row raises; inside vmap the values are traced and are not checked ...
+    with pytest.raises(ValueError, match=r"segment_ids_q row 0, token 2: id 1 starts a second run"):
+        plain(ids, pos)
+    jax.vmap(plain)(ids, pos)
+    # ... unless checked with check_layout and checkify.
+    err, meta = checkify.checkify(jax.vmap(checked))(ids, pos)
+    assert "segment_ids_q: invalid layout in row 0, token 2: code 3" in err.get()
+    np.testing.assert_array_equal(meta.q_seqlens[1], [2, 2])
 
 
 def test_traced_inputs_skip_value_checks_but_not_shape_checks():

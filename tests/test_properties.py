@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import thdkit
+from thdkit.layout import MAX_POSITION
 from thdkit.masks import MaskType
 from thdkit.reorder import dual_chunk_swap, ring_step, striped
 from thdkit.synth import cross_segments, packed_segments
@@ -88,14 +89,51 @@ def assert_methods_agree(mask, num_segments, ids_q, pos_q, ids_kv=None, pos_kv=N
     return compact
 
 
+# --- positions at the top of the accepted range ---------------------------------------------
+
+
+def _shift_to_max_position(*positions):
+    """Every position plus one constant, so that the largest becomes MAX_POSITION."""
+    shift = MAX_POSITION - max(int(p.max()) for p in positions)
+    return [p.astype(np.int64) + shift for p in positions]
+
+
+def _assert_shift_changes_nothing(mask, num_segments, ids_q, pos_q, ids_kv=None, pos_kv=None):
+    """Shifting every position of both sides by one constant, so that the largest becomes
+    MAX_POSITION, changes no method's metadata, and every method still equals the reference."""
+    if ids_kv is None:
+        (shifted_q,) = _shift_to_max_position(pos_q)
+        shifted = (ids_q, shifted_q)
+    else:
+        shifted_q, shifted_kv = _shift_to_max_position(pos_q, pos_kv)
+        shifted = (ids_q, shifted_q, ids_kv, shifted_kv)
+    # Shifted layouts stay inside the accepted range: eager validation passes.
+    for ids, pos in zip(shifted[::2], shifted[1::2], strict=True):
+        thdkit.validate_layout(ids, pos, max_segments_per_seq=num_segments, mask_type=mask)
+    shifted = [a.astype(np.int32) for a in shifted]
+    assert_methods_agree(mask, num_segments, *shifted)  # every method equals the reference
+    args = (ids_q, pos_q) if ids_kv is None else (ids_q, pos_q, ids_kv, pos_kv)
+    before, _ = _all_methods(mask, num_segments, ids_kv is None)(*args)
+    after, _ = _all_methods(mask, num_segments, ids_kv is None)(*shifted)
+    for method in METHODS:
+        for field, a, b in zip(before[method]._fields, before[method], after[method], strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=f"{method} {field} {mask.value}")
+
+
 SELF_SHAPE = (2, 2, 24)  # two batch dims: B > 1 and extra leading dims in every example
 Q_SHAPE, KV_SHAPE = (2, 16), (2, 28)
 
 
 @PROPERTY_SETTINGS
-@given(mask=st.sampled_from(ALL_MASKS), layout=batches(shape=SELF_SHAPE, max_segments=S))
-def test_self_attention(mask, layout):
-    assert_methods_agree(mask, S, *layout)
+@given(
+    mask=st.sampled_from(ALL_MASKS),
+    layout=batches(shape=SELF_SHAPE, max_segments=S),
+    shift=st.booleans(),
+)
+def test_self_attention(mask, layout, shift):
+    # shift: also with positions moved to the top of the accepted range.
+    check = _assert_shift_changes_nothing if shift else assert_methods_agree
+    check(mask, S, *layout)
 
 
 @PROPERTY_SETTINGS
@@ -103,10 +141,12 @@ def test_self_attention(mask, layout):
     mask=st.sampled_from(ALL_MASKS),
     q=batches(shape=Q_SHAPE, max_segments=4),
     kv=batches(shape=KV_SHAPE, max_segments=4),
+    shift=st.booleans(),
 )
-def test_cross_attention_with_loose_max_segments(mask, q, kv):
+def test_cross_attention_with_loose_max_segments(mask, q, kv, shift):
     # T_q != T_kv, and S above the largest id (S = 6 with ids <= 4).
-    assert_methods_agree(mask, S, *q, *kv)
+    check = _assert_shift_changes_nothing if shift else assert_methods_agree
+    check(mask, S, *q, *kv)
 
 
 @settings(PROPERTY_SETTINGS, max_examples=100)
@@ -138,7 +178,7 @@ def _all_ring_steps(ids, pos, *, cp):
 @settings(PROPERTY_SETTINGS, max_examples=60)
 @given(mask=st.sampled_from(ALL_MASKS), layout=batches(shape=SELF_SHAPE, max_segments=S))
 def test_dense_equals_loop_reference(mask, layout):
-    """The dense method itself against allowed[] computed by loops, straight from DESIGN.md."""
+    """The dense method itself against allowed[] computed by loops, straight from the spec."""
     ids, pos = (a.reshape(-1, SELF_SHAPE[-1]) for a in layout)
     raw, _ = _all_methods(mask, S, True)(*layout)
     q_seqlens = np.asarray(raw["dense"].q_seqlens).reshape(-1, S)

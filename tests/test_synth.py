@@ -1,21 +1,13 @@
-"""Layout generators, CP reorders and ring-step views."""
+"""Layout generators."""
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import thdkit
-from thdkit.reorder import (
-    dual_chunk_swap,
-    ring_step,
-    shard,
-    striped,
-    undo_dual_chunk_swap,
-    unstriped,
-)
-from thdkit.synth import cross_segments, packed_segments
+from thdkit import reorder, synth
+from thdkit.synth import cross_segments, filled_segments, packed_segments
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -69,55 +61,71 @@ def test_generator_argument_errors():
         cross_segments(rng, batch=1, seq_len_q=16, seq_len_kv=8, max_segments=2)
 
 
-@pytest.mark.parametrize("cp", [1, 2, 4])
-@pytest.mark.parametrize("stripe", [1, 2, 4])
-def test_striped_round_trip_and_ownership(cp, stripe):
-    x = np.arange(2 * 32).reshape(2, 32)
-    y = striped(x, cp=cp, stripe_size=stripe)
-    np.testing.assert_array_equal(unstriped(y, cp=cp, stripe_size=stripe), x)
-    for rank in range(cp):
-        owned = shard(y, cp=cp, rank=rank)[0]
-        assert np.all((owned // stripe) % cp == rank)
-        assert np.all(np.diff(owned) > 0)
-    # Works for JAX arrays and any axis too.
-    z = striped(jnp.asarray(x.T), cp=cp, stripe_size=stripe, axis=0)
-    np.testing.assert_array_equal(z, y.T)
-
-
-@pytest.mark.parametrize("cp", [1, 2, 4])
-def test_dual_chunk_swap_round_trip_and_ownership(cp):
-    x = np.arange(16 * cp)
-    y = dual_chunk_swap(x, cp=cp)
-    np.testing.assert_array_equal(undo_dual_chunk_swap(y, cp=cp), x)
-    chunk = len(x) // (2 * cp)
-    for rank in range(cp):
-        chunks = set(shard(y, cp=cp, rank=rank) // chunk)
-        assert chunks == {rank, 2 * cp - 1 - rank}
-
-
-def test_reorder_argument_errors():
-    with pytest.raises(ValueError, match=r"multiple of 8, got T=12"):
-        striped(np.arange(12), cp=4, stripe_size=2)
-    with pytest.raises(ValueError, match=r"multiple of 8, got T=12"):
-        dual_chunk_swap(np.arange(12), cp=4)
-    with pytest.raises(ValueError, match="rank must be in"):
-        shard(np.arange(8), cp=2, rank=2)
-
-
 @pytest.mark.parametrize(
-    ("reorder", "cp"),
+    ("call", "error", "pattern"),
     [
-        (lambda x: striped(x, cp=4), 4),
-        (lambda x: striped(x, cp=2, stripe_size=4), 2),
-        (lambda x: dual_chunk_swap(x, cp=4), 4),
+        (
+            lambda rng: packed_segments(rng, batch=-1, seq_len=8, max_segments=2),
+            ValueError,
+            r"batch must be >= 0, got -1",
+        ),
+        (
+            lambda rng: packed_segments(rng, batch=1, seq_len=8.0, max_segments=2),
+            TypeError,
+            r"seq_len must be an int, got float",
+        ),
+        (
+            lambda rng: packed_segments(rng, batch=True, seq_len=8, max_segments=2),
+            TypeError,
+            r"batch must be an int, got bool",
+        ),
+        (
+            lambda rng: packed_segments(rng, batch=1, seq_len=8, max_segments=0),
+            ValueError,
+            r"max_segments and min_len must be >= 1",
+        ),
+        (
+            lambda rng: cross_segments(rng, batch=1, seq_len_q=8, seq_len_kv=None, max_segments=2),
+            TypeError,
+            r"seq_len_kv must be an int, got NoneType",
+        ),
+        (
+            lambda rng: filled_segments(rng, batch=1, seq_len=8, segments=9),
+            ValueError,
+            r"segments must be in \[1, seq_len=8\], got 9",
+        ),
+        (
+            lambda rng: filled_segments(rng, batch=1, seq_len=8, segments=0),
+            ValueError,
+            r"segments must be in \[1, seq_len=8\], got 0",
+        ),
+        (
+            lambda rng: filled_segments(rng, batch=-2, seq_len=8, segments=2),
+            ValueError,
+            r"batch must be >= 0, got -2",
+        ),
     ],
 )
-def test_ring_steps_of_reordered_layouts_are_valid(reorder, cp):
-    ids, pos = packed_segments(np.random.default_rng(5), batch=3, seq_len=64, max_segments=5)
-    ids, pos = reorder(ids), reorder(pos)
-    for i in range(cp):
-        for j in range(cp):
-            ids_q, pos_q, ids_kv, pos_kv = ring_step(ids, pos, cp=cp, q_rank=i, kv_rank=j)
-            assert ids_q.shape == (3, 64 // cp)
-            thdkit.validate_layout(ids_q, pos_q, max_segments_per_seq=5, mask_type="causal")
-            thdkit.validate_layout(ids_kv, pos_kv, max_segments_per_seq=5, mask_type="causal")
+def test_generator_argument_types_and_ranges(call, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call(np.random.default_rng(0))
+
+
+def test_generators_accept_numpy_ints_and_empty_batches():
+    rng = np.random.default_rng(0)
+    ids, pos = packed_segments(rng, batch=np.int64(0), seq_len=np.int32(8), max_segments=2)
+    assert ids.shape == pos.shape == (0, 8)
+    ids, pos = filled_segments(rng, batch=np.int64(2), seq_len=8, segments=np.int8(3))
+    assert ids.shape == (2, 8) and set(np.unique(ids)) == {1, 2, 3}
+
+
+def test_synth_reexports_the_reorders():
+    for name in (
+        "striped",
+        "unstriped",
+        "dual_chunk_swap",
+        "undo_dual_chunk_swap",
+        "shard",
+        "ring_step",
+    ):
+        assert getattr(synth, name) is getattr(reorder, name)

@@ -1,8 +1,9 @@
-"""Steps shared across the package: compaction, counting seqlens/offsets off per-token ids, and
-the search for where a threshold is crossed inside ranges of a row.
+"""Steps shared across the package: compaction, counting seqlens/offsets off per-token ids,
+per-id minima and maxima, and the search for where a threshold is crossed inside ranges of a row.
 
 ``compact`` and ``count_and_offsets`` act on single rows (1-D arrays, mapped over the batch with
-``jax.vmap``); ``first_at_least`` and ``gather_rows`` act on ``[N, T]`` rows directly.
+``jax.vmap``); ``segment_extrema``, ``first_at_least`` and ``gather_rows`` act on ``[N, T]`` rows
+directly.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
-__all__ = ["compact", "count_and_offsets", "first_at_least", "gather_rows"]
+__all__ = ["compact", "count_and_offsets", "first_at_least", "gather_rows", "segment_extrema"]
+
+_INT32_MIN = int(jnp.iinfo(jnp.int32).min)
+_INT32_MAX = int(jnp.iinfo(jnp.int32).max)
 
 
 def compact(
@@ -64,6 +68,48 @@ def count_and_offsets(
     return seqlens, compact(t, starts, size=num_segments + 1, fill=-1)
 
 
+def segment_extrema(
+    ids: Int[Array, "N T"], values: Int[Array, "N T"], *, num_segments: int
+) -> tuple[Int[Array, "N S1"], Int[Array, "N S1"]]:
+    """Per row, the smallest and largest of ``values`` over the tokens of each id 0..S.
+
+    One scatter-max of ``(v, -v)`` over the flattened rows: each row's ids are offset into a bin
+    range of its own, which avoids both a batched (vmapped) scatter and a ``[N*T, 2]`` index
+    array. O(N*T) time, O(N*S) memory.
+
+    Args:
+        ids: int32[N, T]; ids outside ``[0, S]`` are dropped.
+        values: int32[N, T]; greater than the int32 minimum (``-v`` must not overflow).
+        num_segments: S.
+
+    Returns:
+        ``(low, high)``, int32[N, S+1] each; where an id is absent from a row ``low`` is the int32
+        maximum and ``high`` the int32 minimum.
+
+    Example:
+        >>> low, high = segment_extrema(jnp.array([[1, 1, 0, 2, 2, 2]]),
+        ...                             jnp.array([[4, 5, 9, 0, 1, 2]]), num_segments=3)
+        >>> low.tolist(), high.tolist()
+        ([[9, 4, 0, 2147483647]], [[9, 5, 2, -2147483648]])
+    """
+    rows, _ = ids.shape
+    bins_per_row = num_segments + 1
+    in_range = (ids >= 0) & (ids <= num_segments)
+    bins = jnp.where(
+        in_range,
+        ids + bins_per_row * jnp.arange(rows, dtype=jnp.int32)[:, None],
+        rows * bins_per_row,
+    ).reshape(-1)
+    # low = -max(-v): absent ids start from -(-INT32_MAX) = INT32_MAX.
+    init = jnp.broadcast_to(
+        jnp.array([_INT32_MIN, -_INT32_MAX], jnp.int32), (rows * bins_per_row, 2)
+    )
+    flat = values.reshape(-1)
+    ends = init.at[bins].max(jnp.stack([flat, -flat], axis=-1), mode="drop")
+    ends = ends.reshape(rows, bins_per_row, 2)
+    return -ends[..., 1], ends[..., 0]
+
+
 def first_at_least(
     pos: Int[Array, "N T"],
     lo: Int[Array, "N K"],
@@ -109,7 +155,8 @@ def _affine_guess(pos: Array, lo: Array, hi: Array, threshold: Array) -> Array:
     last_pos = gather_rows(pos, jnp.clip(last, 0, pos.shape[-1] - 1))
     stride = jnp.maximum((last_pos - first_pos) // jnp.maximum(last - lo, 1), 1)
     steps = -((first_pos - threshold) // stride)  # ceil((threshold - first_pos) / stride)
-    return jnp.clip(lo + steps, lo, jnp.maximum(hi, lo))
+    # Clipped before the sum, which could otherwise leave int32 for far thresholds.
+    return lo + jnp.clip(steps, 0, jnp.maximum(hi - lo, 0))
 
 
 _SEARCH_WAYS = 16
@@ -124,7 +171,13 @@ def _search(pos: Array, lo: Array, hi: Array, threshold: Array) -> Array:
     seq_len = pos.shape[-1]
     fractions = jnp.arange(1, _SEARCH_WAYS, dtype=jnp.int32)[None, None, :]
     for _ in range(max(1, math.ceil(math.log(seq_len + 1, _SEARCH_WAYS)))):
-        probes = lo[..., None] + ((hi - lo)[..., None] * fractions) // _SEARCH_WAYS
+        # lo + floor(span * k / 16), without forming span * k (past int32 for long rows).
+        span = (hi - lo)[..., None]
+        probes = (
+            lo[..., None]
+            + (span // _SEARCH_WAYS) * fractions
+            + ((span % _SEARCH_WAYS) * fractions) // _SEARCH_WAYS
+        )
         values = gather_rows(pos, jnp.clip(probes, 0, seq_len - 1))
         below = (values < threshold[..., None]) & (probes < hi[..., None])
         n_below = jnp.sum(below, axis=-1, dtype=jnp.int32)
@@ -138,6 +191,19 @@ def _search(pos: Array, lo: Array, hi: Array, threshold: Array) -> Array:
 
 
 def gather_rows(values: Int[Array, "N T"], index: Int[Array, "N ..."]) -> Int[Array, "N ..."]:
-    """``values[n, index[n, ...]]`` for every row n."""
-    flat = index.reshape(index.shape[0], -1)
+    """``values[n, index[n, ...]]`` for every row n.
+
+    Args:
+        values: int[N, T].
+        index: int[N, ...]; indices into each row, in ``[0, T)``.
+
+    Returns:
+        int[N, ...], the shape of ``index`` and the dtype of ``values``.
+
+    Example:
+        >>> gather_rows(jnp.array([[5, 6, 7], [8, 9, 10]]), jnp.array([[2, 0], [1, 1]]))
+        Array([[7, 5],
+               [9, 9]], dtype=int32)
+    """
+    flat = index.reshape(index.shape[0], math.prod(index.shape[1:]))  # no -1: N may be 0
     return jnp.take_along_axis(values, flat, axis=-1).reshape(index.shape)

@@ -1,60 +1,88 @@
-"""Segment layouts: argument checks, the layout rules, and run lengths.
+"""Segment layouts: argument checks, accepted ranges, the layout rules, and run lengths.
 
 A *layout* is the pair ``(segment_ids, segment_pos)`` of one side (queries or keys/values), both
 ``int[*B, T]``: ``segment_ids`` is 0 for padding and 1..S for the document a token belongs to,
 ``segment_pos`` the token's position inside its document. The rules a layout must satisfy
-(DESIGN.md, "Valid layouts"), per row:
+(docs/semantics.md, "Valid layouts" and "Accepted ranges"), per row:
 
-1. ids and positions are integer arrays of one shape, at least 1-D (leading dims are batch dims);
-2. ``0 <= id <= S`` (S = ``max_segments_per_seq``);
+1. ids and positions are integer arrays of one shape, at least 1-D (leading dims are batch dims),
+   with ``1 <= T <= MAX_SEQ_LEN`` tokens per row;
+2. ``0 <= id <= S`` (S = ``max_segments_per_seq``, at most ``MAX_SEGMENTS``);
 3. each non-zero id occupies exactly one run (no padding hole inside a document, no id reused);
 4. non-zero ids increase from run to run;
-5. positions are ``>= 0``;
+5. ``0 <= position <= MAX_POSITION``;
 6. for causal and bottom-right mask types, positions strictly increase along each run.
 
+These ranges keep every sum and difference the package forms (``pos + 1``, ``rl - pos``,
+``pos_q - pos_kv``, ...) inside int32.
+
 Eagerly, :func:`validate_layout` raises for the first broken rule, naming the parameter, the row
-and the token. Under ``jit`` nothing can raise on values: :func:`layout_error_codes` returns per-row
-codes instead, and :func:`check_layout` turns them into a ``jax.experimental.checkify`` check.
+and the token. Under ``jit`` and ``vmap`` the values are traced and nothing can raise on them:
+:func:`layout_error_codes` returns per-row codes instead, and :func:`check_layout` turns them into
+a ``jax.experimental.checkify`` check.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
+import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
-from jaxtyping import Array, ArrayLike, Int
+from jaxtyping import Array, ArrayLike, Bool, Int
 
 from thdkit.masks import MaskType
 
 __all__ = [
+    "MAX_POSITION",
+    "MAX_SEGMENTS",
+    "MAX_SEQ_LEN",
     "LayoutError",
-    "LayoutErrors",
+    "RowChecks",
     "check_layout",
     "layout_error_codes",
+    "map_rows",
     "run_lengths",
     "validate_layout",
 ]
 
+MAX_POSITION = 2**30 - 1
+"""The largest accepted position: positions lie in ``[0, MAX_POSITION]``."""
+
+MAX_SEQ_LEN = 2**30
+"""The largest accepted row length T (the last axis of ids and positions)."""
+
+MAX_SEGMENTS = 2**30 - 1
+"""The largest accepted ``max_segments_per_seq`` (S); ids lie in ``[0, S]``."""
+
+_INT32 = np.iinfo(np.int32)
+
 
 class LayoutError(enum.IntEnum):
-    """Per-row error codes of :func:`layout_error_codes`; 0 means the row is valid."""
+    """Per-row codes of :func:`layout_error_codes`; 0 means the row is valid.
+
+    Listed in precedence order: where one token breaks several rules, the first listed wins.
+    """
 
     OK = 0
+    ID_OUTSIDE_INT32 = 8
     NEGATIVE_ID = 1
     ID_ABOVE_MAX = 2
     SECOND_RUN = 3
     IDS_NOT_INCREASING = 4
+    POSITION_OUTSIDE_INT32 = 9
     NEGATIVE_POSITION = 5
+    POSITION_ABOVE_MAX = 7
     POSITIONS_NOT_INCREASING = 6
 
 
-class LayoutErrors(NamedTuple):
-    """Per-row result of :func:`layout_error_codes`.
+class RowChecks(NamedTuple):
+    """Per-row results of the layout checks (:func:`layout_error_codes`).
 
     Attributes:
         code: int32[*B]; a :class:`LayoutError` value, 0 where the row is valid.
@@ -65,63 +93,210 @@ class LayoutErrors(NamedTuple):
     token: Int[Array, "*B"]
 
 
+# The former name of RowChecks; kept until the package's __init__ re-exports RowChecks.
+LayoutErrors = RowChecks
+
+
 def is_concrete(*arrays: Any) -> bool:
     """True when no argument is a JAX tracer, so values can be read on the host."""
     return not any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
-def check_max_segments(max_segments_per_seq: Any) -> int:
-    """Returns ``max_segments_per_seq`` as a static positive ``int``, or raises.
+def check_int(
+    value: Any, name: str, *, low: int, high: int | None = None, kind: str = "an int"
+) -> int:
+    """Returns a static integer argument as an ``int`` in ``[low, high]``, or raises naming it.
 
-    Raises:
-        TypeError: it is not a Python (or NumPy) integer, e.g. a traced value or a float.
-        ValueError: it is ``<= 0``.
-    """
-    if isinstance(max_segments_per_seq, bool) or not isinstance(
-        max_segments_per_seq, (int, np.integer)
-    ):
-        raise TypeError(
-            "max_segments_per_seq must be a static Python int (it sizes the outputs), "
-            f"got {type(max_segments_per_seq).__name__}"
-        )
-    if max_segments_per_seq <= 0:
-        raise ValueError(f"max_segments_per_seq must be >= 1, got {max_segments_per_seq}")
-    return int(max_segments_per_seq)
-
-
-def as_layout(
-    segment_ids: ArrayLike, segment_pos: ArrayLike, *, name: str
-) -> tuple[Int[Array, "*B T"], Int[Array, "*B T"]]:
-    """Checks dtypes and shapes of one side's layout and returns it as int32 arrays.
+    Python and NumPy integers are accepted; bools, floats and traced values are not.
 
     Args:
-        segment_ids, segment_pos: integer array-likes of one shape ``[*B, T]``.
-        name: the name of the ids parameter, used in messages (e.g. ``"segment_ids_q"``).
+        value: the argument.
+        name: its name, for messages.
+        low: the smallest accepted value.
+        high: the largest accepted value, or None for no bound.
+        kind: what the TypeError says the argument must be.
+
+    Returns:
+        ``int(value)``.
 
     Raises:
-        TypeError: an array is not of an integer dtype (bool included).
-        ValueError: an array is a scalar or empty along T, or the two shapes differ.
+        TypeError: ``value`` is not a Python or NumPy integer (bools included).
+        ValueError: ``value`` is outside ``[low, high]``.
+
+    Example:
+        >>> check_int(np.int64(4), "cp", low=1)
+        4
+        >>> check_int(True, "cp", low=1)
+        Traceback (most recent call last):
+        ...
+        TypeError: cp must be an int, got bool
     """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    if high is None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return int(value)
+
+
+def check_max_segments(max_segments_per_seq: Any) -> int:
+    """Returns ``max_segments_per_seq`` as a static ``int`` in ``[1, MAX_SEGMENTS]``, or raises.
+
+    Args:
+        max_segments_per_seq: S, a Python or NumPy integer (not a bool, not traced).
+
+    Returns:
+        ``int``.
+
+    Raises:
+        TypeError: it is not a Python (or NumPy) integer, e.g. a traced value, a float or a bool.
+        ValueError: it is outside ``[1, MAX_SEGMENTS]``.
+
+    Example:
+        >>> check_max_segments(np.int64(4))
+        4
+    """
+    return check_int(
+        max_segments_per_seq,
+        "max_segments_per_seq",
+        low=1,
+        high=MAX_SEGMENTS,
+        kind="a static Python int (it sizes the outputs)",
+    )
+
+
+def _segment_bound(max_segments_per_seq: Any) -> int:
+    """The largest id the checks accept: ``max_segments_per_seq``, or MAX_SEGMENTS for None."""
+    if max_segments_per_seq is None:
+        return MAX_SEGMENTS
+    return check_max_segments(max_segments_per_seq)
+
+
+def _integer_array(x: Any, what: str) -> np.ndarray | Array:
+    """``x`` as an integer NumPy or JAX array of its own dtype, with its shape checked.
+
+    Python lists (and other array-likes) become NumPy arrays; Python ints beyond int64 give an
+    object array, which :func:`_to_int32` reads exactly.
+    """
+    if x is None:
+        raise TypeError(f"{what} is required, got None")
+    if not isinstance(x, (np.ndarray, jax.Array)):
+        try:
+            x = np.asarray(x)
+        except ValueError as error:  # ragged nested lists
+            raise ValueError(f"{what} must be a rectangular integer array: {error}") from None
+    if x.dtype.kind == "O" and not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+        for v in x.reshape(-1)
+    ):
+        raise TypeError(f"{what} must be an integer array, got an object array of non-integers")
+    dtype = x.dtype
+    integer = dtype.kind == "O" or (
+        jnp.issubdtype(dtype, jnp.integer) and not jnp.issubdtype(dtype, jnp.bool_)
+    )
+    if not integer:
+        raise TypeError(f"{what} must be an integer array, got dtype {dtype}")
+    if x.ndim == 0:
+        raise ValueError(f"{what} must be at least 1-D ([*B, T]), got a scalar")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{what} must hold at least one token, got shape {x.shape}")
+    if x.shape[-1] > MAX_SEQ_LEN:
+        raise ValueError(
+            f"{what} has T={x.shape[-1]} tokens per row; at most {MAX_SEQ_LEN} "
+            "(thdkit.layout.MAX_SEQ_LEN) are accepted"
+        )
+    return x
+
+
+def _fits_int32(dtype: Any) -> bool:
+    if dtype.kind == "O":
+        return False
+    info = np.iinfo(dtype)
+    return info.min >= _INT32.min and info.max <= _INT32.max
+
+
+def _to_int32(x: np.ndarray | Array) -> tuple[Array, np.ndarray | Bool[Array, "*B T"] | None]:
+    """``x`` as int32, and where its values lie outside int32 (None: the dtype cannot hold any).
+
+    The test runs on the original dtype, before any cast: on the host for concrete values (the
+    mask is then a NumPy array; ``jnp.asarray`` of an int64 NumPy array wraps silently when x64
+    is off), in the traced computation otherwise. Values outside int32 become 0 in the result.
+    """
+    if _fits_int32(x.dtype):
+        return jnp.asarray(x).astype(jnp.int32), None
+    if is_concrete(x):
+        values = np.asarray(x)
+        outside = values > _INT32.max
+        if values.dtype.kind == "O" or np.issubdtype(values.dtype, np.signedinteger):
+            outside = outside | (values < _INT32.min)
+        outside = np.asarray(outside, bool)
+        return jnp.asarray(np.where(outside, 0, values).astype(np.int32)), outside
+    outside = x > _INT32.max
+    if jnp.issubdtype(x.dtype, jnp.signedinteger):
+        outside = outside | (x < _INT32.min)
+    return jnp.where(outside, 0, x).astype(jnp.int32), outside
+
+
+def _checked_pair(
+    segment_ids: Any, segment_pos: Any, name: str
+) -> tuple[np.ndarray | Array, np.ndarray | Array]:
+    """Dtype and shape checks of one side's layout; the arrays keep their dtypes."""
     pos_name = positions_name(name)
-    arrays = []
-    for what, x in ((name, segment_ids), (pos_name, segment_pos)):
-        if x is None:
-            raise TypeError(f"{what} is required, got None")
-        dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
-        if not jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_):
-            raise TypeError(f"{what} must be an integer array, got dtype {dtype}")
-        x = jnp.asarray(x)
-        if x.ndim == 0:
-            raise ValueError(f"{what} must be at least 1-D ([*B, T]), got a scalar")
-        if x.shape[-1] == 0:
-            raise ValueError(f"{what} must hold at least one token, got shape {x.shape}")
-        arrays.append(x.astype(jnp.int32))
-    ids, pos = arrays
+    ids = _integer_array(segment_ids, name)
+    pos = _integer_array(segment_pos, pos_name)
     if ids.shape != pos.shape:
         raise ValueError(
             f"{name} and {pos_name} must have the same shape, got {ids.shape} and {pos.shape}"
         )
     return ids, pos
+
+
+def as_layout(
+    segment_ids: ArrayLike, segment_pos: ArrayLike, *, name: str
+) -> tuple[Int[Array, "*B T"], Int[Array, "*B T"]]:
+    """Checks dtypes, shapes and (concrete values) the int32 range of one side's layout.
+
+    Args:
+        segment_ids, segment_pos: integer array-likes of one shape ``[*B, T]``.
+        name: the name of the ids parameter, used in messages (e.g. ``"segment_ids_q"``).
+
+    Returns:
+        ``(ids, pos)``, int32[*B, T] each.
+
+    Raises:
+        TypeError: an array is not of an integer dtype (bool included).
+        ValueError: an array is a scalar, empty along T or longer than ``MAX_SEQ_LEN`` along it;
+            the two shapes differ; or (concrete values) a value lies outside int32, named with
+            its row and token.
+
+    Example:
+        >>> as_layout(np.array([1, 2**32 + 2], np.int64), np.array([0, 0]), name="segment_ids_q")
+        Traceback (most recent call last):
+        ...
+        ValueError: segment_ids_q row 0, token 1: id 4294967298 is outside the int32 range...
+    """
+    pos_name = positions_name(name)
+    ids, pos = _checked_pair(segment_ids, segment_pos, name)
+    out = []
+    for what, kind, x in ((name, "id", ids), (pos_name, "position", pos)):
+        x32, outside = _to_int32(x)
+        if isinstance(outside, np.ndarray) and outside.any():
+            flat = int(np.flatnonzero(outside.reshape(-1))[0])
+            row, token = divmod(flat, x.shape[-1])
+            value = int(np.asarray(x).reshape(-1)[flat])
+            raise ValueError(
+                f"{what} {_row_label(row, x.shape[:-1])}, token {token}: {kind} {value} is "
+                f"outside the int32 range; {_RANGES[kind]}"
+            )
+        out.append(x32)
+    return out[0], out[1]
+
+
+_RANGES = {
+    "id": "ids lie in [0, max_segments_per_seq]",
+    "position": f"positions lie in [0, {MAX_POSITION}] (thdkit.layout.MAX_POSITION)",
+}
 
 
 def as_layouts(
@@ -161,7 +336,7 @@ def validate_concrete(
     q: tuple[Array, Array],
     kv: tuple[Array, Array] | None,
     *,
-    max_segments_per_seq: int,
+    max_segments_per_seq: int | None,
     mask_type: MaskType,
 ) -> None:
     """Runs :func:`validate_layout` on each side whose values are concrete (not traced)."""
@@ -177,6 +352,33 @@ def positions_name(ids_name: str) -> str:
     if "segment_ids" in ids_name:
         return ids_name.replace("segment_ids", "segment_pos")
     return f"{ids_name} positions"
+
+
+def map_rows(row_fn: Callable[..., Any], *arrays: Array) -> Any:
+    """Applies a function of single rows (``[T]`` arrays) to ``[*B, T]`` arrays with vmap.
+
+    The batch dims are flattened for the vmap and restored on every output leaf.
+
+    Args:
+        row_fn: takes one ``[T_i]`` row of each array and returns a pytree of arrays.
+        arrays: ``[*B, T_i]`` arrays with the same batch dims ``*B`` (any number, B = 0 too).
+
+    Returns:
+        ``row_fn``'s pytree with ``*B`` prepended to every leaf's shape.
+
+    Example:
+        >>> map_rows(lambda row: row.sum(), jnp.arange(12).reshape(2, 2, 3))
+        Array([[ 3, 12],
+               [21, 30]], dtype=int32)
+    """
+    batch = arrays[0].shape[:-1]
+    flat = [a.reshape(math.prod(batch), a.shape[-1]) for a in arrays]
+    out = jax.vmap(row_fn)(*flat)
+    return jax.tree.map(lambda o: o.reshape(*batch, *o.shape[1:]), out)
+
+
+# The former private name of map_rows; kept until its importers use map_rows.
+_map_rows = map_rows
 
 
 def run_lengths(segment_ids: Int[Array, "*B T"]) -> Int[Array, "*B T"]:
@@ -216,80 +418,98 @@ def layout_error_codes(
     segment_ids: Int[Array, "*B T"],
     segment_pos: Int[Array, "*B T"],
     *,
-    max_segments_per_seq: int,
+    max_segments_per_seq: int | None,
     mask_type: MaskType | str = "padding_causal",
-) -> LayoutErrors:
-    """Per-row error codes of the layout rules; jit- and vmap-compatible.
+) -> RowChecks:
+    """Per-row error codes of the layout rules; works eagerly and under jit and vmap.
 
     For each row, the first token (in index order) that breaks a rule, and the code of that rule
-    (the lowest code where a token breaks several).
+    (the first in :class:`LayoutError`'s order where a token breaks several). Values outside
+    int32 (wide dtypes: int64 with x64 on, uint32, uint64) are detected on the original dtype,
+    before the cast to int32. Memory and time O(T) per row, independent of S.
 
     Args:
         segment_ids: int[*B, T]; 0 = padding, 1..S = documents.
         segment_pos: int[*B, T]; positions inside documents.
-        max_segments_per_seq: S, the static largest id.
+        max_segments_per_seq: S, the static largest id; None means ``MAX_SEGMENTS``.
         mask_type: rule 6 (increasing positions) applies to causal and bottom-right types only.
 
     Returns:
-        :class:`LayoutErrors` with ``code`` and ``token``, each int32[*B].
+        :class:`RowChecks` with ``code`` and ``token``, each int32[*B].
+
+    Raises:
+        TypeError, ValueError: bad dtypes, shapes or options, as :func:`validate_layout`.
 
     Example:
         >>> ids = jnp.array([[1, 1, 0, 1, 2, 2], [1, 1, 2, 2, 0, 0]])
         >>> pos = jnp.array([[0, 1, 2, 0, 0, 1], [0, 1, 0, 1, 2, 0]])
-        >>> errors = layout_error_codes(ids, pos, max_segments_per_seq=2)
-        >>> errors.code.tolist(), errors.token.tolist()
+        >>> checks = layout_error_codes(ids, pos, max_segments_per_seq=2)
+        >>> checks.code.tolist(), checks.token.tolist()
         ([3, 0], [3, -1])
     """
     mask = MaskType.parse(mask_type)
-    num_segments = check_max_segments(max_segments_per_seq)
-    ids, pos = as_layout(segment_ids, segment_pos, name="segment_ids")
-    row_fn = functools.partial(_row_error_codes, num_segments=num_segments, mask=mask)
-    code, token = _map_rows(row_fn, ids, pos)
-    return LayoutErrors(code, token)
+    num_segments = _segment_bound(max_segments_per_seq)
+    ids, pos = _checked_pair(segment_ids, segment_pos, "segment_ids")
+    ids, ids_outside = _to_int32(ids)
+    pos, pos_outside = _to_int32(pos)
+    batch, seq_len = ids.shape[:-1], ids.shape[-1]
+    outside = [None if o is None else o.reshape(-1, seq_len) for o in (ids_outside, pos_outside)]
+    code, token = _row_checks(
+        ids.reshape(-1, seq_len),
+        pos.reshape(-1, seq_len),
+        *outside,
+        num_segments=num_segments,
+        mask=mask,
+    )
+    return RowChecks(code.reshape(batch), token.reshape(batch))
 
 
-def _map_rows(row_fn, *arrays: Array):
-    """Applies a function of single rows (``[T]`` arrays) to ``[*B, T]`` arrays with vmap."""
-    batch = arrays[0].shape[:-1]
-    flat = [a.reshape(-1, a.shape[-1]) for a in arrays]
-    out = jax.vmap(row_fn)(*flat)
-    return jax.tree.map(lambda o: o.reshape(*batch, *o.shape[1:]), out)
+def _row_checks(
+    ids: Int[Array, "N T"],
+    pos: Int[Array, "N T"],
+    ids_outside: Bool[Array, "N T"] | None,
+    pos_outside: Bool[Array, "N T"] | None,
+    *,
+    num_segments: int,
+    mask: MaskType,
+) -> tuple[Int[Array, " N"], Int[Array, " N"]]:
+    """The code and token of the first broken rule of each of N rows (see RowChecks).
 
-
-def _row_error_codes(ids: Array, pos: Array, *, num_segments: int, mask: MaskType):
-    t = jnp.arange(ids.shape[-1], dtype=jnp.int32)
+    Rules 3 and 4 are read off the run starts alone: non-zero ids must strictly increase from run
+    start to run start, so a start whose id equals the largest id of the earlier runs starts a
+    second run, and a smaller one breaks the order. No array is sized by S.
+    """
     prev_ids = _shift(ids, 1, fill=0)
     is_start = (ids != 0) & (ids != prev_ids)
-    in_range = jnp.clip(ids, 0, num_segments + 1)
-    first_start = (
-        jnp.full(num_segments + 2, ids.shape[-1], jnp.int32)
-        .at[in_range]
-        .min(jnp.where(is_start, t, ids.shape[-1]))
-    )
-    second_run = is_start & (first_start[in_range] < t)
-    run_max_before = _shift(jax.lax.cummax(jnp.where(is_start, ids, 0)), 1, fill=0)
-    not_increasing = is_start & (ids < run_max_before)
-    positions_stall = (ids != 0) & ~is_start & (pos <= _shift(pos, 1, fill=0))
-    broken = [
-        (LayoutError.NEGATIVE_ID, ids < 0),
-        (LayoutError.ID_ABOVE_MAX, ids > num_segments),
-        (LayoutError.SECOND_RUN, second_run),
-        (LayoutError.IDS_NOT_INCREASING, not_increasing),
-        (LayoutError.NEGATIVE_POSITION, pos < 0),
-    ]
-    if mask.uses_positions:
-        broken.append((LayoutError.POSITIONS_NOT_INCREASING, positions_stall))
+    max_before = _shift(jax.lax.cummax(jnp.where(is_start, ids, 0), axis=1), 1, fill=0)
+    broken = {
+        LayoutError.ID_OUTSIDE_INT32: ids_outside,
+        LayoutError.NEGATIVE_ID: ids < 0,
+        LayoutError.ID_ABOVE_MAX: ids > num_segments,
+        LayoutError.SECOND_RUN: is_start & (ids == max_before),
+        LayoutError.IDS_NOT_INCREASING: is_start & (ids < max_before),
+        LayoutError.POSITION_OUTSIDE_INT32: pos_outside,
+        LayoutError.NEGATIVE_POSITION: pos < 0,
+        LayoutError.POSITION_ABOVE_MAX: pos > MAX_POSITION,
+        LayoutError.POSITIONS_NOT_INCREASING: (
+            (ids != 0) & ~is_start & (pos <= _shift(pos, 1, fill=0))
+            if mask.uses_positions
+            else None
+        ),
+    }
     code_per_token = jnp.zeros_like(ids)
-    for code, where in reversed(broken):
-        code_per_token = jnp.where(where, int(code), code_per_token)
+    for code, where in reversed(broken.items()):
+        if where is not None:
+            code_per_token = jnp.where(where, int(code), code_per_token)
     bad = code_per_token != 0
-    token = jnp.argmax(bad).astype(jnp.int32)
-    any_bad = jnp.any(bad)
-    return jnp.where(any_bad, code_per_token[token], 0), jnp.where(any_bad, token, -1)
+    token = jnp.argmax(bad, axis=1).astype(jnp.int32)
+    any_bad = jnp.any(bad, axis=1)
+    first_code = jnp.take_along_axis(code_per_token, token[:, None], axis=1)[:, 0]
+    return jnp.where(any_bad, first_code, 0), jnp.where(any_bad, token, -1)
 
 
 @functools.partial(jax.jit, static_argnames=("num_segments", "mask"))
-def _jitted_error_codes(ids: Array, pos: Array, num_segments: int, mask: MaskType):
+def _jitted_error_codes(ids: Array, pos: Array, num_segments: int, mask: MaskType) -> RowChecks:
     return layout_error_codes(ids, pos, max_segments_per_seq=num_segments, mask_type=mask)
 
 
@@ -297,26 +517,30 @@ def validate_layout(
     segment_ids: ArrayLike,
     segment_pos: ArrayLike,
     *,
-    max_segments_per_seq: int,
+    max_segments_per_seq: int | None,
     mask_type: MaskType | str = "padding_causal",
     name: str = "segment_ids",
 ) -> None:
     """Checks a concrete layout against the rules and raises on the first violation.
 
+    Runs eagerly only: under ``jit`` and inside ``vmap`` the values are tracers, which cannot be
+    read; use :func:`layout_error_codes` or :func:`check_layout` there.
+
     Args:
         segment_ids: int[*B, T]; 0 = padding, 1..S = documents.
-        segment_pos: int[*B, T]; positions inside documents.
-        max_segments_per_seq: S, the largest id allowed.
+        segment_pos: int[*B, T]; positions inside documents, in ``[0, MAX_POSITION]``.
+        max_segments_per_seq: S, the largest id allowed; None means ``MAX_SEGMENTS`` (no bound
+            beyond the accepted range).
         mask_type: rule 6 (strictly increasing positions along runs) applies to causal and
             bottom-right types only.
         name: how to call the ids parameter in messages; positions take the matching name
             (``segment_ids_q`` -> ``segment_pos_q``).
 
     Raises:
-        TypeError: a non-integer dtype, a traced input (use :func:`check_layout` under jit), or a
-            bad ``max_segments_per_seq``/``mask_type``.
-        ValueError: a shape problem, or a broken rule: the message names the parameter, the row
-            (its index in the batch dims) and the token.
+        TypeError: a non-integer dtype, a traced input, or a bad ``max_segments_per_seq`` /
+            ``mask_type``.
+        ValueError: a shape problem, a bad ``max_segments_per_seq`` value, or a broken rule: the
+            message names the parameter, the row (its index in the batch dims) and the token.
 
     Example:
         >>> validate_layout(jnp.array([1, 1, 0, 1, 2, 2]), jnp.array([0, 1, 2, 0, 0, 1]),
@@ -326,11 +550,11 @@ def validate_layout(
         ValueError: segment_ids row 0, token 3: id 1 starts a second run ...
     """
     mask = MaskType.parse(mask_type)
-    num_segments = check_max_segments(max_segments_per_seq)
+    num_segments = _segment_bound(max_segments_per_seq)
     ids, pos = as_layout(segment_ids, segment_pos, name=name)
     if not is_concrete(ids, pos):
         raise TypeError(
-            f"validate_layout needs concrete {name}, got a traced array; under jit use "
+            f"validate_layout needs concrete {name}, got a traced array; under jit or vmap use "
             "thdkit.layout_error_codes or thdkit.check_layout (jax.experimental.checkify)"
         )
     code, token = jax.device_get(_jitted_error_codes(ids, pos, num_segments, mask))
@@ -338,20 +562,19 @@ def validate_layout(
     if bad_rows.size == 0:
         return
     flat_row = int(bad_rows[0])
-    row = np.unravel_index(flat_row, code.shape) if code.ndim else ()
     t = int(np.asarray(token).reshape(-1)[flat_row])
     ids_row = np.asarray(ids).reshape(-1, ids.shape[-1])[flat_row]
     pos_row = np.asarray(pos).reshape(-1, ids.shape[-1])[flat_row]
     error = LayoutError(int(np.asarray(code).reshape(-1)[flat_row]))
-    raise ValueError(_describe(error, name, _row_label(row), t, ids_row, pos_row, num_segments))
+    row = _row_label(flat_row, ids.shape[:-1])
+    raise ValueError(_describe(error, name, row, t, ids_row, pos_row, max_segments_per_seq))
 
 
-def _row_label(row: tuple[int, ...]) -> str:
-    if len(row) == 0:
-        return "row 0"
-    if len(row) == 1:
-        return f"row {int(row[0])}"
-    return f"row {tuple(int(r) for r in row)}"
+def _row_label(flat_row: int, batch: tuple[int, ...]) -> str:
+    """``row 3`` or ``row (1, 0)``: a flattened row index written in the batch dims."""
+    if len(batch) <= 1:
+        return f"row {flat_row}"
+    return f"row {tuple(int(r) for r in np.unravel_index(flat_row, batch))}"
 
 
 def _describe(
@@ -361,25 +584,31 @@ def _describe(
     t: int,
     ids: np.ndarray,
     pos: np.ndarray,
-    num_segments: int,
+    max_segments_per_seq: int | None,
 ) -> str:
     pos_name = positions_name(name)
     v = int(ids[t])
     where = f"{name} {row}, token {t}"
+    bound = MAX_SEGMENTS if max_segments_per_seq is None else max_segments_per_seq
     if error is LayoutError.NEGATIVE_ID:
-        return f"{where}: id {v} is negative; ids are 0 (padding) or 1..{num_segments}"
+        return f"{where}: id {v} is negative; ids are 0 (padding) or 1..{bound}"
     if error is LayoutError.ID_ABOVE_MAX:
-        return f"{where}: id {v} exceeds max_segments_per_seq={num_segments}"
+        if max_segments_per_seq is None:
+            return f"{where}: id {v} exceeds thdkit.layout.MAX_SEGMENTS = {MAX_SEGMENTS}"
+        return f"{where}: id {v} exceeds max_segments_per_seq={max_segments_per_seq}"
     if error is LayoutError.SECOND_RUN:
         return f"{where}: id {v} starts a second run (a padding hole inside a document?)"
     if error is LayoutError.IDS_NOT_INCREASING:
         earlier = int(np.max(ids[:t]))
         return f"{where}: id {v} follows id {earlier}; non-zero ids must increase from run to run"
     where = f"{pos_name} {row}, token {t}"
+    p = int(pos[t])
     if error is LayoutError.NEGATIVE_POSITION:
-        return f"{where}: position {int(pos[t])} is negative"
+        return f"{where}: position {p} is negative"
+    if error is LayoutError.POSITION_ABOVE_MAX:
+        return f"{where}: position {p} exceeds thdkit.layout.MAX_POSITION = {MAX_POSITION}"
     return (
-        f"{where}: position {int(pos[t])} does not increase along the run of id {v} "
+        f"{where}: position {p} does not increase along the run of id {v} "
         f"(previous position {int(pos[t - 1])}); causal and bottom-right masks need strictly "
         "increasing positions inside each document"
     )
@@ -389,19 +618,24 @@ def check_layout(
     segment_ids: Int[Array, "*B T"],
     segment_pos: Int[Array, "*B T"],
     *,
-    max_segments_per_seq: int,
+    max_segments_per_seq: int | None,
     mask_type: MaskType | str = "padding_causal",
     name: str = "segment_ids",
 ) -> None:
-    """Adds a ``jax.experimental.checkify`` check that the layout is valid (for use under jit).
+    """Adds a ``jax.experimental.checkify`` check that the layout is valid (for jit and vmap).
 
     Wrap the calling function with ``checkify.checkify`` and call ``err.throw()`` (or inspect
-    ``err.get()``) on the result. The error names the first bad row (flattened over the batch
-    dims), its first offending token and the :class:`LayoutError` code.
+    ``err.get()``) on the result; this works under ``jit``, inside ``vmap`` (also
+    ``checkify.checkify(jax.vmap(f))``) and eagerly. The error names the first bad row (flattened
+    over the batch dims of the arrays passed here: inside ``vmap``, of one mapped slice), its
+    first offending token and the :class:`LayoutError` code. An empty batch always passes.
 
     Args:
         segment_ids, segment_pos, max_segments_per_seq, mask_type, name: as for
             :func:`validate_layout`.
+
+    Raises:
+        TypeError, ValueError: bad dtypes, shapes or options (at trace time).
 
     Example:
         >>> from jax.experimental import checkify
@@ -412,16 +646,18 @@ def check_layout(
         >>> "row 0, token 2" in err.get()
         True
     """
-    errors = layout_error_codes(
+    checks = layout_error_codes(
         segment_ids, segment_pos, max_segments_per_seq=max_segments_per_seq, mask_type=mask_type
     )
-    codes = errors.code.reshape(-1)
+    codes = checks.code.reshape(-1)
+    if codes.size == 0:
+        return
     row = jnp.argmax(codes != 0)
     legend = ", ".join(f"{e.value}={e.name}" for e in LayoutError if e)
     checkify.check(
         jnp.all(codes == 0),
         f"{name}: invalid layout in row {{row}}, token {{token}}: code {{code}} ({legend})",
         row=row,
-        token=errors.token.reshape(-1)[row],
+        token=checks.token.reshape(-1)[row],
         code=codes[row],
     )

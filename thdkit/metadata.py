@@ -27,10 +27,18 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Int
 
 from thdkit import counting
-from thdkit.layout import as_layouts, check_max_segments, validate_concrete
+from thdkit.layout import (
+    MAX_SEQ_LEN,
+    as_layouts,
+    check_int,
+    check_max_segments,
+    is_concrete,
+    validate_concrete,
+)
 from thdkit.masks import MaskType
 from thdkit.one_hot import one_hot_row
 from thdkit.reference import dense_row
@@ -81,11 +89,18 @@ class SeqMeta(NamedTuple):
         Meant for compact metadata with one batch dim (flatten more dims first).
 
         Args:
-            seq_len_q: T_q, the row length the q offsets refer to.
-            seq_len_kv: T_kv; defaults to ``seq_len_q``.
+            seq_len_q: T_q, the row length the q offsets refer to; an int in
+                ``[1, MAX_SEQ_LEN]``.
+            seq_len_kv: T_kv, likewise; defaults to ``seq_len_q``.
 
         Returns:
-            :class:`FlatSeqMeta`.
+            :class:`FlatSeqMeta`, int32 arrays.
+
+        Raises:
+            TypeError: a seq_len is not a Python or NumPy int (bools and floats included).
+            ValueError: a seq_len outside ``[1, MAX_SEQ_LEN]``, ``B * T`` beyond int32, metadata
+                without exactly one batch dim, or (concrete metadata) a segment that ends past
+                its row (offset + seqlen > T), naming the row.
 
         Example:
             >>> meta = SeqMeta(jnp.array([[3, 2]]), jnp.array([[3, 2]]),
@@ -93,19 +108,26 @@ class SeqMeta(NamedTuple):
             >>> meta.flat(seq_len_q=8).cu_seqlens_q
             Array([0, 3, 5], dtype=int32)
         """
-        seq_len_kv = seq_len_q if seq_len_kv is None else seq_len_kv
         if self.q_seqlens.ndim != 2:
             raise ValueError(
                 f"flat() needs metadata with exactly one batch dim, got q_seqlens of shape "
                 f"{self.q_seqlens.shape}; reshape to [B, S] first"
             )
+        seq_len_q = _check_seq_len(seq_len_q, "seq_len_q", self.q_seqlens.shape[0])
+        seq_len_kv = (
+            seq_len_q
+            if seq_len_kv is None
+            else _check_seq_len(seq_len_kv, "seq_len_kv", self.q_seqlens.shape[0])
+        )
+        _check_segment_ends(self.q_seqlens, self.q_offsets, seq_len_q, "seq_len_q", "q")
+        _check_segment_ends(self.kv_seqlens, self.kv_offsets, seq_len_kv, "seq_len_kv", "kv")
 
         def cumulative(seqlens: Array) -> Array:
-            return jnp.concatenate(
-                [jnp.zeros(1, jnp.int32), jnp.cumsum(seqlens.reshape(-1), dtype=jnp.int32)]
-            )
+            flat = jnp.asarray(seqlens).astype(jnp.int32).reshape(-1)
+            return jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(flat, dtype=jnp.int32)])
 
         def starts(offsets: Array, seq_len: int) -> Array:
+            offsets = jnp.asarray(offsets).astype(jnp.int32)
             shift = jnp.arange(offsets.shape[0], dtype=jnp.int32)[:, None] * seq_len
             body = offsets[:, :-1]
             return jnp.where(body >= 0, body + shift, -1).reshape(-1)
@@ -118,23 +140,44 @@ class SeqMeta(NamedTuple):
         )
 
 
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def _check_seq_len(seq_len: object, name: str, rows: int) -> int:
+    """A row length for :meth:`SeqMeta.flat` as an int, or raises naming the parameter."""
+    seq_len = check_int(seq_len, name, low=1, high=MAX_SEQ_LEN)
+    if rows * seq_len > _INT32_MAX:
+        raise ValueError(
+            f"{name}={seq_len} with {rows} rows gives {rows * seq_len} flattened tokens, "
+            "beyond int32"
+        )
+    return seq_len
+
+
+def _check_segment_ends(seqlens: Array, offsets: Array, seq_len: int, name: str, side: str) -> None:
+    """Raises when concrete compact metadata has a segment ending past ``seq_len``."""
+    if not is_concrete(seqlens, offsets):
+        return
+    seqlens, offsets = np.asarray(seqlens), np.asarray(offsets)[:, :-1]
+    ends = np.where(offsets >= 0, offsets.astype(np.int64) + seqlens, 0)
+    too_long = ends.max(axis=-1, initial=0) > seq_len
+    if too_long.any():
+        row = int(np.flatnonzero(too_long)[0])
+        raise ValueError(
+            f"{name}={seq_len} is shorter than row {row}'s {side} segments, which end at "
+            f"{int(ends[row].max())} (offset + seqlen)"
+        )
+
+
 Rows = tuple[Int[Array, "N T"], Int[Array, "N T"]]
 
 
 def _endpoints(ids: Int[Array, "N T"], num_segments: int) -> tuple[Array, Array]:
-    """First and last token index of each id 1..S per row (T and -1 where absent): int32[N, S].
-
-    One scatter over the flattened rows. Each row's ids are offset into a bin range of its own
-    instead of batching the scatter, which would materialise a [N*T, 2] index array.
-    """
-    rows, seq_len = ids.shape
-    t = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), ids.shape).reshape(-1)
-    bins = (ids + (num_segments + 1) * jnp.arange(rows, dtype=jnp.int32)[:, None]).reshape(-1)
-    init = jnp.broadcast_to(jnp.array([-1, -seq_len], jnp.int32), (rows * (num_segments + 1), 2))
-    # One scatter-max of (t, -t) gives both the last and (negated) the first index.
-    ends = init.at[bins].max(jnp.stack([t, -t], axis=-1), mode="drop")
-    ends = ends.reshape(rows, num_segments + 1, 2)[:, 1:]
-    return -ends[..., 1], ends[..., 0]
+    """First and last token index of each id 1..S per row (T and -1 where absent): int32[N, S]."""
+    seq_len = ids.shape[-1]
+    t = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), ids.shape)
+    first, last = counting.segment_extrema(ids, t, num_segments=num_segments)
+    return jnp.minimum(first[:, 1:], seq_len), jnp.maximum(last[:, 1:], -1)
 
 
 def linear_rows(
@@ -227,9 +270,12 @@ def seqlens_and_offsets(
 ) -> SeqMeta:
     """Per-segment lengths and offsets of packed rows, after masking, for varlen attention.
 
-    Exactly equal to the O(T_q·T_kv) reference of DESIGN.md for every valid layout, every mask
-    type and every method. When the inputs are concrete, both sides are validated
-    (:func:`thdkit.validate_layout`); under jit, check with :func:`thdkit.check_layout`.
+    Exactly equal to the O(T_q·T_kv) reference of docs/semantics.md for every valid layout, every
+    mask type and every method. When the inputs are concrete, both sides are validated
+    (:func:`thdkit.validate_layout`). Under ``jit`` and inside ``vmap`` the inputs are tracers:
+    only dtypes, shapes and options are checked, not values (ids, positions and the layout
+    rules); check those with :func:`thdkit.check_layout` and ``checkify``, or
+    :func:`thdkit.layout_error_codes`.
 
     Args:
         segment_ids_q: int[*B, T_q]; 0 = padding, 1..S = the document of each query token.
@@ -237,9 +283,11 @@ def seqlens_and_offsets(
         segment_ids_kv: int[*B, T_kv] or None; None means self-attention (kv = q).
         segment_pos_kv: int[*B, T_kv] or None; given together with ``segment_ids_kv``.
         mask_type: a :class:`thdkit.MaskType` or its name (aliases accepted).
-        max_segments_per_seq: S, a static int >= the largest id; sizes the outputs.
+        max_segments_per_seq: S, a static int in ``[1, MAX_SEGMENTS]``, >= the largest id;
+            sizes the outputs.
         compact: True (default) gives the format varlen kernels read (surviving segments first,
-            seqlens padded with 0); False the raw format (seqlens indexed by id - 1).
+            seqlens padded with 0); False the raw format (seqlens indexed by id - 1). A Python
+            or NumPy bool.
         method: "linear" (O(T + S), default), "one_hot" (O(T·S)) or "dense" (O(T_q·T_kv)).
 
     Returns:
@@ -247,10 +295,12 @@ def seqlens_and_offsets(
         segment).
 
     Raises:
-        TypeError: a non-integer array, a bad ``max_segments_per_seq`` or ``mask_type`` type.
-        ValueError: shape or batch mismatches, half-given kv, unknown ``mask_type`` or
-            ``method``, or (concrete inputs) a layout that breaks a rule: the message names the
-            parameter, row and token.
+        TypeError: a non-integer array, a bad ``max_segments_per_seq``, ``mask_type``,
+            ``method`` or ``compact`` type.
+        ValueError: shape or batch mismatches, half-given kv, ``max_segments_per_seq`` out of
+            range, unknown ``mask_type`` or ``method``, or (concrete inputs) a value outside the
+            accepted ranges or a layout that breaks a rule: the message names the parameter, row
+            and token.
 
     Example:
         >>> ids = jnp.array([1, 1, 1, 2, 2, 0, 0, 3])
@@ -269,10 +319,15 @@ def seqlens_and_offsets(
     """
     mask = MaskType.parse(mask_type)
     num_segments = check_max_segments(max_segments_per_seq)
+    if not isinstance(method, str):
+        raise TypeError(
+            f"method must be a string (one of {', '.join(_METHODS)}), got {type(method).__name__}"
+        )
     if method not in _METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(_METHODS)}")
-    if not isinstance(compact, bool):
+    if not isinstance(compact, (bool, np.bool_)):
         raise TypeError(f"compact must be a bool, got {type(compact).__name__}")
+    compact = bool(compact)
     q, kv = as_layouts(segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)
     validate_concrete(q, kv, max_segments_per_seq=num_segments, mask_type=mask)
     return _compute(q, kv, method=method, mask=mask, num_segments=num_segments, compact=compact)

@@ -9,17 +9,21 @@ holds what rank ``r`` owns:
   ``2 * cp - 1 - r`` (balances causal work). Needs ``T % (2 * cp) == 0``.
 
 Reorder ids, positions and every per-token array with the same function. Works on NumPy and JAX
-arrays, under jit (the permutation is static).
+arrays, under jit (the permutation is static); other array-likes (lists) are read as NumPy arrays
+and give NumPy arrays. Arguments are checked on every call, before the cached permutation is
+built, and accept Python and NumPy integers (not bools).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from thdkit.layout import check_int
 
 __all__ = [
     "dual_chunk_swap",
@@ -33,9 +37,16 @@ __all__ = [
 ArrayT = TypeVar("ArrayT", np.ndarray, jax.Array)
 
 
-def _check(seq_len: int, cp: int, multiple: int, what: str) -> None:
-    if not isinstance(cp, int) or cp < 1:
-        raise ValueError(f"cp must be a positive int, got {cp!r}")
+def _sequence_axis(x: Any, axis: Any) -> tuple[np.ndarray | jax.Array, int]:
+    """``x`` as an array (lists become NumPy arrays) and ``axis`` as a non-negative index."""
+    if not isinstance(x, (np.ndarray, jax.Array)):
+        x = np.asarray(x)
+    if x.ndim == 0:
+        raise ValueError("x must have a sequence axis, got a 0-d array")
+    return x, check_int(axis, "axis", low=-x.ndim, high=x.ndim - 1) % x.ndim
+
+
+def _check_multiple(seq_len: int, multiple: int, what: str) -> None:
     if seq_len % multiple:
         raise ValueError(
             f"{what} needs the sequence length to be a multiple of {multiple}, got T={seq_len}"
@@ -44,18 +55,32 @@ def _check(seq_len: int, cp: int, multiple: int, what: str) -> None:
 
 @functools.lru_cache(maxsize=256)
 def _striped_order(seq_len: int, cp: int, stripe_size: int) -> np.ndarray:
-    if not isinstance(stripe_size, int) or stripe_size < 1:
-        raise ValueError(f"stripe_size must be a positive int, got {stripe_size!r}")
-    _check(seq_len, cp, cp * stripe_size, f"striped(cp={cp}, stripe_size={stripe_size})")
+    """The permutation of :func:`striped`; its arguments are checked by the caller."""
     blocks = np.arange(seq_len).reshape(-1, cp, stripe_size)
     return blocks.transpose(1, 0, 2).reshape(-1)
 
 
 @functools.lru_cache(maxsize=256)
 def _dual_chunk_order(seq_len: int, cp: int) -> np.ndarray:
-    _check(seq_len, cp, 2 * cp, f"dual_chunk_swap(cp={cp})")
+    """The permutation of :func:`dual_chunk_swap`; its arguments are checked by the caller."""
     chunks = np.arange(seq_len).reshape(2 * cp, -1)
     return np.concatenate([np.concatenate([chunks[r], chunks[2 * cp - 1 - r]]) for r in range(cp)])
+
+
+def _striped_args(x: Any, cp: Any, stripe_size: Any, axis: Any) -> tuple[Any, int, np.ndarray]:
+    x, axis = _sequence_axis(x, axis)
+    cp = check_int(cp, "cp", low=1)
+    stripe_size = check_int(stripe_size, "stripe_size", low=1)
+    seq_len = x.shape[axis]
+    _check_multiple(seq_len, cp * stripe_size, f"striped(cp={cp}, stripe_size={stripe_size})")
+    return x, axis, _striped_order(seq_len, cp, stripe_size)
+
+
+def _dual_chunk_args(x: Any, cp: Any, axis: Any) -> tuple[Any, int, np.ndarray]:
+    x, axis = _sequence_axis(x, axis)
+    cp = check_int(cp, "cp", low=1)
+    _check_multiple(x.shape[axis], 2 * cp, f"dual_chunk_swap(cp={cp})")
+    return x, axis, _dual_chunk_order(x.shape[axis], cp)
 
 
 def _take(x: ArrayT, order: np.ndarray, axis: int) -> ArrayT:
@@ -72,68 +97,121 @@ def striped(x: ArrayT, *, cp: int, stripe_size: int = 1, axis: int = -1) -> Arra
     """Striped reorder: contiguous shard r then holds blocks r, r + cp, r + 2cp, ... .
 
     Args:
-        x: any array with a sequence axis of length T.
-        cp: number of context-parallel ranks.
-        stripe_size: tokens per block.
+        x: a NumPy or JAX array with a sequence axis of length T (other array-likes, e.g.
+            lists, are read as NumPy arrays).
+        cp: number of context-parallel ranks, a Python or NumPy int >= 1.
+        stripe_size: tokens per block, an int >= 1.
         axis: the sequence axis.
 
     Returns:
-        ``x`` with its sequence axis permuted; same shape and type.
+        ``x`` with its sequence axis permuted; same shape and array type.
 
     Raises:
-        ValueError: T is not a multiple of ``cp * stripe_size``, or cp/stripe_size are not >= 1.
+        TypeError: cp, stripe_size or axis is not an int (bools included).
+        ValueError: cp or stripe_size < 1, axis out of range, a 0-d ``x``, or T not a multiple
+            of ``cp * stripe_size``.
 
     Example:
         >>> striped(np.arange(8), cp=2)
         array([0, 2, 4, 6, 1, 3, 5, 7])
     """
-    return _take(x, _striped_order(x.shape[axis], cp, stripe_size), axis)
+    x, axis, order = _striped_args(x, cp, stripe_size, axis)
+    return _take(x, order, axis)
 
 
 def unstriped(x: ArrayT, *, cp: int, stripe_size: int = 1, axis: int = -1) -> ArrayT:
     """Inverse of :func:`striped`: restores the original token order.
 
+    Args:
+        x, cp, stripe_size, axis: as for :func:`striped`.
+
+    Returns:
+        ``x`` with its sequence axis permuted back; same shape and array type.
+
+    Raises:
+        TypeError, ValueError: as :func:`striped`.
+
     Example:
         >>> unstriped(striped(np.arange(8), cp=2, stripe_size=2), cp=2, stripe_size=2)
         array([0, 1, 2, 3, 4, 5, 6, 7])
     """
-    return _take(x, _inverse(_striped_order(x.shape[axis], cp, stripe_size)), axis)
+    x, axis, order = _striped_args(x, cp, stripe_size, axis)
+    return _take(x, _inverse(order), axis)
 
 
 def dual_chunk_swap(x: ArrayT, *, cp: int, axis: int = -1) -> ArrayT:
     """Dual-chunk-swap reorder: shard r holds chunks r and 2cp-1-r of 2cp equal chunks.
 
+    Args:
+        x: a NumPy or JAX array with a sequence axis of length T (lists are read as NumPy).
+        cp: number of context-parallel ranks, an int >= 1.
+        axis: the sequence axis.
+
+    Returns:
+        ``x`` with its sequence axis permuted; same shape and array type.
+
     Raises:
-        ValueError: T is not a multiple of ``2 * cp``.
+        TypeError: cp or axis is not an int (bools included).
+        ValueError: cp < 1, axis out of range, a 0-d ``x``, or T not a multiple of ``2 * cp``.
 
     Example:
         >>> dual_chunk_swap(np.arange(8), cp=2)
         array([0, 1, 6, 7, 2, 3, 4, 5])
     """
-    return _take(x, _dual_chunk_order(x.shape[axis], cp), axis)
+    x, axis, order = _dual_chunk_args(x, cp, axis)
+    return _take(x, order, axis)
 
 
 def undo_dual_chunk_swap(x: ArrayT, *, cp: int, axis: int = -1) -> ArrayT:
     """Inverse of :func:`dual_chunk_swap`.
 
+    Args:
+        x, cp, axis: as for :func:`dual_chunk_swap`.
+
+    Returns:
+        ``x`` with its sequence axis permuted back; same shape and array type.
+
+    Raises:
+        TypeError, ValueError: as :func:`dual_chunk_swap`.
+
     Example:
         >>> undo_dual_chunk_swap(dual_chunk_swap(np.arange(8), cp=2), cp=2)
         array([0, 1, 2, 3, 4, 5, 6, 7])
     """
-    return _take(x, _inverse(_dual_chunk_order(x.shape[axis], cp)), axis)
+    x, axis, order = _dual_chunk_args(x, cp, axis)
+    return _take(x, _inverse(order), axis)
 
 
 def shard(x: ArrayT, *, cp: int, rank: int, axis: int = -1) -> ArrayT:
     """The contiguous slice of length ``T / cp`` that rank ``rank`` holds.
 
+    Args:
+        x: a NumPy or JAX array with a sequence axis of length T (lists are read as NumPy).
+        cp: number of context-parallel ranks, an int >= 1 dividing T.
+        rank: an int in ``[0, cp)``.
+        axis: the sequence axis.
+
+    Returns:
+        ``x[..., rank * T / cp : (rank + 1) * T / cp, ...]`` along ``axis``.
+
+    Raises:
+        TypeError: cp, rank or axis is not an int (bools included).
+        ValueError: cp < 1, rank outside ``[0, cp)``, axis out of range, a 0-d ``x``, or T not
+            a multiple of cp.
+
     Example:
         >>> shard(np.arange(8), cp=4, rank=1)
         array([2, 3])
     """
+    return _shard(x, cp=cp, rank=rank, axis=axis, rank_name="rank")
+
+
+def _shard(x: Any, *, cp: Any, rank: Any, axis: Any, rank_name: str) -> Any:
+    x, axis = _sequence_axis(x, axis)
+    cp = check_int(cp, "cp", low=1)
+    rank = check_int(rank, rank_name, low=0, high=cp - 1)
     seq_len = x.shape[axis]
-    _check(seq_len, cp, cp, f"shard(cp={cp})")
-    if not 0 <= rank < cp:
-        raise ValueError(f"rank must be in [0, {cp}), got {rank}")
+    _check_multiple(seq_len, cp, f"shard(cp={cp})")
     size = seq_len // cp
     index = [slice(None)] * x.ndim
     index[axis] = slice(rank * size, (rank + 1) * size)
@@ -154,6 +232,9 @@ def ring_step(
     Returns:
         ``(ids_q, pos_q, ids_kv, pos_kv)``, each int[*B, T / cp].
 
+    Raises:
+        TypeError, ValueError: as :func:`shard`, naming ``q_rank`` or ``kv_rank``.
+
     Example:
         >>> ids, pos = np.array([1, 1, 2, 2, 2, 2, 0, 0]), np.array([0, 1, 0, 1, 2, 3, 0, 0])
         >>> [a.tolist() for a in ring_step(striped(ids, cp=2), striped(pos, cp=2),
@@ -161,8 +242,8 @@ def ring_step(
         [[1, 2, 2, 0], [0, 0, 2, 0], [1, 2, 2, 0], [1, 1, 3, 0]]
     """
     return (
-        shard(segment_ids, cp=cp, rank=q_rank),
-        shard(segment_pos, cp=cp, rank=q_rank),
-        shard(segment_ids, cp=cp, rank=kv_rank),
-        shard(segment_pos, cp=cp, rank=kv_rank),
+        _shard(segment_ids, cp=cp, rank=q_rank, axis=-1, rank_name="q_rank"),
+        _shard(segment_pos, cp=cp, rank=q_rank, axis=-1, rank_name="q_rank"),
+        _shard(segment_ids, cp=cp, rank=kv_rank, axis=-1, rank_name="kv_rank"),
+        _shard(segment_pos, cp=cp, rank=kv_rank, axis=-1, rank_name="kv_rank"),
     )

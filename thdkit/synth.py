@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from thdkit.layout import check_int
 from thdkit.reorder import (
     dual_chunk_swap,
     ring_step,
@@ -37,7 +38,14 @@ __all__ = [
 ]
 
 
-def _check_sizes(seq_len: int, max_segments: int, min_len: int) -> None:
+def _check_counts(**counts: object) -> None:
+    """Raises TypeError for a count that is not an int (bools included), ValueError below 0."""
+    for name, value in counts.items():
+        check_int(value, name, low=0)
+
+
+def _check_sizes(batch: int, seq_len: int, max_segments: int, min_len: int) -> None:
+    _check_counts(batch=batch, seq_len=seq_len, max_segments=max_segments, min_len=min_len)
     if max_segments < 1 or seq_len < 1 or min_len < 1:
         raise ValueError(
             f"seq_len, max_segments and min_len must be >= 1, got {seq_len=}, {max_segments=}, "
@@ -87,12 +95,16 @@ def packed_segments(
     Returns:
         ``(segment_ids, segment_pos)``, each int32[B, T].
 
+    Raises:
+        TypeError: a size is not an int (bools included).
+        ValueError: ``batch < 0``, another size < 1, or ``min_len > seq_len // max_segments``.
+
     Example:
         >>> ids, pos = packed_segments(np.random.default_rng(0), batch=1, seq_len=8, max_segments=2)
         >>> ids.shape, int(ids.max()) <= 2
         ((1, 8), True)
     """
-    _check_sizes(seq_len, max_segments, min_len)
+    _check_sizes(batch, seq_len, max_segments, min_len)
     ids = np.zeros((batch, seq_len), np.int32)
     pos = np.zeros((batch, seq_len), np.int32)
     for b in range(batch):
@@ -126,9 +138,11 @@ def cross_segments(
         ``(ids_q, pos_q, ids_kv, pos_kv)``: int32[B, T_q] and int32[B, T_kv] arrays.
 
     Raises:
+        TypeError: a size is not an int (bools included).
         ValueError: ``seq_len_kv < seq_len_q`` or sizes that cannot hold the documents.
     """
-    _check_sizes(seq_len_q, max_segments, min_len)
+    _check_sizes(batch, seq_len_q, max_segments, min_len)
+    _check_counts(seq_len_kv=seq_len_kv)
     if seq_len_kv < seq_len_q:
         raise ValueError(f"seq_len_kv must be >= seq_len_q, got {seq_len_kv} < {seq_len_q}")
     ids_q = np.zeros((batch, seq_len_q), np.int32)
@@ -161,11 +175,18 @@ def filled_segments(
     Returns:
         ``(segment_ids, segment_pos)``, each int32[B, T]; ids 1..segments.
 
+    Raises:
+        TypeError: a size is not an int (bools included).
+        ValueError: ``batch < 0``, ``seq_len < 1``, or ``segments`` outside ``[1, seq_len]``.
+
     Example:
         >>> ids, pos = filled_segments(np.random.default_rng(0), batch=1, seq_len=8, segments=1)
         >>> ids.tolist(), pos.tolist()
         ([[1, 1, 1, 1, 1, 1, 1, 1]], [[0, 1, 2, 3, 4, 5, 6, 7]])
     """
+    _check_counts(batch=batch, seq_len=seq_len, segments=segments)
+    if not 1 <= segments <= seq_len:
+        raise ValueError(f"segments must be in [1, seq_len={seq_len}], got {segments}")
     ids = np.zeros((batch, seq_len), np.int32)
     pos = np.zeros((batch, seq_len), np.int32)
     for row in range(batch):
