@@ -105,7 +105,7 @@ def _call(**changes):
             ValueError,
             r"segment_pos_q row 0, token 2: position 1 does not increase",
         ),
-        ({"block_q": 0}, ValueError, "block_q must be a positive int"),
+        ({"block_q": 0}, ValueError, "block_q must be >= 1"),
         ({"scale": jnp.float32(2.0)}, TypeError, "scale must be a Python float"),
         ({"scale": float("inf")}, ValueError, "scale must be finite"),
         ({"scale": np.float64("nan")}, ValueError, "scale must be finite"),
@@ -123,7 +123,7 @@ def _call(**changes):
         ),
         ({"value": jnp.zeros((1, 8, 2, 0))}, ValueError, "value has D_v = 0"),
         ({"implementation": ["blockwise"]}, ValueError, "unknown implementation"),
-        ({"block_kv": True}, ValueError, "block_kv must be a positive int"),
+        ({"block_kv": True}, TypeError, "block_kv must be an int"),
     ],
 )
 def test_errors_name_the_parameter(changes, error, match):

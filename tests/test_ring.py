@@ -20,8 +20,7 @@ from thdkit import reorder, ring, synth
 from thdkit.attention import attention
 from thdkit.bench import ring as ring_bench
 from thdkit.layout import run_lengths
-from thdkit.masks import MaskType
-from thdkit.reference import pair_mask
+from thdkit.masks import MaskType, pair_mask
 from thdkit.ring import ring_attention, ring_schedule
 
 HEADS, DIM = 2, 8
@@ -415,13 +414,13 @@ def _call(**overrides: Any) -> Any:
                 "segment_pos_q": np.arange(8, dtype=np.int32)[None],
             },
             ValueError,
-            re.escape("segment_ids_q must be [B, T] = (1, 16)"),
+            re.escape("segment_ids_q must have shape [B, T] = (1, 16)"),
         ),
-        ({"query": jnp.zeros((16, 2, 4))}, ValueError, "query must be"),
+        ({"query": jnp.zeros((16, 2, 4))}, ValueError, "query must have rank 4"),
         (
             {"key": jnp.zeros((1, 16, 3, 4)), "value": jnp.zeros((1, 16, 3, 4))},
             ValueError,
-            "key heads must divide query heads",
+            "query heads H_q=2 must be a multiple of the key/value heads H_kv=3",
         ),
         ({"segment_ids_kv": np.ones((1, 16), np.int32)}, ValueError, "only segment_ids_kv"),
         ({"window_size": (3,)}, ValueError, "window_size must be None or a pair"),
@@ -435,7 +434,11 @@ def _call(**overrides: Any) -> Any:
             ValueError,
             r"segment_pos_q row \(0, 0\), token 2",
         ),
-        ({"query": jnp.zeros((1, 16, 2, 4), jnp.int32)}, TypeError, "query must be a floating"),
+        (
+            {"query": jnp.zeros((1, 16, 2, 4), jnp.int32)},
+            TypeError,
+            "query must be float32, bfloat16 or float16",
+        ),
     ],
 )
 def test_invalid_arguments(overrides: dict[str, Any], error: type, match: str) -> None:
@@ -489,3 +492,47 @@ def test_bench_work_counts_and_records() -> None:
     assert plain["imbalance"] > 1.7
     assert all(r["latency_ms"]["samples"] >= 1 for r in records)
     assert ring_bench.ring_table(records).row_count == len(records)
+
+
+@slow
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+@pytest.mark.parametrize("mask_type", ["padding_causal", "padding_causal_bottom_right"])
+def test_a_non_finite_document_stays_inside_it(mask_type: str, poison: float) -> None:
+    """Poisoning document 2's keys and values leaves every other row's output and gradients
+    bit-equal, through the ring's forward merge and its backward ring."""
+    cp, seq_len = 4, 64
+    ids, pos = _packed(seq_len, [(20, 20), (24, 20), (16, 16)])
+    ids, pos = ids[None], pos[None]
+    forward, _ = _reorder_pair("striped2", cp)
+    mesh = Mesh(np.array(jax.devices()[:cp]), ("cp",))
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, seq_len, HEADS, DIM)), jnp.float32) for _ in "qkv")
+    doc = jnp.asarray(ids == 2)[..., None, None]
+    others = forward(jnp.asarray(ids != 2), axis=-1)[..., None, None]
+
+    def run(k, v):
+        def loss(q, k, v):
+            out = ring_attention(
+                forward(q, axis=1),
+                forward(k, axis=1),
+                forward(v, axis=1),
+                segment_ids_q=forward(ids),
+                segment_pos_q=forward(pos),
+                mask_type=mask_type,
+                max_segments_per_seq=NUM_SEGMENTS,
+                mesh=mesh,
+                axis_name="cp",
+            )
+            return jnp.sum(jnp.where(others, out, 0.0) ** 2), out
+
+        (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+        return out, grads
+
+    clean_out, clean_grads = run(k, v)
+    out, grads = run(jnp.where(doc, poison, k), jnp.where(doc, poison, v))
+    keep = np.asarray(others[0, :, 0, 0])
+    np.testing.assert_array_equal(out[:, keep], clean_out[:, keep])
+    assert np.isnan(np.asarray(out[:, ~keep & (forward(ids)[0] == 2)])).all()
+    rows = np.asarray(ids[0] != 2)
+    for grad, clean in zip(grads, clean_grads, strict=True):
+        np.testing.assert_array_equal(grad[:, rows], clean[:, rows])

@@ -2,11 +2,15 @@
 
 from thdkit import reorder
 from thdkit import synth
+from thdkit.attention import AttentionPlan
 from thdkit.attention import attention
 from thdkit.attention import is_representable
 from thdkit.attention import plan_attention
 from thdkit.layout import LayoutError
-from thdkit.layout import LayoutErrors
+from thdkit.layout import MAX_POSITION
+from thdkit.layout import MAX_SEGMENTS
+from thdkit.layout import MAX_SEQ_LEN
+from thdkit.layout import RowChecks
 from thdkit.layout import check_layout
 from thdkit.layout import layout_error_codes
 from thdkit.layout import run_lengths
@@ -15,15 +19,19 @@ from thdkit.masks import MaskType
 from thdkit.metadata import FlatSeqMeta
 from thdkit.metadata import SeqMeta
 from thdkit.metadata import seqlens_and_offsets
-from thdkit.segments import Segments
 from thdkit.ring import ring_attention
 from thdkit.ring import ring_schedule
+from thdkit.segments import Segments
 
 __all__ = [
+    "MAX_POSITION",
+    "MAX_SEGMENTS",
+    "MAX_SEQ_LEN",
+    "AttentionPlan",
     "FlatSeqMeta",
     "LayoutError",
-    "LayoutErrors",
     "MaskType",
+    "RowChecks",
     "Segments",
     "SeqMeta",
     "attention",

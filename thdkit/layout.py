@@ -93,10 +93,6 @@ class RowChecks(NamedTuple):
     token: Int[Array, "*B"]
 
 
-# The former name of RowChecks; kept until the package's __init__ re-exports RowChecks.
-LayoutErrors = RowChecks
-
-
 def is_concrete(*arrays: Any) -> bool:
     """True when no argument is a JAX tracer, so values can be read on the host."""
     return not any(isinstance(a, jax.core.Tracer) for a in arrays)
@@ -375,10 +371,6 @@ def map_rows(row_fn: Callable[..., Any], *arrays: Array) -> Any:
     flat = [a.reshape(math.prod(batch), a.shape[-1]) for a in arrays]
     out = jax.vmap(row_fn)(*flat)
     return jax.tree.map(lambda o: o.reshape(*batch, *o.shape[1:]), out)
-
-
-# The former private name of map_rows; kept until its importers use map_rows.
-_map_rows = map_rows
 
 
 def run_lengths(segment_ids: Int[Array, "*B T"]) -> Int[Array, "*B T"]:

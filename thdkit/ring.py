@@ -7,11 +7,11 @@ shard.
 The sequence axis of every input is split into cp contiguous shards, shard r on rank r. Each rank
 keeps its query shard; the key/value shard (with its segment ids and positions) travels around the
 ring with ``lax.ppermute``, so at step k rank r sees the keys of rank ``(r - k) % cp``. Each step
-runs :func:`thdkit.attention.attention_partial`, which masks from ids and positions directly (so
-any token order works: plain, striped or dual-chunk-swapped), and the partial results merge with
-their log-sum-exps. Masks that compare run lengths (bottom-right) need each token's *document*
-length over the whole row; it is the count of the token's id in the row, an order-independent
-quantity computed once from per-shard counts and a ``psum`` of S+1 integers.
+runs :func:`thdkit.attention.blockwise.attention_partial`, which masks from ids and positions
+directly (so any token order works: plain, striped or dual-chunk-swapped), and the partial results
+merge with their log-sum-exps. Masks that compare run lengths (bottom-right) need each token's
+*document* length over the whole row; it is the count of the token's id in the row, an
+order-independent quantity computed once from per-shard counts and a ``psum`` of S+1 integers.
 
 Steps that cannot contain an allowed pair are skipped with ``lax.cond``. Whether they can is
 decided from O(S) numbers per shard, per segment: presence and the span (min, max) of the
@@ -40,8 +40,10 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
+from thdkit.attention.api import check_arguments, check_layout_shapes
 from thdkit.attention.blockwise import attention_partial
-from thdkit.layout import _map_rows, as_layouts, check_max_segments, is_concrete, validate_layout
+from thdkit.counting import segment_extrema
+from thdkit.layout import as_layouts, check_max_segments, is_concrete, validate_layout
 from thdkit.masks import MaskType, check_window
 from thdkit.segments import global_lengths, lengths_from_counts, segment_counts
 
@@ -95,17 +97,11 @@ class _Spans(NamedTuple):
 
 
 def _spans(ids: Int[Array, "*B n"], x: Int[Array, "*B n"], num_segments: int) -> _Spans:
-    """Presence and min/max of ``x`` per segment of each row (two scatters, O(n + S))."""
-    big = jnp.iinfo(jnp.int32).max
-
-    def row(ids_row: Array, x_row: Array) -> tuple[Array, Array]:
-        bins = jnp.full((num_segments + 1, 2), -big, jnp.int32)
-        # One scatter-max of (x, -x) gives the max and (negated) the min.
-        ends = bins.at[ids_row].max(jnp.stack([x_row, -x_row], axis=-1), mode="drop")
-        return -ends[:, 1], ends[:, 0]
-
-    low, high = _map_rows(row, ids, x)
-    present = high > -big
+    """Presence and min/max of ``x`` per segment of each row (one scatter, O(n + S))."""
+    flat = (a.reshape(-1, a.shape[-1]) for a in (ids, x))
+    low, high = segment_extrema(*flat, num_segments=num_segments)
+    low, high = (a.reshape(*ids.shape[:-1], num_segments + 1) for a in (low, high))
+    present = high >= low
     return _Spans(present.at[..., 0].set(False), low, high)
 
 
@@ -319,8 +315,13 @@ def _build_core(static: _Static, cp: int) -> Callable[..., Array]:
                 )
                 weight = jnp.where(jnp.isfinite(lse), jnp.exp(lse_k - lse_safe), 0.0)
                 # out = sum_k w_k out_k with w_k = exp(lse_k - logsumexp_m lse_m), so
-                # d out_k = w_k d_out and d lse_k = w_k <d_out, out_k - out>.
-                d_lse_k = weight * (jnp.sum(d_out * out_k, axis=-1) - d_out_dot_out)
+                # d out_k = w_k d_out and d lse_k = w_k <d_out, out_k - out>. Rows whose output
+                # is NaN (they read a non-finite input) pass nothing back, as in `attention`.
+                d_lse_k = jnp.where(
+                    jnp.isfinite(lse),
+                    weight * (jnp.sum(d_out * out_k, axis=-1) - d_out_dot_out),
+                    0.0,
+                )
                 d_q_k, d_k_k, d_v_k = pull((weight[..., None] * d_out, d_lse_k))
                 return d_q + d_q_k.astype(jnp.float32), (
                     d_kv[0] + d_k_k.astype(jnp.float32),
@@ -401,39 +402,12 @@ def _check_mesh(mesh: Any, axis_name: Any) -> int:
     return int(mesh.shape[axis_name])
 
 
-def _check_shapes(
-    query: Array, key: Array, value: Array, layout_q: tuple, layout_kv: tuple, cp: int, axis: str
-) -> None:
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if x.ndim != 4:
-            raise ValueError(f"{name} must be [B, T, H, D], got shape {x.shape}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
-    if key.shape[:3] != value.shape[:3]:
-        raise ValueError(
-            f"key and value must agree on [B, T_kv, H_kv], got {key.shape} and {value.shape}"
-        )
-    if query.shape[0] != key.shape[0] or query.shape[-1] != key.shape[-1]:
-        raise ValueError(
-            "query and key must agree on the batch and head dims (B, D), got "
-            f"{query.shape} and {key.shape}"
-        )
-    if query.shape[2] % key.shape[2]:
-        raise ValueError(
-            f"key heads must divide query heads, got H_q={query.shape[2]}, H_kv={key.shape[2]}"
-        )
-    for (ids_name, ids), (x_name, x) in (
-        (("segment_ids_q", layout_q[0]), ("query", query)),
-        (("segment_ids_kv", layout_kv[0]), ("key", key)),
-    ):
-        if ids.shape != x.shape[:2]:
-            raise ValueError(
-                f"{ids_name} must be [B, T] = {x.shape[:2]} to match {x_name}, got {ids.shape}"
-            )
+def _check_ring_lengths(query: Array, key: Array, cp: int, axis: str) -> None:
+    for name, x in (("query", query), ("key", key)):
         if x.shape[1] % cp:
             raise ValueError(
                 f"the size of mesh axis {axis!r} (cp={cp}) must divide the sequence length of "
-                f"{x_name}, got T={x.shape[1]}"
+                f"{name}, got T={x.shape[1]}"
             )
 
 
@@ -536,17 +510,16 @@ def ring_attention(
     num_segments = check_max_segments(max_segments_per_seq)
     window = check_window(window_size)
     cp = _check_mesh(mesh, axis_name)
-    query, key, value = (jnp.asarray(x) for x in (query, key, value))
+    query, key, value, scale = check_arguments(query, key, value, scale=scale)
     layout_q, layout_kv = as_layouts(segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)
     self_attention = layout_kv is None
+    check_layout_shapes(query, key, layout_q[0], None if self_attention else layout_kv[0])
+    _check_ring_lengths(query, key, cp, axis_name)
+    if query.shape[0] == 0:
+        return jnp.zeros((*query.shape[:3], value.shape[3]), query.dtype)
     layout_kv = layout_q if self_attention else layout_kv
-    _check_shapes(query, key, value, layout_q, layout_kv, cp, axis_name)
     for name, layout in (("segment_ids_q", layout_q), ("segment_ids_kv", layout_kv)):
         if _readable(*layout) and not (self_attention and name == "segment_ids_kv"):
             _validate_shards(layout, cp=cp, num_segments=num_segments, mask=mask, name=name)
-    if scale is None:
-        scale = float(query.shape[-1]) ** -0.5
-    elif not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
-    static = _Static(mesh, axis_name, mask, window, num_segments, float(scale), self_attention)
+    static = _Static(mesh, axis_name, mask, window, num_segments, scale, self_attention)
     return _ring_fn(static)(query, key, value, *layout_q, *layout_kv)

@@ -28,7 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Int
 
-from thdkit.layout import as_layout, is_concrete, run_lengths, validate_layout
+from thdkit.layout import (
+    MAX_SEQ_LEN,
+    as_layout,
+    check_int,
+    is_concrete,
+    run_lengths,
+    validate_layout,
+)
 
 __all__ = ["Segments", "global_lengths", "lengths_from_counts", "segment_counts"]
 
@@ -120,11 +127,11 @@ class Segments:
         if not given_pos:
             pos = _positions_in_runs(ids)
         if is_concrete(ids, pos):
-            # S is not known here: the id bound and rule 6 (mask-dependent) are checked later.
+            # S is not known here: ids <= S and rule 6 (mask-dependent) are checked by the plan.
             validate_layout(
                 ids,
                 pos,
-                max_segments_per_seq=max(1, int(jnp.max(ids, initial=0))),
+                max_segments_per_seq=None,
                 mask_type="padding",
                 name="segment_ids",
             )
@@ -158,7 +165,7 @@ class Segments:
             (Array([[1, 1, 1, 2, 2, 0, 0]], dtype=int32),
              Array([[0, 1, 2, 0, 1, 0, 0]], dtype=int32))
         """
-        total_len = _positive_int(total_len, "total_len")
+        total_len = check_int(total_len, "total_len", low=1, high=MAX_SEQ_LEN)
         cu = _int_array(cu_seqlens, "cu_seqlens")
         if cu.ndim == 1:
             cu = cu[None]
@@ -211,7 +218,7 @@ class Segments:
             validate_layout(
                 ids,
                 pos,
-                max_segments_per_seq=max(1, int(jnp.max(ids, initial=0))),
+                max_segments_per_seq=None,
                 mask_type="padding",
                 name="position_ids",
             )
@@ -317,14 +324,6 @@ def _positions_in_runs(ids: Array) -> Array:
     previous = jnp.concatenate([jnp.full((*ids.shape[:-1], 1), -1, ids.dtype), ids[..., :-1]], -1)
     start = jax.lax.cummax(jnp.where(ids != previous, t, 0), axis=ids.ndim - 1)
     return jnp.where(ids != 0, t - start, 0)
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a static Python int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
 
 
 def _int_array(x: ArrayLike, name: str) -> Array:

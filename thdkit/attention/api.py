@@ -30,6 +30,7 @@ from thdkit.attention import blockwise, cudnn
 from thdkit.attention.tiles import DEFAULT_BLOCK, TileRanges, tile_ranges
 from thdkit.layout import (
     as_layouts,
+    check_int,
     check_max_segments,
     is_concrete,
     run_lengths,
@@ -46,6 +47,7 @@ __all__ = [
     "Implementation",
     "attention",
     "check_arguments",
+    "check_layout_shapes",
     "plan_attention",
 ]
 
@@ -54,12 +56,6 @@ _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 # --- Argument checks ---------------------------------------------------------------------------
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def check_arguments(
@@ -141,6 +137,45 @@ def check_arguments(
     if not math.isfinite(float(scale)):
         raise ValueError(f"scale must be finite, got {scale}")
     return query, key, value, float(scale)
+
+
+def check_layout_shapes(query: Array, key: Array, ids_q: Array, ids_kv: Array | None) -> None:
+    """Checks that the layouts fit the arrays: ``[B, T_q]`` and ``[B, T_kv]``, or self-attention.
+
+    Shared by every attention entry point, after :func:`check_arguments`.
+
+    Args:
+        query: [B, T_q, H_q, D].
+        key: [B, T_kv, H_kv, D].
+        ids_q: the query segment ids, int[B, T_q].
+        ids_kv: the key/value segment ids, int[B, T_kv], or None for self-attention (then
+            ``T_kv`` must equal ``T_q``).
+
+    Raises:
+        ValueError: a shape mismatch, naming the layout parameter and ``T_kv``/``T_q``.
+
+    Example:
+        >>> x = jnp.zeros((1, 8, 2, 4))
+        >>> check_layout_shapes(x, x[:, :4], jnp.zeros((1, 8), int), None)
+        Traceback (most recent call last):
+        ...
+        ValueError: self-attention (no segment_ids_kv) needs T_kv == T_q, got T_kv=4 and T_q=8...
+    """
+    batch, seq_q = query.shape[:2]
+    seq_kv = key.shape[1]
+    if ids_kv is None and seq_kv != seq_q:
+        raise ValueError(
+            f"self-attention (no segment_ids_kv) needs T_kv == T_q, got T_kv={seq_kv} and "
+            f"T_q={seq_q}; pass segment_ids_kv and segment_pos_kv"
+        )
+    for name, ids, seq, of in (
+        ("segment_ids_q", ids_q, seq_q, "query"),
+        ("segment_ids_kv", ids_kv, seq_kv, "key"),
+    ):
+        if ids is not None and ids.shape != (batch, seq):
+            raise ValueError(
+                f"{name} must have shape [B, T] = {(batch, seq)} to match {of}, got {ids.shape}"
+            )
 
 
 # --- Candidates --------------------------------------------------------------------------------
@@ -340,8 +375,8 @@ def _plan(
     mask = MaskType.parse(mask_type)
     window = check_window(window_size)
     num_segments = check_max_segments(max_segments_per_seq)
-    block_q = _check_positive_int("block_q", block_q)
-    block_kv = _check_positive_int("block_kv", block_kv)
+    block_q = check_int(block_q, "block_q", low=1)
+    block_kv = check_int(block_kv, "block_kv", low=1)
     _check_implementation(implementation)
     q = _as_segments(q_segments, names[0])
     self_attention = kv_segments is None
@@ -564,22 +599,9 @@ def attention(
         q_layout, kv_layout = as_layouts(
             segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv
         )
-        if kv_layout is None and seq_kv != seq_q:
-            raise ValueError(
-                f"self-attention (no segment_ids_kv) needs T_kv == T_q, got key length {seq_kv} "
-                f"and query length {seq_q}; pass segment_ids_kv and segment_pos_kv"
-            )
+        check_layout_shapes(query, key, q_layout[0], None if kv_layout is None else kv_layout[0])
         if batch == 0:
             return jnp.zeros((0, seq_q, heads_q, value.shape[3]), query.dtype)
-        for name, side, seq, of in (
-            ("segment_ids_q", q_layout, seq_q, "query"),
-            ("segment_ids_kv", kv_layout, seq_kv, "key"),
-        ):
-            if side is not None and side[0].shape != (batch, seq):
-                raise ValueError(
-                    f"{name} must have shape [B, T] = {(batch, seq)} to match {of}, "
-                    f"got {side[0].shape}"
-                )
         # Validated (naming these keywords) by _plan; built directly, not checked twice.
         q_segments = Segments(*q_layout, run_lengths(q_layout[0]))
         kv_segments = None if kv_layout is None else Segments(*kv_layout, run_lengths(kv_layout[0]))
@@ -594,14 +616,15 @@ def attention(
             block_kv=DEFAULT_BLOCK if block_kv is None else block_kv,
             implementation=implementation,
         )
+    # The keyword form was checked above; a given plan is checked here.
     for name, side, seq, of in (
-        ("segment_ids_q", plan.q_segments, seq_q, "query"),
-        ("segment_ids_kv", plan.kv_segments, seq_kv, "key"),
+        ("plan.q_segments", plan.q_segments, seq_q, "query"),
+        ("plan.kv_segments", plan.kv_segments, seq_kv, "key"),
     ):
         if side.ids.shape != (batch, seq):
             raise ValueError(
-                f"{name} must have shape [B, T] = {(batch, seq)} to match {of}, "
-                f"got {side.ids.shape}"
+                f"{name} has shape [B, T] = {side.ids.shape}; it must be {(batch, seq)} to "
+                f"match {of}"
             )
     if batch == 0:
         return jnp.zeros((0, seq_q, heads_q, value.shape[3]), query.dtype)

@@ -44,8 +44,7 @@ from thdkit.bench.measure import (
 )
 from thdkit.bench.ring import work_per_rank
 from thdkit.layout import run_lengths
-from thdkit.masks import MaskType
-from thdkit.reference import check_window
+from thdkit.masks import MaskType, check_window
 
 __all__ = ["IMPLEMENTATIONS", "PASSES", "AttentionBench", "attention_table", "run_attention_bench"]
 

@@ -40,8 +40,7 @@ from rich.table import Table
 from thdkit import reorder, synth
 from thdkit.attention import DEFAULT_BLOCK, tile_ranges
 from thdkit.bench.measure import BenchConfig, Column, ConfigError, interleaved_latency, table
-from thdkit.masks import MaskType
-from thdkit.reference import check_window
+from thdkit.masks import MaskType, check_window
 from thdkit.ring import difference_bounds, ring_attention, ring_schedule
 from thdkit.segments import lengths_from_counts, segment_counts
 

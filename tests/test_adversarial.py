@@ -1,0 +1,420 @@
+"""Bad and edge inputs across the public API and the command line, as a new user would try them.
+
+Each case asserts the exact error type and that the message names the parameter (and, for layout
+errors, the row and the token). The edge cases at the end assert the documented behaviour.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from typer.testing import CliRunner
+
+import thdkit
+from thdkit import reorder
+from thdkit.bench.commands import app
+from thdkit.layout import MAX_POSITION
+
+IDS = jnp.array([[1, 1, 1, 2, 2, 0, 0, 3]])
+POS = jnp.array([[0, 1, 2, 0, 1, 2, 0, 0]])
+QKV = jnp.zeros((1, 8, 2, 8))
+
+
+def meta(**kwargs):
+    args = dict(segment_ids_q=IDS, segment_pos_q=POS, max_segments_per_seq=4)
+    return thdkit.seqlens_and_offsets(**(args | kwargs))
+
+
+def attend(query=QKV, key=QKV, value=QKV, **kwargs):
+    args = dict(segment_ids_q=IDS, segment_pos_q=POS, max_segments_per_seq=4)
+    return thdkit.attention(query, key, value, **(args | kwargs))
+
+
+def ring(query=QKV, key=QKV, value=QKV, **kwargs):
+    args = dict(
+        segment_ids_q=IDS,
+        segment_pos_q=POS,
+        max_segments_per_seq=4,
+        mesh=Mesh(np.array(jax.devices()[:2]), ("cp",)),
+        axis_name="cp",
+    )
+    return thdkit.ring_attention(query, key, value, **(args | kwargs))
+
+
+def plan(**kwargs):
+    args = dict(max_segments_per_seq=4, mask_type="padding_causal")
+    return thdkit.plan_attention(thdkit.Segments.from_ids(IDS, POS), **(args | kwargs))
+
+
+def row(ids, pos=None):
+    ids = np.asarray(ids)
+    return ids, np.zeros_like(ids) if pos is None else pos
+
+
+CASES = {
+    # --- metadata: layout arrays -------------------------------------------------------------
+    "float ids": (lambda: meta(segment_ids_q=IDS * 1.0), TypeError, "segment_ids_q"),
+    "bool ids": (lambda: meta(segment_ids_q=IDS > 0), TypeError, "segment_ids_q"),
+    "float positions": (lambda: meta(segment_pos_q=POS * 1.0), TypeError, "segment_pos_q"),
+    "scalar ids": (
+        lambda: meta(segment_ids_q=jnp.int32(1), segment_pos_q=jnp.int32(0)),
+        ValueError,
+        "segment_ids_q",
+    ),
+    "empty row": (
+        lambda: meta(segment_ids_q=jnp.zeros((1, 0), int), segment_pos_q=jnp.zeros((1, 0), int)),
+        ValueError,
+        "segment_ids_q",
+    ),
+    "shapes differ": (lambda: meta(segment_pos_q=POS[:, :4]), ValueError, "segment_pos_q"),
+    "half-given kv": (lambda: meta(segment_ids_kv=IDS), ValueError, "segment_ids_kv"),
+    "kv batch dims differ": (
+        lambda: meta(segment_ids_kv=IDS[0], segment_pos_kv=POS[0]),
+        ValueError,
+        "segment_ids_kv",
+    ),
+    "id above S": (
+        lambda: meta(max_segments_per_seq=2),
+        ValueError,
+        r"segment_ids_q row 0, token 7",
+    ),
+    "negative id": (
+        lambda: meta(segment_ids_q=IDS.at[0, 6].set(-1)),
+        ValueError,
+        r"segment_ids_q row 0, token 6",
+    ),
+    "second run": (
+        lambda: meta(segment_ids_q=IDS.at[0, 6].set(2)),
+        ValueError,
+        r"segment_ids_q row 0, token 6",
+    ),
+    "ids decrease": (
+        lambda: meta(
+            segment_ids_q=jnp.array([[2, 2, 1, 1]]), segment_pos_q=jnp.array([[0, 1, 0, 1]])
+        ),
+        ValueError,
+        r"segment_ids_q row 0, token 2",
+    ),
+    "negative position": (
+        lambda: meta(segment_pos_q=POS.at[0, 4].set(-3)),
+        ValueError,
+        r"segment_pos_q row 0, token 4",
+    ),
+    "positions stall (causal)": (
+        lambda: meta(segment_pos_q=POS.at[0, 1].set(0)),
+        ValueError,
+        r"segment_pos_q row 0, token 1",
+    ),
+    "position above MAX_POSITION": (
+        lambda: meta(segment_pos_q=POS.at[0, 7].set(MAX_POSITION + 1)),
+        ValueError,
+        r"segment_pos_q row 0, token 7",
+    ),
+    "int64 id beyond int32": (
+        lambda: meta(
+            segment_ids_q=np.array([[1, 2**32 + 2]], np.int64),
+            segment_pos_q=np.zeros((1, 2), np.int64),
+        ),
+        ValueError,
+        r"segment_ids_q row 0, token 1",
+    ),
+    "uint32 id 2**32-1": (
+        lambda: meta(
+            segment_ids_q=np.array([[1, 2**32 - 1]], np.uint32),
+            segment_pos_q=np.zeros((1, 2), np.uint32),
+        ),
+        ValueError,
+        r"segment_ids_q row 0, token 1",
+    ),
+    "list holding 2**33": (
+        lambda: meta(segment_ids_q=[[1, 1]], segment_pos_q=[[0, 2**33]]),
+        ValueError,
+        r"segment_pos_q row 0, token 1",
+    ),
+    "int64 position beyond int32": (
+        lambda: meta(segment_pos_q=np.array([[0, 1, 2, 0, 1, 2, 0, -(2**40)]], np.int64)),
+        ValueError,
+        r"segment_pos_q row 0, token 7",
+    ),
+    "kv second run": (
+        lambda: meta(segment_ids_kv=IDS.at[0, 6].set(1), segment_pos_kv=POS),
+        ValueError,
+        r"segment_ids_kv row 0, token 6",
+    ),
+    "error in row 1": (
+        lambda: meta(
+            segment_ids_q=jnp.concatenate([IDS, IDS.at[0, 5].set(1)]),
+            segment_pos_q=jnp.concatenate([POS, POS]),
+        ),
+        ValueError,
+        r"segment_ids_q row 1, token 5",
+    ),
+    "error in row (1, 0)": (
+        lambda: meta(
+            segment_ids_q=jnp.stack([IDS, IDS.at[0, 5].set(1)]),
+            segment_pos_q=jnp.stack([POS, POS]),
+        ),
+        ValueError,
+        r"segment_ids_q row \(1, 0\), token 5",
+    ),
+    # --- metadata: options -------------------------------------------------------------------
+    "S zero": (lambda: meta(max_segments_per_seq=0), ValueError, "max_segments_per_seq"),
+    "S 2**31-1": (lambda: meta(max_segments_per_seq=2**31 - 1), ValueError, "max_segments_per_seq"),
+    "S float": (lambda: meta(max_segments_per_seq=4.0), TypeError, "max_segments_per_seq"),
+    "S bool": (lambda: meta(max_segments_per_seq=True), TypeError, "max_segments_per_seq"),
+    "S traced": (
+        lambda: jax.jit(lambda s: meta(max_segments_per_seq=s))(4),
+        TypeError,
+        "max_segments_per_seq",
+    ),
+    "unknown mask": (lambda: meta(mask_type="causal_top_left"), ValueError, "mask_type"),
+    "mask as int": (lambda: meta(mask_type=3), TypeError, "mask_type"),
+    "unknown method": (lambda: meta(method="quadratic"), ValueError, "method"),
+    "method as list": (lambda: meta(method=["linear"]), TypeError, "method"),
+    "compact as str": (lambda: meta(compact="yes"), TypeError, "compact"),
+    # --- SeqMeta.flat ------------------------------------------------------------------------
+    "flat seq_len 0": (lambda: meta().flat(seq_len_q=0), ValueError, "seq_len_q"),
+    "flat seq_len negative": (lambda: meta().flat(seq_len_q=-8), ValueError, "seq_len_q"),
+    "flat seq_len float": (lambda: meta().flat(seq_len_q=8.0), TypeError, "seq_len_q"),
+    "flat seq_len too small": (lambda: meta().flat(seq_len_q=6), ValueError, "seq_len_q"),
+    "flat seq_len_kv bool": (
+        lambda: meta().flat(seq_len_q=8, seq_len_kv=True),
+        TypeError,
+        "seq_len_kv",
+    ),
+    # --- layout checks -----------------------------------------------------------------------
+    "validate_layout traced": (
+        lambda: jax.jit(lambda i, p: thdkit.validate_layout(i, p, max_segments_per_seq=4))(
+            IDS, POS
+        ),
+        TypeError,
+        "segment_ids",
+    ),
+    "error codes, bad mask": (
+        lambda: thdkit.layout_error_codes(IDS, POS, max_segments_per_seq=4, mask_type="diagonal"),
+        ValueError,
+        "mask_type",
+    ),
+    # --- attention ---------------------------------------------------------------------------
+    "integer query": (lambda: attend(query=jnp.zeros((1, 8, 2, 8), int)), TypeError, "query"),
+    "mixed dtypes": (lambda: attend(key=QKV.astype(jnp.bfloat16)), TypeError, "key"),
+    "query rank 3": (lambda: attend(query=QKV[0]), ValueError, "query"),
+    "heads not grouped": (
+        lambda: attend(key=jnp.zeros((1, 8, 3, 8)), value=jnp.zeros((1, 8, 3, 8))),
+        ValueError,
+        "H_kv",
+    ),
+    "head dims differ": (lambda: attend(key=jnp.zeros((1, 8, 2, 4))), ValueError, "key"),
+    "scale inf": (lambda: attend(scale=float("inf")), ValueError, "scale"),
+    "scale nan": (lambda: attend(scale=float("nan")), ValueError, "scale"),
+    "scale str": (lambda: attend(scale="0.1"), TypeError, "scale"),
+    "window not a pair": (lambda: attend(window_size=(1, 2, 3)), ValueError, "window_size"),
+    "window float bound": (lambda: attend(window_size=(1.5, None)), TypeError, "window_size"),
+    "block_q zero": (lambda: attend(block_q=0), ValueError, "block_q"),
+    "unknown implementation": (
+        lambda: attend(implementation="flash"),
+        ValueError,
+        "implementation",
+    ),
+    "zero kv heads": (
+        lambda: attend(key=jnp.zeros((1, 8, 0, 8)), value=jnp.zeros((1, 8, 0, 8))),
+        ValueError,
+        "H_kv",
+    ),
+    "zero head dim": (
+        lambda: attend(*(jnp.zeros((1, 8, 2, 0)),) * 3),
+        ValueError,
+        "D",
+    ),
+    "ids do not match query": (
+        lambda: attend(segment_ids_q=IDS[:, :4], segment_pos_q=POS[:, :4]),
+        ValueError,
+        "segment_ids_q",
+    ),
+    "self-attention T_kv != T_q": (
+        lambda: attend(key=jnp.zeros((1, 4, 2, 8)), value=jnp.zeros((1, 4, 2, 8))),
+        ValueError,
+        "T_kv",
+    ),
+    "attention layout error": (
+        lambda: attend(segment_ids_q=IDS.at[0, 6].set(2)),
+        ValueError,
+        r"segment_ids_q row 0, token 6",
+    ),
+    "plan and layout keywords": (
+        lambda: thdkit.attention(QKV, QKV, QKV, plan=plan(), segment_ids_q=IDS),
+        ValueError,
+        "plan",
+    ),
+    "plan S zero": (lambda: plan(max_segments_per_seq=0), ValueError, "max_segments_per_seq"),
+    "plan of wrong length": (
+        lambda: thdkit.attention(
+            jnp.zeros((1, 4, 2, 8)), *(jnp.zeros((1, 4, 2, 8)),) * 2, plan=plan()
+        ),
+        ValueError,
+        "plan",
+    ),
+    # --- ring attention ----------------------------------------------------------------------
+    "ring mesh not a Mesh": (lambda: ring(mesh="cp"), TypeError, "mesh"),
+    "ring unknown axis": (lambda: ring(axis_name="sp"), ValueError, "axis_name"),
+    "ring cp does not divide T": (
+        lambda: ring(mesh=Mesh(np.array(jax.devices()[:3]), ("cp",))),
+        ValueError,
+        "cp=3",
+    ),
+    "ring scale inf": (lambda: ring(scale=float("inf")), ValueError, "scale"),
+    "ring mixed dtypes": (lambda: ring(value=QKV.astype(jnp.float16)), TypeError, "value"),
+    "ring self-attention T_kv != T_q": (
+        lambda: ring(key=jnp.zeros((1, 4, 2, 8)), value=jnp.zeros((1, 4, 2, 8))),
+        ValueError,
+        "T_kv",
+    ),
+    "ring_schedule cp zero": (
+        lambda: thdkit.ring_schedule(
+            segment_ids_q=IDS, segment_pos_q=POS, cp=0, max_segments_per_seq=4
+        ),
+        ValueError,
+        "cp",
+    ),
+    # --- reorders ----------------------------------------------------------------------------
+    "striped cp bool": (lambda: reorder.striped(np.arange(8), cp=True), TypeError, "cp"),
+    "striped cp zero": (lambda: reorder.striped(np.arange(8), cp=0), ValueError, "cp"),
+    "striped axis out of range": (
+        lambda: reorder.striped(np.arange(8), cp=2, axis=5),
+        ValueError,
+        "axis",
+    ),
+    "striped 0-d": (lambda: reorder.striped(np.int32(3), cp=2), ValueError, "x"),
+    "striped stripe_size zero": (
+        lambda: reorder.striped(np.arange(8), cp=2, stripe_size=0),
+        ValueError,
+        "stripe_size",
+    ),
+    "striped T not a multiple": (lambda: reorder.striped(np.arange(6), cp=4), ValueError, "T=6"),
+    "dual_chunk_swap T not a multiple": (
+        lambda: reorder.dual_chunk_swap(np.arange(6), cp=2),
+        ValueError,
+        "T=6",
+    ),
+    "shard rank float": (lambda: reorder.shard(np.arange(8), cp=4, rank=1.5), TypeError, "rank"),
+    "shard rank too big": (lambda: reorder.shard(np.arange(8), cp=4, rank=4), ValueError, "rank"),
+    # --- Segments ----------------------------------------------------------------------------
+    "padding_id 2": (lambda: thdkit.Segments.from_ids(IDS, padding_id=2), ValueError, "padding_id"),
+    "cu_seqlens decreasing": (
+        lambda: thdkit.Segments.from_cu_seqlens(jnp.array([0, 4, 3]), total_len=8),
+        ValueError,
+        "cu_seqlens row 0, entry 2",
+    ),
+    "cu_seqlens past total_len": (
+        lambda: thdkit.Segments.from_cu_seqlens(jnp.array([0, 9]), total_len=8),
+        ValueError,
+        "total_len",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_names_the_parameter(case):
+    call, error, match = CASES[case]
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_at_least_sixty_cases():
+    assert len(CASES) + len(CLI_CASES) >= 60
+
+
+# --- The command line: every option is checked before any work, exit code 2, one line ---------
+
+CLI_CASES = {
+    "seed negative": (["bench", "--seed", "-1"], "--seed"),
+    "dtype bogus": (["bench", "attention", "--dtype", "bogus"], "--dtype"),
+    "json dir missing": (["bench", "--json", "/missing/dir/x.json"], "--json"),
+    "compile-timeout negative": (["bench", "--compile-timeout", "-1"], "--compile-timeout"),
+    "mask-types empty": (["bench", "--mask-types", ","], "--mask-types"),
+    "seq-lens not a size": (["bench", "--seq-lens", "12q"], "--seq-lens"),
+    "unknown method": (["bench", "--methods", "linear,quadratic"], "--methods"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_rejects_bad_options_up_front(case):
+    args, option = CLI_CASES[case]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert option in result.output
+    assert "Traceback" not in result.output
+
+
+def test_python_m_cli_reaches_every_subcommand():
+    for sub in ("ring", "attention"):
+        done = subprocess.run(
+            [sys.executable, "-m", "thdkit.cli", "bench", sub, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "Usage" in done.stdout
+
+
+# --- Edge inputs with a defined answer ---------------------------------------------------------
+
+
+def test_empty_batch_gives_empty_results():
+    ids = jnp.zeros((0, 8), jnp.int32)
+    m = thdkit.seqlens_and_offsets(segment_ids_q=ids, segment_pos_q=ids, max_segments_per_seq=4)
+    assert m.q_seqlens.shape == (0, 4) and m.q_offsets.shape == (0, 5)
+    out = thdkit.attention(
+        *(jnp.zeros((0, 8, 2, 8)),) * 3,
+        segment_ids_q=ids,
+        segment_pos_q=ids,
+        max_segments_per_seq=4,
+    )
+    assert out.shape == (0, 8, 2, 8)
+
+
+@pytest.mark.parametrize(
+    ("mask_type", "window"),
+    [
+        ("padding", (None, 2**31 - 1)),
+        ("padding_causal_bottom_right", (2**31 - 1, None)),
+        ("causal", (2**40, 0)),
+    ],
+)
+def test_huge_window_bounds_mean_unbounded(mask_type, window):
+    q = jax.random.normal(jax.random.key(0), (1, 8, 2, 8))
+    wide = attend(q, q, q, mask_type=mask_type, window_size=window)
+    none = attend(q, q, q, mask_type=mask_type, window_size=(None, 0) if window[1] == 0 else None)
+    np.testing.assert_allclose(wide, none, rtol=1e-6, atol=1e-6)
+
+
+def test_positions_at_the_top_of_the_range():
+    top = POS + (MAX_POSITION - int(POS.max()))
+    for mask in ("padding_causal", "padding_causal_bottom_right"):
+        for shifted, plain in zip(
+            meta(segment_pos_q=top, mask_type=mask), meta(mask_type=mask), strict=True
+        ):
+            np.testing.assert_array_equal(shifted, plain)
+        q = jax.random.normal(jax.random.key(1), (1, 8, 2, 8))
+        np.testing.assert_allclose(
+            attend(q, q, q, segment_pos_q=top, mask_type=mask),
+            attend(q, q, q, mask_type=mask),
+            atol=1e-6,
+        )
+
+
+def test_striped_accepts_numpy_ints_in_a_fresh_process():
+    code = (
+        "import numpy as np; from thdkit.reorder import striped; "
+        "print(striped(np.arange(8), cp=np.int64(4)).tolist())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(reorder.striped(np.arange(8), cp=4).tolist())
