@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["EXTRA", "main"]
-
-EXTRA = ("typer", "rich", "matplotlib")
-"""The packages of the ``bench`` extra."""
+__all__ = ["main"]
 
 
 def main() -> None:
@@ -26,7 +23,7 @@ def main() -> None:
     try:
         from thdkit.bench.commands import main as run
     except ModuleNotFoundError as error:
-        if (error.name or "").split(".")[0] not in EXTRA:
+        if (error.name or "").split(".")[0] not in ("typer", "rich", "matplotlib"):
             raise
         print(
             f"thdkit: the command line needs the optional dependencies ({error.name} is missing): "
