@@ -1,10 +1,7 @@
-"""Entry point of the ``thdkit`` command; the commands themselves are :mod:`thdkit.bench.commands`.
+"""Entry point of the ``thdkit`` command (``python -m thdkit.cli bench --quick`` is the same).
 
-The command line and the benchmarks are a tool, not the library: they need the optional extra
-``thdkit[bench]`` (typer, rich, matplotlib). Without it the command says so in one line and exits
-with status 2; the library itself never imports them.
-
-    python -m thdkit.cli bench --quick      # the same as ``thdkit bench --quick``
+The command needs the optional extra ``thdkit[bench]``; without it the command says so in one
+line and exits with status 2. The library never imports typer, rich or matplotlib.
 """
 
 from __future__ import annotations

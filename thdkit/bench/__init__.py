@@ -1,10 +1,9 @@
-"""The benchmarks of thdkit and its ``thdkit`` command: the optional extra ``thdkit[bench]``.
+"""The benchmarks and the ``thdkit`` command: the optional extra ``thdkit[bench]``.
 
-:mod:`~thdkit.bench.measure` holds what every benchmark shares; the metadata benchmark is
-:mod:`~thdkit.bench.sweep` (what), :mod:`~thdkit.bench.run` (how) and :mod:`~thdkit.bench.report`
-(tables, plot); :mod:`~thdkit.bench.attention` and :mod:`~thdkit.bench.ring` are the other two;
-:mod:`~thdkit.bench.commands` is the command line.
+:mod:`~thdkit.bench.measure` holds what they share; the metadata benchmark is ``sweep`` (what),
+``run`` (how) and ``report``; then ``attention``, ``ring`` and ``commands`` (the command line).
 """
+
 
 # ruff: noqa: I001  (one re-export per line, as in thdkit/__init__.py)
 

@@ -22,17 +22,8 @@ from rich.table import Table
 
 from thdkit import synth
 from thdkit.attention import DEFAULT_BLOCK, attention
-from thdkit.bench.measure import (
-    SHAPE_OPTIONS,
-    Options,
-    PlanConfig,
-    format_bytes,
-    mask_names,
-    median,
-    plan,
-    run_plans,
-    table,
-)
+from thdkit.bench import measure
+from thdkit.bench.measure import SHAPE_OPTIONS, Options, PlanConfig, mask_names, median
 from thdkit.bench.ring import document_lengths, visited_tiles, work_per_rank
 from thdkit.masks import MaskType
 from thdkit.reference import check_window
@@ -178,11 +169,11 @@ def run_attention_bench(
         for implementation, passes in itertools.product(config.implementations, _FLOPS_PER_PAIR):
             on_step(f"{label}: compile {implementation} {passes}")
             program = _program(config, implementation, segments, passes)
-            plans[implementation, passes] = plan(
+            plans[implementation, passes] = measure.plan(
                 program, *args, compile_timeout_s=config.compile_timeout_s
             )
         on_step(f"{label}: timing")
-        outcome = run_plans(plans, args, config, config.memory_limit_bytes)
+        outcome = measure.run_plans(plans, args, config, config.memory_limit_bytes)
         executed = {
             "reference": config.batch * seq_len**2,
             "blockwise": work["tiles_visited"] * work["block_q"] * work["block_kv"],
@@ -212,22 +203,17 @@ def attention_table(records: Sequence[Mapping[str, Any]]) -> Table:
         return record["tiles_visited_fraction"] if record["implementation"] == "blockwise" else None
 
     columns = [
-        ("T", "seq_len"),
-        ("S", "segments"),
-        ("impl", "implementation", str, "left"),
-        ("pass", "pass", str, "left"),
-        ("temp", "temp_bytes", format_bytes),
+        ("T", "seq_len"), ("S", "segments"), ("impl", "implementation", str, "left"),
+        ("pass", "pass", str, "left"), ("temp", "temp_bytes", measure.format_bytes),
         ("matmul GFLOP", lambda r: r["matmul_flops"] and r["matmul_flops"] / 1e9, "{:.3g}".format),
-        ("median ms", median, "{:.1f}".format),
-        ("speedup", "speedup", "{:.1f}x".format),
-        ("tiles visited", blockwise, percent),
-        ("allowed pairs", "allowed_pair_fraction", percent),
+        ("median ms", median, "{:.1f}".format), ("speedup", "speedup", "{:.1f}x".format),
+        ("tiles visited", blockwise, percent), ("allowed pairs", "allowed_pair_fraction", percent),
         ("status", lambda r: r["skip_reason"] or "", str, "left"),
-    ]
+    ]  # fmt: skip
     caption = (
         "temp: scratch bytes of the compiled program; matmul GFLOP: executed (blockwise: visited "
         "tiles only); allowed pairs: allowed (q, kv) pairs / T^2"
     )
     title = "ATTENTION: reference vs blockwise (median of interleaved runs)"
     section = lambda r: (r["seq_len"], r["segments"])  # noqa: E731
-    return table(title, columns, records, section=section, caption=caption)
+    return measure.table(title, columns, records, section=section, caption=caption)

@@ -1,22 +1,13 @@
-"""The ``thdkit`` command line (typer): ``thdkit bench``, ``bench attention``, ``bench ring``.
-
-    thdkit --version
-    thdkit bench --quick                    # a first look, under a minute on two CPU cores
-    thdkit bench                            # the default sweep: T = 1k..128k, three mask types
-    thdkit bench --max-segments 16,1024 --json out.json --plot out.png
-    thdkit bench --full                     # T up to 1M, S up to 65536
-    thdkit bench attention                  # reference vs blockwise packed attention
-    thdkit bench ring                       # context-parallel work balance by reorder
-
-``bench`` is a group: with no subcommand it runs the metadata benchmark (its options are the
-group's). A benchmark's options are its config's ``OPTIONS``, field ``x_y`` (or ``x_y_s``) as
-``--x-y``. The config checks every value before any work starts: a bad one ends the command with
-exit status 2 and one line naming the option.
+"""The ``thdkit`` command (typer): ``thdkit bench`` (the metadata benchmark), ``bench attention``,
+``bench ring``. A benchmark's options are its config's ``OPTIONS`` (field ``x_y`` or ``x_y_s`` as
+``--x-y``), all checked before any work: a bad one ends the command with exit status 2 and one
+line naming the option.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import json
 import os
@@ -71,7 +62,9 @@ app = typer.Typer(
 )
 """The ``thdkit`` command."""
 _bench_app = typer.Typer(
-    help="Benchmarks. Without a subcommand: the metadata benchmark (seqlens_and_offsets).",
+    help="Benchmarks. Without a subcommand: the metadata benchmark (seqlens_and_offsets): each "
+    "method a jax.jit program, timed interleaved with a floor that only reads the inputs; "
+    "programs too big for memory are compiled, not run. --quick and --full are presets.",
     invoke_without_command=True,
     add_completion=False,
 )
@@ -86,17 +79,13 @@ def _size(text: str) -> int:
     return int(match[1]) * 1024 ** " kmgt".index(match[2] or " ")
 
 
-def _parts(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-_PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {  # field type -> parser, metavar
-    "int": (_size, "INT"),
-    "int | None": (_size, "INT"),
-    "float": (float, "FLOAT"),
-    "tuple[int, ...]": (lambda text: tuple(map(_size, _parts(text))), "INTS"),
-    "tuple[str, ...]": (lambda text: tuple(_parts(text)), "NAMES"),
-}
+def _parser(kind: str) -> tuple[Callable[[str], Any], str]:
+    """Reads a field of type ``kind`` (ints take k/M/G suffixes, tuples are comma-separated)."""
+    kind = kind.removesuffix(" | None")
+    if kind.startswith("tuple["):
+        one, name = _parser(kind[6:-6])
+        return lambda text: tuple(one(p.strip()) for p in text.split(",") if p.strip()), name + "S"
+    return {"int": (_size, "INT"), "float": (float, "FLOAT")}.get(kind, (str, "NAME"))
 
 
 def _flag(field: str) -> str:
@@ -112,67 +101,47 @@ def _output_path(path: Path | None) -> Path | None:
 
 
 def _plot_path(path: Path | None) -> Path | None:
-    if path is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ModuleNotFoundError:
-            raise typer.BadParameter('needs matplotlib: pip install "thdkit[bench]"') from None
+    if path is not None and importlib.util.find_spec("matplotlib") is None:
+        raise typer.BadParameter('needs matplotlib: pip install "thdkit[bench]"')
     return _output_path(path)
+
+
+JsonPath = Annotated[Path | None, typer.Option("--json", callback=_output_path, help="Write JSON.")]
 
 
 def _options(cls: type[BenchConfig]) -> Callable[[Any], Any]:
     """Gives a command, after its own options, those of ``cls`` that have a help text: None
     unless given (a flag: its default)."""
-    options = []
+    keyword, options = inspect.Parameter.KEYWORD_ONLY, {}
     for field in dataclasses.fields(cls):
-        help_text, flag, default = (
-            cls.OPTIONS.get(field.name, ("",))[0],
-            _flag(field.name),
-            field.default,
-        )
-        if help_text and field.type == "bool":
-            option = typer.Option(f"{flag}/--no-{flag[2:]}", help=help_text)
-            options.append((field.name, bool, option, default))
-        elif help_text:
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            parser, metavar = _PARSERS.get(field.type, (str, "TEXT"))
-            option = typer.Option(
-                flag, parser=parser, metavar=metavar, help=help_text,
-                show_default=False if shown in (None, dataclasses.MISSING) else str(shown),
-            )  # fmt: skip
-            options.append((field.name, Any, option, None))
+        flag, default, help_text = _flag(field.name), field.default, cls.OPTIONS.get(field.name)
+        if help_text is None or help_text[0] is None:
+            continue
+        if field.type == "bool":
+            option = typer.Option(f"{flag}/--no-{flag[2:]}", help=help_text[0])
+            options[field.name] = (Annotated[bool, option], default)
+            continue
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        parser, metavar = _parser(field.type)
+        option = typer.Option(
+            flag, parser=parser, metavar=metavar, help=help_text[0],
+            show_default=False if shown in (None, dataclasses.MISSING) else str(shown),
+        )  # fmt: skip
+        options[field.name] = (Annotated[Any, option], None)
 
     def give(command: Callable[..., None]) -> Callable[..., None]:
-        keyword, hints = (
-            inspect.Parameter.KEYWORD_ONLY,
-            typing.get_type_hints(command, include_extras=True),
-        )
-        own = [
-            p for p in inspect.signature(command).parameters.values() if p.kind is not p.VAR_KEYWORD
-        ]
-        parameters = [p.replace(kind=keyword, annotation=hints[p.name]) for p in own] + [
-            inspect.Parameter(name, keyword, annotation=Annotated[kind, option], default=default)
-            for name, kind, option, default in options
+        hints = typing.get_type_hints(command, include_extras=True)
+        own = inspect.signature(command).parameters.values()
+        mine = {p.name: (hints[p.name], p.default) for p in own if p.kind is not p.VAR_KEYWORD}
+        parameters = [
+            inspect.Parameter(name, keyword, annotation=kind, default=default)
+            for name, (kind, default) in (mine | options).items()
         ]
         command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in parameters}
         return command
 
     return give
-
-
-JsonPath = Annotated[
-    Path | None, typer.Option("--json", callback=_output_path, help="Write a JSON report.")
-]
-
-
-def _config(cls: type[BenchConfig], fields: dict[str, Any], defaults: dict[str, Any] | None = None):
-    """``cls`` of the options given, else of ``defaults``; a bad value names its option."""
-    given = (defaults or {}) | {key: value for key, value in fields.items() if value is not None}
-    try:
-        return cls(**given)
-    except ConfigError as error:
-        raise typer.BadParameter(error.message, param_hint=f"'{_flag(error.field)}'") from None
 
 
 def _run(
@@ -216,6 +185,15 @@ def _run(
     return records, env, console
 
 
+def _config(cls: type[BenchConfig], fields: dict[str, Any], defaults: dict[str, Any] | None = None):
+    """``cls`` of the options given, else of ``defaults``; a bad value names its option."""
+    given = (defaults or {}) | {key: value for key, value in fields.items() if value is not None}
+    try:
+        return cls(**given)
+    except ConfigError as error:
+        raise typer.BadParameter(error.message, param_hint=f"'{_flag(error.field)}'") from None
+
+
 def _print_version(value: bool) -> None:
     if value:
         from thdkit import __version__
@@ -227,7 +205,10 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option(callback=_print_version, is_eager=True, help="Print the version.")
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
     ] = False,
 ) -> None:
     """Exact O(T) varlen-attention metadata for packed sequences in JAX."""
@@ -238,19 +219,16 @@ def _root(
 def _bench(
     ctx: typer.Context,
     quick: Annotated[
-        bool, typer.Option(help="A first look: about a minute on 2 CPU cores.")
+        bool, typer.Option("--quick", help="A first look: a minute on 2 cores.")
     ] = False,
-    full: Annotated[bool, typer.Option(help="T up to 1M and S up to 65,536.")] = False,
-    plot: Annotated[Path | None, typer.Option(callback=_plot_path, help="Write a PNG.")] = None,
+    full: Annotated[bool, typer.Option("--full", help="T up to 1M and S up to 65,536.")] = False,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", callback=_plot_path, help="Write a PNG.")
+    ] = None,
     json_path: JsonPath = None,
     **fields: Any,
 ) -> None:
-    """Benchmark seqlens_and_offsets: memory, work and latency of each method over T, S, masks.
-
-    Every method is its own jax.jit program, timed interleaved with a "floor" program that only
-    reads the inputs; programs too big for memory are compiled but not run. --quick and --full
-    are presets; options given win.
-    """
+    """The metadata benchmark (the group's help is ``_bench_app``'s)."""
     if ctx.invoked_subcommand is not None:
         return
     if quick and full:
@@ -261,10 +239,10 @@ def _bench(
         f"(metadata, {preset} sweep): "
         + "{layout} layout, B={batch}, T={seq_lens}, S={max_segments}"
     )
+    growth = lambda records: {"growth": growth_exponents(records)}  # noqa: E731
     records, env, console = _run(
-        "metadata", header, sweep, run_sweep, metadata_tables, len(sweep.cells()), json_path,
-        lambda records: {"growth": growth_exponents(records)},
-    )  # fmt: skip
+        "metadata", header, sweep, run_sweep, metadata_tables, len(sweep.cells()), json_path, growth
+    )
     if plot is not None:
         console.print(f"wrote {plot} ({plot_records(records, plot, env)})")
 
@@ -296,17 +274,10 @@ def _bench_ring(json_path: JsonPath = None, **fields: Any) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:  # Works before JAX's backend starts.
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={config.cp}"
+    header = "ring: cp={cp}, T={seq_len}, B={batch}"
     cells = len(config.segments) * len(reorder_names(config.stripe_sizes))
     tables = lambda records: [ring_table(records)]  # noqa: E731
-    _run(
-        "ring",
-        "ring: cp={cp}, T={seq_len}, B={batch}",
-        config,
-        run_ring_bench,
-        tables,
-        cells,
-        json_path,
-    )
+    _run("ring", header, config, run_ring_bench, tables, cells, json_path)
 
 
 def main() -> None:

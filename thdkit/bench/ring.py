@@ -24,14 +24,8 @@ from rich.table import Table
 
 from thdkit import reorder, synth
 from thdkit.attention import DEFAULT_BLOCK, tile_ranges
-from thdkit.bench.measure import (
-    SHAPE_OPTIONS,
-    BenchConfig,
-    Options,
-    interleaved_latency,
-    median,
-    table,
-)
+from thdkit.bench import measure
+from thdkit.bench.measure import SHAPE_OPTIONS, BenchConfig, Options, median
 from thdkit.masks import MaskType
 from thdkit.reference import check_window
 from thdkit.ring import difference_bounds, ring_attention, ring_schedule
@@ -82,12 +76,7 @@ class RingBench(BenchConfig):
 
 
 def reorder_names(stripe_sizes: Sequence[int]) -> list[str]:
-    """The reorders a benchmark measures, in table order.
-
-    Example:
-        >>> reorder_names((1, 2))
-        ['none', 'striped(1)', 'striped(2)', 'dual_chunk_swap']
-    """
+    """The reorders measured, in table order: none, striped(s) per stripe size, dual_chunk_swap."""
     return ["none", *(f"striped({s})" for s in stripe_sizes), "dual_chunk_swap"]
 
 
@@ -115,8 +104,9 @@ def _per_step(arrays: Sequence[np.ndarray], cp: int, count: Callable[..., int]) 
 
 
 def _step_pairs(q: tuple[np.ndarray, ...], kv: tuple[np.ndarray, ...], lo: int, hi: int) -> int:
-    """Pairs of equal non-zero id with ``lo <= x_kv - x_q <= hi``; ``q`` and ``kv`` are
-    ``(ids, x)``, int[B, n]. Sorting and two binary searches per query: O(n log n) per row."""
+    """Pairs of equal non-zero id with ``lo <= x_kv - x_q <= hi``, ``q`` and ``kv`` = (ids, x):
+    every mask type and window bounds the difference of one per-token quantity (position, or
+    document length minus position), so two binary searches per query count its keys."""
     total = 0
     for ids_q, x_q, ids_kv, x_kv in zip(*q, *kv, strict=True):
         keep_q, keep_kv = ids_q != 0, ids_kv != 0
@@ -143,20 +133,8 @@ def work_per_rank(
     mask_type: MaskType | str = MASK_TYPE,
     window_size: tuple[int | None, int | None] | None = None,
 ) -> np.ndarray:
-    """Allowed (q, kv) pairs per rank and ring step, summed over the batch; exact.
-
-    Without the [n, n] matrix: every mask type and window bounds the difference of one
-    per-token quantity (position, or document length minus position) between key and query, so
-    each query token's count is the difference of two binary searches.
-
-    Args:
-        segment_ids, segment_pos: int[B, T]; an already reordered self-attention layout.
-        cp: ranks.
-        mask_type: a :class:`thdkit.MaskType` or its name.
-        window_size: ``(left, right)`` or None, as for :func:`thdkit.ring.ring_attention`.
-
-    Returns:
-        int64[cp, cp]; ``[r, k]`` = pairs of rank r at step k (the keys of rank ``(r - k) % cp``).
+    """int64[cp, cp]: ``[r, k]`` = allowed (q, kv) pairs of rank r at ring step k of an already
+    reordered int[B, T] layout, summed over the batch; exact, without an [n, n] matrix.
 
     Example:
         >>> ids, pos = np.ones((1, 8), np.int32), np.arange(8, dtype=np.int32)[None]
@@ -212,29 +190,20 @@ def _balance(config: RingBench, segments: int, name: str, ids: np.ndarray, pos: 
 
 
 def _latency(config: RingBench, layouts: Mapping[Any, tuple[np.ndarray, ...]]) -> Any:
-    """Latency of ring attention on each layout, or why there is none."""
-    if jax.device_count() < config.cp:
-        return {}, (
-            f"not run: needs {config.cp} devices, found {jax.device_count()}; on CPU set "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count={config.cp} before JAX starts"
-        )
+    """Latency of ring attention on each layout (one program: S only sizes per-segment bins)."""
     mesh = Mesh(np.array(jax.devices()[: config.cp]), ("cp",))
     tokens, heads = NamedSharding(mesh, P(None, "cp")), NamedSharding(mesh, P(None, "cp", None))
     rng = np.random.default_rng(config.seed)
     shape = (config.batch, config.seq_len, config.heads, config.head_dim)
     qkv = [jax.device_put(rng.standard_normal(shape, np.float32), heads) for _ in range(3)]
-
-    # One program for every layout: ids and positions are traced, and S only sizes per-segment
-    # bins, so the largest document count serves all.
-    @jax.jit
-    def program(q, k, v, ids, pos):
-        return ring_attention(
-            q, k, v, segment_ids_q=ids, segment_pos_q=pos, mask_type=MASK_TYPE,
-            max_segments_per_seq=max(config.segments), mesh=mesh, axis_name="cp",
-        )  # fmt: skip
-
+    options = {"max_segments_per_seq": max(config.segments), "mesh": mesh, "axis_name": "cp"}
+    program = jax.jit(
+        lambda q, k, v, ids, pos: ring_attention(
+            q, k, v, segment_ids_q=ids, segment_pos_q=pos, mask_type=MASK_TYPE, **options
+        )
+    )
     args = {key: (*qkv, *(jax.device_put(x, tokens) for x in xs)) for key, xs in layouts.items()}
-    return interleaved_latency(dict.fromkeys(layouts, program), args, config), None
+    return measure.interleaved_latency(dict.fromkeys(layouts, program), args, config)
 
 
 def run_ring_bench(
@@ -277,40 +246,36 @@ def run_ring_bench(
             records.append(_balance(config, segments, name, *layout))
             layouts[segments, name] = layout
             on_cell_done()
-    if config.latency:
-        on_step(f"ring latency: compiling and timing {len(layouts)} layouts")
-        latency, reason = _latency(config, layouts)
+    if config.latency and jax.device_count() < config.cp:
+        reason = f"not run: needs {config.cp} devices, found {jax.device_count()}; on CPU set "
+        reason += f"XLA_FLAGS=--xla_force_host_platform_device_count={config.cp} before JAX starts"
         for record in records:
-            record["latency_ms"] = latency.get((record["segments"], record["reorder"]))
             record["skip_reason"] = reason
+    elif config.latency:
+        on_step(f"ring latency: compiling and timing {len(layouts)} layouts")
+        latency = _latency(config, layouts)
+        for record in records:
+            record["latency_ms"] = latency[record["segments"], record["reorder"]]
     return records
 
 
 def ring_table(records: Sequence[Mapping[str, Any]]) -> Table:
     """RING SUMMARY: per-rank work balance, skipped steps and latency of each reorder."""
-    first = records[0] if records else {}
-    block = first.get("block")
     title = (
-        f"RING SUMMARY (cp={first.get('cp')}, T={first.get('seq_len')}, B={first.get('batch')}, "
-        f"{first.get('mask_type')}; work = allowed (q, kv) pairs; tiles = visited {block}x{block} "
-        "tiles)"
-    )
+        "RING SUMMARY (cp={cp}, T={seq_len}, B={batch}, {mask_type}; work = allowed (q, kv) pairs; "
+        "tiles = visited {block}x{block} tiles)"
+    ).format_map(records[0])
     count, ratio = "{:,}".format, "{:.3f}".format
     columns = [
-        ("segments", "segments"),
-        ("reorder", "reorder", str, "left"),
-        ("work max", "work_max", count),
-        ("work mean", "work_mean", "{:,.0f}".format),
-        ("max / mean", "imbalance", ratio),
-        ("tiles max", "tiles_max", count),
-        ("tiles total", "tiles_total", count),
-        ("tiles max / mean", "tile_imbalance", ratio),
+        ("segments", "segments"), ("reorder", "reorder", str, "left"),
+        ("work max", "work_max", count), ("work mean", "work_mean", "{:,.0f}".format),
+        ("max / mean", "imbalance", ratio), ("tiles max", "tiles_max", count),
+        ("tiles total", "tiles_total", count), ("tiles max / mean", "tile_imbalance", ratio),
         ("steps run", lambda r: f"{r['steps_run']}/{r['steps_total']}"),
-        ("skipped", "steps_skipped"),
-        ("empty", "steps_empty"),
+        ("skipped", "steps_skipped"), ("empty", "steps_empty"),
         ("latency ms", median, "{:.3g}".format),
         ("runs", lambda r: (r["latency_ms"] or {}).get("samples")),
-    ]
+    ]  # fmt: skip
     reasons = sorted({r["skip_reason"] for r in records if r["skip_reason"]})
     caption = "latency: " + "; ".join(reasons) if reasons else None
-    return table(title, columns, records, section=lambda r: r["segments"], caption=caption)
+    return measure.table(title, columns, records, section=lambda r: r["segments"], caption=caption)

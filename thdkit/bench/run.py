@@ -1,10 +1,6 @@
-"""How the metadata benchmark measures a sweep (:mod:`thdkit.bench.sweep` says what).
-
-For each cell the benchmark draws the layout, plans every method as its own ``jax.jit`` program
-plus a *floor* program that only reads the same inputs once (one sum per array), times the plans
-that fit the memory budget, interleaved round-robin after warm-up, and checks that every method's
-output equals linear's. A method whose rough size estimate exceeds the compile limit is not
-compiled at all.
+"""How the metadata benchmark measures a sweep: every method a ``jax.jit`` program, plus a floor
+program that only reads the inputs, timed interleaved where it fits; outputs checked against
+linear's; methods estimated above the compile limit not compiled at all.
 """
 
 from __future__ import annotations

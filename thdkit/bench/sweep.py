@@ -1,15 +1,8 @@
 """What the metadata benchmark runs: ``seqlens_and_offsets`` by method over T, S, masks, layouts.
 
-Axis legend: B batch, T tokens per row (T_q = T_kv = T for every layout), S =
-``max_segments_per_seq``.
-
-A *cell* is one (T, S, mask type) of a sweep. Its random [B, T] layout is seeded by (seed, T, S),
-so every mask type and method of a (T, S) sees the same tokens: ``self`` =
-:func:`thdkit.synth.packed_segments`; ``cross`` = :func:`thdkit.synth.cross_segments` with
-T_kv = T; ``ring`` = the worst ring step of a row of ``RING_CP * T`` tokens striped over
-``RING_CP`` ranks (stripe 1): the (q rank, kv rank) pair whose view has the most allowed (q, kv)
-pairs under the cell's mask type (counted exactly on the host, O(T log T)); ties go to the first
-pair in row-major order. The generator gets ``min(S, row length)`` documents.
+A cell's random [B, T] layout is seeded by (seed, T, S), so every mask type and method of a (T, S)
+sees the same tokens; ``ring`` takes the step of striped cp = ``RING_CP`` with the most allowed
+pairs (the first in row-major order on ties). docs/benchmarks.md describes the sweep.
 """
 
 from __future__ import annotations
