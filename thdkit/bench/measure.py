@@ -127,10 +127,7 @@ class PlanConfig(BenchConfig):
         **BenchConfig.OPTIONS,
         "seq_lens": ("T values, comma-separated; k/M suffixes ok.", 1),
         "compile_timeout_s": ("Seconds a compile may take before it is skipped.", 0.0),
-        "memory_limit_bytes": (
-            "Run budget; plans above it are 'not run'. \\[default: half free]",
-            1,
-        ),
+        "memory_limit_bytes": ("Run budget in bytes; plans above it are 'not run'.", 1),
     }
     seq_lens: tuple[int, ...] = ()
     compile_timeout_s: float = 60.0

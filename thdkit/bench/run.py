@@ -93,22 +93,13 @@ def run_sweep(
             if name in outputs and "linear" in outputs:
                 pairs = zip(outputs[name], outputs["linear"], strict=True)
                 same = all(np.array_equal(x, y) for x, y in pairs)
-            records.append(
-                {
-                    "method": name,
-                    "mask_type": mask_type,
-                    "layout": sweep.layout,
-                    "batch": sweep.batch,
-                    "seq_len": seq_len,
-                    "seq_len_kv": seq_len,
-                    "max_segments": max_segments,
-                    "segments": segments,
-                    "ring_step": ring_step,
-                    **outcome[name],
-                    "temp_bytes_per_token": temp and temp / (sweep.batch * seq_len),
-                    "estimated_bytes": estimates[name],
-                    "matches_linear": same,
-                }
-            )
+            records.append({
+                "method": name, "mask_type": mask_type, "layout": sweep.layout,
+                "batch": sweep.batch, "seq_len": seq_len, "seq_len_kv": seq_len,
+                "max_segments": max_segments, "segments": segments, "ring_step": ring_step,
+                **outcome[name],
+                "temp_bytes_per_token": temp and temp / (sweep.batch * seq_len),
+                "estimated_bytes": estimates[name], "matches_linear": same,
+            })  # fmt: skip
         on_cell_done()
     return records
