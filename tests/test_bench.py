@@ -8,7 +8,6 @@ their shape (counts, ordering of min / median / max).
 from __future__ import annotations
 
 import functools
-import json
 import subprocess
 import sys
 import textwrap
@@ -20,10 +19,12 @@ import numpy as np
 import pytest
 
 from thdkit import synth
-from thdkit.bench import measure, report, run, sweep
+from thdkit.bench import measure, report
 from thdkit.bench.attention import AttentionBench
-from thdkit.bench.measure import BenchConfig, Column, ConfigError, Plan
+from thdkit.bench.measure import BenchConfig, ConfigError
 from thdkit.bench.ring import RingBench
+from thdkit.bench.run import run_sweep
+from thdkit.bench.sweep import FLOOR, METHODS, MetadataSweep, make_inputs
 from thdkit.masks import MaskType
 from thdkit.metadata import seqlens_and_offsets
 from thdkit.reference import allowed_pairs
@@ -42,54 +43,57 @@ def _metadata(ids: jax.Array, pos: jax.Array, **options: object) -> object:
     return seqlens_and_offsets(segment_ids_q=ids, segment_pos_q=pos, **options)
 
 
+def _plan(fn, *args, **options):
+    return measure.plan(fn, *args, compile_timeout_s=60.0, **options)
+
+
 # --- measure.plan ---------------------------------------------------------------------------
 
 
 def test_plan_reads_sizes_and_costs_from_shapes_alone():
-    planned = measure.plan(jnp.sum, jax.ShapeDtypeStruct((1024,), jnp.float32))
-    assert planned.skip_reason is None
-    assert (planned.arg_bytes, planned.output_bytes) == (4096, 4)
-    assert planned.total_bytes >= planned.arg_bytes + planned.output_bytes
-    assert planned.flops > 0 and planned.bytes_accessed >= 4096 and planned.compile_s > 0
-    np.testing.assert_allclose(planned.executable(jnp.ones(1024)), 1024.0)
-    fields = planned.fields()
-    assert fields["total_bytes"] == planned.total_bytes and "executable" not in fields
+    executable, fields = _plan(jnp.sum, jax.ShapeDtypeStruct((1024,), jnp.float32))
+    assert fields["skip_reason"] is None
+    assert (fields["arg_bytes"], fields["output_bytes"]) == (4096, 4)
+    assert fields["total_bytes"] >= fields["arg_bytes"] + fields["output_bytes"]
+    assert fields["flops"] > 0 and fields["bytes_accessed"] >= 4096 and fields["compile_s"] > 0
+    np.testing.assert_allclose(executable(jnp.ones(1024)), 1024.0)
+    assert set(fields) == {*measure.skipped("x")[1]}  # one record schema, compiled or not
 
 
 def test_plan_accepts_arrays_and_binds_static_options():
-    planned = measure.plan(jnp.sum, jnp.ones((8, 4)), axis=1)
-    assert (planned.arg_bytes, planned.output_bytes) == (8 * 4 * 4, 8 * 4)
+    fields = _plan(jnp.sum, jnp.ones((8, 4)), axis=1)[1]
+    assert (fields["arg_bytes"], fields["output_bytes"]) == (8 * 4 * 4, 8 * 4)
 
 
 def test_plan_dense_temp_grows_quadratically_and_linear_stays_flat_in_s():
     spec = {t: jax.ShapeDtypeStruct((1, t), jnp.int32) for t in (256, 512, 4096)}
     dense = {
-        t: measure.plan(
+        t: _plan(
             _metadata, spec[t], spec[t], mask_type="padding_causal", max_segments_per_seq=4,
             method="dense",
-        ).temp_bytes
+        )[1]["temp_bytes"]
         for t in (256, 512)
     }  # fmt: skip
     assert 3.0 < dense[512] / dense[256] < 5.0 and dense[512] >= 512 * 512
     linear = {
-        s: measure.plan(
+        s: _plan(
             functools.partial(_metadata, method="linear"), spec[4096], spec[4096],
             mask_type="padding", max_segments_per_seq=s,
-        ).temp_bytes
+        )[1]["temp_bytes"]
         for s in (4, 64)
     }  # fmt: skip
     assert abs(linear[64] - linear[4]) < 64 * 64
 
 
 def test_plan_failures_are_skip_reasons():
-    failed = measure.plan(lambda x: x @ x, jax.ShapeDtypeStruct((3, 4), jnp.float32))
-    assert failed.executable is None and failed.total_bytes is None
-    assert failed.skip_reason.startswith("compile failed: TypeError")
+    executable, fields = _plan(lambda x: x @ x, jax.ShapeDtypeStruct((3, 4), jnp.float32))
+    assert executable is None and fields["total_bytes"] is None
+    assert fields["skip_reason"].startswith("compile failed: TypeError")
 
     def unsupported(x):
         raise NotImplementedError("needs a GPU")
 
-    reason = measure.plan(unsupported, jnp.ones(2)).skip_reason
+    reason = _plan(unsupported, jnp.ones(2))[1]["skip_reason"]
     assert reason == "not supported: NotImplementedError: needs a GPU"
 
 
@@ -97,8 +101,8 @@ def test_plan_time_limit_gives_a_skip_reason_instead_of_waiting():
     spec = jax.ShapeDtypeStruct((2048,), jnp.float32)
     try:
         planned = measure.plan(lambda x: jnp.sort(x) * 2, spec, compile_timeout_s=1e-6)
-        assert planned.executable is None
-        assert planned.skip_reason == "not compiled: compile exceeded 1e-06 s"
+        assert planned[0] is None
+        assert planned[1]["skip_reason"] == "not compiled: compile exceeded 1e-06 s"
     finally:
         _wait_for_abandoned_compiles()
 
@@ -109,52 +113,52 @@ def test_plan_time_limit_gives_a_skip_reason_instead_of_waiting():
 def test_interleaved_latency_counts_and_order():
     x = jnp.arange(64.0)
     fns = {"sum": jax.jit(jnp.sum), "max": jax.jit(jnp.max)}
-    stats = measure.interleaved_latency(fns, dict.fromkeys(fns, (x,)), warmup=1, repeats=4)
+    config = BenchConfig(warmup=1, repeats=4)
+    stats = measure.interleaved_latency(fns, dict.fromkeys(fns, (x,)), config)
     assert set(stats) == {"sum", "max"}
     for latency in stats.values():
-        assert latency.samples == 4
-        assert 0 < latency.min <= latency.median <= latency.max
-        assert set(latency._asdict()) == LATENCY_KEYS
+        assert latency["samples"] == 4 and set(latency) == LATENCY_KEYS
+        assert 0 < latency["min"] <= latency["median"] <= latency["max"]
 
 
-def test_interleaved_latency_budget_keeps_min_repeats_for_slow_programs():
+def test_interleaved_latency_budget_keeps_three_runs_for_slow_programs():
     def slow(x):
         time.sleep(0.02)
         return x
 
     x = jnp.ones(4)
+    config = BenchConfig(warmup=2, repeats=50, time_per_program_s=0.001)
     stats = measure.interleaved_latency(
-        {"slow": slow, "fast": jax.jit(jnp.sum)},
-        {"slow": (x,), "fast": (x,)},
-        warmup=2,
-        repeats=50,
-        min_repeats=2,
-        budget_s=0.001,
+        {"slow": slow, "fast": jax.jit(jnp.sum)}, {"slow": (x,), "fast": (x,)}, config
     )
-    assert stats["slow"].samples == 2
-    assert 2 <= stats["fast"].samples <= 50
+    assert stats["slow"]["samples"] == 3
+    assert 3 <= stats["fast"]["samples"] <= 50
 
 
 def test_run_plans_times_what_fits_and_says_why_not_the_rest():
-    spec = jax.ShapeDtypeStruct((1024,), jnp.float32)
+    x = jnp.ones(64)
     plans = {
-        "small": measure.plan(jnp.sum, jax.ShapeDtypeStruct((4,), jnp.float32)),
-        "big": measure.plan(jnp.sum, spec),
-        "broken": Plan.skipped("compile failed: boom"),
+        "small": _plan(jnp.sum, x),
+        "big": _plan(lambda x: jnp.tile(x, 64), x),  # a 16 KiB output
+        "broken": measure.skipped("compile failed: boom"),
     }
-    args = {"small": (jnp.ones(4),), "big": (jnp.ones(1024),), "broken": ()}
-    out = measure.run_plans(plans, args, BenchConfig(repeats=2, warmup=0), budget_bytes=1024)
-    assert out["small"][0] is None and set(out["small"][1]) == LATENCY_KEYS
-    assert out["small"][1]["samples"] == 2
-    needs = measure.format_bytes(plans["big"].total_bytes)
-    assert out["big"] == (f"not run: needs {needs} (budget 1.0 KiB)", None)
-    assert out["broken"] == ("compile failed: boom", None)
+    out = measure.run_plans(plans, (x,), BenchConfig(repeats=2, warmup=0), 1024)
+    assert out["small"]["skip_reason"] is None and set(out["small"]["latency_ms"]) == LATENCY_KEYS
+    assert out["small"]["latency_ms"]["samples"] == 2
+    needs = measure.format_bytes(plans["big"][1]["total_bytes"])
+    assert out["big"]["skip_reason"] == f"not run: needs {needs} (budget 1.0 KiB)"
+    assert out["broken"]["skip_reason"] == "compile failed: boom"
+    assert out["big"]["latency_ms"] is None and out["broken"]["latency_ms"] is None
+    assert out["big"]["output_bytes"] == 64 * 64 * 4  # the plan is still reported
+    # Without a limit the budget is half the memory free now: the small program fits.
+    default = measure.run_plans(plans, (x,), BenchConfig(repeats=1, warmup=0), None)
+    assert default["small"]["latency_ms"]["samples"] == 1
 
 
-def test_memory_and_budget():
-    assert measure.memory_budget_bytes(limit_bytes=1) == 1
-    assert measure.memory_budget_bytes(fraction=0.5) <= measure.memory_bytes()
+def test_memory_and_format_bytes():
     assert 0 < measure.memory_bytes() <= measure.memory_bytes(total=True)
+    sizes = [measure.format_bytes(n) for n in (None, 512, 3 * 2**30, 2**44)]
+    assert sizes == ["-", "512 B", "3.0 GiB", "16.0 TiB"]
 
 
 def test_environment_names_the_backend():
@@ -165,33 +169,18 @@ def test_environment_names_the_backend():
         assert env[key]
 
 
-# --- the table builder and the JSON report --------------------------------------------------
+# --- the table builder ----------------------------------------------------------------------
 
 
 def test_table_shows_values_sections_and_dashes():
     records = [{"a": 1, "b": 0.5}, {"a": 1, "b": None}, {"a": 2, "b": 2.0}]
-    columns = [
-        Column("a", "a"),
-        Column("b", "b", "{:.2f}".format),
-        Column("c", lambda r: r["a"] * 10),
-    ]
+    columns = [("a", "a"), ("b", "b", "{:.2f}".format), ("c", lambda r: r["a"] * 10, str, "left")]
     table = measure.table("T", columns, records, section=lambda r: r["a"], caption="note")
     assert table.row_count == 3 and table.caption == "note"
     assert list(table.columns[1].cells) == ["0.50", "-", "2.00"]
     assert list(table.columns[2].cells) == ["10", "10", "20"]
+    assert [c.justify for c in table.columns] == ["right", "right", "left"]
     assert [row.end_section for row in table.rows] == [False, True, False]
-
-
-@pytest.mark.parametrize("config", [sweep.MetadataSweep(), RingBench(), BenchConfig()])
-def test_write_json_has_the_same_top_level_keys(tmp_path, config):
-    path = tmp_path / "out.json"
-    records = [{"latency_ms": None, "skip_reason": "not run"}]
-    measure.write_json(path, benchmark="x", config=config, environment={"backend": "cpu"},
-                       records=records)  # fmt: skip
-    document = json.loads(path.read_text())
-    assert list(document) == ["benchmark", "config", "environment", "summary", "records"]
-    assert document["config"]["seed"] == 0 and document["summary"] == {}
-    assert document["records"] == records
 
 
 # --- option checks of every config ----------------------------------------------------------
@@ -202,18 +191,22 @@ def test_write_json_has_the_same_top_level_keys(tmp_path, config):
     [
         (BenchConfig, {"seed": -1}, "seed"),
         (BenchConfig, {"batch": 0}, "batch"),
+        (BenchConfig, {"batch": 2.0}, "batch"),
+        (BenchConfig, {"batch": True}, "batch"),
         (BenchConfig, {"repeats": 0}, "repeats"),
         (BenchConfig, {"warmup": -1}, "warmup"),
         (BenchConfig, {"time_per_program_s": 0.0}, "time_per_program_s"),
-        (sweep.MetadataSweep, {"methods": ("fast",)}, "methods"),
-        (sweep.MetadataSweep, {"methods": ()}, "methods"),
-        (sweep.MetadataSweep, {"layout": "diagonal"}, "layout"),
-        (sweep.MetadataSweep, {"mask_types": ("sideways",)}, "mask_types"),
-        (sweep.MetadataSweep, {"mask_types": ()}, "mask_types"),
-        (sweep.MetadataSweep, {"seq_lens": ()}, "seq_lens"),
-        (sweep.MetadataSweep, {"max_segments": (0,)}, "max_segments"),
-        (sweep.MetadataSweep, {"compile_timeout_s": -1.0}, "compile_timeout_s"),
-        (sweep.MetadataSweep, {"memory_limit_bytes": 0}, "memory_limit_bytes"),
+        (BenchConfig, {"time_per_program_s": "1"}, "time_per_program_s"),
+        (MetadataSweep, {"methods": ("fast",)}, "methods"),
+        (MetadataSweep, {"methods": ()}, "methods"),
+        (MetadataSweep, {"layout": "diagonal"}, "layout"),
+        (MetadataSweep, {"mask_types": ("sideways",)}, "mask_types"),
+        (MetadataSweep, {"mask_types": ()}, "mask_types"),
+        (MetadataSweep, {"seq_lens": ()}, "seq_lens"),
+        (MetadataSweep, {"max_segments": (0,)}, "max_segments"),
+        (MetadataSweep, {"compile_timeout_s": -1.0}, "compile_timeout_s"),
+        (MetadataSweep, {"memory_limit_bytes": 0}, "memory_limit_bytes"),
+        (MetadataSweep, {"compile_limit_bytes": 0}, "compile_limit_bytes"),
         (AttentionBench, {"dtype": "bogus"}, "dtype"),
         (AttentionBench, {"dtype": "int32"}, "dtype"),
         (AttentionBench, {"implementations": ("fast",)}, "implementations"),
@@ -221,6 +214,7 @@ def test_write_json_has_the_same_top_level_keys(tmp_path, config):
         (AttentionBench, {"seq_lens": (64,), "segments": (65,)}, "segments"),
         (AttentionBench, {"mask_type": "sideways"}, "mask_type"),
         (AttentionBench, {"window_size": (1, 2, 3)}, "window_size"),
+        (AttentionBench, {"block_q": 0}, "block_q"),
         (RingBench, {"seq_len": 100}, "seq_len"),
         (RingBench, {"cp": 0}, "cp"),
         (RingBench, {"stripe_sizes": (0,)}, "stripe_sizes"),
@@ -228,84 +222,93 @@ def test_write_json_has_the_same_top_level_keys(tmp_path, config):
     ],
 )
 def test_configs_reject_bad_options_naming_them(cls, options, field):
-    with pytest.raises(ConfigError, match=f"^{field} ") as error:
+    with pytest.raises(ConfigError, match=f"^{field}: ") as error:
         cls(**options)
     assert error.value.field == field
 
 
 def test_sweep_canonical_mask_names_and_cells():
-    config = sweep.MetadataSweep(
-        seq_lens=(64, 128), max_segments=(4,), mask_types=("causal_padding",)
-    )
+    config = MetadataSweep(seq_lens=(64, 128), max_segments=(4,), mask_types=("causal_padding",))
     assert config.mask_types == ("padding_causal",)
-    assert [c.label() for c in config.cells()] == [
-        "T=64 S=4 padding_causal",
-        "T=128 S=4 padding_causal",
-    ]
+    assert config.cells() == [(64, 4, "padding_causal"), (128, 4, "padding_causal")]
 
 
 # --- the metadata benchmark -----------------------------------------------------------------
 
 
-def test_worst_ring_step_has_the_most_pairs():
-    ids, pos = synth.packed_segments(np.random.default_rng(0), batch=1, seq_len=128, max_segments=3)
+def test_ring_layout_takes_the_step_with_the_most_pairs():
+    config = MetadataSweep(layout="ring")
+    view, segments, (q_rank, kv_rank) = make_inputs(config, 32, 3, "padding_causal")
+    rng = np.random.default_rng([config.seed, 32, 3])  # as make_inputs draws it
+    ids, pos = synth.packed_segments(rng, batch=1, seq_len=4 * 32, max_segments=3)
     ids, pos = synth.striped(ids, cp=4), synth.striped(pos, cp=4)
-    worst = sweep.worst_ring_step(ids, pos, cp=4, mask_type="padding_causal")
 
-    def count(step):
-        view = synth.ring_step(ids, pos, cp=4, q_rank=step[0], kv_rank=step[1])
-        return int(allowed_pairs(*view, mask_type=MaskType.PADDING_CAUSAL).sum())
+    def count(q, kv):
+        step = synth.ring_step(ids, pos, cp=4, q_rank=q, kv_rank=kv)
+        return int(allowed_pairs(*step, mask_type=MaskType.PADDING_CAUSAL).sum())
 
-    assert all(count(worst) >= count((q, kv)) for q in range(4) for kv in range(4))
+    assert segments == 3
+    assert all(count(q_rank, kv_rank) >= count(q, kv) for q in range(4) for kv in range(4))
+    expected = synth.ring_step(ids, pos, cp=4, q_rank=q_rank, kv_rank=kv_rank)
+    assert all(np.array_equal(a, b) for a, b in zip(view, expected, strict=True))
 
 
 def test_make_inputs_shapes_and_segment_cap():
     for layout, count in (("self", 2), ("cross", 4), ("ring", 4)):
-        config = sweep.MetadataSweep(layout=layout, batch=2)
-        inputs = sweep.make_inputs(config, sweep.Cell(32, 100, "padding"))
-        assert len(inputs.arrays) == count
-        assert all(a.shape == (2, 32) and a.dtype == np.int32 for a in inputs.arrays)
+        arrays, segments, ring_step = make_inputs(
+            MetadataSweep(layout=layout, batch=2), 32, 100, "padding"
+        )
+        assert len(arrays) == count
+        assert all(a.shape == (2, 32) and a.dtype == np.int32 for a in arrays)
         # S > row length: the generator gets one document per token of the row at most.
-        assert inputs.segments == (100 if layout == "ring" else 32)
-        assert (inputs.ring_step is not None) == (layout == "ring")
-
-
-def test_estimated_bytes_orders_the_methods():
-    sizes = {
-        m: sweep.estimated_bytes(m, batch=1, seq_len=131072, max_segments=16) for m in sweep.METHODS
-    }
-    assert sizes["linear"] < sizes["one_hot"] < sizes["dense"] == 131072**2
+        assert segments == (100 if layout == "ring" else 32)
+        assert (ring_step is not None) == (layout == "ring")
 
 
 @pytest.mark.parametrize(
     ("layout", "mask_type"),
     [("self", "padding_causal"), ("cross", "padding"), ("ring", "padding_causal_bottom_right")],
 )
-def test_run_cell_runs_every_method_and_they_agree(layout, mask_type):
-    config = sweep.MetadataSweep(
+def test_run_sweep_runs_every_method_and_they_agree(layout, mask_type):
+    config = MetadataSweep(
         seq_lens=(64,), max_segments=(4,), mask_types=(mask_type,), layout=layout, warmup=1,
         repeats=2, time_per_program_s=0.01,
     )  # fmt: skip
-    records = run.run_cell(config, config.cells()[0])
-    assert [r["method"] for r in records] == [*sweep.METHODS, sweep.FLOOR]
+    records = run_sweep(config)
+    assert [r["method"] for r in records] == [*METHODS, FLOOR]
     for record in records:
         assert record["skip_reason"] is None and record["layout"] == layout
         assert set(record["latency_ms"]) == LATENCY_KEYS and record["latency_ms"]["samples"] >= 1
-        assert record["matches_linear"] is (None if record["method"] == sweep.FLOOR else True)
+        assert record["matches_linear"] is (None if record["method"] == FLOOR else True)
+    estimates = [r["estimated_bytes"] for r in records]
+    assert estimates[0] < estimates[1] < estimates[2] == 64 * 64 and estimates[3] is None
 
 
 def test_absurd_dense_is_skipped_before_compiling():
-    config = sweep.MetadataSweep(
+    config = MetadataSweep(
         seq_lens=(2**22,), max_segments=(16,), mask_types=("padding",), methods=("dense",),
         memory_limit_bytes=1,
     )  # fmt: skip
     started = time.perf_counter()
-    dense, floor = run.run_cell(config, config.cells()[0])
+    dense, floor = run_sweep(config)
     assert dense["skip_reason"].startswith("not compiled: needs ~16.0 TiB")
     assert dense["compile_s"] is None and dense["temp_bytes"] is None
     assert dense["estimated_bytes"] == 2**44
     assert floor["skip_reason"].startswith("not run: needs")
     assert time.perf_counter() - started < 30
+
+
+def test_compile_timeout_is_a_skip_reason():
+    config = MetadataSweep(
+        seq_lens=(64,), max_segments=(4,), mask_types=("padding",), methods=("linear",),
+        compile_timeout_s=1e-6, repeats=1,
+    )  # fmt: skip
+    try:
+        linear, floor = run_sweep(config)
+    finally:
+        _wait_for_abandoned_compiles()
+    assert linear["skip_reason"] == floor["skip_reason"] == "not compiled: compile exceeded 1e-06 s"
+    assert linear["latency_ms"] is None and linear["matches_linear"] is None
 
 
 def test_growth_exponents_recover_the_power():
@@ -322,11 +325,11 @@ def test_growth_exponents_recover_the_power():
 
 
 def test_metadata_tables_ratios_against_linear_and_floor():
-    config = sweep.MetadataSweep(
+    config = MetadataSweep(
         seq_lens=(64, 128), max_segments=(4,), mask_types=("padding",), methods=("linear", "dense"),
         repeats=1, warmup=0,
     )  # fmt: skip
-    records = run.run_sweep(config)
+    records = run_sweep(config)
     memory, work, latency, growth = report.metadata_tables(records)
     ratio = dict(zip(memory.columns[3].cells, memory.columns[8].cells, strict=True))
     assert ratio["linear"] == "1"
@@ -336,6 +339,8 @@ def test_metadata_tables_ratios_against_linear_and_floor():
     assert [row.end_section for row in memory.rows].count(True) == 1  # two cells
     assert growth.row_count == 2  # linear and dense, the floor left out
     assert work.row_count == len(records)
+    single = report.metadata_tables(records[:3])  # one T: no growth table
+    assert len(single) == 3
 
 
 # --- the library without the bench extra ----------------------------------------------------

@@ -13,7 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from thdkit import __version__
-from thdkit.bench.commands import app, parse_size
+from thdkit.bench.commands import app
 
 RECORD_KEYS = {
     "method", "mask_type", "layout", "batch", "seq_len", "max_segments", "arg_bytes",
@@ -131,6 +131,7 @@ def test_bench_ring_subcommand(runner, tmp_path):
     assert "RING SUMMARY" in result.output
     document = _document(json_path)
     assert document["benchmark"] == "ring" and document["config"]["cp"] == 4
+    assert document["summary"] == {} and document["config"]["seed"] == 0
     records = document["records"]
     reorders = {(r["segments"], r["reorder"]) for r in records}
     assert reorders == {(s, r) for s in (1, 4) for r in ("none", "striped(1)", "dual_chunk_swap")}
@@ -152,7 +153,7 @@ def test_bench_attention_subcommand(runner, tmp_path):
     _invoke(runner, *TINY_ATTENTION, "--json", str(json_path))
     document = _document(json_path)
     records = document["records"]
-    assert document["benchmark"] == "attention"
+    assert document["benchmark"] == "attention" and document["summary"] == {}
     assert {(r["implementation"], r["pass"]) for r in records} == {
         (impl, p) for impl in ("reference", "blockwise") for p in ("fwd", "fwd+bwd")
     }
@@ -177,6 +178,8 @@ def test_bench_attention_subcommand(runner, tmp_path):
         (["bench", "--mask-types", "sideways"], "'--mask-types'"),
         (["bench", "--seq-lens", ""], "'--seq-lens'"),
         (["bench", "--seq-lens", "lots"], "'--seq-lens'"),
+        (["bench", "--max-segments", "-3"], "'--max-segments'"),
+        (["bench", "--time-per-program", "x"], "'--time-per-program'"),
         (["bench", "--max-segments", "0"], "'--max-segments'"),
         (["bench", "--methods", "fast"], "'--methods'"),
         (["bench", "--layout", "diagonal"], "'--layout'"),
@@ -211,12 +214,15 @@ def test_unknown_option_and_command_fail_in_one_line(runner):
         assert result.output.startswith("Error: ")
 
 
-def test_parse_size():
-    assert parse_size("128k") == 131072
-    assert parse_size("1M") == 2**20
-    assert parse_size("16GiB") == 16 * 2**30
-    with pytest.raises(typer.BadParameter):
-        parse_size("-3")
+def test_sizes_take_binary_suffixes(runner, tmp_path):
+    json_path = tmp_path / "bench.json"
+    _invoke(
+        runner, *TINY, "--seq-lens", "64", "--methods", "linear", "--memory-limit-bytes", "16GiB",
+        "--compile-limit-bytes", "1M", "--batch", "2", "--json", str(json_path),
+    )  # fmt: skip
+    config = _document(json_path)["config"]
+    assert (config["memory_limit_bytes"], config["compile_limit_bytes"]) == (16 * 2**30, 2**20)
+    assert (config["seq_lens"], config["batch"], config["methods"]) == ([64], 2, ["linear"])
 
 
 @pytest.mark.parametrize(

@@ -1,20 +1,14 @@
-"""Entry point of the ``thdkit`` command; the commands themselves are :mod:`thdkit.bench.commands`.
+"""Entry point of the ``thdkit`` command (``python -m thdkit.cli bench --quick`` is the same).
 
-The command line and the benchmarks are a tool, not the library: they need the optional extra
-``thdkit[bench]`` (typer, rich, matplotlib). Without it the command says so in one line and exits
-with status 2; the library itself never imports them.
-
-    python -m thdkit.cli bench --quick      # the same as ``thdkit bench --quick``
+The command needs the optional extra ``thdkit[bench]``; without it the command says so in one
+line and exits with status 2. The library never imports typer, rich or matplotlib.
 """
 
 from __future__ import annotations
 
 import sys
 
-__all__ = ["EXTRA", "main"]
-
-EXTRA = ("typer", "rich", "matplotlib")
-"""The packages of the ``bench`` extra."""
+__all__ = ["main"]
 
 
 def main() -> None:
@@ -26,7 +20,7 @@ def main() -> None:
     try:
         from thdkit.bench.commands import main as run
     except ModuleNotFoundError as error:
-        if (error.name or "").split(".")[0] not in EXTRA:
+        if (error.name or "").split(".")[0] not in ("typer", "rich", "matplotlib"):
             raise
         print(
             f"thdkit: the command line needs the optional dependencies ({error.name} is missing): "

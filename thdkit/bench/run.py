@@ -1,10 +1,6 @@
-"""How the metadata benchmark measures a sweep (:mod:`thdkit.bench.sweep` says what).
-
-For each cell the benchmark draws the layout (:func:`thdkit.bench.sweep.make_inputs`), plans every
-method as its own ``jax.jit`` program plus a *floor* program that only reads the same inputs once
-(one sum per array), times the plans that fit the memory budget, interleaved round-robin after
-warm-up (:func:`thdkit.bench.measure.run_plans`), and checks that every method's output equals
-linear's. A method whose rough size estimate exceeds the compile limit is not compiled at all.
+"""How the metadata benchmark measures a sweep: every method a ``jax.jit`` program, plus a floor
+program that only reads the inputs, timed interleaved where it fits; outputs checked against
+linear's; methods estimated above the compile limit not compiled at all.
 """
 
 from __future__ import annotations
@@ -16,144 +12,94 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from thdkit.bench.measure import (
-    Plan,
-    format_bytes,
-    memory_budget_bytes,
-    memory_bytes,
-    plan,
-    run_plans,
-)
-from thdkit.bench.sweep import (
-    COMPILE_LIMIT_MEMORY_MULTIPLE,
-    FLOOR,
-    Cell,
-    MetadataSweep,
-    estimated_bytes,
-    make_inputs,
-)
+from thdkit.bench.measure import format_bytes, memory_bytes, plan, run_plans, skipped
+from thdkit.bench.sweep import FLOOR, MetadataSweep, make_inputs
 from thdkit.metadata import seqlens_and_offsets
 
-__all__ = ["run_cell", "run_sweep"]
+__all__ = ["run_sweep"]
+
+# Rough scratch bytes, known before compiling (within ~20 % on XLA:CPU), from (B, T, S): dense
+# keeps a bool allowed[T, T], one_hot int32 keys over [T, S+1] per side, linear a few int32 per
+# token.
+_ESTIMATES: dict[str, Callable[[int, int, int], int | None]] = {
+    "linear": lambda b, t, s: 16 * b * t,
+    "one_hot": lambda b, t, s: 8 * b * t * (s + 1),
+    "dense": lambda b, t, s: b * t * t,
+    FLOOR: lambda b, t, s: None,
+}
+_NAMES = ("segment_ids_q", "segment_pos_q", "segment_ids_kv", "segment_pos_kv")
 
 
 def _metadata(*arrays: jax.Array, **options: Any) -> Any:
-    # Self-attention passes (ids, pos) only, so the linear method reads the row once.
-    names = ("segment_ids_q", "segment_pos_q", "segment_ids_kv", "segment_pos_kv")
-    return seqlens_and_offsets(**dict(zip(names, arrays, strict=False)), **options)
+    """``seqlens_and_offsets``; self-attention passes only q's arrays, so linear reads them once."""
+    return seqlens_and_offsets(**dict(zip(_NAMES, arrays, strict=False)), **options)
 
 
-def _floor(*arrays: jax.Array) -> jax.Array:
+def _floor(*arrays: jax.Array, **_: Any) -> jax.Array:
     """Reads every input once: the least any method must pay."""
     return sum(jnp.sum(array, dtype=jnp.int32) for array in arrays)
-
-
-def _plan(
-    sweep: MetadataSweep, cell: Cell, method: str, specs: list[Any]
-) -> tuple[Plan, int | None]:
-    if method == FLOOR:
-        return plan(_floor, *specs, compile_timeout_s=sweep.compile_timeout_s), None
-    estimate = estimated_bytes(
-        method, batch=sweep.batch, seq_len=cell.seq_len, max_segments=cell.max_segments
-    )
-    limit = sweep.compile_limit_bytes or COMPILE_LIMIT_MEMORY_MULTIPLE * memory_bytes(total=True)
-    if estimate > limit:
-        reason = (
-            f"not compiled: needs ~{format_bytes(estimate)} (compile limit {format_bytes(limit)})"
-        )
-        return Plan.skipped(reason), estimate
-    options = {"mask_type": cell.mask_type, "max_segments_per_seq": cell.max_segments}
-    return plan(
-        _metadata, *specs, compile_timeout_s=sweep.compile_timeout_s, method=method, **options
-    ), estimate
-
-
-def run_cell(
-    sweep: MetadataSweep, cell: Cell, *, on_step: Callable[[str], None] | None = None
-) -> list[dict[str, Any]]:
-    """Plans, runs and checks every method of one cell, plus the floor.
-
-    Args:
-        sweep: the options.
-        cell: the (T, S, mask type).
-        on_step: called with a short description before each step (for progress displays).
-
-    Returns:
-        one JSON-ready record per method, the floor last (keys: docs/benchmarks.md).
-
-    Example:
-        >>> sweep = MetadataSweep(seq_lens=(64,), max_segments=(4,), mask_types=("padding",),
-        ...                       repeats=1, warmup=0)
-        >>> [(r["method"], r["matches_linear"]) for r in run_cell(sweep, sweep.cells()[0])]
-        [('linear', True), ('one_hot', True), ('dense', True), ('floor', None)]
-    """
-    step = on_step or (lambda _: None)
-    step(f"{cell.label()}: drawing layout")
-    inputs = make_inputs(sweep, cell)
-    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs.arrays]
-    plans, estimates = {}, {}
-    for name in [*sweep.methods, FLOOR]:
-        step(f"{cell.label()}: compiling {name}")
-        plans[name], estimates[name] = _plan(sweep, cell, name, specs)
-    step(f"{cell.label()}: timing")
-    arrays = tuple(jnp.asarray(a) for a in inputs.arrays)
-    budget = memory_budget_bytes(limit_bytes=sweep.memory_limit_bytes)
-    outcome = run_plans(plans, dict.fromkeys(plans, arrays), sweep, budget_bytes=budget)
-    ran = {name for name, (reason, _) in outcome.items() if reason is None}
-    expected = plans["linear"].executable(*arrays) if "linear" in ran else None
-    records = []
-    for name, planned in plans.items():
-        matches = None
-        if expected is not None and name in ran and name != FLOOR:
-            leaves = zip(
-                jax.tree.leaves(planned.executable(*arrays)), jax.tree.leaves(expected), strict=True
-            )
-            matches = all(np.array_equal(x, y) for x, y in leaves)
-        records.append(
-            {
-                "method": name,
-                "mask_type": cell.mask_type,
-                "layout": sweep.layout,
-                "batch": sweep.batch,
-                "seq_len": cell.seq_len,
-                "seq_len_kv": cell.seq_len,
-                "max_segments": cell.max_segments,
-                "segments": inputs.segments,
-                "ring_step": list(inputs.ring_step) if inputs.ring_step else None,
-                **planned.fields(),
-                "temp_bytes_per_token": (
-                    None
-                    if planned.temp_bytes is None
-                    else planned.temp_bytes / (sweep.batch * cell.seq_len)
-                ),
-                "estimated_bytes": estimates[name],
-                "matches_linear": matches,
-                "latency_ms": outcome[name][1],
-                "skip_reason": outcome[name][0],
-            }
-        )
-    return records
 
 
 def run_sweep(
     sweep: MetadataSweep,
     *,
-    on_step: Callable[[str], None] | None = None,
-    on_cell_done: Callable[[], None] | None = None,
+    on_step: Callable[[str], None] = lambda _: None,
+    on_cell_done: Callable[[], None] = lambda: None,
 ) -> list[dict[str, Any]]:
-    """Runs every cell of a sweep.
+    """Plans, runs and checks every method of every cell of a sweep, plus the floor.
 
     Args:
         sweep: the options.
-        on_step: forwarded to :func:`run_cell`.
+        on_step: called with a short progress line before each stage.
         on_cell_done: called after each cell.
 
     Returns:
-        the records of all cells, in sweep order.
+        JSON-ready records, one per cell and method (the floor last in each cell), in sweep order;
+        their keys are listed in docs/benchmarks.md.
+
+    Example:
+        >>> sweep = MetadataSweep(seq_lens=(64,), max_segments=(4,), mask_types=("padding",),
+        ...                       repeats=1, warmup=0)
+        >>> [(r["method"], r["matches_linear"]) for r in run_sweep(sweep)]
+        [('linear', True), ('one_hot', True), ('dense', True), ('floor', None)]
     """
+    limit = sweep.compile_limit_bytes or 8 * memory_bytes(total=True)
+    timeout = sweep.compile_timeout_s
     records: list[dict[str, Any]] = []
     for cell in sweep.cells():
-        records.extend(run_cell(sweep, cell, on_step=on_step))
-        if on_cell_done is not None:
-            on_cell_done()
+        seq_len, max_segments, mask_type = cell
+        label = f"T={seq_len} S={max_segments} {mask_type}"
+        on_step(f"{label}: drawing layout")
+        arrays, segments, ring_step = make_inputs(sweep, *cell)
+        plans, estimates = {}, {}
+        for name in [*sweep.methods, FLOOR]:
+            on_step(f"{label}: compiling {name}")
+            estimate = estimates[name] = _ESTIMATES[name](sweep.batch, seq_len, max_segments)
+            if estimate is not None and estimate > limit:
+                needs = f"~{format_bytes(estimate)} (compile limit {format_bytes(limit)})"
+                plans[name] = skipped(f"not compiled: needs {needs}")
+                continue
+            plans[name] = plan(
+                _floor if name == FLOOR else _metadata, *arrays, compile_timeout_s=timeout,
+                method=name, mask_type=mask_type, max_segments_per_seq=max_segments,
+            )  # fmt: skip
+        on_step(f"{label}: timing")
+        device_arrays = tuple(jnp.asarray(a) for a in arrays)
+        outcome = run_plans(plans, device_arrays, sweep, sweep.memory_limit_bytes)
+        ran = [name for name in plans if name != FLOOR and outcome[name]["skip_reason"] is None]
+        outputs = {name: jax.tree.leaves(plans[name][0](*device_arrays)) for name in ran}
+        for name in plans:
+            temp, same = outcome[name]["temp_bytes"], None
+            if name in outputs and "linear" in outputs:
+                pairs = zip(outputs[name], outputs["linear"], strict=True)
+                same = all(np.array_equal(x, y) for x, y in pairs)
+            records.append({
+                "method": name, "mask_type": mask_type, "layout": sweep.layout,
+                "batch": sweep.batch, "seq_len": seq_len, "seq_len_kv": seq_len,
+                "max_segments": max_segments, "segments": segments, "ring_step": ring_step,
+                **outcome[name],
+                "temp_bytes_per_token": temp and temp / (sweep.batch * seq_len),
+                "estimated_bytes": estimates[name], "matches_linear": same,
+            })  # fmt: skip
+        on_cell_done()
     return records
