@@ -163,9 +163,35 @@ def test_bench_attention_subcommand(runner, tmp_path):
     assert all(0 < r["allowed_pair_fraction"] < 1 for r in records)
 
 
+def test_bench_plan_subcommand(runner, tmp_path):
+    json_path = tmp_path / "plan.json"
+    tiny = ("--seq-lens", "128", "--layers", "2", "--segments", "4", "--heads", "1")
+    _invoke(
+        runner,
+        "bench",
+        "plan",
+        *tiny,
+        "--head-dim",
+        "8",
+        "--repeats",
+        "1",
+        "--json",
+        str(json_path),
+    )
+    records = _document(json_path)["records"]
+    assert [(r["variant"], r["pass"]) for r in records] == [
+        (v, p) for p in ("fwd", "fwd+bwd") for v in ("one plan", "plan per layer")
+    ]
+    for record in records:
+        assert record["skip_reason"] is None and record["hlo_instructions"] > 0
+        # One plan leaves no layout work inside the layer loop; a plan per layer does.
+        assert (record["layout_ops_in_loop"] > 0) == (record["variant"] == "plan per layer")
+
+
 @pytest.mark.parametrize(
     ("args", "option"),
     [
+        (["bench", "plan", "--layers", "0"], "'--layers'"),
         (["bench", "--seed", "-1"], "'--seed'"),
         (["bench", "--batch", "0"], "'--batch'"),
         (["bench", "--repeats", "0"], "'--repeats'"),

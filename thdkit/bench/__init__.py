@@ -1,7 +1,8 @@
 """The benchmarks and the ``thdkit`` command: the optional extra ``thdkit[bench]``.
 
 :mod:`~thdkit.bench.measure` holds what they share; the metadata benchmark is ``sweep`` (what),
-``run`` (how) and ``report``; then ``attention``, ``ring`` and ``commands`` (the command line).
+``run`` (how) and ``report``; then ``attention``, ``plan``, ``ring`` and ``commands`` (the
+command line).
 """
 
 
@@ -9,6 +10,8 @@
 
 from thdkit.bench.attention import AttentionBench
 from thdkit.bench.attention import run_attention_bench
+from thdkit.bench.plan import PlanBench
+from thdkit.bench.plan import run_plan_bench
 from thdkit.bench.ring import RingBench
 from thdkit.bench.ring import run_ring_bench
 from thdkit.bench.run import run_sweep
@@ -17,8 +20,10 @@ from thdkit.bench.sweep import MetadataSweep
 __all__ = [
     "AttentionBench",
     "MetadataSweep",
+    "PlanBench",
     "RingBench",
     "run_attention_bench",
+    "run_plan_bench",
     "run_ring_bench",
     "run_sweep",
 ]

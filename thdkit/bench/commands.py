@@ -26,6 +26,7 @@ from typer.core import TyperGroup
 
 from thdkit.bench.attention import AttentionBench, attention_table, run_attention_bench
 from thdkit.bench.measure import BenchConfig, ConfigError, environment, pending_compiles
+from thdkit.bench.plan import PlanBench, plan_table, run_plan_bench
 from thdkit.bench.report import growth_exponents, metadata_tables, plot_records
 from thdkit.bench.ring import RingBench, reorder_names, ring_table, run_ring_bench
 from thdkit.bench.run import run_sweep
@@ -260,6 +261,20 @@ def _bench_attention(json_path: JsonPath = None, **fields: Any) -> None:
     cells = len(config.seq_lens) * len(config.segments)
     tables = lambda records: [attention_table(records)]  # noqa: E731
     _run("attention", header, config, run_attention_bench, tables, cells, json_path)
+
+
+@_bench_app.command("plan")
+@_options(PlanBench)
+def _bench_plan(json_path: JsonPath = None, **fields: Any) -> None:
+    """A scanned stack of attention layers planned once per step vs planned in every layer.
+
+    Per T and pass (forward; forward+backward with rematerialised layers): the layout work
+    traced inside the layer loop, the optimised HLO's size, compile time and latency.
+    """
+    config = _config(PlanBench, fields)
+    header = "plan: T={seq_lens}, L={layers}, B={batch}, H={heads}, D={head_dim}, S={segments}"
+    tables = lambda records: [plan_table(records)]  # noqa: E731
+    _run("plan", header, config, run_plan_bench, tables, len(config.seq_lens), json_path)
 
 
 @_bench_app.command("ring")
