@@ -62,7 +62,7 @@ def test_version(runner):
 def test_bench_is_a_group_for_later_subcommands():
     bench = typer.main.get_command(app).commands["bench"]
     assert isinstance(bench, typer.core.TyperGroup) and bench.invoke_without_command
-    assert set(bench.commands) == {"attention", "ring"}
+    assert set(bench.commands) == {"attention", "plan", "ring"}
 
 
 def test_bench_writes_tables_json_and_plot(runner, tmp_path):

@@ -40,7 +40,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from thdkit.attention.api import check_arguments, check_layout_shapes
+from thdkit.attention.arguments import check_arguments, check_layout_shapes
 from thdkit.attention.blockwise import attention_partial
 from thdkit.counting import segment_extrema
 from thdkit.layout import as_layouts, check_max_segments, is_concrete, validate_layout
