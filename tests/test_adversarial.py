@@ -304,7 +304,33 @@ CASES = {
     ),
     "shard rank float": (lambda: reorder.shard(np.arange(8), cp=4, rank=1.5), TypeError, "rank"),
     "shard rank too big": (lambda: reorder.shard(np.arange(8), cp=4, rank=4), ValueError, "rank"),
-    # --- Segments ----------------------------------------------------------------------------
+    # --- Segments and plans ------------------------------------------------------------------
+    "plan of arrays, not Segments": (
+        lambda: thdkit.plan_attention(IDS, mask_type="causal", max_segments_per_seq=4),
+        TypeError,
+        "q_segments",
+    ),
+    "plan kv batch differs": (
+        lambda: plan(kv_segments=thdkit.Segments.from_ids(jnp.concatenate([IDS, IDS]))),
+        ValueError,
+        "kv_segments",
+    ),
+    "plan id above S": (
+        lambda: plan(max_segments_per_seq=2),
+        ValueError,
+        r"q_segments row 0, token 7",
+    ),
+    "plan unknown implementation": (
+        lambda: plan(implementation="pallas"),
+        ValueError,
+        "implementation",
+    ),
+    "plan block_kv float": (lambda: plan(block_kv=64.0), TypeError, "block_kv"),
+    "plan not a plan": (
+        lambda: thdkit.attention(QKV, QKV, QKV, plan={"ids": IDS}),
+        TypeError,
+        "plan",
+    ),
     "padding_id 2": (lambda: thdkit.Segments.from_ids(IDS, padding_id=2), ValueError, "padding_id"),
     "cu_seqlens decreasing": (
         lambda: thdkit.Segments.from_cu_seqlens(jnp.array([0, 4, 3]), total_len=8),
@@ -393,6 +419,20 @@ def test_huge_window_bounds_mean_unbounded(mask_type, window):
     wide = attend(q, q, q, mask_type=mask_type, window_size=window)
     none = attend(q, q, q, mask_type=mask_type, window_size=(None, 0) if window[1] == 0 else None)
     np.testing.assert_allclose(wide, none, rtol=1e-6, atol=1e-6)
+
+
+def test_ring_with_huge_window_bounds_equals_no_window():
+    q = jax.random.normal(jax.random.key(2), (1, 8, 2, 8))
+    for mask_type, window in (
+        ("padding", (None, 2**31 - 1)),
+        ("padding_causal_bottom_right", (2**40, None)),
+    ):
+        np.testing.assert_allclose(
+            ring(q, q, q, mask_type=mask_type, window_size=window),
+            ring(q, q, q, mask_type=mask_type),
+            rtol=1e-6,
+            atol=1e-6,
+        )
 
 
 def test_positions_at_the_top_of_the_range():
