@@ -35,6 +35,10 @@ from thdkit.masks import MaskType
 __all__ = ["CPBench", "Shapes", "Traffic", "collective_bytes", "run_cp_bench"]
 
 MASK_TYPE = "padding_causal"
+_MEASURED = (
+    "bytes_fwd", "bytes_bwd", "bytes_total", "steps_fwd", "steps_bwd", "tiles_per_rank",
+    "tiles_max", "tile_imbalance", "temp_bytes", "latency_ms",
+)  # fmt: skip
 
 RECEIVED: dict[str, Callable[[int], float]] = {
     "ppermute": lambda cp: 1.0,
@@ -220,7 +224,7 @@ def run_cp_bench(
         JSON-ready records, one per (cp, strategy): ``bytes_fwd`` / ``bytes_bwd`` received per
         device (float32 inputs), ``steps_fwd`` / ``steps_bwd``, ``tiles_per_rank`` (visited tiles
         times heads), ``tile_imbalance`` (max / mean), ``temp_bytes``, ``latency_ms`` and
-        ``skip_reason`` (why the last two are None).
+        ``skip_reason`` (why the last two, or every measure, are None).
 
     Example:
         >>> config = CPBench(cps=(4,), seq_len=256, segments=4, heads=4, kv_heads=4, latency=False)
@@ -245,12 +249,12 @@ def run_cp_bench(
             config.batch, config.seq_len, config.seq_len, config.heads, config.kv_heads,
             config.head_dim, config.head_dim, 4, False,
         )  # fmt: skip
-        reason = None if config.latency else "latency not requested"
+        not_timed = None if config.latency else "latency not requested"
         if config.latency and jax.device_count() < cp:
-            reason = f"needs {cp} devices, found {jax.device_count()}; on CPU set "
-            reason += f"XLA_FLAGS=--xla_force_host_platform_device_count={cp} before JAX starts"
+            not_timed = f"needs {cp} devices, found {jax.device_count()}; on CPU set "
+            not_timed += f"XLA_FLAGS=--xla_force_host_platform_device_count={cp} before JAX starts"
         programs, latency = {}, {}
-        if reason is None:
+        if not_timed is None:
             on_step(f"cp={cp}: compiling")
             programs = _programs(config, cp, striped)
             on_step(f"cp={cp}: timing")
@@ -260,22 +264,28 @@ def run_cp_bench(
                 config,
             )
         for strategy in STRATEGIES:
-            traffic = collective_bytes(strategy, s, cp=cp)
-            tiles = np.array(_tiles_per_rank(strategy, cp, config.heads, striped))
-            compiled = programs.get(strategy)
-            memory = compiled[0].memory_analysis() if compiled else None
-            records.append({
+            record = {
                 "cp": cp, "strategy": strategy, "seq_len": config.seq_len,
                 "batch": config.batch, "segments": config.segments,
                 "reorder": f"striped({config.stripe_size})", "heads": config.heads,
                 "kv_heads": config.kv_heads, "head_dim": config.head_dim,
+            }  # fmt: skip
+            if strategy == "all_to_all" and (config.heads % cp or config.kv_heads % cp):
+                reason = f"all_to_all cannot run at cp={cp}: H_q or H_kv is not a multiple of cp"
+                records.append(record | dict.fromkeys(_MEASURED) | {"skip_reason": reason})
+                continue
+            traffic = collective_bytes(strategy, s, cp=cp)
+            tiles = np.array(_tiles_per_rank(strategy, cp, config.heads, striped))
+            compiled = programs.get(strategy)
+            memory = compiled[0].memory_analysis() if compiled else None
+            records.append(record | {
                 "bytes_fwd": traffic.forward, "bytes_bwd": traffic.backward,
+                "bytes_total": traffic.forward + traffic.backward,
                 "steps_fwd": traffic.steps_forward, "steps_bwd": traffic.steps_backward,
                 "tiles_per_rank": tiles.tolist(), "tiles_max": int(tiles.max()),
                 "tile_imbalance": float(tiles.max() / tiles.mean()) if tiles.any() else None,
                 "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes),
-                "latency_ms": latency.get(strategy),
-                "skip_reason": reason or (None if compiled else "H_q or H_kv not a multiple of cp"),
+                "latency_ms": latency.get(strategy), "skip_reason": not_timed,
             })  # fmt: skip
         on_cell_done()
     return records
@@ -287,18 +297,18 @@ def cp_table(records: Sequence[Mapping[str, Any]]) -> Table:
         "CONTEXT PARALLEL (T={seq_len}, B={batch}, H_q={heads}, H_kv={kv_heads}, D={head_dim}, "
         "{segments} documents, {reorder}, float32; bytes received per device)"
     ).format_map(records[0])
-    ring = {r["cp"]: r["bytes_fwd"] + r["bytes_bwd"] for r in records if r["strategy"] == "ring"}
-    mib = lambda x: f"{x / 2**20:,.2f}"  # noqa: E731
+    ring = {r["cp"]: r["bytes_total"] for r in records if r["strategy"] == "ring"}
+    mib, ratio = (lambda x: f"{x / 2**20:,.2f}"), "{:.3f}".format
     columns = [
         ("cp", "cp"), ("strategy", "strategy", str, "left"),
         ("MiB fwd", "bytes_fwd", mib),
-        ("MiB fwd+bwd", lambda r: r["bytes_fwd"] + r["bytes_bwd"], mib),
-        ("vs ring", lambda r: (r["bytes_fwd"] + r["bytes_bwd"]) / ring[r["cp"]], "{:.3f}".format),
-        ("steps fwd/bwd", lambda r: f"{r['steps_fwd']}/{r['steps_bwd']}"),
+        ("MiB fwd+bwd", "bytes_total", mib),
+        ("vs ring", lambda r: r["bytes_total"] and r["bytes_total"] / ring[r["cp"]], ratio),
+        ("steps fwd/bwd", lambda r: r["steps_fwd"] and f"{r['steps_fwd']}/{r['steps_bwd']}"),
         ("tiles x heads max", "tiles_max", "{:,}".format),
-        ("max / mean", "tile_imbalance", "{:.3f}".format),
+        ("max / mean", "tile_imbalance", ratio),
         ("temp", "temp_bytes", measure.format_bytes), ("latency ms", median, "{:.3g}".format),
     ]  # fmt: skip
     reasons = sorted({r["skip_reason"] for r in records if r["skip_reason"]})
-    caption = "not timed: " + "; ".join(reasons) if reasons else None
+    caption = "; ".join(reasons) or None
     return measure.table(title, columns, records, section=lambda r: r["cp"], caption=caption)
