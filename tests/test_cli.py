@@ -62,7 +62,7 @@ def test_version(runner):
 def test_bench_is_a_group_for_later_subcommands():
     bench = typer.main.get_command(app).commands["bench"]
     assert isinstance(bench, typer.core.TyperGroup) and bench.invoke_without_command
-    assert set(bench.commands) == {"attention", "plan", "ring"}
+    assert set(bench.commands) == {"attention", "cp", "plan", "ring"}
 
 
 def test_bench_writes_tables_json_and_plot(runner, tmp_path):
@@ -138,6 +138,19 @@ def test_bench_ring_subcommand(runner, tmp_path):
     striped = next(r for r in records if r["segments"] == 1 and r["reorder"] == "striped(1)")
     assert striped["imbalance"] < 1.05
     assert all(r["latency_ms"] is not None and r["skip_reason"] is None for r in records)
+
+
+def test_bench_cp_subcommand(runner, tmp_path):
+    json_path = tmp_path / "cp.json"
+    args = ("bench", "cp", "--cps", "2", "--seq-len", "64", "--segments", "4", "--heads", "2",
+            "--kv-heads", "2", "--head-dim", "8", "--repeats", "1", "--warmup", "0",
+            "--time-per-program", "0.01")  # fmt: skip
+    result = _invoke(runner, *args, "--json", str(json_path))
+    assert "CONTEXT PARALLEL" in result.output
+    records = _document(json_path)["records"]
+    assert [r["strategy"] for r in records] == ["ring", "all_gather", "all_to_all"]
+    assert all(r["latency_ms"]["samples"] >= 1 and r["temp_bytes"] > 0 for r in records)
+    assert [r["steps_fwd"] for r in records] == [1, 1, 2]
 
 
 def test_bench_ring_without_latency(runner, tmp_path):

@@ -16,12 +16,12 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from thdkit import reorder, ring, synth
+from thdkit import reorder, synth
 from thdkit.attention import attention
 from thdkit.bench import ring as ring_bench
+from thdkit.context_parallel import ring, ring_attention, ring_schedule
 from thdkit.layout import run_lengths
 from thdkit.masks import MaskType, pair_mask
-from thdkit.ring import ring_attention, ring_schedule
 
 HEADS, DIM = 2, 8
 NUM_SEGMENTS = 4

@@ -6,6 +6,9 @@ from thdkit.attention import AttentionPlan
 from thdkit.attention import attention
 from thdkit.attention import is_representable
 from thdkit.attention import plan_attention
+from thdkit.context_parallel import context_parallel_attention
+from thdkit.context_parallel import ring_attention
+from thdkit.context_parallel import ring_schedule
 from thdkit.layout import LayoutError
 from thdkit.layout import MAX_POSITION
 from thdkit.layout import MAX_SEGMENTS
@@ -19,8 +22,6 @@ from thdkit.masks import MaskType
 from thdkit.metadata import FlatSeqMeta
 from thdkit.metadata import SeqMeta
 from thdkit.metadata import seqlens_and_offsets
-from thdkit.ring import ring_attention
-from thdkit.ring import ring_schedule
 from thdkit.segments import Segments
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "SeqMeta",
     "attention",
     "check_layout",
+    "context_parallel_attention",
     "is_representable",
     "layout_error_codes",
     "plan_attention",

@@ -1,7 +1,7 @@
 """The ``thdkit`` command (typer): ``thdkit bench`` (the metadata benchmark), ``bench attention``,
-``bench ring``. A benchmark's options are its config's ``OPTIONS`` (field ``x_y`` or ``x_y_s`` as
-``--x-y``), all checked before any work: a bad one ends the command with exit status 2 and one
-line naming the option.
+``bench plan``, ``bench ring``, ``bench cp``. A benchmark's options are its config's ``OPTIONS``
+(field ``x_y`` or ``x_y_s`` as ``--x-y``), all checked before any work: a bad one ends the
+command with exit status 2 and one line naming the option.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from typer.core import TyperGroup
 
 from thdkit.bench.attention import AttentionBench, attention_table, run_attention_bench
+from thdkit.bench.cp import CPBench, cp_table, run_cp_bench
 from thdkit.bench.measure import BenchConfig, ConfigError, environment, pending_compiles
 from thdkit.bench.plan import PlanBench, plan_table, run_plan_bench
 from thdkit.bench.report import growth_exponents, metadata_tables, plot_records
@@ -293,6 +294,24 @@ def _bench_ring(json_path: JsonPath = None, **fields: Any) -> None:
     cells = len(config.segments) * len(reorder_names(config.stripe_sizes))
     tables = lambda records: [ring_table(records)]  # noqa: E731
     _run("ring", header, config, run_ring_bench, tables, cells, json_path)
+
+
+@_bench_app.command("cp")
+@_options(CPBench)
+def _bench_cp(json_path: JsonPath = None, **fields: Any) -> None:
+    """Context-parallel strategies (ring, all_gather, all_to_all) side by side.
+
+    Per cp: bytes each device receives, dependent collective steps, visited tiles per rank
+    (max / mean), and the fwd+bwd program's scratch bytes and latency on cp local devices.
+    """
+    config = _config(CPBench, fields)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:  # Works before JAX's backend starts.
+        count = max(config.cps)
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}"
+    header = "cp: cp={cps}, T={seq_len}, B={batch}, H_q={heads}, H_kv={kv_heads}"
+    tables = lambda records: [cp_table(records)]  # noqa: E731
+    _run("cp", header, config, run_cp_bench, tables, len(config.cps), json_path)
 
 
 def main() -> None:

@@ -26,8 +26,9 @@ from thdkit import reorder, synth
 from thdkit.attention import DEFAULT_BLOCK, tile_ranges
 from thdkit.bench import measure
 from thdkit.bench.measure import SHAPE_OPTIONS, BenchConfig, Options, median
+from thdkit.context_parallel import ring_attention, ring_schedule
+from thdkit.context_parallel.ring import difference_bounds
 from thdkit.masks import MaskType, check_window
-from thdkit.ring import difference_bounds, ring_attention, ring_schedule
 from thdkit.segments import lengths_from_counts, segment_counts
 
 __all__ = ["RingBench", "run_ring_bench"]

@@ -1,4 +1,4 @@
-"""Context-parallel ring attention over packed sequences on a device mesh.
+"""The ring strategy of context parallelism: key/value shards travel around the ring.
 
 Axis legend: B batch, T_q / T_kv row lengths, H_q / H_kv heads, D / D_v head dims,
 S = ``max_segments_per_seq``, cp = size of the context-parallel mesh axis, n = T / cp tokens per
@@ -30,24 +30,24 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from thdkit.attention.arguments import check_arguments, check_layout_shapes
 from thdkit.attention.blockwise import attention_partial
 from thdkit.counting import segment_extrema
-from thdkit.layout import as_layouts, check_max_segments, is_concrete, validate_layout
+from thdkit.layout import as_layouts, check_max_segments
 from thdkit.masks import MaskType, check_window
 from thdkit.segments import global_lengths, lengths_from_counts, segment_counts
 
-__all__ = ["ring_attention", "ring_schedule"]
+if TYPE_CHECKING:
+    from thdkit.context_parallel.api import StrategyConfig
+
+__all__ = ["DifferenceBounds", "difference_bounds", "ring_local", "ring_schedule"]
 
 Window = tuple[int | None, int | None] | None
 
@@ -133,11 +133,11 @@ def ring_schedule(
     window_size: tuple[int | None, int | None] | None = None,
     max_segments_per_seq: int,
 ) -> Bool[Array, "*B cp cp"]:
-    """Which ring steps each rank runs, per row, as :func:`ring_attention` decides it.
+    """Which ring steps each rank runs, per row, as :func:`thdkit.ring_attention` decides it.
 
     At step k rank r attends the key shard of rank ``(r - k) % cp``. A step runs when the
     per-segment spans of the two shards admit an allowed pair (exact without a window,
-    conservative with one); :func:`ring_attention` runs a step on a rank when any row of the
+    conservative with one); :func:`thdkit.ring_attention` runs a step on a rank when any row of the
     rank's batch needs it.
 
     Args:
@@ -213,18 +213,6 @@ def _schedule(
     )
 
 
-class _Static(NamedTuple):
-    """Static configuration of one ring (hashable, so the built function can be cached)."""
-
-    mesh: Mesh
-    axis_name: str
-    mask: MaskType
-    window: Window
-    num_segments: int
-    scale: float
-    self_attention: bool
-
-
 def _merge(
     out: Array, lse: Array, out_k: Array, lse_k: Array
 ) -> tuple[Float[Array, "B n H Dv"], Float[Array, "B n H"]]:
@@ -238,7 +226,7 @@ def _merge(
     return merged, jnp.where(total > 0, m + jnp.log(safe), -jnp.inf)
 
 
-def _build_core(static: _Static, cp: int) -> Callable[..., Array]:
+def _build_core(static: StrategyConfig, cp: int) -> Callable[..., Array]:
     """The per-device ring (forward and backward rings) for the given static configuration.
 
     The returned function takes local shards ``(q, k, v, layout_q, layout_kv, runs)`` with
@@ -345,9 +333,16 @@ def _build_core(static: _Static, cp: int) -> Callable[..., Array]:
     return core
 
 
-@functools.lru_cache(maxsize=64)
-def _ring_fn(static: _Static) -> Callable[..., Array]:
-    """The jitted, shard-mapped ring attention for one static configuration."""
+def ring_local(static: StrategyConfig) -> Callable[..., Array]:
+    """The per-device body of the ring strategy, for ``shard_map`` over ``static.axis_name``.
+
+    Args:
+        static: the checked configuration (:class:`thdkit.context_parallel.api.StrategyConfig`).
+
+    Returns:
+        ``fn(q, k, v, ids_q, pos_q, ids_kv, pos_kv) -> out`` on this rank's shards
+        (``[B, n, H, D]`` and int32[B, n]); ``out`` in the query's dtype.
+    """
     axis = static.axis_name
     cp = static.mesh.shape[axis]
     bounds = difference_bounds(static.mask, static.window)
@@ -375,151 +370,4 @@ def _ring_fn(static: _Static) -> Callable[..., Array]:
         out = core(q, k, v, layout_q, layout_kv, runs)
         return out.astype(q.dtype)
 
-    tokens = P(None, axis)
-    heads = P(None, axis, None, None)
-    mapped = jax.shard_map(
-        local,
-        mesh=static.mesh,
-        in_specs=(heads, heads, heads, tokens, tokens, tokens, tokens),
-        out_specs=heads,
-        # Manual over the ring axis only: other mesh axes (e.g. a sharded batch) stay automatic.
-        axis_names=frozenset({axis}),
-        # Per-rank variance is not tracked: loop carries inside attention_partial start out
-        # rank-invariant, and the ring's own gradients come from its custom_vjp, not from the
-        # variance-aware transposes of collectives.
-        check_vma=False,
-    )
-    return jax.jit(mapped)
-
-
-def _check_mesh(mesh: Any, axis_name: Any) -> int:
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    if axis_name not in mesh.axis_names:
-        raise ValueError(
-            f"axis_name {axis_name!r} is not an axis of the mesh; its axes are {mesh.axis_names}"
-        )
-    return int(mesh.shape[axis_name])
-
-
-def _check_ring_lengths(query: Array, key: Array, cp: int, axis: str) -> None:
-    for name, x in (("query", query), ("key", key)):
-        if x.shape[1] % cp:
-            raise ValueError(
-                f"the size of mesh axis {axis!r} (cp={cp}) must divide the sequence length of "
-                f"{name}, got T={x.shape[1]}"
-            )
-
-
-def _readable(*arrays: Array) -> bool:
-    """Whether this process can read every value: concrete, and (multi-host) fully addressable."""
-    return is_concrete(*arrays) and all(getattr(a, "is_fully_addressable", True) for a in arrays)
-
-
-def _validate_shards(
-    layout: tuple[Array, Array], *, cp: int, num_segments: int, mask: MaskType, name: str
-) -> None:
-    """Validates each rank's shard of a concrete layout (a reordered row is not itself valid)."""
-    ids, pos = layout
-    split = (ids.shape[0], cp, ids.shape[1] // cp)
-    try:
-        validate_layout(
-            ids.reshape(split),
-            pos.reshape(split),
-            max_segments_per_seq=num_segments,
-            mask_type=mask,
-            name=name,
-        )
-    except ValueError as error:
-        raise ValueError(
-            f"{error} [row = (batch index, shard index); token counts within the shard of "
-            f"{split[2]} tokens]"
-        ) from None
-
-
-def ring_attention(
-    query: Float[Array, "B T_q H_q D"],
-    key: Float[Array, "B T_kv H_kv D"],
-    value: Float[Array, "B T_kv H_kv D_v"],
-    *,
-    segment_ids_q: ArrayLike,
-    segment_pos_q: ArrayLike,
-    segment_ids_kv: ArrayLike | None = None,
-    segment_pos_kv: ArrayLike | None = None,
-    mask_type: MaskType | str = "padding_causal",
-    window_size: tuple[int | None, int | None] | None = None,
-    max_segments_per_seq: int,
-    mesh: Mesh,
-    axis_name: str,
-    scale: float | None = None,
-) -> Float[Array, "B T_q H_q D_v"]:
-    """Context-parallel attention over packed rows: the sequence axis is sharded over a mesh axis.
-
-    Computes what :func:`thdkit.attention` computes on the same tokens, with the same mask and
-    window semantics, keeping only T / cp tokens of each array per device. Tokens may be in any
-    order that keeps each shard a valid layout: plain, or reordered with
-    :func:`thdkit.reorder.striped` / :func:`thdkit.reorder.dual_chunk_swap` (ids and positions
-    reordered with the tokens; the output comes back in the same order). Differentiable; the
-    gradients match the single-device attention's.
-
-    Args:
-        query: float[B, T_q, H_q, D]; sequence axis sharded over ``axis_name``.
-        key: float[B, T_kv, H_kv, D]; H_kv divides H_q (grouped-query attention).
-        value: float[B, T_kv, H_kv, D_v].
-        segment_ids_q: int[B, T_q]; 0 = padding, 1..S = the document of each query token.
-        segment_pos_q: int[B, T_q]; each query token's position inside its document.
-        segment_ids_kv, segment_pos_kv: int[B, T_kv], or None for self-attention (kv = q).
-        mask_type: a :class:`thdkit.MaskType` or its name.
-        window_size: ``(left, right)`` sliding window; None, or None/negative on a side, means
-            unbounded on that side.
-        max_segments_per_seq: S, a static int >= the largest id.
-        mesh: the device mesh; other axes (e.g. one sharding the batch) are left to the
-            compiler.
-        axis_name: the mesh axis the sequence axis is sharded over; its size cp must divide T_q
-            and T_kv.
-        scale: multiplier of the logits; default ``1 / sqrt(D)``.
-
-    Returns:
-        float[B, T_q, H_q, D_v] in the dtype of ``query``; zeros for queries with no allowed key.
-
-    Raises:
-        TypeError: non-floating inputs, non-integer ids, a mesh that is not a ``Mesh``.
-        ValueError: an unknown axis, a cp that does not divide T, mismatched shapes, bad
-            options, or (concrete inputs) a shard that breaks a layout rule.
-
-    Example:
-        Two documents in a row of eight, striped over a ring of two devices. With all logits
-        equal, each token averages the values of its document's tokens up to itself:
-
-        >>> import numpy as np
-        >>> from jax.sharding import Mesh
-        >>> from thdkit.reorder import striped, unstriped
-        >>> mesh = Mesh(np.array(jax.devices()[:2]), ("cp",))
-        >>> ids = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2]])
-        >>> pos = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2]])
-        >>> qk = jnp.zeros((1, 8, 1, 4))
-        >>> v = jnp.arange(8.0).reshape(1, 8, 1, 1)
-        >>> out = ring_attention(
-        ...     qk, qk, striped(v, cp=2, axis=1),
-        ...     segment_ids_q=striped(ids, cp=2), segment_pos_q=striped(pos, cp=2),
-        ...     max_segments_per_seq=2, mesh=mesh, axis_name="cp")
-        >>> unstriped(out, cp=2, axis=1)[0, :, 0, 0]
-        Array([0. , 0.5, 1. , 1.5, 2. , 5. , 5.5, 6. ], dtype=float32)
-    """
-    mask = MaskType.parse(mask_type)
-    num_segments = check_max_segments(max_segments_per_seq)
-    window = check_window(window_size)
-    cp = _check_mesh(mesh, axis_name)
-    query, key, value, scale = check_arguments(query, key, value, scale=scale)
-    layout_q, layout_kv = as_layouts(segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)
-    self_attention = layout_kv is None
-    check_layout_shapes(query, key, layout_q[0], None if self_attention else layout_kv[0])
-    _check_ring_lengths(query, key, cp, axis_name)
-    if query.shape[0] == 0:
-        return jnp.zeros((*query.shape[:3], value.shape[3]), query.dtype)
-    layout_kv = layout_q if self_attention else layout_kv
-    for name, layout in (("segment_ids_q", layout_q), ("segment_ids_kv", layout_kv)):
-        if _readable(*layout) and not (self_attention and name == "segment_ids_kv"):
-            _validate_shards(layout, cp=cp, num_segments=num_segments, mask=mask, name=name)
-    static = _Static(mesh, axis_name, mask, window, num_segments, scale, self_attention)
-    return _ring_fn(static)(query, key, value, *layout_q, *layout_kv)
+    return local

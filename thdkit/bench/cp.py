@@ -1,0 +1,314 @@
+"""The context-parallel benchmark: ring, all-gather and all-to-all strategies side by side.
+
+Axis legend: B batch, T_q / T_kv row lengths, H_q / H_kv heads, D / D_v head dims, cp ranks,
+n = T / cp tokens per shard, b bytes per element of q/k/v.
+
+Per cp and strategy, on a packed causal layout in striped order: the bytes each device receives
+through the collectives (a closed form of the shapes each strategy sends, :func:`collective_bytes`;
+tests hold it against the traced programs), the dependent collective steps, the visited
+(query tile, key tile) pairs per rank times the heads it computes (max / mean is the imbalance),
+and optionally the compiled program's scratch bytes per device and its latency on cp devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from rich.table import Table
+
+from thdkit import reorder, synth
+from thdkit.attention import DEFAULT_BLOCK
+from thdkit.bench import measure
+from thdkit.bench.measure import BenchConfig, Options, median
+from thdkit.bench.ring import document_lengths, visited_tiles
+from thdkit.context_parallel import STRATEGIES, context_parallel_attention, ring_schedule
+from thdkit.context_parallel.all_gather import sort_by_document
+from thdkit.masks import MaskType
+
+__all__ = ["CPBench", "Shapes", "Traffic", "collective_bytes", "run_cp_bench"]
+
+MASK_TYPE = "padding_causal"
+_MEASURED = (
+    "bytes_fwd", "bytes_bwd", "bytes_total", "steps_fwd", "steps_bwd", "tiles_per_rank",
+    "tiles_max", "tile_imbalance", "temp_bytes", "latency_ms",
+)  # fmt: skip
+
+RECEIVED: dict[str, Callable[[int], float]] = {
+    "ppermute": lambda cp: 1.0,
+    "all_gather": lambda cp: cp - 1.0,
+    "reduce_scatter": lambda cp: (cp - 1) / cp,
+    "all_to_all": lambda cp: (cp - 1) / cp,
+    "psum": lambda cp: 2 * (cp - 1) / cp,
+}
+"""Bytes a device receives per byte of a collective's operand (ring algorithms): a ppermute
+moves its operand, an all-gather the cp - 1 other shards, a reduce-scatter and an all-to-all
+(cp - 1) / cp of their operand, an all-reduce twice that."""
+
+
+class Shapes(NamedTuple):
+    """The global shapes of one attention call (b = ``itemsize``; ``cross``: kv ids given)."""
+
+    batch: int
+    seq_q: int
+    seq_kv: int
+    heads_q: int
+    heads_kv: int
+    dim: int
+    dim_v: int
+    itemsize: int
+    cross: bool
+
+
+class Traffic(NamedTuple):
+    """Bytes received per device, and dependent collective steps, of one strategy."""
+
+    forward: float
+    backward: float
+    steps_forward: int
+    steps_backward: int
+
+
+def collective_bytes(strategy: str, s: Shapes, *, cp: int) -> Traffic:
+    """Bytes each device receives through a strategy's collectives, forward and backward.
+
+    Counted from the arrays each strategy sends (int32 ids, positions, document lengths: 4 bytes
+    a token); the O(B·S) per-segment counts and spans are left out. With ``n = T / cp`` and
+    ``kv = H_kv (D + D_v)`` values per key token:
+
+    - ring: forward ``(cp - 1) B n_kv (kv b + 12)``; backward (cp moves of k, v, the layout and
+      the float32 dk, dv) ``cp B n_kv (kv (b + 4) + 12)``.
+    - all_gather: forward ``(cp - 1) B n_kv (kv b + 8)``; backward (reduce-scatter of dk, dv)
+      ``(cp - 1) B n_kv kv b``.
+    - all_to_all: forward ``(cp - 1) / cp B (n_q H_q (D + D_v) + n_kv kv) b`` (q, k, v in, out
+      back) plus ``(cp - 1) B (n_q [+ n_kv if cross]) 8`` (the row's ids and positions);
+      backward ``(cp - 1) / cp B (n_q H_q (D + D_v) + n_kv kv) b``.
+
+    Example:
+        >>> s = Shapes(batch=1, seq_q=8192, seq_kv=8192, heads_q=32, heads_kv=32, dim=128,
+        ...            dim_v=128, itemsize=2, cross=False)
+        >>> ring, a2a = (collective_bytes(x, s, cp=8) for x in ("ring", "all_to_all"))
+        >>> round(a2a.forward / ring.forward, 3), ring.steps_forward, a2a.steps_forward
+        (0.25, 7, 2)
+    """
+    n_q, n_kv = s.seq_q // cp, s.seq_kv // cp
+    kv = s.heads_kv * (s.dim + s.dim_v)
+    if strategy == "ring":
+        forward = (cp - 1) * s.batch * n_kv * (kv * s.itemsize + 12)
+        backward = cp * s.batch * n_kv * (kv * (s.itemsize + 4) + 12)
+        return Traffic(forward, backward, cp - 1, cp)
+    if strategy == "all_gather":
+        forward = (cp - 1) * s.batch * n_kv * (kv * s.itemsize + 8)
+        return Traffic(forward, (cp - 1) * s.batch * n_kv * kv * s.itemsize, 1, 1)
+    if strategy == "all_to_all":
+        data = s.batch * (n_q * s.heads_q * (s.dim + s.dim_v) + n_kv * kv) * s.itemsize
+        layout = (cp - 1) * s.batch * (n_q + (n_kv if s.cross else 0)) * 8
+        return Traffic((cp - 1) / cp * data + layout, (cp - 1) / cp * data, 2, 2)
+    raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(map(repr, STRATEGIES))}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CPBench(BenchConfig):
+    """What the context-parallel benchmark measures: ``OPTIONS`` documents each option.
+
+    Example:
+        >>> CPBench(cps=(3,), seq_len=64)
+        Traceback (most recent call last):
+        ...
+        thdkit.bench.measure.ConfigError: seq_len: must be a multiple of cp * stripe_size ...
+    """
+
+    OPTIONS: ClassVar[Options] = {
+        **BenchConfig.OPTIONS,
+        "cps": ("Context-parallel ranks, comma-separated.", 1),
+        "seq_len": ("T, tokens per row; a multiple of cp * stripe_size for every cp.", 1),
+        "segments": ("Documents per row.", 1),
+        "stripe_size": ("Stripe of the striped reorder.", 1),
+        "heads": ("H_q, query heads.", 1),
+        "kv_heads": ("H_kv, key/value heads (divides H_q).", 1),
+        "head_dim": ("D = D_v, head dim.", 1),
+        "latency": ("Compile (scratch bytes) and time fwd+bwd on cp devices.", None),
+    }
+    cps: tuple[int, ...] = (2, 4, 8)
+    seq_len: int = 4096
+    segments: int = 16
+    stripe_size: int = 1
+    heads: int = 8
+    kv_heads: int = 8
+    head_dim: int = 64
+    latency: bool = True
+
+    def _relations(self) -> list[tuple[str, bool, str]]:
+        sizes = ", ".join(str(cp * self.stripe_size) for cp in self.cps)
+        return [
+            ("seq_len", not any(self.seq_len % (cp * self.stripe_size) for cp in self.cps),
+             f"a multiple of cp * stripe_size ({sizes})"),
+            ("kv_heads", self.heads % self.kv_heads == 0, f"a divisor of heads={self.heads}"),
+            ("segments", self.segments <= self.seq_len, f"at most seq_len={self.seq_len}"),
+        ]  # fmt: skip
+
+
+def _tiles_per_rank(strategy: str, cp: int, heads: int, layout: Sequence[np.ndarray]) -> list:
+    """(Query tile, key tile) pairs times heads each rank computes, on a reordered layout."""
+    mask = MaskType.parse(MASK_TYPE)
+    n, seq = layout[0].shape[1] // cp, layout[0].shape[1]
+    shards = [tuple(reorder.shard(x, cp=cp, rank=r) for x in layout) for r in range(cp)]
+    ids, pos, order = sort_by_document(*(jnp.asarray(x) for x in layout[:2]))
+    whole = (ids, pos, jnp.take_along_axis(jnp.asarray(layout[2]), order, axis=1))
+    tiles = lambda q, kv, bq, bkv: int(visited_tiles(q, kv, mask=mask, block_q=bq, block_kv=bkv))  # noqa: E731
+    block_n, block_t = min(DEFAULT_BLOCK, n), min(DEFAULT_BLOCK, seq)
+    if strategy == "all_to_all":
+        return [tiles(whole, whole, block_t, block_t) * heads // cp] * cp
+    if strategy == "all_gather":
+        return [tiles(shard, whole, block_n, block_t) * heads for shard in shards]
+    runs = np.asarray(ring_schedule(
+        segment_ids_q=layout[0], segment_pos_q=layout[1], cp=cp, mask_type=MASK_TYPE,
+        max_segments_per_seq=int(layout[0].max()),
+    )).any(axis=0)  # fmt: skip
+    return [
+        heads * sum(tiles(shards[r], shards[(r - k) % cp], block_n, block_n)
+                    for k in range(cp) if runs[r, k])
+        for r in range(cp)
+    ]  # fmt: skip
+
+
+def _programs(config: CPBench, cp: int, layout: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Per strategy: (compiled fwd+bwd program, its sharded arguments), compiled here."""
+    mesh = Mesh(np.array(jax.devices()[:cp]), ("cp",))
+    tokens, heads = NamedSharding(mesh, P(None, "cp")), NamedSharding(mesh, P(None, "cp", None))
+    rng = np.random.default_rng(config.seed)
+    shape = (config.batch, config.seq_len, config.heads, config.head_dim)
+    kv_shape = (*shape[:2], config.kv_heads, config.head_dim)
+    arrays = [rng.standard_normal(s, np.float32) for s in (shape, kv_shape, kv_shape, shape)]
+    args = [jax.device_put(x, heads) for x in arrays]
+    args += [jax.device_put(x, tokens) for x in layout[:2]]
+    programs = {}
+    for strategy in STRATEGIES:
+        if strategy == "all_to_all" and (config.heads % cp or config.kv_heads % cp):
+            continue
+
+        def step(q, k, v, cotangent, ids, pos, strategy=strategy):
+            out, pull = jax.vjp(
+                lambda q, k, v: context_parallel_attention(
+                    q, k, v, segment_ids_q=ids, segment_pos_q=pos, mask_type=MASK_TYPE,
+                    max_segments_per_seq=config.segments, mesh=mesh, axis_name="cp",
+                    strategy=strategy,
+                ), q, k, v,
+            )  # fmt: skip
+            return out, pull(cotangent)
+
+        programs[strategy] = jax.jit(step).lower(*args).compile(), args
+    return programs
+
+
+def run_cp_bench(
+    config: CPBench,
+    *,
+    on_step: Callable[[str], None] = lambda _: None,
+    on_cell_done: Callable[[], None] = lambda: None,
+) -> list[dict[str, Any]]:
+    """Bytes, steps, work balance and (optionally) scratch bytes and latency per cp x strategy.
+
+    Args:
+        config: the options.
+        on_step: called with a short progress line before each stage.
+        on_cell_done: called after each cp.
+
+    Returns:
+        JSON-ready records, one per (cp, strategy): ``bytes_fwd`` / ``bytes_bwd`` received per
+        device (float32 inputs), ``steps_fwd`` / ``steps_bwd``, ``tiles_per_rank`` (visited tiles
+        times heads), ``tile_imbalance`` (max / mean), ``temp_bytes``, ``latency_ms`` and
+        ``skip_reason`` (why the last two, or every measure, are None).
+
+    Example:
+        >>> config = CPBench(cps=(4,), seq_len=256, segments=4, heads=4, kv_heads=4, latency=False)
+        >>> for r in run_cp_bench(config):
+        ...     print(r["strategy"], r["steps_fwd"], round(r["tile_imbalance"], 2))
+        ring 3 1.0
+        all_gather 1 1.0
+        all_to_all 2 1.0
+    """
+    rng = np.random.default_rng(config.seed)
+    ids, pos = synth.filled_segments(
+        rng, batch=config.batch, seq_len=config.seq_len, segments=config.segments
+    )
+    records = []
+    for cp in config.cps:
+        on_step(f"cp={cp}: counting")
+        striped = [
+            reorder.striped(x, cp=cp, stripe_size=config.stripe_size)
+            for x in (ids, pos, document_lengths(ids))
+        ]
+        s = Shapes(
+            config.batch, config.seq_len, config.seq_len, config.heads, config.kv_heads,
+            config.head_dim, config.head_dim, 4, False,
+        )  # fmt: skip
+        not_timed = None if config.latency else "latency not requested"
+        if config.latency and jax.device_count() < cp:
+            not_timed = f"needs {cp} devices, found {jax.device_count()}; on CPU set "
+            not_timed += f"XLA_FLAGS=--xla_force_host_platform_device_count={cp} before JAX starts"
+        programs, latency = {}, {}
+        if not_timed is None:
+            on_step(f"cp={cp}: compiling")
+            programs = _programs(config, cp, striped)
+            on_step(f"cp={cp}: timing")
+            latency = measure.interleaved_latency(
+                {k: p for k, (p, _) in programs.items()},
+                {k: a for k, (_, a) in programs.items()},
+                config,
+            )
+        for strategy in STRATEGIES:
+            record = {
+                "cp": cp, "strategy": strategy, "seq_len": config.seq_len,
+                "batch": config.batch, "segments": config.segments,
+                "reorder": f"striped({config.stripe_size})", "heads": config.heads,
+                "kv_heads": config.kv_heads, "head_dim": config.head_dim,
+            }  # fmt: skip
+            if strategy == "all_to_all" and (config.heads % cp or config.kv_heads % cp):
+                reason = f"all_to_all cannot run at cp={cp}: H_q or H_kv is not a multiple of cp"
+                records.append(record | dict.fromkeys(_MEASURED) | {"skip_reason": reason})
+                continue
+            traffic = collective_bytes(strategy, s, cp=cp)
+            tiles = np.array(_tiles_per_rank(strategy, cp, config.heads, striped))
+            compiled = programs.get(strategy)
+            memory = compiled[0].memory_analysis() if compiled else None
+            records.append(record | {
+                "bytes_fwd": traffic.forward, "bytes_bwd": traffic.backward,
+                "bytes_total": traffic.forward + traffic.backward,
+                "steps_fwd": traffic.steps_forward, "steps_bwd": traffic.steps_backward,
+                "tiles_per_rank": tiles.tolist(), "tiles_max": int(tiles.max()),
+                "tile_imbalance": float(tiles.max() / tiles.mean()) if tiles.any() else None,
+                "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes),
+                "latency_ms": latency.get(strategy), "skip_reason": not_timed,
+            })  # fmt: skip
+        on_cell_done()
+    return records
+
+
+def cp_table(records: Sequence[Mapping[str, Any]]) -> Table:
+    """CONTEXT PARALLEL: bytes, steps, balance, scratch and latency per cp and strategy."""
+    title = (
+        "CONTEXT PARALLEL (T={seq_len}, B={batch}, H_q={heads}, H_kv={kv_heads}, D={head_dim}, "
+        "{segments} documents, {reorder}, float32; bytes received per device)"
+    ).format_map(records[0])
+    ring = {r["cp"]: r["bytes_total"] for r in records if r["strategy"] == "ring"}
+    mib, ratio = (lambda x: f"{x / 2**20:,.2f}"), "{:.3f}".format
+    columns = [
+        ("cp", "cp"), ("strategy", "strategy", str, "left"),
+        ("MiB fwd", "bytes_fwd", mib),
+        ("MiB fwd+bwd", "bytes_total", mib),
+        ("vs ring", lambda r: r["bytes_total"] and r["bytes_total"] / ring[r["cp"]], ratio),
+        ("steps fwd/bwd", lambda r: r["steps_fwd"] and f"{r['steps_fwd']}/{r['steps_bwd']}"),
+        ("tiles x heads max", "tiles_max", "{:,}".format),
+        ("max / mean", "tile_imbalance", ratio),
+        ("temp", "temp_bytes", measure.format_bytes), ("latency ms", median, "{:.3g}".format),
+    ]  # fmt: skip
+    reasons = sorted({r["skip_reason"] for r in records if r["skip_reason"]})
+    caption = "; ".join(reasons) or None
+    return measure.table(title, columns, records, section=lambda r: r["cp"], caption=caption)
