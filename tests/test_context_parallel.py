@@ -20,8 +20,7 @@ from jax.sharding import Mesh
 
 from thdkit import reorder
 from thdkit.attention import attention
-from thdkit.bench import cp as cp_bench
-from thdkit.context_parallel import STRATEGIES, context_parallel_attention
+from thdkit.context_parallel import STRATEGIES, context_parallel_attention, traffic
 
 STRATEGY_NAMES = tuple(STRATEGIES)
 DIM = 8
@@ -247,7 +246,7 @@ def _collectives(jaxpr: Any, times: int = 1) -> list[tuple[str, Any, int]]:
     found = []
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
-        if name in cp_bench.RECEIVED:
+        if name in traffic.RECEIVED:
             found += [(name, var.aval, times) for var in eqn.invars]
         inner = times * (eqn.params["length"] if name == "scan" else 1)
         for param in eqn.params.values():
@@ -284,14 +283,14 @@ def test_byte_formulas_match_the_traced_collectives(strategy: str, cross: bool) 
         )  # fmt: skip
         return jnp.sum(out)
 
-    shapes = cp_bench.Shapes(
+    shapes = traffic.Shapes(
         batch=batch, seq_q=seq_q, seq_kv=seq_kv, heads_q=heads_q, heads_kv=heads_kv, dim=DIM,
         dim_v=dim_v, itemsize=4, cross=cross,
     )  # fmt: skip
-    expected = cp_bench.collective_bytes(strategy, shapes, cp=cp)
+    expected = traffic.collective_bytes(strategy, shapes, cp=cp)
     for passes, fn in (("fwd", loss), ("bwd", jax.grad(loss, (0, 1, 2)))):
         counted = sum(
-            cp_bench.RECEIVED[name](cp) * aval.size * aval.dtype.itemsize * times
+            traffic.RECEIVED[name](cp) * aval.size * aval.dtype.itemsize * times
             for name, aval, times in _collectives(jax.make_jaxpr(fn)(q, k, v).jaxpr)
             if not (aval.ndim == 2 and aval.shape[1] == 2)  # per-segment bins, [B, S + 1]
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -30,87 +30,16 @@ from thdkit.bench.measure import BenchConfig, Options, median
 from thdkit.bench.ring import document_lengths, visited_tiles
 from thdkit.context_parallel import STRATEGIES, context_parallel_attention, ring_schedule
 from thdkit.context_parallel.all_gather import sort_by_document
+from thdkit.context_parallel.traffic import Shapes, collective_bytes
 from thdkit.masks import MaskType
 
-__all__ = ["CPBench", "Shapes", "Traffic", "collective_bytes", "run_cp_bench"]
+__all__ = ["CPBench", "run_cp_bench"]
 
 MASK_TYPE = "padding_causal"
 _MEASURED = (
     "bytes_fwd", "bytes_bwd", "bytes_total", "steps_fwd", "steps_bwd", "tiles_per_rank",
     "tiles_max", "tile_imbalance", "temp_bytes", "latency_ms",
 )  # fmt: skip
-
-RECEIVED: dict[str, Callable[[int], float]] = {
-    "ppermute": lambda cp: 1.0,
-    "all_gather": lambda cp: cp - 1.0,
-    "reduce_scatter": lambda cp: (cp - 1) / cp,
-    "all_to_all": lambda cp: (cp - 1) / cp,
-    "psum": lambda cp: 2 * (cp - 1) / cp,
-}
-"""Bytes a device receives per byte of a collective's operand (ring algorithms): a ppermute
-moves its operand, an all-gather the cp - 1 other shards, a reduce-scatter and an all-to-all
-(cp - 1) / cp of their operand, an all-reduce twice that."""
-
-
-class Shapes(NamedTuple):
-    """The global shapes of one attention call (b = ``itemsize``; ``cross``: kv ids given)."""
-
-    batch: int
-    seq_q: int
-    seq_kv: int
-    heads_q: int
-    heads_kv: int
-    dim: int
-    dim_v: int
-    itemsize: int
-    cross: bool
-
-
-class Traffic(NamedTuple):
-    """Bytes received per device, and dependent collective steps, of one strategy."""
-
-    forward: float
-    backward: float
-    steps_forward: int
-    steps_backward: int
-
-
-def collective_bytes(strategy: str, s: Shapes, *, cp: int) -> Traffic:
-    """Bytes each device receives through a strategy's collectives, forward and backward.
-
-    Counted from the arrays each strategy sends (int32 ids, positions, document lengths: 4 bytes
-    a token); the O(B·S) per-segment counts and spans are left out. With ``n = T / cp`` and
-    ``kv = H_kv (D + D_v)`` values per key token:
-
-    - ring: forward ``(cp - 1) B n_kv (kv b + 12)``; backward (cp moves of k, v, the layout and
-      the float32 dk, dv) ``cp B n_kv (kv (b + 4) + 12)``.
-    - all_gather: forward ``(cp - 1) B n_kv (kv b + 8)``; backward (reduce-scatter of dk, dv)
-      ``(cp - 1) B n_kv kv b``.
-    - all_to_all: forward ``(cp - 1) / cp B (n_q H_q (D + D_v) + n_kv kv) b`` (q, k, v in, out
-      back) plus ``(cp - 1) B (n_q [+ n_kv if cross]) 8`` (the row's ids and positions);
-      backward ``(cp - 1) / cp B (n_q H_q (D + D_v) + n_kv kv) b``.
-
-    Example:
-        >>> s = Shapes(batch=1, seq_q=8192, seq_kv=8192, heads_q=32, heads_kv=32, dim=128,
-        ...            dim_v=128, itemsize=2, cross=False)
-        >>> ring, a2a = (collective_bytes(x, s, cp=8) for x in ("ring", "all_to_all"))
-        >>> round(a2a.forward / ring.forward, 3), ring.steps_forward, a2a.steps_forward
-        (0.25, 7, 2)
-    """
-    n_q, n_kv = s.seq_q // cp, s.seq_kv // cp
-    kv = s.heads_kv * (s.dim + s.dim_v)
-    if strategy == "ring":
-        forward = (cp - 1) * s.batch * n_kv * (kv * s.itemsize + 12)
-        backward = cp * s.batch * n_kv * (kv * (s.itemsize + 4) + 12)
-        return Traffic(forward, backward, cp - 1, cp)
-    if strategy == "all_gather":
-        forward = (cp - 1) * s.batch * n_kv * (kv * s.itemsize + 8)
-        return Traffic(forward, (cp - 1) * s.batch * n_kv * kv * s.itemsize, 1, 1)
-    if strategy == "all_to_all":
-        data = s.batch * (n_q * s.heads_q * (s.dim + s.dim_v) + n_kv * kv) * s.itemsize
-        layout = (cp - 1) * s.batch * (n_q + (n_kv if s.cross else 0)) * 8
-        return Traffic((cp - 1) / cp * data + layout, (cp - 1) / cp * data, 2, 2)
-    raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(map(repr, STRATEGIES))}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
