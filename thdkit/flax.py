@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import operator
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
