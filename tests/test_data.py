@@ -1,0 +1,148 @@
+"""thdkit.data: Grain packing in thdkit's layout, batching, and the host-side reorder."""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from thdkit import reorder
+from thdkit.data import pack, reorder_batch
+from thdkit.layout import validate_layout
+
+T, BATCH = 16, 2
+
+
+def _documents(lengths: list[int]) -> list[dict[str, np.ndarray]]:
+    """Document k holds tokens 100k + 1, 100k + 2, ... (so every token names its document)."""
+    return [
+        {"inputs": 100 * k + np.arange(1, n + 1), "targets": -(100 * k + np.arange(1, n + 1))}
+        for k, n in enumerate(lengths)
+    ]
+
+
+def _unpack(batches) -> list[np.ndarray]:
+    """The documents of the batches, in row order then id order."""
+    docs = []
+    for batch in batches:
+        for ids, tokens in zip(batch["inputs_segment_ids"], batch["inputs"], strict=True):
+            docs += [tokens[ids == s] for s in np.unique(ids[ids > 0])]
+    return docs
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 24), min_size=1, max_size=20),
+    segments=st.integers(1, 4),
+    algorithm=st.sampled_from(["first_fit", "best_fit"]),
+)
+def test_packed_rows_follow_the_layout_and_keep_every_document(lengths, segments, algorithm):
+    docs = _documents(lengths)
+    batches = list(
+        pack(
+            grain.MapDataset.source(docs),
+            seq_len=T,
+            max_segments_per_seq=segments,
+            batch_size=BATCH,
+            features=("inputs", "targets"),
+            algorithm=algorithm,
+            drop_remainder=False,
+        )
+    )
+    for batch in batches:
+        ids, pos = batch["inputs_segment_ids"], batch["inputs_positions"]
+        assert ids.shape[1:] == (T,) and ids.dtype == np.int32
+        validate_layout(ids, pos, max_segments_per_seq=segments, mask_type="padding_causal")
+        np.testing.assert_array_equal(batch["inputs"][ids == 0], 0)
+        np.testing.assert_array_equal(batch["targets"], np.where(ids > 0, -batch["inputs"], 0))
+        for row_ids, row_pos in zip(ids, pos, strict=True):
+            for s in np.unique(row_ids[row_ids > 0]):
+                np.testing.assert_array_equal(
+                    row_pos[row_ids == s], np.arange((row_ids == s).sum())
+                )
+    # Every non-empty document arrives once, truncated to T, in its own tokens.
+    expected = sorted(tuple(d["inputs"][:T]) for d in docs if d["inputs"].size)
+    assert sorted(tuple(d) for d in _unpack(batches)) == expected
+
+
+def test_one_document_per_row_is_the_padded_baseline():
+    docs = _documents([5, 3, 16, 2])
+    (batch,) = pack(grain.MapDataset.source(docs), seq_len=T, max_segments_per_seq=1, batch_size=4)
+    assert batch["inputs_segment_ids"].max(axis=1).tolist() == [1, 1, 1, 1]
+    assert (batch["inputs_segment_ids"] > 0).sum(axis=1).tolist() == [5, 3, 16, 2]
+
+
+@pytest.mark.parametrize(
+    ("kind", "stripe"), [("striped", 1), ("striped", 2), ("dual_chunk_swap", 1)]
+)
+def test_context_parallel_batches_are_the_reordered_plain_batches(kind, stripe):
+    docs = _documents([7, 3, 9, 12, 1, 5, 6, 4, 11])
+    options = dict(seq_len=T, max_segments_per_seq=4, batch_size=BATCH, features=("inputs",))
+    plain = list(pack(grain.MapDataset.source(docs), **options))
+    cp = list(
+        pack(grain.MapDataset.source(docs), cp=4 // stripe, reorder=kind, stripe_size=stripe,
+             **options)
+    )  # fmt: skip
+    assert len(cp) == len(plain) > 0
+    undo = {
+        "striped": lambda a: reorder.unstriped(a, cp=4 // stripe, stripe_size=stripe),
+        "dual_chunk_swap": lambda a: reorder.undo_dual_chunk_swap(a, cp=4 // stripe),
+    }[kind]
+    for a, b in zip(plain, cp, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(undo(b[key]), a[key])
+
+
+def test_reorder_batch_reorders_every_array_alike():
+    batch = {"a": np.arange(8)[None], "b": 10 * np.arange(8)[None]}
+    out = reorder_batch(batch, cp=2, stripe_size=2)
+    np.testing.assert_array_equal(out["a"], [[0, 1, 4, 5, 2, 3, 6, 7]])
+    np.testing.assert_array_equal(out["b"], 10 * out["a"])
+    with pytest.raises(ValueError, match=r"batch\['a'\]"):
+        reorder_batch({"a": np.arange(6)}, cp=4)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        (dict(seq_len=0), ValueError, "seq_len must be >= 1"),
+        (dict(seq_len=16.0), TypeError, "seq_len must be an int"),
+        (dict(max_segments_per_seq=True), TypeError, "max_segments_per_seq must be an int"),
+        (dict(batch_size=0), ValueError, "batch_size"),
+        (dict(features=()), ValueError, "features"),
+        (dict(algorithm="next_fit"), ValueError, "algorithm"),
+        (dict(reorder="zigzag", cp=2), ValueError, "reorder"),
+        (dict(cp=3), ValueError, "seq_len=16 must be a multiple of 3"),
+        (dict(cp=4, stripe_size=8), ValueError, "multiple of 32"),
+        (dict(cp=32, reorder="dual_chunk_swap"), ValueError, "multiple of 64"),
+    ],
+)
+def test_option_errors_name_the_option(options, error, match):
+    base = dict(seq_len=T, max_segments_per_seq=2, batch_size=BATCH)
+    with pytest.raises(error, match=match):
+        pack(grain.MapDataset.source(_documents([3])), **(base | options))
+
+
+@pytest.mark.parametrize(
+    ("docs", "match"),
+    [
+        ([np.arange(3)], "dict of features"),
+        ([{"targets": np.arange(3)}], "lacks the features"),
+        ([{"inputs": np.ones((2, 2))}], "1-D of one length"),
+        ([{"inputs": np.arange(3), "targets": np.arange(4)}], "1-D of one length"),
+    ],
+)
+def test_malformed_documents_are_refused(docs, match):
+    features = ("inputs", "targets") if isinstance(docs[0], dict) and len(docs[0]) > 1 else None
+    dataset = pack(
+        grain.MapDataset.source(docs),
+        seq_len=T,
+        max_segments_per_seq=2,
+        batch_size=1,
+        features=features or ("inputs",),
+    )
+    with pytest.raises(ValueError, match=match):
+        next(iter(dataset))

@@ -1,0 +1,224 @@
+"""Grain input pipelines for packed rows: packing, batching and the context-parallel reorder.
+
+Axis legend: B batch (``batch_size``), T row length (``seq_len``), S = ``max_segments_per_seq``.
+
+Grain's packers (``grain.experimental.FirstFitPackIterDataset``, ``BestFitPackIterDataset``) emit
+for each packed feature ``f`` the tokens ``f``, ``f_segment_ids`` (1..n for the documents of the
+row, 0 for padding) and ``f_positions`` (each token's position inside its document, 0 on
+padding): thdkit's layout convention as it is, so ``thdkit.Segments.from_ids(
+batch["inputs_segment_ids"], batch["inputs_positions"])`` describes a batch. :func:`pack` adds
+what a training loop needs around them:
+
+- ``max_sequences_per_bin`` tied to ``max_segments_per_seq``, so no row ever holds an id above S;
+- documents longer than T truncated to T (Grain refuses them), empty ones dropped;
+- batching to ``[B, T]``;
+- for context parallelism, the load-balancing reorder (:func:`thdkit.reorder.striped` or
+  :func:`thdkit.reorder.dual_chunk_swap`) applied on the host, in NumPy, to every per-token
+  array of the batch, so the device never reorders: shard the sequence axis over the mesh and
+  call :func:`thdkit.ring_attention` (or :class:`thdkit.flax.PackedSelfAttention` with a mesh).
+
+Install with ``pip install "thdkit[flax]"`` (it brings ``grain``); the rest of thdkit never
+imports this module.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import grain
+import numpy as np
+
+from thdkit.layout import MAX_SEGMENTS
+from thdkit.reorder import dual_chunk_swap, striped
+
+__all__ = ["pack", "reorder_batch"]
+
+Algorithm = Literal["first_fit", "best_fit"]
+Reorder = Literal["striped", "dual_chunk_swap"]
+
+
+def _positive_int(value: Any, name: str, *, high: int | None = None) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < 1 or (high is not None and value > high):
+        bound = "" if high is None else f" and <= {high}"
+        raise ValueError(f"{name} must be >= 1{bound}, got {value}")
+    return value
+
+
+def reorder_batch(
+    batch: Mapping[str, np.ndarray],
+    *,
+    cp: int,
+    reorder: Reorder = "striped",
+    stripe_size: int = 1,
+) -> dict[str, np.ndarray]:
+    """Applies the context-parallel reorder to every per-token array of a batch (host side).
+
+    Every value's last axis is the sequence axis (tokens, segment ids, positions, labels, loss
+    weights alike), so all of them stay aligned. The output comes back from
+    :func:`thdkit.ring_attention` in the same order; a token-wise loss over reordered labels
+    needs no inverse (:func:`thdkit.reorder.unstriped` restores the order otherwise).
+
+    Args:
+        batch: mapping of name to NumPy array [..., T].
+        cp: the number of context-parallel ranks, an int >= 1.
+        reorder: ``"striped"`` (causal masks, packed rows) or ``"dual_chunk_swap"``.
+        stripe_size: tokens per stripe (``"striped"`` only).
+
+    Returns:
+        A new dict with the same keys, each array reordered along its last axis.
+
+    Raises:
+        TypeError: a non-int ``cp`` or ``stripe_size``.
+        ValueError: an unknown ``reorder``, or a sequence length that the reorder cannot split
+            (T must be a multiple of ``cp * stripe_size``, or of ``2 * cp``), naming the key.
+
+    Example:
+        >>> batch = {"inputs_segment_ids": np.array([[1, 1, 1, 1, 2, 2, 0, 0]])}
+        >>> reorder_batch(batch, cp=2)["inputs_segment_ids"]
+        array([[1, 1, 2, 0, 1, 1, 2, 0]])
+    """
+    cp = _positive_int(cp, "cp")
+    stripe_size = _positive_int(stripe_size, "stripe_size")
+    if reorder not in ("striped", "dual_chunk_swap"):
+        raise ValueError(f"reorder must be 'striped' or 'dual_chunk_swap', got {reorder!r}")
+    out = {}
+    for name, value in batch.items():
+        array = np.asarray(value)
+        try:
+            if reorder == "striped":
+                out[name] = striped(array, cp=cp, stripe_size=stripe_size)
+            else:
+                out[name] = dual_chunk_swap(array, cp=cp)
+        except ValueError as error:
+            raise ValueError(f"batch[{name!r}]: {error}") from None
+    return out
+
+
+def pack(
+    dataset: grain.IterDataset | grain.MapDataset,
+    *,
+    seq_len: int,
+    max_segments_per_seq: int,
+    batch_size: int,
+    features: Sequence[str] = ("inputs",),
+    num_packing_bins: int | None = None,
+    algorithm: Algorithm = "first_fit",
+    shuffle_bins: bool = False,
+    seed: int = 0,
+    cp: int = 1,
+    reorder: Reorder = "striped",
+    stripe_size: int = 1,
+    drop_remainder: bool = True,
+) -> grain.IterDataset:
+    """Packs documents into rows of T tokens with Grain, batches them, and reorders for the ring.
+
+    Each element of ``dataset`` is one document: a dict holding, for every name in ``features``,
+    a 1-D array of the same length (e.g. ``inputs`` and next-token ``targets``). Documents are
+    truncated to ``seq_len`` tokens and empty ones are dropped; rows hold at most
+    ``max_segments_per_seq`` documents (``max_segments_per_seq=1`` gives one document per row,
+    padded: the baseline packing is measured against).
+
+    Args:
+        dataset: a ``grain.IterDataset`` or ``grain.MapDataset`` of documents.
+        seq_len: T, tokens per row (a multiple of ``cp * stripe_size``, or of ``2 * cp``).
+        max_segments_per_seq: S, the most documents a row may hold (Grain's
+            ``max_sequences_per_bin``); pass the same S to :func:`thdkit.plan_attention`.
+        batch_size: B, rows per batch.
+        features: the per-token features to pack.
+        num_packing_bins: rows packed at once (more bins, less padding); None means
+            ``batch_size``.
+        algorithm: ``"first_fit"`` (``FirstFitPackIterDataset``) or ``"best_fit"``
+            (``BestFitPackIterDataset``).
+        shuffle_bins: shuffle the rows of each packing round (Grain's option).
+        seed: the seed of that shuffle.
+        cp: context-parallel ranks; above 1 every array of a batch is reordered by
+            :func:`reorder_batch` (host side, NumPy).
+        reorder, stripe_size: the reorder (see :func:`reorder_batch`).
+        drop_remainder: drop a last, smaller batch.
+
+    Returns:
+        A ``grain.IterDataset`` of dicts: for each feature ``f``, ``f`` ([B, T], the feature's
+        dtype; 0 on padding), ``f_segment_ids`` (int32[B, T]; 0 = padding, 1..n documents) and
+        ``f_positions`` (int32[B, T]; position inside the document, 0 on padding), reordered
+        along T when ``cp > 1``.
+
+    Raises:
+        TypeError: a non-int size.
+        ValueError: a size below 1, S above :data:`thdkit.MAX_SEGMENTS`, no features, an unknown
+            ``algorithm`` or ``reorder``, T not divisible for the reorder; while iterating, a
+            document that is not a dict of 1-D arrays of equal lengths holding every feature.
+
+    Example:
+        >>> docs = [{"inputs": np.arange(1, n + 1)} for n in (3, 2, 4, 1)]
+        >>> rows = pack(grain.MapDataset.source(docs), seq_len=8, max_segments_per_seq=2,
+        ...             batch_size=2)
+        >>> batch = next(iter(rows))
+        >>> batch["inputs_segment_ids"]
+        array([[1, 1, 1, 2, 2, 0, 0, 0],
+               [1, 1, 1, 1, 2, 0, 0, 0]], dtype=int32)
+        >>> batch["inputs_positions"][1]
+        array([0, 1, 2, 3, 0, 0, 0, 0], dtype=int32)
+    """
+    seq_len = _positive_int(seq_len, "seq_len")
+    num_segments = _positive_int(max_segments_per_seq, "max_segments_per_seq", high=MAX_SEGMENTS)
+    batch_size = _positive_int(batch_size, "batch_size")
+    cp = _positive_int(cp, "cp")
+    stripe_size = _positive_int(stripe_size, "stripe_size")
+    bins = batch_size if num_packing_bins is None else num_packing_bins
+    bins = _positive_int(bins, "num_packing_bins")
+    features = tuple(features)
+    if not features or not all(isinstance(f, str) for f in features):
+        raise ValueError(f"features must be a non-empty sequence of names, got {features!r}")
+    packers = {
+        "first_fit": grain.experimental.FirstFitPackIterDataset,
+        "best_fit": grain.experimental.BestFitPackIterDataset,
+    }
+    if algorithm not in packers:
+        raise ValueError(f"algorithm must be 'first_fit' or 'best_fit', got {algorithm!r}")
+    if reorder not in ("striped", "dual_chunk_swap"):
+        raise ValueError(f"reorder must be 'striped' or 'dual_chunk_swap', got {reorder!r}")
+    if cp > 1:
+        multiple = cp * stripe_size if reorder == "striped" else 2 * cp
+        if seq_len % multiple:
+            raise ValueError(
+                f"seq_len={seq_len} must be a multiple of {multiple} for reorder={reorder!r} "
+                f"with cp={cp}" + (f", stripe_size={stripe_size}" if reorder == "striped" else "")
+            )
+
+    def truncate(document: Any) -> dict[str, np.ndarray]:
+        if not isinstance(document, Mapping):
+            raise ValueError(f"each document must be a dict of features, got {type(document)}")
+        missing = [f for f in features if f not in document]
+        if missing:
+            raise ValueError(f"a document lacks the features {missing}; it has {list(document)}")
+        arrays = {f: np.asarray(document[f]) for f in features}
+        lengths = {f: a.shape for f, a in arrays.items()}
+        if any(len(shape) != 1 for shape in lengths.values()) or len(set(lengths.values())) > 1:
+            raise ValueError(f"a document's features must be 1-D of one length, got {lengths}")
+        return {f: a[:seq_len] for f, a in arrays.items()}
+
+    if isinstance(dataset, grain.MapDataset):
+        dataset = dataset.to_iter_dataset()
+    documents = dataset.map(truncate).filter(lambda d: d[features[0]].shape[0] > 0)
+    packed = packers[algorithm](
+        documents,
+        length_struct={f: seq_len for f in features},
+        num_packing_bins=bins,
+        shuffle_bins=shuffle_bins,
+        seed=seed,
+        max_sequences_per_bin=num_segments,
+    )
+    batches = packed.batch(batch_size, drop_remainder=drop_remainder)
+    if cp > 1:
+        return batches.map(
+            lambda b: reorder_batch(b, cp=cp, reorder=reorder, stripe_size=stripe_size)
+        )
+    return batches
