@@ -543,13 +543,15 @@ def validate_layout(
     """
     mask = MaskType.parse(mask_type)
     num_segments = _segment_bound(max_segments_per_seq)
-    ids, pos = as_layout(segment_ids, segment_pos, name=name)
-    if not is_concrete(ids, pos):
+    if not is_concrete(segment_ids, segment_pos):
         raise TypeError(
             f"validate_layout needs concrete {name}, got a traced array; under jit or vmap use "
             "thdkit.layout_error_codes or thdkit.check_layout (jax.experimental.checkify)"
         )
-    code, token = jax.device_get(_jitted_error_codes(ids, pos, num_segments, mask))
+    # Concrete arrays closed over by a jitted function are checked now, not staged into it.
+    with jax.ensure_compile_time_eval():
+        ids, pos = as_layout(segment_ids, segment_pos, name=name)
+        code, token = jax.device_get(_jitted_error_codes(ids, pos, num_segments, mask))
     bad_rows = np.flatnonzero(np.asarray(code).reshape(-1))
     if bad_rows.size == 0:
         return
