@@ -29,7 +29,7 @@ from thdkit.bench.measure import SHAPE_OPTIONS, BenchConfig, Options, median
 from thdkit.context_parallel import ring_attention, ring_schedule
 from thdkit.context_parallel.ring import difference_bounds
 from thdkit.masks import MaskType, check_window
-from thdkit.segments import lengths_from_counts, segment_counts
+from thdkit.segments import Segments, lengths_from_counts, segment_counts
 
 __all__ = ["RingBench", "run_ring_bench"]
 
@@ -155,7 +155,9 @@ def work_per_rank(
 def visited_tiles(q: tuple, kv: tuple, *, mask: MaskType, window: Any = None, **blocks: int) -> Any:
     """(Query tile, key tile) pairs the blockwise kernel visits; ``q`` and ``kv`` are
     ``(ids, positions, document lengths)``, int32[B, n]."""
-    ranges = tile_ranges(*q, *kv, mask_type=mask, window_size=window, **blocks)
+    ranges = tile_ranges(
+        Segments(*q), Segments(*kv), mask_type=mask, window_size=window, **blocks
+    )
     return jnp.sum(ranges.hi - ranges.lo)
 
 
