@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
@@ -115,6 +118,18 @@ def kernel_reading(meta_row, seq_len_q: int, seq_len_kv: int, mask: MaskType) ->
 
 ATTN_B, ATTN_T, ATTN_T_KV, ATTN_H_Q, ATTN_H_KV, ATTN_D, ATTN_D_V = 2, 40, 56, 8, 2, 8, 4
 ATTN_S = 4
+
+
+def segments_of(layout: dict[str, Any]) -> dict[str, Any]:
+    """A six-array layout dict (``ids_q, pos_q, rl_q, ids_kv, pos_kv, rl_kv``) as the
+    ``q_segments`` / ``kv_segments`` keywords of ``attention_partial`` and
+    ``reference_attention``."""
+    from thdkit.segments import Segments
+
+    def side(suffix: str) -> Segments:
+        return Segments(*(jnp.asarray(layout[f"{k}_{suffix}"]) for k in ("ids", "pos", "rl")))
+
+    return dict(q_segments=side("q"), kv_segments=side("kv"))
 
 
 def self_layout(seed: int, *, batch: int = ATTN_B, seq_len: int = ATTN_T) -> dict[str, np.ndarray]:

@@ -25,9 +25,11 @@ from thdkit.bench.measure import BenchConfig, ConfigError
 from thdkit.bench.ring import RingBench
 from thdkit.bench.run import run_sweep
 from thdkit.bench.sweep import FLOOR, METHODS, MetadataSweep, make_inputs
+from thdkit.layout import run_lengths
 from thdkit.masks import MaskType
 from thdkit.metadata import seqlens_and_offsets
 from thdkit.reference import allowed_pairs
+from thdkit.segments import Segments
 
 LATENCY_KEYS = {"median", "min", "max", "samples"}
 
@@ -245,7 +247,8 @@ def test_ring_layout_takes_the_step_with_the_most_pairs():
 
     def count(q, kv):
         step = synth.ring_step(ids, pos, cp=4, q_rank=q, kv_rank=kv)
-        return int(allowed_pairs(*step, mask_type=MaskType.PADDING_CAUSAL).sum())
+        q, kv = (Segments(i, p, run_lengths(i)) for i, p in (step[:2], step[2:]))
+        return int(allowed_pairs(q, kv, mask_type=MaskType.PADDING_CAUSAL).sum())
 
     assert segments == 3
     assert all(count(q_rank, kv_rank) >= count(q, kv) for q in range(4) for kv in range(4))

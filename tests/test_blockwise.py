@@ -20,6 +20,7 @@ from thdkit.attention.blockwise import attention_partial
 from thdkit.layout import run_lengths
 from thdkit.masks import MaskType
 from thdkit.reference import reference_attention
+from thdkit.segments import Segments
 
 from .strategies import (
     ALL_MASKS,
@@ -31,6 +32,7 @@ from .strategies import (
     cross_layout,
     missing_layout,
     ring_layout,
+    segments_of,
     self_layout,
 )
 
@@ -62,7 +64,7 @@ def _both(q, k, v, w_out, w_lse, layout, *, mask, window):
                 q,
                 k,
                 v,
-                **layout,
+                **segments_of(layout),
                 mask_type=mask,
                 window_size=window,
                 scale=SCALE,
@@ -196,12 +198,8 @@ def test_blockwise_memory_is_linear_in_length():
                 q,
                 k,
                 v,
-                ids_q=ids,
-                pos_q=pos,
-                rl_q=rl,
-                ids_kv=ids,
-                pos_kv=pos,
-                rl_kv=rl,
+                q_segments=Segments(ids, pos, rl),
+                kv_segments=Segments(ids, pos, rl),
                 mask_type=MaskType.PADDING_CAUSAL,
                 window_size=None,
                 scale=0.25,
@@ -280,7 +278,7 @@ def test_reference_matches_brute_force():
                 jnp.asarray(q, jnp.float32),
                 jnp.asarray(k, jnp.float32),
                 jnp.asarray(v, jnp.float32),
-                **{key: jnp.asarray(a) for key, a in layout.items()},
+                **segments_of(layout),
                 mask_type=mask,
                 window_size=window,
                 scale=0.7,
@@ -302,7 +300,7 @@ def _forward(q, k, v, layout, *, mask, window, implementation):
         q,
         k,
         v,
-        **layout,
+        **segments_of(layout),
         mask_type=mask,
         window_size=window,
         scale=SCALE,

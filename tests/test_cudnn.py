@@ -16,6 +16,7 @@ from thdkit.attention.cudnn import packed_inputs, poisoned_rows, spans_of
 from thdkit.layout import run_lengths
 from thdkit.masks import MaskType, pair_mask
 from thdkit.metadata import seqlens_and_offsets
+from thdkit.segments import Segments
 
 from .strategies import ATTN_S
 
@@ -81,14 +82,14 @@ def test_poisoned_rows_match_the_dense_rule(mask):
     mask = MaskType.parse(mask)
     ids, pos = synth.packed_segments(np.random.default_rng(1), batch=2, seq_len=32, max_segments=S)
     ids, pos = jnp.asarray(ids), jnp.asarray(pos)
-    side = (ids, pos, run_lengths(ids))
+    side = Segments(ids, pos, run_lengths(ids))
     window = (3, None) if mask.uses_positions else None
     spans = spans_of(side, side, mask_type=mask, window_size=window)
     rng = np.random.default_rng(2)
     bad_q = jnp.asarray(rng.random((2, 32, 4)) < 0.05)
     bad_kv = jnp.asarray(rng.random((2, 32, 2)) < 0.1)
     got = poisoned_rows(spans, bad_q, bad_kv)
-    allowed = np.asarray(pair_mask(*side, *side, mask_type=mask, window_size=window))
+    allowed = np.asarray(pair_mask(side, side, mask_type=mask, window_size=window))
     kv_heads = np.repeat(np.asarray(bad_kv), 2, axis=-1)  # query head h reads kv head h // 2
     hits = np.einsum("bqk,bkh->bqh", allowed, kv_heads) > 0
     want = (hits | np.asarray(bad_q)) & allowed.any(-1)[..., None]

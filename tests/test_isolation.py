@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from thdkit.attention.blockwise import attention_partial
 from thdkit.layout import run_lengths
 from thdkit.masks import MaskType
+from thdkit.segments import Segments
 
-from .strategies import ALL_MASKS, batches, ring_step_layout
+from .strategies import ALL_MASKS, batches, ring_step_layout, segments_of
 
 B, T, H_Q, H_KV, D, D_V, S = 2, 32, 4, 2, 8, 4, 3
 BLOCKS = {"block_q": 16, "block_kv": 8}
@@ -32,7 +33,7 @@ def _run(q, k, v, layout, *, mask, window, implementation):
             q,
             k,
             v,
-            **layout,
+            **segments_of(layout),
             mask_type=mask,
             window_size=window,
             scale=0.4,
@@ -128,12 +129,8 @@ def test_nan_in_padding_value_leaves_every_row_finite():
             q,
             k,
             v,
-            ids_q=ids,
-            pos_q=pos,
-            rl_q=rl,
-            ids_kv=ids,
-            pos_kv=pos,
-            rl_kv=rl,
+            q_segments=Segments(ids, pos, rl),
+            kv_segments=Segments(ids, pos, rl),
             mask_type="padding",
             window_size=None,
             scale=1.0,

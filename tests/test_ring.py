@@ -22,6 +22,7 @@ from thdkit.bench import ring as ring_bench
 from thdkit.context_parallel import ring, ring_attention, ring_schedule
 from thdkit.layout import run_lengths
 from thdkit.masks import MaskType, pair_mask
+from thdkit.segments import Segments
 
 HEADS, DIM = 2, 8
 NUM_SEGMENTS = 4
@@ -273,7 +274,7 @@ def _brute_force_pairs(
             source = (rank - step) % cp
             q = [reorder.shard(x, cp=cp, rank=rank) for x in (ids, pos, lengths)]
             kv = [reorder.shard(x, cp=cp, rank=source) for x in (ids, pos, lengths)]
-            allowed = _pair_mask(*q, *kv, mask_type=mask, window_size=window)
+            allowed = _pair_mask(Segments(*q), Segments(*kv), mask_type=mask, window_size=window)
             result[:, rank, step] = np.asarray(allowed).sum(axis=(-1, -2))
     return result
 

@@ -16,6 +16,7 @@ from thdkit.attention import tile_ranges
 from thdkit.attention.tiles import kv_spans
 from thdkit.layout import run_lengths
 from thdkit.masks import MaskType, pair_mask
+from thdkit.segments import Segments
 
 from .strategies import ALL_MASKS, batches
 
@@ -26,12 +27,10 @@ def test_tile_ranges_cover_every_allowed_pair_and_track_document_sizes():
 
     @functools.partial(jax.jit, static_argnames=("mask", "window"))
     def ranges_and_mask(ids, pos, mask, window):
-        rl = run_lengths(ids)
+        seg = Segments(ids, pos, run_lengths(ids))
         blocks = dict(block_q=block, block_kv=block)
-        ranges = tile_ranges(
-            ids, pos, rl, ids, pos, rl, mask_type=mask, window_size=window, **blocks
-        )
-        allowed = pair_mask(ids, pos, rl, ids, pos, rl, mask_type=mask, window_size=window)
+        ranges = tile_ranges(seg, seg, mask_type=mask, window_size=window, **blocks)
+        allowed = pair_mask(seg, seg, mask_type=mask, window_size=window)
         return ranges.lo, ranges.hi, ranges.visited_fraction(), allowed
 
     def visited_and_needed(ids, pos, mask, window):
@@ -65,11 +64,11 @@ MAX_POSITION = 2**30 - 1
 
 @functools.partial(jax.jit, static_argnames=("mask", "window"))
 def _spans_and_mask(ids_q, pos_q, ids_kv, pos_kv, *, mask, window):
-    rl_q, rl_kv = run_lengths(ids_q), run_lengths(ids_kv)
-    q, kv = (ids_q, pos_q, rl_q), (ids_kv, pos_kv, rl_kv)
+    q = Segments(ids_q, pos_q, run_lengths(ids_q))
+    kv = Segments(ids_kv, pos_kv, run_lengths(ids_kv))
     tokens = jax.numpy.broadcast_to(jax.numpy.arange(ids_q.shape[-1]), ids_q.shape)
     lo, hi = kv_spans(tokens, q, kv, mask_type=mask, window_size=window)
-    return lo, hi, pair_mask(*q, *kv, mask_type=mask, window_size=window)
+    return lo, hi, pair_mask(q, kv, mask_type=mask, window_size=window)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

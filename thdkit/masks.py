@@ -20,11 +20,14 @@ padding_causal_bottom_right    (bottom-right aligned; rl = run length of the tok
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
+
+if TYPE_CHECKING:
+    from thdkit.segments import Segments
 
 __all__ = [
     "UNBOUNDED",
@@ -250,24 +253,21 @@ def in_window(
 
 
 def pair_mask(
-    ids_q: Int[Array, "*B T_q"],
-    pos_q: Int[Array, "*B T_q"],
-    rl_q: Int[Array, "*B T_q"],
-    ids_kv: Int[Array, "*B T_kv"],
-    pos_kv: Int[Array, "*B T_kv"],
-    rl_kv: Int[Array, "*B T_kv"],
+    q: Segments,
+    kv: Segments,
     *,
     mask_type: MaskType,
     window_size: Window,
 ) -> Bool[Array, "*B T_q T_kv"]:
     """``allowed[..., i, j]`` with explicit document lengths, intersected with the sliding window.
 
-    With ``rl = run_lengths(ids)`` and no window this is ``allowed[]`` of docs/semantics.md; ring
-    steps pass the global document lengths instead, which the bottom-right rule needs there.
+    With ``Segments`` built from whole rows and no window this is ``allowed[]`` of
+    docs/semantics.md; ring steps pass the global document lengths instead, which the
+    bottom-right rule needs there. Tiles of a layout are ``jax.tree.map`` slices of its Segments.
 
     Args:
-        ids_q, pos_q, rl_q: int32[*B, T_q]; query ids (0 = padding), positions, document lengths.
-        ids_kv, pos_kv, rl_kv: int32[*B, T_kv]; the same for keys/values.
+        q: the queries' :class:`thdkit.Segments`, int32[*B, T_q] fields.
+        kv: the keys'/values' :class:`thdkit.Segments`, int32[*B, T_kv] fields.
         mask_type: a parsed ``MaskType``.
         window_size: ``(left, right)`` or None (see :func:`in_window`).
 
@@ -275,19 +275,17 @@ def pair_mask(
         bool[*B, T_q, T_kv].
 
     Example:
-        >>> import jax.numpy as jnp
-        >>> ids, pos = jnp.array([1, 1, 1]), jnp.arange(3)
-        >>> pair_mask(ids, pos, 3 * ids, ids, pos, 3 * ids, mask_type=MaskType.CAUSAL,
-        ...           window_size=(1, 0)).astype(int)
+        >>> from thdkit.segments import Segments
+        >>> seg = Segments.from_ids(jnp.array([1, 1, 1]))
+        >>> pair_mask(seg, seg, mask_type=MaskType.CAUSAL, window_size=(1, 0)).astype(int)
         Array([[1, 0, 0],
                [1, 1, 0],
                [0, 1, 1]], dtype=int32)
     """
-    q = (ids_q[..., :, None], pos_q[..., :, None], rl_q[..., :, None])
-    kv = (ids_kv[..., None, :], pos_kv[..., None, :], rl_kv[..., None, :])
-    same_segment = (q[0] == kv[0]) & (q[0] != 0)
-    allowed = same_segment & rel(mask_type, q[1], kv[1], q[2], kv[2])
-    return allowed & in_window(mask_type, window_size, q[1], kv[1], q[2], kv[2])
+    ids_q, pos_q, rl_q = (a[..., :, None] for a in (q.ids, q.positions, q.lengths))
+    ids_kv, pos_kv, rl_kv = (a[..., None, :] for a in (kv.ids, kv.positions, kv.lengths))
+    allowed = (ids_q == ids_kv) & (ids_q != 0) & rel(mask_type, pos_q, pos_kv, rl_q, rl_kv)
+    return allowed & in_window(mask_type, window_size, pos_q, pos_kv, rl_q, rl_kv)
 
 
 # --- Isolation of non-finite values ------------------------------------------------------------

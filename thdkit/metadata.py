@@ -238,22 +238,45 @@ def _as_rows(layout: tuple[Array, Array]) -> Rows:
     return tuple(a.reshape(-1, a.shape[-1]) for a in layout)
 
 
-def _rows_from_row_fn(row_fn: Callable[..., tuple[Array, ...]]) -> Callable[..., tuple[Array, ...]]:
-    """Lifts a method written for one row to N rows with vmap."""
+def _rows_from_row_fn(
+    row_fn: Callable[..., tuple[Array, Array]],
+) -> Callable[..., tuple[Array, ...]]:
+    """Lifts a method that finds one row's active tokens to N rows of raw metadata (vmap).
+
+    ``row_fn((ids_q, pos_q), (ids_kv, pos_kv), *, mask_type, ...) -> (q_active, kv_active)``;
+    the active ids of each side then go through :func:`thdkit.counting.count_and_offsets`.
+    """
+
+    def row(q: tuple[Array, Array], kv: tuple[Array, Array], **options) -> tuple[Array, ...]:
+        q_active, kv_active = row_fn(q, kv, **options)
+        num_segments = options["num_segments"]
+        q_seqlens, q_offsets = counting.count_and_offsets(
+            jnp.where(q_active, q[0], 0), num_segments=num_segments
+        )
+        kv_seqlens, kv_offsets = counting.count_and_offsets(
+            jnp.where(kv_active, kv[0], 0), num_segments=num_segments
+        )
+        return q_seqlens, kv_seqlens, q_offsets, kv_offsets
 
     def rows_fn(q: Rows, kv: Rows | None, **options) -> tuple[Array, ...]:
-        one_row = functools.partial(row_fn, **options)
-        if kv is None:
-            return jax.vmap(lambda ids, pos: one_row((ids, pos), None))(*q)
-        return jax.vmap(lambda *row: one_row(row[:2], row[2:]))(*q, *kv)
+        one_row = functools.partial(row, **options)
+        kv = q if kv is None else kv
+        return jax.vmap(lambda *r: one_row(r[:2], r[2:]))(*q, *kv)
 
     return rows_fn
+
+
+def _dense_active(
+    q: tuple[Array, Array], kv: tuple[Array, Array], *, mask_type: MaskType, num_segments: int
+) -> tuple[Array, Array]:
+    del num_segments  # the dense method needs no segment bound
+    return dense_row(q, kv, mask_type=mask_type)
 
 
 _METHODS: dict[str, Callable[..., tuple[Array, ...]]] = {
     "linear": linear_rows,
     "one_hot": _rows_from_row_fn(one_hot_row),
-    "dense": _rows_from_row_fn(dense_row),
+    "dense": _rows_from_row_fn(_dense_active),
 }
 
 

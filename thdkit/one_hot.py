@@ -8,7 +8,8 @@ one-hot ``[T, S+1]`` matrix; each token then compares its own key with its segme
 - bottom-right: with ``key = rl - pos``, q active iff ``key_q <= max key_kv``, kv iff
   ``key_kv >= min key_q``.
 
-The active ids then go through the same counting step as the reference. Memory O(T·S).
+The active tokens then go through the same counting step as the reference
+(in :mod:`thdkit.metadata`). Memory O(T·S).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
-from thdkit.counting import count_and_offsets
 from thdkit.layout import run_lengths
 from thdkit.masks import MaskType
 
@@ -36,18 +36,28 @@ def _segment_reduce(
 
 def one_hot_row(
     q: tuple[Int[Array, " T_q"], Int[Array, " T_q"]],
-    kv: tuple[Int[Array, " T_kv"], Int[Array, " T_kv"]] | None,
+    kv: tuple[Int[Array, " T_kv"], Int[Array, " T_kv"]],
     *,
     mask_type: MaskType,
     num_segments: int,
-) -> tuple[Array, Array, Array, Array]:
-    """Raw metadata of one row by the one-hot method (kv None means kv = q).
+) -> tuple[Bool[Array, " T_q"], Bool[Array, " T_kv"]]:
+    """The tokens of one row with an allowed partner, by the one-hot method.
+
+    Args:
+        q: ``(ids, pos)`` of the queries; kv: of the keys/values.
+        mask_type: a parsed ``MaskType``.
+        num_segments: S, the width of the one-hot matrices.
 
     Returns:
-        ``(q_seqlens int32[S], kv_seqlens int32[S], q_offsets int32[S+1], kv_offsets int32[S+1])``.
+        ``(q_active, kv_active)``: bool[T_q], bool[T_kv].
+
+    Example:
+        >>> side = (jnp.array([1, 1, 0]), jnp.array([0, 1, 0]))
+        >>> [a.tolist() for a in one_hot_row(side, side, mask_type=MaskType.CAUSAL,
+        ...                                  num_segments=1)]
+        [[True, True, False], [True, True, False]]
     """
-    ids_q, pos_q = q
-    ids_kv, pos_kv = q if kv is None else kv
+    (ids_q, pos_q), (ids_kv, pos_kv) = q, kv
     segments = jnp.arange(num_segments + 1, dtype=ids_q.dtype)[None, :]
     one_hot_q = ids_q[:, None] == segments
     one_hot_kv = ids_kv[:, None] == segments
@@ -62,10 +72,4 @@ def one_hot_row(
     else:
         q_active = jnp.any(one_hot_kv, axis=0)[ids_q]
         kv_active = jnp.any(one_hot_q, axis=0)[ids_kv]
-    q_seqlens, q_offsets = count_and_offsets(
-        jnp.where(q_active, ids_q, 0), num_segments=num_segments
-    )
-    kv_seqlens, kv_offsets = count_and_offsets(
-        jnp.where(kv_active, ids_kv, 0), num_segments=num_segments
-    )
-    return q_seqlens, kv_seqlens, q_offsets, kv_offsets
+    return q_active & (ids_q != 0), kv_active & (ids_kv != 0)

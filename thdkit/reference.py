@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from thdkit.counting import count_and_offsets
 from thdkit.layout import run_lengths
 from thdkit.masks import MaskType, Window, pair_mask, sanitize
+from thdkit.segments import Segments
 
 __all__ = [
     "allowed_pairs",
@@ -22,63 +22,53 @@ __all__ = [
 ]
 
 
-def allowed_pairs(
-    ids_q: Int[Array, "*B T_q"],
-    pos_q: Int[Array, "*B T_q"],
-    ids_kv: Int[Array, "*B T_kv"],
-    pos_kv: Int[Array, "*B T_kv"],
-    *,
-    mask_type: MaskType,
-) -> Bool[Array, "*B T_q T_kv"]:
-    """``allowed[..., i, j]``: whether query token i may attend key token j.
+def allowed_pairs(q: Segments, kv: Segments, *, mask_type: MaskType) -> Bool[Array, "*B T_q T_kv"]:
+    """``allowed[..., i, j]``: whether query token i may attend key token j (no window).
 
     Args:
-        ids_q, pos_q: int[*B, T_q]; query segment ids (0 = padding) and positions.
-        ids_kv, pos_kv: int[*B, T_kv]; key/value segment ids and positions.
+        q: the queries' :class:`thdkit.Segments`, int32[*B, T_q] fields.
+        kv: the keys'/values' :class:`thdkit.Segments`, int32[*B, T_kv] fields.
         mask_type: a parsed ``MaskType``.
 
     Returns:
         bool[*B, T_q, T_kv].
 
     Example:
-        >>> ids, pos = jnp.array([1, 1, 0]), jnp.array([0, 1, 2])
-        >>> allowed_pairs(ids, pos, ids, pos, mask_type=MaskType.CAUSAL).astype(int)
+        >>> seg = Segments.from_ids(jnp.array([1, 1, 0]))
+        >>> allowed_pairs(seg, seg, mask_type=MaskType.CAUSAL).astype(int)
         Array([[1, 0, 0],
                [1, 1, 0],
                [0, 0, 0]], dtype=int32)
     """
-    return pair_mask(
-        ids_q,
-        pos_q,
-        run_lengths(ids_q),
-        ids_kv,
-        pos_kv,
-        run_lengths(ids_kv),
-        mask_type=mask_type,
-        window_size=None,
-    )
+    return pair_mask(q, kv, mask_type=mask_type, window_size=None)
 
 
 def dense_row(
     q: tuple[Int[Array, " T_q"], Int[Array, " T_q"]],
-    kv: tuple[Int[Array, " T_kv"], Int[Array, " T_kv"]] | None,
+    kv: tuple[Int[Array, " T_kv"], Int[Array, " T_kv"]],
     *,
     mask_type: MaskType,
-    num_segments: int,
-) -> tuple[Array, Array, Array, Array]:
-    """Raw metadata of one row by the reference (kv None means kv = q).
+) -> tuple[Bool[Array, " T_q"], Bool[Array, " T_kv"]]:
+    """The tokens of one row with an allowed partner, by the dense reference.
+
+    Args:
+        q: ``(ids, pos)`` of the queries; kv: of the keys/values.
+        mask_type: a parsed ``MaskType``.
 
     Returns:
-        ``(q_seqlens int32[S], kv_seqlens int32[S], q_offsets int32[S+1], kv_offsets int32[S+1])``.
+        ``(q_active, kv_active)``: bool[T_q], bool[T_kv].
+
+    Example:
+        >>> side = (jnp.array([1, 1, 0]), jnp.array([0, 1, 0]))
+        >>> [a.tolist() for a in dense_row(side, side, mask_type=MaskType.CAUSAL)]
+        [[True, True, False], [True, True, False]]
     """
-    ids_q, pos_q = q
-    ids_kv, pos_kv = q if kv is None else kv
-    allowed = allowed_pairs(ids_q, pos_q, ids_kv, pos_kv, mask_type=mask_type)
-    row_ids = jnp.where(jnp.any(allowed, axis=1), ids_q, 0)
-    col_ids = jnp.where(jnp.any(allowed, axis=0), ids_kv, 0)
-    q_seqlens, q_offsets = count_and_offsets(row_ids, num_segments=num_segments)
-    kv_seqlens, kv_offsets = count_and_offsets(col_ids, num_segments=num_segments)
-    return q_seqlens, kv_seqlens, q_offsets, kv_offsets
+    allowed = allowed_pairs(
+        Segments(q[0], q[1], run_lengths(q[0])),
+        Segments(kv[0], kv[1], run_lengths(kv[0])),
+        mask_type=mask_type,
+    )
+    return jnp.any(allowed, axis=1), jnp.any(allowed, axis=0)
 
 
 # --- The dense reference attention -------------------------------------------------------------
@@ -89,12 +79,8 @@ def reference_attention(
     key: Float[Array, "B T_kv H_kv D"],
     value: Float[Array, "B T_kv H_kv D_v"],
     *,
-    ids_q: Int[Array, "B T_q"],
-    pos_q: Int[Array, "B T_q"],
-    rl_q: Int[Array, "B T_q"],
-    ids_kv: Int[Array, "B T_kv"],
-    pos_kv: Int[Array, "B T_kv"],
-    rl_kv: Int[Array, "B T_kv"],
+    q_segments: Segments,
+    kv_segments: Segments,
     mask_type: MaskType,
     window_size: Window,
     scale: float,
@@ -114,8 +100,9 @@ def reference_attention(
         query: float[B, T_q, H_q, D].
         key: float[B, T_kv, H_kv, D]; ``H_q`` a multiple of ``H_kv``.
         value: float[B, T_kv, H_kv, D_v].
-        ids_q, pos_q, rl_q, ids_kv, pos_kv, rl_kv, mask_type, window_size: as for
-            :func:`thdkit.masks.pair_mask`.
+        q_segments: the queries' :class:`thdkit.Segments`, int32[B, T_q] fields.
+        kv_segments: the keys'/values' :class:`thdkit.Segments`, int32[B, T_kv] fields.
+        mask_type, window_size: as for :func:`thdkit.masks.pair_mask`.
         scale: multiplies the logits.
 
     Returns:
@@ -123,12 +110,11 @@ def reference_attention(
         allowed keys; float32[B, T_q, H_q], the log-sum-exp of the allowed logits.
 
     Example:
-        >>> ids, pos = jnp.array([[1, 1, 0]]), jnp.array([[0, 1, 2]])
+        >>> seg = Segments.from_ids(jnp.array([[1, 1, 0]]))
         >>> q = k = jnp.zeros((1, 3, 1, 2))
         >>> v = jnp.arange(3.0).reshape(1, 3, 1, 1)
-        >>> out, lse = reference_attention(q, k, v, ids_q=ids, pos_q=pos, rl_q=2 * ids,
-        ...     ids_kv=ids, pos_kv=pos, rl_kv=2 * ids, mask_type=MaskType.CAUSAL,
-        ...     window_size=None, scale=1.0)
+        >>> out, lse = reference_attention(q, k, v, q_segments=seg, kv_segments=seg,
+        ...     mask_type=MaskType.CAUSAL, window_size=None, scale=1.0)
         >>> out[0, :, 0, 0]
         Array([0. , 0.5, 0. ], dtype=float32)
         >>> lse[0, :, 0]
@@ -140,9 +126,8 @@ def reference_attention(
     (query, bad_q), (key, bad_k), (value, bad_v) = (sanitize(x) for x in (query, key, value))
     q = query.astype(jnp.float32).reshape(batch, seq_q, heads_kv, groups, -1)
     logits = scale * jnp.einsum("bqhgd,bkhd->bhgqk", q, key.astype(jnp.float32))
-    allowed = pair_mask(
-        ids_q, pos_q, rl_q, ids_kv, pos_kv, rl_kv, mask_type=mask_type, window_size=window_size
-    )[:, None, None]
+    allowed = pair_mask(q_segments, kv_segments, mask_type=mask_type, window_size=window_size)
+    allowed = allowed[:, None, None]
     # The max only stabilises exp; its gradient cancels, and rows with no allowed key keep a
     # finite stand-in so that nothing evaluates inf - inf.
     row_max = jnp.max(jnp.where(allowed, logits, -jnp.inf), axis=-1, keepdims=True)

@@ -73,17 +73,12 @@ class Candidate(NamedTuple):
 
 
 def _run_reference(query: Array, key: Array, value: Array, plan: Any, *, scale: float) -> Array:
-    q, kv = plan.q_segments, plan.kv_segments
     out, _ = reference_attention(
         query,
         key,
         value,
-        ids_q=q.ids,
-        pos_q=q.positions,
-        rl_q=q.lengths,
-        ids_kv=kv.ids,
-        pos_kv=kv.positions,
-        rl_kv=kv.lengths,
+        q_segments=plan.q_segments,
+        kv_segments=plan.kv_segments,
         mask_type=plan.mask_type,
         window_size=plan.window_size,
         scale=scale,
@@ -270,7 +265,6 @@ def _plan(
                 name=name,
             )
     config = dict(mask_type=mask, window_size=window, self_attention=self_attention)
-    kv_layout = None if self_attention else (kv.ids, kv.positions)
     reasons = {}
     chosen = None
     representable = None
@@ -279,8 +273,8 @@ def _plan(
             CANDIDATES[name].check_config(**config)
             if name == "cudnn":
                 representable = cudnn.check_layout(
-                    (q.ids, q.positions),
-                    kv_layout,
+                    q,
+                    None if self_attention else kv,
                     mask_type=mask,
                     window_size=window,
                     num_segments=num_segments,
@@ -296,16 +290,10 @@ def _plan(
     fallback = "blockwise" if chosen == "cudnn" and implementation is None else None
     needs = CANDIDATES[chosen].needs | (CANDIDATES[fallback].needs if fallback else frozenset())
     block_q, block_kv = min(block_q, q.seq_len), min(block_kv, kv.seq_len)
-    layouts = ((q.ids, q.positions, q.lengths), (kv.ids, kv.positions, kv.lengths))
     ranges = metadata = spans = None
     if "ranges" in needs:
         ranges = tile_ranges(
-            *layouts[0],
-            *layouts[1],
-            mask_type=mask,
-            window_size=window,
-            block_q=block_q,
-            block_kv=block_kv,
+            q, kv, mask_type=mask, window_size=window, block_q=block_q, block_kv=block_kv
         )
     if "metadata" in needs:
         kv_given = (
@@ -318,7 +306,7 @@ def _plan(
             mask_type=mask,
             max_segments_per_seq=num_segments,
         )
-        spans = cudnn.spans_of(*layouts, mask_type=mask, window_size=window)
+        spans = cudnn.spans_of(q, kv, mask_type=mask, window_size=window)
     return AttentionPlan(
         q_segments=q,
         kv_segments=kv,

@@ -23,6 +23,7 @@ from jaxtyping import Array, Float, Int
 from thdkit.attention.tiles import DEFAULT_BLOCK, TileRanges, pad_tokens, tile_ranges
 from thdkit.masks import MaskType, Window, check_window, pair_mask, sanitize
 from thdkit.reference import reference_attention
+from thdkit.segments import Segments
 
 __all__ = ["attention_partial", "blockwise_attention", "check_arrays", "check_config", "run"]
 
@@ -72,8 +73,8 @@ def _tile_logits(tiles: _Tiles, q, k, layout_q, layout_kv, r, c):
     k_tile = _index(k, c).astype(jnp.float32)
     logits = tiles.scale * jnp.einsum("hgqd,hkd->hgqk", q_tile, k_tile)
     allowed = pair_mask(
-        *(_index(a, r) for a in layout_q),
-        *(_index(a, c) for a in layout_kv),
+        jax.tree.map(lambda a: _index(a, r), layout_q),
+        jax.tree.map(lambda a: _index(a, c), layout_kv),
         mask_type=tiles.mask,
         window_size=tiles.window,
     )
@@ -195,8 +196,8 @@ def blockwise_attention(
     query: Float[Array, "B T_q H_q D"],
     key: Float[Array, "B T_kv H_kv D"],
     value: Float[Array, "B T_kv H_kv D_v"],
-    layout_q: tuple[Int[Array, "B T_q"], Int[Array, "B T_q"], Int[Array, "B T_q"]],
-    layout_kv: tuple[Int[Array, "B T_kv"], Int[Array, "B T_kv"], Int[Array, "B T_kv"]],
+    q_segments: Segments,
+    kv_segments: Segments,
     ranges: TileRanges,
     *,
     mask_type: MaskType,
@@ -210,8 +211,7 @@ def blockwise_attention(
 
     Args:
         query, key, value: as for :func:`attention_partial`.
-        layout_q: ``(ids, pos, rl)`` of the queries, int32[B, T_q] each.
-        layout_kv: ``(ids, pos, rl)`` of the keys/values, int32[B, T_kv] each.
+        q_segments, kv_segments: as for :func:`attention_partial`.
         ranges: :class:`thdkit.attention.TileRanges` of this layout and these tile sizes.
         mask_type: a parsed ``MaskType``.
         window_size: a parsed window (:func:`thdkit.masks.check_window`).
@@ -221,10 +221,8 @@ def blockwise_attention(
         ``(out, lse)``: float32[B, T_q, H_q, D_v] and float32[B, T_q, H_q].
 
     Example:
-        >>> from thdkit.layout import run_lengths
-        >>> ids, pos = jnp.array([[1, 1, 2, 2]]), jnp.array([[0, 1, 0, 1]])
-        >>> side = (ids, pos, run_lengths(ids))
-        >>> ranges = tile_ranges(*side, *side, mask_type=MaskType.CAUSAL, window_size=None,
+        >>> side = Segments.from_ids(jnp.array([[1, 1, 2, 2]]))
+        >>> ranges = tile_ranges(side, side, mask_type=MaskType.CAUSAL, window_size=None,
         ...                      block_q=2, block_kv=2)
         >>> v = jnp.arange(4.0).reshape(1, 4, 1, 1)
         >>> out, _ = blockwise_attention(jnp.zeros((1, 4, 1, 1)), jnp.zeros((1, 4, 1, 1)), v,
@@ -256,8 +254,8 @@ def blockwise_attention(
     q, bad_q = tile_q(query), tile_q(bad_q, vectors=False)
     k, v = (_head_major(tile(x, block_kv, num_kv)) for x in (key, value))
     bad_kv = _head_major(tile(bad_k | bad_v, block_kv, num_kv), vectors=False)
-    tiled_q = tuple(tile(a, block_q, num_q) for a in layout_q)
-    tiled_kv = tuple(tile(a, block_kv, num_kv) for a in layout_kv)
+    tiled_q = jax.tree.map(lambda a: tile(a, block_q, num_q), q_segments)
+    tiled_kv = jax.tree.map(lambda a: tile(a, block_kv, num_kv), kv_segments)
     tiles = _Tiles(mask_type, window_size, float(scale))
     out, lse = _flash(tiles, q, k, v, tiled_q, tiled_kv, bad_q, bad_kv, work)
     out = out.transpose(0, 3, 1, 2, 4).reshape(batch, num_q * block_q, heads_q, dim_v)
@@ -270,12 +268,8 @@ def attention_partial(
     key: Float[Array, "B T_kv H_kv D"],
     value: Float[Array, "B T_kv H_kv D_v"],
     *,
-    ids_q: Int[Array, "B T_q"],
-    pos_q: Int[Array, "B T_q"],
-    rl_q: Int[Array, "B T_q"],
-    ids_kv: Int[Array, "B T_kv"],
-    pos_kv: Int[Array, "B T_kv"],
-    rl_kv: Int[Array, "B T_kv"],
+    q_segments: Segments,
+    kv_segments: Segments,
     mask_type: MaskType,
     window_size: Window,
     scale: float,
@@ -286,8 +280,8 @@ def attention_partial(
     """Attention over one set of keys, with its log-sum-exp, for merging partial results.
 
     The building block of ring attention (one call per ring step; the partials merge through
-    ``lse``). Nothing is validated: the layouts must be valid (docs/semantics.md) and ``rl_q`` /
-    ``rl_kv`` constant along each run, as run lengths and global document lengths are.
+    ``lse``). Nothing is validated: the layouts must be valid (docs/semantics.md) and the
+    ``lengths`` constant along each run, as run lengths and global document lengths are.
     Differentiable with respect to ``query``, ``key`` and ``value``, including through ``lse``;
     rows with no allowed key get zero gradients.
 
@@ -300,10 +294,10 @@ def attention_partial(
         query: float[B, T_q, H_q, D].
         key: float[B, T_kv, H_kv, D]; ``H_q`` a multiple of ``H_kv``.
         value: float[B, T_kv, H_kv, D_v].
-        ids_q, pos_q: int32[B, T_q]; query segment ids (0 = padding) and positions.
-        rl_q: int32[B, T_q]; the length of each query token's document, as the bottom-right rule
-            reads it (:func:`thdkit.run_lengths`, or the global lengths in a ring step).
-        ids_kv, pos_kv, rl_kv: int32[B, T_kv]; the same for keys/values.
+        q_segments: the queries' :class:`thdkit.Segments`, int32[B, T_q] fields; ``lengths`` as
+            the bottom-right rule reads them (run lengths, or the global document lengths in a
+            context-parallel shard: :meth:`thdkit.Segments.with_global_lengths`).
+        kv_segments: the same for keys/values, int32[B, T_kv] fields.
         mask_type: a ``MaskType`` or its name.
         window_size: ``(left, right)`` or None (:func:`thdkit.masks.check_window`).
         scale: multiplies the logits.
@@ -319,14 +313,11 @@ def attention_partial(
         ValueError: an unknown ``implementation``.
 
     Example:
-        >>> from thdkit.layout import run_lengths
-        >>> ids, pos = jnp.array([[1, 1, 1, 0, 2, 2, 2, 2]]), jnp.array([[0, 1, 2, 3, 0, 1, 2, 3]])
-        >>> rl = run_lengths(ids)
+        >>> seg = Segments.from_ids(jnp.array([[1, 1, 1, 0, 2, 2, 2, 2]]))
         >>> q = k = jnp.zeros((1, 8, 1, 4))
         >>> v = jnp.arange(8.0).reshape(1, 8, 1, 1)
-        >>> out, lse = attention_partial(q, k, v, ids_q=ids, pos_q=pos, rl_q=rl, ids_kv=ids,
-        ...     pos_kv=pos, rl_kv=rl, mask_type=MaskType.CAUSAL, window_size=None, scale=0.5,
-        ...     block_q=4, block_kv=4)
+        >>> out, lse = attention_partial(q, k, v, q_segments=seg, kv_segments=seg,
+        ...     mask_type=MaskType.CAUSAL, window_size=None, scale=0.5, block_q=4, block_kv=4)
         >>> out[0, :, 0, 0]
         Array([0. , 0.5, 1. , 0. , 4. , 4.5, 5. , 5.5], dtype=float32)
         >>> jnp.exp(lse[0, :, 0])
@@ -339,12 +330,8 @@ def attention_partial(
             query,
             key,
             value,
-            ids_q=ids_q,
-            pos_q=pos_q,
-            rl_q=rl_q,
-            ids_kv=ids_kv,
-            pos_kv=pos_kv,
-            rl_kv=rl_kv,
+            q_segments=q_segments,
+            kv_segments=kv_segments,
             mask_type=mask,
             window_size=window,
             scale=scale,
@@ -358,8 +345,8 @@ def attention_partial(
         query,
         key,
         value,
-        (ids_q, pos_q, rl_q),
-        (ids_kv, pos_kv, rl_kv),
+        q_segments,
+        kv_segments,
         mask_type=mask,
         window_size=window,
         scale=float(scale),
@@ -376,8 +363,8 @@ def _partial_blockwise(
 ):
     """Tile ranges, then the flash loop; jitted so that eager calls compile once."""
     ranges = tile_ranges(
-        *layout_q,
-        *layout_kv,
+        layout_q,
+        layout_kv,
         mask_type=mask_type,
         window_size=window_size,
         block_q=min(block_q, query.shape[1]),
@@ -418,13 +405,12 @@ def check_arrays(query: Array, key: Array, value: Array) -> None:
 def run(query: Array, key: Array, value: Array, plan: Any, *, scale: float) -> Array:
     """The candidate's entry: :func:`blockwise_attention` on an ``AttentionPlan``'s fields,
     the output cast to the query's dtype."""
-    q, kv = plan.q_segments, plan.kv_segments
     out, _ = blockwise_attention(
         query,
         key,
         value,
-        (q.ids, q.positions, q.lengths),
-        (kv.ids, kv.positions, kv.lengths),
+        plan.q_segments,
+        plan.kv_segments,
         plan.ranges,
         mask_type=plan.mask_type,
         window_size=plan.window_size,

@@ -25,6 +25,7 @@ from thdkit.attention.tiles import kv_spans
 from thdkit.layout import is_concrete
 from thdkit.masks import MaskType, Window, sanitize, window_bound
 from thdkit.metadata import SeqMeta
+from thdkit.segments import Segments
 
 __all__ = [
     "DTYPES",
@@ -198,14 +199,14 @@ def poisoned_rows(
 
 
 def spans_of(
-    q: tuple[Array, Array, Array],
-    kv: tuple[Array, Array, Array],
+    q: Segments,
+    kv: Segments,
     *,
     mask_type: MaskType,
     window_size: Window,
 ) -> tuple[Int[Array, "B T_q"], Int[Array, "B T_q"]]:
     """Every query token's allowed key interval (:func:`kv_spans` of all tokens)."""
-    tokens = jnp.broadcast_to(jnp.arange(q[0].shape[-1], dtype=jnp.int32), q[0].shape)
+    tokens = jnp.broadcast_to(jnp.arange(q.seq_len, dtype=jnp.int32), q.ids.shape)
     return kv_spans(tokens, q, kv, mask_type=mask_type, window_size=window_size)
 
 
@@ -277,8 +278,8 @@ TRACED = (
 
 
 def check_layout(
-    q: tuple[Int[Array, "B T_q"], Int[Array, "B T_q"]],
-    kv: tuple[Int[Array, "B T_kv"], Int[Array, "B T_kv"]] | None,
+    q: Segments,
+    kv: Segments | None,
     *,
     mask_type: MaskType,
     window_size: Window,
@@ -290,7 +291,7 @@ def check_layout(
     and needs no check (None). Otherwise the layout must be concrete and every row representable.
 
     Args:
-        q: ``(ids, pos)`` of the queries; kv: of the keys, or None for self-attention.
+        q: the queries' :class:`thdkit.Segments`; kv: the keys', or None for self-attention.
         mask_type, window_size: parsed.
         num_segments: S.
 
@@ -302,18 +303,23 @@ def check_layout(
             cannot express (listed).
 
     Example:
-        >>> ids, pos = jnp.array([[1, 1]]), jnp.array([[0, 1]])
-        >>> check_layout((ids, pos), None, mask_type=MaskType.CAUSAL, window_size=None,
+        >>> seg = Segments.from_ids(jnp.array([[1, 1]]))
+        >>> check_layout(seg, None, mask_type=MaskType.CAUSAL, window_size=None,
         ...              num_segments=1) is None
         True
     """
     left = window_bound(window_size, 0)
     if kv is None and left is None:
         return None
-    if not is_concrete(*q) or (kv is not None and not is_concrete(*kv)):
+    layouts = [(side.ids, side.positions) for side in (q, kv) if side is not None]
+    if not is_concrete(*(a for layout in layouts for a in layout)):
         raise NotImplementedError(TRACED)
     rows = representable_rows(
-        q, kv, mask_type=mask_type, num_segments=num_segments, window_left=left
+        layouts[0],
+        layouts[1] if kv is not None else None,
+        mask_type=mask_type,
+        num_segments=num_segments,
+        window_left=left,
     )
     if not bool(jnp.all(rows)):
         bad = jnp.flatnonzero(~rows).tolist()

@@ -15,6 +15,7 @@ from jaxtyping import Array, Float, Int
 from thdkit.counting import first_at_least
 from thdkit.layout import run_lengths
 from thdkit.masks import MaskType, Window, window_bound
+from thdkit.segments import Segments
 
 __all__ = ["DEFAULT_BLOCK", "TileRanges", "kv_spans", "pad_tokens", "tile_ranges"]
 
@@ -54,8 +55,8 @@ class TileRanges:
 
 def kv_spans(
     tokens: Int[Array, "B K"],
-    q: tuple[Array, Array, Array],
-    kv: tuple[Array, Array, Array],
+    q: Segments,
+    kv: Segments,
     *,
     mask_type: MaskType,
     window_size: Window,
@@ -71,8 +72,8 @@ def kv_spans(
 
     Args:
         tokens: int32[B, K]; indices of query tokens, per row.
-        q: ``(ids, pos, rl)`` of the queries, int32[B, T_q] each.
-        kv: ``(ids, pos, rl)`` of the keys, int32[B, T_kv] each.
+        q: the queries' :class:`thdkit.Segments`, int32[B, T_q] fields.
+        kv: the keys' :class:`thdkit.Segments`, int32[B, T_kv] fields.
         mask_type: a parsed ``MaskType``.
         window_size: a parsed window (:func:`thdkit.masks.check_window`).
 
@@ -80,14 +81,14 @@ def kv_spans(
         ``(lo, hi)``: int32[B, K] each, key token indices.
 
     Example:
-        >>> ids, pos = jnp.array([[1, 1, 1, 2, 2]]), jnp.array([[0, 1, 2, 0, 1]])
-        >>> side = (ids, pos, run_lengths(ids))
+        >>> side = Segments.from_ids(jnp.array([[1, 1, 1, 2, 2]]))
         >>> lo, hi = kv_spans(jnp.array([[1, 4]]), side, side, mask_type=MaskType.CAUSAL,
         ...                   window_size=None)
         >>> lo.tolist(), hi.tolist()
         ([[0, 3]], [[2, 5]])
     """
-    (ids_q, pos_q, rl_q), (ids_kv, pos_kv, rl_kv) = q, kv
+    ids_q, pos_q, rl_q = q.ids, q.positions, q.lengths
+    ids_kv, pos_kv, rl_kv = kv.ids, kv.positions, kv.lengths
     seq_kv = ids_kv.shape[-1]
     seg = jnp.take_along_axis(ids_q, tokens, axis=-1)
     # Padding inherits the id before it, so the key ids become sorted and the start of segment s
@@ -142,12 +143,8 @@ def pad_tokens(x: Array, length: int, fill: float = 0) -> Array:
 
 
 def tile_ranges(
-    ids_q: Int[Array, "B T_q"],
-    pos_q: Int[Array, "B T_q"],
-    rl_q: Int[Array, "B T_q"],
-    ids_kv: Int[Array, "B T_kv"],
-    pos_kv: Int[Array, "B T_kv"],
-    rl_kv: Int[Array, "B T_kv"],
+    q: Segments,
+    kv: Segments,
     *,
     mask_type: MaskType,
     window_size: Window,
@@ -160,8 +157,8 @@ def tile_ranges(
     end; no [T_q, T_kv] array. Every allowed pair lies inside a visited tile.
 
     Args:
-        ids_q, pos_q, rl_q: int32[B, T_q]; query ids, positions and document lengths.
-        ids_kv, pos_kv, rl_kv: int32[B, T_kv]; the same for keys/values.
+        q: the queries' :class:`thdkit.Segments`, int32[B, T_q] fields.
+        kv: the keys'/values' :class:`thdkit.Segments`, int32[B, T_kv] fields.
         mask_type: a parsed ``MaskType``.
         window_size: ``(left, right)`` or None.
         block_q, block_kv: tile sizes (not capped here).
@@ -170,25 +167,23 @@ def tile_ranges(
         :class:`TileRanges`.
 
     Example:
-        >>> ids = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2]])
-        >>> pos = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3]])
-        >>> rl = run_lengths(ids)
-        >>> r = tile_ranges(ids, pos, rl, ids, pos, rl, mask_type=MaskType.CAUSAL,
-        ...                 window_size=None, block_q=2, block_kv=2)
+        >>> seg = Segments.from_ids(jnp.array([[1, 1, 1, 1, 2, 2, 2, 2]]))
+        >>> r = tile_ranges(seg, seg, mask_type=MaskType.CAUSAL, window_size=None, block_q=2,
+        ...                 block_kv=2)
         >>> r.lo.tolist(), r.hi.tolist(), float(r.visited_fraction())
         ([[0, 0, 2, 2]], [[1, 2, 3, 4]], 0.375)
     """
-    batch, seq_q = ids_q.shape
+    batch, seq_q = q.ids.shape
     num_q = -(-seq_q // block_q)
-    nonpad = pad_tokens(ids_q, num_q * block_q).reshape(batch, num_q, block_q) != 0
+    nonpad = pad_tokens(q.ids, num_q * block_q).reshape(batch, num_q, block_q) != 0
     base = jnp.arange(num_q, dtype=jnp.int32)[None, :] * block_q
     first = base + jnp.argmax(nonpad, axis=-1).astype(jnp.int32)
     last = base + block_q - 1 - jnp.argmax(nonpad[..., ::-1], axis=-1).astype(jnp.int32)
     last = jnp.minimum(last, seq_q - 1)
     lo, hi = kv_spans(
         jnp.concatenate([first, last], axis=-1),
-        (ids_q, pos_q, rl_q),
-        (ids_kv, pos_kv, rl_kv),
+        q,
+        kv,
         mask_type=mask_type,
         window_size=window_size,
     )
@@ -197,7 +192,7 @@ def tile_ranges(
     return TileRanges(
         lo=jnp.where(empty, 0, lo // block_kv).astype(jnp.int32),
         hi=jnp.where(empty, 0, -(-hi // block_kv)).astype(jnp.int32),
-        num_kv_tiles=-(-ids_kv.shape[-1] // block_kv),
+        num_kv_tiles=-(-kv.seq_len // block_kv),
         block_q=block_q,
         block_kv=block_kv,
     )

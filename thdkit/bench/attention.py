@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -23,7 +23,15 @@ from rich.table import Table
 from thdkit import synth
 from thdkit.attention import DEFAULT_BLOCK, attention
 from thdkit.bench import measure
-from thdkit.bench.measure import SHAPE_OPTIONS, Options, PlanConfig, mask_names, median
+from thdkit.bench.measure import (
+    SHAPE_OPTIONS,
+    SILENT,
+    Callbacks,
+    Options,
+    PlanConfig,
+    mask_names,
+    median,
+)
 from thdkit.bench.ring import document_lengths, visited_tiles, work_per_rank
 from thdkit.masks import MaskType, check_window
 
@@ -124,17 +132,14 @@ def _work(config: AttentionBench, ids: np.ndarray, pos: np.ndarray) -> dict[str,
 
 
 def run_attention_bench(
-    config: AttentionBench,
-    *,
-    on_step: Callable[[str], None] = lambda _: None,
-    on_cell_done: Callable[[], None] = lambda: None,
+    config: AttentionBench, *, callbacks: Callbacks = SILENT
 ) -> list[dict[str, Any]]:
     """Plans, work and (where they fit) latency of every cell x implementation x pass.
 
     Args:
         config: the options.
-        on_step: called with a short progress line before each stage.
-        on_cell_done: called after each (T, S) cell.
+        callbacks: progress reports (:class:`thdkit.bench.measure.Callbacks`); a cell is one
+            (T, S) cell.
 
     Returns:
         JSON-ready records, one per (seq_len, segments, implementation, pass): the options, the
@@ -159,19 +164,19 @@ def run_attention_bench(
         ids, pos = synth.filled_segments(
             rng, batch=config.batch, seq_len=seq_len, segments=segments
         )
-        on_step(f"{label}: work")
+        callbacks.step(f"{label}: work")
         work = _work(config, ids, pos)
         shape = (config.batch, seq_len, config.heads, config.head_dim)
         qkv = [jnp.asarray(rng.standard_normal(shape, np.float32), dtype) for _ in range(3)]
         args = (*qkv, jnp.asarray(ids), jnp.asarray(pos))
         plans = {}
         for implementation, passes in itertools.product(config.implementations, _FLOPS_PER_PAIR):
-            on_step(f"{label}: compile {implementation} {passes}")
+            callbacks.step(f"{label}: compile {implementation} {passes}")
             program = _program(config, implementation, segments, passes)
             plans[implementation, passes] = measure.plan(
                 program, *args, compile_timeout_s=config.compile_timeout_s
             )
-        on_step(f"{label}: timing")
+        callbacks.step(f"{label}: timing")
         outcome = measure.run_plans(plans, args, config, config.memory_limit_bytes)
         executed = {
             "reference": config.batch * seq_len**2,
@@ -189,7 +194,7 @@ def run_attention_bench(
                 | {"matmul_flops": flops and float(flops), **work}
                 | {"speedup": reference / mine if reference and mine else None}
             )
-        on_cell_done()
+        callbacks.cell_done()
     return records
 
 

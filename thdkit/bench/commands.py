@@ -26,7 +26,7 @@ from typer.core import TyperGroup
 
 from thdkit.bench.attention import AttentionBench, attention_table, run_attention_bench
 from thdkit.bench.cp import CPBench, cp_table, run_cp_bench
-from thdkit.bench.measure import BenchConfig, ConfigError, environment, pending_compiles
+from thdkit.bench.measure import BenchConfig, Callbacks, ConfigError, environment, pending_compiles
 from thdkit.bench.plan import PlanBench, plan_table, run_plan_bench
 from thdkit.bench.report import growth_exponents, metadata_tables, plot_records
 from thdkit.bench.ring import RingBench, reorder_names, ring_table, run_ring_bench
@@ -174,7 +174,8 @@ def _run(
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("starting", total=cells)
         step = lambda text: progress.update(task, description=text)  # noqa: E731
-        records = run(config, on_step=step, on_cell_done=lambda: progress.advance(task))
+        callbacks = Callbacks(step, lambda: progress.advance(task))
+        records = run(config, callbacks=callbacks)
     for table in tables(records):
         console.print(table)
     elapsed = time.perf_counter() - started

@@ -13,7 +13,7 @@ and optionally the compiled program's scratch bytes per device and its latency o
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -26,7 +26,7 @@ from rich.table import Table
 from thdkit import reorder, synth
 from thdkit.attention import DEFAULT_BLOCK
 from thdkit.bench import measure
-from thdkit.bench.measure import BenchConfig, Options, median
+from thdkit.bench.measure import SILENT, BenchConfig, Callbacks, Options, median
 from thdkit.bench.ring import document_lengths, visited_tiles
 from thdkit.context_parallel import STRATEGIES, context_parallel_attention, ring_schedule
 from thdkit.context_parallel.all_gather import sort_by_document
@@ -136,18 +136,13 @@ def _programs(config: CPBench, cp: int, layout: Sequence[np.ndarray]) -> dict[st
     return programs
 
 
-def run_cp_bench(
-    config: CPBench,
-    *,
-    on_step: Callable[[str], None] = lambda _: None,
-    on_cell_done: Callable[[], None] = lambda: None,
-) -> list[dict[str, Any]]:
+def run_cp_bench(config: CPBench, *, callbacks: Callbacks = SILENT) -> list[dict[str, Any]]:
     """Bytes, steps, work balance and (optionally) scratch bytes and latency per cp x strategy.
 
     Args:
         config: the options.
-        on_step: called with a short progress line before each stage.
-        on_cell_done: called after each cp.
+        callbacks: progress reports (:class:`thdkit.bench.measure.Callbacks`); a cell is one
+            cp.
 
     Returns:
         JSON-ready records, one per (cp, strategy): ``bytes_fwd`` / ``bytes_bwd`` received per
@@ -169,7 +164,7 @@ def run_cp_bench(
     )
     records = []
     for cp in config.cps:
-        on_step(f"cp={cp}: counting")
+        callbacks.step(f"cp={cp}: counting")
         striped = [
             reorder.striped(x, cp=cp, stripe_size=config.stripe_size)
             for x in (ids, pos, document_lengths(ids))
@@ -184,9 +179,9 @@ def run_cp_bench(
             not_timed += f"XLA_FLAGS=--xla_force_host_platform_device_count={cp} before JAX starts"
         programs, latency = {}, {}
         if not_timed is None:
-            on_step(f"cp={cp}: compiling")
+            callbacks.step(f"cp={cp}: compiling")
             programs = _programs(config, cp, striped)
-            on_step(f"cp={cp}: timing")
+            callbacks.step(f"cp={cp}: timing")
             latency = measure.interleaved_latency(
                 {k: p for k, (p, _) in programs.items()},
                 {k: a for k, (_, a) in programs.items()},
@@ -216,7 +211,7 @@ def run_cp_bench(
                 "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes),
                 "latency_ms": latency.get(strategy), "skip_reason": not_timed,
             })  # fmt: skip
-        on_cell_done()
+        callbacks.cell_done()
     return records
 
 

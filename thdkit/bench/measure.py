@@ -18,7 +18,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import numpy as np
@@ -26,13 +26,29 @@ from rich.table import Table
 
 from thdkit.masks import MaskType
 
-__all__ = ["BenchConfig"]
+__all__ = ["BenchConfig", "Callbacks"]
 
 Options = dict[str, tuple[str | None, Any]]
 Plan = tuple[Any, dict[str, Any]]  # The compiled program (None if skipped), its record fields.
 _COMPILE_THREAD = "thdkit-compile"
 _PLAN_FIELDS = ("arg_bytes", "output_bytes", "temp_bytes", "flops", "bytes_accessed")
 _PLAN_FIELDS += ("transcendentals", "compile_s", "total_bytes")
+
+
+class Callbacks(NamedTuple):
+    """What a benchmark's ``run_*`` function reports as it goes (the CLI draws its progress bar).
+
+    Attributes:
+        step: called with a short progress line before each stage.
+        cell_done: called after each cell of the benchmark's grid (its unit of progress).
+    """
+
+    step: Callable[[str], None] = lambda _: None
+    cell_done: Callable[[], None] = lambda: None
+
+
+SILENT = Callbacks()
+"""Callbacks that report nothing: the default of every ``run_*`` function."""
 
 
 def checked(value: Any, rule: Any) -> Any:

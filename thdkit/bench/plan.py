@@ -26,7 +26,7 @@ from rich.table import Table
 from thdkit import synth
 from thdkit.attention import attention, plan_attention
 from thdkit.bench import measure
-from thdkit.bench.measure import Options, PlanConfig, median
+from thdkit.bench.measure import SILENT, Callbacks, Options, PlanConfig, median
 from thdkit.segments import Segments
 
 __all__ = ["PlanBench", "run_plan_bench"]
@@ -92,18 +92,13 @@ def _ops_in_loops(fn: Callable[..., Any], args: Sequence[Any]) -> int:
     return count
 
 
-def run_plan_bench(
-    config: PlanBench,
-    *,
-    on_step: Callable[[str], None] = lambda _: None,
-    on_cell_done: Callable[[], None] = lambda: None,
-) -> list[dict[str, Any]]:
+def run_plan_bench(config: PlanBench, *, callbacks: Callbacks = SILENT) -> list[dict[str, Any]]:
     """Compiles and times the stack planned once and planned per layer, for each T and pass.
 
     Args:
         config: the options.
-        on_step: called with a short progress line before each stage.
-        on_cell_done: called after each T.
+        callbacks: progress reports (:class:`thdkit.bench.measure.Callbacks`); a cell is one
+            T.
 
     Returns:
         JSON-ready records, one per (seq_len, variant, pass): the options, the plan's sizes and
@@ -134,7 +129,7 @@ def run_plan_bench(
         )
         plans, extra = {}, {}
         for passes, variant in itertools.product(("fwd", "fwd+bwd"), VARIANTS):
-            on_step(f"plan T={seq_len}: compile {variant} {passes}")
+            callbacks.step(f"plan T={seq_len}: compile {variant} {passes}")
             program = _program(config, variant, passes)
             plans[variant, passes] = executable, _ = measure.plan(
                 program, *args, compile_timeout_s=config.compile_timeout_s
@@ -144,7 +139,7 @@ def run_plan_bench(
                 "layout_ops_in_loop": _ops_in_loops(program, args),
                 "hlo_instructions": len(re.findall(r"^\s+\S+ = ", text, re.M)) or None,
             }
-        on_step(f"plan T={seq_len}: timing")
+        callbacks.step(f"plan T={seq_len}: timing")
         outcome = measure.run_plans(plans, args, config, config.memory_limit_bytes)
         for (variant, passes), fields in outcome.items():
             records.append(
@@ -152,7 +147,7 @@ def run_plan_bench(
                 | fields
                 | extra[variant, passes]
             )
-        on_cell_done()
+        callbacks.cell_done()
     return records
 
 

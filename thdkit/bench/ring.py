@@ -25,11 +25,11 @@ from rich.table import Table
 from thdkit import reorder, synth
 from thdkit.attention import DEFAULT_BLOCK, tile_ranges
 from thdkit.bench import measure
-from thdkit.bench.measure import SHAPE_OPTIONS, BenchConfig, Options, median
+from thdkit.bench.measure import SHAPE_OPTIONS, SILENT, BenchConfig, Callbacks, Options, median
 from thdkit.context_parallel import ring_attention, ring_schedule
 from thdkit.context_parallel.ring import difference_bounds
 from thdkit.masks import MaskType, check_window
-from thdkit.segments import lengths_from_counts, segment_counts
+from thdkit.segments import Segments, lengths_from_counts, segment_counts
 
 __all__ = ["RingBench", "run_ring_bench"]
 
@@ -155,7 +155,7 @@ def work_per_rank(
 def visited_tiles(q: tuple, kv: tuple, *, mask: MaskType, window: Any = None, **blocks: int) -> Any:
     """(Query tile, key tile) pairs the blockwise kernel visits; ``q`` and ``kv`` are
     ``(ids, positions, document lengths)``, int32[B, n]."""
-    ranges = tile_ranges(*q, *kv, mask_type=mask, window_size=window, **blocks)
+    ranges = tile_ranges(Segments(*q), Segments(*kv), mask_type=mask, window_size=window, **blocks)
     return jnp.sum(ranges.hi - ranges.lo)
 
 
@@ -206,18 +206,13 @@ def _latency(config: RingBench, layouts: Mapping[Any, tuple[np.ndarray, ...]]) -
     return measure.interleaved_latency(dict.fromkeys(layouts, program), args, config)
 
 
-def run_ring_bench(
-    config: RingBench,
-    *,
-    on_step: Callable[[str], None] = lambda _: None,
-    on_cell_done: Callable[[], None] = lambda: None,
-) -> list[dict[str, Any]]:
+def run_ring_bench(config: RingBench, *, callbacks: Callbacks = SILENT) -> list[dict[str, Any]]:
     """Work balance, skipped steps and (optionally) latency of every layout x reorder.
 
     Args:
         config: the options.
-        on_step: called with a short progress line before each stage.
-        on_cell_done: called after each (layout, reorder) is counted.
+        callbacks: progress reports (:class:`thdkit.bench.measure.Callbacks`); a cell is one
+            (layout, reorder).
 
     Returns:
         JSON-ready records, one per (segments, reorder) in table order: ``work_*`` the allowed
@@ -241,18 +236,18 @@ def run_ring_bench(
             rng, batch=config.batch, seq_len=config.seq_len, segments=segments
         )
         for name in reorder_names(config.stripe_sizes):
-            on_step(f"ring work: {segments} segments per row, reorder {name}")
+            callbacks.step(f"ring work: {segments} segments per row, reorder {name}")
             layout = tuple(_reordered(name, x, config.cp) for x in (ids, pos))
             records.append(_balance(config, segments, name, *layout))
             layouts[segments, name] = layout
-            on_cell_done()
+            callbacks.cell_done()
     if config.latency and jax.device_count() < config.cp:
         reason = f"not run: needs {config.cp} devices, found {jax.device_count()}; on CPU set "
         reason += f"XLA_FLAGS=--xla_force_host_platform_device_count={config.cp} before JAX starts"
         for record in records:
             record["skip_reason"] = reason
     elif config.latency:
-        on_step(f"ring latency: compiling and timing {len(layouts)} layouts")
+        callbacks.step(f"ring latency: compiling and timing {len(layouts)} layouts")
         latency = _latency(config, layouts)
         for record in records:
             record["latency_ms"] = latency[record["segments"], record["reorder"]]

@@ -12,7 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from thdkit.bench.measure import format_bytes, memory_bytes, plan, run_plans, skipped
+from thdkit.bench.measure import (
+    SILENT,
+    Callbacks,
+    format_bytes,
+    memory_bytes,
+    plan,
+    run_plans,
+    skipped,
+)
 from thdkit.bench.sweep import FLOOR, MetadataSweep, make_inputs
 from thdkit.metadata import seqlens_and_offsets
 
@@ -40,18 +48,13 @@ def _floor(*arrays: jax.Array, **_: Any) -> jax.Array:
     return sum(jnp.sum(array, dtype=jnp.int32) for array in arrays)
 
 
-def run_sweep(
-    sweep: MetadataSweep,
-    *,
-    on_step: Callable[[str], None] = lambda _: None,
-    on_cell_done: Callable[[], None] = lambda: None,
-) -> list[dict[str, Any]]:
+def run_sweep(sweep: MetadataSweep, *, callbacks: Callbacks = SILENT) -> list[dict[str, Any]]:
     """Plans, runs and checks every method of every cell of a sweep, plus the floor.
 
     Args:
         sweep: the options.
-        on_step: called with a short progress line before each stage.
-        on_cell_done: called after each cell.
+        callbacks: progress reports (:class:`thdkit.bench.measure.Callbacks`); a cell is one
+            cell.
 
     Returns:
         JSON-ready records, one per cell and method (the floor last in each cell), in sweep order;
@@ -69,11 +72,11 @@ def run_sweep(
     for cell in sweep.cells():
         seq_len, max_segments, mask_type = cell
         label = f"T={seq_len} S={max_segments} {mask_type}"
-        on_step(f"{label}: drawing layout")
+        callbacks.step(f"{label}: drawing layout")
         arrays, segments, ring_step = make_inputs(sweep, *cell)
         plans, estimates = {}, {}
         for name in [*sweep.methods, FLOOR]:
-            on_step(f"{label}: compiling {name}")
+            callbacks.step(f"{label}: compiling {name}")
             estimate = estimates[name] = _ESTIMATES[name](sweep.batch, seq_len, max_segments)
             if estimate is not None and estimate > limit:
                 needs = f"~{format_bytes(estimate)} (compile limit {format_bytes(limit)})"
@@ -83,7 +86,7 @@ def run_sweep(
                 _floor if name == FLOOR else _metadata, *arrays, compile_timeout_s=timeout,
                 method=name, mask_type=mask_type, max_segments_per_seq=max_segments,
             )  # fmt: skip
-        on_step(f"{label}: timing")
+        callbacks.step(f"{label}: timing")
         device_arrays = tuple(jnp.asarray(a) for a in arrays)
         outcome = run_plans(plans, device_arrays, sweep, sweep.memory_limit_bytes)
         ran = [name for name in plans if name != FLOOR and outcome[name]["skip_reason"] is None]
@@ -101,5 +104,5 @@ def run_sweep(
                 "temp_bytes_per_token": temp and temp / (sweep.batch * seq_len),
                 "estimated_bytes": estimates[name], "matches_linear": same,
             })  # fmt: skip
-        on_cell_done()
+        callbacks.cell_done()
     return records

@@ -30,7 +30,8 @@ from jax import lax
 from jaxtyping import Array, Int
 
 from thdkit.attention.blockwise import attention_partial
-from thdkit.segments import global_lengths, lengths_from_counts, segment_counts
+from thdkit.context_parallel.ring import shard_segments
+from thdkit.segments import Segments, lengths_from_counts, segment_counts
 
 if TYPE_CHECKING:
     from thdkit.context_parallel.api import StrategyConfig
@@ -83,8 +84,7 @@ def all_gather_local(static: StrategyConfig) -> Callable[..., Array]:
         static: the checked configuration (:class:`thdkit.context_parallel.api.StrategyConfig`).
 
     Returns:
-        ``fn(q, k, v, ids_q, pos_q, ids_kv, pos_kv) -> out`` on this rank's shards
-        (``[B, n, H, D]`` and int32[B, n]); ``out`` in the query's dtype.
+        The ``local`` function of :class:`thdkit.context_parallel.api.Strategy`.
     """
     axis, num_segments = static.axis_name, static.num_segments
 
@@ -96,21 +96,17 @@ def all_gather_local(static: StrategyConfig) -> Callable[..., Array]:
             lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v, ids_kv, pos_kv)
         )
         counts_kv = segment_counts(ids_kv, num_segments=num_segments)
-        if static.self_attention:
-            len_q = lengths_from_counts(ids_q, counts_kv)
+        if static.self_attention:  # the whole row is here: no collective for the lengths
+            q_segments = Segments(ids_q, pos_q, lengths_from_counts(ids_q, counts_kv))
         else:
-            len_q = global_lengths(ids_q, axis_name=axis, num_segments=num_segments)
+            q_segments = shard_segments(ids_q, pos_q, static)
         ids_kv, pos_kv, order = sort_by_document(ids_kv, pos_kv)
         out, _ = attention_partial(
             q,
             take_tokens(k, order),
             take_tokens(v, order),
-            ids_q=ids_q,
-            pos_q=pos_q,
-            rl_q=len_q,
-            ids_kv=ids_kv,
-            pos_kv=pos_kv,
-            rl_kv=lengths_from_counts(ids_kv, counts_kv),
+            q_segments=q_segments,
+            kv_segments=Segments(ids_kv, pos_kv, lengths_from_counts(ids_kv, counts_kv)),
             mask_type=static.mask,
             window_size=static.window,
             scale=static.scale,

@@ -69,8 +69,7 @@ def all_to_all_local(static: StrategyConfig) -> Callable[..., Array]:
         static: the checked configuration (:class:`thdkit.context_parallel.api.StrategyConfig`).
 
     Returns:
-        ``fn(q, k, v, ids_q, pos_q, ids_kv, pos_kv) -> out`` on this rank's shards
-        (``[B, n, H, D]`` and int32[B, n]); ``out`` in the query's dtype.
+        The ``local`` function of :class:`thdkit.context_parallel.api.Strategy`.
     """
     axis, num_segments = static.axis_name, static.num_segments
 

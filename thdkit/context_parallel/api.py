@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Required, TypedDict, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,7 @@ from thdkit.masks import MaskType, Window, check_window
 
 __all__ = [
     "STRATEGIES",
+    "RingOptions",
     "Strategy",
     "StrategyConfig",
     "StrategyName",
@@ -289,25 +290,32 @@ def context_parallel_attention(
     return _program(strategy, config)(query, key, value, *layout_q, *layout_kv)
 
 
+class RingOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`ring_attention`: those of
+    :func:`context_parallel_attention` but ``strategy``, with the same meanings and defaults."""
+
+    segment_ids_q: Required[ArrayLike]
+    segment_pos_q: Required[ArrayLike]
+    segment_ids_kv: ArrayLike | None
+    segment_pos_kv: ArrayLike | None
+    mask_type: MaskType | str
+    window_size: tuple[int | None, int | None] | None
+    max_segments_per_seq: Required[int]
+    mesh: Required[Mesh]
+    axis_name: Required[str]
+    scale: float | None
+
+
 def ring_attention(
     query: Float[ArrayLike, "B T_q H_q D"],
     key: Float[ArrayLike, "B T_kv H_kv D"],
     value: Float[ArrayLike, "B T_kv H_kv D_v"],
-    *,
-    segment_ids_q: ArrayLike,
-    segment_pos_q: ArrayLike,
-    segment_ids_kv: ArrayLike | None = None,
-    segment_pos_kv: ArrayLike | None = None,
-    mask_type: MaskType | str = "padding_causal",
-    window_size: tuple[int | None, int | None] | None = None,
-    max_segments_per_seq: int,
-    mesh: Mesh,
-    axis_name: str,
-    scale: float | None = None,
+    **options: Unpack[RingOptions],
 ) -> Float[Array, "B T_q H_q D_v"]:
     """Ring attention: :func:`context_parallel_attention` with ``strategy="ring"``.
 
-    Args, Returns and Raises as :func:`context_parallel_attention` (without ``strategy``).
+    Args, Returns and Raises as :func:`context_parallel_attention` (without ``strategy``; the
+    keyword arguments are typed by :class:`RingOptions`).
 
     Example:
         Two documents in a row of eight, striped over a ring of two devices. With all logits
@@ -327,19 +335,4 @@ def ring_attention(
         >>> unstriped(out, cp=2, axis=1)[0, :, 0, 0]
         Array([0. , 0.5, 1. , 1.5, 2. , 5. , 5.5, 6. ], dtype=float32)
     """
-    return context_parallel_attention(
-        query,
-        key,
-        value,
-        segment_ids_q=segment_ids_q,
-        segment_pos_q=segment_pos_q,
-        segment_ids_kv=segment_ids_kv,
-        segment_pos_kv=segment_pos_kv,
-        mask_type=mask_type,
-        window_size=window_size,
-        max_segments_per_seq=max_segments_per_seq,
-        mesh=mesh,
-        axis_name=axis_name,
-        strategy="ring",
-        scale=scale,
-    )
+    return context_parallel_attention(query, key, value, strategy="ring", **options)

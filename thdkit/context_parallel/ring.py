@@ -42,12 +42,18 @@ from thdkit.attention.blockwise import attention_partial
 from thdkit.counting import segment_extrema
 from thdkit.layout import as_layouts, check_max_segments
 from thdkit.masks import MaskType, check_window
-from thdkit.segments import global_lengths, lengths_from_counts, segment_counts
+from thdkit.segments import Segments, global_lengths, lengths_from_counts, segment_counts
 
 if TYPE_CHECKING:
     from thdkit.context_parallel.api import StrategyConfig
 
-__all__ = ["DifferenceBounds", "difference_bounds", "ring_local", "ring_schedule"]
+__all__ = [
+    "DifferenceBounds",
+    "difference_bounds",
+    "ring_local",
+    "ring_schedule",
+    "shard_segments",
+]
 
 Window = tuple[int | None, int | None] | None
 
@@ -213,6 +219,23 @@ def _schedule(
     )
 
 
+def shard_segments(
+    ids: Int[Array, "B n"], pos: Int[Array, "B n"], static: StrategyConfig
+) -> Segments:
+    """Inside ``shard_map``: this rank's :class:`thdkit.Segments`, with the global document
+    lengths over ``static.axis_name`` (:func:`thdkit.segments.global_lengths`).
+
+    Args:
+        ids, pos: int32[B, n]; this rank's shard of the segment ids and positions.
+        static: the checked configuration (its axis name and S are read).
+
+    Returns:
+        :class:`thdkit.Segments` with int32[B, n] fields.
+    """
+    lengths = global_lengths(ids, axis_name=static.axis_name, num_segments=static.num_segments)
+    return Segments(ids, pos, lengths)
+
+
 def _merge(
     out: Array, lse: Array, out_k: Array, lse_k: Array
 ) -> tuple[Float[Array, "B n H Dv"], Float[Array, "B n H"]]:
@@ -229,27 +252,22 @@ def _merge(
 def _build_core(static: StrategyConfig, cp: int) -> Callable[..., Array]:
     """The per-device ring (forward and backward rings) for the given static configuration.
 
-    The returned function takes local shards ``(q, k, v, layout_q, layout_kv, runs)`` with
-    ``layout_* = (ids, pos, lengths)`` and ``runs`` bool[cp] (step k runs), and returns the
-    float32 output shard.
+    The returned function takes local shards ``(q, k, v, q_segments, kv_segments, runs)``, the
+    :class:`thdkit.Segments` carrying global document lengths and ``runs`` bool[cp] (step k
+    runs), and returns the float32 output shard.
     """
     perm = [(j, (j + 1) % cp) for j in range(cp)]
 
     def rotate(tree: Any) -> Any:
         return jax.tree.map(lambda a: lax.ppermute(a, static.axis_name, perm), tree)
 
-    def partial(q: Array, k: Array, v: Array, layout_q: tuple, layout_kv: tuple):
-        (ids_q, pos_q, len_q), (ids_kv, pos_kv, len_kv) = layout_q, layout_kv
+    def partial(q: Array, k: Array, v: Array, layout_q: Segments, layout_kv: Segments):
         return attention_partial(
             q,
             k,
             v,
-            ids_q=ids_q,
-            pos_q=pos_q,
-            rl_q=len_q,
-            ids_kv=ids_kv,
-            pos_kv=pos_kv,
-            rl_kv=len_kv,
+            q_segments=layout_q,
+            kv_segments=layout_kv,
             mask_type=static.mask,
             window_size=static.window,
             scale=static.scale,
@@ -340,27 +358,22 @@ def ring_local(static: StrategyConfig) -> Callable[..., Array]:
         static: the checked configuration (:class:`thdkit.context_parallel.api.StrategyConfig`).
 
     Returns:
-        ``fn(q, k, v, ids_q, pos_q, ids_kv, pos_kv) -> out`` on this rank's shards
-        (``[B, n, H, D]`` and int32[B, n]); ``out`` in the query's dtype.
+        The ``local`` function of :class:`thdkit.context_parallel.api.Strategy`.
     """
     axis = static.axis_name
     cp = static.mesh.shape[axis]
     bounds = difference_bounds(static.mask, static.window)
     core = _build_core(static, cp)
 
-    def local(q, k, v, ids_q, pos_q, ids_kv, pos_kv):
-        def layout(ids: Array, pos: Array) -> tuple[Array, Array, Array]:
-            lengths = global_lengths(ids, axis_name=axis, num_segments=static.num_segments)
-            return ids, pos, lengths
+    def spans(segments: Segments) -> _Spans:
+        x = _compared(segments.positions, segments.lengths, bounds)
+        return _spans(segments.ids, x, static.num_segments)
 
-        layout_q = layout(ids_q, pos_q)
-        layout_kv = layout_q if static.self_attention else layout(ids_kv, pos_kv)
-        q_spans = _spans(ids_q, _compared(pos_q, layout_q[2], bounds), static.num_segments)
-        kv_spans = q_spans
-        if not static.self_attention:
-            kv_spans = _spans(
-                layout_kv[0], _compared(layout_kv[1], layout_kv[2], bounds), static.num_segments
-            )
+    def local(q, k, v, ids_q, pos_q, ids_kv, pos_kv):
+        layout_q = shard_segments(ids_q, pos_q, static)
+        layout_kv = layout_q if static.self_attention else shard_segments(ids_kv, pos_kv, static)
+        q_spans = spans(layout_q)
+        kv_spans = q_spans if static.self_attention else spans(layout_kv)
         # O(cp * B * S) numbers: every rank learns every kv shard's spans once.
         all_kv = jax.tree.map(lambda a: lax.all_gather(a, axis), kv_spans)
         q_all = jax.tree.map(lambda a: a[None], q_spans)
