@@ -458,3 +458,29 @@ def test_striped_accepts_numpy_ints_in_a_fresh_process():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(reorder.striped(np.arange(8), cp=4).tolist())
+
+
+def test_concrete_layouts_closed_over_by_jit_are_still_validated():
+    """Arrays a jitted function closes over are concrete: they are checked while tracing, and a
+    valid one runs as if passed eagerly."""
+    q = jnp.ones((1, 8, 2, 8))
+    calls = {
+        "attention": lambda ids: thdkit.attention(
+            q, q, q, segment_ids_q=ids, segment_pos_q=POS, max_segments_per_seq=4
+        ),
+        "seqlens_and_offsets": lambda ids: meta(segment_ids_q=ids).q_seqlens,
+        "Segments": lambda ids: thdkit.Segments.from_ids(ids, POS).lengths,
+        "plan": lambda ids: (
+            thdkit.plan_attention(
+                thdkit.Segments.from_ids(ids, POS), mask_type="causal", max_segments_per_seq=4
+            ).ranges.lo
+        ),
+        "ring_attention": lambda ids: ring(q, q, q, segment_ids_q=ids),
+    }
+    bad = IDS.at[0, 6].set(2)
+    for name, call in calls.items():
+        np.testing.assert_array_equal(jax.jit(lambda: call(IDS))(), call(IDS), err_msg=name)
+        # The ring validates each shard: row (batch, shard), token inside the shard.
+        where = r"row \(0, 1\), token 2" if name == "ring_attention" else "row 0, token 6"
+        with pytest.raises(ValueError, match=where):
+            jax.jit(lambda call=call: call(bad))()

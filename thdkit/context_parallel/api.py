@@ -25,6 +25,7 @@ from typing import Any, Literal, NamedTuple, Required, TypedDict, Unpack
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, ArrayLike, Float
@@ -144,7 +145,7 @@ def _validate_shards(
     layout: tuple[Array, Array], *, cp: int, num_segments: int, mask: MaskType, name: str
 ) -> None:
     """Validates each rank's shard of a concrete layout (a reordered row is not itself valid)."""
-    ids, pos = layout
+    ids, pos = (np.asarray(a) for a in layout)  # Read on the host, also when jit closes over it.
     split = (ids.shape[0], cp, ids.shape[1] // cp)
     try:
         validate_layout(
