@@ -479,7 +479,9 @@ def test_concrete_layouts_closed_over_by_jit_are_still_validated():
     }
     bad = IDS.at[0, 6].set(2)
     for name, call in calls.items():
-        np.testing.assert_array_equal(jax.jit(lambda call=call: call(IDS))(), call(IDS), err_msg=name)
+        np.testing.assert_array_equal(
+            jax.jit(lambda call=call: call(IDS))(), call(IDS), err_msg=name
+        )
         # The ring validates each shard: row (batch, shard), token inside the shard.
         where = r"row \(0, 1\), token 2" if name == "ring_attention" else "row 0, token 6"
         with pytest.raises(ValueError, match=where):
