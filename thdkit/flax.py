@@ -29,8 +29,8 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
 from thdkit.attention import AttentionPlan, Implementation, attention, plan_attention
+from thdkit.context_parallel import ring_attention
 from thdkit.masks import MaskType, check_window
-from thdkit.ring import ring_attention
 from thdkit.segments import Segments
 
 __all__ = ["PackedSelfAttention", "rope"]
