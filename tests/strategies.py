@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
+from thdkit import reorder
 from thdkit.masks import MaskType
 
 ALL_MASKS = list(MaskType)
@@ -225,3 +228,33 @@ def attention_inputs(seed: int, seq_kv: int, dtype=np.float32, *, seq_q: int = A
     q, k, v, w_out = (jnp.asarray(rng.normal(size=s), dtype) for s in shapes)
     w_lse = jnp.asarray(rng.normal(size=(ATTN_B, seq_q, ATTN_H_Q)), jnp.float32)
     return q, k, v, w_out, w_lse
+
+
+def reorder_pair(name: str, cp: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(forward, inverse) of a named reorder ("none", "striped<k>", "dual_chunk_swap"), each
+    called as ``fn(x, axis=...)``."""
+    if name == "none":
+        identity = lambda x, axis=-1: x  # noqa: E731
+        return identity, identity
+    if name == "dual_chunk_swap":
+        return (
+            functools.partial(reorder.dual_chunk_swap, cp=cp),
+            functools.partial(reorder.undo_dual_chunk_swap, cp=cp),
+        )
+    stripe = int(name.removeprefix("striped"))
+    return (
+        functools.partial(reorder.striped, cp=cp, stripe_size=stripe),
+        functools.partial(reorder.unstriped, cp=cp, stripe_size=stripe),
+    )
+
+
+def packed_row(seq_len: int, docs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """One row: documents of (size, valid tokens), tail padding keeping positions, then padding."""
+    ids = np.zeros(seq_len, np.int32)
+    pos = np.zeros(seq_len, np.int32)
+    start = 0
+    for doc, (size, valid) in enumerate(docs, start=1):
+        ids[start : start + valid] = doc
+        pos[start : start + size] = np.arange(size)
+        start += size
+    return ids, pos

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from thdkit import reorder
 from thdkit.attention import attention
 from thdkit.context_parallel import STRATEGIES, context_parallel_attention, traffic
+
+from .strategies import packed_row, reorder_pair
 
 STRATEGY_NAMES = tuple(STRATEGIES)
 DIM = 8
@@ -56,47 +57,18 @@ MATRIX = [
 ]
 
 
-def _reorder_pair(name: str, cp: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """(forward, inverse) of a named reorder, each called as ``fn(x, axis=...)``."""
-    if name == "none":
-        identity = lambda x, axis=-1: x  # noqa: E731
-        return identity, identity
-    if name == "dual_chunk_swap":
-        return (
-            functools.partial(reorder.dual_chunk_swap, cp=cp),
-            functools.partial(reorder.undo_dual_chunk_swap, cp=cp),
-        )
-    stripe = int(name.removeprefix("striped"))
-    return (
-        functools.partial(reorder.striped, cp=cp, stripe_size=stripe),
-        functools.partial(reorder.unstriped, cp=cp, stripe_size=stripe),
-    )
-
-
-def _packed(seq_len: int, docs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """One row: documents of (size, valid tokens), tail padding keeping positions, then padding."""
-    ids = np.zeros(seq_len, np.int32)
-    pos = np.zeros(seq_len, np.int32)
-    start = 0
-    for doc, (size, valid) in enumerate(docs, start=1):
-        ids[start : start + valid] = doc
-        pos[start : start + size] = np.arange(size)
-        start += size
-    return ids, pos
-
-
 def _rows(*rows: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
 
 # Two rows of 64 tokens: one long document with tail padding; four documents and padding.
 SELF = _rows(
-    _packed(64, [(61, 58)]), _packed(64, [(13, 10), (9, 9), (22, 18), (11, 11)])
+    packed_row(64, [(61, 58)]), packed_row(64, [(13, 10), (9, 9), (22, 18), (11, 11)])
 )  # fmt: skip
 # Cross-attention: 32 queries, 64 keys, kv documents longer than the q ones (bottom-right reads
 # the global document lengths).
-CROSS_Q = _rows(_packed(32, [(14, 12), (10, 10), (8, 8)]), _packed(32, [(32, 30)]))
-CROSS_KV = _rows(_packed(64, [(30, 27), (20, 20), (14, 14)]), _packed(64, [(60, 60)]))
+CROSS_Q = _rows(packed_row(32, [(14, 12), (10, 10), (8, 8)]), packed_row(32, [(32, 30)]))
+CROSS_KV = _rows(packed_row(64, [(30, 27), (20, 20), (14, 14)]), packed_row(64, [(60, 60)]))
 
 
 def _mesh(cp: int) -> Mesh:
@@ -159,7 +131,7 @@ def test_matches_single_device_attention(case: str, strategy: str) -> None:
     )
     run = _cp_fn(strategy, cp, mask_type, window, cross)
     for name in REORDERS:
-        forward, inverse = _reorder_pair(name, cp)
+        forward, inverse = reorder_pair(name, cp)
         tokens = functools.partial(forward, axis=1)
         out, grads = run(
             *(tokens(x) for x in (q, k, v, cotangent)),
@@ -178,8 +150,8 @@ def test_a_non_finite_document_stays_inside_it(strategy: str) -> None:
     """Poisoning document 2's keys and values leaves every other row's output and gradients
     bit-equal, through the collectives and their transposes."""
     cp, seq_len, heads = 4, 64, 4
-    ids, pos = _rows(_packed(seq_len, [(20, 20), (24, 20), (16, 16)]))
-    forward, _ = _reorder_pair("striped2", cp)
+    ids, pos = _rows(packed_row(seq_len, [(20, 20), (24, 20), (16, 16)]))
+    forward, _ = reorder_pair("striped2", cp)
     q, k, v = (_random((1, seq_len, heads, DIM), seed) for seed in range(3))
     doc = jnp.asarray(ids == 2)[..., None, None]
     others = forward(jnp.asarray(ids != 2), axis=-1)[..., None, None]

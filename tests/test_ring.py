@@ -24,6 +24,8 @@ from thdkit.layout import run_lengths
 from thdkit.masks import MaskType, pair_mask
 from thdkit.segments import Segments
 
+from .strategies import packed_row, reorder_pair
+
 HEADS, DIM = 2, 8
 NUM_SEGMENTS = 4
 ATOL = 1e-5
@@ -50,41 +52,12 @@ GRID = [
 REORDERS = ("none", "striped1", "striped2", "dual_chunk_swap")
 
 
-def _reorder_pair(name: str, cp: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """(forward, inverse) of a named reorder, each called as ``fn(x, axis=...)``."""
-    if name == "none":
-        identity = lambda x, axis=-1: x  # noqa: E731
-        return identity, identity
-    if name == "dual_chunk_swap":
-        return (
-            functools.partial(reorder.dual_chunk_swap, cp=cp),
-            functools.partial(reorder.undo_dual_chunk_swap, cp=cp),
-        )
-    stripe = int(name.removeprefix("striped"))
-    return (
-        functools.partial(reorder.striped, cp=cp, stripe_size=stripe),
-        functools.partial(reorder.unstriped, cp=cp, stripe_size=stripe),
-    )
-
-
-def _packed(seq_len: int, docs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """One row: documents of (size, valid tokens), tail padding keeping positions, then padding."""
-    ids = np.zeros(seq_len, np.int32)
-    pos = np.zeros(seq_len, np.int32)
-    start = 0
-    for doc, (size, valid) in enumerate(docs, start=1):
-        ids[start : start + valid] = doc
-        pos[start : start + size] = np.arange(size)
-        start += size
-    return ids, pos
-
-
 def _layout(seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Two rows: one long document with tail padding; four documents and trailing padding."""
     unit = seq_len // 64
     rows = [
-        _packed(seq_len, [(61 * unit, 58 * unit)]),
-        _packed(
+        packed_row(seq_len, [(61 * unit, 58 * unit)]),
+        packed_row(
             seq_len,
             [
                 (13 * unit, 10 * unit),
@@ -173,7 +146,7 @@ def _check_against_reference(
 ) -> None:
     """Runs ring attention on reordered inputs and compares output and gradients, unreordered."""
     cp = mesh.shape["cp"]
-    forward, inverse = _reorder_pair(reorder_name, cp)
+    forward, inverse = reorder_pair(reorder_name, cp)
     self_attention = kv_layout is None
     ids_q, pos_q = q_layout
     ids_kv, pos_kv = q_layout if self_attention else kv_layout
@@ -218,8 +191,8 @@ def test_matches_reference(cp: int, case: str, reorder_name: str) -> None:
 @pytest.mark.parametrize("reorder_name", ["none", "striped1"])
 def test_cross_attention_bottom_right_gqa(reorder_name: str) -> None:
     # kv documents longer than the q ones: bottom-right reads the global document lengths.
-    q_rows = [_packed(64, [(30, 26), (20, 20)]), _packed(64, [(64, 64)])]
-    kv_rows = [_packed(128, [(60, 55), (44, 40)]), _packed(128, [(100, 100)])]
+    q_rows = [packed_row(64, [(30, 26), (20, 20)]), packed_row(64, [(64, 64)])]
+    kv_rows = [packed_row(128, [(60, 55), (44, 40)]), packed_row(128, [(100, 100)])]
     q_layout = tuple(np.stack(side) for side in zip(*q_rows, strict=True))
     kv_layout = tuple(np.stack(side) for side in zip(*kv_rows, strict=True))
     _check_against_reference(
@@ -238,7 +211,7 @@ def test_batch_sharded_on_second_mesh_axis() -> None:
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices")
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "cp"))
-    forward, inverse = _reorder_pair("striped1", 4)
+    forward, inverse = reorder_pair("striped1", 4)
     ids, pos = _layout(64)
     q, k, v, cotangent = (_random((2, 64, HEADS, DIM), seed) for seed in range(4))
     out_ref, grads_ref = _reference_fn("padding_causal", None)(
@@ -264,7 +237,7 @@ def _brute_force_pairs(
     ids: np.ndarray, pos: np.ndarray, *, cp: int, mask_type: str, window: Any, order: str
 ) -> np.ndarray:
     """int[B, cp, cp]: allowed pairs of ring step (rank, step), from the dense pair_mask."""
-    forward, _ = _reorder_pair(order, cp)
+    forward, _ = reorder_pair(order, cp)
     lengths = run_lengths(jnp.asarray(ids))  # whole documents, before reordering
     ids, pos, lengths = (np.asarray(forward(np.asarray(x))) for x in (ids, pos, lengths))
     mask = MaskType.parse(mask_type)
@@ -283,7 +256,7 @@ def _brute_force_pairs(
 def test_schedule_matches_brute_force(order: str) -> None:
     ids, pos = _layout(64)
     for mask_type, window in CASES.values():
-        forward, _ = _reorder_pair(order, 4)
+        forward, _ = reorder_pair(order, 4)
         runs = np.asarray(
             ring_schedule(
                 segment_ids_q=forward(ids),
@@ -306,7 +279,7 @@ def test_schedule_one_document() -> None:
     plain = ring_schedule(segment_ids_q=ids, segment_pos_q=pos, cp=4, max_segments_per_seq=1)[0]
     np.testing.assert_array_equal(plain, np.tril(np.ones((4, 4), bool)))
     for order in ("striped1", "striped2", "dual_chunk_swap"):
-        forward, _ = _reorder_pair(order, 4)
+        forward, _ = reorder_pair(order, 4)
         assert ring_schedule(
             segment_ids_q=forward(ids), segment_pos_q=forward(pos), cp=4, max_segments_per_seq=1
         ).all()
@@ -353,8 +326,8 @@ def test_skipped_steps_are_not_computed(monkeypatch: pytest.MonkeyPatch) -> None
 @slow
 def test_eager_call_and_zero_rows() -> None:
     # An all-padding row gives zeros; the eager path validates and runs the cached program.
-    ids = np.stack([_packed(32, [(20, 20)])[0], np.zeros(32, np.int32)])
-    pos = np.stack([_packed(32, [(20, 20)])[1], np.zeros(32, np.int32)])
+    ids = np.stack([packed_row(32, [(20, 20)])[0], np.zeros(32, np.int32)])
+    pos = np.stack([packed_row(32, [(20, 20)])[1], np.zeros(32, np.int32)])
     x = _random((2, 32, HEADS, DIM), 0)
     out = ring_attention(
         x,
@@ -461,7 +434,7 @@ def test_docs_example_runs() -> None:
 def test_bench_work_counts_and_records() -> None:
     ids, pos = synth.filled_segments(np.random.default_rng(1), batch=2, seq_len=64, segments=5)
     for order in ("none", "striped2"):
-        forward, _ = _reorder_pair(order, 4)
+        forward, _ = reorder_pair(order, 4)
         for mask_type, window in CASES.values():
             work = ring_bench.work_per_rank(
                 forward(ids), forward(pos), cp=4, mask_type=mask_type, window_size=window
@@ -502,9 +475,9 @@ def test_a_non_finite_document_stays_inside_it(mask_type: str, poison: float) ->
     """Poisoning document 2's keys and values leaves every other row's output and gradients
     bit-equal, through the ring's forward merge and its backward ring."""
     cp, seq_len = 4, 64
-    ids, pos = _packed(seq_len, [(20, 20), (24, 20), (16, 16)])
+    ids, pos = packed_row(seq_len, [(20, 20), (24, 20), (16, 16)])
     ids, pos = ids[None], pos[None]
-    forward, _ = _reorder_pair("striped2", cp)
+    forward, _ = reorder_pair("striped2", cp)
     mesh = Mesh(np.array(jax.devices()[:cp]), ("cp",))
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=(1, seq_len, HEADS, DIM)), jnp.float32) for _ in "qkv")
