@@ -2,7 +2,7 @@
 
 from thdkit.attention.api import AttentionPlan, Implementation, attention, plan_attention
 from thdkit.attention.representable import is_representable
-from thdkit.attention.tiles import DEFAULT_BLOCK, TileRanges, tile_ranges
+from thdkit.attention.tiles import DEFAULT_BLOCK, TileRanges, default_block, tile_ranges
 
 __all__ = [
     "DEFAULT_BLOCK",
@@ -10,6 +10,7 @@ __all__ = [
     "Implementation",
     "TileRanges",
     "attention",
+    "default_block",
     "is_representable",
     "plan_attention",
     "tile_ranges",
