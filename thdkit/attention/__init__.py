@@ -1,6 +1,7 @@
 """Attention over packed (THD) rows, masked from segment ids and positions."""
 
 from thdkit.attention.api import AttentionPlan, Implementation, attention, plan_attention
+from thdkit.attention.pallas import pallas_attention
 from thdkit.attention.representable import is_representable
 from thdkit.attention.tiles import DEFAULT_BLOCK, TileRanges, default_block, tile_ranges
 
@@ -12,6 +13,7 @@ __all__ = [
     "attention",
     "default_block",
     "is_representable",
+    "pallas_attention",
     "plan_attention",
     "tile_ranges",
 ]

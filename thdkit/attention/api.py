@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from thdkit.attention import blockwise, cudnn
+from thdkit.attention import blockwise, cudnn, pallas
 from thdkit.attention.arguments import check_arguments, check_layout_shapes
 from thdkit.attention.tiles import TileRanges, default_block, tile_ranges
 from thdkit.layout import (
@@ -48,7 +48,7 @@ __all__ = [
     "plan_attention",
 ]
 
-Implementation = Literal["reference", "blockwise", "cudnn"]
+Implementation = Literal["reference", "blockwise", "cudnn", "pallas"]
 
 
 # --- Candidates --------------------------------------------------------------------------------
@@ -93,6 +93,9 @@ CANDIDATES: dict[str, Candidate] = {
     ),
     "reference": Candidate(
         blockwise.check_config, blockwise.check_arrays, _run_reference, frozenset()
+    ),
+    "pallas": Candidate(
+        pallas.check_config, pallas.check_arrays, pallas.run, frozenset({"ranges"})
     ),
 }
 """Every implementation by name."""
