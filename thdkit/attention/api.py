@@ -197,8 +197,8 @@ def plan_attention(
         max_segments_per_seq: S, a static int >= the largest id.
         block_q, block_kv: tile sizes of the blockwise method, capped to T_q and T_kv; None
             chooses them from the mean document length (:func:`thdkit.attention.default_block`).
-        implementation: ``"reference"``, ``"blockwise"``, ``"cudnn"``, or None for the first that
-            can run.
+        implementation: ``"reference"``, ``"blockwise"``, ``"cudnn"``, ``"pallas"``, or None for
+            the first of cuDNN and blockwise that can run.
 
     Returns:
         :class:`AttentionPlan`.
@@ -404,7 +404,9 @@ def attention(
         scale: a finite real multiplying the logits; None means ``1 / sqrt(D)``.
         implementation: ``"reference"`` (dense, O(T_q·T_kv) memory), ``"blockwise"`` (tiled,
             O(T·tile) memory, exact for every valid layout), ``"cudnn"`` (GPU; compact metadata,
-            see :func:`thdkit.attention.is_representable`), or None: the first that can run.
+            see :func:`thdkit.attention.is_representable`), ``"pallas"`` (a kernel over the tile
+            ranges; GPU and TPU, interpret mode on CPU), or None: the first of cuDNN and
+            blockwise that can run.
         block_q, block_kv: tile sizes of the blockwise method, capped to T; None chooses them
             from the mean document length (:func:`thdkit.attention.default_block`).
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from thdkit.attention import pallas
 from thdkit.attention.tiles import DEFAULT_BLOCK, TileRanges, pad_tokens, tile_ranges
 from thdkit.masks import MaskType, Window, check_window, pair_mask, poison, sanitize
 from thdkit.reference import reference_attention
@@ -357,7 +358,7 @@ def attention_partial(
     mask_type: MaskType,
     window_size: Window,
     scale: float,
-    implementation: Literal["blockwise", "reference"] = "blockwise",
+    implementation: Literal["blockwise", "pallas", "reference"] = "blockwise",
     block_q: int = DEFAULT_BLOCK,
     block_kv: int = DEFAULT_BLOCK,
 ) -> tuple[Float[Array, "B T_q H_q D_v"], Float[Array, "B T_q H_q"]]:
@@ -385,7 +386,8 @@ def attention_partial(
         mask_type: a ``MaskType`` or its name.
         window_size: ``(left, right)`` or None (:func:`thdkit.masks.check_window`).
         scale: multiplies the logits.
-        implementation: ``"blockwise"`` (default) or ``"reference"`` (dense).
+        implementation: ``"blockwise"`` (default), ``"pallas"`` (the kernels of
+            :mod:`thdkit.attention.pallas`) or ``"reference"`` (dense).
         block_q, block_kv: tile sizes of the blockwise method, capped to T_q and T_kv.
 
     Returns:
@@ -420,10 +422,10 @@ def attention_partial(
             window_size=window,
             scale=scale,
         )
-    if implementation != "blockwise":
+    if implementation not in ("blockwise", "pallas"):
         raise ValueError(
             f"unknown implementation {implementation!r} for attention_partial; valid: "
-            "'blockwise', 'reference'"
+            "'blockwise', 'pallas', 'reference'"
         )
     return _partial_blockwise(
         query,
@@ -436,16 +438,30 @@ def attention_partial(
         scale=float(scale),
         block_q=block_q,
         block_kv=block_kv,
+        method=implementation,
     )
 
 
 @functools.partial(
-    jax.jit, static_argnames=("mask_type", "window_size", "scale", "block_q", "block_kv")
+    jax.jit,
+    static_argnames=("mask_type", "window_size", "scale", "block_q", "block_kv", "method"),
 )
 def _partial_blockwise(
-    query, key, value, layout_q, layout_kv, *, mask_type, window_size, scale, block_q, block_kv
+    query,
+    key,
+    value,
+    layout_q,
+    layout_kv,
+    *,
+    mask_type,
+    window_size,
+    scale,
+    block_q,
+    block_kv,
+    method,
 ):
-    """Tile ranges, then the flash loop; jitted so that eager calls compile once."""
+    """Tile ranges, then the flash loop (``method``: blockwise or pallas); jitted so that eager
+    calls compile once."""
     ranges = tile_ranges(
         layout_q,
         layout_kv,
@@ -454,7 +470,8 @@ def _partial_blockwise(
         block_q=min(block_q, query.shape[1]),
         block_kv=min(block_kv, key.shape[1]),
     )
-    return blockwise_attention(
+    flash = blockwise_attention if method == "blockwise" else pallas.pallas_attention
+    return flash(
         query,
         key,
         value,
