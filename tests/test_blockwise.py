@@ -152,7 +152,7 @@ def test_every_chunk_size_matches_reference(monkeypatch, tiles_per_step, mask, w
     """The parallel schedule visiting 1, 2, 5 or all tiles per step (chunks that end inside a
     query tile, span several, and a last step that runs past the work) matches the reference
     forward and backward on every layout of the shared shape, ring steps included."""
-    monkeypatch.setattr(blockwise, "PAIRS_PER_STEP", tiles_per_step * 16 * 8)
+    monkeypatch.setitem(blockwise.PAIRS_PER_STEP, "cpu", tiles_per_step * 16 * 8)
 
     @jax.jit
     def run(q, k, v, w_out, w_lse, layout):
@@ -184,7 +184,7 @@ def test_every_chunk_size_matches_reference(monkeypatch, tiles_per_step, mask, w
 def test_a_non_finite_key_poisons_only_the_rows_that_read_it(monkeypatch, schedule):
     """One NaN key: the rows allowed to read it are NaN, every other row is bit-equal to the
     clean run, whatever the number of tiles per step."""
-    monkeypatch.setattr(blockwise, "PAIRS_PER_STEP", 3 * 16 * 8)
+    monkeypatch.setitem(blockwise.PAIRS_PER_STEP, "cpu", 3 * 16 * 8)
     layout = {key: jnp.asarray(value) for key, value in self_layout(7).items()}
     segments = segments_of(layout)
     q_seg, kv_seg = segments["q_segments"], segments["kv_segments"]

@@ -44,14 +44,14 @@ __all__ = [
 
 
 Schedule = Literal["parallel", "serial"]
-"""How the visited tiles are walked: ``"parallel"`` visits a chunk of them per step with batched
-matmuls (the default on GPU and TPU, where one small tile per step leaves the device idle);
-``"serial"`` visits one per step (the default on CPU, where it measured as fast or faster:
-docs/attention.md, "Blockwise")."""
+"""How the visited tiles are walked: ``"parallel"`` (default) visits a chunk of them per step with
+batched matmuls, ``PAIRS_PER_STEP`` token pairs' worth; ``"serial"`` visits one per step."""
 
-PAIRS_PER_STEP = 2**18
-"""Token pairs the parallel schedule visits per step: ``chunk * block_q * block_kv`` (16 tiles of
-128 x 128); larger steps amortise the per-step cost, smaller ones waste less of the last step."""
+PAIRS_PER_STEP = {"cpu": 128 * 128, "gpu": 16 * 128 * 128, "tpu": 16 * 128 * 128}
+"""Token pairs the parallel schedule visits per step, by backend: ``chunk * block_q * block_kv``.
+Larger steps amortise the per-step cost; on CPU the batched gathers cost more than that saves
+beyond one 128 x 128 tile's worth (docs/attention.md, "Blockwise"), on accelerators 16 tiles of
+128 x 128 keep the device busy."""
 
 
 class _Tiles(NamedTuple):
@@ -282,7 +282,7 @@ def blockwise_attention(
     mask_type: MaskType,
     window_size: Window,
     scale: float,
-    schedule: Schedule | None = None,
+    schedule: Schedule = "parallel",
 ) -> tuple[Float[Array, "B T_q H_q D_v"], Float[Array, "B T_q H_q"]]:
     """The flash loop over precomputed tile ranges: ``(out, lse)`` as :func:`attention_partial`.
 
@@ -296,9 +296,8 @@ def blockwise_attention(
         mask_type: a parsed ``MaskType``.
         window_size: a parsed window (:func:`thdkit.masks.check_window`).
         scale: multiplies the logits.
-        schedule: ``"parallel"`` visits ``PAIRS_PER_STEP // (block_q * block_kv)`` tiles per step
-            with batched matmuls, ``"serial"`` one tile per step; None: serial on CPU, parallel
-            on other backends (:data:`Schedule`).
+        schedule: ``"parallel"`` visits ``PAIRS_PER_STEP[backend] // (block_q * block_kv)``
+            tiles per step with batched matmuls, ``"serial"`` one tile per step.
 
     Returns:
         ``(out, lse)``: float32[B, T_q, H_q, D_v] and float32[B, T_q, H_q].
@@ -338,9 +337,8 @@ def blockwise_attention(
     tiled_q = jax.tree.map(lambda a: tile(a, block_q, num_q), q_segments)
     tiled_kv = jax.tree.map(lambda a: tile(a, block_kv, num_kv), kv_segments)
     most = batch * num_q * num_kv  # no step needs more items than there are tiles
-    if schedule is None:
-        schedule = "serial" if jax.default_backend() == "cpu" else "parallel"
-    chunk = 1 if schedule == "serial" else max(1, min(most, PAIRS_PER_STEP // (block_q * block_kv)))
+    pairs = PAIRS_PER_STEP.get(jax.default_backend(), PAIRS_PER_STEP["gpu"])
+    chunk = 1 if schedule == "serial" else max(1, min(most, pairs // (block_q * block_kv)))
     tiles = _Tiles(mask_type, window_size, float(scale), chunk)
     out, lse = _flash(tiles, q, k, v, tiled_q, tiled_kv, bad_q, bad_kv, work)
     out = out.transpose(0, 3, 1, 2, 4).reshape(batch, num_q * block_q, heads_q, dim_v)
