@@ -5,16 +5,13 @@ import os
 # Set before JAX initialises its backends. Multi-device tests (context parallelism) run on
 # simulated CPU devices. The tests' programs are tiny: XLA:CPU's backend (LLVM) optimisations
 # cost them more compile time than they save at run time, about half of the suite's time.
+_FLAGS = {
+    "--xla_force_host_platform_device_count": "8",
+    "--xla_backend_optimization_level": "0",
+}
+_given = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", "")]
-    + [
-        f"{flag}={value}"
-        for flag, value in (
-            ("--xla_force_host_platform_device_count", "8"),
-            ("--xla_backend_optimization_level", "0"),
-        )
-        if flag not in os.environ.get("XLA_FLAGS", "")
-    ]
+    [_given] + [f"{flag}={value}" for flag, value in _FLAGS.items() if flag not in _given]
 ).strip()
 
 import jax
