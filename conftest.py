@@ -17,3 +17,12 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 @pytest.fixture(autouse=True)
 def _doctest_namespace(doctest_namespace):
     doctest_namespace.update(jax=jax, jnp=jnp, np=np)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after each test module: every XLA:CPU executable holds
+    memory mappings, and the whole suite's would exceed the kernel's per-process limit
+    (``vm.max_map_count``, 65,530 by default), failing a later compilation."""
+    yield
+    jax.clear_caches()
