@@ -321,7 +321,7 @@ CASES = {
         r"q_segments row 0, token 7",
     ),
     "plan unknown implementation": (
-        lambda: plan(implementation="pallas"),
+        lambda: plan(implementation="flash"),
         ValueError,
         "implementation",
     ),

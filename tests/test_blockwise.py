@@ -15,10 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from thdkit.attention import attention
+from thdkit.attention import attention, blockwise
 from thdkit.attention.blockwise import attention_partial
+from thdkit.attention.tiles import tile_ranges
 from thdkit.layout import run_lengths
-from thdkit.masks import MaskType
+from thdkit.masks import MaskType, pair_mask
 from thdkit.reference import reference_attention
 from thdkit.segments import Segments
 
@@ -136,6 +137,78 @@ def test_blockwise_matches_reference_cross_attention(mask, window):
     _assert_blockwise_matches(*_both(q, k, v, w_out, w_lse, layout, mask=mask, window=window))
 
 
+SCHEDULE_CASES = [
+    (MaskType.PADDING_CAUSAL, None),
+    (MaskType.CAUSAL_BOTTOM_RIGHT, (2, 1)),
+    (MaskType.NO_MASK, None),
+]
+
+
+@pytest.mark.parametrize("tiles_per_step", [1, 2, 5, 64])
+@pytest.mark.parametrize(
+    ("mask", "window"), SCHEDULE_CASES, ids=[f"{m.value}-{w}" for m, w in SCHEDULE_CASES]
+)
+def test_every_chunk_size_matches_reference(monkeypatch, tiles_per_step, mask, window):
+    """The parallel schedule visiting 1, 2, 5 or all tiles per step (chunks that end inside a
+    query tile, span several, and a last step that runs past the work) matches the reference
+    forward and backward on every layout of the shared shape, ring steps included."""
+    monkeypatch.setitem(blockwise.PAIRS_PER_STEP, "cpu", tiles_per_step * 16 * 8)
+
+    @jax.jit
+    def run(q, k, v, w_out, w_lse, layout):
+        segments = segments_of(layout)
+        ranges = tile_ranges(
+            segments["q_segments"], segments["kv_segments"], mask_type=mask,
+            window_size=window, **BLOCKS,
+        )  # fmt: skip
+
+        def loss(q, k, v):
+            out, lse = blockwise.blockwise_attention(
+                q, k, v, *segments.values(), ranges, mask_type=mask, window_size=window,
+                scale=SCALE, schedule="parallel",
+            )  # fmt: skip
+            finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+            return jnp.sum(out * w_out) + jnp.sum(finite_lse * w_lse), (out, lse)
+
+        (_, (out, lse)), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+        return out, lse, grads
+
+    for name, make in SQUARE_LAYOUTS.items():
+        layout = {key: jnp.asarray(value) for key, value in make().items()}
+        q, k, v, w_out, w_lse = attention_inputs(len(name), T)
+        _, reference = _both(q, k, v, w_out, w_lse, layout, mask=mask, window=window)
+        _assert_blockwise_matches(run(q, k, v, w_out, w_lse, layout), reference)
+
+
+@pytest.mark.parametrize("schedule", ["serial", "parallel"])
+def test_a_non_finite_key_poisons_only_the_rows_that_read_it(monkeypatch, schedule):
+    """One NaN key: the rows allowed to read it are NaN, every other row is bit-equal to the
+    clean run, whatever the number of tiles per step."""
+    monkeypatch.setitem(blockwise.PAIRS_PER_STEP, "cpu", 3 * 16 * 8)
+    layout = {key: jnp.asarray(value) for key, value in self_layout(7).items()}
+    segments = segments_of(layout)
+    q_seg, kv_seg = segments["q_segments"], segments["kv_segments"]
+    mask = MaskType.PADDING_CAUSAL
+    ranges = tile_ranges(q_seg, kv_seg, mask_type=mask, window_size=None, **BLOCKS)
+    q, k, v, _, _ = attention_inputs(7, T)
+    run = jax.jit(
+        lambda q, k, v: blockwise.blockwise_attention(
+            q, k, v, q_seg, kv_seg, ranges, mask_type=mask, window_size=None, scale=SCALE,
+            schedule=schedule,
+        )[0]
+    )  # fmt: skip
+    token = int(np.flatnonzero(np.asarray(layout["ids_kv"][0]) != 0)[3])
+    clean, poisoned = run(q, k, v), run(q, k.at[0, token, 0, 1].set(jnp.nan), v)
+    reads = np.asarray(pair_mask(q_seg, kv_seg, mask_type=mask, window_size=None))[0, :, token]
+    assert reads.sum() >= 2
+    heads_kv, group = k.shape[2], q.shape[2] // k.shape[2]
+    hit = np.zeros(poisoned.shape[:3], bool)
+    hit[0, reads, :group] = True  # the query heads of kv head 0
+    assert np.all(np.isnan(np.asarray(poisoned)[hit]))
+    np.testing.assert_array_equal(np.asarray(poisoned)[~hit], np.asarray(clean)[~hit])
+    assert heads_kv >= 1
+
+
 def test_fully_masked_rows_give_zeros_and_zero_gradients():
     """A row of padding, and a segment absent from the keys: zeros, -inf, zero gradients."""
     layout = {key: jnp.asarray(value) for key, value in missing_layout(7).items()}
@@ -185,13 +258,14 @@ def test_low_precision_matches_reference(dtype):
 
 
 def test_blockwise_memory_is_linear_in_length():
-    """The compiled forward + backward of the blockwise method needs far less scratch than one
-    [T, T] float32 matrix; the reference needs more than that."""
-    seq = 4096
-    q = jax.ShapeDtypeStruct((1, seq, 1, 16), jnp.float32)
-    ids = jax.ShapeDtypeStruct((1, seq), jnp.int32)
+    """The compiled forward + backward of the blockwise method needs scratch linear in T (the
+    per-step tiles are a constant): far less than one [T, T] float32 matrix, growing about 4x
+    from T = 4096 to 16384; the reference needs more than the matrix."""
 
-    def grads(implementation):
+    def grads(implementation, seq):
+        q = jax.ShapeDtypeStruct((1, seq, 1, 16), jnp.float32)
+        ids = jax.ShapeDtypeStruct((1, seq), jnp.int32)
+
         def loss(q, k, v, ids, pos):
             rl = run_lengths(ids)
             out, _ = attention_partial(
@@ -210,9 +284,10 @@ def test_blockwise_memory_is_linear_in_length():
         compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(q, q, q, ids, ids).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
-    dense_matrix = seq * seq * 4
-    assert grads("blockwise") < dense_matrix / 16
-    assert grads("reference") > dense_matrix
+    small, large = grads("blockwise", 4096), grads("blockwise", 16384)
+    assert large < 16384 * 16384 * 4 / 64
+    assert large < 5 * small
+    assert grads("reference", 4096) > 4096 * 4096 * 4
 
 
 # --- reference vs brute force ------------------------------------------------------------------

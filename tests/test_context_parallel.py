@@ -100,7 +100,14 @@ def _reference_fn(mask_type: str, window: Any) -> Callable[..., Any]:
 
 
 @functools.cache
-def _cp_fn(strategy: str, cp: int, mask_type: str, window: Any, cross: bool) -> Callable:
+def _cp_fn(
+    strategy: str,
+    cp: int,
+    mask_type: str,
+    window: Any,
+    cross: bool,
+    implementation: str = "blockwise",
+) -> Callable:
     """Jitted (out, grads) of one strategy; ids are traced, so every reorder reuses it."""
 
     def run(q, k, v, cotangent, ids_q, pos_q, ids_kv, pos_kv):
@@ -109,7 +116,7 @@ def _cp_fn(strategy: str, cp: int, mask_type: str, window: Any, cross: bool) -> 
             lambda q, k, v: context_parallel_attention(
                 q, k, v, segment_ids_q=ids_q, segment_pos_q=pos_q, **kv, mask_type=mask_type,
                 window_size=window, max_segments_per_seq=NUM_SEGMENTS, mesh=_mesh(cp),
-                axis_name="cp", strategy=strategy,
+                axis_name="cp", strategy=strategy, implementation=implementation,
             ),
             q, k, v, cotangent,
         )  # fmt: skip
@@ -120,6 +127,18 @@ def _cp_fn(strategy: str, cp: int, mask_type: str, window: Any, cross: bool) -> 
 @slow
 @pytest.mark.parametrize(("case", "strategy"), MATRIX)
 def test_matches_single_device_attention(case: str, strategy: str) -> None:
+    _check_strategy(case, strategy, REORDERS, "blockwise")
+
+
+@slow
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+def test_the_pallas_kernels_run_every_strategy(strategy: str) -> None:
+    """Each device attends its part with the Pallas kernels (interpret mode on CPU)."""
+    _check_strategy("causal_gqa", strategy, ("striped2",), "pallas")
+
+
+def _check_strategy(case: str, strategy: str, reorders: tuple[str, ...], implementation: str):
+    """Output and gradients of one strategy equal single-device attention, for each reorder."""
     mask_type, window, cross, heads_q, heads_kv, cp = CASES[case]
     (ids_q, pos_q), (ids_kv, pos_kv) = (CROSS_Q, CROSS_KV) if cross else (SELF, SELF)
     batch, seq_q = ids_q.shape
@@ -129,8 +148,8 @@ def test_matches_single_device_attention(case: str, strategy: str) -> None:
     out_ref, grads_ref = _reference_fn(mask_type, window)(
         q, k, v, cotangent, ids_q, pos_q, ids_kv, pos_kv
     )
-    run = _cp_fn(strategy, cp, mask_type, window, cross)
-    for name in REORDERS:
+    run = _cp_fn(strategy, cp, mask_type, window, cross, implementation)
+    for name in reorders:
         forward, inverse = reorder_pair(name, cp)
         tokens = functools.partial(forward, axis=1)
         out, grads = run(
@@ -199,6 +218,7 @@ def _call(**overrides: Any) -> Any:
     ("overrides", "error", "match"),
     [
         ({"strategy": "ulysses"}, ValueError, "unknown strategy 'ulysses'; valid: 'ring', "),
+        ({"implementation": "cudnn"}, ValueError, "unknown implementation 'cudnn' for context"),
         ({"strategy": "all_to_all"}, ValueError, "H_q=2 and H_kv=2 must be multiples of cp"),
         ({"axis_name": "sp", "strategy": "all_gather"}, ValueError, "axis_name 'sp' is not"),
         (

@@ -36,6 +36,7 @@ __all__ = [
     "check_window",
     "in_window",
     "pair_mask",
+    "poison",
     "rel",
     "sanitize",
     "window_bound",
@@ -312,3 +313,27 @@ def sanitize(x: Float[Array, "B T H D"]) -> tuple[Float[Array, "B T H D"], Bool[
     """
     finite = jnp.isfinite(x)
     return jnp.where(finite, x, jnp.zeros((), x.dtype)), ~jnp.all(finite, axis=-1)
+
+
+def poison(
+    out: Float[Array, "*R D_v"], lse: Float[Array, " *R"], poisoned: Bool[Array, " *R"]
+) -> tuple[Float[Array, "*R D_v"], Float[Array, " *R"]]:
+    """NaN in the output vectors and log-sum-exps of the poisoned rows (a select).
+
+    The counterpart of :func:`sanitize`: a row that read a non-finite query, key or value is
+    reported as NaN instead of being computed from the sanitised zeros.
+
+    Args:
+        out: float[*R, D_v]; attention outputs, any leading row axes.
+        lse: float[*R]; their log-sum-exps.
+        poisoned: bool[*R]; the rows to poison.
+
+    Returns:
+        ``(out, lse)`` with NaN where ``poisoned``.
+
+    Example:
+        >>> out, lse = poison(jnp.ones((2, 1)), jnp.zeros(2), jnp.array([True, False]))
+        >>> out[:, 0].tolist(), lse.tolist()
+        ([nan, 1.0], [nan, 0.0])
+    """
+    return jnp.where(poisoned[..., None], jnp.nan, out), jnp.where(poisoned, jnp.nan, lse)

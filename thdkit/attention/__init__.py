@@ -1,8 +1,9 @@
 """Attention over packed (THD) rows, masked from segment ids and positions."""
 
 from thdkit.attention.api import AttentionPlan, Implementation, attention, plan_attention
+from thdkit.attention.pallas import pallas_attention
 from thdkit.attention.representable import is_representable
-from thdkit.attention.tiles import DEFAULT_BLOCK, TileRanges, tile_ranges
+from thdkit.attention.tiles import DEFAULT_BLOCK, TileRanges, default_block, tile_ranges
 
 __all__ = [
     "DEFAULT_BLOCK",
@@ -10,7 +11,9 @@ __all__ = [
     "Implementation",
     "TileRanges",
     "attention",
+    "default_block",
     "is_representable",
+    "pallas_attention",
     "plan_attention",
     "tile_ranges",
 ]

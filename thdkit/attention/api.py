@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from thdkit.attention import blockwise, cudnn
+from thdkit.attention import blockwise, cudnn, pallas
 from thdkit.attention.arguments import check_arguments, check_layout_shapes
-from thdkit.attention.tiles import DEFAULT_BLOCK, TileRanges, tile_ranges
+from thdkit.attention.tiles import TileRanges, default_block, tile_ranges
 from thdkit.layout import (
     as_layouts,
     check_int,
@@ -48,7 +48,7 @@ __all__ = [
     "plan_attention",
 ]
 
-Implementation = Literal["reference", "blockwise", "cudnn"]
+Implementation = Literal["reference", "blockwise", "cudnn", "pallas"]
 
 
 # --- Candidates --------------------------------------------------------------------------------
@@ -93,6 +93,9 @@ CANDIDATES: dict[str, Candidate] = {
     ),
     "reference": Candidate(
         blockwise.check_config, blockwise.check_arrays, _run_reference, frozenset()
+    ),
+    "pallas": Candidate(
+        pallas.check_config, pallas.check_arrays, pallas.run, frozenset({"ranges"})
     ),
 }
 """Every implementation by name."""
@@ -172,8 +175,8 @@ def plan_attention(
     mask_type: MaskType | str,
     window_size: tuple[int | None, int | None] | None = None,
     max_segments_per_seq: int,
-    block_q: int = DEFAULT_BLOCK,
-    block_kv: int = DEFAULT_BLOCK,
+    block_q: int | None = None,
+    block_kv: int | None = None,
     implementation: Implementation | None = None,
 ) -> AttentionPlan:
     """The plan of one packed layout: compute it once per batch, pass it to every layer.
@@ -192,9 +195,10 @@ def plan_attention(
         window_size: ``(left, right)`` or None; a bound that is None, negative or ``>= 2**31 - 1``
             is unbounded (see :func:`attention`).
         max_segments_per_seq: S, a static int >= the largest id.
-        block_q, block_kv: tile sizes of the blockwise method, capped to T_q and T_kv.
-        implementation: ``"reference"``, ``"blockwise"``, ``"cudnn"``, or None for the first that
-            can run.
+        block_q, block_kv: tile sizes of the blockwise method, capped to T_q and T_kv; None
+            chooses them from the mean document length (:func:`thdkit.attention.default_block`).
+        implementation: ``"reference"``, ``"blockwise"``, ``"cudnn"``, ``"pallas"``, or None for
+            the first of cuDNN and blockwise that can run.
 
     Returns:
         :class:`AttentionPlan`.
@@ -243,12 +247,15 @@ def _plan(
     mask = MaskType.parse(mask_type)
     window = check_window(window_size)
     num_segments = check_max_segments(max_segments_per_seq)
-    block_q = check_int(block_q, "block_q", low=1)
-    block_kv = check_int(block_kv, "block_kv", low=1)
     _check_implementation(implementation)
     q = _as_segments(q_segments, names[0])
     self_attention = kv_segments is None
     kv = q if self_attention else _as_segments(kv_segments, names[1])
+    sizes = ((block_q, "block_q", q.seq_len), (block_kv, "block_kv", kv.seq_len))
+    block_q, block_kv = (
+        check_int(block, name, low=1) if block is not None else default_block(seq, num_segments)
+        for block, name, seq in sizes
+    )
     if kv.ids.shape[0] != q.ids.shape[0]:
         raise ValueError(
             f"{names[0]} and {names[1]} must have the same batch size B, got "
@@ -397,8 +404,11 @@ def attention(
         scale: a finite real multiplying the logits; None means ``1 / sqrt(D)``.
         implementation: ``"reference"`` (dense, O(T_q·T_kv) memory), ``"blockwise"`` (tiled,
             O(T·tile) memory, exact for every valid layout), ``"cudnn"`` (GPU; compact metadata,
-            see :func:`thdkit.attention.is_representable`), or None: the first that can run.
-        block_q, block_kv: tile sizes of the blockwise method (default 128), capped to T.
+            see :func:`thdkit.attention.is_representable`), ``"pallas"`` (a kernel over the tile
+            ranges; GPU and TPU, interpret mode on CPU), or None: the first of cuDNN and
+            blockwise that can run.
+        block_q, block_kv: tile sizes of the blockwise method, capped to T; None chooses them
+            from the mean document length (:func:`thdkit.attention.default_block`).
 
     Returns:
         [B, T_q, H_q, D_v] in the query's dtype (empty for B = 0).
@@ -473,8 +483,8 @@ def attention(
             mask_type="padding_causal" if mask_type is None else mask_type,
             window_size=window_size,
             max_segments_per_seq=max_segments_per_seq,
-            block_q=DEFAULT_BLOCK if block_q is None else block_q,
-            block_kv=DEFAULT_BLOCK if block_kv is None else block_kv,
+            block_q=block_q,
+            block_kv=block_kv,
             implementation=implementation,
         )
     # The keyword form was checked above; a given plan is checked here.

@@ -20,12 +20,21 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from thdkit.attention import pallas
 from thdkit.attention.tiles import DEFAULT_BLOCK, TileRanges, pad_tokens, tile_ranges
-from thdkit.masks import MaskType, Window, check_window, pair_mask, sanitize
+from thdkit.masks import MaskType, Window, check_window, pair_mask, poison, sanitize
 from thdkit.reference import reference_attention
 from thdkit.segments import Segments
 
-__all__ = ["attention_partial", "blockwise_attention", "check_arrays", "check_config", "run"]
+__all__ = [
+    "PAIRS_PER_STEP",
+    "Schedule",
+    "attention_partial",
+    "blockwise_attention",
+    "check_arrays",
+    "check_config",
+    "run",
+]
 
 # Tiles are stored head-major, as the batched matmuls read them: query tile r is
 # ``q[r]: [H_kv, G, block_q, D]``, key tile c is ``k[c]: [H_kv, block_kv, D]``, the batch folded
@@ -34,12 +43,24 @@ __all__ = ["attention_partial", "blockwise_attention", "check_arrays", "check_co
 # happen per tile, so that the transpose is the only pass over the inputs.
 
 
+Schedule = Literal["parallel", "serial"]
+"""How the visited tiles are walked: ``"parallel"`` (default) visits a chunk of them per step with
+batched matmuls, ``PAIRS_PER_STEP`` token pairs' worth; ``"serial"`` visits one per step."""
+
+PAIRS_PER_STEP = {"cpu": 128 * 128, "gpu": 16 * 128 * 128, "tpu": 16 * 128 * 128}
+"""Token pairs the parallel schedule visits per step, by backend: ``chunk * block_q * block_kv``.
+Larger steps amortise the per-step cost; on CPU the batched gathers cost more than that saves
+beyond one 128 x 128 tile's worth (docs/attention.md, "Blockwise"), on accelerators 16 tiles of
+128 x 128 keep the device busy."""
+
+
 class _Tiles(NamedTuple):
     """Static description of one blockwise call (hashable: a ``custom_vjp`` non-diff argument)."""
 
     mask: MaskType
     window: Window
     scale: float
+    chunk: int  # work items per step; 1 walks them one at a time (the serial schedule)
 
 
 class _Work(NamedTuple):
@@ -53,37 +74,85 @@ class _Work(NamedTuple):
 
 
 def _locate(work: _Work, item: Array) -> tuple[Array, Array]:
-    """Query tile and key tile of work item ``item``."""
-    row = jnp.sum(work.ends <= item, dtype=jnp.int32)
+    """Query tile and key tile of work item ``item`` (a scalar, or ``[P]`` items)."""
+    row = jnp.searchsorted(work.ends, item, side="right", method="compare_all")
+    row = jnp.minimum(row, work.ends.shape[0] - 1).astype(jnp.int32)
     return row, work.kv_first[row] + item - work.starts[row]
 
 
 def _index(x: Array, i: Array) -> Array:
-    return jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+    """The tiles ``i`` (``[P]`` indices, in range) of ``x``: ``[P, ...]``. One tile is a
+    dynamic slice, which XLA:CPU runs far faster than a gather (likewise below)."""
+    if i.shape[0] == 1:
+        return jax.lax.dynamic_slice_in_dim(x, i[0], 1)
+    return jnp.take(x, i, axis=0, mode="clip")
 
 
-def _put(x: Array, i: Array, value: Array) -> Array:
-    return jax.lax.dynamic_update_index_in_dim(x, value, i, 0)
+def _set(x: Array, i: Array, value: Array) -> Array:
+    """``x`` with the tiles ``i`` (distinct, in range) replaced by ``value``."""
+    if i.shape[0] == 1:
+        return jax.lax.dynamic_update_slice_in_dim(x, value, i[0], 0)
+    return x.at[i].set(value)
+
+
+def _add(x: Array, i: Array, value: Array) -> Array:
+    """``x`` with ``value`` added to the tiles ``i`` (in range; repeats add up)."""
+    if i.shape[0] == 1:
+        return _set(x, i, _index(x, i) + value)
+    return x.at[i].add(value)
 
 
 def _tile_logits(tiles: _Tiles, q, k, layout_q, layout_kv, r, c):
-    """Scaled logits ``[H_kv, G, block_q, block_kv]`` of tile (r, c) and its mask
-    ``[block_q, block_kv]``, rebuilt from ids, positions and document lengths."""
+    """Scaled logits ``[*P, H_kv, G, block_q, block_kv]`` of tiles (r, c) and their mask
+    ``[*P, 1, 1, block_q, block_kv]``, rebuilt from ids, positions and document lengths."""
     q_tile = _index(q, r).astype(jnp.float32)
     k_tile = _index(k, c).astype(jnp.float32)
-    logits = tiles.scale * jnp.einsum("hgqd,hkd->hgqk", q_tile, k_tile)
-    allowed = pair_mask(
-        jax.tree.map(lambda a: _index(a, r), layout_q),
-        jax.tree.map(lambda a: _index(a, c), layout_kv),
-        mask_type=tiles.mask,
-        window_size=tiles.window,
+    logits = tiles.scale * jnp.einsum("...hgqd,...hkd->...hgqk", q_tile, k_tile)
+    # Built once per tile, behind a branch: left to fusion, XLA:CPU recomputes the mask inside
+    # every consumer, once per head.
+    allowed = jax.lax.cond(
+        r[0] >= 0,
+        lambda: pair_mask(
+            jax.tree.map(lambda a: _index(a, r), layout_q),
+            jax.tree.map(lambda a: _index(a, c), layout_kv),
+            mask_type=tiles.mask,
+            window_size=tiles.window,
+        ),
+        lambda: jnp.zeros((*r.shape, q_tile.shape[-2], k_tile.shape[-2]), bool),
     )
-    return q_tile, k_tile, logits, allowed
+    return q_tile, k_tile, logits, allowed[..., None, None, :, :]
+
+
+def _chunk(work: _Work, step: Array, chunk: int) -> tuple[Array, Array, Array]:
+    """Work items ``step * chunk + [0, chunk)``: query tiles, key tiles and which are real (the
+    last step may run past the end; its extra items point at the last query tile)."""
+    items = step * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    row, col = _locate(work, items)
+    return row, col, items < work.ends[-1]
+
+
+def _key_hits(allowed: Array, bad: Array) -> Array:
+    """Per query row, the allowed keys whose key or value was non-finite: ``[*P, H_kv, block_q]``
+    from the mask ``[*P, 1, 1, block_q, block_kv]`` and the key flags ``[*P, H_kv, block_kv]``."""
+    return jnp.einsum(
+        "...qk,...hk->...hq", allowed[..., 0, 0, :, :].astype(jnp.float32), bad.astype(jnp.float32)
+    )
+
+
+def _steps(work: _Work, chunk: int) -> Array:
+    return (work.ends[-1] + chunk - 1) // chunk
 
 
 def _forward_tiles(tiles: _Tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, work: _Work):
-    """Online softmax over the visited tiles: (out, lse, poisoned) per query tile, float32."""
-    stats = q.shape[:-1]
+    """Online softmax over the visited tiles: (out, lse, poisoned) per query tile, float32.
+
+    Each step visits ``tiles.chunk`` work items. Items of one query tile are consecutive, so a
+    chunk touches at most ``chunk`` query tiles, numbered by ``slot``: their running statistics are
+    gathered once, merged with every item of the chunk (a segment max, then segment sums) and
+    written back. Unused slots read and write a spare last row.
+    """
+    rows, chunk = q.shape[0], tiles.chunk
+    stats = (rows + 1, *q.shape[1:-1])
     init = (
         jnp.zeros((*stats, v.shape[-1]), jnp.float32),  # unnormalised output
         jnp.full(stats, -jnp.inf, jnp.float32),  # running max of the logits
@@ -91,32 +160,41 @@ def _forward_tiles(tiles: _Tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, w
         jnp.zeros((stats[0], stats[1], stats[3]), jnp.float32),  # allowed non-finite keys
     )
 
-    def visit(item, carry):
+    def combine(x: Array, slot: Array) -> Array:
+        """Per slot, the sum of its items."""
+        if chunk == 1:
+            return x
+        return jax.ops.segment_sum(x, slot, num_segments=chunk, indices_are_sorted=True)
+
+    def visit(step, carry):
         acc, row_max, total, hits = carry
-        r, c = _locate(work, item)
-        _, _, logits, allowed = _tile_logits(tiles, q, k, layout_q, layout_kv, r, c)
-        bad = _index(bad_kv, c).astype(jnp.float32)
-        new_hits = _index(hits, r) + jnp.einsum("qk,hk->hq", allowed.astype(jnp.float32), bad)
+        row, col, real = _chunk(work, step, chunk)
+        _, _, logits, allowed = _tile_logits(tiles, q, k, layout_q, layout_kv, row, col)
+        allowed = allowed & real[:, None, None, None, None]
+        new_row = jnp.concatenate([jnp.zeros(1, bool), row[1:] != row[:-1]])
+        slot = jnp.cumsum(new_row, dtype=jnp.int32)
+        dest = jnp.full(chunk, rows, jnp.int32).at[slot].set(row)
         logits = jnp.where(allowed, logits, -jnp.inf)
-        old_max = _index(row_max, r)
-        new_max = jnp.maximum(old_max, jnp.max(logits, axis=-1))
+        old_max = _index(row_max, dest)
+        item_max = jnp.max(logits, axis=-1)
+        new_max = jnp.maximum(old_max, item_max) if chunk == 1 else old_max.at[slot].max(item_max)
         # A row with nothing allowed so far keeps max -inf; exp must then see a finite shift.
         shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
-        weights = jnp.exp(logits - shift[..., None])
+        weights = jnp.exp(logits - shift[slot][..., None])
         rescale = jnp.exp(old_max - shift)
-        new_total = rescale * _index(total, r) + jnp.sum(weights, axis=-1)
-        v_tile = _index(v, c).astype(jnp.float32)
-        new_acc = rescale[..., None] * _index(acc, r) + jnp.einsum(
-            "hgqk,hkd->hgqd", weights, v_tile
-        )
+        v_tile = _index(v, col).astype(jnp.float32)
+        products = jnp.einsum("phgqk,phkd->phgqd", weights, v_tile)
+        new_hits = _key_hits(allowed, _index(bad_kv, col))
         return (
-            _put(acc, r, new_acc),
-            _put(row_max, r, new_max),
-            _put(total, r, new_total),
-            _put(hits, r, new_hits),
+            _set(acc, dest, rescale[..., None] * _index(acc, dest) + combine(products, slot)),
+            _set(row_max, dest, new_max),
+            _set(total, dest, rescale * _index(total, dest) + combine(jnp.sum(weights, -1), slot)),
+            _add(hits, dest, combine(new_hits, slot)),
         )
 
-    acc, row_max, total, hits = jax.lax.fori_loop(0, work.ends[-1], visit, init)
+    acc, row_max, total, hits = (
+        x[:rows] for x in jax.lax.fori_loop(0, _steps(work, chunk), visit, init)
+    )
     safe_total = jnp.where(total > 0, total, 1.0)
     lse = jnp.where(total > 0, row_max + jnp.log(safe_total), -jnp.inf)
     poisoned = ((hits > 0)[:, :, None, :] | bad_q) & (total > 0)
@@ -126,44 +204,42 @@ def _forward_tiles(tiles: _Tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, w
 def _backward_tiles(
     tiles: _Tiles, q, k, v, layout_q, layout_kv, work: _Work, out, lse, d_out, d_lse
 ):
-    """Flash-attention backward over the visited tiles, recomputing each tile's weights."""
+    """Flash-attention backward over the visited tiles, recomputing each tile's weights; each
+    step scatter-adds the gradients of ``tiles.chunk`` work items."""
     # d logit = p * (d_out . v - d_out . out + d_lse); the row term is computed once here.
     row_term = d_lse - jnp.sum(d_out * out, axis=-1)
     safe_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
     init = tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
 
-    def visit(item, carry):
+    def visit(step, carry):
         dq, dk, dv = carry
-        r, c = _locate(work, item)
-        q_tile, k_tile, logits, allowed = _tile_logits(tiles, q, k, layout_q, layout_kv, r, c)
-        weights = jnp.where(allowed, jnp.exp(logits - _index(safe_lse, r)[..., None]), 0.0)
-        do_tile = _index(d_out, r)
-        d_weights = jnp.einsum("hgqd,hkd->hgqk", do_tile, _index(v, c).astype(jnp.float32))
+        row, col, real = _chunk(work, step, tiles.chunk)
+        q_tile, k_tile, logits, allowed = _tile_logits(tiles, q, k, layout_q, layout_kv, row, col)
+        allowed = allowed & real[:, None, None, None, None]
+        weights = jnp.where(allowed, jnp.exp(logits - _index(safe_lse, row)[..., None]), 0.0)
+        do_tile = _index(d_out, row)
+        d_weights = jnp.einsum("phgqd,phkd->phgqk", do_tile, _index(v, col).astype(jnp.float32))
         d_logits = jnp.where(
-            allowed, tiles.scale * weights * (d_weights + _index(row_term, r)[..., None]), 0.0
+            allowed, tiles.scale * weights * (d_weights + _index(row_term, row)[..., None]), 0.0
         )
-        dq = _put(dq, r, _index(dq, r) + jnp.einsum("hgqk,hkd->hgqd", d_logits, k_tile))
-        dk = _put(dk, c, _index(dk, c) + jnp.einsum("hgqk,hgqd->hkd", d_logits, q_tile))
-        dv = _put(dv, c, _index(dv, c) + jnp.einsum("hgqk,hgqd->hkd", weights, do_tile))
+        dq = _add(dq, row, jnp.einsum("phgqk,phkd->phgqd", d_logits, k_tile))
+        dk = _add(dk, col, jnp.einsum("phgqk,phgqd->phkd", d_logits, q_tile))
+        dv = _add(dv, col, jnp.einsum("phgqk,phgqd->phkd", weights, do_tile))
         return dq, dk, dv
 
-    grads = jax.lax.fori_loop(0, work.ends[-1], visit, init)
+    grads = jax.lax.fori_loop(0, _steps(work, tiles.chunk), visit, init)
     return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v), strict=True))
-
-
-def _poison(out, lse, poisoned):
-    return jnp.where(poisoned[..., None], jnp.nan, out), jnp.where(poisoned, jnp.nan, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(tiles: _Tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, work):
-    return _poison(*_forward_tiles(tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, work))
+    return poison(*_forward_tiles(tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, work))
 
 
 def _flash_fwd(tiles: _Tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, work):
     out, lse, poisoned = _forward_tiles(tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, work)
     residuals = (q, k, v, layout_q, layout_kv, work, out, lse, poisoned)
-    return _poison(out, lse, poisoned), residuals
+    return poison(out, lse, poisoned), residuals
 
 
 def _flash_bwd(tiles: _Tiles, residuals, cotangents):
@@ -178,18 +254,21 @@ def _flash_bwd(tiles: _Tiles, residuals, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _head_major(tiles: Array, *, vectors: bool = True) -> Array:
-    """Moves the token axis of each tile behind the heads: ``[N, block, *heads, D] ->
-    [N, *heads, block, D]`` (``[N, block, *heads] -> [N, *heads, block]`` for per-head flags,
-    ``vectors=False``).
+def _prepare(tiles: Array) -> tuple[Array, Array]:
+    """Sanitised tiles with the token axis behind the heads, and their non-finite flags, in one
+    pass: ``[N, block, *heads, D] -> ([N, *heads, block, D], bool[N, *heads, block])``.
 
     Tile by tile: XLA:CPU lowers one whole-array transpose that feeds a loop as two strided
     copies, several times slower than transposing each (cache-resident) tile in turn.
     """
     rank = tiles.ndim - 1  # of one tile
-    heads = tuple(range(1, rank - 1 if vectors else rank))
-    axes = (*heads, 0, rank - 1) if vectors else (*heads, 0)
-    return jax.lax.map(lambda t: t.transpose(axes), tiles)
+    heads = tuple(range(1, rank - 1))
+
+    def one(tile: Array) -> tuple[Array, Array]:
+        clean, bad = sanitize(tile)
+        return clean.transpose((*heads, 0, rank - 1)), bad.transpose((*heads, 0))
+
+    return jax.lax.map(one, tiles)
 
 
 def blockwise_attention(
@@ -203,6 +282,7 @@ def blockwise_attention(
     mask_type: MaskType,
     window_size: Window,
     scale: float,
+    schedule: Schedule = "parallel",
 ) -> tuple[Float[Array, "B T_q H_q D_v"], Float[Array, "B T_q H_q"]]:
     """The flash loop over precomputed tile ranges: ``(out, lse)`` as :func:`attention_partial`.
 
@@ -216,6 +296,8 @@ def blockwise_attention(
         mask_type: a parsed ``MaskType``.
         window_size: a parsed window (:func:`thdkit.masks.check_window`).
         scale: multiplies the logits.
+        schedule: ``"parallel"`` visits ``PAIRS_PER_STEP[backend] // (block_q * block_kv)``
+            tiles per step with batched matmuls, ``"serial"`` one tile per step.
 
     Returns:
         ``(out, lse)``: float32[B, T_q, H_q, D_v] and float32[B, T_q, H_q].
@@ -245,18 +327,19 @@ def blockwise_attention(
             x = pad_tokens(x, num * block)
         return x.reshape(batch * num, block, *x.shape[2:])
 
-    def tile_q(x: Array, vectors: bool = True) -> Array:
-        x = tile(x, block_q, num_q)
-        x = x.reshape(*x.shape[:2], heads_kv, heads_q // heads_kv, *x.shape[3:])
-        return _head_major(x, vectors=vectors)
-
-    (query, bad_q), (key, bad_k), (value, bad_v) = (sanitize(x) for x in (query, key, value))
-    q, bad_q = tile_q(query), tile_q(bad_q, vectors=False)
-    k, v = (_head_major(tile(x, block_kv, num_kv)) for x in (key, value))
-    bad_kv = _head_major(tile(bad_k | bad_v, block_kv, num_kv), vectors=False)
+    q, bad_q = _prepare(
+        tile(query, block_q, num_q).reshape(
+            batch * num_q, block_q, heads_kv, heads_q // heads_kv, query.shape[-1]
+        )
+    )
+    (k, bad_k), (v, bad_v) = (_prepare(tile(x, block_kv, num_kv)) for x in (key, value))
+    bad_kv = bad_k | bad_v
     tiled_q = jax.tree.map(lambda a: tile(a, block_q, num_q), q_segments)
     tiled_kv = jax.tree.map(lambda a: tile(a, block_kv, num_kv), kv_segments)
-    tiles = _Tiles(mask_type, window_size, float(scale))
+    most = batch * num_q * num_kv  # no step needs more items than there are tiles
+    pairs = PAIRS_PER_STEP.get(jax.default_backend(), PAIRS_PER_STEP["gpu"])
+    chunk = 1 if schedule == "serial" else max(1, min(most, pairs // (block_q * block_kv)))
+    tiles = _Tiles(mask_type, window_size, float(scale), chunk)
     out, lse = _flash(tiles, q, k, v, tiled_q, tiled_kv, bad_q, bad_kv, work)
     out = out.transpose(0, 3, 1, 2, 4).reshape(batch, num_q * block_q, heads_q, dim_v)
     lse = lse.transpose(0, 3, 1, 2).reshape(batch, num_q * block_q, heads_q)
@@ -273,7 +356,7 @@ def attention_partial(
     mask_type: MaskType,
     window_size: Window,
     scale: float,
-    implementation: Literal["blockwise", "reference"] = "blockwise",
+    implementation: Literal["blockwise", "pallas", "reference"] = "blockwise",
     block_q: int = DEFAULT_BLOCK,
     block_kv: int = DEFAULT_BLOCK,
 ) -> tuple[Float[Array, "B T_q H_q D_v"], Float[Array, "B T_q H_q"]]:
@@ -301,7 +384,8 @@ def attention_partial(
         mask_type: a ``MaskType`` or its name.
         window_size: ``(left, right)`` or None (:func:`thdkit.masks.check_window`).
         scale: multiplies the logits.
-        implementation: ``"blockwise"`` (default) or ``"reference"`` (dense).
+        implementation: ``"blockwise"`` (default), ``"pallas"`` (the kernels of
+            :mod:`thdkit.attention.pallas`) or ``"reference"`` (dense).
         block_q, block_kv: tile sizes of the blockwise method, capped to T_q and T_kv.
 
     Returns:
@@ -336,10 +420,10 @@ def attention_partial(
             window_size=window,
             scale=scale,
         )
-    if implementation != "blockwise":
+    if implementation not in ("blockwise", "pallas"):
         raise ValueError(
             f"unknown implementation {implementation!r} for attention_partial; valid: "
-            "'blockwise', 'reference'"
+            "'blockwise', 'pallas', 'reference'"
         )
     return _partial_blockwise(
         query,
@@ -352,16 +436,30 @@ def attention_partial(
         scale=float(scale),
         block_q=block_q,
         block_kv=block_kv,
+        method=implementation,
     )
 
 
 @functools.partial(
-    jax.jit, static_argnames=("mask_type", "window_size", "scale", "block_q", "block_kv")
+    jax.jit,
+    static_argnames=("mask_type", "window_size", "scale", "block_q", "block_kv", "method"),
 )
 def _partial_blockwise(
-    query, key, value, layout_q, layout_kv, *, mask_type, window_size, scale, block_q, block_kv
+    query,
+    key,
+    value,
+    layout_q,
+    layout_kv,
+    *,
+    mask_type,
+    window_size,
+    scale,
+    block_q,
+    block_kv,
+    method,
 ):
-    """Tile ranges, then the flash loop; jitted so that eager calls compile once."""
+    """Tile ranges, then the flash loop (``method``: blockwise or pallas); jitted so that eager
+    calls compile once."""
     ranges = tile_ranges(
         layout_q,
         layout_kv,
@@ -370,7 +468,8 @@ def _partial_blockwise(
         block_q=min(block_q, query.shape[1]),
         block_kv=min(block_kv, key.shape[1]),
     )
-    return blockwise_attention(
+    flash = blockwise_attention if method == "blockwise" else pallas.pallas_attention
+    return flash(
         query,
         key,
         value,

@@ -7,6 +7,7 @@ span of the segments at a query tile's two ends, narrowed by causality and the w
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +18,21 @@ from thdkit.layout import run_lengths
 from thdkit.masks import MaskType, Window, window_bound
 from thdkit.segments import Segments
 
-__all__ = ["DEFAULT_BLOCK", "TileRanges", "kv_spans", "pad_tokens", "tile_ranges"]
+__all__ = [
+    "DEFAULT_BLOCK",
+    "MIN_BLOCK",
+    "TileRanges",
+    "default_block",
+    "kv_spans",
+    "pad_tokens",
+    "tile_ranges",
+]
 
 DEFAULT_BLOCK = 128
-"""The default ``block_q`` and ``block_kv`` of the blockwise method."""
+"""The largest tile :func:`default_block` chooses, and the tile of ring steps."""
+
+MIN_BLOCK = 32
+"""The smallest tile :func:`default_block` chooses."""
 
 # Positions lie in [0, 2**30 - 1] (docs/semantics.md, accepted ranges): a search threshold
 # clipped to [0, 2**30] finds the same key, and keeps every later expression inside int32.
@@ -51,6 +63,30 @@ class TileRanges:
         """Visited (query tile, key tile) pairs over all of them: float32[]."""
         total = self.lo.size * self.num_kv_tiles
         return jnp.sum(self.hi - self.lo).astype(jnp.float32) / total
+
+
+def default_block(seq_len: int, max_segments_per_seq: int) -> int:
+    """The tile size for rows of ``seq_len`` tokens holding up to S documents.
+
+    The power of two nearest the mean document length ``seq_len / S``, within
+    ``[MIN_BLOCK, DEFAULT_BLOCK]``: short documents get small tiles, so that a tile holds few
+    pairs of different documents (with 32-token documents, 128-token tiles visit about 8x the
+    allowed pairs, 32-token tiles about 2.6x), long ones the largest tile.
+
+    Args:
+        seq_len: T, tokens per row.
+        max_segments_per_seq: S, documents per row at most.
+
+    Returns:
+        A power of two in ``[MIN_BLOCK, DEFAULT_BLOCK]``.
+
+    Example:
+        >>> default_block(8192, 1), default_block(8192, 16), default_block(8192, 256)
+        (128, 128, 32)
+    """
+    mean = seq_len / max(1, max_segments_per_seq)
+    nearest = 2 ** round(math.log2(max(mean, 1)))
+    return min(DEFAULT_BLOCK, max(MIN_BLOCK, nearest))
 
 
 def kv_spans(

@@ -110,6 +110,7 @@ def all_gather_local(static: StrategyConfig) -> Callable[..., Array]:
             mask_type=static.mask,
             window_size=static.window,
             scale=static.scale,
+            implementation=static.implementation,
         )
         return out.astype(q.dtype)
 

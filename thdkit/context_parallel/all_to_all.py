@@ -100,7 +100,7 @@ def all_to_all_local(static: StrategyConfig) -> Callable[..., Array]:
             mask_type=static.mask,
             window_size=static.window,
             max_segments_per_seq=num_segments,
-            implementation="blockwise",
+            implementation=static.implementation,
         )
         out = attention(
             take_tokens(to_heads(q), q_order),

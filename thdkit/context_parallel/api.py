@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple, Required, TypedDict, Unpack
+from typing import Any, Literal, NamedTuple, Required, TypedDict, Unpack, get_args
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,7 @@ from thdkit.masks import MaskType, Window, check_window
 
 __all__ = [
     "STRATEGIES",
+    "LocalImplementation",
     "RingOptions",
     "Strategy",
     "StrategyConfig",
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 StrategyName = Literal["ring", "all_gather", "all_to_all"]
+LocalImplementation = Literal["blockwise", "pallas"]
 
 
 class StrategyConfig(NamedTuple):
@@ -62,6 +64,7 @@ class StrategyConfig(NamedTuple):
         num_segments: S.
         scale: multiplier of the logits.
         self_attention: whether the keys share the queries' layout (no kv ids were given).
+        implementation: the local attention, ``"blockwise"`` or ``"pallas"``.
     """
 
     mesh: Mesh
@@ -71,6 +74,7 @@ class StrategyConfig(NamedTuple):
     num_segments: int
     scale: float
     self_attention: bool
+    implementation: LocalImplementation = "blockwise"
 
 
 class Strategy(NamedTuple):
@@ -200,6 +204,7 @@ def context_parallel_attention(
     axis_name: str,
     strategy: StrategyName = "ring",
     scale: float | None = None,
+    implementation: LocalImplementation = "blockwise",
 ) -> Float[Array, "B T_q H_q D_v"]:
     """Attention over packed rows whose sequence axis is sharded over a mesh axis.
 
@@ -239,6 +244,8 @@ def context_parallel_attention(
             and T_kv.
         strategy: ``"ring"``, ``"all_gather"`` or ``"all_to_all"``.
         scale: multiplier of the logits; default ``1 / sqrt(D)``.
+        implementation: the attention each device runs on its part: ``"blockwise"`` or
+            ``"pallas"`` (:func:`thdkit.attention`).
 
     Returns:
         float[B, T_q, H_q, D_v] in the dtype of ``query``; zeros for queries with no allowed key.
@@ -271,6 +278,11 @@ def context_parallel_attention(
         raise ValueError(
             f"unknown strategy {strategy!r}; valid: {', '.join(map(repr, STRATEGIES))}"
         )
+    if implementation not in get_args(LocalImplementation):
+        raise ValueError(
+            f"unknown implementation {implementation!r} for context parallelism; valid: "
+            f"{', '.join(map(repr, get_args(LocalImplementation)))}"
+        )
     mask = MaskType.parse(mask_type)
     num_segments = check_max_segments(max_segments_per_seq)
     window = check_window(window_size)
@@ -287,7 +299,9 @@ def context_parallel_attention(
     for name, layout in (("segment_ids_q", layout_q), ("segment_ids_kv", layout_kv)):
         if _readable(*layout) and not (self_attention and name == "segment_ids_kv"):
             _validate_shards(layout, cp=cp, num_segments=num_segments, mask=mask, name=name)
-    config = StrategyConfig(mesh, axis_name, mask, window, num_segments, scale, self_attention)
+    config = StrategyConfig(
+        mesh, axis_name, mask, window, num_segments, scale, self_attention, implementation
+    )
     return _program(strategy, config)(query, key, value, *layout_q, *layout_kv)
 
 
@@ -305,6 +319,7 @@ class RingOptions(TypedDict, total=False):
     mesh: Required[Mesh]
     axis_name: Required[str]
     scale: float | None
+    implementation: LocalImplementation
 
 
 def ring_attention(

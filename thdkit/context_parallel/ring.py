@@ -271,6 +271,7 @@ def _build_core(static: StrategyConfig, cp: int) -> Callable[..., Array]:
             mask_type=static.mask,
             window_size=static.window,
             scale=static.scale,
+            implementation=static.implementation,
         )
 
     def forward(q, k, v, layout_q, layout_kv, runs):

@@ -1,0 +1,462 @@
+"""The Pallas kernels, in interpret mode on CPU, against the dense reference: forward and
+gradients for every mask type, windows, GQA and MQA, cross-attention, ring steps, padding at the
+end of rows, isolation of non-finite values, the scalar-prefetch (TPU) path in the TPU
+interpreter and the ``attention(..., implementation="pallas")`` entry point; and the lowering of
+the compiled kernels for GPU (Triton) and TPU (Mosaic), which runs on CPU through ``jax.export``.
+
+Interpret mode compiles slowly, so the layouts of one shape are stacked into one batch (rows with
+different documents, segment counts and ring-step orders) and each (mask, window) compiles once;
+the isolation test reuses those compilations.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jax.experimental.pallas import tpu as pltpu
+
+from thdkit.attention import TileRanges, attention, plan_attention, tile_ranges
+from thdkit.attention.api import AUTO
+from thdkit.attention.pallas import (
+    check_arrays,
+    check_config,
+    pallas_attention,
+    visiting_query_tiles,
+)
+from thdkit.layout import run_lengths
+from thdkit.masks import MaskType, check_window
+from thdkit.reference import reference_attention
+from thdkit.segments import Segments
+
+from .strategies import (
+    ATTN_S,
+    ATTN_T,
+    ATTN_T_KV,
+    batches,
+    cross_layout,
+    missing_layout,
+    ring_layout,
+    ring_step_layout,
+    segments_of,
+    self_layout,
+)
+
+S, T, T_KV = ATTN_S, ATTN_T, ATTN_T_KV
+BLOCK = 16  # T = 40 is 2.5 query tiles: the last one ends in padding
+SCALE = 0.3
+TOL = {"atol": 2e-5, "rtol": 2e-5}
+H_Q, H_KV, D, D_V = 8, 2, 8, 4  # GQA: 4 query heads per key/value head
+# XLA:CPU compiles the interpreted kernels ~40% faster without its backend optimisations; the
+# tiny test programs run in milliseconds either way.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _square_batch() -> dict[str, np.ndarray]:
+    """Ten rows of T_q = T_kv = 40: self-attention, a segment absent from the keys, striped
+    (stripe 2) and dual-chunk-swap ring steps (global document lengths)."""
+    parts = [
+        self_layout(0),
+        missing_layout(2),
+        ring_layout(3, "striped2", 0, 1),
+        ring_layout(3, "striped2", 1, 0),
+        ring_layout(4, "dual_chunk_swap", 1, 0),
+    ]
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+SQUARE = _square_batch()
+BATCH = SQUARE["ids_q"].shape[0]
+
+
+def _inputs(seed: int, batch: int, seq_kv: int, heads=(H_Q, H_KV), dtype=np.float32):
+    """``(q, k, v, w_out, w_lse)``: random inputs and loss weights."""
+    rng = np.random.default_rng(seed)
+    heads_q, heads_kv = heads
+    shapes = (
+        (batch, T, heads_q, D),
+        (batch, seq_kv, heads_kv, D),
+        (batch, seq_kv, heads_kv, D_V),
+        (batch, T, heads_q, D_V),
+    )
+    q, k, v, w_out = (np.asarray(rng.normal(size=s), dtype) for s in shapes)
+    return q, k, v, w_out, np.asarray(rng.normal(size=(batch, T, heads_q)), np.float32)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("mask", "window", "implementation", "tpu"),
+    compiler_options=FAST_COMPILE,
+)
+def _run(q, k, v, w_out, w_lse, layout, *, mask, window, implementation, tpu=False):
+    """(out, lse, (dq, dk, dv)) for a loss reading the finite outputs and log-sum-exps; ``tpu``:
+    the pallas kernels take the TPU path (scalar prefetch) in the TPU interpreter."""
+    sides = segments_of(layout)
+
+    def loss(q, k, v):
+        if implementation == "pallas":
+            ranges = tile_ranges(
+                *sides.values(), mask_type=mask, window_size=window, block_q=BLOCK, block_kv=BLOCK
+            )
+            out, lse = pallas_attention(
+                q,
+                k,
+                v,
+                *sides.values(),
+                ranges,
+                mask_type=mask,
+                window_size=window,
+                scale=SCALE,
+                interpret=pltpu.InterpretParams() if tpu else None,
+                backend="tpu" if tpu else None,
+            )
+        else:
+            out, lse = reference_attention(
+                q, k, v, **sides, mask_type=mask, window_size=window, scale=SCALE
+            )
+        finite_out = jnp.where(jnp.isfinite(out), out, 0.0)
+        finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+        return jnp.sum(finite_out * w_out) + jnp.sum(finite_lse * w_lse), (out, lse)
+
+    (_, (out, lse)), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+    return out, lse, grads
+
+
+def _assert_matches(pallas, reference, tol=TOL):
+    (out_p, lse_p, grads_p), (out_r, lse_r, grads_r) = pallas, reference
+    assert out_p.dtype == lse_p.dtype == jnp.float32
+    np.testing.assert_allclose(out_p, out_r, **tol)
+    masked = np.asarray(lse_r) == -np.inf
+    np.testing.assert_array_equal(np.asarray(lse_p) == -np.inf, masked)
+    np.testing.assert_allclose(np.where(masked, 0, lse_p), np.where(masked, 0, lse_r), **tol)
+    for name, g_p, g_r in zip(("dq", "dk", "dv"), grads_p, grads_r, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(g_p, np.float32), np.asarray(g_r, np.float32), err_msg=name, **tol
+        )
+    # Rows with no allowed key: zero output, zero query gradient.
+    assert masked.any()
+    assert np.all(np.asarray(out_p)[masked] == 0)
+    assert np.all(np.asarray(grads_p[0], np.float32)[masked] == 0)
+
+
+def _both(inputs, layout, **options):
+    layout = {key: jnp.asarray(a) for key, a in layout.items()}
+    return tuple(
+        _run(*inputs, layout, **options, implementation=implementation)
+        for implementation in ("pallas", "reference")
+    )
+
+
+# Every mask type; windows (a negative bound is unbounded) on one type of each family: the types
+# within a family differ only in name. The square rows (self-attention, a missing segment, ring
+# steps) with GQA; the last case is cross-attention (T_q = 40 queries over T_kv = 56 keys).
+CASES = [
+    (MaskType.NO_MASK, None),
+    (MaskType.PADDING, (2, 1)),
+    (MaskType.CAUSAL, None),
+    (MaskType.PADDING_CAUSAL, (3, 0)),
+    (MaskType.CAUSAL_BOTTOM_RIGHT, None),
+    (MaskType.PADDING_CAUSAL_BOTTOM_RIGHT, (4, -1)),
+]
+
+
+@pytest.mark.parametrize(("mask", "window"), CASES, ids=[f"{m.value}-{w}" for m, w in CASES])
+def test_pallas_matches_reference(mask, window):
+    window = check_window(window)
+    if mask == MaskType.PADDING_CAUSAL_BOTTOM_RIGHT:
+        inputs, layout = _inputs(1, 2, T_KV), cross_layout(5)
+    else:
+        inputs, layout = _inputs(0, BATCH, T), SQUARE
+    _assert_matches(*_both(inputs, layout, mask=mask, window=window))
+
+
+def test_tpu_path_matches_reference_mqa():
+    """The TPU path (tile ranges through scalar prefetch), run by the TPU interpreter that
+    emulates its memory spaces, on stripe-2 ring steps with one key/value head (MQA)."""
+    inputs = _inputs(2, 2, T, heads=(2, 1))
+    layout = {key: jnp.asarray(a) for key, a in ring_layout(6, "striped2", 1, 0).items()}
+    options = dict(mask=MaskType.CAUSAL, window=None)
+    _assert_matches(
+        _run(*inputs, layout, **options, implementation="pallas", tpu=True),
+        _run(*inputs, layout, **options, implementation="reference"),
+    )
+
+
+# --- isolation of non-finite values ------------------------------------------------------------
+
+ISOLATION_MASK, ISOLATION_WINDOW = MaskType.PADDING_CAUSAL, (3, 0)  # compiled above
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    row=st.integers(0, BATCH - 1),
+    side=st.sampled_from(["q", "k", "v"]),
+    poison=st.sampled_from([np.nan, np.inf, -np.inf]),
+    data=st.data(),
+)
+def test_poison_stays_in_its_document(row, side, poison, data):
+    """A NaN or inf in one document (or the padding) of one row of the square batch: every other
+    row, and every gradient outside the document, is bit-equal to the clean call; the NaN rows
+    are exactly the reference's."""
+    ids = SQUARE["ids_q"] if side == "q" else SQUARE["ids_kv"]
+    target = data.draw(st.sampled_from(sorted(set(ids[row].tolist()))), label="poisoned id")
+    clean = _inputs(3, BATCH, T)
+    dirty = [x.copy() for x in clean]
+    in_row = (np.arange(BATCH) == row)[:, None]
+    dirty[{"q": 0, "k": 1, "v": 2}[side]][in_row & (ids == target)] = poison
+    layout = {key: jnp.asarray(a) for key, a in SQUARE.items()}
+    options = dict(mask=ISOLATION_MASK, window=ISOLATION_WINDOW)
+    out_c, lse_c, grads_c = _run(*clean, layout, **options, implementation="pallas")
+    out_d, lse_d, grads_d = _run(*dirty, layout, **options, implementation="pallas")
+    _, lse_r, _ = _run(*dirty, layout, **options, implementation="reference")
+    other_q = ~(in_row & (SQUARE["ids_q"] == target))
+    other_kv = ~(in_row & (SQUARE["ids_kv"] == target))
+    np.testing.assert_array_equal(np.asarray(out_d)[other_q], np.asarray(out_c)[other_q])
+    np.testing.assert_array_equal(np.asarray(lse_d)[other_q], np.asarray(lse_c)[other_q])
+    for g_d, g_c, other in zip(grads_d, grads_c, (other_q, other_kv, other_kv), strict=True):
+        np.testing.assert_array_equal(np.asarray(g_d)[other], np.asarray(g_c)[other])
+        assert np.all(np.isfinite(np.asarray(g_d)))
+    poisoned = np.isnan(np.asarray(lse_d))
+    np.testing.assert_array_equal(poisoned, np.isnan(np.asarray(lse_r)))
+    np.testing.assert_array_equal(np.isnan(np.asarray(out_d)).any(-1), poisoned)
+
+
+# --- tile bookkeeping --------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("mask", "window"), compiler_options=FAST_COMPILE)
+def _visitors(q_side, kv_side, *, mask, window):
+    """Tile ranges (8-token query tiles, 4-token key tiles) and their visiting query tiles of
+    two (ids, positions) layouts."""
+    q, kv = (Segments(ids, pos, run_lengths(ids)) for ids, pos in (q_side, kv_side))
+    ranges = tile_ranges(q, kv, mask_type=mask, window_size=window, block_q=8, block_kv=4)
+    return ranges, visiting_query_tiles(ranges)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    q_side=batches(shape=(2, T), max_segments=S),
+    kv_side=batches(shape=(2, T_KV), max_segments=S),
+    config=st.sampled_from(
+        [
+            (MaskType.PADDING, None),
+            (MaskType.CAUSAL, (3, 0)),
+            (MaskType.CAUSAL_BOTTOM_RIGHT, (2, None)),
+        ]
+    ),
+)
+def test_visiting_query_tiles_are_exactly_the_visitors(q_side, kv_side, config):
+    """Per key tile, [lo, hi) is the span of the query tiles whose ranges hold it, and holds
+    every one of them (tile_ranges never moves backwards along a row)."""
+    ranges, (q_lo, q_hi) = _visitors(q_side, kv_side, mask=config[0], window=config[1])
+    q_lo, q_hi = np.asarray(q_lo), np.asarray(q_hi)
+    lo, hi = np.asarray(ranges.lo), np.asarray(ranges.hi)
+    for b in range(lo.shape[0]):
+        for c in range(ranges.num_kv_tiles):
+            visitors = [r for r in range(lo.shape[1]) if lo[b, r] <= c < hi[b, r]]
+            span = (min(visitors), max(visitors) + 1) if visitors else (0, 0)
+            assert (q_lo[b, c], q_hi[b, c]) == span, (b, c)
+
+
+def test_visiting_query_tiles_cover_ranges_that_move_backwards():
+    """Ranges that move backwards (tile_ranges makes none) still get a superset: query tile 1
+    visits key tile 0, tile 2 key tile 1, tiles 0 and 2 key tile 2."""
+    ranges = TileRanges(
+        lo=jnp.array([[2, 0, 1]]),
+        hi=jnp.array([[3, 1, 3]]),
+        num_kv_tiles=3,
+        block_q=4,
+        block_kv=4,
+    )
+    q_lo, q_hi = visiting_query_tiles(ranges)
+    assert q_lo.tolist() == [[0, 0, 0]] and q_hi.tolist() == [[2, 3, 3]]
+
+
+# --- the entry point ---------------------------------------------------------------------------
+
+
+_ENTRY_CONFIG = dict(mask_type="causal_bottom_right", window_size=(5, 0), max_segments_per_seq=S)
+
+
+@functools.partial(jax.jit, static_argnames=("implementation",), compiler_options=FAST_COMPILE)
+def _entry_step(q, k, v, w_out, segments, *, implementation):
+    """(out, dq, dk, dv) of ``attention`` with a plan made for ``implementation``."""
+    plan = plan_attention(
+        segments, **_ENTRY_CONFIG, block_q=BLOCK, block_kv=BLOCK, implementation=implementation
+    )
+    assert plan.implementation == implementation
+
+    def loss(q, k, v):
+        out = attention(q, k, v, plan=plan)
+        return jnp.sum(out.astype(jnp.float32) * w_out.astype(jnp.float32)), out
+
+    (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+    return out, *grads
+
+
+def test_attention_implementation_pallas_bfloat16():
+    """``attention(..., implementation="pallas")``: bfloat16 in and out, float32 accumulation,
+    forward and gradients close to the reference; never chosen automatically."""
+    layout = self_layout(8)
+    segments = Segments.from_ids(layout["ids_q"], layout["pos_q"])
+    inputs = _inputs(4, 2, T, dtype=jnp.bfloat16)[:4]
+    got = _entry_step(*inputs, segments, implementation="pallas")
+    want = _entry_step(*inputs, segments, implementation="reference")
+    assert all(x.dtype == jnp.bfloat16 for x in got)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(w, np.float32), atol=3e-2, rtol=3e-2
+        )
+    assert "pallas" not in AUTO
+    automatic = jax.eval_shape(lambda s: plan_attention(s, **_ENTRY_CONFIG), segments)
+    assert automatic.implementation in AUTO
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU behaviour")
+def test_pallas_on_cpu_runs_in_interpret_mode_only():
+    check_config(mask_type=MaskType.PADDING, window_size=None, self_attention=True)
+    x = jnp.zeros((1, 8, 1, 4))
+    check_arrays(x, x, x)
+    side = Segments(*(jnp.ones((1, 8), jnp.int32),) * 3)
+    ranges = TileRanges(
+        lo=jnp.zeros((1, 2), jnp.int32),
+        hi=jnp.ones((1, 2), jnp.int32),
+        num_kv_tiles=2,
+        block_q=4,
+        block_kv=4,
+    )
+    options = dict(mask_type=MaskType.CAUSAL, window_size=None, scale=1.0)
+    with pytest.raises(NotImplementedError, match="interpret mode"):
+        pallas_attention(x, x, x, side, side, ranges, **options, interpret=False)
+    with pytest.raises(ValueError, match="backend"):
+        pallas_attention(x, x, x, side, side, ranges, **options, backend="metal")
+    wrong = TileRanges(lo=ranges.lo, hi=ranges.hi, num_kv_tiles=3, block_q=4, block_kv=4)
+    with pytest.raises(ValueError, match="ranges"):
+        pallas_attention(x, x, x, side, side, wrong, **options)
+    # Tiles the compiled kernels cannot take are refused before anything is lowered.
+    compiled = dict(options, interpret=False)
+    with pytest.raises(NotImplementedError, match="powers of two >= 16"):
+        pallas_attention(x, x, x, side, side, ranges, **compiled, backend="gpu")
+    with pytest.raises(NotImplementedError, match="multiples of 128"):
+        pallas_attention(x, x, x, side, side, ranges, **compiled, backend="tpu")
+
+
+@pytest.mark.parametrize(
+    ("backend", "shapes", "dtype", "match"),
+    [
+        ("gpu", ((1, 8, 2, 512), (1, 8, 1, 512), (1, 8, 1, 64)), jnp.bfloat16, "at most 256"),
+        ("tpu", ((1, 8, 2, 64),) * 3, jnp.float16, "not float16"),
+        ("tpu", ((1, 8, 4, 64), (1, 2**17, 1, 64), (1, 2**17, 1, 64)), jnp.bfloat16, "VMEM"),
+        ("rocm-metal", ((1, 8, 1, 64),) * 3, jnp.bfloat16, "not on rocm-metal"),
+    ],
+)
+def test_check_arrays_names_what_the_backend_cannot_take(
+    monkeypatch, backend, shapes, dtype, match
+):
+    """What each backend refuses (shapes only: nothing is computed while the backend is faked)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    arrays = [jax.ShapeDtypeStruct(shape, dtype) for shape in shapes]
+    with pytest.raises(NotImplementedError, match=match):
+        check_arrays(*arrays)
+    if backend == "rocm-metal":
+        with pytest.raises(NotImplementedError, match=match):
+            check_config(mask_type=MaskType.PADDING, window_size=None, self_attention=True)
+
+
+# --- compiled kernels ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("platform", "target"),
+    [("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")],
+    ids=["gpu-triton", "tpu-mosaic"],
+)
+def test_compiled_kernels_lower_for_gpu_and_tpu(platform, target):
+    """Forward and backward kernels lower (Pallas to Triton IR, Pallas to Mosaic) for bfloat16
+    GQA inputs with 128-token tiles and a head dim Triton pads, on a window of a causal mask.
+    Exported from CPU: the lowering runs here, the device compilers do not."""
+    backend = {"cuda": "gpu", "tpu": "tpu"}[platform]
+    seq, mask, window = 256, MaskType.PADDING_CAUSAL, (64, 0)
+
+    def grads(q, k, v, ids, pos, lengths):
+        side = Segments(ids, pos, lengths)
+        ranges = tile_ranges(
+            side, side, mask_type=mask, window_size=window, block_q=128, block_kv=128
+        )
+
+        def loss(q, k, v):
+            out, lse = pallas_attention(
+                q,
+                k,
+                v,
+                side,
+                side,
+                ranges,
+                mask_type=mask,
+                window_size=window,
+                scale=0.125,
+                interpret=False,
+                backend=backend,
+            )
+            return jnp.sum(out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+        return jax.grad(loss, (0, 1, 2))(q, k, v)
+
+    shapes = [((2, seq, h, 48), jnp.bfloat16) for h in (4, 2, 2)] + [((2, seq), jnp.int32)] * 3
+    exported = jax.export.export(
+        jax.jit(grads),
+        platforms=[platform],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)],
+    )(*(jax.ShapeDtypeStruct(*s) for s in shapes))
+    module = exported.mlir_module()
+    for kernel in ("thdkit_pallas_forward", "thdkit_pallas_dq", "thdkit_pallas_dkv"):
+        assert kernel in module, kernel
+    assert module.count(f"custom_call @{target}(") == 3  # forward, dq, dk/dv
+
+
+# --- GPU (compiled Triton kernels) -------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_compiled_gpu_kernels_match_reference(dtype):
+    """The compiled kernels (64-token tiles, head dims padded to 16) on ring-step rows."""
+    from thdkit import synth
+
+    ids, pos = synth.packed_segments(np.random.default_rng(0), batch=2, seq_len=512, max_segments=8)
+    layout = ring_step_layout(ids, pos, "striped2", 1, 0)
+    sides = segments_of(layout)
+    rng = np.random.default_rng(1)
+    q, k, v = (
+        jnp.asarray(rng.normal(size=(2, 256, h, d)), dtype) for h, d in ((4, 24), (2, 24), (2, 8))
+    )
+    mask = MaskType.PADDING_CAUSAL
+
+    def loss(implementation):
+        def f(q, k, v):
+            if implementation == "pallas":
+                ranges = tile_ranges(
+                    *sides.values(), mask_type=mask, window_size=None, block_q=64, block_kv=64
+                )
+                out, _ = pallas_attention(
+                    q, k, v, *sides.values(), ranges, mask_type=mask, window_size=None, scale=0.2
+                )
+            else:
+                out, _ = reference_attention(
+                    q, k, v, **sides, mask_type=mask, window_size=None, scale=0.2
+                )
+            return jnp.sum(jnp.sin(out)), out
+
+        return jax.jit(jax.value_and_grad(f, (0, 1, 2), has_aux=True))(q, k, v)
+
+    ((_, out_p), grads_p), ((_, out_r), grads_r) = loss("pallas"), loss("reference")
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == jnp.bfloat16 else {"atol": 1e-4, "rtol": 1e-4}
+    np.testing.assert_allclose(np.asarray(out_p), np.asarray(out_r), **tol)
+    for g_p, g_r in zip(grads_p, grads_r, strict=True):
+        np.testing.assert_allclose(np.asarray(g_p, np.float32), np.asarray(g_r, np.float32), **tol)
