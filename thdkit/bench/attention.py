@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -20,8 +21,7 @@ import numpy as np
 from rich.table import Table
 
 from thdkit import synth
-from thdkit.attention import DEFAULT_BLOCK, attention, plan_attention
-from thdkit.attention.api import CANDIDATES
+from thdkit.attention import attention, plan_attention
 from thdkit.attention.blockwise import blockwise_attention
 from thdkit.bench import measure
 from thdkit.bench.measure import SHAPE_OPTIONS, SILENT, Callbacks, Options, PlanConfig, median
@@ -29,7 +29,7 @@ from thdkit.bench.ring import work_per_rank
 from thdkit.masks import MaskType, check_window, pair_mask
 from thdkit.segments import Segments
 
-__all__ = ["AttentionBench", "attention_program", "run_attention_bench"]
+__all__ = ["AttentionBench", "attention_program", "matmul_rate", "run_attention_bench"]
 
 IMPLEMENTATIONS = ("reference", "blockwise", "blockwise-serial", "cudnn", "pallas")
 IMPLEMENTATIONS += ("jax-nn-xla", "ejkernel-xla", "jax-nn-cudnn")
@@ -73,12 +73,12 @@ class AttentionBench(PlanConfig):
         "mask_type": ("Mask type name.", measure.mask_names),
         "window_size": (None, check_window),  # (left, right) or None; not on the command line.
         "implementations": (
-            f"{','.join(IMPLEMENTATIONS)}. \\[default: all but reference that the backend runs]",
+            f"Any of {', '.join(IMPLEMENTATIONS)}. \\[default: all the backend runs but reference]",
             IMPLEMENTATIONS,
         ),
         "dtype": ("Input dtype. \\[default: bfloat16 on a GPU, else float32]", _floating),
-        "block_q": ("Query tile size of the blockwise method.", 1),
-        "block_kv": ("Key tile size of the blockwise method.", 1),
+        "block_q": ("Query tile size. \\[default: from the mean document length]", 1),
+        "block_kv": ("Key tile size. \\[default: from the mean document length]", 1),
     }
     seq_lens: tuple[int, ...] = (8192, 32768)
     segments: tuple[int, ...] = (1, 16, 256)
@@ -90,8 +90,8 @@ class AttentionBench(PlanConfig):
         default_factory=lambda: tuple(filter(_runs_here, IMPLEMENTATIONS[1:]))
     )
     dtype: str | None = None
-    block_q: int = DEFAULT_BLOCK
-    block_kv: int = DEFAULT_BLOCK
+    block_q: int | None = None
+    block_kv: int | None = None
     time_per_program_s: float = 2.0
     compile_timeout_s: float = 120.0
 
@@ -126,9 +126,7 @@ def attention_program(
     def forward(q, k, v, ids, pos):
         side = Segments.from_ids(ids, pos)
         if not _runs_here(implementation):
-            raise NotImplementedError(
-                f"{implementation} needs a {_BACKENDS[implementation]} backend"
-            )
+            raise NotImplementedError(f"needs a {' or '.join(_BACKENDS[implementation])} backend")
         if implementation.startswith("blockwise"):
             plan = plan_attention(
                 side, **layout, max_segments_per_seq=segments, implementation="blockwise", **blocks
@@ -148,8 +146,6 @@ def attention_program(
                 raise NotImplementedError("ejkernel-xla: top-left masks without a window only")
             info = MaskInfo.from_segments(ids - 1)  # Its ids start at 0; -1 is padding.
             return flash_attention(q, k, v, mask_info=info, causal=mask.is_causal, platform="xla")
-        if implementation not in CANDIDATES:
-            raise NotImplementedError(f"{implementation}: not in this version of thdkit")
         return attention(
             q, k, v, segment_ids_q=ids, segment_pos_q=pos, max_segments_per_seq=segments,
             implementation=implementation, **layout, **blocks,
@@ -181,6 +177,19 @@ def _work(config: AttentionBench, ids: np.ndarray, pos: np.ndarray) -> dict[str,
     }  # fmt: skip
 
 
+def _matmul(q: jax.Array, k: jax.Array, *_: Any) -> jax.Array:
+    """``x @ y``, [2048, 2048] each in the cell's dtype (q's and k's values, repeated as needed):
+    timed with the cell's programs, it gives their FLOP rate under the same load."""
+    x, y = (jnp.resize(a, (MATMUL_SIZE, MATMUL_SIZE)) for a in (q, k))
+    return x @ y
+
+
+def matmul_rate(records: Sequence[Mapping[str, Any]]) -> float | None:
+    """The median of the records' ``matmul_flop_rate`` (FLOP/s): the rate of the run."""
+    rates = [r["matmul_flop_rate"] for r in records if r["matmul_flop_rate"]]
+    return statistics.median(rates) if rates else None
+
+
 def run_attention_bench(
     config: AttentionBench, *, callbacks: Callbacks = SILENT
 ) -> list[dict[str, Any]]:
@@ -205,10 +214,7 @@ def run_attention_bench(
     dtype = config.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
     keys = ("batch", "heads", "head_dim", "mask_type", "window_size")
     same = {k: getattr(config, k) for k in keys} | {"dtype": dtype}
-    callbacks.step(f"{MATMUL_SIZE}^3 matmul")  # The FLOP rate of x @ y, [2048, 2048] each.
-    x = jnp.ones((MATMUL_SIZE, MATMUL_SIZE), dtype)
-    matmul = measure.interleaved_latency({0: jax.jit(jnp.matmul)}, {0: (x, x)}, config)[0]
-    rate, flops_per_pair = 2e3 * MATMUL_SIZE**3 / matmul["median"], config.heads * config.head_dim
+    flops_per_pair = config.heads * config.head_dim
     records: list[dict[str, Any]] = []
     for seq_len, segments in itertools.product(config.seq_lens, config.segments):
         label = f"attention T={seq_len} S={segments}"
@@ -229,8 +235,11 @@ def run_attention_bench(
             except ImportError:
                 plan = measure.skipped('not installed: pip install "thdkit[peers]"')
             plans[implementation, passes] = plan
+        plans["matmul"] = measure.plan(_matmul, *args, compile_timeout_s=config.compile_timeout_s)
         callbacks.step(f"{label}: timing")
         outcome = measure.run_plans(plans, args, config, config.memory_limit_bytes)
+        matmul_ms = median(outcome.pop("matmul"))
+        rate = matmul_ms and 2e3 * MATMUL_SIZE**3 / matmul_ms
         visited = dict.fromkeys(TILED, work["tile_pair_fraction"]) | DENSE
         for (implementation, passes), fields in outcome.items():
             needed = work["allowed_pairs"] * NEEDED_FLOPS_PER_PAIR[passes] * flops_per_pair
@@ -240,7 +249,7 @@ def run_attention_bench(
                 | {"implementation": implementation, "pass": passes, **fields, **work}
                 | {"visited_pair_fraction": visited.get(implementation)}
                 | {"needed_flops": float(needed), "matmul_flop_rate": rate}
-                | {"efficiency": mine and needed / (mine / 1e3) / rate}
+                | {"efficiency": mine and rate and needed / (mine / 1e3) / rate}
                 | {"vs_blockwise": mine / blockwise if blockwise and mine else None}
             )
         callbacks.cell_done()
@@ -258,10 +267,10 @@ def attention_table(records: Sequence[Mapping[str, Any]]) -> Table:
         ("allowed", "allowed_pair_fraction", percent),
         ("status", lambda r: r["skip_reason"] or "", str, "left"),
     ]  # fmt: skip
-    rate = records[0]["matmul_flop_rate"] / 1e9 if records else 0.0
     caption = (
         "× blockwise: latency / blockwise's; efficiency: the allowed pairs' matmul flops per "
-        f"second / {rate:.1f} GFLOP/s ({MATMUL_SIZE}^3 matmul); pairs visited, allowed / B·T^2"
+        f"second / those of a {MATMUL_SIZE}^3 matmul timed with them (median "
+        f"{(matmul_rate(records) or 0) / 1e9:.1f} GFLOP/s); pairs visited, allowed / B·T^2"
     )
     title = "ATTENTION: thdkit and peers (median of interleaved runs)"
     section = lambda r: (r["seq_len"], r["segments"])  # noqa: E731
