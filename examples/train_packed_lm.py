@@ -2,32 +2,43 @@
 
 The corpus is every machine's own: the top-level ``.py`` files of Python's standard library,
 cut into documents at blank lines (code paragraphs: functions, classes, docstrings, import
-blocks), shuffled once with a fixed seed, every 20th document held out for evaluation. Every mode
-reads the same documents in the same order:
+blocks), shuffled once with a fixed seed, every 20th document held out for evaluation. One run
+trains several modes, from the same initial parameters, on the same documents in the same order:
 
-- ``--packing none``: one document per row, padded to ``--seq-len`` (Grain packing with
-  ``max_segments_per_seq=1``);
-- ``--packing grain``: Grain's first-fit packing, up to ``--max-segments`` documents per row;
-- ``--packing grain --cp 4``: the same rows, striped on the host (``thdkit.data.pack(cp=4)``)
-  and trained with ring attention over 4 simulated CPU devices.
+- ``none``: one document per row, padded to ``--seq-len`` (Grain packing with
+  ``max_segments_per_seq=1``), ``--padded-batch-size`` rows a step;
+- ``grain``: Grain's first-fit packing, up to ``--max-segments`` documents per row,
+  ``--batch-size`` rows a step;
+- ``grain-cp4``: the packed rows, striped on the host (``thdkit.data.pack(cp=4)``) and trained
+  with ring attention over 4 simulated CPU devices.
 
-The two packings train on about the same number of useful tokens (and documents) per step:
-``none`` takes 12 rows a step, ``grain`` 5 (one packed row holds about 2.4 documents), so the
-optimisation is alike step for step and packing changes only the cost of a step.
+The two batch sizes give both packings about the same useful tokens (and documents) a step: a
+padded row of 1024 holds one document, about 233 tokens (77% padding), a packed row about 4.2
+documents, 980 tokens (4% padding), so 13 padded rows carry about what 3 packed rows do. The
+optimisation is then alike step for step and packing changes only the cost of a step.
+
+``--modes`` names the modes and, after a colon, their steps (``--steps`` where none is given). By
+default the packed mode trains past the padded run's 200 steps, to 300, so that the summary can
+tell when its held-out loss reaches the padded run's final one. The modes train side by side,
+one step of each in turn, so that other work on the machine slows them alike. Each step's clock
+covers the whole step (the next batch is packed on the host while the device computes);
+compilation happens ahead of time and is reported apart (``compile_s``); evaluation is not
+timed. Every mode evaluates on the same held-out documents (``--eval-documents`` of them, in its
+own layout), so the held-out losses of the modes compare directly (at step 0, with the same
+initial parameters, they are equal).
 
 The model is a decoder-only transformer (pre-norm, ``thdkit.flax.PackedSelfAttention`` with RoPE
 and grouped-query attention, a GELU MLP), its layers stacked and run with ``nnx.scan``; the
-attention plan is computed once per step and shared by every layer. Each run prints a progress
-bar (loss, tokens/s, padding share), then adds its record to ``<out>/summary.json`` and redraws
-``<out>/loss.png`` (loss vs step and vs wall time) for every run recorded there. With both
-``none`` and ``grain`` recorded the summary compares them (time for packing to reach the padded
-run's final evaluation loss, useful tokens/s); with ``grain`` at cp 1 and cp > 1, the loss curves.
+attention plan is computed once per step and shared by every layer. The run shows a progress bar
+per mode (loss, useful tokens/s, padding share), writes ``<out>/summary.json`` and draws
+``<out>/loss.png`` (loss vs step and vs wall time). With ``none`` and ``grain`` the summary
+compares them (wall time for packing to reach the padded run's final held-out loss, useful
+tokens/s); with ``grain`` and ``grain-cpK``, their loss curves.
 
     pip install "thdkit[flax,bench]"
-    python examples/train_packed_lm.py --packing none
-    python examples/train_packed_lm.py --packing grain
-    python examples/train_packed_lm.py --packing grain --cp 4 --steps 50
-    python examples/train_packed_lm.py --tiny --packing grain   # seconds, for CI
+    python examples/train_packed_lm.py                    # none:200 grain:300 grain-cp4:50
+    python examples/train_packed_lm.py --modes none grain --steps 100
+    python examples/train_packed_lm.py --tiny             # seconds, for CI
 """
 
 import os
@@ -65,47 +76,76 @@ VOCAB = 256  # bytes
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One run's options (the command line)."""
+    """The run's options (the command line), shared by its modes."""
 
-    packing: str = "grain"
-    cp: int = 1
+    modes: tuple[str, ...] = ("none", "grain:300", "grain-cp4:50")
     steps: int = 200
-    batch_size: int = 0  # 0: 12 rows for --packing none, 5 for grain (similar useful tokens)
-    seq_len: int = 512
+    seq_len: int = 1024
     max_segments: int = 32
+    batch_size: int = 3  # packed rows a step (grain modes)
+    padded_batch_size: int = 13  # rows a step of `none`: about the tokens of 3 packed rows
     layers: int = 4
     d_model: int = 128
     heads: int = 4
     kv_heads: int = 2
     head_dim: int = 32
     learning_rate: float = 3e-3
-    eval_every: int = 25
-    eval_batches: int = 4
+    eval_every: int = 20
+    eval_documents: int = 128
     max_documents: int | None = None
     seed: int = 0
     out: str = "train_out"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """One mode of a run: its packing, context-parallel ranks, steps, rows a step and S."""
+
+    packing: str
+    cp: int
+    steps: int
+    batch_size: int
+    segments: int  # S: 1 (one document a row) when padded, else --max-segments
 
     @property
     def name(self) -> str:
         return self.packing + (f"-cp{self.cp}" if self.cp > 1 else "")
 
-    @property
-    def segments(self) -> int:
-        return 1 if self.packing == "none" else self.max_segments
+
+def parse_mode(text: str, config: Config) -> Mode:
+    """``none``, ``grain`` or ``grain-cp<K>``, optionally ``:<steps>``."""
+    match = re.fullmatch(r"(none|grain)(?:-cp(\d+))?(?::(\d+))?", text)
+    if match is None or (match[1] == "none" and match[2]):
+        raise ValueError(
+            f"--modes: expected none, grain or grain-cp<K>, each optionally :<steps>, got {text!r}"
+        )
+    padded = match[1] == "none"
+    mode = Mode(
+        packing=match[1],
+        cp=int(match[2] or 1),
+        steps=int(match[3]) if match[3] else config.steps,
+        batch_size=config.padded_batch_size if padded else config.batch_size,
+        segments=1 if padded else config.max_segments,
+    )
+    if mode.cp < 1 or mode.steps < 1:
+        raise ValueError(f"--modes {text}: cp and steps must be >= 1")
+    return mode
 
 
 TINY = dict(
+    modes=("none", "grain", "grain-cp4"),
     steps=4,
-    batch_size=2,
     seq_len=64,
     max_segments=8,
+    batch_size=2,
+    padded_batch_size=4,
     layers=2,
     d_model=32,
     heads=2,
     kv_heads=1,
     head_dim=16,
     eval_every=2,
-    eval_batches=1,
+    eval_documents=8,
     max_documents=400,
 )
 
@@ -132,20 +172,35 @@ def as_examples(docs: list[bytes]) -> list[dict[str, np.ndarray]]:
     return [{"inputs": a[:-1], "targets": a[1:]} for a in arrays]
 
 
-def batches(docs: list[bytes], config: Config, *, repeat: bool) -> Any:
-    """The run's batches: packed (or one document a row) by thdkit.data.pack, reordered for cp."""
+def batches(docs: list[bytes], config: Config, mode: Mode, *, repeat: bool) -> Any:
+    """The mode's batches: packed (or one document a row) by thdkit.data.pack, reordered for cp.
+
+    Without ``repeat`` every document arrives once and the last batch is topped up with empty
+    rows, so that every batch has the one shape the step is compiled for.
+    """
     dataset = grain.MapDataset.source(as_examples(docs))
     if repeat:
         dataset = dataset.repeat()
-    return pack(
+    rows = mode.batch_size
+    packed = pack(
         dataset,
         seq_len=config.seq_len,
-        max_segments_per_seq=config.segments,
-        batch_size=config.batch_size,
+        max_segments_per_seq=mode.segments,
+        batch_size=rows,
         features=("inputs", "targets"),
-        num_packing_bins=4 * config.batch_size,
-        cp=config.cp,
+        num_packing_bins=4 * rows,
+        cp=mode.cp,
+        drop_remainder=repeat,
     )
+    if repeat:
+        return packed
+    return [
+        {
+            k: np.concatenate([v, np.zeros((rows - len(v), *v.shape[1:]), v.dtype)])
+            for k, v in b.items()
+        }
+        for b in packed
+    ]
 
 
 # --- Model --------------------------------------------------------------------------------------
@@ -178,7 +233,6 @@ class LanguageModel(nnx.Module):
     """Byte-level decoder-only LM; the layers are stacked (nnx.vmap) and run with nnx.scan."""
 
     def __init__(self, config: Config, *, rngs: nnx.Rngs) -> None:
-        self.config = config
         self.embed = nnx.Embed(VOCAB, config.d_model, rngs=rngs)
 
         @nnx.split_rngs(splits=config.layers)
@@ -191,17 +245,22 @@ class LanguageModel(nnx.Module):
         self.head = nnx.Linear(config.d_model, VOCAB, rngs=rngs)
 
     def __call__(
-        self, tokens: jax.Array, segments: thdkit.Segments, *, mesh: Any = None
+        self,
+        tokens: jax.Array,
+        segments: thdkit.Segments,
+        *,
+        max_segments_per_seq: int,
+        mesh: Mesh | None = None,
     ) -> jax.Array:
         if mesh is None:
             # One plan per step, shared by every layer (the scan closes over it).
             layout = thdkit.plan_attention(
-                segments, mask_type="padding_causal", max_segments_per_seq=self.config.segments
+                segments, mask_type="padding_causal", max_segments_per_seq=max_segments_per_seq
             )
             ring = {}
         else:
             layout = segments
-            ring = dict(max_segments_per_seq=self.config.segments, mesh=mesh, axis_name="cp")
+            ring = dict(max_segments_per_seq=max_segments_per_seq, mesh=mesh, axis_name="cp")
 
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
         def layers(x: jax.Array, block: Block) -> jax.Array:
@@ -211,150 +270,223 @@ class LanguageModel(nnx.Module):
         return self.head(self.norm(x)).astype(jnp.float32)
 
 
-def token_losses(model: LanguageModel, batch: dict[str, jax.Array], mesh: Any) -> jax.Array:
+def token_losses(model: LanguageModel, batch: dict[str, jax.Array], mode: Mode, mesh: Any) -> Any:
     """Cross-entropy of every token, float32[B, T] (0 on padding)."""
     # Under jit nothing is validated, so reordered (striped) rows are accepted; the ring reads
     # only ids and positions.
     segments = thdkit.Segments.from_ids(batch["inputs_segment_ids"], batch["inputs_positions"])
-    logits = model(batch["inputs"], segments, mesh=mesh)
+    logits = model(batch["inputs"], segments, max_segments_per_seq=mode.segments, mesh=mesh)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return jnp.where(batch["inputs_segment_ids"] > 0, losses, 0.0)
 
 
-def mean_loss(model: LanguageModel, batch: dict[str, jax.Array], mesh: Any) -> jax.Array:
+def mean_loss(model: LanguageModel, batch: dict[str, jax.Array], mode: Mode, mesh: Any) -> Any:
     real = jnp.sum(batch["inputs_segment_ids"] > 0)
-    return jnp.sum(token_losses(model, batch, mesh)) / jnp.maximum(real, 1)
+    return jnp.sum(token_losses(model, batch, mode, mesh)) / jnp.maximum(real, 1)
 
 
 # --- Training -----------------------------------------------------------------------------------
 
 
-def per_document_check(
-    losses: Any, model: LanguageModel, batch: dict[str, np.ndarray], config: Config
-) -> dict:
+def per_document_check(losses: Any, batch: dict[str, np.ndarray], rows: int) -> dict:
     """Each document's loss inside a packed row vs alone in a padded row (same parameters)."""
-    rows: list[dict[str, np.ndarray]] = []
+    seq_len = batch["inputs"].shape[1]
+    alone: list[dict[str, np.ndarray]] = []
     keys = []
     for b, ids in enumerate(batch["inputs_segment_ids"]):
         for s in np.unique(ids[ids > 0]):
             where = ids == s
             n = int(where.sum())
-            row = {k: np.zeros(config.seq_len, np.int32) for k in batch}
+            row = {k: np.zeros(seq_len, np.int32) for k in batch}
             for k in ("inputs", "targets"):
                 row[k][:n] = batch[k][b][where]
             row["inputs_segment_ids"][:n] = 1
             row["inputs_positions"][:n] = np.arange(n)
-            rows.append(row)
+            alone.append(row)
             keys.append((b, s))
-    packed = np.asarray(losses(model, batch))
+    packed = np.asarray(losses(batch))
     padded = []
-    for start in range(0, len(rows), config.batch_size):
-        chunk = rows[start : start + config.batch_size]
-        chunk += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (
-            config.batch_size - len(chunk)
-        )
-        stacked = {k: np.stack([r[k] for r in chunk]) for k in rows[0]}
-        padded.append(np.asarray(losses(model, stacked))[: len(rows) - start])
+    for start in range(0, len(alone), rows):
+        chunk = alone[start : start + rows]
+        chunk += [{k: np.zeros_like(v) for k, v in alone[0].items()}] * (rows - len(chunk))
+        stacked = {k: np.stack([r[k] for r in chunk]) for k in alone[0]}
+        padded.append(np.asarray(losses(stacked))[: len(alone) - start])
     padded = np.concatenate(padded)
     diffs = []
     for i, (b, s) in enumerate(keys):
-        in_row = packed[b][batch["inputs_segment_ids"][b] == s].mean()
-        alone = padded[i][: int((batch["inputs_segment_ids"][b] == s).sum())].mean()
-        diffs.append(abs(float(in_row) - float(alone)) / abs(float(alone)))
+        where = batch["inputs_segment_ids"][b] == s
+        in_row, by_itself = packed[b][where].mean(), padded[i][: int(where.sum())].mean()
+        diffs.append(abs(float(in_row) - float(by_itself)) / abs(float(by_itself)))
     return {"documents": len(keys), "max_relative_difference": max(diffs)}
 
 
-def train(config: Config) -> dict[str, Any]:
-    """Trains one mode; returns its JSON record."""
+def initial_state(config: Config) -> tuple[nnx.GraphDef, Any]:
+    """The model and its optimizer, built in one compiled call: (graph, state), shared by modes."""
+
+    @nnx.jit
+    def create() -> tuple[LanguageModel, nnx.Optimizer]:
+        model = LanguageModel(config, rngs=nnx.Rngs(config.seed))
+        return model, nnx.Optimizer(model, optax.adamw(config.learning_rate), wrt=nnx.Param)
+
+    return nnx.split(create())
+
+
+class Run:
+    """One mode's training: its compiled step and loss, batch stream, clock and record."""
+
+    def __init__(
+        self,
+        config: Config,
+        mode: Mode,
+        start: tuple[nnx.GraphDef, Any],
+        train_docs: list[bytes],
+        eval_docs: list[bytes],
+    ) -> None:
+        self.config, self.mode = config, mode
+        self.mesh = Mesh(np.array(jax.devices()[: mode.cp]), ("cp",)) if mode.cp > 1 else None
+        graphdef, self.state = start
+        mesh, replicated = self.mesh, None
+        if mesh is not None:
+            replicated = NamedSharding(mesh, P())
+            self.state = jax.device_put(self.state, replicated)
+
+        def train_step(state: Any, batch: dict) -> tuple[Any, jax.Array]:
+            model, optimizer = nnx.merge(graphdef, state)
+            loss, grads = nnx.value_and_grad(lambda m: mean_loss(m, batch, mode, mesh))(model)
+            optimizer.update(model, grads)
+            return nnx.state((model, optimizer)), loss
+
+        def losses(state: Any, batch: dict) -> jax.Array:
+            return token_losses(nnx.merge(graphdef, state)[0], batch, mode, mesh)
+
+        self.stream = iter(batches(train_docs, config, mode, repeat=True))
+        self.batch = next(self.stream)
+        self.eval_set = [self.on_device(b) for b in batches(eval_docs, config, mode, repeat=False)]
+        # Every batch has the one shape [rows, T]: each function is compiled once, ahead of time
+        # (compile), and no step on the training clock includes compilation.
+        example = self.on_device(self.batch)
+        self.lowered = (
+            jax.jit(train_step, out_shardings=replicated).lower(self.state, example),
+            jax.jit(losses).lower(self.state, example),
+        )
+        self.record: dict[str, Any] = {"mode": dataclasses.asdict(mode), "steps": []}
+        self.step_count = self.tokens = self.real = self.documents = 0
+        self.wall = 0.0
+
+    def compile(self) -> None:
+        """Compiles the step and the loss; checks per-document losses (packed modes at cp 1)."""
+        start = time.perf_counter()
+        self.train_step, self.losses = (lowered.compile() for lowered in self.lowered)
+        self.record["compile_s"] = time.perf_counter() - start
+        # Step 0: the initial parameters, identical in every mode, on the same held-out documents.
+        self.record["evals"] = [{"step": 0, "wall_s": 0.0, "loss": self.evaluate()}]
+        if self.mode.packing == "grain" and self.mode.cp == 1:
+            self.record["per_document_check"] = per_document_check(
+                lambda b: self.losses(self.state, self.on_device(b)),
+                self.batch,
+                self.mode.batch_size,
+            )
+
+    def on_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        if self.mesh is None:
+            return {k: jnp.asarray(v) for k, v in batch.items()}
+        return jax.device_put(batch, NamedSharding(self.mesh, P(None, "cp")))
+
+    @property
+    def done(self) -> bool:
+        return self.step_count >= self.mode.steps
+
+    @property
+    def padding(self) -> float:
+        return 1 - self.real / max(self.tokens, 1)
+
+    def step(self) -> float:
+        """One timed training step (then an untimed evaluation when one is due); its loss."""
+        start = time.perf_counter()
+        batch = self.batch
+        self.state, loss = self.train_step(self.state, self.on_device(batch))
+        # The step runs asynchronously: the host packs the next batch meanwhile.
+        self.batch = next(self.stream)
+        loss = float(loss)
+        self.wall += time.perf_counter() - start
+        self.step_count += 1
+        ids = batch["inputs_segment_ids"]
+        self.tokens += ids.size
+        self.real += int((ids > 0).sum())
+        self.documents += sum(len(np.unique(row[row > 0])) for row in ids)
+        self.record["steps"].append({"step": self.step_count, "wall_s": self.wall, "loss": loss})
+        if self.step_count % self.config.eval_every == 0 or self.done:
+            self.record["evals"].append(
+                {"step": self.step_count, "wall_s": self.wall, "loss": self.evaluate()}
+            )
+        return loss
+
+    def evaluate(self) -> float:
+        """The mean loss of the held-out tokens (the same documents in every mode)."""
+        total = sum(float(jnp.sum(self.losses(self.state, b))) for b in self.eval_set)
+        return total / sum(int(jnp.sum(b["inputs_segment_ids"] > 0)) for b in self.eval_set)
+
+    def finish(self) -> dict[str, Any]:
+        self.record.update(
+            wall_s=self.wall,
+            tokens_per_s=self.tokens / self.wall,
+            useful_tokens_per_s=self.real / self.wall,
+            padding_share=self.padding,
+            documents_per_step=self.documents / self.step_count,
+            final_eval_loss=self.record["evals"][-1]["loss"],
+            device=f"{jax.devices()[0].platform} x{self.mode.cp}",
+        )
+        return self.record
+
+
+def train(config: Config, modes: list[Mode]) -> dict[str, Any]:
+    """Trains the modes side by side, one step of each in turn; returns their JSON records."""
     import rich.progress
 
     train_docs, eval_docs = documents(config.max_documents, config.seed)
-    mesh = None
-    if config.cp > 1:
-        mesh = Mesh(np.array(jax.devices()[: config.cp]), ("cp",))
-    model = LanguageModel(config, rngs=nnx.Rngs(config.seed))
-    if mesh is not None:
-        replicated = NamedSharding(mesh, P())
-        nnx.update(model, jax.device_put(nnx.state(model), replicated))
-    optimizer = nnx.Optimizer(model, optax.adamw(config.learning_rate), wrt=nnx.Param)
-
-    def on_device(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        if mesh is None:
-            return {k: jnp.asarray(v) for k, v in batch.items()}
-        return jax.device_put(batch, NamedSharding(mesh, P(None, "cp")))
-
-    @nnx.jit
-    def train_step(model: LanguageModel, optimizer: nnx.Optimizer, batch: dict) -> jax.Array:
-        loss, grads = nnx.value_and_grad(lambda m: mean_loss(m, batch, mesh))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    losses = nnx.jit(lambda model, batch: token_losses(model, batch, mesh))
-
-    def evaluate() -> float:
-        total = sum(float(jnp.sum(losses(model, b))) for b in eval_set)
-        return total / sum(int(jnp.sum(b["inputs_segment_ids"] > 0)) for b in eval_set)
-
-    eval_set = [on_device(b) for b in list(batches(eval_docs, config, repeat=False))]
-    eval_set = eval_set[: config.eval_batches]
-
-    record: dict[str, Any] = {"config": dataclasses.asdict(config), "steps": [], "evals": []}
-    stream = iter(batches(train_docs, config, repeat=True))
-    first = next(stream)
-    if config.cp == 1 and config.packing == "grain":
-        record["per_document_check"] = per_document_check(losses, model, first, config)
-    tokens = real = 0
-    wall = 0.0
+    eval_docs = eval_docs[: config.eval_documents]
+    start = initial_state(config)
+    runs = [Run(config, mode, start, train_docs, eval_docs) for mode in modes]
+    for run in runs:
+        run.compile()
     columns = (
-        rich.progress.TextColumn(f"[bold]{config.name}"),
+        rich.progress.TextColumn("[bold]{task.description:>10}"),
         rich.progress.BarColumn(),
         rich.progress.MofNCompleteColumn(),
         rich.progress.TextColumn("loss {task.fields[loss]:.3f}"),
-        rich.progress.TextColumn("{task.fields[rate]:,.0f} tok/s"),
+        rich.progress.TextColumn("{task.fields[rate]:>7,.0f} useful tok/s"),
         rich.progress.TextColumn("padding {task.fields[padding]:.0%}"),
         rich.progress.TimeElapsedColumn(),
     )
     with rich.progress.Progress(*columns) as progress:
-        task = progress.add_task("train", total=config.steps, loss=float("nan"), rate=0, padding=0)
-        batch = first
-        for step in range(1, config.steps + 1):
-            start = time.perf_counter()
-            if step > 1:
-                batch = next(stream)
-            loss = float(train_step(model, optimizer, on_device(batch)))
-            wall += time.perf_counter() - start
-            tokens += batch["inputs"].size
-            real += int((batch["inputs_segment_ids"] > 0).sum())
-            record["steps"].append({"step": step, "wall_s": wall, "loss": loss})
-            if step % config.eval_every == 0 or step == config.steps:
-                record["evals"].append({"step": step, "wall_s": wall, "loss": evaluate()})
-            progress.update(
-                task, advance=1, loss=loss, rate=tokens / wall, padding=1 - real / tokens
-            )
-    record.update(
-        wall_s=wall,
-        tokens_per_s=tokens / wall,
-        useful_tokens_per_s=real / wall,
-        padding_share=1 - real / tokens,
-        final_eval_loss=record["evals"][-1]["loss"],
-        device=f"{jax.devices()[0].platform} x{config.cp}",
-    )
-    return record
+        fields = dict(loss=float("nan"), rate=0, padding=0)
+        tasks = [progress.add_task(r.mode.name, total=r.mode.steps, **fields) for r in runs]
+        while not all(run.done for run in runs):
+            for run, task in zip(runs, tasks, strict=True):
+                if not run.done:
+                    loss = run.step()
+                    rate = run.real / run.wall
+                    progress.update(task, advance=1, loss=loss, rate=rate, padding=run.padding)
+    return {run.mode.name: run.finish() for run in runs}
 
 
 # --- Summary and figure -------------------------------------------------------------------------
 
 
 def compare(runs: dict[str, Any]) -> dict[str, Any]:
-    """The targets, from whichever runs are recorded."""
+    """The targets, from whichever modes ran."""
     out: dict[str, Any] = {}
     if "none" in runs and "grain" in runs:
         padded, packed = runs["none"], runs["grain"]
-        goal = padded["final_eval_loss"]
+        goal, last = padded["final_eval_loss"], padded["evals"][-1]["step"]
         reached = [e for e in packed["evals"] if e["loss"] <= goal]
+        same_step = [e["loss"] for e in packed["evals"] if e["step"] == last]
         out["packed_vs_padded"] = {
             "padded_final_eval_loss": goal,
+            "padded_steps": last,
             "padded_wall_s": padded["wall_s"],
+            "packed_eval_loss_at_that_step": same_step[0] if same_step else None,
+            "packed_step_reaching_it": reached[0]["step"] if reached else None,
             "packed_wall_s_to_reach_it": reached[0]["wall_s"] if reached else None,
             "time_ratio": reached[0]["wall_s"] / padded["wall_s"] if reached else None,
             "useful_tokens_per_s_ratio": packed["useful_tokens_per_s"]
@@ -369,17 +501,17 @@ def compare(runs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def plot(runs: dict[str, Any], path: pathlib.Path) -> None:
+def plot(runs: dict[str, Any], comparisons: dict[str, Any], path: pathlib.Path) -> None:
+    """Loss vs step and vs wall time, every mode (held-out: dots; training: thin lines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, run in sorted(runs.items()):
-        steps = run["steps"]
-        line = by_step.plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=0.8)[0]
-        evals = run["evals"]
+    for name, run in runs.items():
+        steps, evals = run["steps"], run["evals"]
+        line = by_step.plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=0.6)[0]
         for axis, x in ((by_step, "step"), (by_time, "wall_s")):
             axis.plot(
                 [e[x] for e in evals],
@@ -390,51 +522,73 @@ def plot(runs: dict[str, Any], path: pathlib.Path) -> None:
                 label=f"{name} (held-out)",
             )
         by_time.plot(
-            [s["wall_s"] for s in steps], [s["loss"] for s in steps], lw=0.8, alpha=0.4,
+            [s["wall_s"] for s in steps], [s["loss"] for s in steps], lw=0.6, alpha=0.4,
             color=line.get_color(), label=f"{name} (train)",
         )  # fmt: skip
+    target = comparisons.get("packed_vs_padded")
+    if target is not None:
+        by_time.axhline(
+            target["padded_final_eval_loss"], color="gray", ls=":", lw=1,
+            label="padded final held-out loss",
+        )  # fmt: skip
+    # The initial loss (step 0, ~ln 256) would flatten the curves: start the axis below it.
+    later = [e["loss"] for run in runs.values() for e in run["evals"] if e["step"] > 0]
+    for axis in (by_step, by_time):
+        axis.set_ylim(top=max(later) + 0.5)
     by_step.set(xlabel="step", ylabel="loss (nats/byte)", title="loss vs step")
-    by_time.set(xlabel="wall time (s)", ylabel="loss (nats/byte)", title="loss vs wall time")
+    by_time.set(
+        xlabel="wall time of the training steps (s)",
+        ylabel="loss (nats/byte)",
+        title="loss vs wall time",
+    )
     by_time.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def parse(argv: list[str]) -> Config:
+def parse(argv: list[str]) -> tuple[Config, list[Mode]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--packing", choices=("none", "grain"), default="grain")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long CI configuration")
     defaults = Config()
     for field in dataclasses.fields(Config):
-        if field.name == "packing":
+        flag = "--" + field.name.replace("_", "-")
+        if field.name == "modes":
+            parser.add_argument(
+                flag, nargs="+", default=None, help="none, grain, grain-cp<K>[:steps]"
+            )
             continue
-        kind = int if field.name in ("max_documents",) else type(getattr(defaults, field.name))
-        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None)
+        kind = int if field.name == "max_documents" else type(getattr(defaults, field.name))
+        parser.add_argument(flag, type=kind, default=None)
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None and k != "tiny"}
+    if "modes" in given:
+        given["modes"] = tuple(given["modes"])
     config = Config(**({**TINY, **given} if args.tiny else given))
-    if config.batch_size == 0:
-        config = dataclasses.replace(config, batch_size=12 if config.packing == "none" else 5)
-    if config.cp > len(jax.devices()):
-        parser.error(f"--cp {config.cp}: only {len(jax.devices())} devices")
-    return config
+    try:
+        modes = [parse_mode(text, config) for text in config.modes]
+    except ValueError as error:
+        parser.error(str(error))
+    if len({m.name for m in modes}) < len(modes):
+        parser.error(f"--modes names a mode twice: {' '.join(config.modes)}")
+    for mode in modes:
+        if mode.cp > len(jax.devices()):
+            parser.error(f"--modes {mode.name}: only {len(jax.devices())} devices")
+    return config, modes
 
 
 def main(argv: list[str]) -> None:
-    config = parse(argv)
-    record = train(config)
+    config, modes = parse(argv)
+    runs = train(config, modes)
     out = pathlib.Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"runs": {}}
-    summary["runs"][config.name] = record
-    summary["comparisons"] = compare(summary["runs"])
-    summary_path.write_text(json.dumps(summary, indent=1))
-    plot(summary["runs"], out / "loss.png")
-    brief = {k: record[k] for k in ("wall_s", "useful_tokens_per_s", "padding_share")}
-    brief["final_eval_loss"] = record["final_eval_loss"]
-    print(json.dumps({config.name: brief, **summary["comparisons"]}, indent=1))
+    comparisons = compare(runs)
+    summary = {"config": dataclasses.asdict(config), "runs": runs, "comparisons": comparisons}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot(runs, comparisons, out / "loss.png")
+    keys = ("compile_s", "wall_s", "useful_tokens_per_s", "padding_share", "final_eval_loss")
+    brief = {name: {k: run[k] for k in keys} for name, run in runs.items()}
+    print(json.dumps({**brief, **comparisons}, indent=1))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ Install with ``pip install "thdkit[flax]"``; the rest of thdkit never imports th
 from __future__ import annotations
 
 import operator
+from typing import get_args
 
 import jax.numpy as jnp
 from flax import nnx
@@ -92,8 +93,9 @@ class PackedSelfAttention(nnx.Module):
         mask_type: a :class:`thdkit.MaskType` or its name (``"padding_causal"`` for a decoder).
         window_size: ``(left, right)`` sliding window or None (see :func:`thdkit.attention`).
         rope_theta: the RoPE base.
-        implementation: ``"reference"``, ``"blockwise"``, ``"cudnn"``, or None for the first that
-            can run (see :func:`thdkit.plan_attention`); not used by ring attention.
+        implementation: ``"reference"``, ``"blockwise"``, ``"cudnn"``, ``"pallas"``, or None for
+            the first that can run (see :func:`thdkit.plan_attention`); not used by ring
+            attention.
         dtype: the computation dtype of the projections (None: the inputs'); attention
             accumulates in float32 in every case.
         param_dtype: the parameters' dtype.
@@ -155,10 +157,10 @@ class PackedSelfAttention(nnx.Module):
             raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {head_dim}")
         if not rope_theta > 0:
             raise ValueError(f"rope_theta must be positive, got {rope_theta}")
-        if implementation not in (None, "reference", "blockwise", "cudnn"):
+        if implementation is not None and implementation not in get_args(Implementation):
             raise ValueError(
-                "implementation must be 'reference', 'blockwise', 'cudnn' or None, got "
-                f"{implementation!r}"
+                f"implementation must be one of {', '.join(map(repr, get_args(Implementation)))} "
+                f"or None, got {implementation!r}"
             )
         self.in_features = sizes["in_features"]
         self.num_heads = sizes["num_heads"]
