@@ -8,20 +8,25 @@ their shape (counts, ordering of min / median / max).
 from __future__ import annotations
 
 import functools
+import json
+import os
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from thdkit import synth
 from thdkit.bench import measure, report
-from thdkit.bench.attention import AttentionBench
-from thdkit.bench.measure import BenchConfig, ConfigError
+from thdkit.bench.attention import AttentionBench, attention_program, run_attention_bench
+from thdkit.bench.commands import app
+from thdkit.bench.measure import BenchConfig, ConfigError, median
 from thdkit.bench.ring import RingBench
 from thdkit.bench.run import run_sweep
 from thdkit.bench.sweep import FLOOR, METHODS, MetadataSweep, make_inputs
@@ -344,6 +349,117 @@ def test_metadata_tables_ratios_against_linear_and_floor():
     assert work.row_count == len(records)
     single = report.metadata_tables(records[:3])  # one T: no growth table
     assert len(single) == 3
+
+
+# --- the attention benchmark ----------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+NOT_INSTALLED = 'not installed: pip install "thdkit[peers]"'
+
+
+@pytest.mark.parametrize(
+    ("mask_type", "names"),
+    [
+        ("padding_causal", ("blockwise", "blockwise-serial", "jax-nn-xla", "ejkernel-xla")),
+        ("padding", ("jax-nn-xla", "ejkernel-xla")),  # the peers' own mask options
+    ],
+)
+def test_attention_programs_match_the_reference(mask_type, names):
+    """The programs the benchmark times compute the packed attention: output and gradients."""
+    rng = np.random.default_rng(3)
+    ids, pos = synth.filled_segments(rng, batch=2, seq_len=64, segments=5)
+    qkv = [jnp.asarray(rng.standard_normal((2, 64, 2, 8)), jnp.float32) for _ in range(3)]
+    config = AttentionBench(mask_type=mask_type, block_q=16, block_kv=16)
+    run = lambda name: jax.jit(attention_program(config, name, 5, "fwd+bwd"))(*qkv, ids, pos)  # noqa: E731
+    want = jax.tree.leaves(run("reference"))
+    for name in names:
+        for got, expected in zip(jax.tree.leaves(run(name)), want, strict=True):
+            np.testing.assert_allclose(got, expected, atol=3e-5, rtol=3e-5, err_msg=name)
+
+
+def test_attention_programs_refuse_what_they_cannot_run():
+    spec = [jax.ShapeDtypeStruct((1, 64, 1, 8), jnp.float32)] * 3
+    spec += [jax.ShapeDtypeStruct((1, 64), jnp.int32)] * 2
+    bottom_right = AttentionBench(mask_type="padding_causal_bottom_right")
+    with pytest.raises(NotImplementedError, match="ejkernel-xla: top-left masks"):
+        jax.eval_shape(attention_program(bottom_right, "ejkernel-xla", 2, "fwd"), *spec)
+    if jax.default_backend() == "cpu":
+        with pytest.raises(NotImplementedError, match="needs a gpu backend"):
+            jax.eval_shape(attention_program(bottom_right, "jax-nn-cudnn", 2, "fwd"), *spec)
+
+
+def test_bench_attention_command_reports_efficiency_ratios_and_pairs(tmp_path):
+    json_path = tmp_path / "attention.json"
+    args = [
+        *("bench", "attention", "--seq-lens", "128", "--segments", "1", "--heads", "2"),
+        *("--head-dim", "8", "--block-q", "64", "--block-kv", "64", "--repeats", "2"),
+        *("--implementations", "blockwise,jax-nn-xla,cudnn"),
+        *("--warmup", "0", "--dtype", "float32", "--json", str(json_path)),
+    ]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "ATTENTION" in result.output and "× blockwise" in result.output
+    document = json.loads(json_path.read_text())
+    rate = document["summary"]["matmul_flop_rate"]
+    records = {(r["segments"], r["implementation"], r["pass"]): r for r in document["records"]}
+    assert len(records) == len(document["records"]) == 3 * 2 and rate > 0
+    # One causal document of 128 tokens in 64-token tiles: 3 of 4 tiles, 128 * 129 / 2 pairs.
+    one = records[1, "blockwise", "fwd"]
+    assert (one["tiles_visited"], one["visited_pair_fraction"]) == (3, 0.75)
+    assert one["allowed_pairs"] == 128 * 129 // 2 and one["needed_flops"] == 8256 * 4 * 2 * 8
+    assert records[1, "blockwise", "fwd+bwd"]["needed_flops"] == 8256 * 12 * 2 * 8
+    assert one["sum_len_squared_fraction"] == 1.0
+    for (segments, name, passes), record in records.items():
+        assert record["matmul_flop_rate"] == rate
+        assert record["allowed_pair_fraction"] == 8256 / 128**2
+        visited = {"jax-nn-xla": 1.0, "cudnn": None}.get(name, record["tiles_visited"] / 4)
+        assert record["visited_pair_fraction"] == visited
+        assert visited is None or record["allowed_pair_fraction"] <= visited
+        if name == "cudnn":  # Not on this backend: reported, not timed.
+            assert record["skip_reason"].startswith("not supported: NotImplementedError")
+            assert record["efficiency"] is record["vs_blockwise"] is None
+            continue
+        assert record["skip_reason"] is None
+        mine, blockwise = (median(r) for r in (record, records[segments, "blockwise", passes]))
+        assert record["efficiency"] == pytest.approx(record["needed_flops"] / mine * 1e3 / rate)
+        assert record["vs_blockwise"] == pytest.approx(mine / blockwise)
+
+
+def test_a_peer_not_installed_is_reported_so(monkeypatch):
+    for name in ["ejkernel", *(n for n in sys.modules if n.startswith("ejkernel."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # import ejkernel... now fails
+    config = AttentionBench(
+        seq_lens=(64,), segments=(2,), heads=1, head_dim=8, repeats=1, warmup=0,
+        implementations=("ejkernel-xla",),
+    )  # fmt: skip
+    records = run_attention_bench(config)
+    assert [r["pass"] for r in records] == ["fwd", "fwd+bwd"]
+    for missing in records:
+        assert missing["skip_reason"] == NOT_INSTALLED and missing["temp_bytes"] is None
+        assert missing["latency_ms"] is missing["efficiency"] is missing["vs_blockwise"] is None
+
+
+def test_device_check_runs_tiny_here_and_fails_with_a_test(tmp_path):
+    failing = tmp_path / "test_gpu_failure.py"
+    failing.write_text("import pytest\n\n\n@pytest.mark.gpu\ndef test_fails():\n    assert False\n")
+    env = os.environ | {"PYTHON": sys.executable, "PYTEST_ADDOPTS": str(failing)}
+    out = tmp_path / "check"
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "device_check.sh"), str(out), "--tiny"],
+        capture_output=True, text=True, check=False, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "pytest exit 1, benchmark exit 0" in result.stdout
+    assert "1 failed" in (out / "pytest.txt").read_text()
+    assert "ATTENTION" in (out / "attention.txt").read_text() and (out / "device.txt").exists()
+    document = json.loads((out / "attention.json").read_text())
+    assert document["config"]["dtype"] == "bfloat16" and document["config"]["seq_lens"] == [256]
+    assert {r["block_q"] for r in document["records"]} == {64}  # the plan's: T / S = 64
+    ran = {r["implementation"] for r in document["records"] if r["skip_reason"] is None}
+    assert ran >= {"blockwise", "blockwise-serial"}
+    assert {r["implementation"] for r in document["records"]} == {
+        "cudnn", "pallas", "blockwise", "blockwise-serial", "jax-nn-cudnn"
+    }  # fmt: skip
 
 
 # --- the library without the bench extra ----------------------------------------------------

@@ -115,6 +115,20 @@ def test_cudnn_without_gpu_raises_clearly():
 # --- GPU: cuDNN against the reference ----------------------------------------------------------
 
 
+IMPLS = ("cudnn", "reference")
+
+
+def _out_and_grads(q, k, v, implementation: str, common: dict):
+    """``(out, dq, dk, dv)`` of ``sum(out ** 2)``, jitted."""
+
+    def loss(q, k, v):
+        out = attention(q, k, v, **common, implementation=implementation)
+        return jnp.sum(out.astype(jnp.float32) ** 2), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+    return out, *grads
+
+
 def _gpu_inputs(seq: int, seed: int):
     rng = np.random.default_rng(seed)
     q, k, v = (jnp.asarray(rng.normal(size=(2, seq, 4, 64)), jnp.bfloat16) for _ in range(3))
@@ -137,14 +151,7 @@ def test_cudnn_matches_reference_self_attention(mask, window):
         window_size=window,
         max_segments_per_seq=S,
     )
-
-    def loss(q, k, v, implementation):
-        out = attention(q, k, v, **common, implementation=implementation)
-        return jnp.sum(out.astype(jnp.float32) ** 2), out
-
-    grad = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True), static_argnums=3)
-    (_, out_c), grads_c = grad(q, k, v, "cudnn")
-    (_, out_r), grads_r = grad(q, k, v, "reference")
+    (out_c, *grads_c), (out_r, *grads_r) = (_out_and_grads(q, k, v, i, common) for i in IMPLS)
     tol = {"atol": 3e-2, "rtol": 3e-2}
     np.testing.assert_allclose(np.asarray(out_c, np.float32), np.asarray(out_r, np.float32), **tol)
     for g_c, g_r in zip(grads_c, grads_r, strict=True):
@@ -216,3 +223,41 @@ def test_cudnn_refuses_what_it_cannot_express():
     automatic = attention(q, k, v, **common)
     blockwise = attention(q, k, v, **common, implementation="blockwise")
     np.testing.assert_array_equal(np.asarray(automatic), np.asarray(blockwise))
+
+
+def _uneven_rows(seq: int, counts: tuple[int, ...], seed: int):
+    """One row per count, filled with that many documents; the last row ends in tail padding."""
+    rng = np.random.default_rng(seed)
+    rows = [synth.filled_segments(rng, batch=1, seq_len=seq, segments=c) for c in counts]
+    ids, pos = (np.concatenate(side) for side in zip(*rows, strict=True))
+    last = int(np.sum(ids[-1] == ids[-1, -1]))  # the length of the last row's last document
+    ids[-1, seq - last // 2 :] = 0  # its second half: padding (positions keep counting)
+    return jnp.asarray(ids), jnp.asarray(pos)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize(
+    ("heads_kv", "window"), [(4, None), (2, None), (1, None), (2, (32, 0)), (1, (7, 0))], ids=str
+)
+def test_cudnn_matches_reference_on_uneven_rows_gqa_and_windows(dtype, heads_kv, window):
+    """B = 3 rows of 1, 5 and 12 documents, GQA (2 kv heads) and MQA (1), sliding windows,
+    bfloat16 and float16: cuDNN's output and gradients equal the reference's."""
+    seq, counts = 256, (1, 5, 12)
+    ids, pos = _uneven_rows(seq, counts, seed=5)
+    rng = np.random.default_rng(6)
+    q = jnp.asarray(rng.normal(size=(len(counts), seq, 4, 64)), dtype)
+    k, v = (jnp.asarray(rng.normal(size=(len(counts), seq, heads_kv, 64)), dtype) for _ in "kv")
+    common = dict(
+        segment_ids_q=ids,
+        segment_pos_q=pos,
+        mask_type="padding_causal",
+        window_size=window,
+        max_segments_per_seq=max(counts),
+    )
+    (out_c, *grads_c), (out_r, *grads_r) = (_out_and_grads(q, k, v, i, common) for i in IMPLS)
+    tol = {"atol": 3e-2, "rtol": 3e-2} if dtype == "bfloat16" else {"atol": 1e-2, "rtol": 1e-2}
+    assert not np.asarray(out_r[-1, -1], np.float32).any()  # a padded query gives zeros
+    for got, want in zip((out_c, *grads_c), (out_r, *grads_r), strict=True):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)

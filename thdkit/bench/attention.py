@@ -1,18 +1,18 @@
-"""The attention benchmark: the dense reference against blockwise (and cuDNN on a GPU).
+"""The attention benchmark: thdkit's implementations and peers, interleaved in one process.
 
-Axis legend: B batch, T tokens per row (self-attention), H heads, D head dim, S documents per row.
-Per cell (T, S), rows filled with S causal documents of random lengths, every implementation and
-pass (forward, forward + backward) is planned and, where it fits, timed; the work counted next to
-it is the fraction of (query tile, key tile) pairs blockwise visits, the fraction of token pairs
-allowed, ``sum_s len_s^2 / T^2`` and the matmul flops each implementation executes (XLA's flop
-estimate cannot see the blockwise loop's data-dependent trip count).
+B batch, T tokens per row (self-attention), H heads, D head dim, S documents per row. Per cell
+(T, S), rows filled with S documents of random lengths, every implementation and pass (forward,
+forward + backward) is planned and, where it fits, timed round-robin with the others. The peers:
+``jax-nn-xla`` (jax.nn on the dense mask from ids and positions), ``ejkernel-xla`` (extra
+``thdkit[peers]``) and ``jax-nn-cudnn`` (plain causal over whole rows: the speed of light).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Mapping, Sequence
+import statistics
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -21,29 +21,25 @@ import numpy as np
 from rich.table import Table
 
 from thdkit import synth
-from thdkit.attention import DEFAULT_BLOCK, attention
+from thdkit.attention import attention, plan_attention
+from thdkit.attention.blockwise import blockwise_attention
 from thdkit.bench import measure
-from thdkit.bench.measure import (
-    SHAPE_OPTIONS,
-    SILENT,
-    Callbacks,
-    Options,
-    PlanConfig,
-    mask_names,
-    median,
-)
-from thdkit.bench.ring import document_lengths, visited_tiles, work_per_rank
-from thdkit.masks import MaskType, check_window
+from thdkit.bench.measure import SHAPE_OPTIONS, SILENT, Callbacks, Options, PlanConfig, median
+from thdkit.bench.ring import work_per_rank
+from thdkit.masks import MaskType, check_window, pair_mask
+from thdkit.segments import Segments
 
-__all__ = ["AttentionBench", "run_attention_bench"]
+__all__ = ["AttentionBench", "attention_program", "matmul_rate", "run_attention_bench"]
 
-IMPLEMENTATIONS = ("reference", "blockwise", "cudnn")
+IMPLEMENTATIONS = ("reference", "blockwise", "blockwise-serial", "cudnn", "pallas")
+IMPLEMENTATIONS += ("jax-nn-xla", "ejkernel-xla", "jax-nn-cudnn")
+_BACKENDS = {"cudnn": ("gpu",), "jax-nn-cudnn": ("gpu",), "pallas": ("gpu", "tpu")}  # Else any.
 # Matmul flops per allowed (query, key) pair, head and head-dim unit: QK^T and PV forward; the
-# backward adds dV, dP, dQ, dK, and the blockwise backward also recomputes QK^T.
-_FLOPS_PER_PAIR = {
-    "fwd": {"reference": 4, "blockwise": 4},
-    "fwd+bwd": {"reference": 12, "blockwise": 14},
-}
+# backward adds dV, dP, dQ and dK.
+NEEDED_FLOPS_PER_PAIR = {"fwd": 4, "fwd+bwd": 12}
+MATMUL_SIZE = 2048
+TILED = ("blockwise", "blockwise-serial", "pallas")  # They visit the plan's tile ranges.
+DENSE = {"reference": 1.0, "jax-nn-xla": 1.0}  # Pairs visited over B T^2.
 
 
 def _floating(name: str | None) -> str | None:
@@ -51,6 +47,10 @@ def _floating(name: str | None) -> str | None:
     if name is not None and not jnp.issubdtype(jnp.dtype(name), jnp.floating):
         raise ValueError(f"must name a floating dtype such as float32 or bfloat16, got {name!r}")
     return name
+
+
+def _runs_here(name: str) -> bool:
+    return jax.default_backend() in _BACKENDS.get(name, (jax.default_backend(),))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,25 +70,28 @@ class AttentionBench(PlanConfig):
     OPTIONS: ClassVar[Options] = {
         **PlanConfig.OPTIONS,
         **SHAPE_OPTIONS,
-        "mask_type": ("Mask type name.", mask_names),
+        "mask_type": ("Mask type name.", measure.mask_names),
         "window_size": (None, check_window),  # (left, right) or None; not on the command line.
-        "implementations": ("\\[default: reference,blockwise (+cudnn on a GPU)]", IMPLEMENTATIONS),
+        "implementations": (
+            f"Any of {', '.join(IMPLEMENTATIONS)}. \\[default: all the backend runs but reference]",
+            IMPLEMENTATIONS,
+        ),
         "dtype": ("Input dtype. \\[default: bfloat16 on a GPU, else float32]", _floating),
-        "block_q": ("Query tile size of the blockwise method.", 1),
-        "block_kv": ("Key tile size of the blockwise method.", 1),
+        "block_q": ("Query tile size. \\[default: from the mean document length]", 1),
+        "block_kv": ("Key tile size. \\[default: from the mean document length]", 1),
     }
     seq_lens: tuple[int, ...] = (8192, 32768)
-    segments: tuple[int, ...] = (16,)
+    segments: tuple[int, ...] = (1, 16, 256)
     heads: int = 8
     head_dim: int = 64
     mask_type: str = "padding_causal"
     window_size: tuple[int | None, int | None] | None = None
     implementations: tuple[str, ...] = dataclasses.field(
-        default_factory=lambda: IMPLEMENTATIONS[: 3 if jax.default_backend() == "gpu" else 2]
+        default_factory=lambda: tuple(filter(_runs_here, IMPLEMENTATIONS[1:]))
     )
     dtype: str | None = None
-    block_q: int = DEFAULT_BLOCK
-    block_kv: int = DEFAULT_BLOCK
+    block_q: int | None = None
+    block_kv: int | None = None
     time_per_program_s: float = 2.0
     compile_timeout_s: float = 120.0
 
@@ -96,14 +99,56 @@ class AttentionBench(PlanConfig):
         return [("segments", max(self.segments) <= min(self.seq_lens), "at most min(seq_lens)")]
 
 
-def _program(config: AttentionBench, implementation: str, segments: int, passes: str) -> Any:
-    """``fn(q, k, v, ids, pos)`` running one pass of one implementation."""
-    same = {k: getattr(config, k) for k in ("mask_type", "window_size", "block_q", "block_kv")}
+def attention_program(
+    config: AttentionBench, implementation: str, segments: int, passes: str
+) -> Callable[..., Any]:
+    """``fn(q, k, v, ids, pos)``: one pass (``"fwd"``: out, ``"fwd+bwd"``: out and the pullback
+    of out) of one implementation on float[B, T, H, D] inputs and int32[B, T] ids and positions.
+    Where it cannot run here (backend, mask type) ``fn`` raises NotImplementedError when traced.
+
+    Raises:
+        ImportError: a peer that is not installed.
+
+    Example:
+        >>> fn = attention_program(AttentionBench(), "jax-nn-xla", 2, "fwd")
+        >>> ids, pos = jnp.array([[1, 1, 2, 2]]), jnp.array([[0, 1, 0, 1]])
+        >>> x = jnp.zeros((1, 4, 1, 1))
+        >>> fn(x, x, jnp.arange(4.0).reshape(1, 4, 1, 1), ids, pos)[0, :, 0, 0]
+        Array([0. , 0.5, 2. , 2.5], dtype=float32)
+    """
+    mask, window = MaskType.parse(config.mask_type), config.window_size
+    layout = {"mask_type": mask, "window_size": window}
+    blocks = {"block_q": config.block_q, "block_kv": config.block_kv}
+    if implementation == "ejkernel-xla":
+        from ejkernel.modules.operations import flash_attention
+        from ejkernel.types import MaskInfo
 
     def forward(q, k, v, ids, pos):
+        side = Segments.from_ids(ids, pos)
+        if not _runs_here(implementation):
+            raise NotImplementedError(f"needs a {' or '.join(_BACKENDS[implementation])} backend")
+        if implementation.startswith("blockwise"):
+            plan = plan_attention(
+                side, **layout, max_segments_per_seq=segments, implementation="blockwise", **blocks
+            )
+            out, _ = blockwise_attention(
+                q, k, v, side, side, plan.ranges, **layout, scale=q.shape[-1] ** -0.5,
+                schedule="serial" if implementation.endswith("serial") else "parallel",
+            )  # fmt: skip
+            return out.astype(q.dtype)
+        if implementation == "jax-nn-xla":
+            dense = pair_mask(side, side, **layout)[:, None]  # [B, 1, T, T]
+            return jax.nn.dot_product_attention(q, k, v, mask=dense, implementation="xla")
+        if implementation == "jax-nn-cudnn":  # Causal over the whole row: no packing.
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        if implementation == "ejkernel-xla":
+            if mask.is_bottom_right or window is not None:
+                raise NotImplementedError("ejkernel-xla: top-left masks without a window only")
+            info = MaskInfo.from_segments(ids - 1)  # Its ids start at 0; -1 is padding.
+            return flash_attention(q, k, v, mask_info=info, causal=mask.is_causal, platform="xla")
         return attention(
             q, k, v, segment_ids_q=ids, segment_pos_q=pos, max_segments_per_seq=segments,
-            implementation=implementation, **same,
+            implementation=implementation, **layout, **blocks,
         )  # fmt: skip
 
     def forward_backward(q, k, v, ids, pos):
@@ -114,21 +159,35 @@ def _program(config: AttentionBench, implementation: str, segments: int, passes:
 
 
 def _work(config: AttentionBench, ids: np.ndarray, pos: np.ndarray) -> dict[str, Any]:
-    """The cell's visited tiles, allowed pairs and sum_s len_s^2, the fractions over B T^2."""
-    batch, seq_len = ids.shape
-    blocks = {"block_q": min(config.block_q, seq_len), "block_kv": min(config.block_kv, seq_len)}
-    mask, window, pairs = MaskType.parse(config.mask_type), config.window_size, batch * seq_len**2
-    side = (ids, pos, document_lengths(ids))
-    visited = int(visited_tiles(side, side, mask=mask, window=window, **blocks))
-    tiles = batch * -(-seq_len // blocks["block_q"]) * -(-seq_len // blocks["block_kv"])
-    allowed = work_per_rank(ids, pos, cp=1, mask_type=mask, window_size=window).sum()
+    """The cell's tiles visited by blockwise's plan, its allowed pairs and sum_s len_s^2."""
+    mask, window = MaskType.parse(config.mask_type), config.window_size
+    side = Segments.from_ids(ids, pos)
+    plan = plan_attention(
+        side, mask_type=mask, window_size=window, max_segments_per_seq=int(ids.max()),
+        implementation="blockwise", block_q=config.block_q, block_kv=config.block_kv,
+    )  # fmt: skip
+    visited, pairs = int(jnp.sum(plan.ranges.hi - plan.ranges.lo)), ids.size * ids.shape[1]
+    allowed = int(work_per_rank(ids, pos, cp=1, mask_type=mask, window_size=window).sum())
     return {
-        "tiles_visited_fraction": visited / tiles,
-        "tiles_visited": visited,
-        **blocks,
-        "allowed_pair_fraction": int(allowed) / pairs,
-        "sum_len_squared_fraction": int(side[2].sum()) / pairs,  # Each token adds its length.
-    }
+        "tiles_visited": visited, "block_q": plan.block_q, "block_kv": plan.block_kv,
+        "tiles_visited_fraction": visited / plan.ranges.lo.size / plan.ranges.num_kv_tiles,
+        "tile_pair_fraction": visited * plan.block_q * plan.block_kv / pairs,
+        "allowed_pairs": allowed, "allowed_pair_fraction": allowed / pairs,
+        "sum_len_squared_fraction": int(side.lengths.sum()) / pairs,  # Each token adds its length.
+    }  # fmt: skip
+
+
+def _matmul(q: jax.Array, k: jax.Array, *_: Any) -> jax.Array:
+    """``x @ y``, [2048, 2048] each in the cell's dtype (q's and k's values, repeated as needed):
+    timed with the cell's programs, it gives their FLOP rate under the same load."""
+    x, y = (jnp.resize(a, (MATMUL_SIZE, MATMUL_SIZE)) for a in (q, k))
+    return x @ y
+
+
+def matmul_rate(records: Sequence[Mapping[str, Any]]) -> float | None:
+    """The median of the records' ``matmul_flop_rate`` (FLOP/s): the rate of the run."""
+    rates = [r["matmul_flop_rate"] for r in records if r["matmul_flop_rate"]]
+    return statistics.median(rates) if rates else None
 
 
 def run_attention_bench(
@@ -142,22 +201,20 @@ def run_attention_bench(
             (T, S) cell.
 
     Returns:
-        JSON-ready records, one per (seq_len, segments, implementation, pass): the options, the
-        plan's sizes and costs, ``latency_ms``, ``skip_reason``, ``matmul_flops`` (executed;
-        None for cuDNN), ``speedup`` (the reference's median over this one) and the cell's work
-        (``tiles_visited_fraction``, ``allowed_pair_fraction``, ``sum_len_squared_fraction``...).
+        JSON-ready records, one per (seq_len, segments, implementation, pass), with the fields
+        docs/benchmarks.md describes (efficiency, vs_blockwise, pairs visited and allowed...).
 
     Example:
         >>> config = AttentionBench(seq_lens=(256,), segments=(4,), heads=1, head_dim=8,
         ...                         implementations=("blockwise",), repeats=1, warmup=0)
-        >>> [(r["pass"], r["skip_reason"]) for r in run_attention_bench(config)]
-        [('fwd', None), ('fwd+bwd', None)]
+        >>> [(r["pass"], r["skip_reason"], r["vs_blockwise"]) for r in run_attention_bench(config)]
+        [('fwd', None, 1.0), ('fwd+bwd', None, 1.0)]
     """
     rng = np.random.default_rng(config.seed)
     dtype = config.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
-    same = {
-        k: getattr(config, k) for k in ("batch", "heads", "head_dim", "mask_type", "window_size")
-    }
+    keys = ("batch", "heads", "head_dim", "mask_type", "window_size")
+    same = {k: getattr(config, k) for k in keys} | {"dtype": dtype}
+    flops_per_pair = config.heads * config.head_dim
     records: list[dict[str, Any]] = []
     for seq_len, segments in itertools.product(config.seq_lens, config.segments):
         label = f"attention T={seq_len} S={segments}"
@@ -170,54 +227,51 @@ def run_attention_bench(
         qkv = [jnp.asarray(rng.standard_normal(shape, np.float32), dtype) for _ in range(3)]
         args = (*qkv, jnp.asarray(ids), jnp.asarray(pos))
         plans = {}
-        for implementation, passes in itertools.product(config.implementations, _FLOPS_PER_PAIR):
+        for implementation, passes in itertools.product(config.implementations, ("fwd", "fwd+bwd")):
             callbacks.step(f"{label}: compile {implementation} {passes}")
-            program = _program(config, implementation, segments, passes)
-            plans[implementation, passes] = measure.plan(
-                program, *args, compile_timeout_s=config.compile_timeout_s
-            )
+            try:
+                program = attention_program(config, implementation, segments, passes)
+                plan = measure.plan(program, *args, compile_timeout_s=config.compile_timeout_s)
+            except ImportError:
+                plan = measure.skipped('not installed: pip install "thdkit[peers]"')
+            plans[implementation, passes] = plan
+        plans["matmul"] = measure.plan(_matmul, *args, compile_timeout_s=config.compile_timeout_s)
         callbacks.step(f"{label}: timing")
         outcome = measure.run_plans(plans, args, config, config.memory_limit_bytes)
-        executed = {
-            "reference": config.batch * seq_len**2,
-            "blockwise": work["tiles_visited"] * work["block_q"] * work["block_kv"],
-        }
+        matmul_ms = median(outcome.pop("matmul"))
+        rate = matmul_ms and 2e3 * MATMUL_SIZE**3 / matmul_ms
+        visited = dict.fromkeys(TILED, work["tile_pair_fraction"]) | DENSE
         for (implementation, passes), fields in outcome.items():
-            per_pair = _FLOPS_PER_PAIR[passes].get(implementation)  # cuDNN's tiling is its own.
-            flops = (
-                per_pair and per_pair * config.heads * config.head_dim * executed[implementation]
-            )
-            reference, mine = median(outcome.get(("reference", passes), {})), median(fields)
+            needed = work["allowed_pairs"] * NEEDED_FLOPS_PER_PAIR[passes] * flops_per_pair
+            blockwise, mine = median(outcome.get(("blockwise", passes), {})), median(fields)
             records.append(
-                {"seq_len": seq_len, "segments": segments, **same, "dtype": dtype}
-                | {"implementation": implementation, "pass": passes, **fields}
-                | {"matmul_flops": flops and float(flops), **work}
-                | {"speedup": reference / mine if reference and mine else None}
+                {"seq_len": seq_len, "segments": segments, **same}
+                | {"implementation": implementation, "pass": passes, **fields, **work}
+                | {"visited_pair_fraction": visited.get(implementation)}
+                | {"needed_flops": float(needed), "matmul_flop_rate": rate}
+                | {"efficiency": mine and rate and needed / (mine / 1e3) / rate}
+                | {"vs_blockwise": mine / blockwise if blockwise and mine else None}
             )
         callbacks.cell_done()
     return records
 
 
 def attention_table(records: Sequence[Mapping[str, Any]]) -> Table:
-    """ATTENTION: scratch bytes, executed matmul flops, latency and speedup per program, with the
-    blockwise method's visited tile fraction next to the allowed pair fraction."""
-    percent = "{:.2%}".format
-
-    def blockwise(record: Mapping[str, Any]) -> float | None:
-        return record["tiles_visited_fraction"] if record["implementation"] == "blockwise" else None
-
+    """ATTENTION: scratch bytes, latency, × blockwise, efficiency, pairs visited and allowed."""
+    percent = "{:.1%}".format
     columns = [
         ("T", "seq_len"), ("S", "segments"), ("impl", "implementation", str, "left"),
         ("pass", "pass", str, "left"), ("temp", "temp_bytes", measure.format_bytes),
-        ("matmul GFLOP", lambda r: r["matmul_flops"] and r["matmul_flops"] / 1e9, "{:.3g}".format),
-        ("median ms", median, "{:.1f}".format), ("speedup", "speedup", "{:.1f}x".format),
-        ("tiles visited", blockwise, percent), ("allowed pairs", "allowed_pair_fraction", percent),
+        ("median ms", median, "{:.1f}".format), ("× blockwise", "vs_blockwise", "{:.2f}".format),
+        ("efficiency", "efficiency", percent), ("visited", "visited_pair_fraction", percent),
+        ("allowed", "allowed_pair_fraction", percent),
         ("status", lambda r: r["skip_reason"] or "", str, "left"),
     ]  # fmt: skip
     caption = (
-        "temp: scratch bytes of the compiled program; matmul GFLOP: executed (blockwise: visited "
-        "tiles only); allowed pairs: allowed (q, kv) pairs / T^2"
+        "× blockwise: latency / blockwise's; efficiency: the allowed pairs' matmul flops per "
+        f"second / those of a {MATMUL_SIZE}^3 matmul timed with them (median "
+        f"{(matmul_rate(records) or 0) / 1e9:.1f} GFLOP/s); pairs visited, allowed / B·T^2"
     )
-    title = "ATTENTION: reference vs blockwise (median of interleaved runs)"
+    title = "ATTENTION: thdkit and peers (median of interleaved runs)"
     section = lambda r: (r["seq_len"], r["segments"])  # noqa: E731
     return measure.table(title, columns, records, section=section, caption=caption)

@@ -24,7 +24,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from typer.core import TyperGroup
 
-from thdkit.bench.attention import AttentionBench, attention_table, run_attention_bench
+from thdkit.bench.attention import (
+    AttentionBench,
+    attention_table,
+    matmul_rate,
+    run_attention_bench,
+)
 from thdkit.bench.cp import CPBench, cp_table, run_cp_bench
 from thdkit.bench.measure import BenchConfig, Callbacks, ConfigError, environment, pending_compiles
 from thdkit.bench.plan import PlanBench, plan_table, run_plan_bench
@@ -253,16 +258,17 @@ def _bench(
 @_bench_app.command("attention")
 @_options(AttentionBench)
 def _bench_attention(json_path: JsonPath = None, **fields: Any) -> None:
-    """Packed attention: the dense reference against blockwise (and cuDNN on a GPU).
+    """Packed attention: thdkit's implementations and peers (jax.nn, ejkernel), interleaved.
 
     Per T and document count: scratch bytes, forward and forward+backward latency where the plan
-    fits in memory, and the tiles blockwise visits next to the allowed pairs.
+    fits in memory, latency over blockwise's, efficiency against a matmul, pairs visited/allowed.
     """
     config = _config(AttentionBench, fields)
     header = "attention: T={seq_lens}, B={batch}, H={heads}, D={head_dim}, {mask_type}"
     cells = len(config.seq_lens) * len(config.segments)
     tables = lambda records: [attention_table(records)]  # noqa: E731
-    _run("attention", header, config, run_attention_bench, tables, cells, json_path)
+    rate = lambda records: {"matmul_flop_rate": matmul_rate(records)}  # noqa: E731
+    _run("attention", header, config, run_attention_bench, tables, cells, json_path, rate)
 
 
 @_bench_app.command("plan")
