@@ -2,9 +2,20 @@
 
 import os
 
-# Multi-device tests (context parallelism) run on simulated CPU devices; the flag must be set
-# before JAX initialises its backends.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Set before JAX initialises its backends. Multi-device tests (context parallelism) run on
+# simulated CPU devices. The tests' programs are tiny: XLA:CPU's backend (LLVM) optimisations
+# cost them more compile time than they save at run time.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", "")]
+    + [
+        f"{flag}={value}"
+        for flag, value in (
+            ("--xla_force_host_platform_device_count", "8"),
+            ("--xla_backend_optimization_level", "0"),
+        )
+        if flag not in os.environ.get("XLA_FLAGS", "")
+    ]
+).strip()
 
 import jax
 import jax.numpy as jnp
