@@ -11,7 +11,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from thdkit import reorder
-from thdkit.masks import MaskType
+from thdkit.mask_types import MaskType
 
 ALL_MASKS = list(MaskType)
 
@@ -138,7 +138,7 @@ def segments_of(layout: dict[str, Any]) -> dict[str, Any]:
 def self_layout(seed: int, *, batch: int = ATTN_B, seq_len: int = ATTN_T) -> dict[str, np.ndarray]:
     """A self-attention batch as ``attention_partial`` keywords: the kv layout is the query's."""
     from thdkit import synth
-    from thdkit.layout import run_lengths
+    from thdkit.segments import run_lengths
 
     ids, pos = synth.packed_segments(
         np.random.default_rng(seed), batch=batch, seq_len=seq_len, max_segments=ATTN_S
@@ -149,7 +149,7 @@ def self_layout(seed: int, *, batch: int = ATTN_B, seq_len: int = ATTN_T) -> dic
 
 def missing_layout(seed: int) -> dict[str, np.ndarray]:
     """Cross-attention with segment 2 absent from the keys: its query rows attend nothing."""
-    from thdkit.layout import run_lengths
+    from thdkit.segments import run_lengths
 
     layout = self_layout(seed)
     ids_kv = np.where(layout["ids_q"] == 2, 0, layout["ids_q"])
@@ -159,7 +159,7 @@ def missing_layout(seed: int) -> dict[str, np.ndarray]:
 def cross_layout(seed: int) -> dict[str, np.ndarray]:
     """Cross-attention whose key documents are at least as long as the query ones."""
     from thdkit import synth
-    from thdkit.layout import run_lengths
+    from thdkit.segments import run_lengths
 
     ids_q, pos_q, ids_kv, pos_kv = synth.cross_segments(
         np.random.default_rng(seed),
@@ -185,7 +185,7 @@ def ring_step_layout(
     ``"striped2"`` or ``"dual_chunk_swap"``); rl holds the global document lengths, as ring
     attention passes them to the bottom-right rule."""
     from thdkit import reorder
-    from thdkit.layout import run_lengths
+    from thdkit.segments import run_lengths
 
     rl = np.asarray(run_lengths(ids))
     if order == "dual_chunk_swap":

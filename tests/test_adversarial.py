@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import thdkit
 from thdkit import reorder
 from thdkit.bench.commands import app
-from thdkit.layout import MAX_POSITION
+from thdkit.limits import MAX_POSITION
 
 IDS = jnp.array([[1, 1, 1, 2, 2, 0, 0, 3]])
 POS = jnp.array([[0, 1, 2, 0, 1, 2, 0, 0]])

@@ -30,11 +30,10 @@ from thdkit.bench.measure import BenchConfig, ConfigError, median
 from thdkit.bench.ring import RingBench
 from thdkit.bench.run import run_sweep
 from thdkit.bench.sweep import FLOOR, METHODS, MetadataSweep, make_inputs
-from thdkit.layout import run_lengths
-from thdkit.masks import MaskType
+from thdkit.mask_types import MaskType
 from thdkit.metadata import seqlens_and_offsets
 from thdkit.reference import allowed_pairs
-from thdkit.segments import Segments
+from thdkit.segments import Segments, run_lengths
 
 LATENCY_KEYS = {"median", "min", "max", "samples"}
 

@@ -15,13 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from thdkit.attention import attention, blockwise
-from thdkit.attention.blockwise import attention_partial
-from thdkit.attention.tiles import tile_ranges
-from thdkit.layout import run_lengths
-from thdkit.masks import MaskType, pair_mask
+from thdkit.kernels import attention, blockwise
+from thdkit.kernels.partial import attention_partial
+from thdkit.kernels.tiles import tile_ranges
+from thdkit.mask_types import MaskType
+from thdkit.masks import pair_mask
 from thdkit.reference import reference_attention
-from thdkit.segments import Segments
+from thdkit.segments import Segments, run_lengths
 
 from .strategies import (
     ALL_MASKS,

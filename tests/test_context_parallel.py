@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from thdkit.attention import attention
+from thdkit.kernels import attention
 from thdkit.context_parallel import STRATEGIES, context_parallel_attention, traffic
 
 from .strategies import packed_row, reorder_pair

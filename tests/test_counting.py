@@ -16,7 +16,7 @@ from thdkit.counting import (
     gather_rows,
     segment_extrema,
 )
-from thdkit.layout import MAX_POSITION
+from thdkit.limits import MAX_POSITION
 
 INT32 = np.iinfo(np.int32)
 N, T, S = 3, 16, 5

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from thdkit import reorder, synth
-from thdkit.attention import attention, is_representable
-from thdkit.attention.cudnn import packed_inputs, poisoned_rows, spans_of
-from thdkit.layout import run_lengths
-from thdkit.masks import MaskType, pair_mask
+from thdkit.kernels import attention, is_representable
+from thdkit.kernels.cudnn import packed_inputs, poisoned_rows, spans_of
+from thdkit.mask_types import MaskType
+from thdkit.masks import pair_mask
 from thdkit.metadata import seqlens_and_offsets
-from thdkit.segments import Segments
+from thdkit.segments import Segments, run_lengths
 
 from .strategies import ATTN_S
 

@@ -12,10 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from thdkit.attention.blockwise import attention_partial
-from thdkit.layout import run_lengths
-from thdkit.masks import MaskType
-from thdkit.segments import Segments
+from thdkit.kernels.partial import attention_partial
+from thdkit.mask_types import MaskType
+from thdkit.segments import Segments, run_lengths
 
 from .strategies import ALL_MASKS, batches, ring_step_layout, segments_of
 

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from jax.experimental import checkify
 
 import thdkit
-from thdkit.layout import MAX_POSITION, MAX_SEGMENTS, MAX_SEQ_LEN, LayoutError
+from thdkit.layout import LayoutError
+from thdkit.limits import MAX_POSITION, MAX_SEGMENTS, MAX_SEQ_LEN
 
 from .strategies import batches, np_run_lengths
 
@@ -201,7 +202,7 @@ def test_positions_above_max_position():
     bad = ok + np.array([[0, 0], [1, 1]])
     with pytest.raises(
         ValueError,
-        match=rf"^segment_pos row 1, token 1: position {MAX_POSITION + 1} exceeds thdkit.layout.MAX_POSITION",
+        match=rf"^segment_pos row 1, token 1: position {MAX_POSITION + 1} exceeds thdkit.MAX_POSITION",
     ):
         thdkit.validate_layout(ids, bad, max_segments_per_seq=2, mask_type="padding")
     codes = thdkit.layout_error_codes(ids, bad, max_segments_per_seq=2)
@@ -249,9 +250,7 @@ def test_no_bound_on_ids_beyond_max_segments():
     thdkit.validate_layout(ids, pos, max_segments_per_seq=None, mask_type="padding")
     codes = thdkit.layout_error_codes(ids, pos, max_segments_per_seq=None)
     assert codes.code.tolist() == [0]
-    with pytest.raises(
-        ValueError, match=r"token 1: id 1073741824 exceeds thdkit.layout.MAX_SEGMENTS"
-    ):
+    with pytest.raises(ValueError, match=r"token 1: id 1073741824 exceeds thdkit.MAX_SEGMENTS"):
         thdkit.validate_layout(
             jnp.array([1, MAX_SEGMENTS + 1]), jnp.array([0, 0]), max_segments_per_seq=None
         )

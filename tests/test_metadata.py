@@ -259,7 +259,7 @@ _DROP = object()
         (dict(compact="yes"), TypeError, r"compact must be a bool, got str"),
         (dict(compact=1), TypeError, r"compact must be a bool, got int"),
         (dict(method=["linear"]), TypeError, r"method must be a string \(one of linear, one_hot, dense\), got list"),
-        (dict(segment_pos_q=jnp.array([0, 1, 0, 2**30])), ValueError, r"segment_pos_q row 0, token 3: position 1073741824 exceeds thdkit.layout.MAX_POSITION"),
+        (dict(segment_pos_q=jnp.array([0, 1, 0, 2**30])), ValueError, r"segment_pos_q row 0, token 3: position 1073741824 exceeds thdkit.MAX_POSITION"),
         (dict(segment_ids_q=[[1, 1], [2]], segment_pos_q=[[0, 1], [0]]), ValueError, r"segment_ids_q must be a rectangular integer array"),
         (dict(segment_ids_q=[1, 1, 2, None]), TypeError, r"segment_ids_q must be an integer array, got an object array of non-integers"),
         (dict(segment_ids_q=[1, 1, 2, 2**33]), ValueError, r"segment_ids_q row 0, token 3: id 8589934592 is outside the int32 range"),

@@ -21,18 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
-from thdkit.attention import TileRanges, attention, plan_attention, tile_ranges
-from thdkit.attention.api import AUTO
-from thdkit.attention.pallas import (
-    check_arrays,
-    check_config,
-    pallas_attention,
-    visiting_query_tiles,
-)
-from thdkit.layout import run_lengths
-from thdkit.masks import MaskType, check_window
+from thdkit.kernels import TileRanges, attention, plan_attention, tile_ranges
+from thdkit.kernels.api import AUTO
+from thdkit.kernels.pallas import check_arrays, check_config, pallas_attention, visiting_query_tiles
+from thdkit.mask_types import MaskType, check_window
 from thdkit.reference import reference_attention
-from thdkit.segments import Segments
+from thdkit.segments import Segments, run_lengths
 
 from .strategies import (
     ATTN_S,

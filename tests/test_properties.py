@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import thdkit
-from thdkit.layout import MAX_POSITION
-from thdkit.masks import MaskType
+from thdkit.limits import MAX_POSITION
+from thdkit.mask_types import MaskType
 from thdkit.reorder import dual_chunk_swap, ring_step, striped
 from thdkit.synth import cross_segments, packed_segments
 

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from thdkit import reorder, synth
-from thdkit.attention import is_representable
-from thdkit.attention.representable import representable_rows
-from thdkit.masks import MaskType
+from thdkit.kernels import is_representable
+from thdkit.kernels.representable import representable_rows
+from thdkit.mask_types import MaskType
 from thdkit.metadata import seqlens_and_offsets
 
 from .strategies import ALL_MASKS, ATTN_S, ATTN_T, batches, kernel_reading, np_allowed

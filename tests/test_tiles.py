@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from thdkit import synth
-from thdkit.attention import tile_ranges
-from thdkit.attention.tiles import kv_spans
-from thdkit.layout import run_lengths
-from thdkit.masks import MaskType, pair_mask
-from thdkit.segments import Segments
+from thdkit.kernels import tile_ranges
+from thdkit.kernels.tiles import kv_spans
+from thdkit.mask_types import MaskType
+from thdkit.masks import pair_mask
+from thdkit.segments import Segments, run_lengths
 
 from .strategies import ALL_MASKS, batches
 

@@ -207,3 +207,11 @@ def gather_rows(values: Int[Array, "N T"], index: Int[Array, "N ..."]) -> Int[Ar
     """
     flat = index.reshape(index.shape[0], math.prod(index.shape[1:]))  # no -1: N may be 0
     return jnp.take_along_axis(values, flat, axis=-1).reshape(index.shape)
+
+
+def shift(x: Array, by: int, *, fill: int) -> Array:
+    """Shifts ``x`` along its last axis by ``by`` places (right if positive), filling in."""
+    pad = jnp.full((*x.shape[:-1], abs(by)), fill, x.dtype)
+    if by > 0:
+        return jnp.concatenate([pad, x[..., :-by]], axis=-1)
+    return jnp.concatenate([x[..., -by:], pad], axis=-1)

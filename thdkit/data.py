@@ -30,7 +30,7 @@ from typing import Any, Literal
 import grain
 import numpy as np
 
-from thdkit.layout import MAX_SEGMENTS
+from thdkit.limits import MAX_SEGMENTS
 from thdkit.reorder import dual_chunk_swap, striped
 
 __all__ = ["pack", "reorder_batch"]

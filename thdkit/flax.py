@@ -29,9 +29,9 @@ from flax import nnx
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
-from thdkit.attention import AttentionPlan, Implementation, attention, plan_attention
+from thdkit.kernels import AttentionPlan, Implementation, attention, plan_attention
 from thdkit.context_parallel import ring_attention
-from thdkit.masks import MaskType, check_window
+from thdkit.mask_types import MaskType, check_window
 from thdkit.segments import Segments
 
 __all__ = ["PackedSelfAttention", "rope"]

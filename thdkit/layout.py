@@ -1,4 +1,4 @@
-"""Segment layouts: argument checks, accepted ranges, the layout rules, and run lengths.
+"""The layout rules: eager validation, error codes under jit, and the checkify check.
 
 A *layout* is the pair ``(segment_ids, segment_pos)`` of one side (queries or keys/values), both
 ``int[*B, T]``: ``segment_ids`` is 0 for padding and 1..S for the document a token belongs to,
@@ -36,31 +36,20 @@ import numpy as np
 from jax.experimental import checkify
 from jaxtyping import Array, ArrayLike, Bool, Int
 
-from thdkit.masks import MaskType
+from thdkit.counting import shift
+from thdkit.inputs import as_layout, checked_pair, positions_name, row_label, to_int32
+from thdkit.limits import MAX_POSITION, MAX_SEGMENTS, is_concrete, segment_bound
+from thdkit.mask_types import MaskType
 
 __all__ = [
-    "MAX_POSITION",
-    "MAX_SEGMENTS",
-    "MAX_SEQ_LEN",
     "LayoutError",
     "RowChecks",
     "check_layout",
     "layout_error_codes",
     "map_rows",
-    "run_lengths",
+    "validate_concrete",
     "validate_layout",
 ]
-
-MAX_POSITION = 2**30 - 1
-"""The largest accepted position: positions lie in ``[0, MAX_POSITION]``."""
-
-MAX_SEQ_LEN = 2**30
-"""The largest accepted row length T (the last axis of ids and positions)."""
-
-MAX_SEGMENTS = 2**30 - 1
-"""The largest accepted ``max_segments_per_seq`` (S); ids lie in ``[0, S]``."""
-
-_INT32 = np.iinfo(np.int32)
 
 
 class LayoutError(enum.IntEnum):
@@ -93,241 +82,6 @@ class RowChecks(NamedTuple):
     token: Int[Array, "*B"]
 
 
-def is_concrete(*arrays: Any) -> bool:
-    """True when no argument is a JAX tracer, so values can be read on the host."""
-    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
-
-
-def check_int(
-    value: Any, name: str, *, low: int, high: int | None = None, kind: str = "an int"
-) -> int:
-    """Returns a static integer argument as an ``int`` in ``[low, high]``, or raises naming it.
-
-    Python and NumPy integers are accepted; bools, floats and traced values are not.
-
-    Args:
-        value: the argument.
-        name: its name, for messages.
-        low: the smallest accepted value.
-        high: the largest accepted value, or None for no bound.
-        kind: what the TypeError says the argument must be.
-
-    Returns:
-        ``int(value)``.
-
-    Raises:
-        TypeError: ``value`` is not a Python or NumPy integer (bools included).
-        ValueError: ``value`` is outside ``[low, high]``.
-
-    Example:
-        >>> check_int(np.int64(4), "cp", low=1)
-        4
-        >>> check_int(True, "cp", low=1)
-        Traceback (most recent call last):
-        ...
-        TypeError: cp must be an int, got bool
-    """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
-    if high is None and value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    if high is not None and not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return int(value)
-
-
-def check_max_segments(max_segments_per_seq: Any) -> int:
-    """Returns ``max_segments_per_seq`` as a static ``int`` in ``[1, MAX_SEGMENTS]``, or raises.
-
-    Args:
-        max_segments_per_seq: S, a Python or NumPy integer (not a bool, not traced).
-
-    Returns:
-        ``int``.
-
-    Raises:
-        TypeError: it is not a Python (or NumPy) integer, e.g. a traced value, a float or a bool.
-        ValueError: it is outside ``[1, MAX_SEGMENTS]``.
-
-    Example:
-        >>> check_max_segments(np.int64(4))
-        4
-    """
-    return check_int(
-        max_segments_per_seq,
-        "max_segments_per_seq",
-        low=1,
-        high=MAX_SEGMENTS,
-        kind="a static Python int (it sizes the outputs)",
-    )
-
-
-def _segment_bound(max_segments_per_seq: Any) -> int:
-    """The largest id the checks accept: ``max_segments_per_seq``, or MAX_SEGMENTS for None."""
-    if max_segments_per_seq is None:
-        return MAX_SEGMENTS
-    return check_max_segments(max_segments_per_seq)
-
-
-def _integer_array(x: Any, what: str) -> np.ndarray | Array:
-    """``x`` as an integer NumPy or JAX array of its own dtype, with its shape checked.
-
-    Python lists (and other array-likes) become NumPy arrays; Python ints beyond int64 give an
-    object array, which :func:`_to_int32` reads exactly.
-    """
-    if x is None:
-        raise TypeError(f"{what} is required, got None")
-    if not isinstance(x, (np.ndarray, jax.Array)):
-        try:
-            x = np.asarray(x)
-        except ValueError as error:  # ragged nested lists
-            raise ValueError(f"{what} must be a rectangular integer array: {error}") from None
-    if x.dtype.kind == "O" and not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-        for v in x.reshape(-1)
-    ):
-        raise TypeError(f"{what} must be an integer array, got an object array of non-integers")
-    dtype = x.dtype
-    integer = dtype.kind == "O" or (
-        jnp.issubdtype(dtype, jnp.integer) and not jnp.issubdtype(dtype, jnp.bool_)
-    )
-    if not integer:
-        raise TypeError(f"{what} must be an integer array, got dtype {dtype}")
-    if x.ndim == 0:
-        raise ValueError(f"{what} must be at least 1-D ([*B, T]), got a scalar")
-    if x.shape[-1] == 0:
-        raise ValueError(f"{what} must hold at least one token, got shape {x.shape}")
-    if x.shape[-1] > MAX_SEQ_LEN:
-        raise ValueError(
-            f"{what} has T={x.shape[-1]} tokens per row; at most {MAX_SEQ_LEN} "
-            "(thdkit.layout.MAX_SEQ_LEN) are accepted"
-        )
-    return x
-
-
-def _fits_int32(dtype: Any) -> bool:
-    if dtype.kind == "O":
-        return False
-    info = np.iinfo(dtype)
-    return info.min >= _INT32.min and info.max <= _INT32.max
-
-
-def _to_int32(x: np.ndarray | Array) -> tuple[Array, np.ndarray | Bool[Array, "*B T"] | None]:
-    """``x`` as int32, and where its values lie outside int32 (None: the dtype cannot hold any).
-
-    The test runs on the original dtype, before any cast: on the host for concrete values (the
-    mask is then a NumPy array; ``jnp.asarray`` of an int64 NumPy array wraps silently when x64
-    is off), in the traced computation otherwise. Values outside int32 become 0 in the result.
-    """
-    if _fits_int32(x.dtype):
-        return jnp.asarray(x).astype(jnp.int32), None
-    if is_concrete(x):
-        values = np.asarray(x)
-        outside = values > _INT32.max
-        if values.dtype.kind == "O" or np.issubdtype(values.dtype, np.signedinteger):
-            outside = outside | (values < _INT32.min)
-        outside = np.asarray(outside, bool)
-        return jnp.asarray(np.where(outside, 0, values).astype(np.int32)), outside
-    outside = x > _INT32.max
-    if jnp.issubdtype(x.dtype, jnp.signedinteger):
-        outside = outside | (x < _INT32.min)
-    return jnp.where(outside, 0, x).astype(jnp.int32), outside
-
-
-def _checked_pair(
-    segment_ids: Any, segment_pos: Any, name: str
-) -> tuple[np.ndarray | Array, np.ndarray | Array]:
-    """Dtype and shape checks of one side's layout; the arrays keep their dtypes."""
-    pos_name = positions_name(name)
-    ids = _integer_array(segment_ids, name)
-    pos = _integer_array(segment_pos, pos_name)
-    if ids.shape != pos.shape:
-        raise ValueError(
-            f"{name} and {pos_name} must have the same shape, got {ids.shape} and {pos.shape}"
-        )
-    return ids, pos
-
-
-def as_layout(
-    segment_ids: ArrayLike, segment_pos: ArrayLike, *, name: str
-) -> tuple[Int[Array, "*B T"], Int[Array, "*B T"]]:
-    """Checks dtypes, shapes and (concrete values) the int32 range of one side's layout.
-
-    Args:
-        segment_ids, segment_pos: integer array-likes of one shape ``[*B, T]``.
-        name: the name of the ids parameter, used in messages (e.g. ``"segment_ids_q"``).
-
-    Returns:
-        ``(ids, pos)``, int32[*B, T] each.
-
-    Raises:
-        TypeError: an array is not of an integer dtype (bool included).
-        ValueError: an array is a scalar, empty along T or longer than ``MAX_SEQ_LEN`` along it;
-            the two shapes differ; or (concrete values) a value lies outside int32, named with
-            its row and token.
-
-    Example:
-        >>> as_layout(np.array([1, 2**32 + 2], np.int64), np.array([0, 0]), name="segment_ids_q")
-        Traceback (most recent call last):
-        ...
-        ValueError: segment_ids_q row 0, token 1: id 4294967298 is outside the int32 range...
-    """
-    pos_name = positions_name(name)
-    ids, pos = _checked_pair(segment_ids, segment_pos, name)
-    out = []
-    for what, kind, x in ((name, "id", ids), (pos_name, "position", pos)):
-        x32, outside = _to_int32(x)
-        if isinstance(outside, np.ndarray) and outside.any():
-            flat = int(np.flatnonzero(outside.reshape(-1))[0])
-            row, token = divmod(flat, x.shape[-1])
-            value = int(np.asarray(x).reshape(-1)[flat])
-            raise ValueError(
-                f"{what} {_row_label(row, x.shape[:-1])}, token {token}: {kind} {value} is "
-                f"outside the int32 range; {_RANGES[kind]}"
-            )
-        out.append(x32)
-    return out[0], out[1]
-
-
-_RANGES = {
-    "id": "ids lie in [0, max_segments_per_seq]",
-    "position": f"positions lie in [0, {MAX_POSITION}] (thdkit.layout.MAX_POSITION)",
-}
-
-
-def as_layouts(
-    segment_ids_q: ArrayLike,
-    segment_pos_q: ArrayLike,
-    segment_ids_kv: ArrayLike | None,
-    segment_pos_kv: ArrayLike | None,
-) -> tuple[tuple[Array, Array], tuple[Array, Array] | None]:
-    """Checks both sides' layouts (:func:`as_layout`); kv None means self-attention.
-
-    Returns:
-        ``(q, kv)``: ``(ids, pos)`` int32 pairs; kv is None when neither kv array is given.
-
-    Raises:
-        TypeError, ValueError: as :func:`as_layout`; only one of the kv arrays given; q and kv
-            with different batch dims.
-    """
-    q = as_layout(segment_ids_q, segment_pos_q, name="segment_ids_q")
-    if (segment_ids_kv is None) != (segment_pos_kv is None):
-        given = "segment_ids_kv" if segment_pos_kv is None else "segment_pos_kv"
-        raise ValueError(
-            f"only {given} was given: pass both segment_ids_kv and segment_pos_kv for "
-            "cross-attention, or neither for self-attention"
-        )
-    if segment_ids_kv is None:
-        return q, None
-    kv = as_layout(segment_ids_kv, segment_pos_kv, name="segment_ids_kv")
-    if kv[0].shape[:-1] != q[0].shape[:-1]:
-        raise ValueError(
-            "segment_ids_q and segment_ids_kv must have the same batch dims, got "
-            f"{q[0].shape[:-1]} and {kv[0].shape[:-1]} (shapes {q[0].shape}, {kv[0].shape})"
-        )
-    return q, kv
-
-
 def validate_concrete(
     q: tuple[Array, Array],
     kv: tuple[Array, Array] | None,
@@ -341,13 +95,6 @@ def validate_concrete(
             validate_layout(
                 *side, max_segments_per_seq=max_segments_per_seq, mask_type=mask_type, name=name
             )
-
-
-def positions_name(ids_name: str) -> str:
-    """The positions parameter that goes with an ids parameter (segment_ids_q -> segment_pos_q)."""
-    if "segment_ids" in ids_name:
-        return ids_name.replace("segment_ids", "segment_pos")
-    return f"{ids_name} positions"
 
 
 def map_rows(row_fn: Callable[..., Any], *arrays: Array) -> Any:
@@ -371,39 +118,6 @@ def map_rows(row_fn: Callable[..., Any], *arrays: Array) -> Any:
     flat = [a.reshape(math.prod(batch), a.shape[-1]) for a in arrays]
     out = jax.vmap(row_fn)(*flat)
     return jax.tree.map(lambda o: o.reshape(*batch, *o.shape[1:]), out)
-
-
-def run_lengths(segment_ids: Int[Array, "*B T"]) -> Int[Array, "*B T"]:
-    """Length of the run holding each token; 0 on padding.
-
-    A run is a maximal stretch of equal consecutive ids. For valid layouts this is the length of
-    the token's document (in this row or shard).
-
-    Args:
-        segment_ids: int[*B, T]; 0 = padding.
-
-    Returns:
-        int32[*B, T].
-
-    Example:
-        >>> run_lengths(jnp.array([1, 1, 1, 0, 2, 2, 0, 0]))
-        Array([3, 3, 3, 0, 2, 2, 0, 0], dtype=int32)
-    """
-    ids = jnp.asarray(segment_ids)
-    t = jnp.broadcast_to(jnp.arange(ids.shape[-1], dtype=jnp.int32), ids.shape)
-    starts = _shift(ids, 1, fill=-1) != ids
-    ends = _shift(ids, -1, fill=-1) != ids
-    first = jax.lax.cummax(jnp.where(starts, t, 0), axis=ids.ndim - 1)
-    last = jax.lax.cummin(jnp.where(ends, t, ids.shape[-1]), axis=ids.ndim - 1, reverse=True)
-    return jnp.where(ids != 0, last - first + 1, 0).astype(jnp.int32)
-
-
-def _shift(x: Array, by: int, *, fill: int) -> Array:
-    """Shifts ``x`` along its last axis by ``by`` places (right if positive), filling in."""
-    pad = jnp.full((*x.shape[:-1], abs(by)), fill, x.dtype)
-    if by > 0:
-        return jnp.concatenate([pad, x[..., :-by]], axis=-1)
-    return jnp.concatenate([x[..., -by:], pad], axis=-1)
 
 
 def layout_error_codes(
@@ -440,10 +154,10 @@ def layout_error_codes(
         ([3, 0], [3, -1])
     """
     mask = MaskType.parse(mask_type)
-    num_segments = _segment_bound(max_segments_per_seq)
-    ids, pos = _checked_pair(segment_ids, segment_pos, "segment_ids")
-    ids, ids_outside = _to_int32(ids)
-    pos, pos_outside = _to_int32(pos)
+    num_segments = segment_bound(max_segments_per_seq)
+    ids, pos = checked_pair(segment_ids, segment_pos, "segment_ids")
+    ids, ids_outside = to_int32(ids)
+    pos, pos_outside = to_int32(pos)
     batch, seq_len = ids.shape[:-1], ids.shape[-1]
     outside = [None if o is None else o.reshape(-1, seq_len) for o in (ids_outside, pos_outside)]
     code, token = _row_checks(
@@ -471,9 +185,9 @@ def _row_checks(
     start to run start, so a start whose id equals the largest id of the earlier runs starts a
     second run, and a smaller one breaks the order. No array is sized by S.
     """
-    prev_ids = _shift(ids, 1, fill=0)
+    prev_ids = shift(ids, 1, fill=0)
     is_start = (ids != 0) & (ids != prev_ids)
-    max_before = _shift(jax.lax.cummax(jnp.where(is_start, ids, 0), axis=1), 1, fill=0)
+    max_before = shift(jax.lax.cummax(jnp.where(is_start, ids, 0), axis=1), 1, fill=0)
     broken = {
         LayoutError.ID_OUTSIDE_INT32: ids_outside,
         LayoutError.NEGATIVE_ID: ids < 0,
@@ -484,9 +198,7 @@ def _row_checks(
         LayoutError.NEGATIVE_POSITION: pos < 0,
         LayoutError.POSITION_ABOVE_MAX: pos > MAX_POSITION,
         LayoutError.POSITIONS_NOT_INCREASING: (
-            (ids != 0) & ~is_start & (pos <= _shift(pos, 1, fill=0))
-            if mask.uses_positions
-            else None
+            (ids != 0) & ~is_start & (pos <= shift(pos, 1, fill=0)) if mask.uses_positions else None
         ),
     }
     code_per_token = jnp.zeros_like(ids)
@@ -542,7 +254,7 @@ def validate_layout(
         ValueError: segment_ids row 0, token 3: id 1 starts a second run ...
     """
     mask = MaskType.parse(mask_type)
-    num_segments = _segment_bound(max_segments_per_seq)
+    num_segments = segment_bound(max_segments_per_seq)
     if not is_concrete(segment_ids, segment_pos):
         raise TypeError(
             f"validate_layout needs concrete {name}, got a traced array; under jit or vmap use "
@@ -560,15 +272,8 @@ def validate_layout(
     ids_row = np.asarray(ids).reshape(-1, ids.shape[-1])[flat_row]
     pos_row = np.asarray(pos).reshape(-1, ids.shape[-1])[flat_row]
     error = LayoutError(int(np.asarray(code).reshape(-1)[flat_row]))
-    row = _row_label(flat_row, ids.shape[:-1])
+    row = row_label(flat_row, ids.shape[:-1])
     raise ValueError(_describe(error, name, row, t, ids_row, pos_row, max_segments_per_seq))
-
-
-def _row_label(flat_row: int, batch: tuple[int, ...]) -> str:
-    """``row 3`` or ``row (1, 0)``: a flattened row index written in the batch dims."""
-    if len(batch) <= 1:
-        return f"row {flat_row}"
-    return f"row {tuple(int(r) for r in np.unravel_index(flat_row, batch))}"
 
 
 def _describe(
@@ -588,7 +293,7 @@ def _describe(
         return f"{where}: id {v} is negative; ids are 0 (padding) or 1..{bound}"
     if error is LayoutError.ID_ABOVE_MAX:
         if max_segments_per_seq is None:
-            return f"{where}: id {v} exceeds thdkit.layout.MAX_SEGMENTS = {MAX_SEGMENTS}"
+            return f"{where}: id {v} exceeds thdkit.MAX_SEGMENTS = {MAX_SEGMENTS}"
         return f"{where}: id {v} exceeds max_segments_per_seq={max_segments_per_seq}"
     if error is LayoutError.SECOND_RUN:
         return f"{where}: id {v} starts a second run (a padding hole inside a document?)"
@@ -600,7 +305,7 @@ def _describe(
     if error is LayoutError.NEGATIVE_POSITION:
         return f"{where}: position {p} is negative"
     if error is LayoutError.POSITION_ABOVE_MAX:
-        return f"{where}: position {p} exceeds thdkit.layout.MAX_POSITION = {MAX_POSITION}"
+        return f"{where}: position {p} exceeds thdkit.MAX_POSITION = {MAX_POSITION}"
     return (
         f"{where}: position {p} does not increase along the run of id {v} "
         f"(previous position {int(pos[t - 1])}); causal and bottom-right masks need strictly "

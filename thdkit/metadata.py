@@ -31,15 +31,10 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Int
 
 from thdkit import counting
-from thdkit.layout import (
-    MAX_SEQ_LEN,
-    as_layouts,
-    check_int,
-    check_max_segments,
-    is_concrete,
-    validate_concrete,
-)
-from thdkit.masks import MaskType
+from thdkit.inputs import as_layouts
+from thdkit.layout import validate_concrete
+from thdkit.limits import MAX_SEQ_LEN, check_int, check_max_segments, is_concrete
+from thdkit.mask_types import MaskType
 from thdkit.one_hot import one_hot_row
 from thdkit.reference import dense_row
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
-from thdkit.layout import run_lengths
-from thdkit.masks import MaskType
+from thdkit.mask_types import MaskType
+from thdkit.segments import run_lengths
 
 __all__ = ["one_hot_row"]
 

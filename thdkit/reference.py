@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from thdkit.layout import run_lengths
-from thdkit.masks import MaskType, Window, pair_mask, sanitize
-from thdkit.segments import Segments
+from thdkit.isolation import sanitize
+from thdkit.mask_types import MaskType, Window
+from thdkit.masks import pair_mask
+from thdkit.segments import Segments, run_lengths
 
 __all__ = [
     "allowed_pairs",
@@ -90,7 +91,7 @@ def reference_attention(
     O(T_q·T_kv) memory. Query head ``h`` reads key/value head ``h // (H_q // H_kv)`` (GQA/MQA).
     Computed in float32. Rows with no allowed key give zeros and ``-inf``, with zero (never NaN)
     gradients. Isolation: every product is computed from inputs whose non-finite elements were
-    replaced by zeros (:func:`thdkit.masks.sanitize`); a row with at least one allowed key whose
+    replaced by zeros (:func:`thdkit.isolation.sanitize`); a row with at least one allowed key whose
     own query, or one of whose allowed keys or values, holds a NaN or inf gets NaN output and NaN
     ``lse``, and passes no gradient back (it contributes zeros to every gradient; non-finite
     input elements get zero gradients). Every other row, and its gradients, is bit-equal to the

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from thdkit.layout import check_int
+from thdkit.limits import check_int
 
 __all__ = [
     "dual_chunk_swap",

@@ -28,16 +28,18 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Int
 
-from thdkit.layout import (
-    MAX_SEQ_LEN,
-    as_layout,
-    check_int,
-    is_concrete,
-    run_lengths,
-    validate_layout,
-)
+from thdkit.counting import shift
+from thdkit.inputs import as_layout
+from thdkit.layout import validate_layout
+from thdkit.limits import MAX_SEQ_LEN, check_int, is_concrete
 
-__all__ = ["Segments", "global_lengths", "lengths_from_counts", "segment_counts"]
+__all__ = [
+    "Segments",
+    "global_lengths",
+    "lengths_from_counts",
+    "run_lengths",
+    "segment_counts",
+]
 
 
 @jax.tree_util.register_dataclass
@@ -86,7 +88,7 @@ class Segments:
 
         When the inputs are concrete the layout rules that need neither
         ``max_segments_per_seq`` nor a mask type are checked (each document one run, ids
-        increasing, positions in range); :func:`thdkit.attention.plan_attention` and
+        increasing, positions in range); :func:`thdkit.kernels.plan_attention` and
         :func:`thdkit.seqlens_and_offsets` check the rest. Under ``jit`` nothing is checked (see
         docs/semantics.md, "Accepted ranges, and validation under jit and vmap").
 
@@ -253,6 +255,31 @@ class Segments:
             self.ids, axis_name=axis_name, num_segments=operator.index(max_segments_per_seq)
         )
         return dataclasses.replace(self, lengths=lengths)
+
+
+def run_lengths(segment_ids: Int[Array, "*B T"]) -> Int[Array, "*B T"]:
+    """Length of the run holding each token; 0 on padding.
+
+    A run is a maximal stretch of equal consecutive ids. For valid layouts this is the length of
+    the token's document (in this row or shard).
+
+    Args:
+        segment_ids: int[*B, T]; 0 = padding.
+
+    Returns:
+        int32[*B, T].
+
+    Example:
+        >>> run_lengths(jnp.array([1, 1, 1, 0, 2, 2, 0, 0]))
+        Array([3, 3, 3, 0, 2, 2, 0, 0], dtype=int32)
+    """
+    ids = jnp.asarray(segment_ids)
+    t = jnp.broadcast_to(jnp.arange(ids.shape[-1], dtype=jnp.int32), ids.shape)
+    starts = shift(ids, 1, fill=-1) != ids
+    ends = shift(ids, -1, fill=-1) != ids
+    first = jax.lax.cummax(jnp.where(starts, t, 0), axis=ids.ndim - 1)
+    last = jax.lax.cummin(jnp.where(ends, t, ids.shape[-1]), axis=ids.ndim - 1, reverse=True)
+    return jnp.where(ids != 0, last - first + 1, 0).astype(jnp.int32)
 
 
 def global_lengths(

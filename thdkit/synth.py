@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from thdkit.layout import check_int
+from thdkit.limits import check_int
 from thdkit.reorder import (
     dual_chunk_swap,
     ring_step,

@@ -21,12 +21,13 @@ import numpy as np
 from rich.table import Table
 
 from thdkit import synth
-from thdkit.attention import attention, plan_attention
-from thdkit.attention.blockwise import blockwise_attention
+from thdkit.kernels import attention, plan_attention
+from thdkit.kernels.blockwise import blockwise_attention
 from thdkit.bench import measure
 from thdkit.bench.measure import SHAPE_OPTIONS, SILENT, Callbacks, Options, PlanConfig, median
 from thdkit.bench.ring import work_per_rank
-from thdkit.masks import MaskType, check_window, pair_mask
+from thdkit.mask_types import MaskType, check_window
+from thdkit.masks import pair_mask
 from thdkit.segments import Segments
 
 __all__ = ["AttentionBench", "attention_program", "matmul_rate", "run_attention_bench"]

@@ -24,14 +24,14 @@ from jax.sharding import PartitionSpec as P
 from rich.table import Table
 
 from thdkit import reorder, synth
-from thdkit.attention import DEFAULT_BLOCK
+from thdkit.kernels import DEFAULT_BLOCK
 from thdkit.bench import measure
 from thdkit.bench.measure import SILENT, BenchConfig, Callbacks, Options, median
 from thdkit.bench.ring import document_lengths, visited_tiles
 from thdkit.context_parallel import STRATEGIES, context_parallel_attention, ring_schedule
 from thdkit.context_parallel.all_gather import sort_by_document
 from thdkit.context_parallel.traffic import Shapes, collective_bytes
-from thdkit.masks import MaskType
+from thdkit.mask_types import MaskType
 
 __all__ = ["CPBench", "run_cp_bench"]
 

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from rich.table import Table
 
-from thdkit.masks import MaskType
+from thdkit.mask_types import MaskType
 
 __all__ = ["BenchConfig", "Callbacks"]
 

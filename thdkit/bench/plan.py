@@ -24,7 +24,7 @@ import numpy as np
 from rich.table import Table
 
 from thdkit import synth
-from thdkit.attention import attention, plan_attention
+from thdkit.kernels import attention, plan_attention
 from thdkit.bench import measure
 from thdkit.bench.measure import SILENT, Callbacks, Options, PlanConfig, median
 from thdkit.segments import Segments

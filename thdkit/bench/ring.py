@@ -23,12 +23,12 @@ from jax.sharding import PartitionSpec as P
 from rich.table import Table
 
 from thdkit import reorder, synth
-from thdkit.attention import DEFAULT_BLOCK, tile_ranges
+from thdkit.kernels import DEFAULT_BLOCK, tile_ranges
 from thdkit.bench import measure
 from thdkit.bench.measure import SHAPE_OPTIONS, SILENT, BenchConfig, Callbacks, Options, median
 from thdkit.context_parallel import ring_attention, ring_schedule
 from thdkit.context_parallel.ring import difference_bounds
-from thdkit.masks import MaskType, check_window
+from thdkit.mask_types import MaskType, check_window
 from thdkit.segments import Segments, lengths_from_counts, segment_counts
 
 __all__ = ["RingBench", "run_ring_bench"]

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Int
 
-from thdkit.attention.blockwise import attention_partial
+from thdkit.kernels.partial import attention_partial
 from thdkit.context_parallel.ring import shard_segments
 from thdkit.segments import Segments, lengths_from_counts, segment_counts
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array
 
-from thdkit.attention.api import attention, plan_attention
+from thdkit.kernels.api import attention, plan_attention
 from thdkit.context_parallel.all_gather import sort_by_document, take_tokens
 from thdkit.segments import Segments, lengths_from_counts, segment_counts
 

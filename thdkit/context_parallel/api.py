@@ -6,7 +6,7 @@ shard.
 
 The sequence axis of every input is split into cp contiguous shards over one mesh axis. A strategy
 is a per-device function of the shards (:class:`Strategy`); this module checks the arguments once
-for all of them (the attention checks of :mod:`thdkit.attention.arguments`, the mesh, the split of
+for all of them (the attention checks of :mod:`thdkit.kernels.arguments`, the mesh, the split of
 T, each concrete shard's layout) and runs the chosen one under ``jax.shard_map``:
 
 - ``"ring"`` (:mod:`~thdkit.context_parallel.ring`): key/value shards travel around the ring,
@@ -30,12 +30,14 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, ArrayLike, Float
 
-from thdkit.attention.arguments import check_arguments, check_layout_shapes
+from thdkit.kernels.arguments import check_arguments, check_layout_shapes
 from thdkit.context_parallel.all_gather import all_gather_local
 from thdkit.context_parallel.all_to_all import all_to_all_local, check_heads
 from thdkit.context_parallel.ring import ring_local
-from thdkit.layout import as_layouts, check_max_segments, is_concrete, validate_layout
-from thdkit.masks import MaskType, Window, check_window
+from thdkit.inputs import as_layouts
+from thdkit.layout import validate_layout
+from thdkit.limits import check_max_segments, is_concrete
+from thdkit.mask_types import MaskType, Window, check_window
 
 __all__ = [
     "STRATEGIES",

@@ -7,7 +7,7 @@ shard.
 The sequence axis of every input is split into cp contiguous shards, shard r on rank r. Each rank
 keeps its query shard; the key/value shard (with its segment ids and positions) travels around the
 ring with ``lax.ppermute``, so at step k rank r sees the keys of rank ``(r - k) % cp``. Each step
-runs :func:`thdkit.attention.blockwise.attention_partial`, which masks from ids and positions
+runs :func:`thdkit.kernels.blockwise.attention_partial`, which masks from ids and positions
 directly (so any token order works: plain, striped or dual-chunk-swapped), and the partial results
 merge with their log-sum-exps. Masks that compare run lengths (bottom-right) need each token's
 *document* length over the whole row; it is the count of the token's id in the row, an
@@ -38,10 +38,11 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from thdkit.attention.blockwise import attention_partial
+from thdkit.kernels.partial import attention_partial
 from thdkit.counting import segment_extrema
-from thdkit.layout import as_layouts, check_max_segments
-from thdkit.masks import MaskType, check_window
+from thdkit.inputs import as_layouts
+from thdkit.limits import check_max_segments
+from thdkit.mask_types import MaskType, check_window
 from thdkit.segments import Segments, global_lengths, lengths_from_counts, segment_counts
 
 if TYPE_CHECKING:

@@ -24,21 +24,16 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from thdkit.attention import blockwise, cudnn, pallas
-from thdkit.attention.arguments import check_arguments, check_layout_shapes
-from thdkit.attention.tiles import TileRanges, default_block, tile_ranges
-from thdkit.layout import (
-    as_layouts,
-    check_int,
-    check_max_segments,
-    is_concrete,
-    run_lengths,
-    validate_layout,
-)
-from thdkit.masks import MaskType, Window, check_window
+from thdkit.inputs import as_layouts
+from thdkit.kernels import blockwise, cudnn, pallas
+from thdkit.kernels.arguments import check_arguments, check_layout_shapes
+from thdkit.kernels.tiles import TileRanges, default_block, tile_ranges
+from thdkit.layout import validate_layout
+from thdkit.limits import check_int, check_max_segments, is_concrete
+from thdkit.mask_types import MaskType, Window, check_window
 from thdkit.metadata import SeqMeta, seqlens_and_offsets
 from thdkit.reference import reference_attention
-from thdkit.segments import Segments
+from thdkit.segments import Segments, run_lengths
 
 __all__ = [
     "AttentionPlan",
@@ -128,7 +123,7 @@ class AttentionPlan:
     Attributes:
         q_segments: :class:`thdkit.segments.Segments` of the queries, int32[B, T_q] fields.
         kv_segments: of the keys/values (the query's for self-attention).
-        ranges: :class:`thdkit.attention.TileRanges` when the blockwise method may run, else None.
+        ranges: :class:`thdkit.kernels.TileRanges` when the blockwise method may run, else None.
         metadata: compact :class:`thdkit.SeqMeta` when cuDNN runs, else None.
         spans: ``(lo, hi)`` int32[B, T_q], each query's allowed key interval, when cuDNN runs
             (it poisons rows from it), else None.
@@ -196,7 +191,7 @@ def plan_attention(
             is unbounded (see :func:`attention`).
         max_segments_per_seq: S, a static int >= the largest id.
         block_q, block_kv: tile sizes of the blockwise method, capped to T_q and T_kv; None
-            chooses them from the mean document length (:func:`thdkit.attention.default_block`).
+            chooses them from the mean document length (:func:`thdkit.kernels.default_block`).
         implementation: ``"reference"``, ``"blockwise"``, ``"cudnn"``, ``"pallas"``, or None for
             the first of cuDNN and blockwise that can run.
 
@@ -404,11 +399,11 @@ def attention(
         scale: a finite real multiplying the logits; None means ``1 / sqrt(D)``.
         implementation: ``"reference"`` (dense, O(T_q·T_kv) memory), ``"blockwise"`` (tiled,
             O(T·tile) memory, exact for every valid layout), ``"cudnn"`` (GPU; compact metadata,
-            see :func:`thdkit.attention.is_representable`), ``"pallas"`` (a kernel over the tile
+            see :func:`thdkit.kernels.is_representable`), ``"pallas"`` (a kernel over the tile
             ranges; GPU and TPU, interpret mode on CPU), or None: the first of cuDNN and
             blockwise that can run.
         block_q, block_kv: tile sizes of the blockwise method, capped to T; None chooses them
-            from the mean document length (:func:`thdkit.attention.default_block`).
+            from the mean document length (:func:`thdkit.kernels.default_block`).
 
     Returns:
         [B, T_q, H_q, D_v] in the query's dtype (empty for B = 0).

@@ -1,11 +1,11 @@
 """The blockwise method: online softmax over the visited (query tile, key tile) pairs.
 
-Each query tile visits only its range of key tiles (:mod:`thdkit.attention.tiles`); inside a tile
+Each query tile visits only its range of key tiles (:mod:`thdkit.kernels.tiles`); inside a tile
 the mask is rebuilt from ids, positions and document lengths (:func:`thdkit.masks.pair_mask`), so
 the result is exact for every valid layout, ring steps included. A ``jax.custom_vjp`` recomputes
 the tiles in the backward pass, saving only the output and the log-sum-exp: O(T·tile) memory.
 
-Isolation: the inputs are sanitised once (:func:`thdkit.masks.sanitize`); every tile also counts,
+Isolation: the inputs are sanitised once (:func:`thdkit.isolation.sanitize`); every tile also counts,
 per query row, the allowed keys whose key or value was non-finite (a ``[q, k] x [k]`` contraction
 of the tile's mask with the key flags), and the rows that count one, or whose own query was
 non-finite, come out NaN. Every masked product is a select.
@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from thdkit.attention import pallas
-from thdkit.attention.tiles import DEFAULT_BLOCK, TileRanges, pad_tokens, tile_ranges
-from thdkit.masks import MaskType, Window, check_window, pair_mask, poison, sanitize
-from thdkit.reference import reference_attention
+from thdkit.isolation import poison, sanitize
+from thdkit.kernels.tiles import TileRanges, pad_tokens
+from thdkit.mask_types import MaskType, Window
+from thdkit.masks import pair_mask
 from thdkit.segments import Segments
 
 __all__ = [
@@ -292,9 +292,9 @@ def blockwise_attention(
     Args:
         query, key, value: as for :func:`attention_partial`.
         q_segments, kv_segments: as for :func:`attention_partial`.
-        ranges: :class:`thdkit.attention.TileRanges` of this layout and these tile sizes.
+        ranges: :class:`thdkit.kernels.TileRanges` of this layout and these tile sizes.
         mask_type: a parsed ``MaskType``.
-        window_size: a parsed window (:func:`thdkit.masks.check_window`).
+        window_size: a parsed window (:func:`thdkit.mask_types.check_window`).
         scale: multiplies the logits.
         schedule: ``"parallel"`` visits ``PAIRS_PER_STEP[backend] // (block_q * block_kv)``
             tiles per step with batched matmuls, ``"serial"`` one tile per step.
@@ -346,140 +346,8 @@ def blockwise_attention(
     return out[:, :seq_q], lse[:, :seq_q]
 
 
-def attention_partial(
-    query: Float[Array, "B T_q H_q D"],
-    key: Float[Array, "B T_kv H_kv D"],
-    value: Float[Array, "B T_kv H_kv D_v"],
-    *,
-    q_segments: Segments,
-    kv_segments: Segments,
-    mask_type: MaskType,
-    window_size: Window,
-    scale: float,
-    implementation: Literal["blockwise", "pallas", "reference"] = "blockwise",
-    block_q: int = DEFAULT_BLOCK,
-    block_kv: int = DEFAULT_BLOCK,
-) -> tuple[Float[Array, "B T_q H_q D_v"], Float[Array, "B T_q H_q"]]:
-    """Attention over one set of keys, with its log-sum-exp, for merging partial results.
-
-    The building block of ring attention (one call per ring step; the partials merge through
-    ``lse``). Nothing is validated: the layouts must be valid (docs/semantics.md) and the
-    ``lengths`` constant along each run, as run lengths and global document lengths are.
-    Differentiable with respect to ``query``, ``key`` and ``value``, including through ``lse``;
-    rows with no allowed key get zero gradients.
-
-    Isolation: a row with at least one allowed key whose own query, or one of whose allowed keys
-    or values, holds a NaN or inf gets NaN in ``out`` and ``lse`` and passes no gradient back (it
-    adds zeros to every gradient; non-finite input elements get zero gradients). Every other row
-    and every gradient it produces are bit-equal to the same call without the non-finite values.
-
-    Args:
-        query: float[B, T_q, H_q, D].
-        key: float[B, T_kv, H_kv, D]; ``H_q`` a multiple of ``H_kv``.
-        value: float[B, T_kv, H_kv, D_v].
-        q_segments: the queries' :class:`thdkit.Segments`, int32[B, T_q] fields; ``lengths`` as
-            the bottom-right rule reads them (run lengths, or the global document lengths in a
-            context-parallel shard: :meth:`thdkit.Segments.with_global_lengths`).
-        kv_segments: the same for keys/values, int32[B, T_kv] fields.
-        mask_type: a ``MaskType`` or its name.
-        window_size: ``(left, right)`` or None (:func:`thdkit.masks.check_window`).
-        scale: multiplies the logits.
-        implementation: ``"blockwise"`` (default), ``"pallas"`` (the kernels of
-            :mod:`thdkit.attention.pallas`) or ``"reference"`` (dense).
-        block_q, block_kv: tile sizes of the blockwise method, capped to T_q and T_kv.
-
-    Returns:
-        ``(out, lse)``: float32[B, T_q, H_q, D_v], normalised over this call's keys (zeros where no
-        key is allowed); float32[B, T_q, H_q], the log-sum-exp of the allowed logits (-inf where
-        none is).
-
-    Raises:
-        ValueError: an unknown ``implementation``.
-
-    Example:
-        >>> seg = Segments.from_ids(jnp.array([[1, 1, 1, 0, 2, 2, 2, 2]]))
-        >>> q = k = jnp.zeros((1, 8, 1, 4))
-        >>> v = jnp.arange(8.0).reshape(1, 8, 1, 1)
-        >>> out, lse = attention_partial(q, k, v, q_segments=seg, kv_segments=seg,
-        ...     mask_type=MaskType.CAUSAL, window_size=None, scale=0.5, block_q=4, block_kv=4)
-        >>> out[0, :, 0, 0]
-        Array([0. , 0.5, 1. , 0. , 4. , 4.5, 5. , 5.5], dtype=float32)
-        >>> jnp.exp(lse[0, :, 0])
-        Array([1., 2., 3., 0., 1., 2., 3., 4.], dtype=float32)
-    """
-    mask = MaskType.parse(mask_type)
-    window = check_window(window_size)
-    if implementation == "reference":
-        return reference_attention(
-            query,
-            key,
-            value,
-            q_segments=q_segments,
-            kv_segments=kv_segments,
-            mask_type=mask,
-            window_size=window,
-            scale=scale,
-        )
-    if implementation not in ("blockwise", "pallas"):
-        raise ValueError(
-            f"unknown implementation {implementation!r} for attention_partial; valid: "
-            "'blockwise', 'pallas', 'reference'"
-        )
-    return _partial_blockwise(
-        query,
-        key,
-        value,
-        q_segments,
-        kv_segments,
-        mask_type=mask,
-        window_size=window,
-        scale=float(scale),
-        block_q=block_q,
-        block_kv=block_kv,
-        method=implementation,
-    )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("mask_type", "window_size", "scale", "block_q", "block_kv", "method"),
-)
-def _partial_blockwise(
-    query,
-    key,
-    value,
-    layout_q,
-    layout_kv,
-    *,
-    mask_type,
-    window_size,
-    scale,
-    block_q,
-    block_kv,
-    method,
-):
-    """Tile ranges, then the flash loop (``method``: blockwise or pallas); jitted so that eager
-    calls compile once."""
-    ranges = tile_ranges(
-        layout_q,
-        layout_kv,
-        mask_type=mask_type,
-        window_size=window_size,
-        block_q=min(block_q, query.shape[1]),
-        block_kv=min(block_kv, key.shape[1]),
-    )
-    flash = blockwise_attention if method == "blockwise" else pallas.pallas_attention
-    return flash(
-        query,
-        key,
-        value,
-        layout_q,
-        layout_kv,
-        ranges,
-        mask_type=mask_type,
-        window_size=window_size,
-        scale=scale,
-    )
 
 
 def check_config(*, mask_type: MaskType, window_size: Window, self_attention: bool) -> None:

@@ -3,12 +3,12 @@
 Axis legend: B batch, T_q / T_kv query and key/value lengths, H_q / H_kv heads (G = H_q / H_kv
 query heads per key/value head), D / D_v head dims, NQ / NK query / key tiles per row.
 
-Three kernels (:mod:`thdkit.attention.pallas_kernels`), each on a grid of independent programs
+Three kernels (:mod:`thdkit.kernels.pallas_kernels`), each on a grid of independent programs
 (no state carried between programs, as Triton needs):
 
 - forward: grid ``(B * NQ, H_q)``; program (b·NQ + r, h) holds query tile r of row b, head h, and
   loops over exactly the key tiles ``ranges.lo[b, r] .. ranges.hi[b, r]`` of the plan's
-  :class:`thdkit.attention.TileRanges` (online softmax). Query heads are a grid axis: dots stay
+  :class:`thdkit.kernels.TileRanges` (online softmax). Query heads are a grid axis: dots stay
   2-D (Triton), programs stay small (registers) and many (occupancy); the G heads of a group read
   the same key tiles one after another, from cache;
 - dq: the same grid and loop, recomputing each tile's weights from the saved log-sum-exp;
@@ -26,7 +26,7 @@ sums, as flash attention does).
 The tile ranges reach the kernels as inputs on GPU (Triton) and through scalar prefetch
 (``PrefetchScalarGridSpec``, SMEM) on TPU; in both the kernels read ``lo_ref[program]``. On CPU
 the kernels run in Pallas interpret mode (slow: for tests). Isolation of non-finite values is the
-blockwise method's: inputs sanitised once (:func:`thdkit.masks.sanitize`), each tile records
+blockwise method's: inputs sanitised once (:func:`thdkit.isolation.sanitize`), each tile records
 whether an allowed key or value was non-finite, such rows come out NaN and pass no gradient.
 """
 
@@ -39,9 +39,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from thdkit.attention.pallas_kernels import KernelConfig, run_dkv, run_dq, run_forward
-from thdkit.attention.tiles import TileRanges, pad_tokens
-from thdkit.masks import MaskType, Window, sanitize
+from thdkit.isolation import sanitize
+from thdkit.kernels.pallas_kernels import KernelConfig, run_dkv, run_dq, run_forward
+from thdkit.kernels.tiles import TileRanges, pad_tokens
+from thdkit.mask_types import MaskType, Window
 from thdkit.segments import Segments
 
 __all__ = [
@@ -70,11 +71,11 @@ def visiting_query_tiles(ranges: TileRanges) -> tuple[Int[Array, "B NK"], Int[Ar
     Query tile r visits key tile c iff ``ranges.lo[b, r] <= c < ranges.hi[b, r]``. The range of c
     runs from the smallest visiting-capable r (one whose ``hi > c``) to the largest (one whose
     ``lo <= c``): a superset of the visitors for any ranges, and exactly their span where ``lo``
-    and ``hi`` never decrease along a row (as :func:`thdkit.attention.tile_ranges` makes them).
+    and ``hi`` never decrease along a row (as :func:`thdkit.kernels.tile_ranges` makes them).
     One scatter of NQ values into NK bins and one running min / max: O(NQ + NK) per row.
 
     Args:
-        ranges: :class:`thdkit.attention.TileRanges` with int32[B, NQ] ``lo`` and ``hi``.
+        ranges: :class:`thdkit.kernels.TileRanges` with int32[B, NQ] ``lo`` and ``hi``.
 
     Returns:
         ``(lo, hi)``: int32[B, NK] each, query tile indices; ``lo == hi == 0`` where no query tile
@@ -201,7 +202,7 @@ def pallas_attention(
 ) -> tuple[Float[Array, "B T_q H_q D_v"], Float[Array, "B T_q H_q"]]:
     """Flash attention in Pallas kernels over precomputed tile ranges: ``(out, lse)``.
 
-    The same function as :func:`thdkit.attention.blockwise.blockwise_attention` (same
+    The same function as :func:`thdkit.kernels.blockwise.blockwise_attention` (same
     semantics, isolation of non-finite values and return values), computed by the kernels of
     this module. Differentiable with respect to query, key and value (custom VJP: a dq kernel
     and a dk/dv kernel), including through ``lse``. Nothing of the layout is recomputed; the
@@ -215,9 +216,9 @@ def pallas_attention(
             the bottom-right rule reads them: run lengths, or global document lengths in a
             context-parallel shard).
         kv_segments: the keys'/values', int32[B, T_kv] fields.
-        ranges: :class:`thdkit.attention.TileRanges` of this layout (``tile_ranges``).
+        ranges: :class:`thdkit.kernels.TileRanges` of this layout (``tile_ranges``).
         mask_type: a parsed ``MaskType``.
-        window_size: a parsed window (:func:`thdkit.masks.check_window`).
+        window_size: a parsed window (:func:`thdkit.mask_types.check_window`).
         scale: multiplies the logits.
         interpret: True runs the kernels in Pallas interpret mode, False compiles them; None
             means interpret mode exactly when ``backend`` is ``"cpu"`` (the only mode there). A
@@ -243,7 +244,7 @@ def pallas_attention(
             per row).
 
     Example:
-        >>> from thdkit.attention import tile_ranges
+        >>> from thdkit.kernels import tile_ranges
         >>> side = Segments.from_ids(jnp.array([[1, 1, 2, 2]]))
         >>> ranges = tile_ranges(side, side, mask_type=MaskType.CAUSAL, window_size=None,
         ...                      block_q=2, block_kv=2)

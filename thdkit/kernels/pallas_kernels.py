@@ -1,7 +1,7 @@
-"""The Pallas kernels of :mod:`thdkit.attention.pallas` and the ``pallas_call`` plumbing that
+"""The Pallas kernels of :mod:`thdkit.kernels.pallas` and the ``pallas_call`` plumbing that
 launches them: forward, dq and dk/dv, each over precomputed tile ranges.
 
-Axis legend as in :mod:`thdkit.attention.pallas`. The launchers take head-major, token-padded
+Axis legend as in :mod:`thdkit.kernels.pallas`. The launchers take head-major, token-padded
 arrays (``[B, H, T_pad, D]``), the layouts stacked as int32[B, 3, T_pad] (ids, positions, document
 lengths) and the tile ranges flattened to one entry per program of grid axis 0; they return
 float32 results with nothing poisoned (the caller applies the isolation rule).
@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array
 
-from thdkit.masks import MaskType, Window, pair_mask
+from thdkit.mask_types import MaskType, Window
+from thdkit.masks import pair_mask
 from thdkit.segments import Segments
 
 __all__ = ["KernelConfig", "run_dkv", "run_dq", "run_forward"]

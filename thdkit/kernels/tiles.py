@@ -14,9 +14,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from thdkit.counting import first_at_least
-from thdkit.layout import run_lengths
-from thdkit.masks import MaskType, Window, window_bound
-from thdkit.segments import Segments
+from thdkit.mask_types import MaskType, Window, window_bound
+from thdkit.segments import Segments, run_lengths
 
 __all__ = [
     "DEFAULT_BLOCK",
@@ -111,7 +110,7 @@ def kv_spans(
         q: the queries' :class:`thdkit.Segments`, int32[B, T_q] fields.
         kv: the keys' :class:`thdkit.Segments`, int32[B, T_kv] fields.
         mask_type: a parsed ``MaskType``.
-        window_size: a parsed window (:func:`thdkit.masks.check_window`).
+        window_size: a parsed window (:func:`thdkit.mask_types.check_window`).
 
     Returns:
         ``(lo, hi)``: int32[B, K] each, key token indices.

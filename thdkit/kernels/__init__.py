@@ -1,9 +1,9 @@
 """Attention over packed (THD) rows, masked from segment ids and positions."""
 
-from thdkit.attention.api import AttentionPlan, Implementation, attention, plan_attention
-from thdkit.attention.pallas import pallas_attention
-from thdkit.attention.representable import is_representable
-from thdkit.attention.tiles import DEFAULT_BLOCK, TileRanges, default_block, tile_ranges
+from thdkit.kernels.api import AttentionPlan, Implementation, attention, plan_attention
+from thdkit.kernels.pallas import pallas_attention
+from thdkit.kernels.representable import is_representable
+from thdkit.kernels.tiles import DEFAULT_BLOCK, TileRanges, default_block, tile_ranges
 
 __all__ = [
     "DEFAULT_BLOCK",

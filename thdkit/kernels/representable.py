@@ -8,9 +8,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Int
 
-from thdkit.layout import as_layouts, check_max_segments, run_lengths, validate_concrete
-from thdkit.masks import MaskType
+from thdkit.inputs import as_layouts
+from thdkit.layout import validate_concrete
+from thdkit.limits import check_max_segments
+from thdkit.mask_types import MaskType
 from thdkit.metadata import seqlens_and_offsets
+from thdkit.segments import run_lengths
 
 __all__ = ["is_representable", "representable_rows"]
 

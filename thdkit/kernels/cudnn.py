@@ -1,6 +1,6 @@
 """JAX's cuDNN fused attention fed with compact metadata (GPU, representable layouts only).
 
-The candidate of the ordered choice in :mod:`thdkit.attention.api`: :func:`check_config` (what
+The candidate of the ordered choice in :mod:`thdkit.kernels.api`: :func:`check_config` (what
 the plan knows: backend, mask type, window, self-attention) and :func:`check_arrays` (dtype and
 head dims, once ``attention`` sees the arrays) raise ``NotImplementedError`` with the reason it
 cannot run; :func:`run` computes.
@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from thdkit.attention.representable import representable_rows
-from thdkit.attention.tiles import kv_spans
-from thdkit.layout import is_concrete
-from thdkit.masks import MaskType, Window, sanitize, window_bound
+from thdkit.isolation import sanitize
+from thdkit.kernels.representable import representable_rows
+from thdkit.kernels.tiles import kv_spans
+from thdkit.limits import is_concrete
+from thdkit.mask_types import MaskType, Window, window_bound
 from thdkit.metadata import SeqMeta
 from thdkit.segments import Segments
 
@@ -287,7 +288,7 @@ def check_layout(
 ) -> Bool[Array, " B"] | None:
     """Checks that compact metadata expresses the layout; returns the per-row result or None.
 
-    Self-attention without a window always holds (:func:`thdkit.attention.is_representable`),
+    Self-attention without a window always holds (:func:`thdkit.kernels.is_representable`),
     and needs no check (None). Otherwise the layout must be concrete and every row representable.
 
     Args:

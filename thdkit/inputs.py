@@ -1,0 +1,201 @@
+"""Conversion of user arrays into layouts: dtype, shape and int32-range checks of ids and positions.
+
+Every public function that takes raw ids and positions passes them through :func:`as_layout`
+(or :func:`as_layouts` for both sides) once: integer dtypes of any width are accepted, values are
+checked against int32 on the host before any cast (docs/semantics.md, "Accepted ranges"), and the
+result is int32. The layout rules themselves live in :mod:`thdkit.layout`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Int
+
+from thdkit.limits import INT32, MAX_POSITION, MAX_SEQ_LEN, is_concrete
+
+__all__ = [
+    "as_layout",
+    "as_layouts",
+    "checked_pair",
+    "integer_array",
+    "positions_name",
+    "row_label",
+    "to_int32",
+]
+
+
+def integer_array(x: Any, what: str) -> np.ndarray | Array:
+    """``x`` as an integer NumPy or JAX array of its own dtype, with its shape checked.
+
+    Python lists (and other array-likes) become NumPy arrays; Python ints beyond int64 give an
+    object array, which :func:`to_int32` reads exactly.
+    """
+    if x is None:
+        raise TypeError(f"{what} is required, got None")
+    if not isinstance(x, (np.ndarray, jax.Array)):
+        try:
+            x = np.asarray(x)
+        except ValueError as error:  # ragged nested lists
+            raise ValueError(f"{what} must be a rectangular integer array: {error}") from None
+    if x.dtype.kind == "O" and not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+        for v in x.reshape(-1)
+    ):
+        raise TypeError(f"{what} must be an integer array, got an object array of non-integers")
+    dtype = x.dtype
+    integer = dtype.kind == "O" or (
+        jnp.issubdtype(dtype, jnp.integer) and not jnp.issubdtype(dtype, jnp.bool_)
+    )
+    if not integer:
+        raise TypeError(f"{what} must be an integer array, got dtype {dtype}")
+    if x.ndim == 0:
+        raise ValueError(f"{what} must be at least 1-D ([*B, T]), got a scalar")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{what} must hold at least one token, got shape {x.shape}")
+    if x.shape[-1] > MAX_SEQ_LEN:
+        raise ValueError(
+            f"{what} has T={x.shape[-1]} tokens per row; at most {MAX_SEQ_LEN} "
+            "(thdkit.MAX_SEQ_LEN) are accepted"
+        )
+    return x
+
+
+def fits_int32(dtype: Any) -> bool:
+    if dtype.kind == "O":
+        return False
+    info = np.iinfo(dtype)
+    return info.min >= INT32.min and info.max <= INT32.max
+
+
+def to_int32(x: np.ndarray | Array) -> tuple[Array, np.ndarray | Bool[Array, "*B T"] | None]:
+    """``x`` as int32, and where its values lie outside int32 (None: the dtype cannot hold any).
+
+    The test runs on the original dtype, before any cast: on the host for concrete values (the
+    mask is then a NumPy array; ``jnp.asarray`` of an int64 NumPy array wraps silently when x64
+    is off), in the traced computation otherwise. Values outside int32 become 0 in the result.
+    """
+    if fits_int32(x.dtype):
+        return jnp.asarray(x).astype(jnp.int32), None
+    if is_concrete(x):
+        values = np.asarray(x)
+        outside = values > INT32.max
+        if values.dtype.kind == "O" or np.issubdtype(values.dtype, np.signedinteger):
+            outside = outside | (values < INT32.min)
+        outside = np.asarray(outside, bool)
+        return jnp.asarray(np.where(outside, 0, values).astype(np.int32)), outside
+    outside = x > INT32.max
+    if jnp.issubdtype(x.dtype, jnp.signedinteger):
+        outside = outside | (x < INT32.min)
+    return jnp.where(outside, 0, x).astype(jnp.int32), outside
+
+
+def checked_pair(
+    segment_ids: Any, segment_pos: Any, name: str
+) -> tuple[np.ndarray | Array, np.ndarray | Array]:
+    """Dtype and shape checks of one side's layout; the arrays keep their dtypes."""
+    pos_name = positions_name(name)
+    ids = integer_array(segment_ids, name)
+    pos = integer_array(segment_pos, pos_name)
+    if ids.shape != pos.shape:
+        raise ValueError(
+            f"{name} and {pos_name} must have the same shape, got {ids.shape} and {pos.shape}"
+        )
+    return ids, pos
+
+
+def as_layout(
+    segment_ids: ArrayLike, segment_pos: ArrayLike, *, name: str
+) -> tuple[Int[Array, "*B T"], Int[Array, "*B T"]]:
+    """Checks dtypes, shapes and (concrete values) the int32 range of one side's layout.
+
+    Args:
+        segment_ids, segment_pos: integer array-likes of one shape ``[*B, T]``.
+        name: the name of the ids parameter, used in messages (e.g. ``"segment_ids_q"``).
+
+    Returns:
+        ``(ids, pos)``, int32[*B, T] each.
+
+    Raises:
+        TypeError: an array is not of an integer dtype (bool included).
+        ValueError: an array is a scalar, empty along T or longer than ``MAX_SEQ_LEN`` along it;
+            the two shapes differ; or (concrete values) a value lies outside int32, named with
+            its row and token.
+
+    Example:
+        >>> as_layout(np.array([1, 2**32 + 2], np.int64), np.array([0, 0]), name="segment_ids_q")
+        Traceback (most recent call last):
+        ...
+        ValueError: segment_ids_q row 0, token 1: id 4294967298 is outside the int32 range...
+    """
+    pos_name = positions_name(name)
+    ids, pos = checked_pair(segment_ids, segment_pos, name)
+    out = []
+    for what, kind, x in ((name, "id", ids), (pos_name, "position", pos)):
+        x32, outside = to_int32(x)
+        if isinstance(outside, np.ndarray) and outside.any():
+            flat = int(np.flatnonzero(outside.reshape(-1))[0])
+            row, token = divmod(flat, x.shape[-1])
+            value = int(np.asarray(x).reshape(-1)[flat])
+            raise ValueError(
+                f"{what} {row_label(row, x.shape[:-1])}, token {token}: {kind} {value} is "
+                f"outside the int32 range; {_RANGES[kind]}"
+            )
+        out.append(x32)
+    return out[0], out[1]
+
+
+_RANGES = {
+    "id": "ids lie in [0, max_segments_per_seq]",
+    "position": f"positions lie in [0, {MAX_POSITION}] (thdkit.MAX_POSITION)",
+}
+
+
+def as_layouts(
+    segment_ids_q: ArrayLike,
+    segment_pos_q: ArrayLike,
+    segment_ids_kv: ArrayLike | None,
+    segment_pos_kv: ArrayLike | None,
+) -> tuple[tuple[Array, Array], tuple[Array, Array] | None]:
+    """Checks both sides' layouts (:func:`as_layout`); kv None means self-attention.
+
+    Returns:
+        ``(q, kv)``: ``(ids, pos)`` int32 pairs; kv is None when neither kv array is given.
+
+    Raises:
+        TypeError, ValueError: as :func:`as_layout`; only one of the kv arrays given; q and kv
+            with different batch dims.
+    """
+    q = as_layout(segment_ids_q, segment_pos_q, name="segment_ids_q")
+    if (segment_ids_kv is None) != (segment_pos_kv is None):
+        given = "segment_ids_kv" if segment_pos_kv is None else "segment_pos_kv"
+        raise ValueError(
+            f"only {given} was given: pass both segment_ids_kv and segment_pos_kv for "
+            "cross-attention, or neither for self-attention"
+        )
+    if segment_ids_kv is None:
+        return q, None
+    kv = as_layout(segment_ids_kv, segment_pos_kv, name="segment_ids_kv")
+    if kv[0].shape[:-1] != q[0].shape[:-1]:
+        raise ValueError(
+            "segment_ids_q and segment_ids_kv must have the same batch dims, got "
+            f"{q[0].shape[:-1]} and {kv[0].shape[:-1]} (shapes {q[0].shape}, {kv[0].shape})"
+        )
+    return q, kv
+
+
+def positions_name(ids_name: str) -> str:
+    """The positions parameter that goes with an ids parameter (segment_ids_q -> segment_pos_q)."""
+    if "segment_ids" in ids_name:
+        return ids_name.replace("segment_ids", "segment_pos")
+    return f"{ids_name} positions"
+
+
+def row_label(flat_row: int, batch: tuple[int, ...]) -> str:
+    """``row 3`` or ``row (1, 0)``: a flattened row index written in the batch dims."""
+    if len(batch) <= 1:
+        return f"row {flat_row}"
+    return f"row {tuple(int(r) for r in np.unravel_index(flat_row, batch))}"
