@@ -158,3 +158,34 @@ def _partial_blockwise(
         window_size=window_size,
         scale=scale,
     )
+
+
+def partial_implementations() -> tuple[str, ...]:
+    """The implementations :func:`attention_partial` can run, default first.
+
+    Example:
+        >>> partial_implementations()[0]
+        'blockwise'
+    """
+    return ("blockwise", "pallas", "reference")
+
+
+def check_partial_implementation(implementation: object) -> str:
+    """``implementation`` checked against :func:`partial_implementations`; None gives the default.
+
+    Raises:
+        ValueError: an implementation that cannot return ``(out, lse)``, naming the valid ones.
+
+    Example:
+        >>> check_partial_implementation(None)
+        'blockwise'
+    """
+    names = partial_implementations()
+    if implementation is None:
+        return names[0]
+    if not isinstance(implementation, str) or implementation not in names:
+        raise ValueError(
+            f"implementation={implementation!r} cannot run context-parallel attention; valid: "
+            f"{', '.join(map(repr, names))} or None"
+        )
+    return implementation
