@@ -181,7 +181,7 @@ def test_plan_gives_the_keyword_result_eagerly_under_jit_and_closed_over(make):
     want = attention(q, k, v, **_keywords(layout))
     plan = _plan(layout)
     assert isinstance(plan, AttentionPlan) and plan.implementation == "blockwise"
-    assert plan.metadata is None and plan.ranges is not None
+    assert plan.candidates == ("blockwise",) and plan.aux["blockwise"] is not None
     np.testing.assert_array_equal(attention(q, k, v, plan=plan), want)
     as_argument = jax.jit(lambda q, k, v, plan: attention(q, k, v, plan=plan))(q, k, v, plan)
     np.testing.assert_array_equal(as_argument, want)
@@ -261,7 +261,7 @@ def test_plan_and_layout_keywords_together_is_an_error():
     q, k, v, _, _ = attention_inputs(8, T)
     with pytest.raises(ValueError, match="not both; got plan and segment_ids_q, mask_type"):
         attention(q, k, v, plan=_plan(layout), segment_ids_q=layout["ids_q"], mask_type="padding")
-    with pytest.raises(TypeError, match=r"q_segments must be a thdkit\.segments\.Segments"):
+    with pytest.raises(TypeError, match=r"q_segments must be a thdkit\.Segments"):
         plan_attention(layout["ids_q"], mask_type="padding", max_segments_per_seq=S)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from thdkit import synth
+from thdkit import reorder, synth
 from thdkit.bench import measure, report
 from thdkit.bench.attention import AttentionBench, attention_program, run_attention_bench
 from thdkit.bench.commands import app
@@ -247,16 +247,16 @@ def test_ring_layout_takes_the_step_with_the_most_pairs():
     view, segments, (q_rank, kv_rank) = make_inputs(config, 32, 3, "padding_causal")
     rng = np.random.default_rng([config.seed, 32, 3])  # as make_inputs draws it
     ids, pos = synth.packed_segments(rng, batch=1, seq_len=4 * 32, max_segments=3)
-    ids, pos = synth.striped(ids, cp=4), synth.striped(pos, cp=4)
+    ids, pos = reorder.striped(ids, cp=4), reorder.striped(pos, cp=4)
 
     def count(q, kv):
-        step = synth.ring_step(ids, pos, cp=4, q_rank=q, kv_rank=kv)
+        step = reorder.ring_step(ids, pos, cp=4, q_rank=q, kv_rank=kv)
         q, kv = (Segments(i, p, run_lengths(i)) for i, p in (step[:2], step[2:]))
         return int(allowed_pairs(q, kv, mask_type=MaskType.PADDING_CAUSAL).sum())
 
     assert segments == 3
     assert all(count(q_rank, kv_rank) >= count(q, kv) for q in range(4) for kv in range(4))
-    expected = synth.ring_step(ids, pos, cp=4, q_rank=q_rank, kv_rank=kv_rank)
+    expected = reorder.ring_step(ids, pos, cp=4, q_rank=q_rank, kv_rank=kv_rank)
     assert all(np.array_equal(a, b) for a, b in zip(view, expected, strict=True))
 
 

@@ -13,6 +13,7 @@ from jax.experimental import checkify
 import thdkit
 from thdkit.layout import LayoutError
 from thdkit.limits import MAX_POSITION, MAX_SEGMENTS, MAX_SEQ_LEN
+from thdkit.synth import packed_segments
 
 from .strategies import batches, np_run_lengths
 
@@ -119,7 +120,7 @@ def test_run_lengths_batched():
 def test_corrupted_valid_layouts_are_caught():
     """A hole punched into any document of a valid layout is always reported at the right token."""
     rng = np.random.default_rng(0)
-    ids, pos = thdkit.synth.packed_segments(rng, batch=1, seq_len=64, max_segments=4, min_len=4)
+    ids, pos = packed_segments(rng, batch=1, seq_len=64, max_segments=4, min_len=4)
     for start in np.flatnonzero((ids[0] != 0) & (np.roll(ids[0], -1) == ids[0]))[:20]:
         if start + 2 >= 64 or ids[0, start + 2] != ids[0, start]:
             continue

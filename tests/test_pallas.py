@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
 from thdkit.kernels import TileRanges, attention, plan_attention, tile_ranges
-from thdkit.kernels.api import AUTO
-from thdkit.kernels.pallas import check_arrays, check_config, pallas_attention, visiting_query_tiles
+from thdkit.kernels import AttentionConfig, default_order
+from thdkit.kernels.pallas import Pallas, pallas_attention, visiting_query_tiles
 from thdkit.mask_types import MaskType, check_window
 from thdkit.reference import reference_attention
 from thdkit.segments import Segments, run_lengths
@@ -306,16 +306,16 @@ def test_attention_implementation_pallas_bfloat16():
         np.testing.assert_allclose(
             np.asarray(g, np.float32), np.asarray(w, np.float32), atol=3e-2, rtol=3e-2
         )
-    assert "pallas" not in AUTO
+    assert "pallas" not in default_order()
     automatic = jax.eval_shape(lambda s: plan_attention(s, **_ENTRY_CONFIG), segments)
-    assert automatic.implementation in AUTO
+    assert automatic.implementation in default_order()
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU behaviour")
 def test_pallas_on_cpu_runs_in_interpret_mode_only():
-    check_config(mask_type=MaskType.PADDING, window_size=None, self_attention=True)
+    Pallas().check_config(_CONFIG)
     x = jnp.zeros((1, 8, 1, 4))
-    check_arrays(x, x, x)
+    Pallas().check_arrays(x, x, x)
     side = Segments(*(jnp.ones((1, 8), jnp.int32),) * 3)
     ranges = TileRanges(
         lo=jnp.zeros((1, 2), jnp.int32),
@@ -356,11 +356,16 @@ def test_check_arrays_names_what_the_backend_cannot_take(
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     arrays = [jax.ShapeDtypeStruct(shape, dtype) for shape in shapes]
     with pytest.raises(NotImplementedError, match=match):
-        check_arrays(*arrays)
+        Pallas().check_arrays(*arrays)
     if backend == "rocm-metal":
         with pytest.raises(NotImplementedError, match=match):
-            check_config(mask_type=MaskType.PADDING, window_size=None, self_attention=True)
+            Pallas().check_config(_CONFIG)
 
+
+_CONFIG = AttentionConfig.parse(
+    mask_type="padding", window_size=None, max_segments_per_seq=1, seq_q=8, seq_kv=8,
+    self_attention=True,
+)
 
 # --- compiled kernels ------------------------------------------------------------------------
 

@@ -1,28 +1,27 @@
 """thdkit: exact O(T) varlen-attention metadata, and attention, for packed sequences in JAX."""
 
 from thdkit import reorder
-from thdkit import synth
+from thdkit.context_parallel import context_parallel_attention
+from thdkit.context_parallel import ring_attention
+from thdkit.context_parallel import ring_schedule
 from thdkit.kernels import AttentionPlan
 from thdkit.kernels import attention
 from thdkit.kernels import is_representable
 from thdkit.kernels import plan_attention
-from thdkit.context_parallel import context_parallel_attention
-from thdkit.context_parallel import ring_attention
-from thdkit.context_parallel import ring_schedule
 from thdkit.layout import LayoutError
-from thdkit.limits import MAX_POSITION
-from thdkit.limits import MAX_SEGMENTS
-from thdkit.limits import MAX_SEQ_LEN
 from thdkit.layout import RowChecks
 from thdkit.layout import check_layout
 from thdkit.layout import layout_error_codes
-from thdkit.segments import run_lengths
 from thdkit.layout import validate_layout
+from thdkit.limits import MAX_POSITION
+from thdkit.limits import MAX_SEGMENTS
+from thdkit.limits import MAX_SEQ_LEN
 from thdkit.mask_types import MaskType
 from thdkit.metadata import FlatSeqMeta
 from thdkit.metadata import SeqMeta
 from thdkit.metadata import seqlens_and_offsets
 from thdkit.segments import Segments
+from thdkit.segments import run_lengths
 
 __all__ = [
     "MAX_POSITION",
@@ -46,7 +45,6 @@ __all__ = [
     "ring_schedule",
     "run_lengths",
     "seqlens_and_offsets",
-    "synth",
     "validate_layout",
 ]
 

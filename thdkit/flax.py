@@ -22,15 +22,14 @@ Install with ``pip install "thdkit[flax]"``; the rest of thdkit never imports th
 from __future__ import annotations
 
 import operator
-from typing import get_args
 
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
-from thdkit.kernels import AttentionPlan, Implementation, attention, plan_attention
 from thdkit.context_parallel import ring_attention
+from thdkit.kernels import AttentionPlan, attention, names, plan_attention
 from thdkit.mask_types import MaskType, check_window
 from thdkit.segments import Segments
 
@@ -129,7 +128,7 @@ class PackedSelfAttention(nnx.Module):
         mask_type: MaskType | str = "padding_causal",
         window_size: tuple[int | None, int | None] | None = None,
         rope_theta: float = 10_000.0,
-        implementation: Implementation | None = None,
+        implementation: str | None = None,
         dtype: jnp.dtype | None = None,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -157,9 +156,9 @@ class PackedSelfAttention(nnx.Module):
             raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {head_dim}")
         if not rope_theta > 0:
             raise ValueError(f"rope_theta must be positive, got {rope_theta}")
-        if implementation is not None and implementation not in get_args(Implementation):
+        if implementation is not None and implementation not in names():
             raise ValueError(
-                f"implementation must be one of {', '.join(map(repr, get_args(Implementation)))} "
+                f"implementation must be one of {', '.join(map(repr, names()))} "
                 f"or None, got {implementation!r}"
             )
         self.in_features = sizes["in_features"]
@@ -258,12 +257,12 @@ class PackedSelfAttention(nnx.Module):
                 )
             if max_segments_per_seq is not None:
                 raise ValueError("max_segments_per_seq comes from the plan; do not pass it too")
-            if not plan.self_attention:
+            if not plan.config.self_attention:
                 raise ValueError("the plan is a cross-attention plan; this layer is self-attention")
-            if (plan.mask_type, plan.window_size) != (self.mask_type, self.window_size):
+            if (plan.config.mask_type, plan.config.window_size) != (self.mask_type, self.window_size):
                 raise ValueError(
-                    f"the plan's mask_type={plan.mask_type.value!r}, "
-                    f"window_size={plan.window_size} differ from the layer's "
+                    f"the plan's mask_type={plan.config.mask_type.value!r}, "
+                    f"window_size={plan.config.window_size} differ from the layer's "
                     f"mask_type={self.mask_type.value!r}, window_size={self.window_size}"
                 )
         elif max_segments_per_seq is None:

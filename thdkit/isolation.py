@@ -38,8 +38,8 @@ def sanitize(x: Float[Array, "B T H D"]) -> tuple[Float[Array, "B T H D"], Bool[
 
 
 def poison(
-    out: Float[Array, "*R D_v"], lse: Float[Array, " *R"], poisoned: Bool[Array, " *R"]
-) -> tuple[Float[Array, "*R D_v"], Float[Array, " *R"]]:
+    out: Float[Array, "*R D_v"], lse: Float[Array, " *R"] | None, poisoned: Bool[Array, " *R"]
+) -> tuple[Float[Array, "*R D_v"], Float[Array, " *R"] | None]:
     """NaN in the output vectors and log-sum-exps of the poisoned rows (a select).
 
     The counterpart of :func:`sanitize`: a row that read a non-finite query, key or value is
@@ -47,15 +47,16 @@ def poison(
 
     Args:
         out: float[*R, D_v]; attention outputs, any leading row axes.
-        lse: float[*R]; their log-sum-exps.
+        lse: float[*R]; their log-sum-exps, or None (an implementation without them).
         poisoned: bool[*R]; the rows to poison.
 
     Returns:
-        ``(out, lse)`` with NaN where ``poisoned``.
+        ``(out, lse)`` with NaN where ``poisoned`` (lse None stays None).
 
     Example:
         >>> out, lse = poison(jnp.ones((2, 1)), jnp.zeros(2), jnp.array([True, False]))
         >>> out[:, 0].tolist(), lse.tolist()
         ([nan, 1.0], [nan, 0.0])
     """
-    return jnp.where(poisoned[..., None], jnp.nan, out), jnp.where(poisoned, jnp.nan, lse)
+    out = jnp.where(poisoned[..., None], jnp.nan, out)
+    return out, None if lse is None else jnp.where(poisoned, jnp.nan, lse)

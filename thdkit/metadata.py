@@ -37,8 +37,16 @@ from thdkit.limits import MAX_SEQ_LEN, check_int, check_max_segments, is_concret
 from thdkit.mask_types import MaskType
 from thdkit.one_hot import one_hot_row
 from thdkit.reference import dense_row
+from thdkit.segments import Segments
 
-__all__ = ["FlatSeqMeta", "Method", "SeqMeta", "linear_rows", "seqlens_and_offsets"]
+__all__ = [
+    "FlatSeqMeta",
+    "Method",
+    "SeqMeta",
+    "linear_rows",
+    "segments_metadata",
+    "seqlens_and_offsets",
+]
 
 Method = Literal["linear", "one_hot", "dense"]
 
@@ -349,6 +357,47 @@ def seqlens_and_offsets(
     q, kv = as_layouts(segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)
     validate_concrete(q, kv, max_segments_per_seq=num_segments, mask_type=mask)
     return _compute(q, kv, method=method, mask=mask, num_segments=num_segments, compact=compact)
+
+
+def segments_metadata(
+    q: Segments,
+    kv: Segments | None = None,
+    *,
+    mask_type: MaskType,
+    max_segments_per_seq: int,
+    compact: bool = True,
+    method: Method = "linear",
+) -> SeqMeta:
+    """:func:`seqlens_and_offsets` of checked :class:`thdkit.Segments`: no validation.
+
+    The core every entry point that holds Segments calls (a plan, an implementation's
+    auxiliary data); the layouts must be valid (docs/semantics.md).
+
+    Args:
+        q: the queries' Segments, int32[*B, T_q] fields.
+        kv: the keys', int32[*B, T_kv] fields, or None for self-attention.
+        mask_type: a parsed :class:`thdkit.MaskType`.
+        max_segments_per_seq: S, a checked int.
+        compact, method: as for :func:`seqlens_and_offsets`.
+
+    Returns:
+        :class:`SeqMeta`.
+
+    Example:
+        >>> seg = Segments.from_ids(jnp.array([[1, 1, 1, 2, 2, 0, 0, 3]]),
+        ...                         jnp.array([[0, 1, 2, 0, 1, 2, 0, 0]]))
+        >>> segments_metadata(seg, mask_type=MaskType.PADDING_CAUSAL,
+        ...                   max_segments_per_seq=4).q_offsets
+        Array([[ 0,  3,  7, -1, -1]], dtype=int32)
+    """
+    return _compute(
+        (q.ids, q.positions),
+        None if kv is None else (kv.ids, kv.positions),
+        method=method,
+        mask=mask_type,
+        num_segments=max_segments_per_seq,
+        compact=compact,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("method", "mask", "num_segments", "compact"))

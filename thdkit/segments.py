@@ -257,6 +257,7 @@ class Segments:
         return dataclasses.replace(self, lengths=lengths)
 
 
+@jax.jit
 def run_lengths(segment_ids: Int[Array, "*B T"]) -> Int[Array, "*B T"]:
     """Length of the run holding each token; 0 on padding.
 

@@ -16,26 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from thdkit.limits import check_int
-from thdkit.reorder import (
-    dual_chunk_swap,
-    ring_step,
-    shard,
-    striped,
-    undo_dual_chunk_swap,
-    unstriped,
-)
 
-__all__ = [
-    "cross_segments",
-    "dual_chunk_swap",
-    "filled_segments",
-    "packed_segments",
-    "ring_step",
-    "shard",
-    "striped",
-    "undo_dual_chunk_swap",
-    "unstriped",
-]
+__all__ = ["cross_segments", "filled_segments", "packed_segments"]
 
 
 def _check_counts(**counts: object) -> None:

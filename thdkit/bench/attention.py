@@ -21,11 +21,11 @@ import numpy as np
 from rich.table import Table
 
 from thdkit import synth
-from thdkit.kernels import attention, plan_attention
-from thdkit.kernels.blockwise import blockwise_attention
 from thdkit.bench import measure
 from thdkit.bench.measure import SHAPE_OPTIONS, SILENT, Callbacks, Options, PlanConfig, median
 from thdkit.bench.ring import work_per_rank
+from thdkit.kernels import attention, plan_attention
+from thdkit.kernels.blockwise import blockwise_attention
 from thdkit.mask_types import MaskType, check_window
 from thdkit.masks import pair_mask
 from thdkit.segments import Segments
@@ -133,7 +133,7 @@ def attention_program(
                 side, **layout, max_segments_per_seq=segments, implementation="blockwise", **blocks
             )
             out, _ = blockwise_attention(
-                q, k, v, side, side, plan.ranges, **layout, scale=q.shape[-1] ** -0.5,
+                q, k, v, side, side, plan.aux["blockwise"], **layout, scale=q.shape[-1] ** -0.5,
                 schedule="serial" if implementation.endswith("serial") else "parallel",
             )  # fmt: skip
             return out.astype(q.dtype)
@@ -167,12 +167,12 @@ def _work(config: AttentionBench, ids: np.ndarray, pos: np.ndarray) -> dict[str,
         side, mask_type=mask, window_size=window, max_segments_per_seq=int(ids.max()),
         implementation="blockwise", block_q=config.block_q, block_kv=config.block_kv,
     )  # fmt: skip
-    visited, pairs = int(jnp.sum(plan.ranges.hi - plan.ranges.lo)), ids.size * ids.shape[1]
+    visited, pairs = int(jnp.sum(plan.aux["blockwise"].hi - plan.aux["blockwise"].lo)), ids.size * ids.shape[1]
     allowed = int(work_per_rank(ids, pos, cp=1, mask_type=mask, window_size=window).sum())
     return {
-        "tiles_visited": visited, "block_q": plan.block_q, "block_kv": plan.block_kv,
-        "tiles_visited_fraction": visited / plan.ranges.lo.size / plan.ranges.num_kv_tiles,
-        "tile_pair_fraction": visited * plan.block_q * plan.block_kv / pairs,
+        "tiles_visited": visited, "block_q": plan.config.block_q, "block_kv": plan.config.block_kv,
+        "tiles_visited_fraction": visited / plan.aux["blockwise"].lo.size / plan.aux["blockwise"].num_kv_tiles,
+        "tile_pair_fraction": visited * plan.config.block_q * plan.config.block_kv / pairs,
         "allowed_pairs": allowed, "allowed_pair_fraction": allowed / pairs,
         "sum_len_squared_fraction": int(side.lengths.sum()) / pairs,  # Each token adds its length.
     }  # fmt: skip

@@ -24,9 +24,9 @@ import numpy as np
 from rich.table import Table
 
 from thdkit import synth
-from thdkit.kernels import attention, plan_attention
 from thdkit.bench import measure
 from thdkit.bench.measure import SILENT, Callbacks, Options, PlanConfig, median
+from thdkit.kernels import attention, plan_attention
 from thdkit.segments import Segments
 
 __all__ = ["PlanBench", "run_plan_bench"]

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from thdkit import synth
+from thdkit import reorder, synth
 from thdkit.bench.measure import Options, PlanConfig, mask_names
 from thdkit.bench.ring import work_per_rank
 
@@ -88,9 +88,9 @@ def make_inputs(sweep: MetadataSweep, seq_len: int, max_segments: int, mask_type
     ids, pos = synth.packed_segments(rng, seq_len=row_len, **shape)
     if sweep.layout == "self":
         return (ids, pos), segments, None
-    ids, pos = synth.striped(ids, cp=RING_CP), synth.striped(pos, cp=RING_CP)
+    ids, pos = reorder.striped(ids, cp=RING_CP), reorder.striped(pos, cp=RING_CP)
     work = work_per_rank(ids, pos, cp=RING_CP, mask_type=mask_type)  # [q rank, step]
     pairs = {(q, (q - k) % RING_CP): work[q, k] for q in range(RING_CP) for k in range(RING_CP)}
     q_rank, kv_rank = max(sorted(pairs), key=pairs.__getitem__)
-    view = synth.ring_step(ids, pos, cp=RING_CP, q_rank=q_rank, kv_rank=kv_rank)
+    view = reorder.ring_step(ids, pos, cp=RING_CP, q_rank=q_rank, kv_rank=kv_rank)
     return view, segments, [q_rank, kv_rank]

@@ -5,35 +5,35 @@ the mask is rebuilt from ids, positions and document lengths (:func:`thdkit.mask
 the result is exact for every valid layout, ring steps included. A ``jax.custom_vjp`` recomputes
 the tiles in the backward pass, saving only the output and the log-sum-exp: O(T·tile) memory.
 
-Isolation: the inputs are sanitised once (:func:`thdkit.isolation.sanitize`); every tile also counts,
-per query row, the allowed keys whose key or value was non-finite (a ``[q, k] x [k]`` contraction
-of the tile's mask with the key flags), and the rows that count one, or whose own query was
-non-finite, come out NaN. Every masked product is a select.
+Isolation: the inputs are sanitised once (:func:`thdkit.isolation.sanitize`); every tile also
+counts, per query row, the allowed keys whose key or value was non-finite (a ``[q, k] x [k]``
+contraction of the tile's mask with the key flags), and the rows that count one, or whose own
+query was non-finite, come out NaN (:mod:`thdkit.kernels.flash_vjp`). Every masked product is a
+select.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from thdkit.isolation import poison, sanitize
-from thdkit.kernels.tiles import TileRanges, pad_tokens
+from thdkit.isolation import sanitize
+from thdkit.kernels.base import Implementation
+from thdkit.kernels.config import AttentionConfig
+from thdkit.kernels.flash_vjp import flash_vjp
+from thdkit.kernels.tiles import TileRanges, pad_tokens, tile_ranges
 from thdkit.mask_types import MaskType, Window
 from thdkit.masks import pair_mask
 from thdkit.segments import Segments
 
 __all__ = [
     "PAIRS_PER_STEP",
+    "Blockwise",
     "Schedule",
-    "attention_partial",
     "blockwise_attention",
-    "check_arrays",
-    "check_config",
-    "run",
 ]
 
 # Tiles are stored head-major, as the batched matmuls read them: query tile r is
@@ -201,14 +201,10 @@ def _forward_tiles(tiles: _Tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, w
     return acc / safe_total[..., None], lse, poisoned
 
 
-def _backward_tiles(
-    tiles: _Tiles, q, k, v, layout_q, layout_kv, work: _Work, out, lse, d_out, d_lse
-):
+def _backward_tiles(tiles: _Tiles, inputs, d_out, row_term, lse):
     """Flash-attention backward over the visited tiles, recomputing each tile's weights; each
-    step scatter-adds the gradients of ``tiles.chunk`` work items."""
-    # d logit = p * (d_out . v - d_out . out + d_lse); the row term is computed once here.
-    row_term = d_lse - jnp.sum(d_out * out, axis=-1)
-    safe_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    step scatter-adds the gradients of ``tiles.chunk`` work items (:mod:`~.flash_vjp`)."""
+    q, k, v, layout_q, layout_kv, _, _, work = inputs
     init = tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
 
     def visit(step, carry):
@@ -216,7 +212,7 @@ def _backward_tiles(
         row, col, real = _chunk(work, step, tiles.chunk)
         q_tile, k_tile, logits, allowed = _tile_logits(tiles, q, k, layout_q, layout_kv, row, col)
         allowed = allowed & real[:, None, None, None, None]
-        weights = jnp.where(allowed, jnp.exp(logits - _index(safe_lse, row)[..., None]), 0.0)
+        weights = jnp.where(allowed, jnp.exp(logits - _index(lse, row)[..., None]), 0.0)
         do_tile = _index(d_out, row)
         d_weights = jnp.einsum("phgqd,phkd->phgqk", do_tile, _index(v, col).astype(jnp.float32))
         d_logits = jnp.where(
@@ -227,31 +223,10 @@ def _backward_tiles(
         dv = _add(dv, col, jnp.einsum("phgqk,phgqd->phkd", weights, do_tile))
         return dq, dk, dv
 
-    grads = jax.lax.fori_loop(0, _steps(work, tiles.chunk), visit, init)
-    return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v), strict=True))
+    return jax.lax.fori_loop(0, _steps(work, tiles.chunk), visit, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(tiles: _Tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, work):
-    return poison(*_forward_tiles(tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, work))
-
-
-def _flash_fwd(tiles: _Tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, work):
-    out, lse, poisoned = _forward_tiles(tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, work)
-    residuals = (q, k, v, layout_q, layout_kv, work, out, lse, poisoned)
-    return poison(out, lse, poisoned), residuals
-
-
-def _flash_bwd(tiles: _Tiles, residuals, cotangents):
-    q, k, v, layout_q, layout_kv, work, out, lse, poisoned = residuals
-    # Poisoned rows pass nothing back: their cotangents are selected away.
-    d_out = jnp.where(poisoned[..., None], 0.0, cotangents[0])
-    d_lse = jnp.where(poisoned, 0.0, cotangents[1])
-    dq, dk, dv = _backward_tiles(tiles, q, k, v, layout_q, layout_kv, work, out, lse, d_out, d_lse)
-    return dq, dk, dv, None, None, None, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = flash_vjp(_forward_tiles, _backward_tiles)
 
 
 def _prepare(tiles: Array) -> tuple[Array, Array]:
@@ -346,41 +321,33 @@ def blockwise_attention(
     return out[:, :seq_q], lse[:, :seq_q]
 
 
+class Blockwise(Implementation):
+    """The tiled flash loop in plain JAX: every configuration, every backend, O(T·tile) memory.
 
-
-
-
-def check_config(*, mask_type: MaskType, window_size: Window, self_attention: bool) -> None:
-    """The blockwise method runs every configuration: never raises.
-
-    Example:
-        >>> check_config(mask_type=MaskType.CAUSAL, window_size=None, self_attention=False)
+    Its auxiliary data is the layout's :class:`thdkit.kernels.TileRanges`.
     """
-    del mask_type, window_size, self_attention
 
+    name = "blockwise"
 
-def check_arrays(query: Array, key: Array, value: Array) -> None:
-    """The blockwise method takes every checked input: never raises.
+    def prepare(self, q: Segments, kv: Segments, config: AttentionConfig) -> TileRanges:
+        return tile_ranges(
+            q,
+            kv,
+            mask_type=config.mask_type,
+            window_size=config.window_size,
+            block_q=config.block_q,
+            block_kv=config.block_kv,
+        )
 
-    Example:
-        >>> x = jnp.zeros((1, 2, 1, 1))
-        >>> check_arrays(x, x, x)
-    """
-    del query, key, value
-
-
-def run(query: Array, key: Array, value: Array, plan: Any, *, scale: float) -> Array:
-    """The candidate's entry: :func:`blockwise_attention` on an ``AttentionPlan``'s fields,
-    the output cast to the query's dtype."""
-    out, _ = blockwise_attention(
-        query,
-        key,
-        value,
-        plan.q_segments,
-        plan.kv_segments,
-        plan.ranges,
-        mask_type=plan.mask_type,
-        window_size=plan.window_size,
-        scale=scale,
-    )
-    return out.astype(query.dtype)
+    def forward(self, query, key, value, q, kv, aux, config, *, scale):
+        return blockwise_attention(
+            query,
+            key,
+            value,
+            q,
+            kv,
+            aux,
+            mask_type=config.mask_type,
+            window_size=config.window_size,
+            scale=scale,
+        )

@@ -1,12 +1,13 @@
 """JAX's cuDNN fused attention fed with compact metadata (GPU, representable layouts only).
 
-The candidate of the ordered choice in :mod:`thdkit.kernels.api`: :func:`check_config` (what
-the plan knows: backend, mask type, window, self-attention) and :func:`check_arrays` (dtype and
-head dims, once ``attention`` sees the arrays) raise ``NotImplementedError`` with the reason it
-cannot run; :func:`run` computes.
+:class:`Cudnn` is the first implementation of the default order
+(:mod:`thdkit.kernels.registry`); its checks raise ``NotImplementedError`` with the reason it
+cannot run (no GPU, a mask type cuDNN's packed path lacks, a layout compact metadata cannot
+express, a dtype or head dim it cannot take), and the next implementation runs instead.
 
 JAX's packed path (``_fix_seqlen_offsets`` in ``jax/_src/cudnn/fused_attention_stablehlo.py``,
-jax 0.10 and 0.11) scales the key/value offsets by the *query's* heads and head dim. :func:`run`
+jax 0.10 and 0.11) scales the key/value offsets by the *query's* heads and head dim.
+:func:`cudnn_attention`
 therefore repeats key/value heads up to the query's (GQA/MQA) and requires ``D_v == D``, so that
 every offset addresses the intended key and value element.
 """
@@ -20,23 +21,23 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from thdkit.isolation import sanitize
+from thdkit.isolation import poison, sanitize
+from thdkit.kernels.base import Implementation
+from thdkit.kernels.config import AttentionConfig
 from thdkit.kernels.representable import representable_rows
 from thdkit.kernels.tiles import kv_spans
 from thdkit.limits import is_concrete
 from thdkit.mask_types import MaskType, Window, window_bound
-from thdkit.metadata import SeqMeta
+from thdkit.metadata import SeqMeta, segments_metadata
 from thdkit.segments import Segments
 
 __all__ = [
     "DTYPES",
-    "check_arrays",
-    "check_config",
-    "check_layout",
+    "TRACED",
+    "Cudnn",
     "cudnn_attention",
     "packed_inputs",
     "poisoned_rows",
-    "run",
     "spans_of",
 ]
 
@@ -62,60 +63,6 @@ def _library() -> Any:
             f"packed layouts need compute capability >= 9.0, got {capability}"
         )
     return cudnn_attention
-
-
-def check_config(*, mask_type: MaskType, window_size: Window, self_attention: bool) -> None:
-    """Raises NotImplementedError (with the reason) where cuDNN cannot run this configuration.
-
-    Args:
-        mask_type: a parsed ``MaskType``.
-        window_size: a parsed window.
-        self_attention: whether the key layout is the query's.
-
-    Raises:
-        NotImplementedError: no GPU or cuDNN, or a mask/window cuDNN's packed path lacks.
-
-    Example:
-        >>> import pytest
-        >>> with pytest.raises(NotImplementedError, match="needs a CUDA GPU"):
-        ...     check_config(mask_type=MaskType.PADDING, window_size=None, self_attention=True)
-    """
-    _library()
-    if mask_type.is_bottom_right and not self_attention:
-        raise NotImplementedError(
-            "has no bottom-right mask (self-attention maps it to causal, cross-attention can't)"
-        )
-    if window_size is not None and not mask_type.uses_positions:
-        raise NotImplementedError("applies sliding windows with a causal mask only")
-
-
-def check_arrays(query: Array, key: Array, value: Array) -> None:
-    """Raises NotImplementedError where cuDNN cannot take these arrays (dtype, head dims).
-
-    Args:
-        query, key, value: the checked attention inputs, [B, T, H, D] / [B, T, H, D_v].
-
-    Raises:
-        NotImplementedError: not bfloat16/float16, or head dims cuDNN's packed path cannot read.
-
-    Example:
-        >>> import pytest
-        >>> x = jnp.zeros((1, 8, 2, 64))
-        >>> with pytest.raises(NotImplementedError, match="bfloat16 or float16"):
-        ...     check_arrays(x, x, x)
-    """
-    if query.dtype not in DTYPES:
-        raise NotImplementedError(f"takes bfloat16 or float16 inputs, got {query.dtype}")
-    dims = (query.shape[-1], value.shape[-1])
-    if any(d % 8 or d > 256 for d in dims):
-        raise NotImplementedError(
-            f"needs head dims that are multiples of 8 and at most 256, got D, D_v = {dims}"
-        )
-    if dims[0] != dims[1]:
-        raise NotImplementedError(
-            f"needs D_v == D with packed layouts (JAX scales the value offsets by the query's "
-            f"head dim), got D, D_v = {dims}"
-        )
 
 
 def _inside(offsets: Int[Array, "B S"], lengths: Int[Array, "B S"], seq_len: int) -> Array:
@@ -269,7 +216,7 @@ def cudnn_attention(
         sliding_window_length=None if left is None else left + 1,
     )
     out = jnp.where(active_q, out, 0)
-    return jnp.where(poisoned[..., None], jnp.nan, out).astype(query.dtype)
+    return poison(out, None, poisoned)[0].astype(query.dtype)
 
 
 TRACED = (
@@ -278,65 +225,107 @@ TRACED = (
 )
 
 
-def check_layout(
-    q: Segments,
-    kv: Segments | None,
-    *,
-    mask_type: MaskType,
-    window_size: Window,
-    num_segments: int,
-) -> Bool[Array, " B"] | None:
-    """Checks that compact metadata expresses the layout; returns the per-row result or None.
+class Cudnn(Implementation):
+    """cuDNN's fused attention (through ``jax.nn``'s cuDNN path) on compact metadata.
 
-    Self-attention without a window always holds (:func:`thdkit.kernels.is_representable`),
-    and needs no check (None). Otherwise the layout must be concrete and every row representable.
-
-    Args:
-        q: the queries' :class:`thdkit.Segments`; kv: the keys', or None for self-attention.
-        mask_type, window_size: parsed.
-        num_segments: S.
-
-    Returns:
-        bool[B] (all True) or None.
-
-    Raises:
-        NotImplementedError: a traced layout that needs the check, or rows compact metadata
-            cannot express (listed).
-
-    Example:
-        >>> seg = Segments.from_ids(jnp.array([[1, 1]]))
-        >>> check_layout(seg, None, mask_type=MaskType.CAUSAL, window_size=None,
-        ...              num_segments=1) is None
-        True
+    GPU only, bfloat16/float16, and only where compact metadata expresses the mask (always for
+    self-attention without a window; otherwise checked on concrete layouts). Its auxiliary data
+    is the compact :class:`thdkit.SeqMeta` and every query's allowed key interval (it poisons
+    rows from them). It returns no log-sum-exp, so context parallelism cannot use it.
     """
-    left = window_bound(window_size, 0)
-    if kv is None and left is None:
-        return None
-    layouts = [(side.ids, side.positions) for side in (q, kv) if side is not None]
-    if not is_concrete(*(a for layout in layouts for a in layout)):
-        raise NotImplementedError(TRACED)
-    rows = representable_rows(
-        layouts[0],
-        layouts[1] if kv is not None else None,
-        mask_type=mask_type,
-        num_segments=num_segments,
-        window_left=left,
-    )
-    if not bool(jnp.all(rows)):
-        bad = jnp.flatnonzero(~rows).tolist()
-        raise NotImplementedError(f"compact metadata cannot express this layout (rows {bad})")
-    return rows
 
+    name = "cudnn"
+    returns_lse = False
 
-def run(query: Array, key: Array, value: Array, plan: Any, *, scale: float) -> Array:
-    """The candidate's entry: :func:`cudnn_attention` on an ``AttentionPlan``'s fields."""
-    return cudnn_attention(
-        query,
-        key,
-        value,
-        plan.metadata,
-        plan.spans,
-        mask_type=plan.mask_type,
-        window_size=plan.window_size,
-        scale=scale,
-    )
+    def check_config(self, config: AttentionConfig) -> None:
+        """Raises NotImplementedError without a GPU and cuDNN, or for a mask/window cuDNN's
+        packed path lacks.
+
+        Example:
+            >>> import pytest
+            >>> config = AttentionConfig.parse(mask_type="padding", window_size=None,
+            ...     max_segments_per_seq=1, seq_q=8, seq_kv=8, self_attention=True)
+            >>> with pytest.raises(NotImplementedError, match="needs a CUDA GPU"):
+            ...     Cudnn().check_config(config)
+        """
+        _library()
+        if config.mask_type.is_bottom_right and not config.self_attention:
+            raise NotImplementedError(
+                "has no bottom-right mask (self-attention maps it to causal, cross-attention can't)"
+            )
+        if config.window_size is not None and not config.mask_type.uses_positions:
+            raise NotImplementedError("applies sliding windows with a causal mask only")
+
+    def check_layout(self, q: Segments, kv: Segments, config: AttentionConfig) -> None:
+        """Raises NotImplementedError where compact metadata cannot express the layout.
+
+        Self-attention without a window always holds (:func:`thdkit.kernels.is_representable`)
+        and reads nothing. Otherwise the layout must be concrete and every row representable.
+
+        Example:
+            >>> seg = Segments.from_ids(jnp.array([[1, 1]]))
+            >>> config = AttentionConfig.parse(mask_type="causal", window_size=None,
+            ...     max_segments_per_seq=1, seq_q=2, seq_kv=2, self_attention=True)
+            >>> Cudnn().check_layout(seg, seg, config)
+        """
+        left = window_bound(config.window_size, 0)
+        if config.self_attention and left is None:
+            return
+        sides = [q] if config.self_attention else [q, kv]
+        if not is_concrete(*(a for side in sides for a in (side.ids, side.positions))):
+            raise NotImplementedError(TRACED)
+        rows = representable_rows(
+            (q.ids, q.positions),
+            None if config.self_attention else (kv.ids, kv.positions),
+            mask_type=config.mask_type,
+            num_segments=config.max_segments_per_seq,
+            window_left=left,
+        )
+        if not bool(jnp.all(rows)):
+            bad = jnp.flatnonzero(~rows).tolist()
+            raise NotImplementedError(f"compact metadata cannot express this layout (rows {bad})")
+
+    def prepare(self, q: Segments, kv: Segments, config: AttentionConfig) -> Any:
+        metadata = segments_metadata(
+            q,
+            None if config.self_attention else kv,
+            mask_type=config.mask_type,
+            max_segments_per_seq=config.max_segments_per_seq,
+        )
+        return metadata, spans_of(q, kv, mask_type=config.mask_type, window_size=config.window_size)
+
+    def check_arrays(self, query: Array, key: Array, value: Array) -> None:
+        """Raises NotImplementedError where cuDNN cannot take these arrays (dtype, head dims).
+
+        Example:
+            >>> import pytest
+            >>> x = jnp.zeros((1, 8, 2, 64))
+            >>> with pytest.raises(NotImplementedError, match="bfloat16 or float16"):
+            ...     Cudnn().check_arrays(x, x, x)
+        """
+        if query.dtype not in DTYPES:
+            raise NotImplementedError(f"takes bfloat16 or float16 inputs, got {query.dtype}")
+        dims = (query.shape[-1], value.shape[-1])
+        if any(d % 8 or d > 256 for d in dims):
+            raise NotImplementedError(
+                f"needs head dims that are multiples of 8 and at most 256, got D, D_v = {dims}"
+            )
+        if dims[0] != dims[1]:
+            raise NotImplementedError(
+                f"needs D_v == D with packed layouts (JAX scales the value offsets by the "
+                f"query's head dim), got D, D_v = {dims}"
+            )
+
+    def forward(self, query, key, value, q, kv, aux, config, *, scale):
+        metadata, spans = aux
+        out = cudnn_attention(
+            query,
+            key,
+            value,
+            metadata,
+            spans,
+            mask_type=config.mask_type,
+            window_size=config.window_size,
+            scale=scale,
+        )
+        return out, None

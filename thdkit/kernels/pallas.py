@@ -32,7 +32,6 @@ whether an allowed key or value was non-finite, such rows come out NaN and pass 
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -40,16 +39,17 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from thdkit.isolation import sanitize
+from thdkit.kernels.blockwise import Blockwise
+from thdkit.kernels.config import AttentionConfig
+from thdkit.kernels.flash_vjp import flash_vjp
 from thdkit.kernels.pallas_kernels import KernelConfig, run_dkv, run_dq, run_forward
 from thdkit.kernels.tiles import TileRanges, pad_tokens
 from thdkit.mask_types import MaskType, Window
 from thdkit.segments import Segments
 
 __all__ = [
-    "check_arrays",
-    "check_config",
+    "Pallas",
     "pallas_attention",
-    "run",
     "visiting_query_tiles",
 ]
 
@@ -108,33 +108,18 @@ def visiting_query_tiles(ranges: TileRanges) -> tuple[Int[Array, "B NK"], Int[Ar
 # --- Custom VJP ------------------------------------------------------------------------------
 
 
-def _poison(out, lse, poisoned):
-    bad = poisoned > 0
-    return jnp.where(jnp.moveaxis(bad, 2, 3), jnp.nan, out), jnp.where(bad, jnp.nan, lse)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(config: KernelConfig, q, k, v, layout, bad_q, bad_kv, lo, hi):
-    return _poison(*run_forward(config, q, k, v, layout, bad_q, bad_kv, lo, hi))
-
-
-def _flash_fwd(config: KernelConfig, q, k, v, layout, bad_q, bad_kv, lo, hi):
+def _forward(config: KernelConfig, q, k, v, layout, bad_q, bad_kv, lo, hi):
+    """The forward kernel, its statistics ``[B, H_q, 1, T]`` as rows ``[B, H_q, T]`` of out."""
     out, lse, poisoned = run_forward(config, q, k, v, layout, bad_q, bad_kv, lo, hi)
-    residuals = (q, k, v, layout, lo, hi, out, lse, poisoned)
-    return _poison(out, lse, poisoned), residuals
+    return out, lse[:, :, 0], poisoned[:, :, 0] > 0
 
 
-def _flash_bwd(config: KernelConfig, residuals, cotangents):
-    q, k, v, layout, lo, hi, out, lse, poisoned = residuals
-    bad = poisoned > 0
-    # Poisoned rows pass nothing back: their cotangents are selected away.
-    d_out = jnp.where(jnp.moveaxis(bad, 2, 3), 0.0, cotangents[0])
-    d_lse = jnp.where(bad, 0.0, cotangents[1])
-    # d logit = p * (d_out . v - d_out . out + d_lse); the row term is computed once here.
-    row_term = d_lse - jnp.moveaxis(jnp.sum(d_out * out, axis=-1, keepdims=True), 3, 2)
-    safe_lse = jnp.where(lse == -jnp.inf, 0.0, lse)
+def _backward(config: KernelConfig, inputs, d_out, row_term, lse):
+    """The dq and dk/dv kernels (:mod:`~.flash_vjp`)."""
+    q, k, v, layout, _, _, lo, hi = inputs
+    row_term, lse = row_term[:, :, None], lse[:, :, None]
     d_out = d_out.astype(q.dtype)
-    dq = run_dq(config, q, k, v, layout, d_out, safe_lse, row_term, lo, hi)
+    dq = run_dq(config, q, k, v, layout, d_out, lse, row_term, lo, hi)
     ranges = TileRanges(
         lo=lo.reshape(-1, config.num_q),
         hi=hi.reshape(-1, config.num_q),
@@ -144,13 +129,12 @@ def _flash_bwd(config: KernelConfig, residuals, cotangents):
     )
     q_lo, q_hi = visiting_query_tiles(ranges)
     dk, dv = run_dkv(
-        config, q, k, v, layout, d_out, safe_lse, row_term, q_lo.reshape(-1), q_hi.reshape(-1)
+        config, q, k, v, layout, d_out, lse, row_term, q_lo.reshape(-1), q_hi.reshape(-1)
     )
-    grads = tuple(g.astype(x.dtype) for g, x in zip((dq, dk, dv), (q, k, v), strict=True))
-    return (*grads, None, None, None, None, None)
+    return dq, dk, dv
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = flash_vjp(_forward, _backward)
 
 
 # --- Entry points ----------------------------------------------------------------------------
@@ -330,94 +314,74 @@ def pallas_attention(
         ranges.hi.reshape(-1).astype(jnp.int32),
     )
     out = out.transpose(0, 2, 1, 3)[:, :seq_q, :, :dim_v]
-    lse = lse[:, :, 0, :seq_q].transpose(0, 2, 1)
+    lse = lse[:, :, :seq_q].transpose(0, 2, 1)
     return out, lse
 
 
-def check_config(*, mask_type: MaskType, window_size: Window, self_attention: bool) -> None:
-    """Raises NotImplementedError where the backend has no Pallas kernels; every mask type,
-    window and cross-attention runs.
-
-    Args:
-        mask_type: a parsed ``MaskType``.
-        window_size: a parsed window.
-        self_attention: whether the key layout is the query's.
-
-    Raises:
-        NotImplementedError: the default backend is none of CPU (interpret mode), GPU, TPU.
-
-    Example:
-        >>> check_config(mask_type=MaskType.CAUSAL, window_size=(4, 0), self_attention=False)
+class Pallas(Blockwise):
+    """Flash-attention kernels over the tile ranges: Triton on GPU, Mosaic on TPU, interpret
+    mode on CPU (slow: for tests). Every mask type, window and cross-attention; not in the
+    default order. Its auxiliary data is the blockwise method's: the layout's tile ranges.
     """
-    del mask_type, window_size, self_attention
-    problem = _backend_problem(jax.default_backend())
-    if problem:
-        raise NotImplementedError(problem)
 
+    name = "pallas"
 
-def check_arrays(query: Array, key: Array, value: Array) -> None:
-    """Raises NotImplementedError where the kernels cannot take these arrays on this backend.
+    def check_config(self, config: AttentionConfig) -> None:
+        """Raises NotImplementedError where the backend has no Pallas kernels."""
+        problem = _backend_problem(jax.default_backend())
+        if problem:
+            raise NotImplementedError(problem)
 
-    CPU (interpret mode) takes every checked input. GPU (Triton): head dims up to 256 (padded
-    to a power of two >= 16 inside). TPU: bfloat16 or float32, and one head's key and value
-    rows (and a group's query rows) must fit in VMEM, double-buffered.
+    def check_arrays(self, query: Array, key: Array, value: Array) -> None:
+        """Raises NotImplementedError where the kernels cannot take these arrays on this backend.
 
-    Args:
-        query, key, value: the checked attention inputs, [B, T, H, D] / [B, T, H, D_v].
+        CPU (interpret mode) takes every checked input. GPU (Triton): head dims up to 256 (padded
+        to a power of two >= 16 inside). TPU: bfloat16 or float32, and one head's key and value
+        rows (and a group's query rows) must fit in VMEM, double-buffered.
 
-    Raises:
-        NotImplementedError: the reason these arrays cannot run here.
+        Args:
+            query, key, value: the checked attention inputs, [B, T, H, D] / [B, T, H, D_v].
 
-    Example:
-        >>> x = jnp.zeros((1, 8, 2, 16))
-        >>> check_arrays(x, x, x)
-    """
-    backend = jax.default_backend()
-    problem = _backend_problem(backend)
-    if problem:
-        raise NotImplementedError(problem)
-    dims = (query.shape[-1], value.shape[-1])
-    if backend == "gpu" and max(dims) > _TRITON_MAX_HEAD_DIM:
-        raise NotImplementedError(
-            f"on GPU needs head dims of at most {_TRITON_MAX_HEAD_DIM}, got D, D_v = {dims}"
-        )
-    if backend == "tpu":
-        if query.dtype == jnp.float16:
-            raise NotImplementedError("on TPU takes bfloat16 or float32, not float16")
-        groups = query.shape[2] // key.shape[2]
-        # The longest row a kernel holds (keys, or a group's queries in the dk/dv kernel), its
-        # vectors plus 16 bytes per token of layout and flags, double-buffered.
-        rows = max(key.shape[1], groups * query.shape[1])
-        needed = 2 * rows * (sum(dims) * query.dtype.itemsize + 16)
-        if needed > _TPU_VMEM_BUDGET:
+        Raises:
+            NotImplementedError: the reason these arrays cannot run here.
+
+        Example:
+            >>> x = jnp.zeros((1, 8, 2, 16))
+            >>> Pallas().check_arrays(x, x, x)
+        """
+        backend = jax.default_backend()
+        problem = _backend_problem(backend)
+        if problem:
+            raise NotImplementedError(problem)
+        dims = (query.shape[-1], value.shape[-1])
+        if backend == "gpu" and max(dims) > _TRITON_MAX_HEAD_DIM:
             raise NotImplementedError(
-                f"on TPU holds one head's rows in VMEM: {needed} bytes for T_kv={key.shape[1]}, "
-                f"G*T_q={groups * query.shape[1]}, D + D_v={sum(dims)} exceed "
-                f"{_TPU_VMEM_BUDGET}"
+                f"on GPU needs head dims of at most {_TRITON_MAX_HEAD_DIM}, got D, D_v = {dims}"
             )
+        if backend == "tpu":
+            if query.dtype == jnp.float16:
+                raise NotImplementedError("on TPU takes bfloat16 or float32, not float16")
+            groups = query.shape[2] // key.shape[2]
+            # The longest row a kernel holds (keys, or a group's queries in the dk/dv kernel), its
+            # vectors plus 16 bytes per token of layout and flags, double-buffered.
+            rows = max(key.shape[1], groups * query.shape[1])
+            needed = 2 * rows * (sum(dims) * query.dtype.itemsize + 16)
+            if needed > _TPU_VMEM_BUDGET:
+                raise NotImplementedError(
+                    f"on TPU holds one head's rows in VMEM: {needed} bytes for "
+                    f"T_kv={key.shape[1]}, G*T_q={groups * query.shape[1]}, "
+                    f"D + D_v={sum(dims)} exceed {_TPU_VMEM_BUDGET}"
+                )
 
-
-def run(query: Array, key: Array, value: Array, plan: Any, *, scale: float) -> Array:
-    """The candidate's entry: :func:`pallas_attention` on an ``AttentionPlan``'s fields, the
-    output cast to the query's dtype.
-
-    Args:
-        query, key, value: the checked attention inputs.
-        plan: an ``AttentionPlan`` holding tile ranges.
-        scale: multiplies the logits.
-
-    Returns:
-        [B, T_q, H_q, D_v] in the query's dtype.
-    """
-    out, _ = pallas_attention(
-        query,
-        key,
-        value,
-        plan.q_segments,
-        plan.kv_segments,
-        plan.ranges,
-        mask_type=plan.mask_type,
-        window_size=plan.window_size,
-        scale=scale,
-    )
-    return out.astype(query.dtype)
+    def forward(self, query, key, value, q, kv, aux, config, *, scale):
+        return pallas_attention(
+            query,
+            key,
+            value,
+            q,
+            kv,
+            aux,
+            mask_type=config.mask_type,
+            window_size=config.window_size,
+            scale=scale,
+        )

@@ -2,26 +2,61 @@
 
 Each context-parallel strategy computes attention in pieces (a ring step, a gathered row) and
 merges the pieces through their log-sum-exps. :func:`attention_partial` returns ``(out, lse)``
-from any implementation of the registry that can (``partial`` in
-:class:`thdkit.kernels.base.Implementation`).
+from any registered implementation whose ``forward`` returns the log-sum-exp
+(``returns_lse``, :mod:`thdkit.kernels.base`); it names none.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Any
 
 import jax
 from jaxtyping import Array, Float
 
-from thdkit.kernels import pallas
-from thdkit.kernels.blockwise import blockwise_attention
-from thdkit.kernels.tiles import DEFAULT_BLOCK, tile_ranges
-from thdkit.mask_types import MaskType, Window, check_window
-from thdkit.reference import reference_attention
+from thdkit.kernels import base, registry  # noqa: F401  (registry: the built-in implementations)
+from thdkit.kernels.config import AttentionConfig
+from thdkit.kernels.plan import no_candidate
+from thdkit.kernels.tiles import DEFAULT_BLOCK
+from thdkit.mask_types import MaskType, Window
 from thdkit.segments import Segments
 
-__all__ = ["attention_partial"]
+__all__ = ["attention_partial", "check_partial_implementation", "partial_implementations"]
+
+
+def partial_implementations() -> tuple[str, ...]:
+    """The registered implementations that return ``(out, lse)``: the default order's first.
+
+    Example:
+        >>> partial_implementations()[:2]
+        ('blockwise', 'pallas')
+    """
+    default = base.default_order()
+    names = sorted(
+        base.names(), key=lambda n: (n not in default, default.index(n) if n in default else 0)
+    )
+    return tuple(n for n in names if base.get(n).returns_lse)
+
+
+def check_partial_implementation(implementation: Any) -> str:
+    """``implementation`` checked against :func:`partial_implementations`; None gives the first.
+
+    Raises:
+        ValueError: an implementation that cannot return ``(out, lse)``, naming the valid ones.
+
+    Example:
+        >>> check_partial_implementation(None)
+        'blockwise'
+    """
+    names = partial_implementations()
+    if implementation is None:
+        return names[0]
+    if not isinstance(implementation, str) or implementation not in names:
+        raise ValueError(
+            f"implementation={implementation!r} cannot run context-parallel attention (it "
+            f"returns no log-sum-exp, or is unknown); valid: {', '.join(map(repr, names))} or None"
+        )
+    return implementation
 
 
 def attention_partial(
@@ -31,17 +66,18 @@ def attention_partial(
     *,
     q_segments: Segments,
     kv_segments: Segments,
-    mask_type: MaskType,
+    mask_type: MaskType | str,
     window_size: Window,
     scale: float,
-    implementation: Literal["blockwise", "pallas", "reference"] = "blockwise",
-    block_q: int = DEFAULT_BLOCK,
-    block_kv: int = DEFAULT_BLOCK,
+    implementation: str | None = None,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+    max_segments_per_seq: int | None = None,
 ) -> tuple[Float[Array, "B T_q H_q D_v"], Float[Array, "B T_q H_q"]]:
     """Attention over one set of keys, with its log-sum-exp, for merging partial results.
 
-    The building block of ring attention (one call per ring step; the partials merge through
-    ``lse``). Nothing is validated: the layouts must be valid (docs/semantics.md) and the
+    The building block of context parallelism (one call per ring step; the partials merge
+    through ``lse``). Nothing is validated: the layouts must be valid (docs/semantics.md) and the
     ``lengths`` constant along each run, as run lengths and global document lengths are.
     Differentiable with respect to ``query``, ``key`` and ``value``, including through ``lse``;
     rows with no allowed key get zero gradients.
@@ -62,9 +98,12 @@ def attention_partial(
         mask_type: a ``MaskType`` or its name.
         window_size: ``(left, right)`` or None (:func:`thdkit.mask_types.check_window`).
         scale: multiplies the logits.
-        implementation: ``"blockwise"`` (default), ``"pallas"`` (the kernels of
-            :mod:`thdkit.kernels.pallas`) or ``"reference"`` (dense).
-        block_q, block_kv: tile sizes of the blockwise method, capped to T_q and T_kv.
+        implementation: one of :func:`partial_implementations` (``"blockwise"``, ``"pallas"``,
+            ``"reference"``, or one's own), or None for the first.
+        block_q, block_kv: tile sizes of the tiled implementations, capped to T_q and T_kv; None
+            means :data:`thdkit.kernels.DEFAULT_BLOCK`.
+        max_segments_per_seq: S where known, for implementations that read it; the built-in
+            ones that return a log-sum-exp do not.
 
     Returns:
         ``(out, lse)``: float32[B, T_q, H_q, D_v], normalised over this call's keys (zeros where no
@@ -72,7 +111,8 @@ def attention_partial(
         none is).
 
     Raises:
-        ValueError: an unknown ``implementation``.
+        ValueError: an implementation that returns no log-sum-exp, or an unknown one.
+        NotImplementedError: the implementation cannot run this configuration or these arrays.
 
     Example:
         >>> seg = Segments.from_ids(jnp.array([[1, 1, 1, 0, 2, 2, 2, 2]]))
@@ -85,107 +125,38 @@ def attention_partial(
         >>> jnp.exp(lse[0, :, 0])
         Array([1., 2., 3., 0., 1., 2., 3., 4.], dtype=float32)
     """
-    mask = MaskType.parse(mask_type)
-    window = check_window(window_size)
-    if implementation == "reference":
-        return reference_attention(
-            query,
-            key,
-            value,
-            q_segments=q_segments,
-            kv_segments=kv_segments,
-            mask_type=mask,
-            window_size=window,
-            scale=scale,
-        )
-    if implementation not in ("blockwise", "pallas"):
-        raise ValueError(
-            f"unknown implementation {implementation!r} for attention_partial; valid: "
-            "'blockwise', 'pallas', 'reference'"
-        )
-    return _partial_blockwise(
+    name = check_partial_implementation(implementation)
+    seq_q, seq_kv = query.shape[1], key.shape[1]
+    config = AttentionConfig.parse(
+        mask_type=mask_type,
+        window_size=window_size,
+        max_segments_per_seq=max_segments_per_seq,
+        block_q=DEFAULT_BLOCK if block_q is None else block_q,
+        block_kv=DEFAULT_BLOCK if block_kv is None else block_kv,
+        seq_q=seq_q,
+        seq_kv=seq_kv,
+        self_attention=False,
+    )
+    candidate = base.get(name)
+    try:
+        candidate.check_config(config)
+        candidate.check_arrays(query, key, value)
+    except NotImplementedError as reason:
+        raise no_candidate({name: str(reason)}) from None
+    return _partial(
         query,
         key,
         value,
         q_segments,
         kv_segments,
-        mask_type=mask,
-        window_size=window,
+        implementation=candidate,
+        config=config,
         scale=float(scale),
-        block_q=block_q,
-        block_kv=block_kv,
-        method=implementation,
     )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("mask_type", "window_size", "scale", "block_q", "block_kv", "method"),
-)
-def _partial_blockwise(
-    query,
-    key,
-    value,
-    layout_q,
-    layout_kv,
-    *,
-    mask_type,
-    window_size,
-    scale,
-    block_q,
-    block_kv,
-    method,
-):
-    """Tile ranges, then the flash loop (``method``: blockwise or pallas); jitted so that eager
-    calls compile once."""
-    ranges = tile_ranges(
-        layout_q,
-        layout_kv,
-        mask_type=mask_type,
-        window_size=window_size,
-        block_q=min(block_q, query.shape[1]),
-        block_kv=min(block_kv, key.shape[1]),
-    )
-    flash = blockwise_attention if method == "blockwise" else pallas.pallas_attention
-    return flash(
-        query,
-        key,
-        value,
-        layout_q,
-        layout_kv,
-        ranges,
-        mask_type=mask_type,
-        window_size=window_size,
-        scale=scale,
-    )
-
-
-def partial_implementations() -> tuple[str, ...]:
-    """The implementations :func:`attention_partial` can run, default first.
-
-    Example:
-        >>> partial_implementations()[0]
-        'blockwise'
-    """
-    return ("blockwise", "pallas", "reference")
-
-
-def check_partial_implementation(implementation: object) -> str:
-    """``implementation`` checked against :func:`partial_implementations`; None gives the default.
-
-    Raises:
-        ValueError: an implementation that cannot return ``(out, lse)``, naming the valid ones.
-
-    Example:
-        >>> check_partial_implementation(None)
-        'blockwise'
-    """
-    names = partial_implementations()
-    if implementation is None:
-        return names[0]
-    if not isinstance(implementation, str) or implementation not in names:
-        raise ValueError(
-            f"implementation={implementation!r} cannot run context-parallel attention; valid: "
-            f"{', '.join(map(repr, names))} or None"
-        )
-    return implementation
+@functools.partial(jax.jit, static_argnames=("implementation", "config", "scale"))
+def _partial(query, key, value, q, kv, *, implementation, config, scale):
+    """Auxiliary data and forward in one program (one compilation per shape when eager)."""
+    aux = implementation.prepare(q, kv, config)
+    return implementation.forward(query, key, value, q, kv, aux, config, scale=scale)

@@ -1,0 +1,151 @@
+"""A new implementation is one class and one register call: it runs through every entry point.
+
+The implementation below is defined here, outside the package: the dense reference written
+anew. Registered under its own name, it must run through ``thdkit.attention``, a plan,
+``jax.grad``, ``attention_partial`` and every context-parallel strategy, and give what the
+built-in reference gives.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import thdkit
+from thdkit import kernels
+from thdkit.masks import pair_mask
+from thdkit.segments import Segments
+from thdkit.synth import packed_segments
+
+NAME = "dense_in_a_test"
+
+
+class DenseInATest(kernels.Implementation):
+    """Softmax over the whole [T_q, T_kv] mask; rows with no allowed key give zeros."""
+
+    name = NAME
+
+    def prepare(self, q, kv, config):
+        return {"calls": jnp.zeros((), jnp.int32)}  # auxiliary data travels in the plan
+
+    def forward(self, query, key, value, q, kv, aux, config, *, scale):
+        allowed = pair_mask(q, kv, mask_type=config.mask_type, window_size=config.window_size)
+        groups = query.shape[2] // key.shape[2]
+        k, v = (jnp.repeat(x, groups, axis=2).astype(jnp.float32) for x in (key, value))
+        logits = scale * jnp.einsum("bqhd,bkhd->bhqk", query.astype(jnp.float32), k)
+        logits = jnp.where(allowed[:, None], logits, -jnp.inf)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+        weights = jnp.where(allowed[:, None], jnp.exp(logits - safe[..., None]), 0.0)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return out, lse.transpose(0, 2, 1)
+
+
+@pytest.fixture
+def registered():
+    kernels.register(DenseInATest())
+    yield NAME
+    kernels.unregister(NAME)
+
+
+def _inputs(seq_len=32, batch=2):
+    ids, pos = packed_segments(
+        np.random.default_rng(0), batch=batch, seq_len=seq_len, max_segments=3
+    )
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(batch, seq_len, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(batch, seq_len, 2, 8)), jnp.float32) for _ in range(2))
+    return ids, pos, q, k, v
+
+
+def test_it_is_listed_and_not_tried_by_default(registered):
+    assert registered in kernels.names()
+    assert registered not in kernels.default_order()
+    assert registered in kernels.partial_implementations()
+
+
+def test_attention_plan_and_grad(registered):
+    ids, pos, q, k, v = _inputs()
+    layout = dict(segment_ids_q=ids, segment_pos_q=pos, max_segments_per_seq=3)
+    want = thdkit.attention(q, k, v, **layout, implementation="reference")
+    got = thdkit.attention(q, k, v, **layout, implementation=registered)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    plan = thdkit.plan_attention(
+        Segments.from_ids(ids, pos),
+        mask_type="padding_causal",
+        max_segments_per_seq=3,
+        implementation=registered,
+    )
+    assert plan.candidates == (registered,) and set(plan.aux) == {registered}
+    np.testing.assert_allclose(thdkit.attention(q, k, v, plan=plan), want, atol=1e-5, rtol=1e-5)
+
+    def loss(implementation, q, k, v):
+        return jnp.sum(thdkit.attention(q, k, v, **layout, implementation=implementation) ** 2)
+
+    for g, w in zip(
+        jax.grad(lambda *a: loss(registered, *a), argnums=(0, 1, 2))(q, k, v),
+        jax.grad(lambda *a: loss("reference", *a), argnums=(0, 1, 2))(q, k, v),
+        strict=True,
+    ):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ring", "all_gather", "all_to_all"])
+def test_every_context_parallel_strategy(registered, strategy):
+    ids, pos, q, k, v = _inputs(seq_len=32, batch=1)
+    q = jnp.concatenate([q, q], axis=2)  # 8 query heads over 4 key heads: all_to_all splits them
+    k, v = (jnp.concatenate([x, x], axis=2) for x in (k, v))
+    mesh = Mesh(np.array(jax.devices()[:2]), ("cp",))
+    layout = dict(segment_ids_q=ids, segment_pos_q=pos, max_segments_per_seq=3)
+    want = thdkit.attention(q, k, v, **layout, implementation="reference")
+
+    def loss(q):
+        out = thdkit.context_parallel_attention(
+            q,
+            k,
+            v,
+            **layout,
+            mesh=mesh,
+            axis_name="cp",
+            strategy=strategy,
+            implementation=registered,
+        )
+        return jnp.sum(out**2), out
+
+    (_, got), grad = jax.value_and_grad(loss, has_aux=True)(q)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    want_grad = jax.grad(
+        lambda q: jnp.sum(thdkit.attention(q, k, v, **layout, implementation="reference") ** 2)
+    )(q)
+    np.testing.assert_allclose(grad, want_grad, atol=1e-4, rtol=1e-4)
+
+
+def test_an_implementation_without_lse_cannot_serve_context_parallelism(registered):
+    class NoLse(DenseInATest):
+        name = "no_lse_in_a_test"
+        returns_lse = False
+
+    kernels.register(NoLse())
+    try:
+        assert "no_lse_in_a_test" not in kernels.partial_implementations()
+        with pytest.raises(ValueError, match="no_lse_in_a_test.*log-sum-exp"):
+            kernels.partial.check_partial_implementation("no_lse_in_a_test")
+    finally:
+        kernels.unregister("no_lse_in_a_test")
+
+
+def test_register_rejects_what_is_not_an_implementation():
+    with pytest.raises(TypeError, match="Implementation"):
+        kernels.register(object())
+    with pytest.raises(ValueError, match="unknown implementation 'nope'"):
+        thdkit.attention(
+            *(jnp.zeros((1, 4, 1, 4)),) * 3,
+            segment_ids_q=jnp.ones((1, 4), int),
+            segment_pos_q=jnp.arange(4)[None],
+            max_segments_per_seq=1,
+            implementation="nope",
+        )

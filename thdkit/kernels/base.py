@@ -1,0 +1,157 @@
+"""The attention implementation protocol, the one registry and the default order.
+
+An implementation is an object with these methods (override what applies; every check raises
+``NotImplementedError`` with the reason it cannot run, and when no candidate can, one error
+lists every reason):
+
+============================  ======================================================  ==========
+method                        what it does                                           when
+============================  ======================================================  ==========
+``check_config(config)``      can it run this :class:`AttentionConfig` at all?        plan time
+``check_layout(q, kv, c)``    can it run these (concrete) layouts? host-side only      plan time
+``prepare(q, kv, config)``    its own auxiliary data of the layout (a pytree), which   plan time
+                              the plan carries under the implementation's name
+``check_arrays(q, k, v)``     can it take these arrays (dtype, head dims)?             call time
+``forward(...)``              ``(out, lse)``: float32 outputs and log-sum-exps (lse    call time
+                              None where the implementation has none)
+============================  ======================================================  ==========
+
+``returns_lse`` says whether ``forward`` returns the log-sum-exp; only such implementations
+serve :func:`thdkit.kernels.partial.attention_partial` and so context parallelism.
+
+Adding an implementation is one file defining it and one :func:`register` line in
+:mod:`thdkit.kernels.registry`; a user may register one of their own the same way (the entry
+points find it by name).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from jaxtyping import Array, Float
+
+from thdkit.kernels.config import AttentionConfig
+from thdkit.segments import Segments
+
+__all__ = [
+    "Implementation",
+    "default_order",
+    "get",
+    "names",
+    "register",
+    "unregister",
+]
+
+
+class Implementation:
+    """One attention implementation (docs/attention.md, "Implementations").
+
+    Subclasses set ``name`` and override ``forward``, and whichever checks apply; the defaults
+    accept everything and prepare nothing.
+    """
+
+    name: ClassVar[str]
+    returns_lse: ClassVar[bool] = True
+
+    def check_config(self, config: AttentionConfig) -> None:
+        """Raises NotImplementedError where this configuration cannot run (e.g. no GPU)."""
+        del config
+
+    def check_layout(self, q: Segments, kv: Segments, config: AttentionConfig) -> None:
+        """Raises NotImplementedError where these layouts cannot run; reads values on the host
+        where it needs them (never called on a layout it cannot read: it raises instead)."""
+        del q, kv, config
+
+    def prepare(self, q: Segments, kv: Segments, config: AttentionConfig) -> Any:
+        """The implementation's auxiliary data of one layout (a pytree, traceable); None if
+        it needs none. Computed once per plan and passed to every :meth:`forward`."""
+        del q, kv, config
+
+    def check_arrays(self, query: Array, key: Array, value: Array) -> None:
+        """Raises NotImplementedError where it cannot take these (checked) arrays."""
+        del query, key, value
+
+    def forward(
+        self,
+        query: Float[Array, "B T_q H_q D"],
+        key: Float[Array, "B T_kv H_kv D"],
+        value: Float[Array, "B T_kv H_kv D_v"],
+        q: Segments,
+        kv: Segments,
+        aux: Any,
+        config: AttentionConfig,
+        *,
+        scale: float,
+    ) -> tuple[Float[Array, "B T_q H_q D_v"], Float[Array, "B T_q H_q"] | None]:
+        """``(out, lse)``: float (out may be in the inputs' dtype) and float32 log-sum-exps
+        (-inf where no key is allowed), or ``(out, None)`` where ``returns_lse`` is False."""
+        raise NotImplementedError(f"{type(self).__name__} defines no forward")
+
+
+_REGISTRY: dict[str, Implementation] = {}
+_DEFAULT: list[str] = []
+
+
+def register(implementation: Implementation, *, default: bool = False) -> None:
+    """Adds an implementation under its ``name`` (replacing one of that name).
+
+    Args:
+        implementation: an :class:`Implementation` instance.
+        default: whether ``implementation=None`` tries it, after those registered before it.
+
+    Raises:
+        TypeError: not an :class:`Implementation`, or a name that is not a string.
+
+    Example:
+        >>> class Zeros(Implementation):
+        ...     name = "zeros"
+        ...     def forward(self, query, key, value, q, kv, aux, config, *, scale):
+        ...         return jnp.zeros(query.shape[:3] + value.shape[3:]), None
+        >>> register(Zeros())
+        >>> "zeros" in names()
+        True
+        >>> unregister("zeros")
+    """
+    if not isinstance(implementation, Implementation):
+        raise TypeError(
+            f"implementation must be a thdkit.kernels.Implementation, got "
+            f"{type(implementation).__name__}"
+        )
+    name = getattr(implementation, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"implementation.name must be a non-empty str, got {name!r}")
+    _REGISTRY[name] = implementation
+    if default and name not in _DEFAULT:
+        _DEFAULT.append(name)
+    elif not default and name in _DEFAULT:
+        _DEFAULT.remove(name)
+
+
+def unregister(name: str) -> None:
+    """Removes a registered implementation (a no-op for an unknown name)."""
+    _REGISTRY.pop(name, None)
+    if name in _DEFAULT:
+        _DEFAULT.remove(name)
+
+
+def names() -> tuple[str, ...]:
+    """Every registered implementation's name, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def default_order() -> tuple[str, ...]:
+    """The names ``implementation=None`` tries, in order."""
+    return tuple(_DEFAULT)
+
+
+def get(name: Any) -> Implementation:
+    """The implementation registered as ``name``.
+
+    Raises:
+        ValueError: an unknown name; the message lists the registered ones.
+    """
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(
+            f"unknown implementation {name!r}; valid: {', '.join(map(repr, _REGISTRY))} or None"
+        )
+    return _REGISTRY[name]
