@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from thdkit.kernels import attention
 from thdkit.context_parallel import STRATEGIES, context_parallel_attention, traffic
+from thdkit.kernels import attention
 
 from .strategies import packed_row, reorder_pair
 
@@ -218,7 +218,7 @@ def _call(**overrides: Any) -> Any:
     ("overrides", "error", "match"),
     [
         ({"strategy": "ulysses"}, ValueError, "unknown strategy 'ulysses'; valid: 'ring', "),
-        ({"implementation": "cudnn"}, ValueError, "unknown implementation 'cudnn' for context"),
+        ({"implementation": "cudnn"}, ValueError, "implementation='cudnn' cannot run context"),
         ({"strategy": "all_to_all"}, ValueError, "H_q=2 and H_kv=2 must be multiples of cp"),
         ({"axis_name": "sp", "strategy": "all_gather"}, ValueError, "axis_name 'sp' is not"),
         (

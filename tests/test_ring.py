@@ -17,9 +17,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from thdkit import reorder, synth
-from thdkit.kernels import attention
 from thdkit.bench import ring as ring_bench
 from thdkit.context_parallel import ring, ring_attention, ring_schedule
+from thdkit.kernels import attention
 from thdkit.mask_types import MaskType
 from thdkit.masks import pair_mask
 from thdkit.segments import Segments, run_lengths

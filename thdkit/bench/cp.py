@@ -4,7 +4,7 @@ Axis legend: B batch, T_q / T_kv row lengths, H_q / H_kv heads, D / D_v head dim
 n = T / cp tokens per shard, b bytes per element of q/k/v.
 
 Per cp and strategy, on a packed causal layout in striped order: the bytes each device receives
-through the collectives (a closed form of the shapes each strategy sends, :func:`collective_bytes`;
+through the collectives (each strategy's closed form of the shapes it sends, its ``traffic``;
 tests hold it against the traced programs), the dependent collective steps, the visited
 (query tile, key tile) pairs per rank times the heads it computes (max / mean is the imbalance),
 and optionally the compiled program's scratch bytes per device and its latency on cp devices.
@@ -24,14 +24,14 @@ from jax.sharding import PartitionSpec as P
 from rich.table import Table
 
 from thdkit import reorder, synth
-from thdkit.kernels import DEFAULT_BLOCK
 from thdkit.bench import measure
 from thdkit.bench.measure import SILENT, BenchConfig, Callbacks, Options, median
 from thdkit.bench.ring import document_lengths, visited_tiles
-from thdkit.context_parallel import STRATEGIES, context_parallel_attention, ring_schedule
-from thdkit.context_parallel.all_gather import sort_by_document
-from thdkit.context_parallel.traffic import Shapes, collective_bytes
+from thdkit.context_parallel import STRATEGIES, Strategy, context_parallel_attention
+from thdkit.context_parallel.base import Call, Shapes
+from thdkit.kernels import DEFAULT_BLOCK
 from thdkit.mask_types import MaskType
+from thdkit.segments import Segments
 
 __all__ = ["CPBench", "run_cp_bench"]
 
@@ -83,28 +83,39 @@ class CPBench(BenchConfig):
         ]  # fmt: skip
 
 
-def _tiles_per_rank(strategy: str, cp: int, heads: int, layout: Sequence[np.ndarray]) -> list:
-    """(Query tile, key tile) pairs times heads each rank computes, on a reordered layout."""
+def _tiles_per_rank(
+    strategy: Strategy, cp: int, heads: int, layout: Sequence[np.ndarray], segments: int
+) -> list[int]:
+    """(Query tile, key tile) pairs times heads each rank computes, on a reordered layout: the
+    tiles of every attention call the strategy's ``work`` lists for the rank."""
     mask = MaskType.parse(MASK_TYPE)
-    n, seq = layout[0].shape[1] // cp, layout[0].shape[1]
-    shards = [tuple(reorder.shard(x, cp=cp, rank=r) for x in layout) for r in range(cp)]
-    ids, pos, order = sort_by_document(*(jnp.asarray(x) for x in layout[:2]))
-    whole = (ids, pos, jnp.take_along_axis(jnp.asarray(layout[2]), order, axis=1))
-    tiles = lambda q, kv, bq, bkv: int(visited_tiles(q, kv, mask=mask, block_q=bq, block_kv=bkv))  # noqa: E731
-    block_n, block_t = min(DEFAULT_BLOCK, n), min(DEFAULT_BLOCK, seq)
-    if strategy == "all_to_all":
-        return [tiles(whole, whole, block_t, block_t) * heads // cp] * cp
-    if strategy == "all_gather":
-        return [tiles(shard, whole, block_n, block_t) * heads for shard in shards]
-    runs = np.asarray(ring_schedule(
-        segment_ids_q=layout[0], segment_pos_q=layout[1], cp=cp, mask_type=MASK_TYPE,
-        max_segments_per_seq=int(layout[0].max()),
-    )).any(axis=0)  # fmt: skip
-    return [
-        heads * sum(tiles(shards[r], shards[(r - k) % cp], block_n, block_n)
-                    for k in range(cp) if runs[r, k])
-        for r in range(cp)
-    ]  # fmt: skip
+    row = Segments(*(jnp.asarray(x, jnp.int32) for x in layout))
+    calls = strategy.work(row, row, cp=cp, mask=mask, window=None, num_segments=segments)
+
+    def tiles(call: Call) -> int:
+        q, kv = ((s.ids, s.positions, s.lengths) for s in (call.q, call.kv))
+        blocks = {"block_q": min(DEFAULT_BLOCK, q[0].shape[1])}
+        blocks["block_kv"] = min(DEFAULT_BLOCK, kv[0].shape[1])
+        return int(visited_tiles(q, kv, mask=mask, **blocks)) * heads // call.heads_split
+
+    return [sum(tiles(call) for call in rank) for rank in calls]
+
+
+def _cannot_run(strategy: Strategy, shapes: Shapes, cp: int) -> str | None:
+    """Why the strategy cannot split these shapes over cp ranks (its own check), or None."""
+    try:
+        strategy.check(shapes, cp)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _shapes(config: CPBench) -> Shapes:
+    """The benchmark's global shapes (float32; self-attention)."""
+    return Shapes(
+        config.batch, config.seq_len, config.seq_len, config.heads, config.kv_heads,
+        config.head_dim, config.head_dim, 4, False,
+    )  # fmt: skip
 
 
 def _programs(config: CPBench, cp: int, layout: Sequence[np.ndarray]) -> dict[str, Any]:
@@ -118,8 +129,8 @@ def _programs(config: CPBench, cp: int, layout: Sequence[np.ndarray]) -> dict[st
     args = [jax.device_put(x, heads) for x in arrays]
     args += [jax.device_put(x, tokens) for x in layout[:2]]
     programs = {}
-    for strategy in STRATEGIES:
-        if strategy == "all_to_all" and (config.heads % cp or config.kv_heads % cp):
+    for strategy, chosen in STRATEGIES.items():
+        if _cannot_run(chosen, _shapes(config), cp):
             continue
 
         def step(q, k, v, cotangent, ids, pos, strategy=strategy):
@@ -169,10 +180,7 @@ def run_cp_bench(config: CPBench, *, callbacks: Callbacks = SILENT) -> list[dict
             reorder.striped(x, cp=cp, stripe_size=config.stripe_size)
             for x in (ids, pos, document_lengths(ids))
         ]
-        s = Shapes(
-            config.batch, config.seq_len, config.seq_len, config.heads, config.kv_heads,
-            config.head_dim, config.head_dim, 4, False,
-        )  # fmt: skip
+        s = _shapes(config)
         not_timed = None if config.latency else "latency not requested"
         if config.latency and jax.device_count() < cp:
             not_timed = f"needs {cp} devices, found {jax.device_count()}; on CPU set "
@@ -187,19 +195,20 @@ def run_cp_bench(config: CPBench, *, callbacks: Callbacks = SILENT) -> list[dict
                 {k: a for k, (_, a) in programs.items()},
                 config,
             )
-        for strategy in STRATEGIES:
+        for strategy, chosen in STRATEGIES.items():
             record = {
                 "cp": cp, "strategy": strategy, "seq_len": config.seq_len,
                 "batch": config.batch, "segments": config.segments,
                 "reorder": f"striped({config.stripe_size})", "heads": config.heads,
                 "kv_heads": config.kv_heads, "head_dim": config.head_dim,
             }  # fmt: skip
-            if strategy == "all_to_all" and (config.heads % cp or config.kv_heads % cp):
-                reason = f"all_to_all cannot run at cp={cp}: H_q or H_kv is not a multiple of cp"
+            reason = _cannot_run(chosen, s, cp)
+            if reason is not None:
+                reason = f"{strategy} cannot run at cp={cp}: {reason}"
                 records.append(record | dict.fromkeys(_MEASURED) | {"skip_reason": reason})
                 continue
-            traffic = collective_bytes(strategy, s, cp=cp)
-            tiles = np.array(_tiles_per_rank(strategy, cp, config.heads, striped))
+            traffic = chosen.traffic(s, cp)
+            tiles = np.array(_tiles_per_rank(chosen, cp, config.heads, striped, config.segments))
             compiled = programs.get(strategy)
             memory = compiled[0].memory_analysis() if compiled else None
             records.append(record | {

@@ -6,15 +6,16 @@ shard.
 
 Every rank gathers the keys, values, segment ids and positions of the whole row in one
 ``all_gather`` (the four are independent: one collective step), then attends its own query shard
-to the whole row with the blockwise method, which skips the key tiles no query of a tile can
-reach. The backward pass is the transpose of the gather, a ``psum_scatter`` (reduce-scatter) of
-dk and dv: one step again.
+to the whole row with :func:`thdkit.kernels.partial.attention_partial`, which skips the key tiles
+no query of a tile can reach. The backward pass is the transpose of the gather, a
+``psum_scatter`` (reduce-scatter) of dk and dv: one step again.
 
 The gathered row is in the order of the shards (reordered, e.g. striped): each shard is a valid
 layout but their concatenation is not (a document appears once per shard). Masks are rebuilt from
 ids and positions, so the order does not change the result; the tile ranges, though, assume one
 run per document, so the gathered keys are first sorted by (segment id, position)
-(:func:`sort_by_document`): that is the original document order, a valid layout, and dense tiles.
+(:func:`thdkit.context_parallel.shards.gather_row`): that is the original document order, a valid
+layout, and dense tiles.
 
 Memory: the keys and values of the whole row on every device (2 · B · T_kv · H_kv · D values),
 against one visiting shard for the ring.
@@ -22,96 +23,100 @@ against one visiting shard for the ring.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Int
+from jaxtyping import Array
 
+from thdkit.context_parallel.base import (
+    Call,
+    LocalBody,
+    Shapes,
+    Strategy,
+    StrategyConfig,
+    Traffic,
+)
+from thdkit.context_parallel.shards import (
+    gather_row,
+    sorted_row,
+    split_row,
+    take_tokens,
+    with_document_lengths,
+)
 from thdkit.kernels.partial import attention_partial
-from thdkit.context_parallel.ring import shard_segments
+from thdkit.mask_types import MaskType, Window
 from thdkit.segments import Segments, lengths_from_counts, segment_counts
 
-if TYPE_CHECKING:
-    from thdkit.context_parallel.api import StrategyConfig
-
-__all__ = ["all_gather_local", "sort_by_document", "take_tokens"]
+__all__ = ["ALL_GATHER", "all_gather_local", "all_gather_traffic", "all_gather_work"]
 
 
-def sort_by_document(
-    ids: Int[Array, "B T"], pos: Int[Array, "B T"]
-) -> tuple[Int[Array, "B T"], Int[Array, "B T"], Int[Array, "B T"]]:
-    """Sorts a row's tokens by (segment id, position): a reordered row back in document order.
-
-    Padding (id 0) comes first; each document becomes one run, in increasing id order, its tokens
-    by increasing position (the order of the original row, where positions increase along each
-    document). Stable, so tokens with equal keys keep their order.
-
-    Args:
-        ids: int32[B, T]; segment ids in any token order.
-        pos: int32[B, T]; positions, in the same order.
-
-    Returns:
-        ``(ids, pos, order)``: the sorted ids and positions, int32[B, T], and ``order``,
-        int32[B, T], the token indices that sort each row (``sorted = x[order]``).
-
-    Example:
-        >>> ids, pos, order = sort_by_document(jnp.array([[1, 2, 1, 2, 0]]),
-        ...                                    jnp.array([[0, 0, 1, 1, 9]]))
-        >>> ids.tolist(), pos.tolist(), order.tolist()
-        ([[0, 1, 1, 2, 2]], [[9, 0, 1, 0, 1]], [[4, 0, 2, 1, 3]])
-    """
-    index = lax.broadcasted_iota(jnp.int32, ids.shape, ids.ndim - 1)
-    return lax.sort((ids, pos, index), dimension=ids.ndim - 1, is_stable=True, num_keys=2)
-
-
-def take_tokens(x: Array, order: Int[Array, "B T"]) -> Array:
-    """``x[b, order[b, t], ...]``: the tokens of ``x`` [B, T, ...] in the order ``order``.
-
-    Example:
-        >>> take_tokens(jnp.arange(6.0).reshape(1, 3, 2), jnp.array([[2, 0, 1]]))[0].tolist()
-        [[4.0, 5.0], [0.0, 1.0], [2.0, 3.0]]
-    """
-    index = order.reshape(*order.shape, *(1,) * (x.ndim - 2))
-    return jnp.take_along_axis(x, index, axis=1)
-
-
-def all_gather_local(static: StrategyConfig) -> Callable[..., Array]:
+def all_gather_local(config: StrategyConfig) -> LocalBody:
     """The per-device body of the all-gather strategy, for ``shard_map`` over the cp axis.
 
     Args:
-        static: the checked configuration (:class:`thdkit.context_parallel.api.StrategyConfig`).
+        config: the checked configuration.
 
     Returns:
-        The ``local`` function of :class:`thdkit.context_parallel.api.Strategy`.
+        The ``local`` body of :class:`thdkit.context_parallel.base.Strategy`: float32 output.
     """
-    axis, num_segments = static.axis_name, static.num_segments
 
-    def local(q, k, v, ids_q, pos_q, ids_kv, pos_kv):
-        if static.self_attention:
-            ids_kv, pos_kv = ids_q, pos_q
-        # One collective step: the four gathers are independent.
-        k, v, ids_kv, pos_kv = (
-            lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v, ids_kv, pos_kv)
-        )
-        counts_kv = segment_counts(ids_kv, num_segments=num_segments)
-        if static.self_attention:  # the whole row is here: no collective for the lengths
-            q_segments = Segments(ids_q, pos_q, lengths_from_counts(ids_q, counts_kv))
+    def local(q, k, v, q_segments: Segments, kv_segments: Segments) -> Array:
+        self_attention = kv_segments is q_segments
+        # One collective step: the four gathers (k, v, ids, positions) are independent.
+        k, v = (lax.all_gather(x, config.axis_name, axis=1, tiled=True) for x in (k, v))
+        kv_row, order = gather_row(kv_segments, config)
+        if self_attention:  # the whole row is here: no collective for the lengths
+            counts = segment_counts(kv_row.ids, num_segments=config.num_segments)
+            lengths = lengths_from_counts(q_segments.ids, counts)
+            q_segments = Segments(q_segments.ids, q_segments.positions, lengths)
         else:
-            q_segments = shard_segments(ids_q, pos_q, static)
-        ids_kv, pos_kv, order = sort_by_document(ids_kv, pos_kv)
+            q_segments = with_document_lengths(q_segments, config)
         out, _ = attention_partial(
             q,
             take_tokens(k, order),
             take_tokens(v, order),
             q_segments=q_segments,
-            kv_segments=Segments(ids_kv, pos_kv, lengths_from_counts(ids_kv, counts_kv)),
-            mask_type=static.mask,
-            window_size=static.window,
-            scale=static.scale,
-            implementation=static.implementation,
+            kv_segments=kv_row,
+            mask_type=config.mask,
+            window_size=config.window,
+            scale=config.scale,
+            implementation=config.implementation,
         )
-        return out.astype(q.dtype)
+        return out
 
     return local
+
+
+def all_gather_traffic(s: Shapes, cp: int) -> Traffic:
+    """The all-gather's bytes per device: forward ``(cp - 1) B n_kv (kv b + 8)`` (k, v, ids and
+    positions of the other shards); backward ``(cp - 1) B n_kv kv b`` (reduce-scatter of dk,
+    dv); ``kv = H_kv (D + D_v)``; one step each way.
+
+    Example:
+        >>> all_gather_traffic(Shapes(1, 8, 8, 1, 1, 1, 1, 4, False), 2)
+        Traffic(forward=64, backward=32, steps_forward=1, steps_backward=1)
+    """
+    n_kv = s.seq_kv // cp
+    kv = s.heads_kv * (s.dim + s.dim_v)
+    forward = (cp - 1) * s.batch * n_kv * (kv * s.itemsize + 8)
+    return Traffic(forward, (cp - 1) * s.batch * n_kv * kv * s.itemsize, 1, 1)
+
+
+def all_gather_work(
+    q: Segments, kv: Segments, *, cp: int, mask: MaskType, window: Window, num_segments: int
+) -> list[list[Call]]:
+    """Rank r attends its query shard to the whole row, sorted into document order.
+
+    Example:
+        >>> row = Segments.from_ids(jnp.ones((1, 8), jnp.int32))
+        >>> calls = all_gather_work(row, row, cp=4, mask=MaskType.CAUSAL, window=None,
+        ...                         num_segments=1)
+        >>> [(c.q.seq_len, c.kv.seq_len) for rank in calls for c in rank]
+        [(2, 8), (2, 8), (2, 8), (2, 8)]
+    """
+    del mask, window, num_segments
+    whole = sorted_row(kv)
+    return [[Call(shard, whole, 1)] for shard in split_row(q, cp)]
+
+
+ALL_GATHER = Strategy(local=all_gather_local, traffic=all_gather_traffic, work=all_gather_work)
+"""Keys and values gathered once, one collective step each way; memory: the whole row's keys and
+values on every device."""

@@ -1,18 +1,19 @@
 """How many bytes each context-parallel strategy moves, counted from the shapes it sends.
 
-A closed form per strategy (tests hold it against the collectives traced in the real programs),
-for choosing a strategy before running one: ring attention moves the key/value shards cp - 1
-times, all-gather once, all-to-all moves queries, keys and values (and outputs back) but only
-``(cp - 1) / cp`` of them. Axis legend: B batch, T_q / T_kv row lengths, H_q / H_kv heads,
-D / D_v head dims, cp ranks, ``n = T / cp`` tokens per shard, b bytes per element.
+A closed form per strategy (its ``traffic`` in :class:`thdkit.context_parallel.base.Strategy`;
+tests hold each against the collectives traced in the real programs), for choosing a strategy
+before running one: ring attention moves the key/value shards cp - 1 times, all-gather once,
+all-to-all moves queries, keys and values (and outputs back) but only ``(cp - 1) / cp`` of them.
+Axis legend: B batch, T_q / T_kv row lengths, H_q / H_kv heads, D / D_v head dims, cp ranks,
+``n = T / cp`` tokens per shard, b bytes per element.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
-from thdkit.context_parallel.api import STRATEGIES
+from thdkit.context_parallel import registry  # noqa: F401  (fills STRATEGIES)
+from thdkit.context_parallel.base import Shapes, Traffic, get_strategy
 
 __all__ = ["RECEIVED", "Shapes", "Traffic", "collective_bytes"]
 
@@ -29,29 +30,6 @@ moves its operand, an all-gather the cp - 1 other shards, a reduce-scatter and a
 (cp - 1) / cp of their operand, an all-reduce twice that."""
 
 
-class Shapes(NamedTuple):
-    """The global shapes of one attention call (b = ``itemsize``; ``cross``: kv ids given)."""
-
-    batch: int
-    seq_q: int
-    seq_kv: int
-    heads_q: int
-    heads_kv: int
-    dim: int
-    dim_v: int
-    itemsize: int
-    cross: bool
-
-
-class Traffic(NamedTuple):
-    """Bytes received per device, and dependent collective steps, of one strategy."""
-
-    forward: float
-    backward: float
-    steps_forward: int
-    steps_backward: int
-
-
 def collective_bytes(strategy: str, s: Shapes, *, cp: int) -> Traffic:
     """Bytes each device receives through a strategy's collectives, forward and backward.
 
@@ -66,6 +44,18 @@ def collective_bytes(strategy: str, s: Shapes, *, cp: int) -> Traffic:
     - all_to_all: forward ``(cp - 1) / cp B (n_q H_q (D + D_v) + n_kv kv) b`` (q, k, v in, out
       back) plus ``(cp - 1) B (n_q [+ n_kv if cross]) 8`` (the row's ids and positions);
       backward ``(cp - 1) / cp B (n_q H_q (D + D_v) + n_kv kv) b``.
+    - any registered strategy: its own ``traffic`` formula.
+
+    Args:
+        strategy: a name of :data:`thdkit.context_parallel.base.STRATEGIES`.
+        s: the global shapes of the call.
+        cp: the size of the context-parallel axis.
+
+    Returns:
+        :class:`Traffic`: bytes received per device forward and backward, dependent steps.
+
+    Raises:
+        ValueError: an unknown strategy.
 
     Example:
         >>> s = Shapes(batch=1, seq_q=8192, seq_kv=8192, heads_q=32, heads_kv=32, dim=128,
@@ -74,17 +64,4 @@ def collective_bytes(strategy: str, s: Shapes, *, cp: int) -> Traffic:
         >>> round(a2a.forward / ring.forward, 3), ring.steps_forward, a2a.steps_forward
         (0.25, 7, 2)
     """
-    n_q, n_kv = s.seq_q // cp, s.seq_kv // cp
-    kv = s.heads_kv * (s.dim + s.dim_v)
-    if strategy == "ring":
-        forward = (cp - 1) * s.batch * n_kv * (kv * s.itemsize + 12)
-        backward = cp * s.batch * n_kv * (kv * (s.itemsize + 4) + 12)
-        return Traffic(forward, backward, cp - 1, cp)
-    if strategy == "all_gather":
-        forward = (cp - 1) * s.batch * n_kv * (kv * s.itemsize + 8)
-        return Traffic(forward, (cp - 1) * s.batch * n_kv * kv * s.itemsize, 1, 1)
-    if strategy == "all_to_all":
-        data = s.batch * (n_q * s.heads_q * (s.dim + s.dim_v) + n_kv * kv) * s.itemsize
-        layout = (cp - 1) * s.batch * (n_q + (n_kv if s.cross else 0)) * 8
-        return Traffic((cp - 1) / cp * data + layout, (cp - 1) / cp * data, 2, 2)
-    raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(map(repr, STRATEGIES))}")
+    return get_strategy(strategy).traffic(s, cp)
