@@ -17,6 +17,11 @@ pair are skipped with ``lax.cond`` (:func:`thdkit.context_parallel.schedule.rank
 The backward pass is a second ring (a ``jax.custom_vjp``): each step recomputes its partial, pulls
 the cotangent back through ``attention_partial`` and adds the key/value gradients to buffers that
 travel with the keys, so memory per device stays O(n) instead of holding every visited shard.
+
+Isolation: a query row whose partial at any step is poisoned (NaN log-sum-exp: it read a
+non-finite query, key or value) stays poisoned through every later merge, out and log-sum-exp
+NaN, and passes no gradient back; every other row merges and differentiates exactly as without
+the non-finite values.
 """
 
 from __future__ import annotations
@@ -57,9 +62,12 @@ Partial = tuple[Float[Array, "B n H Dv"], Float[Array, "B n H"]]
 
 
 def merge_partials(out: Array, lse: Array, out_k: Array, lse_k: Array) -> Partial:
-    """Merges two softmax partials by their log-sum-exps; stable, and -inf safe.
+    """Merges two softmax partials by their log-sum-exps; stable, -inf safe, NaN keeping.
 
-    A row with no key on one side (-inf) takes the other side as it is.
+    A row with no key on one side (-inf) takes the other side as it is; a row that is poisoned
+    on either side (NaN log-sum-exp) is poisoned in the result, out and log-sum-exp NaN, however
+    the other side reads (``exp(NaN)`` would otherwise turn a later finite partial's merge into
+    a finite log-sum-exp next to a NaN output).
 
     Args:
         out, out_k: float32[B, n, H, D_v]; normalised partial outputs.
@@ -70,18 +78,23 @@ def merge_partials(out: Array, lse: Array, out_k: Array, lse_k: Array) -> Partia
 
     Example:
         >>> out = jnp.array([[[[1.0]], [[2.0]], [[jnp.nan]]]])
-        >>> lse = jnp.array([[[0.0], [-jnp.inf], [0.0]]])
+        >>> lse = jnp.array([[[0.0], [-jnp.inf], [jnp.nan]]])
         >>> merged, merged_lse = merge_partials(out, lse, jnp.zeros_like(out), jnp.zeros_like(lse))
         >>> merged[0, :, 0, 0].tolist(), merged_lse[0, :, 0].tolist()
-        ([0.5, 0.0, nan], [0.6931471824645996, 0.0, 0.6931471824645996])
+        ([0.5, 0.0, nan], [0.6931471824645996, 0.0, nan])
     """
+    poisoned = jnp.isnan(lse) | jnp.isnan(lse_k)
     m = jnp.maximum(lse, lse_k)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     a, b = jnp.exp(lse - m), jnp.exp(lse_k - m)
     total = a + b
     safe = jnp.where(total > 0, total, 1.0)
     merged = (out * a[..., None] + out_k * b[..., None]) / safe[..., None]
-    return merged, jnp.where(total > 0, m + jnp.log(safe), -jnp.inf)
+    merged_lse = jnp.where(total > 0, m + jnp.log(safe), -jnp.inf)
+    return (
+        jnp.where(poisoned[..., None], jnp.nan, merged),
+        jnp.where(poisoned, jnp.nan, merged_lse),
+    )
 
 
 def _build_core(config: StrategyConfig) -> Callable[..., Array]:
@@ -143,9 +156,12 @@ def _build_core(config: StrategyConfig) -> Callable[..., Array]:
 
     def core_bwd(residuals, d_out):
         q, k, v, q_segments, kv_segments, runs, out, lse = residuals
-        d_out = d_out.astype(jnp.float32)
-        # Each partial's weight in the output is exp(lse_k - lse); rows with no key get none.
+        # Rows with a key and no poison. The others pass nothing back: rows without a key have
+        # no gradient, and rows that read a non-finite input (NaN lse) pass none, as in
+        # `attention`; their cotangents and outputs are selected away before any product.
         live = jnp.isfinite(lse)
+        d_out = jnp.where(live[..., None], d_out.astype(jnp.float32), 0.0)
+        out = jnp.where(live[..., None], out, 0.0)
         lse_live = jnp.where(live, lse, 0.0)
         d_out_dot_out = jnp.sum(d_out * out, axis=-1)
 
@@ -157,9 +173,10 @@ def _build_core(config: StrategyConfig) -> Callable[..., Array]:
                     lambda q, k, v: partial(q, k, v, q_segments, kv[2]), q, kv[0], kv[1]
                 )
                 # out = sum_k w_k out_k with w_k = exp(lse_k - logsumexp_m lse_m), so
-                # d out_k = w_k d_out and d lse_k = w_k <d_out, out_k - out>.
+                # d out_k = w_k d_out and d lse_k = w_k <d_out, out_k - out>. A live row's
+                # partials are finite or empty (-inf: weight 0, out_k 0) at every step.
                 weight = jnp.where(live, jnp.exp(lse_k - lse_live), 0.0)
-                d_out_dot_out_k = jnp.sum(d_out * out_k, -1)
+                d_out_dot_out_k = jnp.sum(jnp.where(live[..., None], d_out * out_k, 0.0), -1)
                 d_lse_k = jnp.where(live, weight * (d_out_dot_out_k - d_out_dot_out), 0.0)
                 d_q_k, d_k_k, d_v_k = pull((weight[..., None] * d_out, d_lse_k))
                 return d_q + d_q_k.astype(jnp.float32), (
