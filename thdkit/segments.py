@@ -29,6 +29,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Int
 
 from thdkit.counting import shift
+from thdkit.programs import program
 from thdkit.inputs import as_layout
 from thdkit.layout import validate_layout
 from thdkit.limits import MAX_SEQ_LEN, check_int, is_concrete
@@ -257,7 +258,7 @@ class Segments:
         return dataclasses.replace(self, lengths=lengths)
 
 
-@jax.jit
+@program
 def run_lengths(segment_ids: Int[Array, "*B T"]) -> Int[Array, "*B T"]:
     """Length of the run holding each token; 0 on padding.
 

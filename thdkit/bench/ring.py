@@ -23,11 +23,11 @@ from jax.sharding import PartitionSpec as P
 from rich.table import Table
 
 from thdkit import reorder, synth
-from thdkit.kernels import DEFAULT_BLOCK, tile_ranges
 from thdkit.bench import measure
 from thdkit.bench.measure import SHAPE_OPTIONS, SILENT, BenchConfig, Callbacks, Options, median
 from thdkit.context_parallel import ring_attention, ring_schedule
-from thdkit.context_parallel.ring import difference_bounds
+from thdkit.context_parallel.schedule import difference_bounds
+from thdkit.kernels import DEFAULT_BLOCK, tile_ranges
 from thdkit.mask_types import MaskType, check_window
 from thdkit.segments import Segments, lengths_from_counts, segment_counts
 

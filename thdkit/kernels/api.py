@@ -13,10 +13,8 @@ compiles one program for the attention (the chosen implementation's ``prepare`` 
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
@@ -28,6 +26,7 @@ from thdkit.kernels.plan import AttentionPlan, candidates, make_plan, no_candida
 from thdkit.layout import validate_layout
 from thdkit.limits import check_max_segments, is_concrete
 from thdkit.mask_types import MaskType
+from thdkit.programs import program
 from thdkit.segments import Segments, run_lengths
 
 __all__ = ["attention", "plan_attention"]
@@ -172,14 +171,14 @@ def _runnable(
     raise no_candidate(reasons)
 
 
-@functools.partial(jax.jit, static_argnames=("implementation", "config", "scale"))
+@program(static_argnames=("implementation", "config", "scale"))
 def _forward(query, key, value, q, kv, aux, *, implementation, config, scale):
     """One implementation's forward, its output in the query's dtype."""
     out, _ = implementation.forward(query, key, value, q, kv, aux, config, scale=scale)
     return out.astype(query.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("implementation", "config", "scale"))
+@program(static_argnames=("implementation", "config", "scale"))
 def _prepare_and_forward(query, key, value, q, kv, *, implementation, config, scale):
     """One implementation's auxiliary data and forward: the whole keyword call, one program."""
     aux = implementation.prepare(q, kv, config)

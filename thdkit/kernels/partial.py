@@ -8,10 +8,8 @@ from any registered implementation whose ``forward`` returns the log-sum-exp
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-import jax
 from jaxtyping import Array, Float
 
 from thdkit.kernels import base, registry  # noqa: F401  (registry: the built-in implementations)
@@ -19,6 +17,7 @@ from thdkit.kernels.config import AttentionConfig
 from thdkit.kernels.plan import no_candidate
 from thdkit.kernels.tiles import DEFAULT_BLOCK
 from thdkit.mask_types import MaskType, Window
+from thdkit.programs import program
 from thdkit.segments import Segments
 
 __all__ = ["attention_partial", "check_partial_implementation", "partial_implementations"]
@@ -155,7 +154,7 @@ def attention_partial(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("implementation", "config", "scale"))
+@program(static_argnames=("implementation", "config", "scale"))
 def _partial(query, key, value, q, kv, *, implementation, config, scale):
     """Auxiliary data and forward in one program (one compilation per shape when eager)."""
     aux = implementation.prepare(q, kv, config)

@@ -9,13 +9,13 @@ carried under its name. Nothing in this module names an implementation.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
 
 from thdkit.kernels import base
 from thdkit.kernels.config import AttentionConfig
+from thdkit.programs import program
 from thdkit.segments import Segments
 
 __all__ = ["AttentionPlan", "candidates", "make_plan", "no_candidate"]
@@ -118,6 +118,6 @@ def make_plan(
     return AttentionPlan(q, kv, aux, names, config)
 
 
-@functools.partial(jax.jit, static_argnames=("implementations", "config"))
+@program(static_argnames=("implementations", "config"))
 def _prepare(q, kv, *, implementations, config) -> dict[str, Any]:
     return {impl.name: impl.prepare(q, kv, config) for impl in implementations}

@@ -1,0 +1,127 @@
+"""thdkit's own compiled programs, kept in one least-recently-used cache of bounded size.
+
+``jax.jit`` keeps every program it compiles for the life of the function it wraps, and every
+XLA:CPU program holds memory mappings (about 17 each for a small program, hundreds for an
+attention step; measured with ``/proc/self/maps``). A process that calls thdkit eagerly on many
+shapes (a notebook, an evaluation loop over variable-length batches) would grow until the
+kernel's per-process limit (``vm.max_map_count``, 65,530 by default) and fail inside XLA.
+
+:func:`program` is thdkit's ``jax.jit``: each (static arguments, input shapes and dtypes) gets its
+own jitted function, held in one process-wide LRU of :func:`max_programs` entries; evicting an
+entry drops the function and, with it, everything JAX cached for it (its compiled program
+included). Under a caller's ``jit`` or ``grad`` the same entries are traced into the caller's
+program. Programs the user compiles themselves are theirs: ``jax.clear_caches()`` releases them
+(docs/attention.md, "Compiled programs").
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = ["cache_info", "max_programs", "program", "set_max_programs"]
+
+_CACHE: collections.OrderedDict[Hashable, Callable[..., Any]] = collections.OrderedDict()
+_LIMIT = [64]
+_STATS = {"hits": 0, "misses": 0, "evictions": 0}
+
+
+def max_programs() -> int:
+    """How many compiled thdkit programs are kept (default 64)."""
+    return _LIMIT[0]
+
+
+def set_max_programs(limit: int) -> None:
+    """Sets how many compiled thdkit programs are kept; the oldest beyond it are dropped now.
+
+    Args:
+        limit: an int >= 1.
+
+    Raises:
+        TypeError: not an int.
+        ValueError: below 1.
+
+    Example:
+        >>> old = max_programs()
+        >>> set_max_programs(32); max_programs()
+        32
+        >>> set_max_programs(old)
+    """
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)):
+        raise TypeError(f"limit must be an int, got {type(limit).__name__}")
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    _LIMIT[0] = int(limit)
+    _evict()
+
+
+def cache_info() -> dict[str, int]:
+    """``{"size", "max_programs", "hits", "misses", "evictions"}`` of the program cache."""
+    return dict(size=len(_CACHE), max_programs=_LIMIT[0], **_STATS)
+
+
+def _evict() -> None:
+    while len(_CACHE) > _LIMIT[0]:
+        _CACHE.popitem(last=False)
+        _STATS["evictions"] += 1
+
+
+def _signature(leaf: Any) -> Hashable:
+    """What a compiled program depends on of one dynamic input."""
+    aval = getattr(leaf, "aval", None)
+    if aval is not None:  # jax arrays and tracers
+        sharding = None if isinstance(leaf, jax.core.Tracer) else getattr(leaf, "sharding", None)
+        return (aval.shape, aval.dtype, getattr(aval, "weak_type", False), sharding)
+    if isinstance(leaf, np.ndarray | np.generic):
+        return (leaf.shape, leaf.dtype)
+    return (type(leaf), leaf)
+
+
+def program(
+    fn: Callable[..., Any] | None = None, *, static_argnames: Sequence[str] = ()
+) -> Callable[..., Any]:
+    """``jax.jit(fn, static_argnames=...)``, its programs kept in thdkit's bounded cache.
+
+    Static arguments are passed by keyword; every other argument is a pytree of arrays.
+
+    Args:
+        fn: the function (or None, to use ``program`` as a decorator with options).
+        static_argnames: the keyword arguments that are static (hashable).
+
+    Returns:
+        A function with ``fn``'s signature.
+
+    Example:
+        >>> @program(static_argnames=("power",))
+        ... def raise_to(x, *, power):
+        ...     return x**power
+        >>> raise_to(jnp.arange(3.0), power=2)
+        Array([0., 1., 4.], dtype=float32)
+    """
+    if fn is None:
+        return functools.partial(program, static_argnames=static_argnames)
+    static = frozenset(static_argnames)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        statics = tuple(sorted((k, v) for k, v in kwargs.items() if k in static))
+        dynamic = {k: v for k, v in kwargs.items() if k not in static}
+        leaves, tree = jax.tree.flatten((args, dynamic))
+        key = (fn, statics, tree, tuple(_signature(leaf) for leaf in leaves))
+        jitted = _CACHE.get(key)
+        if jitted is None:
+            _STATS["misses"] += 1
+            jitted = jax.jit(functools.partial(fn), static_argnames=tuple(static))
+            _CACHE[key] = jitted
+            _evict()
+        else:
+            _STATS["hits"] += 1
+            _CACHE.move_to_end(key)
+        return jitted(*args, **kwargs)
+
+    return call
