@@ -19,7 +19,6 @@ the same spans, so they agree.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -33,6 +32,7 @@ from thdkit.context_parallel.shards import document_lengths, readable, row_segme
 from thdkit.counting import segment_extrema
 from thdkit.limits import check_int, check_max_segments
 from thdkit.mask_types import MaskType, Window, check_window
+from thdkit.programs import program
 from thdkit.segments import Segments
 
 __all__ = [
@@ -222,7 +222,7 @@ def ring_schedule(
     return _schedule(q, q if kv is None else kv, cp=cp, bounds=bounds, num_segments=num_segments)
 
 
-@functools.partial(jax.jit, static_argnames=("cp", "bounds", "num_segments"))
+@program(static_argnames=("cp", "bounds", "num_segments"))
 def _schedule(
     q: Segments, kv: Segments, *, cp: int, bounds: DifferenceBounds, num_segments: int
 ) -> Array:

@@ -14,7 +14,6 @@ every offset addresses the intended key and value element.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -29,6 +28,7 @@ from thdkit.kernels.tiles import kv_spans
 from thdkit.limits import is_concrete
 from thdkit.mask_types import MaskType, Window, window_bound
 from thdkit.metadata import SeqMeta, segments_metadata
+from thdkit.programs import program
 from thdkit.segments import Segments
 
 __all__ = [
@@ -158,7 +158,7 @@ def spans_of(
     return kv_spans(tokens, q, kv, mask_type=mask_type, window_size=window_size)
 
 
-@functools.partial(jax.jit, static_argnames=("mask_type", "window_size", "scale"))
+@program(static_argnames=("mask_type", "window_size", "scale"))
 def cudnn_attention(
     query: Float[Array, "B T_q H_q D"],
     key: Float[Array, "B T_kv H_kv D"],

@@ -13,6 +13,7 @@ from thdkit.layout import validate_concrete
 from thdkit.limits import check_max_segments
 from thdkit.mask_types import MaskType
 from thdkit.metadata import seqlens_and_offsets
+from thdkit.programs import program
 from thdkit.segments import run_lengths
 
 __all__ = ["is_representable", "representable_rows"]
@@ -80,7 +81,7 @@ def _reproduces_row(
     return jnp.all(~active | ok)
 
 
-@functools.partial(jax.jit, static_argnames=("mask_type", "num_segments", "window_left"))
+@program(static_argnames=("mask_type", "num_segments", "window_left"))
 def representable_rows(
     q: tuple[Int[Array, "*B T_q"], Int[Array, "*B T_q"]],
     kv: tuple[Int[Array, "*B T_kv"], Int[Array, "*B T_kv"]] | None,
