@@ -13,6 +13,10 @@ and context-parallel shards can carry the length of the whole document rather th
 - :meth:`Segments.from_positions`: position ids that restart at each document (HF
   ``DataCollatorWithFlattening``).
 
+:func:`validate_segments` checks a ``Segments`` as a whole (fields, dtypes, shapes and, when
+concrete, the layout rules and the lengths: run lengths in a whole row, whole-document lengths in
+a context-parallel shard).
+
 Being a pytree, it goes through ``jax.jit``, ``jax.lax.scan`` and ``shard_map``, and a token
 reorder applies to every field at once: ``jax.tree.map(lambda a: striped(a, cp=4), segments)``
 (lengths stay the document lengths, as the bottom-right rule needs in every shard).
@@ -21,7 +25,6 @@ reorder applies to every field at once: ``jax.tree.map(lambda a: striped(a, cp=4
 from __future__ import annotations
 
 import dataclasses
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -29,15 +32,24 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Int
 
 from thdkit.layout import (
+    MAX_POSITION,
     MAX_SEQ_LEN,
     as_layout,
     check_int,
+    check_max_segments,
     is_concrete,
     run_lengths,
     validate_layout,
 )
+from thdkit.masks import MaskType
 
-__all__ = ["Segments", "global_lengths", "lengths_from_counts", "segment_counts"]
+__all__ = [
+    "Segments",
+    "global_lengths",
+    "lengths_from_counts",
+    "segment_counts",
+    "validate_segments",
+]
 
 
 @jax.tree_util.register_dataclass
@@ -155,7 +167,8 @@ class Segments:
 
         Raises:
             TypeError: non-integer ``cu_seqlens`` or ``total_len``.
-            ValueError: ``total_len < 1``, fewer than 2 entries, or (concrete inputs) a first
+            ValueError: ``total_len`` outside ``[1, MAX_SEQ_LEN]``, ragged rows (a nested list
+                whose rows differ in length), fewer than 2 entries, or (concrete inputs) a first
                 entry other than 0, a decrease, or an end beyond ``total_len``, naming the row and
                 the entry.
 
@@ -202,26 +215,21 @@ class Segments:
             :class:`Segments` with int32[*B, T] fields; no token is padding.
 
         Raises:
-            TypeError, ValueError: as :meth:`from_ids` (the positions are named
-                ``position_ids``).
+            TypeError: a non-integer ``position_ids`` (bool included).
+            ValueError: a scalar, an empty row, a row longer than ``MAX_SEQ_LEN``, a ragged
+                nested list, or (concrete inputs) a position outside ``[0, MAX_POSITION]``,
+                naming ``position_ids``, the row and the token.
 
         Example:
             >>> Segments.from_positions(jnp.array([0, 1, 2, 0, 1, 0])).ids
             Array([1, 1, 1, 2, 2, 3], dtype=int32)
         """
-        pos, _ = as_layout(position_ids, position_ids, name="position_ids")
+        pos = _position_ids(position_ids)
         previous = jnp.concatenate(
             [jnp.full((*pos.shape[:-1], 1), jnp.iinfo(jnp.int32).max), pos[..., :-1]], axis=-1
         )
+        # Ids 1, 2, ... by construction: one run each, increasing (rules 3 and 4 hold).
         ids = jnp.cumsum(pos <= previous, axis=-1, dtype=jnp.int32)
-        if is_concrete(pos):
-            validate_layout(
-                ids,
-                pos,
-                max_segments_per_seq=None,
-                mask_type="padding",
-                name="position_ids",
-            )
         return cls(ids, pos, run_lengths(ids))
 
     def with_global_lengths(self, *, axis_name: str, max_segments_per_seq: int) -> Segments:
@@ -238,6 +246,11 @@ class Segments:
         Returns:
             :class:`Segments` with the same ids and positions and global ``lengths``.
 
+        Raises:
+            TypeError: ``max_segments_per_seq`` is not a static Python (or NumPy) int, e.g. a
+                float, a bool or a traced value.
+            ValueError: ``max_segments_per_seq`` outside ``[1, MAX_SEGMENTS]``.
+
         Example:
             >>> import numpy as np
             >>> from jax.sharding import Mesh, PartitionSpec as P
@@ -250,9 +263,159 @@ class Segments:
             Array([[3, 3, 3, 4, 4, 4, 4, 0]], dtype=int32)
         """
         lengths = global_lengths(
-            self.ids, axis_name=axis_name, num_segments=operator.index(max_segments_per_seq)
+            self.ids, axis_name=axis_name, num_segments=check_max_segments(max_segments_per_seq)
         )
         return dataclasses.replace(self, lengths=lengths)
+
+
+_FIELDS = ("ids", "positions", "lengths")
+
+
+def validate_segments(
+    segments: Segments,
+    *,
+    name: str,
+    max_segments_per_seq: int | None = None,
+    mask_type: MaskType | str | None = None,
+    global_lengths: bool = False,
+) -> None:
+    """Checks a :class:`Segments` as a whole: its three fields, and their values when concrete.
+
+    Always (also under ``jit``, ``vmap`` and ``shard_map``, where the fields are traced):
+
+    - ``segments`` is a :class:`Segments` and each field a JAX or NumPy array;
+    - ``lengths`` is int32 and has the shape of ``ids``;
+    - ids and positions have integer dtypes and one shape, at least 1-D, with
+      ``1 <= T <= MAX_SEQ_LEN`` (:func:`thdkit.layout.as_layout`);
+    - ``max_segments_per_seq`` and ``mask_type``, when given, are valid.
+
+    On concrete values only (nothing traced is read; a concrete ``Segments`` closed over by a
+    jitted function is concrete):
+
+    - ids and positions follow the layout rules (:func:`thdkit.validate_layout` with S and the
+      mask type: ids in ``[0, S]``, one run per document, ids increasing, positions in
+      ``[0, MAX_POSITION]`` and, for causal and bottom-right masks, increasing along each run);
+      its messages name ids ``{name}`` and positions ``{name} positions``;
+    - ``lengths`` (named ``{name}.lengths``) is 0 exactly on padding (id 0) and constant inside
+      each run; with ``global_lengths=False`` (a whole row) it equals the run's length; with
+      ``global_lengths=True`` (a context-parallel shard, lengths of whole documents as
+      :meth:`Segments.with_global_lengths` computes them) it is at least the run's length and
+      at most ``MAX_SEQ_LEN``.
+
+    Args:
+        segments: the :class:`Segments` to check, int32[*B, T] fields.
+        name: the parameter it was passed as, for messages (e.g. ``"q_segments"``).
+        max_segments_per_seq: S, the largest id allowed; None means ``MAX_SEGMENTS``.
+        mask_type: a :class:`thdkit.MaskType` or its name; None checks only the rules that hold
+            for every mask type (positions need not increase along runs).
+        global_lengths: whether ``lengths`` are the whole documents' lengths of a shard.
+
+    Raises:
+        TypeError: ``segments`` is not a :class:`Segments`, a field is not an array, ids or
+            positions not of an integer dtype, ``lengths`` not int32, ``name`` not a str,
+            ``global_lengths`` not a bool, a bad ``max_segments_per_seq`` or ``mask_type``.
+        ValueError: shapes that differ (or a scalar, or an empty row), a bad
+            ``max_segments_per_seq`` or ``mask_type`` value, or a broken rule: one message naming
+            the field, the row (its index in the batch dims) and the token.
+
+    Example:
+        >>> seg = Segments.from_ids(jnp.array([[1, 1, 1, 1, 2, 2, 0, 0]]))
+        >>> validate_segments(seg, name="q_segments")
+        >>> bad = Segments(seg.ids, seg.positions, seg.lengths.at[0, 3].set(3))
+        >>> validate_segments(bad, name="q_segments")
+        Traceback (most recent call last):
+        ...
+        ValueError: q_segments.lengths row 0, token 3: 3 inside a run of length 4; ...
+        >>> shard = Segments(seg.ids, seg.positions, seg.lengths * 2)  # whole documents: 8, 4
+        >>> validate_segments(shard, name="q_segments", global_lengths=True)
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if not isinstance(global_lengths, (bool, np.bool_)):
+        raise TypeError(f"global_lengths must be a bool, got {type(global_lengths).__name__}")
+    if not isinstance(segments, Segments):
+        raise TypeError(
+            f"{name} must be a thdkit.Segments (e.g. Segments.from_ids(ids, positions)), "
+            f"got {type(segments).__name__}"
+        )
+    for field in _FIELDS:
+        value = getattr(segments, field)
+        if not isinstance(value, (jax.Array, np.ndarray)):
+            raise TypeError(
+                f"{name}.{field} must be a JAX or NumPy array, got {type(value).__name__}"
+            )
+    ids, pos, lengths = segments.ids, segments.positions, segments.lengths
+    if lengths.dtype != np.int32:
+        raise TypeError(
+            f"{name}.lengths must be int32 (each token's document length), got dtype "
+            f"{lengths.dtype}"
+        )
+    if lengths.shape != ids.shape:
+        raise ValueError(
+            f"{name}.lengths must have the shape of {name}.ids, {tuple(ids.shape)}, got "
+            f"{tuple(lengths.shape)}"
+        )
+    num_segments = (
+        None if max_segments_per_seq is None else check_max_segments(max_segments_per_seq)
+    )
+    mask = MaskType.PADDING if mask_type is None else MaskType.parse(mask_type)
+    if not is_concrete(ids, pos):
+        as_layout(ids, pos, name=name)  # dtypes and shapes only
+        return
+    validate_layout(ids, pos, max_segments_per_seq=num_segments, mask_type=mask, name=name)
+    if is_concrete(lengths):
+        _check_lengths(np.asarray(ids), np.asarray(lengths), name, global_lengths=global_lengths)
+
+
+def _check_lengths(
+    ids: np.ndarray, lengths: np.ndarray, name: str, *, global_lengths: bool
+) -> None:
+    """Raises for the first token whose length breaks the rules of :func:`validate_segments`."""
+    batch, seq_len = ids.shape[:-1], ids.shape[-1]
+    ids, lengths = ids.reshape(-1, seq_len), lengths.reshape(-1, seq_len).astype(np.int64)
+    starts = np.ones(ids.shape, bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    run = np.cumsum(starts.reshape(-1)) - 1  # The run of each token, over all rows.
+    run_len = np.where(ids != 0, np.bincount(run)[run].reshape(ids.shape), 0)
+    first = np.flatnonzero(starts.reshape(-1))[run].reshape(ids.shape)  # Its run's first token.
+    at_start = lengths.reshape(-1)[first]
+    padding = (ids == 0) & (lengths != 0)
+    if global_lengths:
+        varies = (ids != 0) & (lengths != at_start)
+        short = (ids != 0) & (lengths < run_len)
+        long = (ids != 0) & (lengths > MAX_SEQ_LEN)
+        bad = padding | varies | short | long
+    else:
+        varies = short = long = np.zeros(ids.shape, bool)
+        bad = lengths != run_len
+    if not bad.any():
+        return
+    flat = int(np.flatnonzero(bad.reshape(-1))[0])
+    row, token = divmod(flat, seq_len)
+    value, run_length = int(lengths[row, token]), int(run_len[row, token])
+    where = f"{name}.lengths {_row_label(row, batch)}, token {token}"
+    if ids[row, token] == 0:
+        problem = f"{value} on a padding token (id 0); padding tokens have length 0"
+    elif varies[row, token] and not short[row, token]:
+        start = int(first.reshape(-1)[flat]) - row * seq_len
+        problem = (
+            f"{value} differs from {int(at_start.reshape(-1)[flat])} at token {start}, where the "
+            f"run of id {int(ids[row, token])} starts; every token of a document has its length"
+        )
+    elif long[row, token]:
+        problem = f"{value} exceeds thdkit.MAX_SEQ_LEN = {MAX_SEQ_LEN}"
+    elif global_lengths:
+        problem = (
+            f"{value} inside a run of length {run_length}; a whole document (global_lengths) is "
+            "at least as long as its run in this shard"
+        )
+    else:
+        problem = (
+            f"{value} inside a run of length {run_length}; lengths are the run lengths in a "
+            "whole row (Segments.from_ids computes them; shards take "
+            "Segments.with_global_lengths and global_lengths=True)"
+        )
+    raise ValueError(f"{where}: {problem}")
 
 
 def global_lengths(
@@ -327,7 +490,16 @@ def _positions_in_runs(ids: Array) -> Array:
 
 
 def _int_array(x: ArrayLike, name: str) -> Array:
-    dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+    """``x`` as int32 after checking its dtype and (concrete values) the int32 range."""
+    if not hasattr(x, "dtype"):
+        try:
+            x = np.asarray(x)
+        except ValueError as error:  # ragged nested lists
+            raise ValueError(
+                f"{name} must be a rectangular integer array (every row the same number of "
+                f"entries), got a ragged sequence: {error}"
+            ) from None
+    dtype = x.dtype
     if not jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_):
         raise TypeError(f"{name} must be an integer array, got dtype {dtype}")
     if not isinstance(x, jax.core.Tracer):
@@ -368,3 +540,45 @@ def _check_cu_seqlens(cu: np.ndarray, total_len: int) -> None:
                 f"{where}, entry {len(entries) - 1}: the last document ends at "
                 f"{int(entries[-1])}, beyond total_len={total_len}"
             )
+
+
+def _row_label(flat_row: int, batch: tuple[int, ...]) -> str:
+    """``row 3`` or ``row (1, 0)``: a flattened row index written in the batch dims."""
+    if len(batch) <= 1:
+        return f"row {flat_row}"
+    return f"row {tuple(int(r) for r in np.unravel_index(flat_row, batch))}"
+
+
+def _position_ids(position_ids: ArrayLike) -> Array:
+    """``position_ids`` as int32 after its checks; errors speak of positions, never ids."""
+    name = "position_ids"
+    x = position_ids
+    if not isinstance(x, (np.ndarray, jax.Array)):
+        try:
+            x = np.asarray(x)
+        except ValueError as error:  # ragged nested lists
+            raise ValueError(f"{name} must be a rectangular integer array: {error}") from None
+    integer = x.dtype.kind in "iu" or (
+        x.dtype.kind == "O"
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in x.flat)
+    )
+    if integer and is_concrete(x) and x.ndim >= 1 and x.size:
+        host = np.asarray(x)
+        bad = (host < 0) | (host > MAX_POSITION)
+        if bad.any():
+            flat = int(np.flatnonzero(bad.reshape(-1))[0])
+            row, token = divmod(flat, host.shape[-1])
+            value = int(host.reshape(-1)[flat])
+            info = np.iinfo(np.int32)
+            if not info.min <= value <= info.max:
+                problem = f"position {value} is outside the int32 range"
+            elif value < 0:
+                problem = f"position {value} is negative"
+            else:
+                problem = f"position {value} exceeds thdkit.MAX_POSITION = {MAX_POSITION}"
+            raise ValueError(
+                f"{name} {_row_label(row, host.shape[:-1])}, token {token}: {problem}; "
+                f"positions lie in [0, {MAX_POSITION}]"
+            )
+    pos, _ = as_layout(x, x, name=name)  # dtype and shape checks; the values passed above
+    return pos
