@@ -42,11 +42,38 @@ TILED = ("blockwise", "blockwise-serial", "pallas")  # They visit the plan's til
 DENSE = {"reference": 1.0, "jax-nn-xla": 1.0}  # Pairs visited over B T^2.
 
 
-def _floating(name: str | None) -> str | None:
-    """A check: None or the name of a floating dtype."""
-    if name is not None and not jnp.issubdtype(jnp.dtype(name), jnp.floating):
-        raise ValueError(f"must name a floating dtype such as float32 or bfloat16, got {name!r}")
-    return name
+def dtype_names() -> tuple[str, ...]:
+    """The input dtypes the benchmark runs: float64 only with x64 enabled (``JAX_ENABLE_X64=1``;
+    without it JAX computes a float64 request in float32).
+
+    Reads JAX's configuration only; starts no backend.
+
+    Returns:
+        The canonical dtype names, e.g. ``("bfloat16", "float16", "float32")``.
+
+    Example:
+        >>> dtype_names()
+        ('bfloat16', 'float16', 'float32')
+    """
+    names = ("bfloat16", "float16", "float32")
+    return (*names, "float64") if jax.config.jax_enable_x64 else names
+
+
+def _floating(name: Any) -> str | None:
+    """A check: None, or the name (or an alias: ``half``, ``f4``) of a dtype in
+    :func:`dtype_names`, made canonical."""
+    if name is None:
+        return None
+    valid = dtype_names()
+    try:
+        canonical = jnp.dtype(name).name
+    except TypeError:
+        canonical = None
+    if canonical not in valid:
+        needs_x64 = canonical == "float64"
+        why = ": float64 needs x64 (set JAX_ENABLE_X64=1)" if needs_x64 else ""
+        raise ValueError(f"must be one of {', '.join(valid)}, got {name!r}{why}")
+    return canonical
 
 
 def _runs_here(name: str) -> bool:
@@ -64,7 +91,7 @@ class AttentionBench(PlanConfig):
         >>> AttentionBench(dtype="int32")
         Traceback (most recent call last):
         ...
-        thdkit.bench.measure.ConfigError: dtype: must name a floating dtype ..., got 'int32'
+        thdkit.bench.measure.ConfigError: dtype: must be one of bfloat16, ..., got 'int32'
     """
 
     OPTIONS: ClassVar[Options] = {
@@ -76,7 +103,11 @@ class AttentionBench(PlanConfig):
             f"Any of {', '.join(IMPLEMENTATIONS)}. \\[default: all the backend runs but reference]",
             IMPLEMENTATIONS,
         ),
-        "dtype": ("Input dtype. \\[default: bfloat16 on a GPU, else float32]", _floating),
+        "dtype": (
+            "Input dtype: bfloat16, float16, float32, float64 (with JAX_ENABLE_X64=1). "
+            "\\[default: bfloat16 on a GPU, else float32]",
+            _floating,
+        ),
         "block_q": ("Query tile size. \\[default: from the mean document length]", 1),
         "block_kv": ("Key tile size. \\[default: from the mean document length]", 1),
     }
@@ -213,7 +244,7 @@ def run_attention_bench(
     rng = np.random.default_rng(config.seed)
     dtype = config.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
     keys = ("batch", "heads", "head_dim", "mask_type", "window_size")
-    same = {k: getattr(config, k) for k in keys} | {"dtype": dtype}
+    same = {k: getattr(config, k) for k in keys}
     flops_per_pair = config.heads * config.head_dim
     records: list[dict[str, Any]] = []
     for seq_len, segments in itertools.product(config.seq_lens, config.segments):
@@ -225,6 +256,7 @@ def run_attention_bench(
         work = _work(config, ids, pos)
         shape = (config.batch, seq_len, config.heads, config.head_dim)
         qkv = [jnp.asarray(rng.standard_normal(shape, np.float32), dtype) for _ in range(3)]
+        same["dtype"] = qkv[0].dtype.name  # The dtype that runs (JAX may narrow a request).
         args = (*qkv, jnp.asarray(ids), jnp.asarray(pos))
         plans = {}
         for implementation, passes in itertools.product(config.implementations, ("fwd", "fwd+bwd")):
