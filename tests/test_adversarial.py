@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +20,9 @@ from typer.testing import CliRunner
 import thdkit
 from thdkit import reorder
 from thdkit.bench.commands import app
+from thdkit.data import pack
 from thdkit.limits import MAX_POSITION
+from thdkit.segment_rules import validate_segments
 
 IDS = jnp.array([[1, 1, 1, 2, 2, 0, 0, 3]])
 POS = jnp.array([[0, 1, 2, 0, 1, 2, 0, 0]])
@@ -50,6 +53,24 @@ def ring(query=QKV, key=QKV, value=QKV, **kwargs):
 def plan(**kwargs):
     args = dict(max_segments_per_seq=4, mask_type="padding_causal")
     return thdkit.plan_attention(thdkit.Segments.from_ids(IDS, POS), **(args | kwargs))
+
+
+SEG = thdkit.Segments.from_ids(IDS, POS)
+
+
+def segments(**fields):
+    """SEG with some fields replaced."""
+    return thdkit.Segments(**({"ids": SEG.ids, "positions": SEG.positions, "lengths": SEG.lengths}
+                              | fields))  # fmt: skip
+
+
+def check(seg=SEG, **kwargs):
+    return validate_segments(seg, **({"name": "q_segments"} | kwargs))
+
+
+def packed(**kwargs):
+    args = dict(seq_len=8, max_segments_per_seq=2, batch_size=1)
+    return pack(grain.MapDataset.source([{"inputs": np.arange(3)}]), **(args | kwargs))
 
 
 def row(ids, pos=None):
@@ -342,6 +363,183 @@ CASES = {
         ValueError,
         "total_len",
     ),
+    "cu_seqlens ragged rows": (
+        lambda: thdkit.Segments.from_cu_seqlens([[0, 3], [0, 2, 4]], total_len=8),
+        ValueError,
+        "cu_seqlens must be a rectangular",
+    ),
+    "cu_seqlens ragged nesting": (
+        lambda: thdkit.Segments.from_cu_seqlens([0, [1, 2]], total_len=8),
+        ValueError,
+        "cu_seqlens must be a rectangular",
+    ),
+    "from_positions int64 beyond int32": (
+        lambda: thdkit.Segments.from_positions(np.array([[0, 1, 2**32 + 1]], np.int64)),
+        ValueError,
+        r"position_ids row 0, token 2: position 4294967297 is outside the int32",
+    ),
+    "from_positions list holding 2**33": (
+        lambda: thdkit.Segments.from_positions([[0, 1], [0, 2**33]]),
+        ValueError,
+        r"position_ids row 1, token 1: position 8589934592",
+    ),
+    "from_positions negative": (
+        lambda: thdkit.Segments.from_positions(jnp.array([0, 1, -1])),
+        ValueError,
+        r"position_ids row 0, token 2: position -1 is negative",
+    ),
+    "from_positions above MAX_POSITION": (
+        lambda: thdkit.Segments.from_positions(np.array([0, MAX_POSITION + 1])),
+        ValueError,
+        r"position_ids row 0, token 1: position 1073741824 exceeds",
+    ),
+    "from_positions float": (
+        lambda: thdkit.Segments.from_positions(jnp.array([0.0, 1.0])),
+        TypeError,
+        "position_ids",
+    ),
+    "with_global_lengths S float": (
+        lambda: SEG.with_global_lengths(axis_name="cp", max_segments_per_seq=4.0),
+        TypeError,
+        "max_segments_per_seq",
+    ),
+    "with_global_lengths S bool": (
+        lambda: SEG.with_global_lengths(axis_name="cp", max_segments_per_seq=True),
+        TypeError,
+        "max_segments_per_seq",
+    ),
+    "with_global_lengths S zero": (
+        lambda: SEG.with_global_lengths(axis_name="cp", max_segments_per_seq=0),
+        ValueError,
+        "max_segments_per_seq",
+    ),
+    # --- validate_segments: the whole Segments ------------------------------------------------
+    "validate_segments of arrays": (lambda: check(IDS), TypeError, "q_segments"),
+    "validate_segments lengths a list": (
+        lambda: check(segments(lengths=[[3] * 8])),
+        TypeError,
+        r"q_segments\.lengths",
+    ),
+    "validate_segments float lengths": (
+        lambda: check(segments(lengths=SEG.lengths * 1.0)),
+        TypeError,
+        r"q_segments\.lengths must be int32",
+    ),
+    "validate_segments int64 lengths": (
+        lambda: check(segments(lengths=np.asarray(SEG.lengths, np.int64))),
+        TypeError,
+        r"q_segments\.lengths must be int32",
+    ),
+    "validate_segments lengths shape": (
+        lambda: check(segments(lengths=SEG.lengths[:, :4])),
+        ValueError,
+        r"q_segments\.lengths must have the shape",
+    ),
+    "validate_segments float positions": (
+        lambda: check(segments(positions=SEG.positions * 1.0)),
+        TypeError,
+        "q_segments positions",
+    ),
+    "validate_segments id above S": (
+        lambda: check(max_segments_per_seq=2),
+        ValueError,
+        r"q_segments row 0, token 7",
+    ),
+    "validate_segments second run": (
+        lambda: check(segments(ids=IDS.at[0, 6].set(2))),
+        ValueError,
+        r"q_segments row 0, token 6",
+    ),
+    "validate_segments positions stall (causal)": (
+        lambda: check(segments(positions=POS.at[0, 1].set(0)), mask_type="causal"),
+        ValueError,
+        r"q_segments positions row 0, token 1",
+    ),
+    "validate_segments length inside a run": (
+        lambda: check(segments(lengths=SEG.lengths.at[0, 1].set(2))),
+        ValueError,
+        r"q_segments\.lengths row 0, token 1: 2 inside a run of length 3",
+    ),
+    "validate_segments length on padding": (
+        lambda: check(segments(lengths=SEG.lengths.at[0, 5].set(2))),
+        ValueError,
+        r"q_segments\.lengths row 0, token 5: 2 on a padding token",
+    ),
+    "validate_segments length in row (1, 0)": (
+        lambda: check(
+            thdkit.Segments(
+                jnp.stack([IDS, IDS]),
+                jnp.stack([POS, POS]),
+                jnp.stack([SEG.lengths, SEG.lengths.at[0, 7].set(5)]),
+            )
+        ),
+        ValueError,
+        r"q_segments\.lengths row \(1, 0\), token 7: 5 inside a run of length 1",
+    ),
+    "validate_segments global length varies": (
+        lambda: check(segments(lengths=(SEG.lengths * 2).at[0, 2].set(7)), global_lengths=True),
+        ValueError,
+        r"q_segments\.lengths row 0, token 2: 7 differs from 6 at token 0",
+    ),
+    "validate_segments global length short": (
+        lambda: check(segments(lengths=SEG.lengths.at[0, 3:5].set(1)), global_lengths=True),
+        ValueError,
+        r"q_segments\.lengths row 0, token 3: 1 inside a run of length 2",
+    ),
+    "validate_segments global length on padding": (
+        lambda: check(segments(lengths=SEG.lengths.at[0, 6].set(4)), global_lengths=True),
+        ValueError,
+        r"q_segments\.lengths row 0, token 6: 4 on a padding token",
+    ),
+    "validate_segments global length above MAX_SEQ_LEN": (
+        lambda: check(segments(lengths=SEG.lengths.at[0, 7].set(2**30 + 1)), global_lengths=True),
+        ValueError,
+        r"q_segments\.lengths row 0, token 7: 1073741825 exceeds",
+    ),
+    "validate_segments kv name": (
+        lambda: check(segments(lengths=SEG.lengths.at[0, 0].set(9)), name="kv_segments"),
+        ValueError,
+        r"kv_segments\.lengths row 0, token 0",
+    ),
+    "validate_segments S float": (
+        lambda: check(max_segments_per_seq=4.0),
+        TypeError,
+        "max_segments_per_seq",
+    ),
+    "validate_segments unknown mask": (
+        lambda: check(mask_type="diagonal"),
+        ValueError,
+        "mask_type",
+    ),
+    "validate_segments global_lengths str": (
+        lambda: check(global_lengths="yes"),
+        TypeError,
+        "global_lengths",
+    ),
+    # --- data.pack: checked at construction -----------------------------------------------------
+    "pack features a str": (lambda: packed(features="inputs"), TypeError, "features"),
+    "pack features unknown": (lambda: packed(features=("tokens",)), ValueError, "features"),
+    "pack features of ints": (lambda: packed(features=(1, 2)), TypeError, "features"),
+    "pack features repeated": (
+        lambda: packed(features=("inputs", "inputs")),
+        ValueError,
+        "features",
+    ),
+    "pack features collide": (
+        lambda: packed(features=("inputs", "inputs_segment_ids")),
+        ValueError,
+        "features",
+    ),
+    "pack not a dataset": (
+        lambda: pack([{"inputs": [1]}], seq_len=8, max_segments_per_seq=2, batch_size=1),
+        TypeError,
+        "dataset",
+    ),
+    "pack seq_len above MAX_SEQ_LEN": (lambda: packed(seq_len=2**31), ValueError, "seq_len"),
+    "pack algorithm a list": (lambda: packed(algorithm=["best_fit"]), TypeError, "algorithm"),
+    "pack shuffle_bins str": (lambda: packed(shuffle_bins="no"), TypeError, "shuffle_bins"),
+    "pack seed negative": (lambda: packed(seed=-3), ValueError, "seed"),
+    "pack drop_remainder int": (lambda: packed(drop_remainder=0), TypeError, "drop_remainder"),
 }
 
 
@@ -366,6 +564,20 @@ CLI_CASES = {
     "mask-types empty": (["bench", "--mask-types", ","], "--mask-types"),
     "seq-lens not a size": (["bench", "--seq-lens", "12q"], "--seq-lens"),
     "unknown method": (["bench", "--methods", "linear,quadratic"], "--methods"),
+    "seq-lens above MAX_SEQ_LEN": (["bench", "--seq-lens", "3G"], "--seq-lens"),
+    "attention seq-lens above MAX_SEQ_LEN": (
+        ["bench", "attention", "--seq-lens", "2G"],
+        "--seq-lens",
+    ),
+    "plan seq-lens above MAX_SEQ_LEN": (["bench", "plan", "--seq-lens", "2G"], "--seq-lens"),
+    "ring seq-len above MAX_SEQ_LEN": (["bench", "ring", "--seq-len", "2G"], "--seq-len"),
+    "cp seq-len above MAX_SEQ_LEN": (["bench", "cp", "--seq-len", "2G"], "--seq-len"),
+    "max-segments above MAX_SEGMENTS": (["bench", "--max-segments", "1G"], "--max-segments"),
+    "segments above MAX_SEGMENTS": (["bench", "attention", "--segments", "1G"], "--segments"),
+    "ranks above MAX_RANKS": (["bench", "ring", "--cp", "512", "--seq-len", "1M"], "--cp"),
+    "time-per-program inf": (["bench", "--time-per-program", "inf"], "--time-per-program"),
+    "heads beyond host memory": (["bench", "attention", "--heads", "1T"], "--heads"),
+    "dtype float64 without x64": (["bench", "attention", "--dtype", "float64"], "--dtype"),
 }
 
 
@@ -376,6 +588,7 @@ def test_cli_rejects_bad_options_up_front(case):
     assert result.exit_code == 2, result.output
     assert option in result.output
     assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output  # nothing ran
 
 
 def test_python_m_cli_reaches_every_subcommand():
@@ -450,6 +663,26 @@ def test_positions_at_the_top_of_the_range():
         )
 
 
+def test_reference_attention_stays_right_at_huge_scales_under_jit():
+    """The dense oracle at scale 1e10..1e30: the output of each row is its top key's value (or the
+    mean over tied top keys), like blockwise's; rows with no key give 0."""
+    rng = np.random.default_rng(7)
+    q, k = (jnp.asarray(rng.integers(-8, 9, (1, 8, 2, 8)) / 8, jnp.float32) for _ in range(2))
+    v = jnp.asarray(rng.standard_normal((1, 8, 2, 8)), jnp.float32)
+    for scale in (1e10, 1e20, 1e30):
+        outs = {
+            impl: jax.jit(
+                lambda q, k, v, impl=impl, scale=scale: attend(
+                    q, k, v, implementation=impl, scale=scale
+                )
+            )(q, k, v)
+            for impl in ("reference", "blockwise")
+        }
+        assert np.isfinite(outs["reference"]).all(), scale
+        np.testing.assert_allclose(outs["reference"], outs["blockwise"], atol=1e-6, rtol=1e-6)
+        np.testing.assert_array_equal(outs["reference"][0, 5:7], 0.0)  # padding rows
+
+
 def test_striped_accepts_numpy_ints_in_a_fresh_process():
     code = (
         "import numpy as np; from thdkit.reorder import striped; "
@@ -473,7 +706,9 @@ def test_concrete_layouts_closed_over_by_jit_are_still_validated():
         "plan": lambda ids: (
             thdkit.plan_attention(
                 thdkit.Segments.from_ids(ids, POS), mask_type="causal", max_segments_per_seq=4
-            ).ranges.lo
+            )
+            .aux["blockwise"]
+            .lo
         ),
         "ring_attention": lambda ids: ring(q, q, q, segment_ids_q=ids),
     }

@@ -8,11 +8,13 @@ their shape (counts, ordering of min / median / max).
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -22,11 +24,19 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import thdkit
 from thdkit import reorder, synth
 from thdkit.bench import measure, report
-from thdkit.bench.attention import AttentionBench, attention_program, run_attention_bench
+from thdkit.bench.attention import (
+    AttentionBench,
+    attention_program,
+    dtype_names,
+    run_attention_bench,
+)
 from thdkit.bench.commands import app
-from thdkit.bench.measure import BenchConfig, ConfigError, median
+from thdkit.bench.cp import CPBench
+from thdkit.bench.measure import MAX_RANKS, BenchConfig, ConfigError, median
+from thdkit.bench.plan import PlanBench
 from thdkit.bench.ring import RingBench
 from thdkit.bench.run import run_sweep
 from thdkit.bench.sweep import FLOOR, METHODS, MetadataSweep, make_inputs
@@ -173,6 +183,31 @@ def test_environment_names_the_backend():
     assert env["device_kind"] == jax.devices()[0].device_kind
     for key in ("jax", "jaxlib", "cpu_count", "date", "memory_total_bytes"):
         assert env[key]
+    assert (env["thdkit"], env["jax"]) == (thdkit.__version__, jax.__version__)
+    assert env["peers"] == measure.peer_versions()
+
+
+def test_peer_versions_name_the_peers_imported(monkeypatch):
+    import ejkernel  # noqa: F401  (the peer the attention benchmark times)
+
+    assert measure.peer_versions() == {"ejkernel": importlib.metadata.version("ejkernel")}
+    monkeypatch.setitem(sys.modules, "ejkernel", None)  # an import blocked: it did not run
+    assert measure.peer_versions() == {}
+    monkeypatch.delitem(sys.modules, "ejkernel")
+    assert measure.peer_versions() == {}
+
+
+def test_host_memory_is_read_without_starting_jax():
+    code = (
+        "import jax, jax._src.xla_bridge as xb; from thdkit.bench import measure; "
+        "n = measure.host_memory_bytes(total=True); "
+        "from thdkit.bench.ring import RingBench; from thdkit.bench.cp import CPBench; "
+        "RingBench(cp=4); CPBench(cps=(2, 4)); "
+        "print(n > 0, len(xb._backends))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "0"]  # no backend started: XLA_FLAGS still apply
 
 
 # --- the table builder ----------------------------------------------------------------------
@@ -225,12 +260,112 @@ def test_table_shows_values_sections_and_dashes():
         (RingBench, {"cp": 0}, "cp"),
         (RingBench, {"stripe_sizes": (0,)}, "stripe_sizes"),
         (RingBench, {"seq_len": 64, "stripe_sizes": (1,), "segments": (65,)}, "segments"),
+        # The library's limits: T <= MAX_SEQ_LEN, S <= MAX_SEGMENTS, finite waits.
+        (MetadataSweep, {"seq_lens": (64, 2**30 + 1)}, "seq_lens"),
+        (MetadataSweep, {"seq_lens": (3 * 2**30,)}, "seq_lens"),
+        (MetadataSweep, {"max_segments": (2**30,)}, "max_segments"),
+        (MetadataSweep, {"layout": "ring", "seq_lens": (2**28 + 1,)}, "seq_lens"),
+        (MetadataSweep, {"time_per_program_s": float("inf")}, "time_per_program_s"),
+        (MetadataSweep, {"time_per_program_s": float("nan")}, "time_per_program_s"),
+        (MetadataSweep, {"time_per_program_s": 1e300}, "time_per_program_s"),
+        (MetadataSweep, {"compile_timeout_s": float("inf")}, "compile_timeout_s"),
+        (MetadataSweep, {"compile_timeout_s": threading.TIMEOUT_MAX * 2}, "compile_timeout_s"),
+        (AttentionBench, {"seq_lens": (2**31,)}, "seq_lens"),
+        (AttentionBench, {"segments": (2**30,)}, "segments"),
+        (AttentionBench, {"block_q": 2**30 + 1}, "block_q"),
+        (AttentionBench, {"block_kv": 2**31}, "block_kv"),
+        (AttentionBench, {"dtype": "float64"}, "dtype"),  # x64 off: it would run float32
+        (AttentionBench, {"dtype": "float"}, "dtype"),
+        (AttentionBench, {"dtype": "complex64"}, "dtype"),
+        (AttentionBench, {"dtype": 3}, "dtype"),
+        (PlanBench, {"seq_lens": (2**30 + 1,)}, "seq_lens"),
+        (PlanBench, {"seq_lens": (64,), "segments": 65}, "segments"),
+        (PlanBench, {"segments": 2**30}, "segments"),
+        (RingBench, {"seq_len": 2**31}, "seq_len"),
+        (RingBench, {"cp": MAX_RANKS + 1, "seq_len": 2**20}, "cp"),
+        (RingBench, {"stripe_sizes": (2**31,)}, "stripe_sizes"),
+        (CPBench, {"seq_len": 2**31}, "seq_len"),
+        (CPBench, {"cps": (2, MAX_RANKS * 2)}, "cps"),
+        (CPBench, {"stripe_size": 2**31}, "stripe_size"),
+        (CPBench, {"segments": 2**30}, "segments"),
+        # Inputs that cannot fit in host memory: the factor furthest above its default.
+        (AttentionBench, {"heads": 2**40}, "heads"),
+        (AttentionBench, {"head_dim": 2**40}, "head_dim"),
+        (AttentionBench, {"batch": 2**40}, "batch"),
+        (PlanBench, {"heads": 2**40}, "heads"),
+        (RingBench, {"heads": 2**40}, "heads"),
+        (CPBench, {"head_dim": 2**40}, "head_dim"),
+        (MetadataSweep, {"batch": 2**40}, "batch"),
     ],
 )
 def test_configs_reject_bad_options_naming_them(cls, options, field):
     with pytest.raises(ConfigError, match=f"^{field}: ") as error:
         cls(**options)
     assert error.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("cls", "options", "field", "words"),
+    [
+        (MetadataSweep, {"seq_lens": (2**30 + 1,)}, "seq_lens", "at most 1,073,741,824 (thdkit"),
+        (MetadataSweep, {"max_segments": (2**30,)}, "max_segments", "(thdkit.MAX_SEGMENTS)"),
+        (RingBench, {"cp": 512, "seq_len": 2**20}, "cp", "at most 256"),
+        (BenchConfig, {"time_per_program_s": float("inf")}, "time_per_program_s", "finite"),
+        (AttentionBench, {"heads": 2**40}, "heads", "host memory"),
+    ],
+)
+def test_limit_messages_say_the_limit(cls, options, field, words):
+    with pytest.raises(ConfigError) as error:
+        cls(**options)
+    assert error.value.field == field and words in error.value.message, error.value.message
+
+
+def test_limits_are_inclusive_and_memory_is_the_host_total(monkeypatch):
+    monkeypatch.setattr(measure, "host_memory_bytes", lambda total=False: 2**62)
+    assert MetadataSweep(seq_lens=(2**30,)).seq_lens == (2**30,)
+    assert MetadataSweep(layout="ring", seq_lens=(2**28,)).seq_lens == (2**28,)
+    assert RingBench(cp=MAX_RANKS, seq_len=2**20, stripe_sizes=(1,)).cp == MAX_RANKS
+    assert AttentionBench(block_q=2**30, segments=(1,)).block_q == 2**30
+    assert BenchConfig(time_per_program_s=threading.TIMEOUT_MAX).time_per_program_s > 0
+    # Host memory bounds the inputs: B * T * (a layout + q, k, v) bytes.
+    monkeypatch.setattr(measure, "host_memory_bytes", lambda total=False: 2**20)
+    with pytest.raises(ConfigError, match=r"^seq_lens: the inputs \(seq_lens=65536, batch=1\)"):
+        MetadataSweep(seq_lens=(1024, 65536))
+    assert MetadataSweep(seq_lens=(1024,)).host_input_bytes() <= 2**20
+    ring, cross = (MetadataSweep(seq_lens=(1024,), layout=x) for x in ("ring", "cross"))
+    assert ring.host_input_bytes() == 4 * cross.host_input_bytes() // 2
+    MetadataSweep(seq_lens=(8192,))  # 512 KiB
+    with pytest.raises(ConfigError, match=r"^seq_lens: .*host memory"):
+        MetadataSweep(seq_lens=(8192,), layout="ring")  # rows of 4 T: 2 MiB
+    plan = PlanBench(seq_lens=(64,), heads=1, head_dim=8, layers=3, segments=2)
+    assert plan.host_input_bytes() == 64 * (64 + 24 * 8) + 12 * 3 * 64
+
+
+def test_dtype_names_follow_x64():
+    assert dtype_names() == ("bfloat16", "float16", "float32")
+    assert AttentionBench(dtype="half").dtype == "float16"
+    assert AttentionBench(dtype="f4").dtype == "float32"
+    with pytest.raises(ConfigError, match="float64 needs x64") as error:
+        AttentionBench(dtype="float64")
+    assert "bfloat16, float16, float32" in error.value.message
+    with jax.enable_x64(True):
+        assert dtype_names()[-1] == "float64"
+        assert AttentionBench(dtype="float64").dtype == "float64"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
+def test_records_hold_the_dtype_that_ran(dtype):
+    config = dict(seq_lens=(64,), segments=(2,), heads=1, head_dim=8, repeats=1, warmup=0)
+    names = ("blockwise", "reference") + (("jax-nn-xla",) if dtype == "float64" else ())
+    with jax.enable_x64(dtype == "float64"):
+        records = run_attention_bench(AttentionBench(**config, dtype=dtype, implementations=names))
+    assert {r["dtype"] for r in records} == {dtype}
+    for record in records:
+        # thdkit.attention itself (reference here) takes float32, bfloat16 and float16 only.
+        if dtype == "float64" and record["implementation"] == "reference":
+            assert "got dtype float64" in record["skip_reason"]
+        else:
+            assert record["skip_reason"] is None, record
 
 
 def test_sweep_canonical_mask_names_and_cells():

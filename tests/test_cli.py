@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -19,7 +20,16 @@ RECORD_KEYS = {
     "method", "mask_type", "layout", "batch", "seq_len", "max_segments", "arg_bytes",
     "output_bytes", "temp_bytes", "flops", "bytes_accessed", "latency_ms", "skip_reason",
 }  # fmt: skip
-ENVIRONMENT_KEYS = {"jax", "jaxlib", "backend", "device_kind", "cpu_count", "date"}
+ENVIRONMENT_KEYS = {
+    "thdkit",
+    "jax",
+    "jaxlib",
+    "backend",
+    "device_kind",
+    "cpu_count",
+    "date",
+    "peers",
+}
 DOCUMENT_KEYS = ["benchmark", "config", "environment", "summary", "records"]
 LATENCY_KEYS = {"median", "min", "max", "samples"}
 TINY = [
@@ -48,7 +58,10 @@ def _document(path) -> dict:
     document = json.loads(path.read_text())
     assert list(document) == DOCUMENT_KEYS
     assert set(document["environment"]) >= ENVIRONMENT_KEYS
-    assert document["environment"]["backend"] == jax.default_backend()
+    environment = document["environment"]
+    assert environment["backend"] == jax.default_backend()
+    assert (environment["thdkit"], environment["jax"]) == (__version__, jax.__version__)
+    assert set(environment["peers"]) <= {"ejkernel"}  # the peers imported: those that ran
     for record in document["records"]:
         assert "skip_reason" in record
         assert record["latency_ms"] is None or set(record["latency_ms"]) == LATENCY_KEYS
@@ -235,6 +248,33 @@ def test_bench_plan_subcommand(runner, tmp_path):
         (["bench", "ring", "--cp", "0"], "'--cp'"),
         (["bench", "ring", "--stripe-sizes", ","], "'--stripe-sizes'"),
         (["bench", "ring", "--json", "/missing/dir/x.json"], "'--json'"),
+        # The library's limits (thdkit.MAX_SEQ_LEN, thdkit.MAX_SEGMENTS), checked before any work.
+        (["bench", "--seq-lens", "3G"], "'--seq-lens'"),
+        (["bench", "--seq-lens", "64,1025M"], "'--seq-lens'"),
+        (["bench", "--layout", "ring", "--seq-lens", "257M"], "'--seq-lens'"),
+        (["bench", "--max-segments", "1G"], "'--max-segments'"),
+        (["bench", "--batch", "1T"], "'--batch'"),
+        (["bench", "--time-per-program", "inf"], "'--time-per-program'"),
+        (["bench", "--time-per-program", "nan"], "'--time-per-program'"),
+        (["bench", "--compile-timeout", "1e300"], "'--compile-timeout'"),
+        (["bench", "attention", "--seq-lens", "3G"], "'--seq-lens'"),
+        (["bench", "attention", "--segments", "2G"], "'--segments'"),
+        (["bench", "attention", "--block-q", "2G"], "'--block-q'"),
+        (["bench", "attention", "--block-kv", "2G"], "'--block-kv'"),
+        (["bench", "attention", "--heads", "1T"], "'--heads'"),
+        (["bench", "attention", "--head-dim", "1T"], "'--head-dim'"),
+        (["bench", "attention", "--dtype", "float64"], "'--dtype'"),
+        (["bench", "attention", "--dtype", "int8"], "'--dtype'"),
+        (["bench", "plan", "--seq-lens", "3G"], "'--seq-lens'"),
+        (["bench", "plan", "--seq-lens", "64", "--segments", "65"], "'--segments'"),
+        (["bench", "plan", "--heads", "1T"], "'--heads'"),
+        (["bench", "ring", "--seq-len", "3G"], "'--seq-len'"),
+        (["bench", "ring", "--cp", "1k", "--seq-len", "1M"], "'--cp'"),
+        (["bench", "ring", "--stripe-sizes", "2G"], "'--stripe-sizes'"),
+        (["bench", "cp", "--seq-len", "3G"], "'--seq-len'"),
+        (["bench", "cp", "--cps", "2,512"], "'--cps'"),
+        (["bench", "cp", "--stripe-size", "2G"], "'--stripe-size'"),
+        (["bench", "cp", "--head-dim", "1T"], "'--head-dim'"),
     ],
 )
 def test_bad_options_fail_up_front_in_one_line(runner, args, option):
@@ -243,6 +283,46 @@ def test_bad_options_fail_up_front_in_one_line(runner, args, option):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1, result.output  # nothing ran: no header, no tables
     assert lines[0].startswith("Error: Invalid value for ") and option in lines[0]
+
+
+@pytest.mark.parametrize("dtype", ["bogus", "float64", "int32", "complex64"])
+def test_dtype_errors_list_the_valid_names(runner, dtype):
+    result = runner.invoke(app, ["bench", "attention", "--dtype", dtype])
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert "'--dtype'" in line and "one of bfloat16, float16, float32, got" in line, line
+    if dtype == "float64":  # refused, not run as float32 under a float64 label
+        assert "float64 needs x64 (set JAX_ENABLE_X64=1)" in line
+
+
+def test_float64_runs_with_x64_and_is_recorded_as_it_ran(runner, tmp_path):
+    json_path = tmp_path / "attention.json"
+    args = [*TINY_ATTENTION, "--seq-lens", "64", "--segments", "2", "--warmup", "0"]
+    args += ["--implementations", "blockwise", "--dtype", "float64", "--json", str(json_path)]
+    with jax.enable_x64(True):
+        _invoke(runner, *args)
+    document = _document(json_path)
+    assert document["config"]["dtype"] == "float64"
+    assert [r["dtype"] for r in document["records"]] == ["float64", "float64"]
+    assert all(r["skip_reason"] is None for r in document["records"])
+
+
+def test_default_and_alias_dtypes_are_recorded_canonical(runner, tmp_path):
+    json_path = tmp_path / "attention.json"
+    args = [*TINY_ATTENTION, "--seq-lens", "64", "--segments", "2", "--warmup", "0"]
+    _invoke(runner, *args, "--implementations", "blockwise", "--dtype", "half", "--json",
+            str(json_path))  # fmt: skip
+    document = _document(json_path)
+    assert document["config"]["dtype"] == "float16"
+    assert {r["dtype"] for r in document["records"]} == {"float16"}
+
+
+def test_json_names_the_peers_that_ran(runner, tmp_path):
+    json_path = tmp_path / "attention.json"
+    args = [*TINY_ATTENTION, "--seq-lens", "64", "--segments", "2", "--warmup", "0"]
+    _invoke(runner, *args, "--implementations", "ejkernel-xla", "--json", str(json_path))
+    peers = _document(json_path)["environment"]["peers"]
+    assert peers == {"ejkernel": importlib.metadata.version("ejkernel")}
 
 
 def test_unknown_option_and_command_fail_in_one_line(runner):
@@ -277,6 +357,8 @@ def test_python_m_runs_every_subcommand(tmp_path, args, title):
     assert result.returncode == 0, result.stderr
     assert title in result.stdout
     document = _document(json_path)
+    assert document["environment"]["peers"] == {}  # a fresh process: no peer ran
+    assert f"thdkit {__version__}" in result.stdout
     if args is TINY_RING:  # the ring command asked XLA:CPU for cp devices before JAX started
         assert document["environment"]["device_count"] == 4
         assert all(r["latency_ms"] is not None for r in document["records"])

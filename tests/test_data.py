@@ -127,21 +127,101 @@ def test_option_errors_name_the_option(options, error, match):
 
 
 @pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        # features: a str where a sequence of names is expected, or names that cannot be packed
+        (dict(features="inputs"), TypeError, r"features must be a sequence of feature names"),
+        (dict(features=b"inputs"), TypeError, r"features must be a sequence of feature names"),
+        (dict(features=3), TypeError, r"features must be a sequence of feature names .* got int"),
+        (dict(features={"inputs": 1}), TypeError, r"features must be a sequence .* got dict"),
+        (dict(features=("inputs", 3)), TypeError, r"features must hold str names, got 3"),
+        (dict(features=[None]), TypeError, r"features must hold str names, got None"),
+        (dict(features=("",)), ValueError, r"features must hold non-empty names"),
+        (dict(features=("inputs", "inputs")), ValueError, r"features must name each feature once"),
+        (
+            dict(features=("inputs", "inputs_positions")),
+            ValueError,
+            r"features \['inputs_positions'\] would collide",
+        ),
+        (dict(features=("inputs", "targets")), ValueError, r"features names \['targets'\], which"),
+        (dict(features=["inputz"]), ValueError, r"features names \['inputz'\], which the docu"),
+        # the other arguments
+        (dict(seq_len=2**30 + 1), ValueError, r"seq_len must be >= 1 and <= 1073741824"),
+        (dict(max_segments_per_seq=2**30), ValueError, "max_segments_per_seq must be >= 1 and <="),
+        (dict(batch_size="2"), TypeError, "batch_size must be an int, got str"),
+        (dict(num_packing_bins=0), ValueError, "num_packing_bins must be >= 1"),
+        (dict(num_packing_bins=2.5), TypeError, "num_packing_bins must be an int"),
+        (dict(algorithm=["first_fit"]), TypeError, "algorithm must be one of .* got list"),
+        (dict(algorithm="next_fit"), ValueError, "algorithm must be one of 'first_fit', 'best"),
+        (dict(reorder=None, cp=2), TypeError, "reorder must be one of .* got NoneType"),
+        (dict(shuffle_bins="yes"), TypeError, "shuffle_bins must be a bool, got str"),
+        (dict(shuffle_bins=1), TypeError, "shuffle_bins must be a bool, got int"),
+        (dict(drop_remainder=None), TypeError, "drop_remainder must be a bool"),
+        (dict(seed=-1), ValueError, "seed must be >= 0"),
+        (dict(seed=0.5), TypeError, "seed must be an int"),
+        (dict(cp=True), TypeError, "cp must be an int, got bool"),
+        (dict(stripe_size=0), ValueError, "stripe_size must be >= 1"),
+    ],
+)
+def test_arguments_are_checked_at_construction(options, error, match):
+    base = dict(seq_len=T, max_segments_per_seq=2, batch_size=BATCH)
+    with pytest.raises(error, match=match):
+        pack(grain.MapDataset.source([{"inputs": np.arange(3)}]), **(base | options))
+
+
+@pytest.mark.parametrize("dataset", [[{"inputs": np.arange(3)}], None, "docs", np.arange(3)])
+def test_the_dataset_must_be_a_grain_dataset(dataset):
+    with pytest.raises(TypeError, match=r"dataset must be a grain\.MapDataset or grain\.IterData"):
+        pack(dataset, seq_len=T, max_segments_per_seq=2, batch_size=1)
+
+
+def test_a_str_feature_name_would_have_packed_its_letters():
+    """The defect: ``features="inputs"`` read as the features 'i', 'n', 'p', ... and failed only
+    at the first document; a one-name tuple packs."""
+    docs = grain.MapDataset.source([{"inputs": np.arange(3)}])
+    with pytest.raises(TypeError, match=r"such as \('inputs',\)"):
+        pack(docs, seq_len=T, max_segments_per_seq=2, batch_size=1, features="inputs")
+    (batch,) = pack(docs, seq_len=T, max_segments_per_seq=2, batch_size=1, features=["inputs"])
+    assert batch["inputs"].shape == (1, T)
+
+
+def test_empty_and_filtered_map_datasets_are_not_read_at_construction():
+    empty = pack(grain.MapDataset.source([]), seq_len=T, max_segments_per_seq=2, batch_size=1)
+    assert list(empty) == []
+    filtered = grain.MapDataset.source([{"inputs": np.arange(3)}]).filter(lambda d: False)
+    assert list(pack(filtered, seq_len=T, max_segments_per_seq=2, batch_size=1)) == []
+
+
+def test_reorder_batch_checks_its_arguments():
+    batch = {"a": np.arange(8)[None]}
+    with pytest.raises(TypeError, match="batch must be a mapping"):
+        reorder_batch([np.arange(8)], cp=2)
+    with pytest.raises(TypeError, match="reorder must be one of"):
+        reorder_batch(batch, cp=2, reorder=1)
+    with pytest.raises(ValueError, match="reorder must be one of"):
+        reorder_batch(batch, cp=2, reorder="zigzag")
+    with pytest.raises(TypeError, match="cp must be an int"):
+        reorder_batch(batch, cp=2.0)
+
+
+@pytest.mark.parametrize(
     ("docs", "match"),
     [
         ([np.arange(3)], "dict of features"),
         ([{"targets": np.arange(3)}], "lacks the features"),
         ([{"inputs": np.ones((2, 2))}], "1-D of one length"),
         ([{"inputs": np.arange(3), "targets": np.arange(4)}], "1-D of one length"),
+        ([{"inputs": np.arange(3)}, {"targets": np.arange(3)}], "lacks the features"),
     ],
 )
 def test_malformed_documents_are_refused(docs, match):
+    """What construction cannot see (an IterDataset, or a later document) fails at iteration."""
     features = ("inputs", "targets") if isinstance(docs[0], dict) and len(docs[0]) > 1 else None
     dataset = pack(
-        grain.MapDataset.source(docs),
+        grain.MapDataset.source(docs).to_iter_dataset(),
         seq_len=T,
         max_segments_per_seq=2,
-        batch_size=1,
+        batch_size=len(docs),
         features=features or ("inputs",),
     )
     with pytest.raises(ValueError, match=match):

@@ -21,8 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
-from thdkit.kernels import TileRanges, attention, plan_attention, tile_ranges
-from thdkit.kernels import AttentionConfig, default_order
+from thdkit.kernels import (
+    AttentionConfig,
+    TileRanges,
+    attention,
+    default_order,
+    plan_attention,
+    tile_ranges,
+)
 from thdkit.kernels.pallas import Pallas, pallas_attention, visiting_query_tiles
 from thdkit.mask_types import MaskType, check_window
 from thdkit.reference import reference_attention
@@ -363,7 +369,11 @@ def test_check_arrays_names_what_the_backend_cannot_take(
 
 
 _CONFIG = AttentionConfig.parse(
-    mask_type="padding", window_size=None, max_segments_per_seq=1, seq_q=8, seq_kv=8,
+    mask_type="padding",
+    window_size=None,
+    max_segments_per_seq=1,
+    seq_q=8,
+    seq_kv=8,
     self_attention=True,
 )
 

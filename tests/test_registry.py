@@ -132,7 +132,7 @@ def test_an_implementation_without_lse_cannot_serve_context_parallelism(register
     kernels.register(NoLse())
     try:
         assert "no_lse_in_a_test" not in kernels.partial_implementations()
-        with pytest.raises(ValueError, match="no_lse_in_a_test.*log-sum-exp"):
+        with pytest.raises(ValueError, match=r"no_lse_in_a_test.*log-sum-exp"):
             kernels.partial.check_partial_implementation("no_lse_in_a_test")
     finally:
         kernels.unregister("no_lse_in_a_test")

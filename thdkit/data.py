@@ -30,7 +30,7 @@ from typing import Any, Literal
 import grain
 import numpy as np
 
-from thdkit.limits import MAX_SEGMENTS
+from thdkit.limits import MAX_SEGMENTS, MAX_SEQ_LEN
 from thdkit.reorder import dual_chunk_swap, striped
 
 __all__ = ["pack", "reorder_batch"]
@@ -39,17 +39,80 @@ Algorithm = Literal["first_fit", "best_fit"]
 Reorder = Literal["striped", "dual_chunk_swap"]
 
 
-def _positive_int(value: Any, name: str, *, high: int | None = None) -> int:
-    if isinstance(value, bool):
+_SUFFIXES = ("_segment_ids", "_positions")  # What Grain's packers add to each feature's name.
+
+
+def _positive_int(value: Any, name: str, *, high: int | None = None, low: int = 1) -> int:
+    if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int, got bool")
     try:
         value = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < 1 or (high is not None and value > high):
+    if value < low or (high is not None and value > high):
         bound = "" if high is None else f" and <= {high}"
-        raise ValueError(f"{name} must be >= 1{bound}, got {value}")
+        raise ValueError(f"{name} must be >= {low}{bound}, got {value}")
     return value
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def _choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{name} must be one of {', '.join(map(repr, choices))}, got {type(value).__name__}"
+        )
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _feature_names(features: Any) -> tuple[str, ...]:
+    """``features`` as a tuple of distinct names whose packed keys do not collide."""
+    if isinstance(features, (str, bytes)):
+        raise TypeError(
+            f"features must be a sequence of feature names such as ({features!r},), got the "
+            f"{type(features).__name__} {features!r}"
+        )
+    if isinstance(features, Mapping) or not isinstance(features, Sequence):
+        raise TypeError(
+            "features must be a sequence of feature names such as ('inputs', 'targets'), got "
+            f"{type(features).__name__}"
+        )
+    names = tuple(features)
+    if not names:
+        raise ValueError("features must name at least one feature, got none")
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(
+                f"features must hold str names, got {name!r} ({type(name).__name__}) in {names!r}"
+            )
+        if not name:
+            raise ValueError(f"features must hold non-empty names, got {names!r}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"features must name each feature once, got {repeated} more than once")
+    clashes = [n + suffix for n in names for suffix in _SUFFIXES if n + suffix in names]
+    if clashes:
+        raise ValueError(
+            f"features {clashes} would collide with the packed keys of another feature "
+            f"(pack adds {', '.join(_SUFFIXES)} to each name)"
+        )
+    return names
+
+
+def _first_document(dataset: grain.MapDataset) -> Any:
+    """The first element of a map dataset (random access: nothing else is read), or None."""
+    try:
+        if len(dataset) == 0:
+            return None
+    except (TypeError, OverflowError):  # no length: an infinite dataset still has a first one
+        pass
+    return dataset[0]
 
 
 def reorder_batch(
@@ -76,7 +139,8 @@ def reorder_batch(
         A new dict with the same keys, each array reordered along its last axis.
 
     Raises:
-        TypeError: a non-int ``cp`` or ``stripe_size``.
+        TypeError: ``batch`` not a mapping, a non-int ``cp`` or ``stripe_size``, a non-str
+            ``reorder``.
         ValueError: an unknown ``reorder``, or a sequence length that the reorder cannot split
             (T must be a multiple of ``cp * stripe_size``, or of ``2 * cp``), naming the key.
 
@@ -85,10 +149,11 @@ def reorder_batch(
         >>> reorder_batch(batch, cp=2)["inputs_segment_ids"]
         array([[1, 1, 2, 0, 1, 1, 2, 0]])
     """
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch must be a mapping of name to array, got {type(batch).__name__}")
     cp = _positive_int(cp, "cp")
     stripe_size = _positive_int(stripe_size, "stripe_size")
-    if reorder not in ("striped", "dual_chunk_swap"):
-        raise ValueError(f"reorder must be 'striped' or 'dual_chunk_swap', got {reorder!r}")
+    reorder = _choice(reorder, "reorder", ("striped", "dual_chunk_swap"))
     out = {}
     for name, value in batch.items():
         array = np.asarray(value)
@@ -151,10 +216,16 @@ def pack(
         along T when ``cp > 1``.
 
     Raises:
-        TypeError: a non-int size.
-        ValueError: a size below 1, S above :data:`thdkit.MAX_SEGMENTS`, no features, an unknown
-            ``algorithm`` or ``reorder``, T not divisible for the reorder; while iterating, a
-            document that is not a dict of 1-D arrays of equal lengths holding every feature.
+        TypeError: ``dataset`` not a Grain dataset; a non-int size or ``seed``; ``features`` a
+            str (one name: pass ``("inputs",)``) or not a sequence of str; a non-bool
+            ``shuffle_bins`` or ``drop_remainder``; a non-str ``algorithm`` or ``reorder``.
+        ValueError: a size below 1, T above :data:`thdkit.MAX_SEQ_LEN`, S above
+            :data:`thdkit.MAX_SEGMENTS`, a negative ``seed``, no features, a repeated feature or
+            one that collides with another's packed keys, an unknown ``algorithm`` or
+            ``reorder``, T not divisible for the reorder, a ``grain.MapDataset`` whose first
+            document lacks a feature (each names the parameter); while iterating, a document
+            that is not a dict of 1-D arrays of equal lengths holding every feature (an
+            ``IterDataset`` is read only then).
 
     Example:
         >>> docs = [{"inputs": np.arange(1, n + 1)} for n in (3, 2, 4, 1)]
@@ -167,24 +238,27 @@ def pack(
         >>> batch["inputs_positions"][1]
         array([0, 1, 2, 3, 0, 0, 0, 0], dtype=int32)
     """
-    seq_len = _positive_int(seq_len, "seq_len")
+    if not isinstance(dataset, (grain.MapDataset, grain.IterDataset)):
+        raise TypeError(
+            f"dataset must be a grain.MapDataset or grain.IterDataset, got {type(dataset).__name__}"
+        )
+    seq_len = _positive_int(seq_len, "seq_len", high=MAX_SEQ_LEN)
     num_segments = _positive_int(max_segments_per_seq, "max_segments_per_seq", high=MAX_SEGMENTS)
     batch_size = _positive_int(batch_size, "batch_size")
     cp = _positive_int(cp, "cp")
     stripe_size = _positive_int(stripe_size, "stripe_size")
     bins = batch_size if num_packing_bins is None else num_packing_bins
     bins = _positive_int(bins, "num_packing_bins")
-    features = tuple(features)
-    if not features or not all(isinstance(f, str) for f in features):
-        raise ValueError(f"features must be a non-empty sequence of names, got {features!r}")
+    features = _feature_names(features)
     packers = {
         "first_fit": grain.experimental.FirstFitPackIterDataset,
         "best_fit": grain.experimental.BestFitPackIterDataset,
     }
-    if algorithm not in packers:
-        raise ValueError(f"algorithm must be 'first_fit' or 'best_fit', got {algorithm!r}")
-    if reorder not in ("striped", "dual_chunk_swap"):
-        raise ValueError(f"reorder must be 'striped' or 'dual_chunk_swap', got {reorder!r}")
+    algorithm = _choice(algorithm, "algorithm", tuple(packers))
+    reorder = _choice(reorder, "reorder", ("striped", "dual_chunk_swap"))
+    shuffle_bins = _flag(shuffle_bins, "shuffle_bins")
+    seed = _positive_int(seed, "seed", low=0)
+    drop_remainder = _flag(drop_remainder, "drop_remainder")
     if cp > 1:
         multiple = cp * stripe_size if reorder == "striped" else 2 * cp
         if seq_len % multiple:
@@ -192,6 +266,15 @@ def pack(
                 f"seq_len={seq_len} must be a multiple of {multiple} for reorder={reorder!r} "
                 f"with cp={cp}" + (f", stripe_size={stripe_size}" if reorder == "striped" else "")
             )
+    if isinstance(dataset, grain.MapDataset):
+        first = _first_document(dataset)
+        if isinstance(first, Mapping):
+            missing = [f for f in features if f not in first]
+            if missing:
+                raise ValueError(
+                    f"features names {missing}, which the documents lack (the first holds "
+                    f"{sorted(map(str, first))})"
+                )
 
     def truncate(document: Any) -> dict[str, np.ndarray]:
         if not isinstance(document, Mapping):

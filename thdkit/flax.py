@@ -259,7 +259,8 @@ class PackedSelfAttention(nnx.Module):
                 raise ValueError("max_segments_per_seq comes from the plan; do not pass it too")
             if not plan.config.self_attention:
                 raise ValueError("the plan is a cross-attention plan; this layer is self-attention")
-            if (plan.config.mask_type, plan.config.window_size) != (self.mask_type, self.window_size):
+            config = plan.config
+            if (config.mask_type, config.window_size) != (self.mask_type, self.window_size):
                 raise ValueError(
                     f"the plan's mask_type={plan.config.mask_type.value!r}, "
                     f"window_size={plan.config.window_size} differ from the layer's "

@@ -18,6 +18,7 @@ from thdkit.segments import Segments, run_lengths
 
 __all__ = [
     "allowed_pairs",
+    "compute_dtype",
     "dense_row",
     "reference_attention",
 ]
@@ -75,6 +76,26 @@ def dense_row(
 # --- The dense reference attention -------------------------------------------------------------
 
 
+def compute_dtype() -> jnp.dtype:
+    """The dtype :func:`reference_attention` computes in: float64 when x64 is enabled, else
+    float32.
+
+    Read at trace time, so ``jax.enable_x64(True)`` (or ``jax.config.update("jax_enable_x64",
+    True)``) around a call makes the oracle compute in float64.
+
+    Returns:
+        ``jnp.float64`` or ``jnp.float32``.
+
+    Example:
+        >>> compute_dtype()
+        dtype('float32')
+        >>> with jax.enable_x64(True):
+        ...     compute_dtype()
+        dtype('float64')
+    """
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
 def reference_attention(
     query: Float[Array, "B T_q H_q D"],
     key: Float[Array, "B T_kv H_kv D"],
@@ -89,13 +110,17 @@ def reference_attention(
     """Dense masked-softmax attention over :func:`thdkit.masks.pair_mask`: the oracle.
 
     O(T_q·T_kv) memory. Query head ``h`` reads key/value head ``h // (H_q // H_kv)`` (GQA/MQA).
-    Computed in float32. Rows with no allowed key give zeros and ``-inf``, with zero (never NaN)
-    gradients. Isolation: every product is computed from inputs whose non-finite elements were
-    replaced by zeros (:func:`thdkit.isolation.sanitize`); a row with at least one allowed key whose
-    own query, or one of whose allowed keys or values, holds a NaN or inf gets NaN output and NaN
-    ``lse``, and passes no gradient back (it contributes zeros to every gradient; non-finite
-    input elements get zero gradients). Every other row, and its gradients, is bit-equal to the
-    same call without the non-finite values.
+    Computed in float64 when x64 is enabled (:func:`compute_dtype`), else in float32, in a form
+    that stays exact for large finite logits (any finite ``scale``): the mask is applied with
+    selects, and each exponent is ``(q·k - m) * scale`` with ``m`` the row's allowed dot giving
+    the largest logit, so every exponent is ``<= 0`` and the largest is exactly 0 (ties
+    included), however the compiler fuses it. Rows with no allowed key give zeros and ``-inf``,
+    with zero (never NaN) gradients. Isolation: every product is computed from inputs whose
+    non-finite elements were replaced by zeros (:func:`thdkit.isolation.sanitize`); a row with at
+    least one allowed key whose own query, or one of whose allowed keys or values, holds a NaN or
+    inf gets NaN output and NaN ``lse``, and passes no gradient back (it contributes zeros to
+    every gradient; non-finite input elements get zero gradients). Every other row, and its
+    gradients, is bit-equal to the same call without the non-finite values.
 
     Args:
         query: float[B, T_q, H_q, D].
@@ -104,11 +129,12 @@ def reference_attention(
         q_segments: the queries' :class:`thdkit.Segments`, int32[B, T_q] fields.
         kv_segments: the keys'/values' :class:`thdkit.Segments`, int32[B, T_kv] fields.
         mask_type, window_size: as for :func:`thdkit.masks.pair_mask`.
-        scale: multiplies the logits.
+        scale: multiplies the logits; any finite float.
 
     Returns:
-        ``(out, lse)``: float32[B, T_q, H_q, D_v], the attention output normalised over the
-        allowed keys; float32[B, T_q, H_q], the log-sum-exp of the allowed logits.
+        ``(out, lse)`` in the compute dtype (float32, or float64 with x64 enabled):
+        float[B, T_q, H_q, D_v], the attention output normalised over the allowed keys;
+        float[B, T_q, H_q], the log-sum-exp of the allowed logits (``-inf`` where none).
 
     Example:
         >>> seg = Segments.from_ids(jnp.array([[1, 1, 0]]))
@@ -120,25 +146,49 @@ def reference_attention(
         Array([0. , 0.5, 0. ], dtype=float32)
         >>> lse[0, :, 0]
         Array([0.       , 0.6931472,      -inf], dtype=float32)
+
+        Huge logits stay exact (here 1e30 and 2e30: the second key wins outright):
+
+        >>> seg = Segments.from_ids(jnp.array([[1, 1]]))
+        >>> q = jnp.ones((1, 2, 1, 1))
+        >>> k = jnp.array([1.0, 2.0]).reshape(1, 2, 1, 1)
+        >>> out, lse = jax.jit(lambda q, k, v: reference_attention(q, k, v, q_segments=seg,
+        ...     kv_segments=seg, mask_type=MaskType.PADDING, window_size=None, scale=1e30))(
+        ...     q, k, jnp.array([3.0, 4.0]).reshape(1, 2, 1, 1))
+        >>> out[0, :, 0, 0], lse[0, :, 0]
+        (Array([4., 4.], dtype=float32), Array([2.e+30, 2.e+30], dtype=float32))
     """
+    dtype = compute_dtype()
     batch, seq_q, heads_q, _ = query.shape
     heads_kv = key.shape[2]
     groups = heads_q // heads_kv
     (query, bad_q), (key, bad_k), (value, bad_v) = (sanitize(x) for x in (query, key, value))
-    q = query.astype(jnp.float32).reshape(batch, seq_q, heads_kv, groups, -1)
-    logits = scale * jnp.einsum("bqhgd,bkhd->bhgqk", q, key.astype(jnp.float32))
+    q = query.astype(dtype).reshape(batch, seq_q, heads_kv, groups, -1)
+    dots = jnp.einsum("bqhgd,bkhd->bhgqk", q, key.astype(dtype))  # The logits over ``scale``.
     allowed = pair_mask(q_segments, kv_segments, mask_type=mask_type, window_size=window_size)
     allowed = allowed[:, None, None]
-    # The max only stabilises exp; its gradient cancels, and rows with no allowed key keep a
-    # finite stand-in so that nothing evaluates inf - inf.
-    row_max = jnp.max(jnp.where(allowed, logits, -jnp.inf), axis=-1, keepdims=True)
-    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-    weights = jnp.where(allowed, jnp.exp(logits - row_max), 0.0)
+    # The shift: the allowed dot that gives the largest logit (the largest dot for scale >= 0,
+    # the smallest below), as a select. It only stabilises exp; its gradient cancels. Rows with
+    # no allowed key keep a finite stand-in, so that nothing evaluates inf - inf.
+    scale = jnp.asarray(scale, dtype)
+    top = jnp.where(
+        scale >= 0,
+        jnp.max(jnp.where(allowed, dots, -jnp.inf), axis=-1, keepdims=True),
+        jnp.min(jnp.where(allowed, dots, jnp.inf), axis=-1, keepdims=True),
+    )
+    top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+    # ``(dots - top) * scale``, not ``scale * dots - scale * top``: the difference is exactly 0
+    # at the row's largest logit (ties included) and of one sign elsewhere, so every exponent is
+    # <= 0 and the largest exactly 0 however large the logits, whatever the compiler fuses (it
+    # may contract ``scale * x - max`` into an FMA, which no longer gives 0 at the max). Selects,
+    # not multiplies, mask: masked logits (finite or not) never reach exp, nor its gradient.
+    weights = jnp.exp(jnp.where(allowed, (dots - top) * scale, -jnp.inf))
+    row_max = top * scale
     total = jnp.sum(weights, axis=-1)
     # Double where: the log and the division never see a zero, so masked rows get zero
     # gradients instead of 0 * inf.
     safe_total = jnp.where(total > 0, total, 1.0)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value.astype(jnp.float32))
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value.astype(dtype))
     out = out / jnp.moveaxis(safe_total, 3, 1)[..., None]
     lse = jnp.where(total > 0, row_max[..., 0] + jnp.log(safe_total), -jnp.inf)
     # Poisoned rows: [B, H_kv, G, T_q], like total.

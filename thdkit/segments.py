@@ -13,6 +13,10 @@ and context-parallel shards can carry the length of the whole document rather th
 - :meth:`Segments.from_positions`: position ids that restart at each document (HF
   ``DataCollatorWithFlattening``).
 
+:func:`thdkit.segment_rules.validate_segments` checks a ``Segments`` as a whole (fields, dtypes,
+shapes and, when concrete, the layout rules and the lengths: run lengths in a whole row,
+whole-document lengths in a context-parallel shard).
+
 Being a pytree, it goes through ``jax.jit``, ``jax.lax.scan`` and ``shard_map``, and a token
 reorder applies to every field at once: ``jax.tree.map(lambda a: striped(a, cp=4), segments)``
 (lengths stay the document lengths, as the bottom-right rule needs in every shard).
@@ -21,7 +25,6 @@ reorder applies to every field at once: ``jax.tree.map(lambda a: striped(a, cp=4
 from __future__ import annotations
 
 import dataclasses
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +32,10 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Int
 
 from thdkit.counting import shift
-from thdkit.programs import program
-from thdkit.inputs import as_layout
+from thdkit.inputs import as_layout, row_label
 from thdkit.layout import validate_layout
-from thdkit.limits import MAX_SEQ_LEN, check_int, is_concrete
+from thdkit.limits import MAX_POSITION, MAX_SEQ_LEN, check_int, check_max_segments, is_concrete
+from thdkit.programs import program
 
 __all__ = [
     "Segments",
@@ -89,7 +92,7 @@ class Segments:
 
         When the inputs are concrete the layout rules that need neither
         ``max_segments_per_seq`` nor a mask type are checked (each document one run, ids
-        increasing, positions in range); :func:`thdkit.kernels.plan_attention` and
+        increasing, positions in range); :func:`thdkit.plan_attention` and
         :func:`thdkit.seqlens_and_offsets` check the rest. Under ``jit`` nothing is checked (see
         docs/semantics.md, "Accepted ranges, and validation under jit and vmap").
 
@@ -158,7 +161,8 @@ class Segments:
 
         Raises:
             TypeError: non-integer ``cu_seqlens`` or ``total_len``.
-            ValueError: ``total_len < 1``, fewer than 2 entries, or (concrete inputs) a first
+            ValueError: ``total_len`` outside ``[1, MAX_SEQ_LEN]``, ragged rows (a nested list
+                whose rows differ in length), fewer than 2 entries, or (concrete inputs) a first
                 entry other than 0, a decrease, or an end beyond ``total_len``, naming the row and
                 the entry.
 
@@ -205,26 +209,21 @@ class Segments:
             :class:`Segments` with int32[*B, T] fields; no token is padding.
 
         Raises:
-            TypeError, ValueError: as :meth:`from_ids` (the positions are named
-                ``position_ids``).
+            TypeError: a non-integer ``position_ids`` (bool included).
+            ValueError: a scalar, an empty row, a row longer than ``MAX_SEQ_LEN``, a ragged
+                nested list, or (concrete inputs) a position outside ``[0, MAX_POSITION]``,
+                naming ``position_ids``, the row and the token.
 
         Example:
             >>> Segments.from_positions(jnp.array([0, 1, 2, 0, 1, 0])).ids
             Array([1, 1, 1, 2, 2, 3], dtype=int32)
         """
-        pos, _ = as_layout(position_ids, position_ids, name="position_ids")
+        pos = _position_ids(position_ids)
         previous = jnp.concatenate(
             [jnp.full((*pos.shape[:-1], 1), jnp.iinfo(jnp.int32).max), pos[..., :-1]], axis=-1
         )
+        # Ids 1, 2, ... by construction: one run each, increasing (rules 3 and 4 hold).
         ids = jnp.cumsum(pos <= previous, axis=-1, dtype=jnp.int32)
-        if is_concrete(pos):
-            validate_layout(
-                ids,
-                pos,
-                max_segments_per_seq=None,
-                mask_type="padding",
-                name="position_ids",
-            )
         return cls(ids, pos, run_lengths(ids))
 
     def with_global_lengths(self, *, axis_name: str, max_segments_per_seq: int) -> Segments:
@@ -241,6 +240,11 @@ class Segments:
         Returns:
             :class:`Segments` with the same ids and positions and global ``lengths``.
 
+        Raises:
+            TypeError: ``max_segments_per_seq`` is not a static Python (or NumPy) int, e.g. a
+                float, a bool or a traced value.
+            ValueError: ``max_segments_per_seq`` outside ``[1, MAX_SEGMENTS]``.
+
         Example:
             >>> import numpy as np
             >>> from jax.sharding import Mesh, PartitionSpec as P
@@ -253,7 +257,7 @@ class Segments:
             Array([[3, 3, 3, 4, 4, 4, 4, 0]], dtype=int32)
         """
         lengths = global_lengths(
-            self.ids, axis_name=axis_name, num_segments=operator.index(max_segments_per_seq)
+            self.ids, axis_name=axis_name, num_segments=check_max_segments(max_segments_per_seq)
         )
         return dataclasses.replace(self, lengths=lengths)
 
@@ -356,7 +360,16 @@ def _positions_in_runs(ids: Array) -> Array:
 
 
 def _int_array(x: ArrayLike, name: str) -> Array:
-    dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+    """``x`` as int32 after checking its dtype and (concrete values) the int32 range."""
+    if not hasattr(x, "dtype"):
+        try:
+            x = np.asarray(x)
+        except ValueError as error:  # ragged nested lists
+            raise ValueError(
+                f"{name} must be a rectangular integer array (every row the same number of "
+                f"entries), got a ragged sequence: {error}"
+            ) from None
+    dtype = x.dtype
     if not jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_):
         raise TypeError(f"{name} must be an integer array, got dtype {dtype}")
     if not isinstance(x, jax.core.Tracer):
@@ -397,3 +410,38 @@ def _check_cu_seqlens(cu: np.ndarray, total_len: int) -> None:
                 f"{where}, entry {len(entries) - 1}: the last document ends at "
                 f"{int(entries[-1])}, beyond total_len={total_len}"
             )
+
+
+def _position_ids(position_ids: ArrayLike) -> Array:
+    """``position_ids`` as int32 after its checks; errors speak of positions, never ids."""
+    name = "position_ids"
+    x = position_ids
+    if not isinstance(x, (np.ndarray, jax.Array)):
+        try:
+            x = np.asarray(x)
+        except ValueError as error:  # ragged nested lists
+            raise ValueError(f"{name} must be a rectangular integer array: {error}") from None
+    integer = x.dtype.kind in "iu" or (
+        x.dtype.kind == "O"
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in x.flat)
+    )
+    if integer and is_concrete(x) and x.ndim >= 1 and x.size:
+        host = np.asarray(x)
+        bad = (host < 0) | (host > MAX_POSITION)
+        if bad.any():
+            flat = int(np.flatnonzero(bad.reshape(-1))[0])
+            row, token = divmod(flat, host.shape[-1])
+            value = int(host.reshape(-1)[flat])
+            info = np.iinfo(np.int32)
+            if not info.min <= value <= info.max:
+                problem = f"position {value} is outside the int32 range"
+            elif value < 0:
+                problem = f"position {value} is negative"
+            else:
+                problem = f"position {value} exceeds thdkit.MAX_POSITION = {MAX_POSITION}"
+            raise ValueError(
+                f"{name} {row_label(row, host.shape[:-1])}, token {token}: {problem}; "
+                f"positions lie in [0, {MAX_POSITION}]"
+            )
+    pos, _ = as_layout(x, x, name=name)  # dtype and shape checks; the values passed above
+    return pos

@@ -43,11 +43,38 @@ TILED = ("blockwise", "blockwise-serial", "pallas")  # They visit the plan's til
 DENSE = {"reference": 1.0, "jax-nn-xla": 1.0}  # Pairs visited over B T^2.
 
 
-def _floating(name: str | None) -> str | None:
-    """A check: None or the name of a floating dtype."""
-    if name is not None and not jnp.issubdtype(jnp.dtype(name), jnp.floating):
-        raise ValueError(f"must name a floating dtype such as float32 or bfloat16, got {name!r}")
-    return name
+def dtype_names() -> tuple[str, ...]:
+    """The input dtypes the benchmark runs: float64 only with x64 enabled (``JAX_ENABLE_X64=1``;
+    without it JAX computes a float64 request in float32).
+
+    Reads JAX's configuration only; starts no backend.
+
+    Returns:
+        The canonical dtype names, e.g. ``("bfloat16", "float16", "float32")``.
+
+    Example:
+        >>> dtype_names()
+        ('bfloat16', 'float16', 'float32')
+    """
+    names = ("bfloat16", "float16", "float32")
+    return (*names, "float64") if jax.config.jax_enable_x64 else names
+
+
+def _floating(name: Any) -> str | None:
+    """A check: None, or the name (or an alias: ``half``, ``f4``) of a dtype in
+    :func:`dtype_names`, made canonical."""
+    if name is None:
+        return None
+    valid = dtype_names()
+    try:
+        canonical = jnp.dtype(name).name
+    except TypeError:
+        canonical = None
+    if canonical not in valid:
+        needs_x64 = canonical == "float64"
+        why = ": float64 needs x64 (set JAX_ENABLE_X64=1)" if needs_x64 else ""
+        raise ValueError(f"must be one of {', '.join(valid)}, got {name!r}{why}")
+    return canonical
 
 
 def _runs_here(name: str) -> bool:
@@ -65,7 +92,7 @@ class AttentionBench(PlanConfig):
         >>> AttentionBench(dtype="int32")
         Traceback (most recent call last):
         ...
-        thdkit.bench.measure.ConfigError: dtype: must name a floating dtype ..., got 'int32'
+        thdkit.bench.measure.ConfigError: dtype: must be one of bfloat16, ..., got 'int32'
     """
 
     OPTIONS: ClassVar[Options] = {
@@ -77,7 +104,11 @@ class AttentionBench(PlanConfig):
             f"Any of {', '.join(IMPLEMENTATIONS)}. \\[default: all the backend runs but reference]",
             IMPLEMENTATIONS,
         ),
-        "dtype": ("Input dtype. \\[default: bfloat16 on a GPU, else float32]", _floating),
+        "dtype": (
+            "Input dtype: bfloat16, float16, float32, float64 (with JAX_ENABLE_X64=1). "
+            "\\[default: bfloat16 on a GPU, else float32]",
+            _floating,
+        ),
         "block_q": ("Query tile size. \\[default: from the mean document length]", 1),
         "block_kv": ("Key tile size. \\[default: from the mean document length]", 1),
     }
@@ -167,11 +198,12 @@ def _work(config: AttentionBench, ids: np.ndarray, pos: np.ndarray) -> dict[str,
         side, mask_type=mask, window_size=window, max_segments_per_seq=int(ids.max()),
         implementation="blockwise", block_q=config.block_q, block_kv=config.block_kv,
     )  # fmt: skip
-    visited, pairs = int(jnp.sum(plan.aux["blockwise"].hi - plan.aux["blockwise"].lo)), ids.size * ids.shape[1]
+    ranges = plan.aux["blockwise"]
+    visited, pairs = int(jnp.sum(ranges.hi - ranges.lo)), ids.size * ids.shape[1]
     allowed = int(work_per_rank(ids, pos, cp=1, mask_type=mask, window_size=window).sum())
     return {
         "tiles_visited": visited, "block_q": plan.config.block_q, "block_kv": plan.config.block_kv,
-        "tiles_visited_fraction": visited / plan.aux["blockwise"].lo.size / plan.aux["blockwise"].num_kv_tiles,
+        "tiles_visited_fraction": visited / ranges.lo.size / ranges.num_kv_tiles,
         "tile_pair_fraction": visited * plan.config.block_q * plan.config.block_kv / pairs,
         "allowed_pairs": allowed, "allowed_pair_fraction": allowed / pairs,
         "sum_len_squared_fraction": int(side.lengths.sum()) / pairs,  # Each token adds its length.
@@ -214,7 +246,7 @@ def run_attention_bench(
     rng = np.random.default_rng(config.seed)
     dtype = config.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
     keys = ("batch", "heads", "head_dim", "mask_type", "window_size")
-    same = {k: getattr(config, k) for k in keys} | {"dtype": dtype}
+    same = {k: getattr(config, k) for k in keys}
     flops_per_pair = config.heads * config.head_dim
     records: list[dict[str, Any]] = []
     for seq_len, segments in itertools.product(config.seq_lens, config.segments):
@@ -226,6 +258,7 @@ def run_attention_bench(
         work = _work(config, ids, pos)
         shape = (config.batch, seq_len, config.heads, config.head_dim)
         qkv = [jnp.asarray(rng.standard_normal(shape, np.float32), dtype) for _ in range(3)]
+        same["dtype"] = qkv[0].dtype.name  # The dtype that runs (JAX may narrow a request).
         args = (*qkv, jnp.asarray(ids), jnp.asarray(pos))
         plans = {}
         for implementation, passes in itertools.product(config.implementations, ("fwd", "fwd+bwd")):

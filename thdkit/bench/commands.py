@@ -31,7 +31,14 @@ from thdkit.bench.attention import (
     run_attention_bench,
 )
 from thdkit.bench.cp import CPBench, cp_table, run_cp_bench
-from thdkit.bench.measure import BenchConfig, Callbacks, ConfigError, environment, pending_compiles
+from thdkit.bench.measure import (
+    BenchConfig,
+    Callbacks,
+    ConfigError,
+    environment,
+    peer_versions,
+    pending_compiles,
+)
 from thdkit.bench.plan import PlanBench, plan_table, run_plan_bench
 from thdkit.bench.report import growth_exponents, metadata_tables, plot_records
 from thdkit.bench.ring import RingBench, reorder_names, ring_table, run_ring_bench
@@ -170,8 +177,9 @@ def _run(
     shown = {k: ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in options.items()}
     console.print(f"[bold]thdkit bench[/] {header.format(**shown)}")
     console.print(
-        f"backend [bold]{env['backend']}[/] (device kind {env['device_kind']}, "
-        f"{env['device_count']} device(s)), jax {env['jax']} / jaxlib {env['jaxlib']}, "
+        f"thdkit {env['thdkit']}, backend [bold]{env['backend']}[/] (device kind "
+        f"{env['device_kind']}, {env['device_count']} device(s)), jax {env['jax']} / jaxlib "
+        f"{env['jaxlib']}, "
         f"{env['usable_cpus']} usable CPU(s) of {env['cpu_count']}, {env['date']}"
     )
     started = time.perf_counter()
@@ -181,6 +189,7 @@ def _run(
         step = lambda text: progress.update(task, description=text)  # noqa: E731
         callbacks = Callbacks(step, lambda: progress.advance(task))
         records = run(config, callbacks=callbacks)
+    env["peers"] = peer_versions()  # Those imported by the run: the peers that ran.
     for table in tables(records):
         console.print(table)
     elapsed = time.perf_counter() - started

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.metadata
 import math
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -24,9 +26,10 @@ import jax
 import numpy as np
 from rich.table import Table
 
+from thdkit.limits import MAX_SEGMENTS, MAX_SEQ_LEN
 from thdkit.mask_types import MaskType
 
-__all__ = ["BenchConfig", "Callbacks"]
+__all__ = ["LIMITS", "MAX_RANKS", "BenchConfig", "Callbacks"]
 
 Options = dict[str, tuple[str | None, Any]]
 Plan = tuple[Any, dict[str, Any]]  # The compiled program (None if skipped), its record fields.
@@ -50,11 +53,39 @@ class Callbacks(NamedTuple):
 SILENT = Callbacks()
 """Callbacks that report nothing: the default of every ``run_*`` function."""
 
+MAX_RANKS = 256
+"""The most context-parallel ranks a benchmark takes: the ring and cp benchmarks count the work of
+every (rank, ring step) pair on the host (cp² counts) and simulate cp devices on a CPU."""
+
+LIMITS: dict[str, tuple[float, str]] = {
+    "seq_lens": (MAX_SEQ_LEN, "thdkit.MAX_SEQ_LEN"),
+    "seq_len": (MAX_SEQ_LEN, "thdkit.MAX_SEQ_LEN"),
+    "max_segments": (MAX_SEGMENTS, "thdkit.MAX_SEGMENTS"),
+    "segments": (MAX_SEGMENTS, "thdkit.MAX_SEGMENTS"),
+    "block_q": (MAX_SEQ_LEN, "thdkit.MAX_SEQ_LEN"),
+    "block_kv": (MAX_SEQ_LEN, "thdkit.MAX_SEQ_LEN"),
+    "stripe_sizes": (MAX_SEQ_LEN, "thdkit.MAX_SEQ_LEN"),
+    "stripe_size": (MAX_SEQ_LEN, "thdkit.MAX_SEQ_LEN"),
+    "cp": (MAX_RANKS, "thdkit.bench.measure.MAX_RANKS"),
+    "cps": (MAX_RANKS, "thdkit.bench.measure.MAX_RANKS"),
+    "time_per_program_s": (threading.TIMEOUT_MAX, "threading.TIMEOUT_MAX"),
+    "compile_timeout_s": (threading.TIMEOUT_MAX, "threading.TIMEOUT_MAX"),
+}
+"""The largest value of each option that has one (the library's limits: a row holds at most
+``thdkit.MAX_SEQ_LEN`` tokens and ``thdkit.MAX_SEGMENTS`` documents; a wait at most
+``threading.TIMEOUT_MAX`` seconds), by field name: every config checks those of its fields."""
+
+# What a benchmark holds on the host for its largest cell, roughly and from above: the layout
+# (ids, positions, lengths and their temporaries) per token, and q, k, v (drawn, then converted)
+# per token and feature (H * D).
+_HOST_BYTES_PER_TOKEN = 64
+_HOST_BYTES_PER_FEATURE = 24
+
 
 def checked(value: Any, rule: Any) -> Any:
     """``value`` (made canonical) if it keeps ``rule``, else ValueError. An int n wants ints >= n
-    or None, a float numbers > 0, a tuple of names one of them; a function checks and returns the
-    value. A tuple ``value`` must be non-empty, each item keeping the rule."""
+    or None, a float finite numbers > 0, a tuple of names one of them; a function checks and
+    returns the value. A tuple ``value`` must be non-empty, each item keeping the rule."""
     many = isinstance(value, tuple)
     items = value if many else (value,)
     if many and not value:
@@ -65,7 +96,9 @@ def checked(value: Any, rule: Any) -> Any:
     if isinstance(rule, tuple):
         ok, want = all(v in rule for v in items), f"among {', '.join(rule)}"
     elif isinstance(rule, float):
-        ok, want = all((whole(v) or isinstance(v, float)) and v > 0 for v in items), "a number > 0"
+        number = lambda v: whole(v) or isinstance(v, float | np.floating)  # noqa: E731
+        ok = all(number(v) and math.isfinite(v) and v > 0 for v in items)
+        want = "a finite number > 0"
     else:
         ok = value is None or all(whole(v) and v >= rule for v in items)
         want = f"{'integers' if many else 'an integer'} >= {rule}"
@@ -126,13 +159,58 @@ class BenchConfig:
                     object.__setattr__(self, name, checked(getattr(self, name), rule))
             except (ValueError, TypeError) as error:
                 raise ConfigError(name, str(error)) from None
+        for name, (limit, source) in LIMITS.items():
+            value = getattr(self, name, None)
+            items = value if isinstance(value, tuple) else (value,)
+            if any(v is not None and v > limit for v in items):
+                shown = f"{limit:g}" if isinstance(limit, float) else f"{limit:,}"
+                raise ConfigError(name, f"must be at most {shown} ({source}), got {value!r}")
         for name, holds, rule in self._relations():
             if not holds:
                 raise ConfigError(name, f"must be {rule}, got {getattr(self, name)!r}")
+        self._check_host_memory()
 
     def _relations(self) -> list[tuple[str, bool, str]]:
         """Checks between options: (option, whether it holds, the rule)."""
         return []
+
+    def host_input_bytes(self) -> int | None:
+        """Roughly (from above) the bytes of the inputs a run holds on the host for its largest
+        cell: B rows of the longest T, a layout per token and, with heads and a head dim, q, k
+        and v. None for a config without a token axis."""
+        lengths = getattr(self, "seq_lens", None) or (getattr(self, "seq_len", None),)
+        if lengths[0] is None:
+            return None
+        features = getattr(self, "heads", 0) * getattr(self, "head_dim", 0)
+        tokens = self.batch * max(lengths)
+        return tokens * (_HOST_BYTES_PER_TOKEN + _HOST_BYTES_PER_FEATURE * features)
+
+    def _check_host_memory(self) -> None:
+        """ConfigError where the inputs cannot fit in host memory (the process would be killed
+        drawing them, before any plan could say so), on the factor furthest above its default."""
+        needed, total = self.host_input_bytes(), host_memory_bytes(total=True)
+        if needed is None or needed <= total:
+            return
+        tokens = "seq_lens" if hasattr(self, "seq_lens") else "seq_len"
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        factors = {
+            key: (max(value) if isinstance(value, tuple) else value)
+            for key in (tokens, "batch", "heads", "head_dim")
+            if (value := getattr(self, key, None)) is not None
+        }
+
+        def growth(key: str) -> float:
+            default = defaults.get(key)
+            default = max(default) if isinstance(default, tuple) and default else default
+            return factors[key] / max(default if isinstance(default, int) else 1, 1)
+
+        shape = ", ".join(f"{key}={value}" for key, value in factors.items())
+        grown = [key for key in factors if growth(key) > 1]  # Else blame the token axis.
+        raise ConfigError(
+            max(grown, key=growth) if grown else tokens,
+            f"the inputs ({shape}) need about {format_bytes(needed)} of host memory, more than "
+            f"this machine has ({format_bytes(total)}); lower seq_len, batch, heads or head_dim",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -167,10 +245,12 @@ def plan(fn: Callable[..., Any], *args: Any, compile_timeout_s: float, **static:
     specs = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in args]
     jitted = jax.jit(lambda *xs: fn(*xs, **static))
     outcome: dict[str, Any] = {}
+    x64 = bool(jax.config.jax_enable_x64)  # A jax.enable_x64 context is this thread's only.
 
     def compile_now() -> None:
         try:
-            outcome["executable"] = jitted.lower(*specs).compile()
+            with jax.enable_x64(x64):
+                outcome["executable"] = jitted.lower(*specs).compile()
         except BaseException as error:  # Reported as a skip reason, never raised.
             outcome["error"] = error
 
@@ -262,6 +342,12 @@ def memory_bytes(*, total: bool = False) -> int:
         stats = {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - (0 if total else int(stats.get("bytes_in_use", 0)))
+    return host_memory_bytes(total=total)
+
+
+def host_memory_bytes(*, total: bool = False) -> int:
+    """The host's memory free now (or all of it); never starts JAX's backends (the ring and cp
+    commands set the simulated device count after checking their options)."""
     key = "MemTotal:" if total else "MemAvailable:"
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
@@ -284,11 +370,35 @@ def median(record: Mapping[str, Any]) -> float | None:
     return (record.get("latency_ms") or {}).get("median")
 
 
+PEERS = ("ejkernel",)
+"""The peer libraries a benchmark may time next to thdkit (imported only when they run)."""
+
+
+def peer_versions() -> dict[str, str]:
+    """The versions of the peers imported in this process, i.e. of those that ran.
+
+    Returns:
+        ``{name: version}``, empty when no peer was imported.
+    """
+    versions = {}
+    for name in PEERS:
+        if sys.modules.get(name) is not None:  # None: an import blocked (or failed) on purpose
+            try:
+                versions[name] = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                versions[name] = str(getattr(sys.modules[name], "__version__", "unknown"))
+    return versions
+
+
 def environment() -> dict[str, Any]:
-    """Where the numbers were measured: versions, backend, device, CPUs, memory, date."""
+    """Where the numbers were measured: versions (thdkit, jax, jaxlib, the peers imported so
+    far), backend, device, CPUs, memory, date."""
     import jaxlib  # Only the report needs jaxlib's own version.
 
+    from thdkit import __version__
+
     return {
+        "thdkit": __version__,
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
         "backend": jax.default_backend(),
@@ -301,6 +411,7 @@ def environment() -> dict[str, Any]:
         "memory_total_bytes": memory_bytes(total=True),
         "memory_available_bytes": memory_bytes(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "peers": peer_versions(),
     }
 
 

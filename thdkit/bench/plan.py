@@ -59,6 +59,14 @@ class PlanBench(PlanConfig):
     heads: int = 2
     head_dim: int = 32
 
+    def _relations(self) -> list[tuple[str, bool, str]]:
+        return [("segments", self.segments <= min(self.seq_lens), "at most min(seq_lens)")]
+
+    def host_input_bytes(self) -> int:
+        """As :meth:`BenchConfig.host_input_bytes`, with the layers' weights (L * D * D)."""
+        weights = 12 * self.layers * self.head_dim**2  # float64 drawn, float32 passed
+        return super().host_input_bytes() + weights
+
 
 def _program(config: PlanBench, variant: str, passes: str) -> Callable[..., Any]:
     """``fn(w, x, ids, pos)``: the stack's output (fwd) or its weight gradient (fwd+bwd)."""

@@ -16,6 +16,7 @@ import numpy as np
 from thdkit import reorder, synth
 from thdkit.bench.measure import Options, PlanConfig, mask_names
 from thdkit.bench.ring import work_per_rank
+from thdkit.limits import MAX_SEQ_LEN
 
 __all__ = ["MetadataSweep"]
 
@@ -69,6 +70,18 @@ class MetadataSweep(PlanConfig):
     warmup: int = 2
     repeats: int = 20
     compile_limit_bytes: int | None = None
+
+    def _relations(self) -> list[tuple[str, bool, str]]:
+        if self.layout != "ring":
+            return []
+        rule = f"at most {MAX_SEQ_LEN // RING_CP:,} for the ring layout (its rows hold {RING_CP} T)"
+        return [("seq_lens", max(self.seq_lens) * RING_CP <= MAX_SEQ_LEN, rule)]
+
+    def host_input_bytes(self) -> int:
+        """As :meth:`BenchConfig.host_input_bytes`, for the layout's rows: ``RING_CP * T``
+        tokens for ``ring``, a q and a kv side for ``cross``."""
+        rows = (RING_CP if self.layout == "ring" else 1) * (2 if self.layout == "cross" else 1)
+        return rows * super().host_input_bytes()
 
     def cells(self) -> list[tuple[int, int, str]]:
         """Every (T, S, mask type), T outermost."""

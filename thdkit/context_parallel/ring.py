@@ -44,7 +44,6 @@ from thdkit.context_parallel.base import (
     Traffic,
 )
 from thdkit.context_parallel.schedule import (
-    difference_bounds,  # noqa: F401  (see below)
     rank_schedule,
     ring_schedule,
 )
@@ -54,9 +53,6 @@ from thdkit.mask_types import MaskType, Window
 from thdkit.segments import Segments
 
 __all__ = ["RING", "merge_partials", "ring_local", "ring_traffic", "ring_work"]
-
-# difference_bounds lives in schedule.py; the name stays importable from here for
-# thdkit.bench.ring until that module imports it from thdkit.context_parallel.schedule.
 
 Partial = tuple[Float[Array, "B n H Dv"], Float[Array, "B n H"]]
 
