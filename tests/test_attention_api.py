@@ -294,3 +294,31 @@ def test_huge_window_bounds_mean_unbounded(mask, window):
         unbounded = attention(q, k, v, **options, implementation="reference")
         np.testing.assert_array_equal(want, unbounded)
     assert np.any(np.asarray(want) != 0)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "error", "match"),
+    [
+        (
+            np.array([[3, 3, 3, 3, 2, 0, 0, 0]], np.int32),
+            ValueError,
+            r"q_segments.lengths row 0, token 3",
+        ),
+        (
+            np.array([[3, 3, 3, 3, 3, 0, 0, 0]], np.int32),
+            ValueError,
+            r"q_segments.lengths row 0, token 3",
+        ),
+        (np.array([[3, 3, 3, 0, 0, 0, 0, 0]], np.float32), TypeError, r"q_segments.lengths"),
+        (np.array([3, 3, 3, 0, 0, 0, 0, 0], np.int32), ValueError, r"q_segments.lengths"),
+    ],
+)
+def test_plan_validates_the_segments_lengths(lengths, error, match):
+    """Lengths that vary inside a run, disagree with it, are floats or have another shape are
+    refused: they would broadcast silently into wrong outputs."""
+    ids = jnp.array([[1, 1, 1, 2, 2, 0, 0, 0]])
+    pos = jnp.array([[0, 1, 2, 0, 1, 0, 0, 0]])
+    good = Segments.from_ids(ids, pos)
+    bad = Segments(good.ids, good.positions, jnp.asarray(lengths))
+    with pytest.raises(error, match=match):
+        plan_attention(bad, mask_type="padding_causal", max_segments_per_seq=2)

@@ -23,10 +23,10 @@ from thdkit.kernels import base, registry  # noqa: F401  (registry: the built-in
 from thdkit.kernels.arguments import check_arguments, check_layout_shapes
 from thdkit.kernels.config import AttentionConfig
 from thdkit.kernels.plan import AttentionPlan, candidates, make_plan, no_candidate
-from thdkit.layout import validate_layout
-from thdkit.limits import check_max_segments, is_concrete
+from thdkit.limits import check_max_segments
 from thdkit.mask_types import MaskType
 from thdkit.programs import program
+from thdkit.segment_rules import validate_segments
 from thdkit.segments import Segments, run_lengths
 
 __all__ = ["attention", "plan_attention"]
@@ -75,13 +75,12 @@ def _checked(
             f"{q.ids.shape} and {kv.ids.shape}"
         )
     for name, side in zip(names, (q, kv), strict=True):
-        if side is not None and is_concrete(side.ids, side.positions):
-            validate_layout(
-                side.ids,
-                side.positions,
+        if side is not None:
+            validate_segments(
+                side,
+                name=name,
                 max_segments_per_seq=config.max_segments_per_seq,
                 mask_type=config.mask_type,
-                name=name,
             )
     return q, q if kv is None else kv, config
 
@@ -99,7 +98,8 @@ def plan_attention(
 ) -> AttentionPlan:
     """The plan of one packed layout: compute it once per batch, pass it to every layer.
 
-    Validates each side when concrete (:func:`thdkit.validate_layout` with S and the mask type),
+    Validates each side as a whole (:func:`thdkit.segment_rules.validate_segments` with S and the
+    mask type: fields, dtypes, shapes, the layout rules and the run lengths, when concrete),
     chooses the candidates (every implementation of the default order that can run this
     configuration and layout, or the one asked for; :mod:`thdkit.kernels.base`) and computes
     what each reads (``prepare``): tile ranges for blockwise and pallas, compact metadata and key
