@@ -23,6 +23,8 @@ from thdkit.metadata import FlatSeqMeta
 from thdkit.metadata import SeqMeta
 from thdkit.metadata import seqlens_and_offsets
 from thdkit.segments import Segments
+from thdkit.dot_product import dot_product_attention
+from thdkit.dot_product import dot_product_attention_weights
 
 __all__ = [
     "MAX_POSITION",
@@ -38,6 +40,8 @@ __all__ = [
     "attention",
     "check_layout",
     "context_parallel_attention",
+    "dot_product_attention",
+    "dot_product_attention_weights",
     "is_representable",
     "layout_error_codes",
     "plan_attention",
