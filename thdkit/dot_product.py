@@ -176,6 +176,17 @@ def _side(
     return thdkit.Segments.from_ids(ids, pos)
 
 
+def _default_segments(*ids: Array | None, seq_len: int) -> int:
+    """S when not given: the largest id of concrete ids (1 without ids), else the row length
+    (a row of T tokens holds at most T documents numbered 1..n)."""
+    given = [a for a in ids if a is not None]
+    if not given:
+        return 1
+    if any(isinstance(a, jax.core.Tracer) for a in given):
+        return seq_len
+    return max(1, *(int(np.max(np.asarray(a), initial=0)) for a in given))
+
+
 def _layout(
     *,
     batch: int,
@@ -256,9 +267,8 @@ def _layout(
                     else ""
                 )
             )
-    packed = ids_q is not None
     if max_segments_per_seq is None:
-        num_segments = max(seq_q, seq_kv) if packed else 1
+        num_segments = _default_segments(ids_q, ids_kv, seq_len=max(seq_q, seq_kv))
     else:
         if isinstance(max_segments_per_seq, (bool, np.bool_)):
             raise TypeError("max_segments_per_seq must be an int, got bool")
@@ -468,7 +478,9 @@ def dot_product_attention(
             ``implementation`` may not be passed with it (``is_causal=True`` only checks that
             the plan is top-left causal).
         max_segments_per_seq: S of the plan, a static int >= the largest segment id; None is
-            ``max(T, S)`` with ``segment_ids`` (ids with gaps above it need it), 1 without.
+            the largest id of concrete ``segment_ids`` (1 without them) and ``max(T, S)`` for
+            traced ones (under ``jit``; ids with gaps above it need S). S sizes cuDNN's metadata
+            and the blockwise tiles (from the mean document length T / S).
 
     Returns:
         float[B, T, N, H_v] (or [T, N, H_v] unbatched) in the query's dtype; float32
@@ -579,8 +591,8 @@ def dot_product_attention_weights(
 
     Example:
         >>> q = k = jnp.zeros((1, 3, 1, 4))
-        >>> dot_product_attention_weights(q, k, is_causal=True)[0, 0].round(3).tolist()
-        [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.333, 0.333, 0.333]]
+        >>> (dot_product_attention_weights(q, k, is_causal=True)[0, 0] * 6).tolist()
+        [[6.0, 0.0, 0.0], [3.0, 3.0, 0.0], [2.0, 2.0, 2.0]]
     """
     query, key, _, unbatched = _arrays(query, key, key)
     batch, seq_q, _, dim = query.shape
