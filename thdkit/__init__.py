@@ -25,6 +25,9 @@ from thdkit.metadata import seqlens_and_offsets
 from thdkit.segments import Segments
 from thdkit.dot_product import dot_product_attention
 from thdkit.dot_product import dot_product_attention_weights
+from thdkit.varlen import Unpadded
+from thdkit.varlen import pad
+from thdkit.varlen import unpad
 
 __all__ = [
     "MAX_POSITION",
@@ -37,6 +40,7 @@ __all__ = [
     "RowChecks",
     "Segments",
     "SeqMeta",
+    "Unpadded",
     "attention",
     "check_layout",
     "context_parallel_attention",
@@ -44,6 +48,7 @@ __all__ = [
     "dot_product_attention_weights",
     "is_representable",
     "layout_error_codes",
+    "pad",
     "plan_attention",
     "reorder",
     "ring_attention",
@@ -51,6 +56,7 @@ __all__ = [
     "run_lengths",
     "seqlens_and_offsets",
     "synth",
+    "unpad",
     "validate_layout",
 ]
 
