@@ -145,11 +145,11 @@ def _pair(x: Any, name: str, *, unbatched: bool) -> tuple[Array | None, Array | 
         q, kv = x
     else:
         q = kv = x
-    out = []
-    for side, a in (("query", q), ("key_value", kv)):
+    same = kv is q
+
+    def convert(a: Any, side: str) -> Array | None:
         if a is None:
-            out.append(None)
-            continue
+            return None
         a = jnp.asarray(a)
         want = 1 if unbatched else 2
         if a.ndim != want:
@@ -157,8 +157,10 @@ def _pair(x: Any, name: str, *, unbatched: bool) -> tuple[Array | None, Array | 
                 f"{name} ({side}) must have rank {want} ({'[T]' if unbatched else '[B, T]'}), "
                 f"got shape {a.shape}"
             )
-        out.append(a[None] if unbatched else a)
-    return out[0], out[1]
+        return a[None] if unbatched else a
+
+    q = convert(q, "query")
+    return q, (q if same else convert(kv, "key_value"))
 
 
 def _side(
@@ -279,8 +281,13 @@ def _layout(
                 f"max_segments_per_seq must be an int, got {type(max_segments_per_seq).__name__}"
             ) from None
     q = _side(ids_q, pos_q, q_len, batch=batch, seq_len=seq_q)
+    # One layout for both sides (self-attention: cuDNN needs no representability check) when
+    # nothing tells them apart: the same ids, positions and lengths (None, or the same array).
     shared = (
-        seq_q == seq_kv and q_len is None and kv_len is None and ids_kv is ids_q and pos_kv is pos_q
+        seq_q == seq_kv
+        and ids_kv is ids_q
+        and pos_kv is pos_q
+        and query_seq_lengths is key_value_seq_lengths
     )
     kv = None if shared else _side(ids_kv, pos_kv, kv_len, batch=batch, seq_len=seq_kv)
     mask_type = thdkit.MaskType.PADDING_CAUSAL if is_causal else thdkit.MaskType.PADDING
