@@ -213,11 +213,12 @@ class Block(nnx.Module):
         d = config.d_model
         self.attn_norm = nnx.RMSNorm(d, rngs=rngs)
         self.attn = PackedSelfAttention(
-            d,
             config.heads,
-            config.kv_heads,
-            config.head_dim,
+            d,
+            qkv_features=config.heads * config.head_dim,
+            num_kv_heads=config.kv_heads,
             mask_type="padding_causal",
+            use_bias=False,
             rngs=rngs,
         )
         self.mlp_norm = nnx.RMSNorm(d, rngs=rngs)

@@ -1,4 +1,5 @@
-"""thdkit.flax.PackedSelfAttention against a plain-JAX attention block, under NNX transforms."""
+"""thdkit.flax: PackedSelfAttention against a plain-JAX attention block and Flax's own module,
+under NNX transforms; make_attention_fn inside stock nnx and linen attention modules."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import linen, nnx
 from jax.sharding import Mesh
 
 import thdkit
 from thdkit import reorder, synth
-from thdkit.flax import PackedSelfAttention, rope
-from thdkit.segments import Segments
+from thdkit.flax import PackedSelfAttention, make_attention_fn, rope
+
+Segments = thdkit.Segments
 
 B, T, F = 2, 64, 16
 S = 4
@@ -30,7 +32,11 @@ def _x(seed: int) -> jax.Array:
 
 def _layer(heads: tuple[int, int, int], **options) -> PackedSelfAttention:
     h, k, d = heads
-    return PackedSelfAttention(F, h, k, d, mask_type="padding_causal", rngs=nnx.Rngs(0), **options)
+    options = {"use_bias": False, **options}
+    return PackedSelfAttention(
+        h, F, qkv_features=h * d, num_kv_heads=k, mask_type="padding_causal", rngs=nnx.Rngs(0),
+        **options,
+    )  # fmt: skip
 
 
 def reference_block(weights: dict, x, ids, pos, *, heads: tuple[int, int, int], theta: float):
@@ -62,8 +68,16 @@ def reference_block(weights: dict, x, ids, pos, *, heads: tuple[int, int, int], 
     return out @ weights["o"]
 
 
+PARAMS = {"q": "query", "k": "key", "v": "value", "o": "out"}
+
+
+def _flat(kernel: jax.Array, name: str) -> jax.Array:
+    """A LinearGeneral kernel ([F, H, D] in, [H, D, F] out) as the [in, out] matrix."""
+    return kernel.reshape(-1, kernel.shape[-1]) if name == "o" else kernel.reshape(F, -1)
+
+
 def _weights(layer: PackedSelfAttention) -> dict:
-    return {name: getattr(layer, f"{name}_proj").kernel[...] for name in ("q", "k", "v", "o")}
+    return {name: _flat(getattr(layer, PARAMS[name]).kernel[...], name) for name in PARAMS}
 
 
 @pytest.mark.parametrize(
@@ -98,9 +112,9 @@ def test_layer_matches_the_reference_block_forward_and_gradients(heads, seed):
     grads, dx = nnx.jit(nnx.grad(loss_layer, argnums=(0, 1)))(layer, x)
     ref_grads, ref_dx = jax.grad(loss_reference, argnums=(0, 1))(_weights(layer), x)
     np.testing.assert_allclose(dx, ref_dx, atol=5e-5)
-    for name in ("q", "k", "v", "o"):
+    for name, param in PARAMS.items():
         np.testing.assert_allclose(
-            getattr(grads, f"{name}_proj").kernel[...], ref_grads[name], atol=5e-5
+            _flat(getattr(grads, param).kernel[...], name), ref_grads[name], atol=5e-5
         )
 
 
@@ -177,7 +191,7 @@ def test_ring_on_four_devices_equals_one_device():
     (g_one, dx_one) = nnx.grad(loss_one, argnums=(0, 1))(layer, x)
     (g_ring, dx_ring) = nnx.jit(nnx.grad(loss_ring, argnums=(0, 1)))(layer, x, ring_segments)
     np.testing.assert_allclose(dx_ring, dx_one, atol=1e-5)
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+    for name in PARAMS.values():
         np.testing.assert_allclose(
             getattr(g_ring, name).kernel[...], getattr(g_one, name).kernel[...], atol=1e-4
         )
@@ -192,7 +206,9 @@ class _Stack(nnx.Module):
         @nnx.split_rngs(splits=layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make(rngs: nnx.Rngs) -> PackedSelfAttention:
-            return PackedSelfAttention(F, 2, 1, 8, mask_type="padding_causal", rngs=rngs)
+            return PackedSelfAttention(
+                2, F, num_kv_heads=1, use_bias=False, mask_type="padding_causal", rngs=rngs
+            )
 
         self.layers = make(nnx.Rngs(0))
 
@@ -265,11 +281,18 @@ def test_train_step_plans_once_not_per_layer():
     ("make", "error", "match"),
     [
         (lambda: _layer((3, 2, 8)), ValueError, "multiple of num_kv_heads"),
-        (lambda: _layer((2, 2, 7)), ValueError, "head_dim must be even"),
+        (lambda: _layer((2, 2, 7)), ValueError, "must be even"),
         (lambda: _layer((2, 2, 8), rope_theta=0.0), ValueError, "rope_theta"),
         (lambda: _layer((2, 2.0, 8)), TypeError, "num_kv_heads must be an int"),
         (lambda: _layer((0, 1, 8)), ValueError, "num_heads must be >= 1"),
         (lambda: _layer((2, 2, 8), implementation="flash"), ValueError, "implementation"),
+        (lambda: _layer((2, 2, 8), dropout_rate=1.0), ValueError, "dropout_rate"),
+        (lambda: _layer((2, 2, 8), window_size=(1.0, 2)), TypeError, "window_size left"),
+        (
+            lambda: PackedSelfAttention(3, F, qkv_features=16, rngs=nnx.Rngs(0)),
+            ValueError,
+            "qkv_features=16 must be a multiple of num_heads=3",
+        ),
     ],
 )
 def test_construction_errors_name_the_parameter(make, error, match):
@@ -283,8 +306,8 @@ def test_call_errors():
     segments = Segments.from_ids(ids, pos)
     plan = layer.plan(segments, max_segments_per_seq=S)
     x = _x(7)
-    with pytest.raises(ValueError, match="max_segments_per_seq is required"):
-        layer(x, segments)
+    # S is optional with Segments (None: the largest id): the same output as the plan.
+    np.testing.assert_allclose(layer(x, segments), layer(x, plan), atol=1e-6)
     with pytest.raises(ValueError, match="comes from the plan"):
         layer(x, plan, max_segments_per_seq=S)
     with pytest.raises(ValueError, match="in_features=16"):
@@ -301,3 +324,176 @@ def test_call_errors():
     other = thdkit.plan_attention(segments, mask_type="padding", max_segments_per_seq=S)
     with pytest.raises(ValueError, match="differ from the layer"):
         layer(x, other)
+
+
+def test_rope_rejects_float_positions():
+    with pytest.raises(TypeError, match="positions must be an integer array"):
+        rope(jnp.ones((1, 2, 1, 4)), jnp.array([[0.0, 1.0]]))
+
+
+# --- make_attention_fn in Flax's own modules ----------------------------------------------------
+
+
+def _dense_mask(ids: np.ndarray, pos: np.ndarray, *, causal: bool = True) -> jax.Array:
+    """The packed mask as a dense Flax mask, bool[B, 1, T, T] (the reference's input)."""
+    same = (ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] != 0)
+    if causal:
+        same &= pos[:, :, None] >= pos[:, None, :]
+    return jnp.asarray(same)[:, None]
+
+
+def _live(ids: np.ndarray) -> jax.Array:
+    """Rows with an allowed key (non-padding): Flax's dense attention averages the others."""
+    return jnp.asarray(ids > 0)[..., None]
+
+
+def _nnx_mha(**options) -> nnx.MultiHeadAttention:
+    return nnx.MultiHeadAttention(
+        num_heads=4, in_features=F, num_kv_heads=2, decode=False, rngs=nnx.Rngs(1), **options
+    )
+
+
+def test_stock_nnx_module_equals_flax_with_a_dense_mask_outputs_and_gradients():
+    """nnx.MultiHeadAttention(attention_fn=make_attention_fn()) given the plan as its mask ==
+    the same module (same parameters) with Flax's attention and the dense packed mask."""
+    ids, pos = _layout(8)
+    x = _x(8)
+    plan = thdkit.plan_attention(
+        Segments.from_ids(ids, pos), mask_type="padding_causal", max_segments_per_seq=S
+    )
+    ours = _nnx_mha(attention_fn=make_attention_fn())
+    theirs = _nnx_mha()
+    dense, live = _dense_mask(ids, pos), _live(ids)
+
+    def loss(module, x, mask):
+        out = module(x, mask=mask)
+        return jnp.sum(jnp.where(live, jnp.sin(out), 0.0)), out
+
+    step = nnx.jit(nnx.grad(loss, argnums=(0, 1), has_aux=True))
+    (g_ours, dx_ours), out_ours = step(ours, x, plan)
+    (g_theirs, dx_theirs), out_theirs = step(theirs, x, dense)
+    np.testing.assert_allclose(
+        jnp.where(live, out_ours, 0), jnp.where(live, out_theirs, 0), atol=1e-5
+    )
+    np.testing.assert_allclose(dx_ours, dx_theirs, atol=1e-5)
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(g_ours, nnx.Param)),
+        nnx.to_flat_state(nnx.state(g_theirs, nnx.Param)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a[...], b[...], atol=1e-5, err_msg=str(path))
+
+
+def test_stock_linen_module_with_a_closed_over_plan_or_segments_as_its_mask():
+    """linen.MultiHeadDotProductAttention built per call around the batch's plan (the linen way),
+    or given Segments through mask, equals Flax's attention with the dense mask."""
+    ids, pos = _layout(9)
+    x = _x(9)
+    segments = Segments.from_ids(ids, pos)
+    plan = thdkit.plan_attention(
+        segments, mask_type="padding_causal", max_segments_per_seq=S, implementation="reference"
+    )
+
+    class Model(linen.Module):
+        @linen.compact
+        def __call__(self, x, plan=None, mask=None):
+            fn = make_attention_fn(plan) if plan is not None else linen.dot_product_attention
+            return linen.MultiHeadDotProductAttention(num_heads=2, attention_fn=fn)(x, mask=mask)
+
+    model = Model()
+    params = model.init(jax.random.key(0), x, mask=_dense_mask(ids, pos))
+    live = _live(ids)
+    want = model.apply(params, x, mask=_dense_mask(ids, pos))
+    got = jax.jit(model.apply)(params, x, plan)
+    np.testing.assert_allclose(jnp.where(live, got, 0), jnp.where(live, want, 0), atol=1e-5)
+    fn_model = linen.MultiHeadDotProductAttention(
+        num_heads=2, attention_fn=make_attention_fn(mask_type="padding_causal",
+                                                    implementation="reference"),
+    )  # fmt: skip
+    inner = {"params": params["params"]["MultiHeadDotProductAttention_0"]}
+    got_segments = fn_model.apply(inner, x, mask=segments)
+    np.testing.assert_allclose(
+        jnp.where(live, got_segments, 0), jnp.where(live, want, 0), atol=1e-5
+    )
+
+
+def test_stock_module_isolates_documents_in_outputs_and_gradients():
+    """Perturbing one document's inputs leaves every other token's output bit-equal and its
+    gradient with respect to that document zero."""
+    ids, pos = _layout(10)
+    x = _x(10)
+    plan = thdkit.plan_attention(
+        Segments.from_ids(ids, pos), mask_type="padding_causal", max_segments_per_seq=S
+    )
+    module = _nnx_mha(attention_fn=make_attention_fn())
+    other = jnp.asarray(ids != 2)[..., None]
+    run = nnx.jit(lambda m, x: m(x, mask=plan))
+    changed = jnp.where(other, x, 50.0 * jnp.cos(x))
+    np.testing.assert_array_equal(
+        jnp.where(other, run(module, x), 0), jnp.where(other, run(module, changed), 0)
+    )
+    d_x = nnx.grad(lambda x: jnp.sum(jnp.where(other, module(x, mask=plan), 0.0) ** 2))(x)
+    assert np.all(np.asarray(d_x)[ids == 2] == 0)
+    assert np.any(np.asarray(d_x)[(ids != 2) & (ids > 0)] != 0)
+
+
+def test_layer_without_rope_is_flax_multi_head_attention():
+    """Same arguments and rngs: the parameters equal nnx.MultiHeadAttention's (names, shapes,
+    values, biases included), and without RoPE so does the output."""
+    ids, pos = _layout(11)
+    x = _x(11)
+    layer = PackedSelfAttention(
+        4, F, num_kv_heads=2, rope_theta=None, rngs=nnx.Rngs(1), implementation="reference"
+    )
+    stock = _nnx_mha(attention_fn=make_attention_fn())
+    ours = nnx.to_flat_state(nnx.state(layer, nnx.Param))
+    theirs = nnx.to_flat_state(nnx.state(stock, nnx.Param))
+    assert [p for p, _ in ours] == [p for p, _ in theirs]
+    for (path, a), (_, b) in zip(ours, theirs, strict=True):
+        np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
+    plan = layer.plan(Segments.from_ids(ids, pos))
+    live = _live(ids)
+    np.testing.assert_allclose(
+        jnp.where(live, layer(x, plan), 0), jnp.where(live, stock(x, mask=plan), 0), atol=1e-5
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Using 'Module.sow\\(\\)' outside:DeprecationWarning")
+def test_dropout_and_sown_weights_follow_flax():
+    """Attention-weight dropout (the dense path) draws Flax's bits: equal to Flax's attention
+    with the dense mask, same rng; the sown weights equal Flax's too."""
+    ids, pos = _layout(12)
+    x = _x(12)
+    plan = thdkit.plan_attention(
+        Segments.from_ids(ids, pos), mask_type="padding_causal", max_segments_per_seq=S,
+        implementation="reference",
+    )  # fmt: skip
+    live = _live(ids)
+    outs, weights = [], []
+    for fn, mask in ((make_attention_fn(), plan), (nnx.dot_product_attention, None)):
+        module = _nnx_mha(attention_fn=fn, dropout_rate=0.5, deterministic=False)
+        mask = _dense_mask(ids, pos) if mask is None else mask
+        outs.append(module(x, mask=mask, rngs=nnx.Rngs(dropout=7), sow_weights=True))
+        weights.append(module.attention_weights[0])
+    np.testing.assert_allclose(jnp.where(live, outs[0], 0), jnp.where(live, outs[1], 0), atol=1e-5)
+    rows = jnp.asarray(ids > 0)[:, None, :, None]
+    np.testing.assert_allclose(
+        jnp.where(rows, weights[0], 0), jnp.where(rows, weights[1], 0), atol=1e-6
+    )
+
+
+def test_make_attention_fn_errors():
+    ids, pos = _layout(13)
+    segments = Segments.from_ids(ids, pos)
+    plan = thdkit.plan_attention(segments, mask_type="padding", max_segments_per_seq=S)
+    with pytest.raises(TypeError, match="layout must be"):
+        make_attention_fn((ids, pos))
+    with pytest.raises(ValueError, match="the plan fixes mask_type"):
+        make_attention_fn(plan, mask_type="padding")
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        make_attention_fn(implementation="flash")
+    q = jnp.ones((B, T, 2, 8))
+    with pytest.raises(ValueError, match="is_causal=True"):
+        make_attention_fn()(q, q, q, mask=plan, is_causal=True)
+    with pytest.raises(ValueError, match="dropout_rng is required"):
+        make_attention_fn(plan)(q, q, q, dropout_rate=0.1, deterministic=False)

@@ -22,6 +22,11 @@ from thdkit.metadata import SeqMeta
 from thdkit.metadata import seqlens_and_offsets
 from thdkit.segments import Segments
 from thdkit.segments import run_lengths
+from thdkit.dot_product import dot_product_attention
+from thdkit.dot_product import dot_product_attention_weights
+from thdkit.varlen import Unpadded
+from thdkit.varlen import pad
+from thdkit.varlen import unpad
 
 __all__ = [
     "MAX_POSITION",
@@ -34,17 +39,22 @@ __all__ = [
     "RowChecks",
     "Segments",
     "SeqMeta",
+    "Unpadded",
     "attention",
     "check_layout",
     "context_parallel_attention",
+    "dot_product_attention",
+    "dot_product_attention_weights",
     "is_representable",
     "layout_error_codes",
+    "pad",
     "plan_attention",
     "reorder",
     "ring_attention",
     "ring_schedule",
     "run_lengths",
     "seqlens_and_offsets",
+    "unpad",
     "validate_layout",
 ]
 

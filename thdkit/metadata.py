@@ -87,9 +87,17 @@ class SeqMeta(NamedTuple):
     kv_offsets: Int[Array, "*B S1"]
 
     def flat(self, *, seq_len_q: int, seq_len_kv: int | None = None) -> FlatSeqMeta:
-        """The cu_seqlens form for a flattened ``[B*T]`` token axis.
+        """The cu_seqlens form over the **padded** flattened ``[B*T]`` token axis (TE/cuDNN).
 
-        Meant for compact metadata with one batch dim (flatten more dims first).
+        Meant for compact metadata with one batch dim (flatten more dims first). The padding
+        stays in place: ``q_starts`` / ``kv_starts`` are each segment's start in the padded
+        ``[B*T]`` axis (row b's offset plus ``b * T``), and ``cu_seqlens_*`` are the cumulative
+        active lengths, so ``cu_seqlens[k]`` equals segment k's start only where no padding
+        precedes it. That is Transformer Engine's / cuDNN's THD convention (sequence lengths plus
+        separate offsets). FlashAttention's ``flash_attn_varlen_func`` instead reads
+        ``cu_seqlens`` as the starts over the gathered tokens, padding removed: for it, gather
+        the tokens with :func:`thdkit.unpad`, which returns those contiguous ``cu_seqlens`` (in
+        the row ``[1 1 1 2 2 0 0 3]`` document 3 starts at 7 here and at 5 there).
 
         Args:
             seq_len_q: T_q, the row length the q offsets refer to; an int in
