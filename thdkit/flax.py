@@ -124,8 +124,8 @@ def _parse_window(window_size: Any) -> tuple[int | None, int | None] | None:
 def _check_implementation(implementation: Any) -> None:
     if implementation is not None and implementation not in thdkit.kernels.names():
         raise ValueError(
-            f"implementation must be one of {', '.join(map(repr, thdkit.kernels.names()))} or None, "
-            f"got {implementation!r}"
+            f"implementation must be one of {', '.join(map(repr, thdkit.kernels.names()))} or "
+            f"None, got {implementation!r}"
         )
 
 
