@@ -30,9 +30,9 @@ from thdkit.context_parallel.shards import (
     validate_shards,
 )
 from thdkit.kernels.arguments import check_arguments, check_layout_shapes
+from thdkit.kernels.config import AttentionConfig
 from thdkit.kernels.partial import check_partial_implementation
-from thdkit.limits import check_max_segments
-from thdkit.mask_types import MaskType, check_window
+from thdkit.mask_types import MaskType
 from thdkit.segments import Segments
 
 __all__ = ["context_parallel_attention", "ring_attention"]
@@ -139,9 +139,10 @@ def context_parallel_attention(
     """
     chosen = get_strategy(strategy)
     implementation = check_partial_implementation(implementation)
-    mask = MaskType.parse(mask_type)
-    num_segments = check_max_segments(max_segments_per_seq)
-    window = check_window(window_size)
+    config = AttentionConfig.parse(
+        mask_type=mask_type, window_size=window_size, max_segments_per_seq=max_segments_per_seq
+    )
+    mask, num_segments, window = config.mask_type, config.max_segments_per_seq, config.window_size
     cp = check_mesh(mesh, axis_name)
     query, key, value, scale = check_arguments(query, key, value, scale=scale)
     rows_q, rows_kv, names = row_segments(

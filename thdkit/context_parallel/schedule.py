@@ -30,8 +30,9 @@ from jaxtyping import Array, ArrayLike, Bool, Int
 from thdkit.context_parallel.base import StrategyConfig
 from thdkit.context_parallel.shards import document_lengths, readable, row_segments, validate_shards
 from thdkit.counting import segment_extrema
-from thdkit.limits import check_int, check_max_segments
-from thdkit.mask_types import MaskType, Window, check_window
+from thdkit.kernels.config import AttentionConfig
+from thdkit.limits import check_int
+from thdkit.mask_types import MaskType, Window
 from thdkit.programs import program
 from thdkit.segments import Segments
 
@@ -198,9 +199,11 @@ def ring_schedule(
                [1, 1, 1, 0],
                [1, 1, 1, 1]], dtype=int32)
     """
-    mask = MaskType.parse(mask_type)
-    num_segments = check_max_segments(max_segments_per_seq)
-    bounds = difference_bounds(mask, check_window(window_size))
+    config = AttentionConfig.parse(
+        mask_type=mask_type, window_size=window_size, max_segments_per_seq=max_segments_per_seq
+    )
+    num_segments = config.max_segments_per_seq
+    bounds = difference_bounds(config.mask_type, config.window_size)
     cp = check_int(cp, "cp", low=1)
     q, kv, names = row_segments(
         q_segments=q_segments,
@@ -218,7 +221,9 @@ def ring_schedule(
             )
     for name, side in sides:
         if readable(side.ids, side.positions):
-            validate_shards(side, cp=cp, num_segments=num_segments, mask=mask, name=name)
+            validate_shards(
+                side, cp=cp, num_segments=num_segments, mask=config.mask_type, name=name
+            )
     return _schedule(q, q if kv is None else kv, cp=cp, bounds=bounds, num_segments=num_segments)
 
 

@@ -28,15 +28,16 @@ class AttentionConfig:
         max_segments_per_seq: S, the largest id; None where the caller does not know it
             (:func:`thdkit.kernels.attention_partial`: no implementation that returns a
             log-sum-exp reads it).
-        block_q, block_kv: tile sizes of the tiled implementations, capped to T_q and T_kv.
+        block_q, block_kv: tile sizes of the tiled implementations, capped to T_q and T_kv; None
+            where the row lengths were not given (a configuration that runs no tiles).
         self_attention: whether the keys/values share the queries' layout.
     """
 
     mask_type: MaskType
     window_size: Window
     max_segments_per_seq: int | None
-    block_q: int
-    block_kv: int
+    block_q: int | None
+    block_kv: int | None
     self_attention: bool
 
     @classmethod
@@ -48,9 +49,9 @@ class AttentionConfig:
         max_segments_per_seq: Any,
         block_q: Any = None,
         block_kv: Any = None,
-        seq_q: int,
-        seq_kv: int,
-        self_attention: bool,
+        seq_q: int | None = None,
+        seq_kv: int | None = None,
+        self_attention: bool = True,
     ) -> AttentionConfig:
         """Checks every option once and resolves the tile sizes for rows of these lengths.
 
@@ -61,7 +62,8 @@ class AttentionConfig:
                 not known (then tile sizes default to :data:`thdkit.kernels.DEFAULT_BLOCK`).
             block_q, block_kv: positive ints, or None for
                 :func:`thdkit.kernels.default_block` of the row length and S.
-            seq_q, seq_kv: T_q and T_kv; the tile sizes are capped to them.
+            seq_q, seq_kv: T_q and T_kv; the tile sizes are resolved and capped to them (left as
+                given, checked, where they are None).
             self_attention: whether the keys share the queries' layout.
 
         Returns:

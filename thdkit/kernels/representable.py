@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Int
 
 from thdkit.inputs import as_layouts
+from thdkit.kernels.config import AttentionConfig
 from thdkit.layout import validate_concrete
-from thdkit.limits import check_max_segments
 from thdkit.mask_types import MaskType
 from thdkit.metadata import seqlens_and_offsets
 from thdkit.programs import program
@@ -177,8 +177,10 @@ def is_representable(
         ...     mask_type="padding_causal", max_segments_per_seq=1)
         Array(False, dtype=bool)
     """
-    mask = MaskType.parse(mask_type)
-    num_segments = check_max_segments(max_segments_per_seq)
+    config = AttentionConfig.parse(
+        mask_type=mask_type, window_size=None, max_segments_per_seq=max_segments_per_seq
+    )
+    mask, num_segments = config.mask_type, config.max_segments_per_seq
     q, kv = as_layouts(segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)
     validate_concrete(q, kv, max_segments_per_seq=num_segments, mask_type=mask)
     return representable_rows(q, kv, mask_type=mask, num_segments=num_segments, window_left=None)
