@@ -4,15 +4,21 @@ per-id minima and maxima, and the search for where a threshold is crossed inside
 ``compact`` and ``count_and_offsets`` act on single rows (1-D arrays, mapped over the batch with
 ``jax.vmap``); ``segment_extrema``, ``first_at_least`` and ``gather_rows`` act on ``[N, T]`` rows
 directly.
+
+``compact``, ``segment_extrema``, ``first_at_least``, ``gather_rows`` and ``shift`` take an
+``ops`` (:class:`thdkit.host.ArrayOps`): :data:`thdkit.host.JAX` (the default) traces them,
+:data:`thdkit.host.NUMPY` runs the same code in NumPy on the host (there ``compact`` takes
+``[N, K]`` rows at once).
 """
 
 from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
+
+from thdkit.host import JAX, ArrayOps
 
 __all__ = ["compact", "count_and_offsets", "first_at_least", "gather_rows", "segment_extrema"]
 
@@ -21,27 +27,35 @@ _INT32_MAX = int(jnp.iinfo(jnp.int32).max)
 
 
 def compact(
-    values: Int[Array, " N"], keep: Bool[Array, " N"], *, size: int, fill: int
-) -> Int[Array, " size"]:
+    values: Int[Array, "*R N"],
+    keep: Bool[Array, "*R N"],
+    *,
+    size: int,
+    fill: int,
+    ops: ArrayOps = JAX,
+) -> Int[Array, "*R size"]:
     """Moves the kept values to the front, in order, and fills the rest.
 
     Kept values beyond ``size`` are dropped, so ``size`` may be smaller than ``N``.
 
     Args:
-        values: int[N].
-        keep: bool[N]; which values to keep.
+        values: int[N] (with ``ops=NUMPY`` also int[*R, N], row by row).
+        keep: bool, the shape of ``values``; which values to keep.
         size: static length of the result.
         fill: value of the slots after the kept ones.
+        ops: the array module (:data:`thdkit.host.JAX` or :data:`thdkit.host.NUMPY`).
 
     Returns:
-        int32[size].
+        int32[size] (int32[*R, size]).
 
     Example:
         >>> compact(jnp.array([5, 0, 7, 0]), jnp.array([True, False, True, False]), size=3, fill=-1)
         Array([ 5,  7, -1], dtype=int32)
     """
-    slot = jnp.where(keep, jnp.cumsum(keep, dtype=jnp.int32) - 1, size)
-    return jnp.full(size, fill, jnp.int32).at[slot].set(values.astype(jnp.int32), mode="drop")
+    xp = ops.xp
+    slot = xp.where(keep, xp.cumsum(keep, axis=-1, dtype=xp.int32) - 1, size)
+    out = xp.full((*keep.shape[:-1], size), fill, xp.int32)
+    return ops.place(out, slot, values.astype(xp.int32))
 
 
 def count_and_offsets(
@@ -69,7 +83,11 @@ def count_and_offsets(
 
 
 def segment_extrema(
-    ids: Int[Array, "N T"], values: Int[Array, "N T"], *, num_segments: int
+    ids: Int[Array, "N T"],
+    values: Int[Array, "N T"],
+    *,
+    num_segments: int,
+    ops: ArrayOps = JAX,
 ) -> tuple[Int[Array, "N S1"], Int[Array, "N S1"]]:
     """Per row, the smallest and largest of ``values`` over the tokens of each id 0..S.
 
@@ -81,6 +99,7 @@ def segment_extrema(
         ids: int32[N, T]; ids outside ``[0, S]`` are dropped.
         values: int32[N, T]; greater than the int32 minimum (``-v`` must not overflow).
         num_segments: S.
+        ops: the array module (:data:`thdkit.host.JAX` or :data:`thdkit.host.NUMPY`).
 
     Returns:
         ``(low, high)``, int32[N, S+1] each; where an id is absent from a row ``low`` is the int32
@@ -92,20 +111,19 @@ def segment_extrema(
         >>> low.tolist(), high.tolist()
         ([[9, 4, 0, 2147483647]], [[9, 5, 2, -2147483648]])
     """
+    xp = ops.xp
     rows, _ = ids.shape
     bins_per_row = num_segments + 1
     in_range = (ids >= 0) & (ids <= num_segments)
-    bins = jnp.where(
+    bins = xp.where(
         in_range,
-        ids + bins_per_row * jnp.arange(rows, dtype=jnp.int32)[:, None],
+        ids + bins_per_row * xp.arange(rows, dtype=xp.int32)[:, None],
         rows * bins_per_row,
     ).reshape(-1)
     # low = -max(-v): absent ids start from -(-INT32_MAX) = INT32_MAX.
-    init = jnp.broadcast_to(
-        jnp.array([_INT32_MIN, -_INT32_MAX], jnp.int32), (rows * bins_per_row, 2)
-    )
+    init = xp.broadcast_to(xp.array([_INT32_MIN, -_INT32_MAX], xp.int32), (rows * bins_per_row, 2))
     flat = values.reshape(-1)
-    ends = init.at[bins].max(jnp.stack([flat, -flat], axis=-1), mode="drop")
+    ends = ops.scatter_max(init, bins, xp.stack([flat, -flat], axis=-1))
     ends = ends.reshape(rows, bins_per_row, 2)
     return -ends[..., 1], ends[..., 0]
 
@@ -115,6 +133,8 @@ def first_at_least(
     lo: Int[Array, "N K"],
     hi: Int[Array, "N K"],
     threshold: Int[Array, "N K"],
+    *,
+    ops: ArrayOps = JAX,
 ) -> Int[Array, "N K"]:
     """Per query, the smallest i in [lo, hi) with ``pos[i] >= threshold`` (hi if none).
 
@@ -127,6 +147,7 @@ def first_at_least(
         pos: int[N, T]; the values searched, row by row.
         lo, hi: int[N, K]; each query's range [lo, hi) of its row (empty when lo >= hi).
         threshold: int[N, K].
+        ops: the array module (:data:`thdkit.host.JAX` or :data:`thdkit.host.NUMPY`).
 
     Returns:
         int32[N, K].
@@ -137,39 +158,44 @@ def first_at_least(
         ...                jnp.array([[3, 4, 11]]))
         Array([[2, 6, 8]], dtype=int32)
     """
-    guess = _affine_guess(pos, lo, hi, threshold)
-    before = gather_rows(pos, jnp.clip(guess - 1, 0, pos.shape[-1] - 1))
-    at = gather_rows(pos, jnp.clip(guess, 0, pos.shape[-1] - 1))
+    xp = ops.xp
+    guess = _affine_guess(pos, lo, hi, threshold, ops=ops)
+    before = gather_rows(pos, xp.clip(guess - 1, 0, pos.shape[-1] - 1), ops=ops)
+    at = gather_rows(pos, xp.clip(guess, 0, pos.shape[-1] - 1), ops=ops)
     exact = ((guess <= lo) | (before < threshold)) & ((guess >= hi) | (at >= threshold))
-    return jax.lax.cond(
-        jnp.all(exact | (lo >= hi)),
+    return ops.cond(
+        xp.all(exact | (lo >= hi)),
         lambda: guess,
-        lambda: _search(pos, lo, hi, threshold),
+        lambda: _search(pos, lo, hi, threshold, ops=ops),
     )
 
 
-def _affine_guess(pos: Array, lo: Array, hi: Array, threshold: Array) -> Array:
+def _affine_guess(
+    pos: Array, lo: Array, hi: Array, threshold: Array, *, ops: ArrayOps = JAX
+) -> Array:
     """The answer of :func:`first_at_least` if positions were affine on each [lo, hi)."""
-    last = jnp.maximum(hi - 1, lo)
-    first_pos = gather_rows(pos, jnp.clip(lo, 0, pos.shape[-1] - 1))
-    last_pos = gather_rows(pos, jnp.clip(last, 0, pos.shape[-1] - 1))
-    stride = jnp.maximum((last_pos - first_pos) // jnp.maximum(last - lo, 1), 1)
+    xp = ops.xp
+    last = xp.maximum(hi - 1, lo)
+    first_pos = gather_rows(pos, xp.clip(lo, 0, pos.shape[-1] - 1), ops=ops)
+    last_pos = gather_rows(pos, xp.clip(last, 0, pos.shape[-1] - 1), ops=ops)
+    stride = xp.maximum((last_pos - first_pos) // xp.maximum(last - lo, 1), 1)
     steps = -((first_pos - threshold) // stride)  # ceil((threshold - first_pos) / stride)
     # Clipped before the sum, which could otherwise leave int32 for far thresholds.
-    return lo + jnp.clip(steps, 0, jnp.maximum(hi - lo, 0))
+    return lo + xp.clip(steps, 0, xp.maximum(hi - lo, 0))
 
 
 _SEARCH_WAYS = 16
 
 
-def _search(pos: Array, lo: Array, hi: Array, threshold: Array) -> Array:
+def _search(pos: Array, lo: Array, hi: Array, threshold: Array, *, ops: ArrayOps = JAX) -> Array:
     """:func:`first_at_least` by a 16-way search.
 
     Each round probes 15 points of every interval at once: ~log16(T) dependent rounds instead of
     log2(T) (the rounds, not the gathers, dominate the cost).
     """
+    xp = ops.xp
     seq_len = pos.shape[-1]
-    fractions = jnp.arange(1, _SEARCH_WAYS, dtype=jnp.int32)[None, None, :]
+    fractions = xp.arange(1, _SEARCH_WAYS, dtype=xp.int32)[None, None, :]
     for _ in range(max(1, math.ceil(math.log(seq_len + 1, _SEARCH_WAYS)))):
         # lo + floor(span * k / 16), without forming span * k (past int32 for long rows).
         span = (hi - lo)[..., None]
@@ -178,24 +204,27 @@ def _search(pos: Array, lo: Array, hi: Array, threshold: Array) -> Array:
             + (span // _SEARCH_WAYS) * fractions
             + ((span % _SEARCH_WAYS) * fractions) // _SEARCH_WAYS
         )
-        values = gather_rows(pos, jnp.clip(probes, 0, seq_len - 1))
+        values = gather_rows(pos, xp.clip(probes, 0, seq_len - 1), ops=ops)
         below = (values < threshold[..., None]) & (probes < hi[..., None])
-        n_below = jnp.sum(below, axis=-1, dtype=jnp.int32)
-        last_below = jnp.take_along_axis(probes, jnp.maximum(n_below - 1, 0)[..., None], axis=-1)
-        first_not = jnp.take_along_axis(
-            probes, jnp.minimum(n_below, _SEARCH_WAYS - 2)[..., None], axis=-1
+        n_below = xp.sum(below, axis=-1, dtype=xp.int32)
+        last_below = xp.take_along_axis(probes, xp.maximum(n_below - 1, 0)[..., None], axis=-1)
+        first_not = xp.take_along_axis(
+            probes, xp.minimum(n_below, _SEARCH_WAYS - 2)[..., None], axis=-1
         )
-        lo = jnp.where(n_below > 0, last_below[..., 0] + 1, lo)
-        hi = jnp.maximum(jnp.where(n_below < _SEARCH_WAYS - 1, first_not[..., 0], hi), lo)
+        lo = xp.where(n_below > 0, last_below[..., 0] + 1, lo)
+        hi = xp.maximum(xp.where(n_below < _SEARCH_WAYS - 1, first_not[..., 0], hi), lo)
     return lo
 
 
-def gather_rows(values: Int[Array, "N T"], index: Int[Array, "N ..."]) -> Int[Array, "N ..."]:
+def gather_rows(
+    values: Int[Array, "N T"], index: Int[Array, "N ..."], *, ops: ArrayOps = JAX
+) -> Int[Array, "N ..."]:
     """``values[n, index[n, ...]]`` for every row n.
 
     Args:
         values: int[N, T].
         index: int[N, ...]; indices into each row, in ``[0, T)``.
+        ops: the array module (:data:`thdkit.host.JAX` or :data:`thdkit.host.NUMPY`).
 
     Returns:
         int[N, ...], the shape of ``index`` and the dtype of ``values``.
@@ -206,12 +235,13 @@ def gather_rows(values: Int[Array, "N T"], index: Int[Array, "N ..."]) -> Int[Ar
                [9, 9]], dtype=int32)
     """
     flat = index.reshape(index.shape[0], math.prod(index.shape[1:]))  # no -1: N may be 0
-    return jnp.take_along_axis(values, flat, axis=-1).reshape(index.shape)
+    return ops.xp.take_along_axis(values, flat, axis=-1).reshape(index.shape)
 
 
-def shift(x: Array, by: int, *, fill: int) -> Array:
+def shift(x: Array, by: int, *, fill: int, ops: ArrayOps = JAX) -> Array:
     """Shifts ``x`` along its last axis by ``by`` places (right if positive), filling in."""
-    pad = jnp.full((*x.shape[:-1], abs(by)), fill, x.dtype)
+    xp = ops.xp
+    pad = xp.full((*x.shape[:-1], abs(by)), fill, x.dtype)
     if by > 0:
-        return jnp.concatenate([pad, x[..., :-by]], axis=-1)
-    return jnp.concatenate([x[..., -by:], pad], axis=-1)
+        return xp.concatenate([pad, x[..., :-by]], axis=-1)
+    return xp.concatenate([x[..., -by:], pad], axis=-1)

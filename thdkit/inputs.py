@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Int
 
+from thdkit.host import JAX, ArrayOps
 from thdkit.limits import INT32, MAX_POSITION, MAX_SEQ_LEN, is_concrete
 
 __all__ = [
@@ -71,22 +72,26 @@ def fits_int32(dtype: Any) -> bool:
     return info.min >= INT32.min and info.max <= INT32.max
 
 
-def to_int32(x: np.ndarray | Array) -> tuple[Array, np.ndarray | Bool[Array, "*B T"] | None]:
+def to_int32(
+    x: np.ndarray | Array, *, ops: ArrayOps = JAX
+) -> tuple[Array, np.ndarray | Bool[Array, "*B T"] | None]:
     """``x`` as int32, and where its values lie outside int32 (None: the dtype cannot hold any).
 
     The test runs on the original dtype, before any cast: on the host for concrete values (the
     mask is then a NumPy array; ``jnp.asarray`` of an int64 NumPy array wraps silently when x64
-    is off), in the traced computation otherwise. Values outside int32 become 0 in the result.
+    is off), in the traced computation otherwise. Values outside int32 become 0 in the result,
+    a JAX array (``ops=JAX``) or a NumPy one (``ops=NUMPY``, for concrete ``x`` only).
     """
+    xp = ops.xp
     if fits_int32(x.dtype):
-        return jnp.asarray(x).astype(jnp.int32), None
+        return xp.asarray(x).astype(xp.int32), None
     if is_concrete(x):
         values = np.asarray(x)
         outside = values > INT32.max
         if values.dtype.kind == "O" or np.issubdtype(values.dtype, np.signedinteger):
             outside = outside | (values < INT32.min)
         outside = np.asarray(outside, bool)
-        return jnp.asarray(np.where(outside, 0, values).astype(np.int32)), outside
+        return xp.asarray(np.where(outside, 0, values).astype(np.int32)), outside
     outside = x > INT32.max
     if jnp.issubdtype(x.dtype, jnp.signedinteger):
         outside = outside | (x < INT32.min)
@@ -108,13 +113,15 @@ def checked_pair(
 
 
 def as_layout(
-    segment_ids: ArrayLike, segment_pos: ArrayLike, *, name: str
+    segment_ids: ArrayLike, segment_pos: ArrayLike, *, name: str, ops: ArrayOps = JAX
 ) -> tuple[Int[Array, "*B T"], Int[Array, "*B T"]]:
     """Checks dtypes, shapes and (concrete values) the int32 range of one side's layout.
 
     Args:
         segment_ids, segment_pos: integer array-likes of one shape ``[*B, T]``.
         name: the name of the ids parameter, used in messages (e.g. ``"segment_ids_q"``).
+        ops: :data:`thdkit.host.JAX` (JAX results) or :data:`thdkit.host.NUMPY` (NumPy
+            results; concrete inputs only).
 
     Returns:
         ``(ids, pos)``, int32[*B, T] each.
@@ -135,7 +142,7 @@ def as_layout(
     ids, pos = checked_pair(segment_ids, segment_pos, name)
     out = []
     for what, kind, x in ((name, "id", ids), (pos_name, "position", pos)):
-        x32, outside = to_int32(x)
+        x32, outside = to_int32(x, ops=ops)
         if isinstance(outside, np.ndarray) and outside.any():
             flat = int(np.flatnonzero(outside.reshape(-1))[0])
             row, token = divmod(flat, x.shape[-1])
@@ -159,8 +166,16 @@ def as_layouts(
     segment_pos_q: ArrayLike,
     segment_ids_kv: ArrayLike | None,
     segment_pos_kv: ArrayLike | None,
+    *,
+    ops: ArrayOps = JAX,
 ) -> tuple[tuple[Array, Array], tuple[Array, Array] | None]:
     """Checks both sides' layouts (:func:`as_layout`); kv None means self-attention.
+
+    Args:
+        segment_ids_q, segment_pos_q: the queries' layout, integer array-likes ``[*B, T_q]``.
+        segment_ids_kv, segment_pos_kv: the keys', ``[*B, T_kv]``, or both None.
+        ops: :data:`thdkit.host.JAX` (JAX results) or :data:`thdkit.host.NUMPY` (NumPy
+            results; concrete inputs only).
 
     Returns:
         ``(q, kv)``: ``(ids, pos)`` int32 pairs; kv is None when neither kv array is given.
@@ -169,7 +184,7 @@ def as_layouts(
         TypeError, ValueError: as :func:`as_layout`; only one of the kv arrays given; q and kv
             with different batch dims.
     """
-    q = as_layout(segment_ids_q, segment_pos_q, name="segment_ids_q")
+    q = as_layout(segment_ids_q, segment_pos_q, name="segment_ids_q", ops=ops)
     if (segment_ids_kv is None) != (segment_pos_kv is None):
         given = "segment_ids_kv" if segment_pos_kv is None else "segment_pos_kv"
         raise ValueError(
@@ -178,7 +193,7 @@ def as_layouts(
         )
     if segment_ids_kv is None:
         return q, None
-    kv = as_layout(segment_ids_kv, segment_pos_kv, name="segment_ids_kv")
+    kv = as_layout(segment_ids_kv, segment_pos_kv, name="segment_ids_kv", ops=ops)
     if kv[0].shape[:-1] != q[0].shape[:-1]:
         raise ValueError(
             "segment_ids_q and segment_ids_kv must have the same batch dims, got "

@@ -20,6 +20,10 @@ Eagerly, :func:`validate_layout` raises for the first broken rule, naming the pa
 and the token. Under ``jit`` and ``vmap`` the values are traced and nothing can raise on them:
 :func:`layout_error_codes` returns per-row codes instead, and :func:`check_layout` turns them into
 a ``jax.experimental.checkify`` check.
+
+The rules are written once, over an array module (:class:`thdkit.host.ArrayOps`): JAX layouts
+are checked by a jitted program, NumPy layouts (and Python lists) by the same code in NumPy on
+the host, without compiling anything (:mod:`thdkit.host`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from jax.experimental import checkify
 from jaxtyping import Array, ArrayLike, Bool, Int
 
 from thdkit.counting import shift
+from thdkit.host import JAX, NUMPY, ArrayOps, on_host
 from thdkit.inputs import as_layout, checked_pair, positions_name, row_label, to_int32
 from thdkit.limits import MAX_POSITION, MAX_SEGMENTS, is_concrete, segment_bound
 from thdkit.mask_types import MaskType
@@ -155,9 +160,21 @@ def layout_error_codes(
     """
     mask = MaskType.parse(mask_type)
     num_segments = segment_bound(max_segments_per_seq)
+    return _error_codes(segment_ids, segment_pos, num_segments=num_segments, mask=mask, ops=JAX)
+
+
+def _error_codes(
+    segment_ids: Any,
+    segment_pos: Any,
+    *,
+    num_segments: int,
+    mask: MaskType,
+    ops: ArrayOps,
+) -> RowChecks:
+    """:func:`layout_error_codes` of checked options, on the array module ``ops``."""
     ids, pos = checked_pair(segment_ids, segment_pos, "segment_ids")
-    ids, ids_outside = to_int32(ids)
-    pos, pos_outside = to_int32(pos)
+    ids, ids_outside = to_int32(ids, ops=ops)
+    pos, pos_outside = to_int32(pos, ops=ops)
     batch, seq_len = ids.shape[:-1], ids.shape[-1]
     outside = [None if o is None else o.reshape(-1, seq_len) for o in (ids_outside, pos_outside)]
     code, token = _row_checks(
@@ -166,6 +183,7 @@ def layout_error_codes(
         *outside,
         num_segments=num_segments,
         mask=mask,
+        ops=ops,
     )
     return RowChecks(code.reshape(batch), token.reshape(batch))
 
@@ -178,16 +196,19 @@ def _row_checks(
     *,
     num_segments: int,
     mask: MaskType,
+    ops: ArrayOps = JAX,
 ) -> tuple[Int[Array, " N"], Int[Array, " N"]]:
     """The code and token of the first broken rule of each of N rows (see RowChecks).
 
     Rules 3 and 4 are read off the run starts alone: non-zero ids must strictly increase from run
     start to run start, so a start whose id equals the largest id of the earlier runs starts a
-    second run, and a smaller one breaks the order. No array is sized by S.
+    second run, and a smaller one breaks the order. No array is sized by S. The same code runs
+    on JAX (traced) and on NumPy (the host path), by ``ops``.
     """
-    prev_ids = shift(ids, 1, fill=0)
+    xp = ops.xp
+    prev_ids = shift(ids, 1, fill=0, ops=ops)
     is_start = (ids != 0) & (ids != prev_ids)
-    max_before = shift(jax.lax.cummax(jnp.where(is_start, ids, 0), axis=1), 1, fill=0)
+    max_before = shift(ops.cummax(xp.where(is_start, ids, 0), 1), 1, fill=0, ops=ops)
     broken = {
         LayoutError.ID_OUTSIDE_INT32: ids_outside,
         LayoutError.NEGATIVE_ID: ids < 0,
@@ -198,18 +219,20 @@ def _row_checks(
         LayoutError.NEGATIVE_POSITION: pos < 0,
         LayoutError.POSITION_ABOVE_MAX: pos > MAX_POSITION,
         LayoutError.POSITIONS_NOT_INCREASING: (
-            (ids != 0) & ~is_start & (pos <= shift(pos, 1, fill=0)) if mask.uses_positions else None
+            (ids != 0) & ~is_start & (pos <= shift(pos, 1, fill=0, ops=ops))
+            if mask.uses_positions
+            else None
         ),
     }
-    code_per_token = jnp.zeros_like(ids)
+    code_per_token = xp.zeros_like(ids)
     for code, where in reversed(broken.items()):
         if where is not None:
-            code_per_token = jnp.where(where, int(code), code_per_token)
+            code_per_token = xp.where(where, int(code), code_per_token)
     bad = code_per_token != 0
-    token = jnp.argmax(bad, axis=1).astype(jnp.int32)
-    any_bad = jnp.any(bad, axis=1)
-    first_code = jnp.take_along_axis(code_per_token, token[:, None], axis=1)[:, 0]
-    return jnp.where(any_bad, first_code, 0), jnp.where(any_bad, token, -1)
+    token = xp.argmax(bad, axis=1).astype(xp.int32)
+    any_bad = xp.any(bad, axis=1)
+    first_code = xp.take_along_axis(code_per_token, token[:, None], axis=1)[:, 0]
+    return xp.where(any_bad, first_code, 0), xp.where(any_bad, token, -1)
 
 
 @functools.partial(jax.jit, static_argnames=("num_segments", "mask"))
@@ -228,7 +251,9 @@ def validate_layout(
     """Checks a concrete layout against the rules and raises on the first violation.
 
     Runs eagerly only: under ``jit`` and inside ``vmap`` the values are tracers, which cannot be
-    read; use :func:`layout_error_codes` or :func:`check_layout` there.
+    read; use :func:`layout_error_codes` or :func:`check_layout` there. NumPy arrays and Python
+    lists are checked in NumPy on the host, compiling nothing; JAX arrays by a jitted program
+    (compiled once per shape). Both give the same errors.
 
     Args:
         segment_ids: int[*B, T]; 0 = padding, 1..S = documents.
@@ -260,10 +285,14 @@ def validate_layout(
             f"validate_layout needs concrete {name}, got a traced array; under jit or vmap use "
             "thdkit.layout_error_codes or thdkit.check_layout (jax.experimental.checkify)"
         )
-    # Concrete arrays closed over by a jitted function are checked now, not staged into it.
-    with jax.ensure_compile_time_eval():
-        ids, pos = as_layout(segment_ids, segment_pos, name=name)
-        code, token = jax.device_get(_jitted_error_codes(ids, pos, num_segments, mask))
+    if on_host(segment_ids, segment_pos):
+        ids, pos = as_layout(segment_ids, segment_pos, name=name, ops=NUMPY)
+        code, token = _error_codes(ids, pos, num_segments=num_segments, mask=mask, ops=NUMPY)
+    else:
+        # Concrete arrays closed over by a jitted function are checked now, not staged into it.
+        with jax.ensure_compile_time_eval():
+            ids, pos = as_layout(segment_ids, segment_pos, name=name)
+            code, token = jax.device_get(_jitted_error_codes(ids, pos, num_segments, mask))
     bad_rows = np.flatnonzero(np.asarray(code).reshape(-1))
     if bad_rows.size == 0:
         return
