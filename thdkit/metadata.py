@@ -17,6 +17,10 @@ a threshold on positions:
 
 So one scatter per side finds the endpoints (O(T) time, O(S) memory), a vectorised binary search
 over each run finds the interval ends (O(S log T)), and the rest is O(S).
+
+The linear method is written once over an array module (:class:`thdkit.host.ArrayOps`): JAX
+inputs run it as a jitted program (compiled once per shape), NumPy inputs (and Python lists) run
+the same code in NumPy on the host, compiling nothing (:mod:`thdkit.host`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Int
 
 from thdkit import counting
+from thdkit.host import JAX, NUMPY, ArrayOps, on_host
 from thdkit.inputs import as_layouts
 from thdkit.layout import validate_concrete
 from thdkit.limits import MAX_SEQ_LEN, check_int, check_max_segments, is_concrete
@@ -183,16 +188,24 @@ def _check_segment_ends(seqlens: Array, offsets: Array, seq_len: int, name: str,
 Rows = tuple[Int[Array, "N T"], Int[Array, "N T"]]
 
 
-def _endpoints(ids: Int[Array, "N T"], num_segments: int) -> tuple[Array, Array]:
+def _endpoints(
+    ids: Int[Array, "N T"], num_segments: int, ops: ArrayOps = JAX
+) -> tuple[Array, Array]:
     """First and last token index of each id 1..S per row (T and -1 where absent): int32[N, S]."""
+    xp = ops.xp
     seq_len = ids.shape[-1]
-    t = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), ids.shape)
-    first, last = counting.segment_extrema(ids, t, num_segments=num_segments)
-    return jnp.minimum(first[:, 1:], seq_len), jnp.maximum(last[:, 1:], -1)
+    t = xp.broadcast_to(xp.arange(seq_len, dtype=xp.int32), ids.shape)
+    first, last = counting.segment_extrema(ids, t, num_segments=num_segments, ops=ops)
+    return xp.minimum(first[:, 1:], seq_len), xp.maximum(last[:, 1:], -1)
 
 
 def linear_rows(
-    q: Rows, kv: Rows | None, *, mask_type: MaskType, num_segments: int
+    q: Rows,
+    kv: Rows | None,
+    *,
+    mask_type: MaskType,
+    num_segments: int,
+    ops: ArrayOps = JAX,
 ) -> tuple[Array, Array, Array, Array]:
     """Raw metadata of N rows by the linear method (kv None means kv = q).
 
@@ -201,24 +214,37 @@ def linear_rows(
         kv: the same for keys/values, or None for self-attention.
         mask_type: a parsed ``MaskType``.
         num_segments: S.
+        ops: the array module: :data:`thdkit.host.JAX` (traced; the default) or
+            :data:`thdkit.host.NUMPY` (NumPy arrays in and out, on the host).
 
     Returns:
         ``(q_seqlens int32[N, S], kv_seqlens int32[N, S], q_offsets int32[N, S+1],
         kv_offsets int32[N, S+1])``.
+
+    Example:
+        >>> from thdkit.host import NUMPY
+        >>> row = (np.array([[1, 1, 1, 2, 2, 0, 0, 3]], np.int32),
+        ...        np.array([[0, 1, 2, 0, 1, 2, 0, 0]], np.int32))
+        >>> linear_rows(row, None, mask_type=MaskType.PADDING_CAUSAL, num_segments=4,
+        ...             ops=NUMPY)[2]
+        array([[ 0,  3,  7, -1, -1]], dtype=int32)
     """
+    xp = ops.xp
     ids_q, pos_q = q
-    first_q, last_q = _endpoints(ids_q, num_segments)
+    first_q, last_q = _endpoints(ids_q, num_segments, ops)
     if kv is None:
         pos_kv, first_kv, last_kv = pos_q, first_q, last_q
     else:
         pos_kv = kv[1]
-        first_kv, last_kv = _endpoints(kv[0], num_segments)
+        first_kv, last_kv = _endpoints(kv[0], num_segments, ops)
     both = (last_q >= 0) & (last_kv >= 0)
     end_q, end_kv = last_q + 1, last_kv + 1
     start_q = first_q
     if mask_type.uses_positions:
-        min_pos_kv = counting.gather_rows(pos_kv, jnp.clip(first_kv, 0, pos_kv.shape[-1] - 1))
-        max_pos_q = counting.gather_rows(pos_q, jnp.clip(last_q, 0, pos_q.shape[-1] - 1))
+        min_pos_kv = counting.gather_rows(
+            pos_kv, xp.clip(first_kv, 0, pos_kv.shape[-1] - 1), ops=ops
+        )
+        max_pos_q = counting.gather_rows(pos_q, xp.clip(last_q, 0, pos_q.shape[-1] - 1), ops=ops)
         # Bottom-right compares rl - pos; with rl the run length this shifts the thresholds.
         shift = (end_q - first_q) - (end_kv - first_kv) if mask_type.is_bottom_right else 0
         q_search = (first_q, end_q, min_pos_kv + shift)
@@ -227,15 +253,18 @@ def linear_rows(
             # Same positions on both sides: one search over both sets of intervals.
             found = counting.first_at_least(
                 pos_q,
-                *(jnp.concatenate(pair, axis=-1) for pair in zip(q_search, kv_search, strict=True)),
+                *(xp.concatenate(pair, axis=-1) for pair in zip(q_search, kv_search, strict=True)),
+                ops=ops,
             )
-            start_q, end_kv = jnp.split(found, 2, axis=-1)
+            start_q, end_kv = xp.split(found, 2, axis=-1)
         else:
-            start_q = counting.first_at_least(pos_q, *q_search)
-            end_kv = counting.first_at_least(pos_kv, *kv_search)
-    q_seqlens = jnp.where(both, end_q - start_q, 0)
-    kv_seqlens = jnp.where(both, end_kv - first_kv, 0)
-    offsets = jax.vmap(functools.partial(counting.compact, size=num_segments + 1, fill=-1))
+            start_q = counting.first_at_least(pos_q, *q_search, ops=ops)
+            end_kv = counting.first_at_least(pos_kv, *kv_search, ops=ops)
+    q_seqlens = xp.where(both, end_q - start_q, 0)
+    kv_seqlens = xp.where(both, end_kv - first_kv, 0)
+    offsets = ops.map_rows(
+        functools.partial(counting.compact, size=num_segments + 1, fill=-1, ops=ops)
+    )
     return (
         q_seqlens,
         kv_seqlens,
@@ -311,6 +340,14 @@ def seqlens_and_offsets(
     rules); check those with :func:`thdkit.check_layout` and ``checkify``, or
     :func:`thdkit.layout_error_codes`.
 
+    Host path: when every layout array given is a NumPy array or a Python list (none a
+    ``jax.Array``), the validation and the linear method run in NumPy on the calling CPU and
+    nothing is compiled, which suits a data pipeline that meets a new shape every batch. The
+    result is then a ``SeqMeta`` of **NumPy** int32 arrays, bit-equal to the device path's, and
+    the errors are the same. JAX arrays (concrete or traced) take the device path: a jitted
+    program, compiled once per shape, giving JAX arrays. (``method="one_hot"`` and ``"dense"``,
+    the baselines, run on the device even for NumPy inputs, and return NumPy arrays too.)
+
     Args:
         segment_ids_q: int[*B, T_q]; 0 = padding, 1..S = the document of each query token.
         segment_pos_q: int[*B, T_q]; each query token's position inside its document.
@@ -326,7 +363,7 @@ def seqlens_and_offsets(
 
     Returns:
         :class:`SeqMeta`; seqlens int32[*B, S], offsets int32[*B, S+1] (-1 after the last
-        segment).
+        segment): NumPy arrays for NumPy (or list) inputs, JAX arrays for JAX inputs.
 
     Raises:
         TypeError: a non-integer array, a bad ``max_segments_per_seq``, ``mask_type``,
@@ -343,6 +380,14 @@ def seqlens_and_offsets(
         ...                            max_segments_per_seq=4)
         >>> meta.q_seqlens, meta.q_offsets
         (Array([3, 2, 1, 0], dtype=int32), Array([ 0,  3,  7, -1, -1], dtype=int32))
+
+        NumPy inputs stay on the host (nothing compiled) and give NumPy arrays:
+
+        >>> host = seqlens_and_offsets(segment_ids_q=np.asarray(ids),
+        ...                            segment_pos_q=[0, 1, 2, 0, 1, 2, 0, 0],
+        ...                            max_segments_per_seq=4)
+        >>> host.q_seqlens, host.q_offsets
+        (array([3, 2, 1, 0], dtype=int32), array([ 0,  3,  7, -1, -1], dtype=int32))
 
         Under jit, the options are static:
 
@@ -362,9 +407,18 @@ def seqlens_and_offsets(
     if not isinstance(compact, (bool, np.bool_)):
         raise TypeError(f"compact must be a bool, got {type(compact).__name__}")
     compact = bool(compact)
-    q, kv = as_layouts(segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)
+    host = on_host(segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)
+    q, kv = as_layouts(
+        segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv, ops=NUMPY if host else JAX
+    )
     validate_concrete(q, kv, max_segments_per_seq=num_segments, mask_type=mask)
-    return _compute(q, kv, method=method, mask=mask, num_segments=num_segments, compact=compact)
+    options = dict(mask=mask, num_segments=num_segments, compact=compact)
+    if not host:
+        return _compute(q, kv, method=method, **options)
+    if method == "linear":
+        return _compute_on_host(q, kv, **options)
+    # The O(T·S) and O(T²) baselines run on the device; their results come back as NumPy.
+    return jax.device_get(_compute(q, kv, method=method, **options))
 
 
 def segments_metadata(
@@ -408,6 +462,30 @@ def segments_metadata(
     )
 
 
+def _metadata_of(
+    q: tuple[Array, Array],
+    kv: tuple[Array, Array] | None,
+    *,
+    rows_fn: Callable[[Rows, Rows | None], tuple[Array, ...]],
+    num_segments: int,
+    compact: bool,
+    ops: ArrayOps,
+) -> SeqMeta:
+    """Raw metadata of the flattened rows by ``rows_fn``, compacted if asked, batch dims back."""
+    batch = q[0].shape[:-1]
+    q_seqlens, kv_seqlens, q_offsets, kv_offsets = rows_fn(
+        _as_rows(q), None if kv is None else _as_rows(kv)
+    )
+    if compact:
+        to_front = ops.map_rows(
+            lambda s: counting.compact(s, s > 0, size=num_segments, fill=0, ops=ops)
+        )
+        q_seqlens, kv_seqlens = to_front(q_seqlens), to_front(kv_seqlens)
+    return SeqMeta(
+        *(a.reshape(*batch, a.shape[-1]) for a in (q_seqlens, kv_seqlens, q_offsets, kv_offsets))
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("method", "mask", "num_segments", "compact"))
 def _compute(
     q: tuple[Array, Array],
@@ -419,13 +497,20 @@ def _compute(
     compact: bool,
 ) -> SeqMeta:
     """The checked call of :func:`seqlens_and_offsets`, compiled once per shape when eager."""
-    batch = q[0].shape[:-1]
-    q_seqlens, kv_seqlens, q_offsets, kv_offsets = _METHODS[method](
-        _as_rows(q), None if kv is None else _as_rows(kv), mask_type=mask, num_segments=num_segments
-    )
-    if compact:
-        to_front = jax.vmap(lambda s: counting.compact(s, s > 0, size=num_segments, fill=0))
-        q_seqlens, kv_seqlens = to_front(q_seqlens), to_front(kv_seqlens)
-    return SeqMeta(
-        *(a.reshape(*batch, a.shape[-1]) for a in (q_seqlens, kv_seqlens, q_offsets, kv_offsets))
+    rows_fn = functools.partial(_METHODS[method], mask_type=mask, num_segments=num_segments)
+    return _metadata_of(q, kv, rows_fn=rows_fn, num_segments=num_segments, compact=compact, ops=JAX)
+
+
+def _compute_on_host(
+    q: tuple[np.ndarray, np.ndarray],
+    kv: tuple[np.ndarray, np.ndarray] | None,
+    *,
+    mask: MaskType,
+    num_segments: int,
+    compact: bool,
+) -> SeqMeta:
+    """:func:`_compute` of the linear method in NumPy: the same code, NumPy arrays, no XLA."""
+    rows_fn = functools.partial(linear_rows, mask_type=mask, num_segments=num_segments, ops=NUMPY)
+    return _metadata_of(
+        q, kv, rows_fn=rows_fn, num_segments=num_segments, compact=compact, ops=NUMPY
     )
