@@ -85,10 +85,12 @@ class AttentionConfig:
         if max_segments_per_seq is not None:
             num_segments = check_max_segments(max_segments_per_seq)
         block_q, block_kv = (
-            min(
-                seq,
-                default_block(seq, num_segments or 1) if b is None else check_int(b, name, low=1),
-            )
-            for b, name, seq in ((block_q, "block_q", seq_q), (block_kv, "block_kv", seq_kv))
+            None if b is None else check_int(b, name, low=1)
+            for b, name in ((block_q, "block_q"), (block_kv, "block_kv"))
         )
+        if seq_q is not None and seq_kv is not None:
+            block_q, block_kv = (
+                min(seq, default_block(seq, num_segments or 1) if b is None else b)
+                for b, seq in ((block_q, seq_q), (block_kv, seq_kv))
+            )
         return cls(mask, window, num_segments, block_q, block_kv, bool(self_attention))
