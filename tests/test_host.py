@@ -166,6 +166,28 @@ def test_the_exact_search_runs_on_the_host_too(monkeypatch):
     np.testing.assert_array_equal(got, [[2, 5, 8]])
 
 
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1))
+def test_the_shim_operations_agree(seed):
+    # Indices below -M, in [-M, 0) (counted from the end), in range and past the end.
+    rng, size = np.random.default_rng(seed), 4
+    out = rng.integers(-5, 5, (size, 2)).astype(np.int32)
+    index = rng.integers(-2 * size, 2 * size, 9).astype(np.int32)
+    values = rng.integers(-9, 9, (9, 2)).astype(np.int32)
+    want = JAX.scatter_max(*(jnp.asarray(a) for a in (out, index, values)))
+    np.testing.assert_array_equal(NUMPY.scatter_max(out, index, values), want)
+    rows = rng.integers(-9, 9, (3, 7)).astype(np.int32)
+    np.testing.assert_array_equal(NUMPY.cummax(rows, 1), JAX.cummax(jnp.asarray(rows), 1))
+    # Distinct slots per row, past the end too; some in-range ones written from the end.
+    slots = np.stack([rng.permutation(size + 3)[:5] for _ in range(3)]).astype(np.int32)
+    slots = np.where((slots < size) & (rng.random(slots.shape) < 0.5), slots - size, slots)
+    place = JAX.map_rows(JAX.place)
+    np.testing.assert_array_equal(
+        NUMPY.place(np.full((3, size), -1, np.int32), slots, rows[:, :5]),
+        place(jnp.full((3, size), -1, jnp.int32), jnp.asarray(slots), jnp.asarray(rows[:, :5])),
+    )
+
+
 def test_empty_batch_lists_and_wide_dtypes():
     ids, pos = [[1, 1, 2, 0]], [[0, 1, 0, 1]]
     want = thdkit.seqlens_and_offsets(

@@ -67,8 +67,14 @@ def _jax_place(out: jax.Array, index: jax.Array, values: jax.Array) -> jax.Array
     return out.at[index].set(values, mode="drop")
 
 
+def _wrapped(index: np.ndarray, size: int) -> np.ndarray:
+    """Negative indices counted from the end, as JAX's ``.at[]`` reads them."""
+    return np.where(index < 0, index + size, index) if (index < 0).any() else index
+
+
 def _numpy_place(out: np.ndarray, index: np.ndarray, values: np.ndarray) -> np.ndarray:
     out = np.array(out)  # a fresh, writable array: the JAX version returns a new one too
+    index = _wrapped(index, out.shape[-1])
     keep = (index >= 0) & (index < out.shape[-1])
     where = np.nonzero(keep)
     out[(*where[:-1], index[where])] = values[where]
@@ -80,15 +86,19 @@ def _jax_scatter_max(out: jax.Array, index: jax.Array, values: jax.Array) -> jax
 
 
 def _numpy_scatter_max(out: np.ndarray, index: np.ndarray, values: np.ndarray) -> np.ndarray:
+    index = _wrapped(index, out.shape[0])
     keep = (index >= 0) & (index < out.shape[0])
-    index, values = index[keep], values[keep]
-    # ufunc.at is fast on one-dimensional operands only: one call per trailing column.
-    width = math.prod(out.shape[1:])  # no -1: M may be 0
-    columns = out.reshape(out.shape[0], width).T.copy()
-    flat_values = values.reshape(values.shape[0], width)
-    for column, column_values in zip(columns, flat_values.T, strict=True):
-        np.maximum.at(column, index, column_values)
-    return np.ascontiguousarray(columns.T).reshape(out.shape)
+    if not keep.all():  # Valid layouts drop nothing: skip the copies.
+        index, values = index[keep], values[keep]
+    shape, width = out.shape, math.prod(out.shape[1:])  # no -1: M may be 0
+    out, values = out.reshape(shape[0], width), values.reshape(values.shape[0], width)
+    # ufunc.at is fast on contiguous one-dimensional operands only: one call per column.
+    columns = []
+    for c in range(width):
+        column = out[:, c].copy()
+        np.maximum.at(column, index, np.ascontiguousarray(values[:, c]))
+        columns.append(column)
+    return np.stack(columns, axis=-1).reshape(shape)
 
 
 def _numpy_cond(pred: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
@@ -104,19 +114,19 @@ class ArrayOps:
         xp: the module (``jax.numpy`` or ``numpy``) for everything spelled alike.
         cummax: ``cummax(x, axis)``, the running maximum along ``axis``.
         scatter_max: ``scatter_max(out[M, ...], index[n], values[n, ...])``: ``out`` with
-            ``out[index[k]] = max(out[index[k]], values[k])``; indices outside ``[0, M)`` are
-            dropped.
+            ``out[index[k]] = max(out[index[k]], values[k])``; indices in ``[-M, 0)`` count from
+            the end, the others outside ``[0, M)`` are dropped (JAX's ``mode="drop"``).
         place: ``place(out[..., M], index[..., n], values[..., n])``: ``out`` with
-            ``values[..., k]`` written at ``index[..., k]`` of the last axis, indices outside
-            ``[0, M)`` dropped, kept indices distinct within a row. The JAX version takes one row
+            ``values[..., k]`` written at ``index[..., k]`` of the last axis, indices read as by
+            ``scatter_max``, kept indices distinct within a row. The JAX version takes one row
             (1-D arrays; map it over rows with ``map_rows``), the NumPy version any number.
         cond: ``cond(pred, true_fn, false_fn)``: the result of the branch ``pred`` selects.
         map_rows: lifts a function of ``place``-style rows to ``[N, ...]`` arrays (``jax.vmap``
             for JAX; NumPy functions take the rows as they are).
 
     Example:
-        >>> NUMPY.place(np.full(3, -1), np.array([2, 0, 3]), np.array([7, 8, 9]))
-        array([ 8, -1,  7])
+        >>> NUMPY.place(np.full(4, -1), np.array([2, 0, 4, -1]), np.array([7, 8, 9, 6]))
+        array([ 8, -1,  7,  6])
         >>> NUMPY.scatter_max(np.zeros(2, np.int32), np.array([1, 1, 5]), np.array([4, 6, 9]))
         array([0, 6], dtype=int32)
     """
