@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import grain
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+import thdkit
 from thdkit import reorder
-from thdkit.data import pack, reorder_batch
+from thdkit.data import SEGMENTS, pack, reorder_batch
 from thdkit.layout import validate_layout
 
 T, BATCH = 16, 2
@@ -55,6 +59,13 @@ def test_packed_rows_follow_the_layout_and_keep_every_document(lengths, segments
         ids, pos = batch["inputs_segment_ids"], batch["inputs_positions"]
         assert ids.shape[1:] == (T,) and ids.dtype == np.int32
         validate_layout(ids, pos, max_segments_per_seq=segments, mask_type="padding_causal")
+        # batch["segments"] is the batch's layout as Segments.from_ids builds it, in NumPy.
+        layout = batch[SEGMENTS]
+        assert isinstance(layout, thdkit.Segments) and isinstance(layout.ids, np.ndarray)
+        expected = thdkit.Segments.from_ids(ids, pos)
+        for got, want in zip(jax.tree.leaves(layout), jax.tree.leaves(expected), strict=True):
+            assert got.dtype == np.int32
+            np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(batch["inputs"][ids == 0], 0)
         np.testing.assert_array_equal(batch["targets"], np.where(ids > 0, -batch["inputs"], 0))
         for row_ids, row_pos in zip(ids, pos, strict=True):
@@ -92,15 +103,93 @@ def test_context_parallel_batches_are_the_reordered_plain_batches(kind, stripe):
     }[kind]
     for a, b in zip(plain, cp, strict=True):
         assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_array_equal(undo(b[key]), a[key])
+        for key in a:  # arrays and the Segments' fields alike
+            for got, want in zip(jax.tree.leaves(b[key]), jax.tree.leaves(a[key]), strict=True):
+                np.testing.assert_array_equal(undo(got), want)
+        # The reordered rows are valid shard by shard, and the Segments keep whole lengths.
+        shards = b[SEGMENTS].ids.reshape(BATCH, 4 // stripe, -1)
+        shard_pos = b[SEGMENTS].positions.reshape(BATCH, 4 // stripe, -1)
+        validate_layout(shards, shard_pos, max_segments_per_seq=4, mask_type="padding_causal")
+        np.testing.assert_array_equal(undo(b[SEGMENTS].lengths), a[SEGMENTS].lengths)
+
+
+def test_striped_batches_go_to_context_parallel_attention_as_they_are():
+    """pack(cp=2)'s batch["segments"], sharded with the batch, is what
+    context_parallel_attention takes: the same attention as the plain batch on one device."""
+    docs = _documents([7, 3, 9, 12, 1, 5, 6, 4, 11])
+    options = dict(seq_len=T, max_segments_per_seq=4, batch_size=BATCH, features=("inputs",))
+    plain = next(iter(pack(grain.MapDataset.source(docs), **options)))
+    mesh = Mesh(np.array(jax.devices()[:2]), ("cp",))
+    batch = next(iter(pack(grain.MapDataset.source(docs), cp=2, **options)))
+    batch = jax.device_put(batch, NamedSharding(mesh, P(None, "cp")))
+    qkv = jax.random.normal(jax.random.key(0), (3, BATCH, T, 1, 4))
+    expected = thdkit.attention(
+        *qkv,
+        plan=thdkit.plan_attention(
+            plain[SEGMENTS], mask_type="padding_causal", max_segments_per_seq=4
+        ),
+    )
+    q, k, v = (jax.device_put(reorder.striped(x, cp=2, axis=1), batch[SEGMENTS].ids.sharding)
+               for x in qkv)  # fmt: skip
+    out = thdkit.context_parallel_attention(
+        q, k, v, q_segments=batch[SEGMENTS], max_segments_per_seq=4, mesh=mesh, axis_name="cp"
+    )
+    np.testing.assert_allclose(reorder.unstriped(out, cp=2, axis=1), expected, atol=1e-5)
+    # The reordered ids are not a whole-row layout: from_ids refuses them (rule 3 or 4).
+    with pytest.raises(ValueError, match=r"row 0, token \d+: id \d"):
+        thdkit.Segments.from_ids(
+            np.asarray(batch["inputs_segment_ids"]), np.asarray(batch["inputs_positions"])
+        )
+
+
+def _leaky(packer: type, *, extra: int = 1):
+    """A Grain packer that ignores the cap on documents a row by ``extra``."""
+
+    def make(*args, max_sequences_per_bin: int, **kwargs):
+        return packer(*args, max_sequences_per_bin=max_sequences_per_bin + extra, **kwargs)
+
+    return make
+
+
+def test_batches_are_checked_on_the_host_an_id_above_s_raises(monkeypatch):
+    """A packer that breaks S is caught before the batch leaves the pipeline, naming the key, the
+    row and the token (under jit the id would pass unnoticed)."""
+    real = grain.experimental.FirstFitPackIterDataset
+    monkeypatch.setattr(grain.experimental, "FirstFitPackIterDataset", _leaky(real))
+    docs = grain.MapDataset.source(_documents([2, 2, 2, 2]))
+    rows = pack(docs, seq_len=T, max_segments_per_seq=2, batch_size=1)
+    with pytest.raises(
+        ValueError,
+        match=r"pack: .*inputs_segment_ids row 0, token 4: id 3 exceeds max_segments_per_seq=2",
+    ):
+        next(iter(rows))
+
+
+def test_batches_are_checked_on_the_host_features_must_agree(monkeypatch):
+    real = grain.experimental.FirstFitPackIterDataset
+
+    def shifted(*args, **kwargs):  # targets packed with a layout of their own
+        def corrupt(row):
+            return row | {"targets_positions": row["targets_positions"] + 1}
+
+        return real(*args, **kwargs).map(corrupt)
+
+    monkeypatch.setattr(grain.experimental, "FirstFitPackIterDataset", shifted)
+    rows = pack(grain.MapDataset.source(_documents([3])), seq_len=T, max_segments_per_seq=2,
+                batch_size=1, features=("inputs", "targets"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"targets_positions row 0, token 0: 1 differs from"):
+        next(iter(rows))
 
 
 def test_reorder_batch_reorders_every_array_alike():
-    batch = {"a": np.arange(8)[None], "b": 10 * np.arange(8)[None]}
+    layout = thdkit.Segments(*(k * np.arange(8)[None] for k in (1, 2, 3)))
+    batch = {"a": np.arange(8)[None], "b": 10 * np.arange(8)[None], "layout": layout}
     out = reorder_batch(batch, cp=2, stripe_size=2)
     np.testing.assert_array_equal(out["a"], [[0, 1, 4, 5, 2, 3, 6, 7]])
     np.testing.assert_array_equal(out["b"], 10 * out["a"])
+    assert isinstance(out["layout"], thdkit.Segments)
+    for k, field in enumerate(jax.tree.leaves(out["layout"]), start=1):
+        np.testing.assert_array_equal(field, k * out["a"])
     with pytest.raises(ValueError, match=r"batch\['a'\]"):
         reorder_batch({"a": np.arange(6)}, cp=4)
 
@@ -145,6 +234,9 @@ def test_option_errors_name_the_option(options, error, match):
         ),
         (dict(features=("inputs", "targets")), ValueError, r"features names \['targets'\], which"),
         (dict(features=["inputz"]), ValueError, r"features names \['inputz'\], which the docu"),
+        (dict(features=("segments",)), ValueError, r"features must not name 'segments'"),
+        (dict(features=("segments",)), ValueError, r"features must not name 'segments'"),
+        (dict(features=("segments",)), ValueError, r"features must not name 'segments'"),
         # the other arguments
         (dict(seq_len=2**30 + 1), ValueError, r"seq_len must be >= 1 and <= 1073741824"),
         (dict(max_segments_per_seq=2**30), ValueError, "max_segments_per_seq must be >= 1 and <="),

@@ -5,17 +5,24 @@ Axis legend: B batch (``batch_size``), T row length (``seq_len``), S = ``max_seg
 Grain's packers (``grain.experimental.FirstFitPackIterDataset``, ``BestFitPackIterDataset``) emit
 for each packed feature ``f`` the tokens ``f``, ``f_segment_ids`` (1..n for the documents of the
 row, 0 for padding) and ``f_positions`` (each token's position inside its document, 0 on
-padding): thdkit's layout convention as it is, so ``thdkit.Segments.from_ids(
-batch["inputs_segment_ids"], batch["inputs_positions"])`` describes a batch. :func:`pack` adds
-what a training loop needs around them:
+padding): thdkit's layout convention as it is. :func:`pack` adds what a training loop needs
+around them:
 
-- ``max_sequences_per_bin`` tied to ``max_segments_per_seq``, so no row ever holds an id above S;
+- ``max_sequences_per_bin`` tied to ``max_segments_per_seq``, so no row holds an id above S;
 - documents longer than T truncated to T (Grain refuses them), empty ones dropped;
-- batching to ``[B, T]``;
+- batching to ``[B, T]``, and every batch checked on the host (NumPy, nothing compiled) against
+  the layout rules and S before it leaves the pipeline;
+- ``batch["segments"]``: the batch's :class:`thdkit.Segments` (ids, positions, document lengths),
+  ready for :func:`thdkit.plan_attention`, :class:`thdkit.flax.PackedSelfAttention` and
+  :func:`thdkit.context_parallel_attention`;
 - for context parallelism, the load-balancing reorder (:func:`thdkit.reorder.striped` or
   :func:`thdkit.reorder.dual_chunk_swap`) applied on the host, in NumPy, to every per-token
-  array of the batch, so the device never reorders: shard the sequence axis over the mesh and
-  call :func:`thdkit.ring_attention` (or :class:`thdkit.flax.PackedSelfAttention` with a mesh).
+  array of the batch and to ``batch["segments"]``, so the device never reorders: shard the
+  sequence axis over the mesh and pass ``batch["segments"]`` to
+  :func:`thdkit.context_parallel_attention` (``q_segments=``) or to the layer with a mesh. A
+  reordered row is not a valid layout as a whole row (each document appears once per shard), so
+  ``thdkit.Segments.from_ids`` refuses the reordered ``*_segment_ids``; ``batch["segments"]``
+  needs no rebuilding.
 
 Install with ``pip install "thdkit[flax]"`` (it brings ``grain``); the rest of thdkit never
 imports this module.
@@ -30,16 +37,21 @@ from typing import Any, Literal
 import grain
 import numpy as np
 
+from thdkit.layout import validate_layout
 from thdkit.limits import MAX_SEGMENTS, MAX_SEQ_LEN
 from thdkit.reorder import dual_chunk_swap, striped
+from thdkit.segments import Segments
 
-__all__ = ["pack", "reorder_batch"]
+__all__ = ["SEGMENTS", "pack", "reorder_batch"]
 
 Algorithm = Literal["first_fit", "best_fit"]
 Reorder = Literal["striped", "dual_chunk_swap"]
 
 
 _SUFFIXES = ("_segment_ids", "_positions")  # What Grain's packers add to each feature's name.
+
+SEGMENTS = "segments"
+"""The key of a batch's :class:`thdkit.Segments` in what :func:`pack` yields."""
 
 
 def _positive_int(value: Any, name: str, *, high: int | None = None, low: int = 1) -> int:
@@ -96,6 +108,11 @@ def _feature_names(features: Any) -> tuple[str, ...]:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"features must name each feature once, got {repeated} more than once")
+    if SEGMENTS in names:
+        raise ValueError(
+            f"features must not name {SEGMENTS!r}: pack yields the batch's thdkit.Segments under "
+            "that key; rename the feature"
+        )
     clashes = [n + suffix for n in names for suffix in _SUFFIXES if n + suffix in names]
     if clashes:
         raise ValueError(
@@ -115,28 +132,81 @@ def _first_document(dataset: grain.MapDataset) -> Any:
     return dataset[0]
 
 
+def _first_difference(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    """(row, token) of the first element where two [B, T] arrays differ."""
+    row, token = np.argwhere(a != b)[0]
+    return int(row), int(token)
+
+
+def _document_lengths(ids: np.ndarray) -> np.ndarray:
+    """Each token's run length (its document's length: one run per document), 0 on padding;
+    int32[B, T] from valid int32[B, T] ids, in O(B·T)."""
+    starts = np.ones(ids.shape, bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    run = np.cumsum(starts.reshape(-1)) - 1  # Every row starts a run: runs never span rows.
+    lengths = np.bincount(run)[run].reshape(ids.shape).astype(np.int32)
+    return np.where(ids > 0, lengths, 0).astype(np.int32)
+
+
+def _batch_segments(
+    batch: Mapping[str, np.ndarray], *, features: Sequence[str], max_segments_per_seq: int
+) -> Segments:
+    """The Segments of a packed batch (document order), after checking it on the host: every
+    feature's ids and positions keep the layout rules (ids <= S, one run per document, ids
+    increasing, positions increasing inside each document) and agree across the features."""
+    first = features[0]
+    ids, pos = batch[first + "_segment_ids"], batch[first + "_positions"]
+    try:
+        validate_layout(
+            ids,
+            pos,
+            max_segments_per_seq=max_segments_per_seq,
+            mask_type="padding_causal",
+            name=first + "_segment_ids",
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"pack: the packer emitted a batch that breaks the layout rules: {error}"
+        ) from None
+    for feature in features[1:]:
+        for suffix in _SUFFIXES:
+            mine, theirs = batch[feature + suffix], batch[first + suffix]
+            if not np.array_equal(mine, theirs):
+                row, token = _first_difference(mine, theirs)
+                raise ValueError(
+                    f"pack: {feature}{suffix} row {row}, token {token}: {mine[row, token]} "
+                    f"differs from {first}{suffix}'s {theirs[row, token]}; every feature of a "
+                    "document must have the same length"
+                )
+    ids, pos = np.asarray(ids, np.int32), np.asarray(pos, np.int32)
+    return Segments(ids=ids, positions=pos, lengths=_document_lengths(ids))
+
+
 def reorder_batch(
-    batch: Mapping[str, np.ndarray],
+    batch: Mapping[str, np.ndarray | Segments],
     *,
     cp: int,
     reorder: Reorder = "striped",
     stripe_size: int = 1,
-) -> dict[str, np.ndarray]:
+) -> dict[str, np.ndarray | Segments]:
     """Applies the context-parallel reorder to every per-token array of a batch (host side).
 
     Every value's last axis is the sequence axis (tokens, segment ids, positions, labels, loss
-    weights alike), so all of them stay aligned. The output comes back from
-    :func:`thdkit.ring_attention` in the same order; a token-wise loss over reordered labels
-    needs no inverse (:func:`thdkit.reorder.unstriped` restores the order otherwise).
+    weights alike), so all of them stay aligned; a :class:`thdkit.Segments` value (``pack``'s
+    ``batch["segments"]``) is reordered field by field, its lengths staying the whole documents'
+    lengths. The output comes back from :func:`thdkit.context_parallel_attention` in the same
+    order; a token-wise loss over reordered labels needs no inverse
+    (:func:`thdkit.reorder.unstriped` restores the order otherwise).
 
     Args:
-        batch: mapping of name to NumPy array [..., T].
+        batch: mapping of name to NumPy array [..., T] or :class:`thdkit.Segments`.
         cp: the number of context-parallel ranks, an int >= 1.
         reorder: ``"striped"`` (causal masks, packed rows) or ``"dual_chunk_swap"``.
         stripe_size: tokens per stripe (``"striped"`` only).
 
     Returns:
-        A new dict with the same keys, each array reordered along its last axis.
+        A new dict with the same keys, each array (each Segments field) reordered along its last
+        axis.
 
     Raises:
         TypeError: ``batch`` not a mapping, a non-int ``cp`` or ``stripe_size``, a non-str
@@ -154,14 +224,21 @@ def reorder_batch(
     cp = _positive_int(cp, "cp")
     stripe_size = _positive_int(stripe_size, "stripe_size")
     reorder = _choice(reorder, "reorder", ("striped", "dual_chunk_swap"))
-    out = {}
+
+    def move(array: Any) -> np.ndarray:
+        array = np.asarray(array)
+        if reorder == "striped":
+            return striped(array, cp=cp, stripe_size=stripe_size)
+        return dual_chunk_swap(array, cp=cp)
+
+    out: dict[str, np.ndarray | Segments] = {}
     for name, value in batch.items():
-        array = np.asarray(value)
         try:
-            if reorder == "striped":
-                out[name] = striped(array, cp=cp, stripe_size=stripe_size)
+            if isinstance(value, Segments):
+                fields = (value.ids, value.positions, value.lengths)
+                out[name] = Segments(*(move(field) for field in fields))
             else:
-                out[name] = dual_chunk_swap(array, cp=cp)
+                out[name] = move(value)
         except ValueError as error:
             raise ValueError(f"batch[{name!r}]: {error}") from None
     return out
@@ -189,7 +266,16 @@ def pack(
     a 1-D array of the same length (e.g. ``inputs`` and next-token ``targets``). Documents are
     truncated to ``seq_len`` tokens and empty ones are dropped; rows hold at most
     ``max_segments_per_seq`` documents (``max_segments_per_seq=1`` gives one document per row,
-    padded: the baseline packing is measured against).
+    padded: the baseline packing is measured against). Every batch is checked on the host before
+    it is yielded (NumPy, nothing compiled): ids in ``[0, max_segments_per_seq]``, each document
+    one run, ids increasing along the row, positions increasing inside each document, the same
+    layout for every feature. Thdkit's own pipeline thus never hands the device a layout that
+    jitted code could not check.
+
+    ``batch["segments"]`` is what attention takes: plan it (``thdkit.plan_attention(
+    batch["segments"], max_segments_per_seq=S, ...)`` or ``layer.plan``) at ``cp=1``, or pass it
+    as it is, reordered with the tokens, to :func:`thdkit.context_parallel_attention`
+    (``q_segments=``) or to :class:`thdkit.flax.PackedSelfAttention` with a mesh at ``cp > 1``.
 
     Args:
         dataset: a ``grain.IterDataset`` or ``grain.MapDataset`` of documents.
@@ -197,35 +283,37 @@ def pack(
         max_segments_per_seq: S, the most documents a row may hold (Grain's
             ``max_sequences_per_bin``); pass the same S to :func:`thdkit.plan_attention`.
         batch_size: B, rows per batch.
-        features: the per-token features to pack.
+        features: the per-token features to pack (not ``"segments"``, the key of the layout).
         num_packing_bins: rows packed at once (more bins, less padding); None means
             ``batch_size``.
         algorithm: ``"first_fit"`` (``FirstFitPackIterDataset``) or ``"best_fit"``
             (``BestFitPackIterDataset``).
         shuffle_bins: shuffle the rows of each packing round (Grain's option).
         seed: the seed of that shuffle.
-        cp: context-parallel ranks; above 1 every array of a batch is reordered by
+        cp: context-parallel ranks; above 1 every value of a batch is reordered by
             :func:`reorder_batch` (host side, NumPy).
         reorder, stripe_size: the reorder (see :func:`reorder_batch`).
         drop_remainder: drop a last, smaller batch.
 
     Returns:
         A ``grain.IterDataset`` of dicts: for each feature ``f``, ``f`` ([B, T], the feature's
-        dtype; 0 on padding), ``f_segment_ids`` (int32[B, T]; 0 = padding, 1..n documents) and
-        ``f_positions`` (int32[B, T]; position inside the document, 0 on padding), reordered
-        along T when ``cp > 1``.
+        dtype; 0 on padding), ``f_segment_ids`` (int32[B, T]; 0 = padding, 1..n <= S documents)
+        and ``f_positions`` (int32[B, T]; position inside the document, 0 on padding); and
+        ``"segments"``, the batch's :class:`thdkit.Segments` (NumPy int32[B, T] ids, positions
+        and document lengths). Every value is reordered along T when ``cp > 1``.
 
     Raises:
         TypeError: ``dataset`` not a Grain dataset; a non-int size or ``seed``; ``features`` a
             str (one name: pass ``("inputs",)``) or not a sequence of str; a non-bool
             ``shuffle_bins`` or ``drop_remainder``; a non-str ``algorithm`` or ``reorder``.
         ValueError: a size below 1, T above :data:`thdkit.MAX_SEQ_LEN`, S above
-            :data:`thdkit.MAX_SEGMENTS`, a negative ``seed``, no features, a repeated feature or
-            one that collides with another's packed keys, an unknown ``algorithm`` or
-            ``reorder``, T not divisible for the reorder, a ``grain.MapDataset`` whose first
-            document lacks a feature (each names the parameter); while iterating, a document
-            that is not a dict of 1-D arrays of equal lengths holding every feature (an
-            ``IterDataset`` is read only then).
+            :data:`thdkit.MAX_SEGMENTS`, a negative ``seed``, no features, a repeated feature,
+            one named ``"segments"`` or one that collides with another's packed keys, an unknown
+            ``algorithm`` or ``reorder``, T not divisible for the reorder, a
+            ``grain.MapDataset`` whose first document lacks a feature (each names the
+            parameter); while iterating, a document that is not a dict of 1-D arrays of equal
+            lengths holding every feature (an ``IterDataset`` is read only then), or a packed
+            batch that breaks the layout rules (naming the key, the row and the token).
 
     Example:
         >>> docs = [{"inputs": np.arange(1, n + 1)} for n in (3, 2, 4, 1)]
@@ -237,6 +325,12 @@ def pack(
                [1, 1, 1, 1, 2, 0, 0, 0]], dtype=int32)
         >>> batch["inputs_positions"][1]
         array([0, 1, 2, 3, 0, 0, 0, 0], dtype=int32)
+        >>> batch["segments"].lengths[1]
+        array([4, 4, 4, 4, 1, 0, 0, 0], dtype=int32)
+        >>> striped = next(iter(pack(grain.MapDataset.source(docs), seq_len=8,
+        ...                          max_segments_per_seq=2, batch_size=2, cp=2)))
+        >>> striped["segments"].ids[0]  # shard 0 holds tokens 0, 2, 4, 6; shard 1 the rest
+        array([1, 1, 2, 0, 1, 2, 0, 0], dtype=int32)
     """
     if not isinstance(dataset, (grain.MapDataset, grain.IterDataset)):
         raise TypeError(
@@ -300,8 +394,12 @@ def pack(
         max_sequences_per_bin=num_segments,
     )
     batches = packed.batch(batch_size, drop_remainder=drop_remainder)
-    if cp > 1:
-        return batches.map(
-            lambda b: reorder_batch(b, cp=cp, reorder=reorder, stripe_size=stripe_size)
-        )
-    return batches
+
+    def finish(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray | Segments]:
+        segments = _batch_segments(batch, features=features, max_segments_per_seq=num_segments)
+        batch = {**batch, SEGMENTS: segments}
+        if cp == 1:
+            return batch
+        return reorder_batch(batch, cp=cp, reorder=reorder, stripe_size=stripe_size)
+
+    return batches.map(finish)
