@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen, nnx
+from jax.experimental import checkify
 from jax.sharding import Mesh
 
 import thdkit
@@ -288,6 +289,7 @@ def test_train_step_plans_once_not_per_layer():
         (lambda: _layer((2, 2, 8), implementation="flash"), ValueError, "implementation"),
         (lambda: _layer((2, 2, 8), dropout_rate=1.0), ValueError, "dropout_rate"),
         (lambda: _layer((2, 2, 8), window_size=(1.0, 2)), TypeError, "window_size left"),
+        (lambda: _layer((2, 2, 8), check_layout=1), TypeError, "check_layout must be a bool"),
         (
             lambda: PackedSelfAttention(3, F, qkv_features=16, rngs=nnx.Rngs(0)),
             ValueError,
@@ -324,6 +326,81 @@ def test_call_errors():
     other = thdkit.plan_attention(segments, mask_type="padding", max_segments_per_seq=S)
     with pytest.raises(ValueError, match="differ from the layer"):
         layer(x, other)
+
+
+def _above_s(ids: np.ndarray) -> np.ndarray:
+    """The ids of a row shifted above S = ``S``: each document keeps its run."""
+    return np.where(ids > 0, ids + S, 0)
+
+
+def test_check_layout_catches_an_id_above_s_under_jit():
+    """Under jit nothing validates values: with check_layout=True the layer's checkify check
+    reports the id above S (its row, token and code); without it the step runs silently."""
+    ids, pos = _layout(8)
+    x = _x(8)
+
+    @nnx.jit
+    def forward(layer, x, segments):
+        return checkify.checkify(lambda x: layer(x, segments, max_segments_per_seq=S))(x)
+
+    @nnx.jit
+    def forward_plan(layer, x, segments):
+        def f(x):
+            return layer(x, layer.plan(segments, max_segments_per_seq=S))
+
+        return checkify.checkify(f)(x)
+
+    checked, unchecked = _layer(HEADS[0], check_layout=True), _layer(HEADS[0])
+    good, bad = Segments.from_ids(ids, pos), Segments.from_ids(_above_s(ids), pos)
+    assert forward(checked, x, good)[0].get() is None
+    row, token = np.argwhere(_above_s(ids) > S)[0]
+    for run in (forward, forward_plan):  # planned in the call, or by layer.plan
+        message = run(checked, x, bad)[0].get()
+        assert message.startswith(f"segments.ids: invalid layout in row {row}, token {token}: ")
+        assert f"code {int(thdkit.LayoutError.ID_ABOVE_MAX)} " in message
+    assert forward(unchecked, x, bad)[0].get() is None  # opt-in: no check, nothing reported
+    with pytest.raises(ValueError, match="not functionalized"):  # JAX: checkify.checkify needed
+        nnx.jit(lambda layer, x, s: layer(x, s, max_segments_per_seq=S))(checked, x, bad)
+    # Eagerly, the plan validates concrete segments as always: a ValueError naming the token.
+    with pytest.raises(ValueError, match=rf"row {row}, token {token}: id \d+ exceeds"):
+        checked(x, bad, max_segments_per_seq=S)
+
+
+@pytest.mark.slow
+def test_check_layout_checks_each_shard_on_a_mesh():
+    cp = 2
+    ids, pos = _layout(9)
+    mesh = Mesh(np.array(jax.devices()[:cp]), ("cp",))
+    layer = _layer(HEADS[0], check_layout=True)
+
+    @nnx.jit
+    def forward(layer, x, segments):
+        def f(x):
+            return layer(x, segments, max_segments_per_seq=S, mesh=mesh, axis_name="cp")
+
+        return checkify.checkify(f)(x)
+
+    def striped_segments(ids):
+        whole = Segments.from_ids(ids, pos)
+        return jax.tree.map(lambda a: reorder.striped(np.asarray(a), cp=cp), whole)
+
+    x = reorder.striped(_x(9), cp=cp, axis=1)
+    assert forward(layer, x, striped_segments(ids))[0].get() is None  # valid shard by shard
+    message = forward(layer, x, striped_segments(_above_s(ids)))[0].get()
+    assert "segments.ids, shard by shard (row = batch row * 2 + shard)" in message
+    assert f"code {int(thdkit.LayoutError.ID_ABOVE_MAX)} " in message
+
+
+def test_a_row_reordered_for_context_parallelism_is_refused_with_a_hint():
+    """Planning a striped row as a whole row breaks rule 3 or 4; the error says where such rows
+    go (ring attention with a mesh)."""
+    ids, pos = _layout(10)
+    layer = _layer(HEADS[0])
+    striped = Segments(*(reorder.striped(np.asarray(a), cp=4) for a in (ids, pos, ids)))
+    with pytest.raises(ValueError, match=r"token \d+: id \d+ .*reordered for context parallelism"):
+        layer.plan(striped, max_segments_per_seq=S)
+    with pytest.raises(ValueError, match=r"pass them with mesh= and axis_name="):
+        layer(_x(10), striped, max_segments_per_seq=S)
 
 
 def test_rope_rejects_float_positions():

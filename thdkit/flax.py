@@ -1,8 +1,8 @@
 """Flax on packed rows: an ``attention_fn`` for Flax's own attention modules, and a layer with RoPE.
 
-Axis legend: B batch, T row length (S the key/value length in cross-attention), F the input
+Axis legend: B batch, T row length (T_kv the key/value length in cross-attention), F the input
 features (``in_features``), N query heads, K key/value heads (``num_kv_heads``, dividing N),
-D head dim.
+D head dim, S = ``max_segments_per_seq`` (the largest segment id).
 
 - :func:`make_attention_fn` returns a function with Flax's ``attention_fn`` signature: pass it to
   a stock ``flax.nnx.MultiHeadAttention(attention_fn=...)`` or
@@ -18,8 +18,12 @@ D head dim.
 
 Attention-weight dropout and sowing the weights (Flax's ``dropout_rate`` / ``deterministic`` and
 ``sow_weights``) need the weights themselves: they run the dense path
-(:func:`thdkit.dot_product_attention_weights`, O(B·N·T·S) memory); everything else runs thdkit's
-kernels, which never build a ``[T, S]`` array.
+(:func:`thdkit.dot_product_attention_weights`, O(B·N·T·T_kv) memory); everything else runs
+thdkit's kernels, which never build a ``[T, T_kv]`` array.
+
+Under ``jit`` nothing validates the values of a layout; ``PackedSelfAttention(...,
+check_layout=True)`` adds :func:`thdkit.check_layout` (``jax.experimental.checkify``) for traced
+layouts, so a step wrapped with ``checkify.checkify`` reports an id above S or a broken run.
 
 Install with ``pip install "thdkit[flax]"``; the rest of thdkit never imports this module.
 """
@@ -168,7 +172,7 @@ def _plan_of(
         raise ValueError(
             f"is_causal=True (top-left causal) conflicts with mask_type={mask.value!r}"
         )
-    return thdkit.plan_attention(
+    return _plan(
         q,
         kv,
         mask_type=mask,
@@ -177,6 +181,27 @@ def _plan_of(
         or _default_segments(q, kv, seq_len=max(seq_q, seq_kv)),
         implementation=implementation,
     )
+
+
+_REORDERED_HINT = (
+    "; if these rows were reordered for context parallelism (striped / dual_chunk_swap, e.g. "
+    "by thdkit.data.pack(cp=...)), they are valid only shard by shard: pass them with mesh= "
+    "and axis_name= (ring attention) or to thdkit.context_parallel_attention, or plan the rows "
+    "in document order"
+)
+_RUN_RULES = ("starts a second run", "must increase from run to run")  # Rules 3 and 4.
+
+
+def _plan(*sides: thdkit.Segments | None, **options: Any) -> thdkit.AttentionPlan:
+    """:func:`thdkit.plan_attention`, with a hint on rules 3 and 4, which a row reordered for
+    context parallelism breaks as a whole row."""
+    try:
+        return thdkit.plan_attention(*sides, **options)
+    except ValueError as error:
+        message = str(error)
+        if any(rule in message for rule in _RUN_RULES) and "context parallelism" not in message:
+            raise ValueError(message + _REORDERED_HINT) from error
+        raise
 
 
 def _default_segments(*sides: thdkit.Segments | None, seq_len: int) -> int:
@@ -190,7 +215,7 @@ def _default_segments(*sides: thdkit.Segments | None, seq_len: int) -> int:
 
 
 def _flatten_dense(x: Any) -> Any:
-    """A bias or mask of [batch..., N, T, S] with several batch dims as [B, N, T, S]."""
+    """A bias or mask of [batch..., N, T, T_kv] with several batch dims as [B, N, T, T_kv]."""
     if x is None or jnp.ndim(x) <= 4:
         return x
     x = jnp.asarray(x)
@@ -286,7 +311,7 @@ def make_attention_fn(
             when the module passes ``is_causal=True``, else ``"padding"``. Not with a plan.
         window_size: ``(left, right)`` sliding window of layouts planned here, or None.
         max_segments_per_seq: S of layouts planned here; None is the largest id of concrete
-            Segments, ``max(T, S)`` for traced ones.
+            Segments, ``max(T, T_kv)`` for traced ones.
         implementation: of layouts planned here (see :func:`thdkit.plan_attention`).
 
     Returns:
@@ -334,9 +359,9 @@ def make_attention_fn(
 
     def attention_fn(
         query: Float[ArrayLike, "*B T N D"],
-        key: Float[ArrayLike, "*B S K D"],
-        value: Float[ArrayLike, "*B S K D_v"],
-        bias: Float[ArrayLike, "*B #N #T #S"] | None = None,
+        key: Float[ArrayLike, "*B T_kv K D"],
+        value: Float[ArrayLike, "*B T_kv K D_v"],
+        bias: Float[ArrayLike, "*B #N #T #T_kv"] | None = None,
         mask: Any = None,
         broadcast_dropout: bool = True,
         dropout_rng: Array | None = None,
@@ -419,8 +444,19 @@ class PackedSelfAttention(nnx.Module):
     cross-attention use ``nnx.MultiHeadAttention`` with :func:`make_attention_fn`.
 
     What it adds: RoPE (:func:`rope`) on q and k at each token's position inside its document,
-    the packed mask, one plan per batch (:meth:`plan`) shared by the layers, and context
-    parallelism (``mesh=``, ``axis_name=``: :func:`thdkit.ring_attention`).
+    the packed mask, one plan per batch (:meth:`plan`) shared by the layers, context
+    parallelism (``mesh=``, ``axis_name=``: :func:`thdkit.ring_attention`), and an opt-in check
+    of traced layouts (``check_layout=True``).
+
+    Eagerly, every layout the layer plans or shards is validated (a ``ValueError`` naming the row
+    and the token). Under ``jit`` the values are tracers and nothing can raise on them: an id
+    above ``max_segments_per_seq`` or a broken run would silently give wrong attention. With
+    ``check_layout=True`` the layer adds :func:`thdkit.check_layout` (a
+    ``jax.experimental.checkify`` check of the layout rules against S) where it plans
+    (:meth:`plan`, or a call given Segments) and, with a mesh, on every shard; wrap the jitted
+    step with ``checkify.checkify`` and call ``err.throw()`` on its error (without
+    ``checkify.checkify`` around it, JAX refuses to trace the check). A call given a plan checks
+    nothing: :meth:`plan` checked its layout.
 
     Args:
         num_heads: N.
@@ -448,14 +484,16 @@ class PackedSelfAttention(nnx.Module):
         use_bias: whether the four projections have biases (Flax's default True).
         rngs: ``nnx.Rngs`` for the initialisation (and, with dropout, its stream).
         keep_rngs: as Flax: store ``rngs.dropout`` for dropout (when ``dropout_rate > 0``).
+        check_layout: add :func:`thdkit.check_layout` (checkify) for traced layouts (see
+            above); False (the default) adds nothing to the program.
 
     Raises:
-        TypeError: a non-int size.
+        TypeError: a non-int size, a non-bool ``check_layout``.
         ValueError: a size below 1, ``qkv_features`` not a multiple of N, N not a multiple of
             K, an odd D with RoPE, a non-positive ``rope_theta``, a ``dropout_rate`` outside
             [0, 1), an unknown ``mask_type`` or ``implementation``, a bad ``window_size``.
 
-    Example:
+    Examples:
         >>> from flax import nnx
         >>> import thdkit
         >>> layer = PackedSelfAttention(2, 8, num_kv_heads=1, rngs=nnx.Rngs(0))
@@ -465,6 +503,18 @@ class PackedSelfAttention(nnx.Module):
         (1, 8, 8)
         >>> layer.query.kernel.shape, layer.key.kernel.shape, layer.out.kernel.shape
         ((8, 2, 4), (8, 1, 4), (2, 4, 8))
+
+        An id above S under ``jit``, caught by ``check_layout=True`` and checkify:
+
+        >>> from jax.experimental import checkify
+        >>> checked = PackedSelfAttention(2, 8, check_layout=True, rngs=nnx.Rngs(0))
+        >>> @nnx.jit
+        ... def forward(layer, x, segments):
+        ...     return checkify.checkify(lambda x: layer(x, segments, max_segments_per_seq=2))(x)
+        >>> bad = thdkit.Segments.from_ids(jnp.array([[1, 1, 1, 2, 2, 3, 0, 0]]))
+        >>> err, y = forward(checked, jnp.ones((1, 8, 8)), bad)
+        >>> print(err.get().split(" (")[0])
+        segments.ids: invalid layout in row 0, token 5: code 2
     """
 
     def __init__(
@@ -492,6 +542,7 @@ class PackedSelfAttention(nnx.Module):
         use_bias: bool = True,
         rngs: nnx.Rngs,
         keep_rngs: bool = True,
+        check_layout: bool = False,
     ) -> None:
         self.num_heads = _size("num_heads", num_heads)
         self.in_features = _size("in_features", in_features)
@@ -533,6 +584,9 @@ class PackedSelfAttention(nnx.Module):
         self.dropout_rate = float(dropout_rate)
         self.deterministic = deterministic
         self.use_bias = use_bias
+        if not isinstance(check_layout, (bool, np.bool_)):
+            raise TypeError(f"check_layout must be a bool, got {type(check_layout).__name__}")
+        self.check_layout = bool(check_layout)
 
         def linear(fan_in: Any, fan_out: Any, **kw: Any) -> nnx.LinearGeneral:
             return nnx.LinearGeneral(
@@ -579,15 +633,32 @@ class PackedSelfAttention(nnx.Module):
             :class:`thdkit.AttentionPlan` (see :func:`thdkit.plan_attention`).
 
         Raises:
-            TypeError, ValueError, NotImplementedError: as :func:`thdkit.plan_attention`.
+            TypeError, ValueError, NotImplementedError: as :func:`thdkit.plan_attention`; a
+                broken run (rules 3 and 4) says that a row reordered for context parallelism
+                must go to ring attention (``mesh=``) instead.
         """
-        return thdkit.plan_attention(
+        num_segments = max_segments_per_seq or _default_segments(segments, seq_len=segments.seq_len)
+        self._check(segments, num_segments=num_segments, cp=1)
+        return _plan(
             segments,
             mask_type=self.mask_type,
             window_size=self.window_size,
-            max_segments_per_seq=max_segments_per_seq
-            or _default_segments(segments, seq_len=segments.seq_len),
+            max_segments_per_seq=num_segments,
             implementation=self.implementation,
+        )
+
+    def _check(self, segments: thdkit.Segments, *, num_segments: int, cp: int) -> None:
+        """With ``check_layout``, :func:`thdkit.check_layout` on traced segments: the whole
+        rows, or (``cp > 1``) each of the ``cp`` contiguous shards of a row as a row of its own.
+        Concrete segments are validated eagerly by the plan or the ring instead."""
+        if not self.check_layout or not isinstance(segments.ids, jax.core.Tracer):
+            return
+        ids, pos, name = segments.ids, segments.positions, "segments.ids"
+        if cp > 1:
+            ids, pos = (a.reshape(*a.shape[:-1], cp, a.shape[-1] // cp) for a in (ids, pos))
+            name = f"segments.ids, shard by shard (row = batch row * {cp} + shard)"
+        thdkit.check_layout(
+            ids, pos, max_segments_per_seq=num_segments, mask_type=self.mask_type, name=name
         )
 
     def __call__(
@@ -608,7 +679,8 @@ class PackedSelfAttention(nnx.Module):
             segments_or_plan: an :class:`thdkit.AttentionPlan` of the batch's layout (from
                 :meth:`plan`, planned once and shared by the layers), or its
                 :class:`thdkit.Segments` (planned here). With a mesh: the Segments of the rows
-                in the order the ring sees them.
+                in the order the ring sees them (``thdkit.data.pack(cp=...)``'s
+                ``batch["segments"]``), valid shard by shard.
             max_segments_per_seq: S, with Segments only; None as in :meth:`plan`.
             mesh: a ``jax.sharding.Mesh`` to run :func:`thdkit.ring_attention` on, or None.
             axis_name: the mesh axis the sequence is sharded over (with ``mesh``).
@@ -624,7 +696,8 @@ class PackedSelfAttention(nnx.Module):
             ValueError: ``x`` not [B, T, in_features], a layout of another [B, T], a plan whose
                 mask or window differ from the layer's (or a cross-attention plan), ``mesh``
                 without ``axis_name`` (or the reverse), S given with a plan, dropout without
-                ``deterministic`` or without an rng stream.
+                ``deterministic`` or without an rng stream; concrete Segments that break the
+                layout rules (as :meth:`plan`, or shard by shard with a mesh).
             NotImplementedError: dropout together with a mesh.
         """
         if x.ndim != 3 or x.shape[-1] != self.in_features:
@@ -675,6 +748,12 @@ class PackedSelfAttention(nnx.Module):
             q = rope(q, segments.positions, theta=self.rope_theta)
             k = rope(k, segments.positions, theta=self.rope_theta)
         if mesh is not None:
+            num_segments = max_segments_per_seq or _default_segments(
+                segments, seq_len=segments.seq_len
+            )
+            cp = mesh.shape.get(axis_name, 1)
+            if segments.seq_len % cp == 0:  # Else ring_attention says why it cannot split.
+                self._check(segments, num_segments=num_segments, cp=cp)
             out = thdkit.ring_attention(
                 q,
                 k,
@@ -682,8 +761,7 @@ class PackedSelfAttention(nnx.Module):
                 q_segments=segments,
                 mask_type=self.mask_type,
                 window_size=self.window_size,
-                max_segments_per_seq=max_segments_per_seq
-                or _default_segments(segments, seq_len=segments.seq_len),
+                max_segments_per_seq=num_segments,
                 mesh=mesh,
                 axis_name=axis_name,
             )
