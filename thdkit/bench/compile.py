@@ -263,16 +263,19 @@ def _scan_entry(config: CompileBench, rng: np.random.Generator, seq_len: int) ->
 
 
 _BUILDERS: dict[str, tuple[str, Callable[..., _Entry]]] = {
-    "metadata": ("seqlens_and_offsets, JAX inputs", _metadata_entry(on_host=False)),
-    "metadata-host": ("seqlens_and_offsets, NumPy inputs (host path)", _metadata_entry(True)),
+    "metadata": ("seqlens_and_offsets, jax", _metadata_entry(on_host=False)),
+    "metadata-host": ("seqlens_and_offsets, numpy", _metadata_entry(on_host=True)),
     "from_ids": ("Segments.from_ids", _from_ids_entry),
-    "plan": ("plan_attention (blockwise)", _plan_entry),
-    "attention-fwd": ("attention, blockwise, forward", _attention_entry("blockwise", False)),
-    "attention-grad": ("attention, blockwise, forward + vjp", _attention_entry("blockwise", True)),
-    "pallas-fwd": ("attention, pallas, forward", _attention_entry("pallas", False)),
-    "pallas-grad": ("attention, pallas, forward + vjp", _attention_entry("pallas", True)),
-    "scan-step": ("scan of L layers, one plan: jit(grad)", _scan_entry),
+    "plan": ("plan_attention", _plan_entry),
+    "attention-fwd": ("attention fwd", _attention_entry("blockwise", grad=False)),
+    "attention-grad": ("attention fwd+vjp", _attention_entry("blockwise", grad=True)),
+    "pallas-fwd": ("attention[pallas] fwd", _attention_entry("pallas", grad=False)),
+    "pallas-grad": ("attention[pallas] fwd+vjp", _attention_entry("pallas", grad=True)),
+    "scan-step": ("scan step, L layers", _scan_entry),
 }
+"""Entry name: (what the table calls it, the builder of one shape's call). ``attention`` is
+blockwise unless named; the plan is blockwise's; the scan step is ``jit(grad)`` of L layers
+``x + attention(x @ w_l)`` planned once."""
 
 
 def _hlo_instructions(entry: _Entry) -> int | None:
