@@ -269,8 +269,8 @@ _BUILDERS: dict[str, tuple[str, Callable[..., _Entry]]] = {
     "plan": ("plan_attention", _plan_entry),
     "attention-fwd": ("attention fwd", _attention_entry("blockwise", grad=False)),
     "attention-grad": ("attention fwd+vjp", _attention_entry("blockwise", grad=True)),
-    "pallas-fwd": ("attention[pallas] fwd", _attention_entry("pallas", grad=False)),
-    "pallas-grad": ("attention[pallas] fwd+vjp", _attention_entry("pallas", grad=True)),
+    "pallas-fwd": ("attention fwd (pallas)", _attention_entry("pallas", grad=False)),
+    "pallas-grad": ("attention fwd+vjp (pallas)", _attention_entry("pallas", grad=True)),
     "scan-step": ("scan step, L layers", _scan_entry),
 }
 """Entry name: (what the table calls it, the builder of one shape's call). ``attention`` is
