@@ -33,13 +33,13 @@ ENVIRONMENT_KEYS = {
 DOCUMENT_KEYS = ["benchmark", "config", "environment", "summary", "records"]
 LATENCY_KEYS = {"median", "min", "max", "samples"}
 TINY = [
-    *("bench", "--seq-lens", "64,128", "--max-segments", "4", "--mask-types", "padding"),
+    *("bench", "--seq-len", "64,128", "--segments", "4", "--mask-type", "padding"),
     *("--warmup", "1", "--repeats", "2", "--time-per-program", "0.01"),
 ]
-TINY_RING = ["bench", "ring", "--seq-len", "256", "--segments", "1,4", "--stripe-sizes", "1"]
+TINY_RING = ["bench", "ring", "--seq-len", "256", "--segments", "1,4", "--stripe-size", "1"]
 TINY_ATTENTION = [
-    *("bench", "attention", "--seq-lens", "256", "--segments", "4", "--heads", "1"),
-    *("--head-dim", "8", "--repeats", "1", "--implementations", "reference,blockwise"),
+    *("bench", "attention", "--seq-len", "256", "--segments", "4", "--heads", "1"),
+    *("--head-dim", "8", "--repeats", "1", "--implementation", "reference,blockwise"),
 ]
 
 
@@ -101,7 +101,7 @@ def test_bench_writes_tables_json_and_plot(runner, tmp_path):
 def test_memory_limit_forces_not_run(runner, tmp_path):
     json_path = tmp_path / "bench.json"
     result = _invoke(
-        runner, *TINY, "--seq-lens", "64", "--memory-limit-bytes", "1", "--json", str(json_path)
+        runner, *TINY, "--seq-len", "64", "--memory-limit-bytes", "1", "--json", str(json_path)
     )
     records = _document(json_path)["records"]
     assert {r["method"] for r in records} == {"linear", "one_hot", "dense", "floor"}
@@ -115,7 +115,7 @@ def test_memory_limit_forces_not_run(runner, tmp_path):
 def test_compile_limit_skips_compiling(runner, tmp_path):
     json_path = tmp_path / "bench.json"
     _invoke(
-        runner, *TINY, "--seq-lens", "64", "--methods", "dense", "--compile-limit-bytes", "1k",
+        runner, *TINY, "--seq-len", "64", "--method", "dense", "--compile-limit-bytes", "1k",
         "--json", str(json_path),
     )  # fmt: skip
     dense, floor = _document(json_path)["records"]
@@ -128,7 +128,7 @@ def test_compile_limit_skips_compiling(runner, tmp_path):
 def test_other_layouts(runner, tmp_path, layout):
     json_path = tmp_path / "bench.json"
     _invoke(
-        runner, *TINY, "--seq-lens", "64", "--methods", "linear,one_hot", "--layout", layout,
+        runner, *TINY, "--seq-len", "64", "--method", "linear,one_hot", "--layout", layout,
         "--json", str(json_path),
     )  # fmt: skip
     records = _document(json_path)["records"]
@@ -155,7 +155,7 @@ def test_bench_ring_subcommand(runner, tmp_path):
 
 def test_bench_cp_subcommand(runner, tmp_path):
     json_path = tmp_path / "cp.json"
-    args = ("bench", "cp", "--cps", "2", "--seq-len", "64", "--segments", "4", "--heads", "2",
+    args = ("bench", "cp", "--cp", "2", "--seq-len", "64", "--segments", "4", "--heads", "2",
             "--kv-heads", "2", "--head-dim", "8", "--repeats", "1", "--warmup", "0",
             "--time-per-program", "0.01")  # fmt: skip
     result = _invoke(runner, *args, "--json", str(json_path))
@@ -191,7 +191,7 @@ def test_bench_attention_subcommand(runner, tmp_path):
 
 def test_bench_plan_subcommand(runner, tmp_path):
     json_path = tmp_path / "plan.json"
-    tiny = ("--seq-lens", "128", "--layers", "2", "--segments", "4", "--heads", "1")
+    tiny = ("--seq-len", "128", "--layers", "2", "--segments", "4", "--heads", "1")
     _invoke(
         runner,
         "bench",
@@ -219,45 +219,45 @@ def test_bench_plan_subcommand(runner, tmp_path):
     [
         (["bench", "plan", "--layers", "0"], "'--layers'"),
         (["bench", "--seed", "-1"], "'--seed'"),
-        (["bench", "--batch", "0"], "'--batch'"),
+        (["bench", "--batch-size", "0"], "'--batch-size'"),
         (["bench", "--repeats", "0"], "'--repeats'"),
         (["bench", "--warmup", "-1"], "'--warmup'"),
         (["bench", "--time-per-program", "0"], "'--time-per-program'"),
         (["bench", "--compile-timeout", "-1"], "'--compile-timeout'"),
         (["bench", "--json", "/missing/dir/x.json"], "'--json'"),
         (["bench", "--plot", "/missing/dir/x.png"], "'--plot'"),
-        (["bench", "--mask-types", ","], "'--mask-types'"),
-        (["bench", "--mask-types", "sideways"], "'--mask-types'"),
-        (["bench", "--seq-lens", ""], "'--seq-lens'"),
-        (["bench", "--seq-lens", "lots"], "'--seq-lens'"),
-        (["bench", "--max-segments", "-3"], "'--max-segments'"),
+        (["bench", "--mask-type", ","], "'--mask-type'"),
+        (["bench", "--mask-type", "sideways"], "'--mask-type'"),
+        (["bench", "--seq-len", ""], "'--seq-len'"),
+        (["bench", "--seq-len", "lots"], "'--seq-len'"),
+        (["bench", "--segments", "-3"], "'--segments'"),
         (["bench", "--time-per-program", "x"], "'--time-per-program'"),
-        (["bench", "--max-segments", "0"], "'--max-segments'"),
-        (["bench", "--methods", "fast"], "'--methods'"),
+        (["bench", "--segments", "0"], "'--segments'"),
+        (["bench", "--method", "fast"], "'--method'"),
         (["bench", "--layout", "diagonal"], "'--layout'"),
         (["bench", "--memory-limit-bytes", "lots"], "'--memory-limit-bytes'"),
         (["bench", "--memory-limit-bytes", "0"], "'--memory-limit-bytes'"),
         (["bench", "--quick", "--full"], "'--quick' / '--full'"),
         (["bench", "--seed", "x"], "'--seed'"),
         (["bench", "attention", "--dtype", "bogus"], "'--dtype'"),
-        (["bench", "attention", "--implementations", "fast"], "'--implementations'"),
+        (["bench", "attention", "--implementation", "fast"], "'--implementation'"),
         (["bench", "attention", "--mask-type", "sideways"], "'--mask-type'"),
         (["bench", "attention", "--segments", "0"], "'--segments'"),
         (["bench", "attention", "--heads", "0"], "'--heads'"),
         (["bench", "ring", "--seq-len", "100"], "'--seq-len'"),
         (["bench", "ring", "--cp", "0"], "'--cp'"),
-        (["bench", "ring", "--stripe-sizes", ","], "'--stripe-sizes'"),
+        (["bench", "ring", "--stripe-size", ","], "'--stripe-size'"),
         (["bench", "ring", "--json", "/missing/dir/x.json"], "'--json'"),
         # The library's limits (thdkit.MAX_SEQ_LEN, thdkit.MAX_SEGMENTS), checked before any work.
-        (["bench", "--seq-lens", "3G"], "'--seq-lens'"),
-        (["bench", "--seq-lens", "64,1025M"], "'--seq-lens'"),
-        (["bench", "--layout", "ring", "--seq-lens", "257M"], "'--seq-lens'"),
-        (["bench", "--max-segments", "1G"], "'--max-segments'"),
-        (["bench", "--batch", "1T"], "'--batch'"),
+        (["bench", "--seq-len", "3G"], "'--seq-len'"),
+        (["bench", "--seq-len", "64,1025M"], "'--seq-len'"),
+        (["bench", "--layout", "ring", "--seq-len", "257M"], "'--seq-len'"),
+        (["bench", "--segments", "1G"], "'--segments'"),
+        (["bench", "--batch-size", "1T"], "'--batch-size'"),
         (["bench", "--time-per-program", "inf"], "'--time-per-program'"),
         (["bench", "--time-per-program", "nan"], "'--time-per-program'"),
         (["bench", "--compile-timeout", "1e300"], "'--compile-timeout'"),
-        (["bench", "attention", "--seq-lens", "3G"], "'--seq-lens'"),
+        (["bench", "attention", "--seq-len", "3G"], "'--seq-len'"),
         (["bench", "attention", "--segments", "2G"], "'--segments'"),
         (["bench", "attention", "--block-q", "2G"], "'--block-q'"),
         (["bench", "attention", "--block-kv", "2G"], "'--block-kv'"),
@@ -265,16 +265,20 @@ def test_bench_plan_subcommand(runner, tmp_path):
         (["bench", "attention", "--head-dim", "1T"], "'--head-dim'"),
         (["bench", "attention", "--dtype", "float64"], "'--dtype'"),
         (["bench", "attention", "--dtype", "int8"], "'--dtype'"),
-        (["bench", "plan", "--seq-lens", "3G"], "'--seq-lens'"),
-        (["bench", "plan", "--seq-lens", "64", "--segments", "65"], "'--segments'"),
+        (["bench", "plan", "--seq-len", "3G"], "'--seq-len'"),
+        (["bench", "plan", "--seq-len", "64", "--segments", "65"], "'--segments'"),
         (["bench", "plan", "--heads", "1T"], "'--heads'"),
         (["bench", "ring", "--seq-len", "3G"], "'--seq-len'"),
         (["bench", "ring", "--cp", "1k", "--seq-len", "1M"], "'--cp'"),
-        (["bench", "ring", "--stripe-sizes", "2G"], "'--stripe-sizes'"),
+        (["bench", "ring", "--stripe-size", "2G"], "'--stripe-size'"),
         (["bench", "cp", "--seq-len", "3G"], "'--seq-len'"),
-        (["bench", "cp", "--cps", "2,512"], "'--cps'"),
+        (["bench", "cp", "--cp", "2,512"], "'--cp'"),
         (["bench", "cp", "--stripe-size", "2G"], "'--stripe-size'"),
         (["bench", "cp", "--head-dim", "1T"], "'--head-dim'"),
+        # One spelling per idea: a list where the benchmark sweeps it, else one value.
+        (["bench", "plan", "--segments", "4,16"], "'--segments'"),
+        (["bench", "cp", "--seq-len", "64,128"], "'--seq-len'"),
+        (["bench", "ring", "--cp", "2,4"], "'--cp'"),
     ],
 )
 def test_bad_options_fail_up_front_in_one_line(runner, args, option):
@@ -297,8 +301,8 @@ def test_dtype_errors_list_the_valid_names(runner, dtype):
 
 def test_float64_runs_with_x64_and_is_recorded_as_it_ran(runner, tmp_path):
     json_path = tmp_path / "attention.json"
-    args = [*TINY_ATTENTION, "--seq-lens", "64", "--segments", "2", "--warmup", "0"]
-    args += ["--implementations", "blockwise", "--dtype", "float64", "--json", str(json_path)]
+    args = [*TINY_ATTENTION, "--seq-len", "64", "--segments", "2", "--warmup", "0"]
+    args += ["--implementation", "blockwise", "--dtype", "float64", "--json", str(json_path)]
     with jax.enable_x64(True):
         _invoke(runner, *args)
     document = _document(json_path)
@@ -309,8 +313,8 @@ def test_float64_runs_with_x64_and_is_recorded_as_it_ran(runner, tmp_path):
 
 def test_default_and_alias_dtypes_are_recorded_canonical(runner, tmp_path):
     json_path = tmp_path / "attention.json"
-    args = [*TINY_ATTENTION, "--seq-lens", "64", "--segments", "2", "--warmup", "0"]
-    _invoke(runner, *args, "--implementations", "blockwise", "--dtype", "half", "--json",
+    args = [*TINY_ATTENTION, "--seq-len", "64", "--segments", "2", "--warmup", "0"]
+    _invoke(runner, *args, "--implementation", "blockwise", "--dtype", "half", "--json",
             str(json_path))  # fmt: skip
     document = _document(json_path)
     assert document["config"]["dtype"] == "float16"
@@ -319,8 +323,8 @@ def test_default_and_alias_dtypes_are_recorded_canonical(runner, tmp_path):
 
 def test_json_names_the_peers_that_ran(runner, tmp_path):
     json_path = tmp_path / "attention.json"
-    args = [*TINY_ATTENTION, "--seq-lens", "64", "--segments", "2", "--warmup", "0"]
-    _invoke(runner, *args, "--implementations", "ejkernel-xla", "--json", str(json_path))
+    args = [*TINY_ATTENTION, "--seq-len", "64", "--segments", "2", "--warmup", "0"]
+    _invoke(runner, *args, "--implementation", "ejkernel-xla", "--json", str(json_path))
     peers = _document(json_path)["environment"]["peers"]
     assert peers == {"ejkernel": importlib.metadata.version("ejkernel")}
 
@@ -336,8 +340,8 @@ def test_unknown_option_and_command_fail_in_one_line(runner):
 def test_sizes_take_binary_suffixes(runner, tmp_path):
     json_path = tmp_path / "bench.json"
     _invoke(
-        runner, *TINY, "--seq-lens", "64", "--methods", "linear", "--memory-limit-bytes", "16GiB",
-        "--compile-limit-bytes", "1M", "--batch", "2", "--json", str(json_path),
+        runner, *TINY, "--seq-len", "64", "--method", "linear", "--memory-limit-bytes", "16GiB",
+        "--compile-limit-bytes", "1M", "--batch-size", "2", "--json", str(json_path),
     )  # fmt: skip
     config = _document(json_path)["config"]
     assert (config["memory_limit_bytes"], config["compile_limit_bytes"]) == (16 * 2**30, 2**20)
@@ -362,3 +366,48 @@ def test_python_m_runs_every_subcommand(tmp_path, args, title):
     if args is TINY_RING:  # the ring command asked XLA:CPU for cp devices before JAX started
         assert document["environment"]["device_count"] == 4
         assert all(r["latency_ms"] is not None for r in document["records"])
+
+
+OLD_SPELLINGS = (
+    "--seq-lens", "--max-segments", "--cps", "--stripe-sizes", "--mask-types", "--methods",
+    "--implementations", "--batch",
+)  # fmt: skip
+IDEAS = {  # config fields naming one idea -> its one option
+    ("seq_lens", "seq_len"): "--seq-len",
+    ("max_segments", "segments"): "--segments",
+    ("cp", "cps"): "--cp",
+    ("stripe_size", "stripe_sizes"): "--stripe-size",
+    ("mask_type", "mask_types"): "--mask-type",
+    ("batch",): "--batch-size",
+}
+
+
+def _commands() -> dict[str, typer.core.TyperCommand]:
+    bench = typer.main.get_command(app).commands["bench"]
+    return {"bench": bench, **{f"bench {name}": c for name, c in bench.commands.items()}}
+
+
+def test_one_spelling_per_idea_and_every_option_shows_its_default():
+    options: dict[str, set[str]] = {}
+    for name, command in _commands().items():
+        for param in command.params:
+            assert param.help and "[default:" in param.help, (name, param.opts)
+            options.setdefault(param.name, set()).update(param.opts)
+    for fields, flag in IDEAS.items():
+        assert set().union(*(options.get(f, set()) for f in fields)) == {flag}, fields
+    spelled = set().union(*options.values())
+    assert not spelled & set(OLD_SPELLINGS)
+
+
+@pytest.mark.parametrize("old", OLD_SPELLINGS)
+def test_former_spellings_are_refused(runner, old):
+    result = runner.invoke(app, ["bench", old, "1"])
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"Error: No such option: {old}"), line
+
+
+def test_help_says_o_of_t_plus_s_and_quick_its_time(runner):
+    assert "O(T + S)" in _invoke(runner, "--help").output
+    output = " ".join(_invoke(runner, "bench", "--help").output.split())
+    assert "about 25 s on two CPU cores" in output.replace("│ ", "").replace(" │", "")

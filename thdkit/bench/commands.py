@@ -1,7 +1,12 @@
 """The ``thdkit`` command (typer): ``thdkit bench`` (the metadata benchmark), ``bench attention``,
-``bench plan``, ``bench ring``, ``bench cp``. A benchmark's options are its config's ``OPTIONS``
-(field ``x_y`` or ``x_y_s`` as ``--x-y``), all checked before any work: a bad one ends the
-command with exit status 2 and one line naming the option.
+``bench plan``, ``bench ring``, ``bench cp``. A benchmark's options are its config's ``OPTIONS``,
+all checked before any work: a bad one ends the command with exit status 2 and one line naming
+the option.
+
+One spelling per idea across the subcommands (:data:`FLAGS`): every option is named in the
+singular, and takes a comma-separated list where the benchmark sweeps it (``--seq-len 1k,4k`` in
+``bench``, ``--seq-len 4096`` in ``bench ring``). Field ``x_y`` or ``x_y_s`` is ``--x-y`` unless
+:data:`FLAGS` names it otherwise; every option's help ends with its default.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from thdkit.bench.ring import RingBench, reorder_names, ring_table, run_ring_ben
 from thdkit.bench.run import run_sweep
 from thdkit.bench.sweep import PRESETS, MetadataSweep
 
-__all__ = ["app", "main"]
+__all__ = ["FLAGS", "app", "main"]
 
 # typer's (vendored or not) click exception: every usage error derives from it.
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -69,7 +74,7 @@ class _OneLineErrors(TyperGroup):
 app = typer.Typer(
     cls=_OneLineErrors,
     name="thdkit",
-    help="Exact O(T) varlen-attention metadata for packed sequences in JAX.",
+    help="Exact O(T + S) varlen-attention metadata for packed sequences in JAX.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -102,8 +107,61 @@ def _parser(kind: str) -> tuple[Callable[[str], Any], str]:
     return {"int": (_size, "INT"), "float": (float, "FLOAT")}.get(kind, (str, "NAME"))
 
 
+FLAGS = {
+    "batch": "--batch-size",  # B, as thdkit.data.pack's batch_size and the example's option
+    "seq_lens": "--seq-len",  # T, one or several
+    "max_segments": "--segments",  # documents per row, n: ids 1..n, and S = n
+    "cps": "--cp",  # context-parallel ranks, one or several
+    "stripe_sizes": "--stripe-size",
+    "mask_types": "--mask-type",
+    "methods": "--method",
+    "implementations": "--implementation",
+}
+"""The config fields whose option is not ``--`` + the field's name (hyphens, no ``_s``): the
+plural fields of the benchmarks that sweep an idea, and ``batch``, so that each idea has one
+option name in every subcommand (and in ``examples/train_packed_lm.py``)."""
+
+
 def _flag(field: str) -> str:
-    return "--" + field.removesuffix("_s").replace("_", "-")
+    return FLAGS.get(field, "--" + field.removesuffix("_s").replace("_", "-"))
+
+
+CONFIGS: tuple[type[BenchConfig], ...] = (
+    MetadataSweep,
+    AttentionBench,
+    PlanBench,
+    RingBench,
+    CPBench,
+)
+"""Every subcommand's config (``bench``, ``attention``, ``plan``, ``ring``, ``cp``)."""
+
+
+def _swept_flags() -> frozenset[str]:
+    """The options that take a list in at least one subcommand."""
+    return frozenset(
+        _flag(field.name)
+        for cls in CONFIGS
+        for field in dataclasses.fields(cls)
+        if str(field.type).removesuffix(" | None").startswith("tuple[")
+    )
+
+
+def _one_value(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse``, refusing a list: for an option that other subcommands sweep."""
+
+    def one(text: str) -> Any:
+        if "," in text:
+            raise typer.BadParameter(f"this benchmark takes one value, got {text!r}")
+        return parse(text)
+
+    return one
+
+
+def _with_default(help_text: str, shown: Any) -> str:
+    """The help text ending in ``[default: ...]`` (kept where the text already says it)."""
+    if "[default:" in help_text:
+        return help_text
+    return f"{help_text} \\[default: {shown}]"
 
 
 def _output_path(path: Path | None) -> Path | None:
@@ -120,26 +178,43 @@ def _plot_path(path: Path | None) -> Path | None:
     return _output_path(path)
 
 
-JsonPath = Annotated[Path | None, typer.Option("--json", callback=_output_path, help="Write JSON.")]
+JsonPath = Annotated[
+    Path | None,
+    typer.Option(
+        "--json",
+        callback=_output_path,
+        help="Write the report to this file as JSON: the options, the environment (thdkit, jax, "
+        "jaxlib and peer versions, backend, devices), the records. \\[default: none]",
+    ),
+]
 
 
 def _options(cls: type[BenchConfig]) -> Callable[[Any], Any]:
     """Gives a command, after its own options, those of ``cls`` that have a help text: None
     unless given (a flag: its default)."""
-    keyword, options = inspect.Parameter.KEYWORD_ONLY, {}
+    keyword, options, swept = inspect.Parameter.KEYWORD_ONLY, {}, _swept_flags()
     for field in dataclasses.fields(cls):
         flag, default, help_text = _flag(field.name), field.default, cls.OPTIONS.get(field.name)
         if help_text is None or help_text[0] is None:
             continue
         if field.type == "bool":
-            option = typer.Option(f"{flag}/--no-{flag[2:]}", help=help_text[0])
+            shown = flag[2:] if default else f"no-{flag[2:]}"
+            option = typer.Option(
+                f"{flag}/--no-{flag[2:]}", help=_with_default(help_text[0], shown),
+                show_default=False,
+            )  # fmt: skip
             options[field.name] = (Annotated[bool, option], default)
             continue
+        if field.default_factory is not dataclasses.MISSING:  # Not called: it may start JAX.
+            default = "computed when the benchmark starts"
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         parser, metavar = _parser(field.type)
+        text = help_text[0]
+        if flag in swept and not metavar.endswith("S"):
+            parser, text = _one_value(parser), f"{text} One value in this benchmark."
         option = typer.Option(
-            flag, parser=parser, metavar=metavar, help=help_text[0],
-            show_default=False if shown in (None, dataclasses.MISSING) else str(shown),
+            flag, parser=parser, metavar=metavar, help=_with_default(text, shown),
+            show_default=False,
         )  # fmt: skip
         options[field.name] = (Annotated[Any, option], None)
 
@@ -224,11 +299,14 @@ def _root(
     version: Annotated[
         bool,
         typer.Option(
-            "--version", callback=_print_version, is_eager=True, help="Print the version."
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit. \\[default: off]",
         ),
     ] = False,
 ) -> None:
-    """Exact O(T) varlen-attention metadata for packed sequences in JAX."""
+    """Exact O(T + S) varlen-attention metadata for packed sequences in JAX."""
 
 
 @_bench_app.callback()
@@ -236,11 +314,24 @@ def _root(
 def _bench(
     ctx: typer.Context,
     quick: Annotated[
-        bool, typer.Option("--quick", help="A first look: a minute on 2 cores.")
+        bool,
+        typer.Option(
+            "--quick",
+            help="A first look, about 25 s on two CPU cores: T 1k to 64k, padding_causal, "
+            "shorter timing, 1 GiB run budget. \\[default: off]",
+        ),
     ] = False,
-    full: Annotated[bool, typer.Option("--full", help="T up to 1M and S up to 65,536.")] = False,
+    full: Annotated[
+        bool,
+        typer.Option("--full", help="T up to 1M and --segments 16,1024,65536. \\[default: off]"),
+    ] = False,
     plot: Annotated[
-        Path | None, typer.Option("--plot", callback=_plot_path, help="Write a PNG.")
+        Path | None,
+        typer.Option(
+            "--plot",
+            callback=_plot_path,
+            help="Draw bytes and latency over T to this PNG file. \\[default: none]",
+        ),
     ] = None,
     json_path: JsonPath = None,
     **fields: Any,

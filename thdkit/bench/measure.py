@@ -219,9 +219,12 @@ class PlanConfig(BenchConfig):
 
     OPTIONS: ClassVar[Options] = {
         **BenchConfig.OPTIONS,
-        "seq_lens": ("T values, comma-separated; k/M suffixes ok.", 1),
+        "seq_lens": ("T, tokens per row: one or more, comma-separated; k/M suffixes ok.", 1),
         "compile_timeout_s": ("Seconds a compile may take before it is skipped.", 0.0),
-        "memory_limit_bytes": ("Run budget in bytes; plans above it are 'not run'.", 1),
+        "memory_limit_bytes": (
+            "Run budget in bytes; plans above it are 'not run'. \\[default: half the free memory]",
+            1,
+        ),
     }
     seq_lens: tuple[int, ...] = ()
     compile_timeout_s: float = 60.0
@@ -229,7 +232,7 @@ class PlanConfig(BenchConfig):
 
 
 SHAPE_OPTIONS: Options = {
-    "segments": ("Documents per row, comma-separated; one layout each.", 1),
+    "segments": ("Documents per row n (ids 1..n, S = n): one or more, comma-separated.", 1),
     "heads": ("H, query and key/value heads.", 1),
     "head_dim": ("D, head dim.", 1),
 }
