@@ -7,17 +7,19 @@ trains several modes, from the same initial parameters, on the same documents in
 
 - ``none``: one document per row, padded to ``--seq-len`` (Grain packing with
   ``max_segments_per_seq=1``), ``--padded-batch-size`` rows a step;
-- ``grain``: Grain's first-fit packing, up to ``--max-segments`` documents per row,
+- ``grain``: Grain's first-fit packing, up to ``--max-segments-per-seq`` documents per row,
   ``--batch-size`` rows a step;
-- ``grain-cp4``: the packed rows, striped on the host (``thdkit.data.pack(cp=4)``) and trained
-  with ring attention over 4 simulated CPU devices.
+- ``grain-cp4``: the packed rows, striped on the host (``thdkit.data.pack(cp=4)``, whose
+  ``batch["segments"]`` the layer takes as it is) and trained with ring attention over 4
+  simulated CPU devices.
 
 The two batch sizes give both packings about the same useful tokens (and documents) a step: a
 padded row of 1024 holds one document, about 233 tokens (77% padding), a packed row about 4.2
 documents, 980 tokens (4% padding), so 13 padded rows carry about what 3 packed rows do. The
 optimisation is then alike step for step and packing changes only the cost of a step.
 
-``--modes`` names the modes and, after a colon, their steps (``--steps`` where none is given). By
+``--mode`` names the modes, comma-separated, each with its steps after a colon (``--steps``
+where none is given). By
 default the packed mode trains past the padded run's 200 steps, to 300, so that the summary can
 tell when its held-out loss reaches the padded run's final one. The modes train side by side,
 one step of each in turn, so that other work on the machine slows them alike. Each step's clock
@@ -31,14 +33,16 @@ The model is a decoder-only transformer (pre-norm, ``thdkit.flax.PackedSelfAtten
 and grouped-query attention, a GELU MLP), its layers stacked and run with ``nnx.scan``; the
 attention plan is computed once per step and shared by every layer. The run shows a progress bar
 per mode (loss, useful tokens/s, padding share), writes ``<out>/summary.json`` and draws
-``<out>/loss.png`` (loss vs step and vs wall time). With ``none`` and ``grain`` the summary
+``<out>/loss.png`` (loss vs step and vs wall time); the summary records the versions (thdkit,
+jax, jaxlib, flax, optax, grain) and the machine. With ``none`` and ``grain`` the summary
 compares them (wall time for packing to reach the padded run's final held-out loss, useful
 tokens/s); with ``grain`` and ``grain-cpK``, their loss curves.
 
     pip install "thdkit[flax,bench]"
-    python examples/train_packed_lm.py                    # none:200 grain:300 grain-cp4:50
-    python examples/train_packed_lm.py --modes none grain --steps 100
-    python examples/train_packed_lm.py --tiny             # seconds, for CI
+    python examples/train_packed_lm.py                    # --mode none,grain:300,grain-cp4:50
+    python examples/train_packed_lm.py --mode none,grain --steps 100
+    python examples/train_packed_lm.py --tiny             # 3 steps of each mode, for CI
+    python examples/train_packed_lm.py --help             # every option, its help and default
 """
 
 import os
@@ -51,6 +55,7 @@ os.environ["XLA_FLAGS"] = (
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import pathlib
 import re
@@ -81,7 +86,7 @@ class Config:
     modes: tuple[str, ...] = ("none", "grain:300", "grain-cp4:50")
     steps: int = 200
     seq_len: int = 1024
-    max_segments: int = 32
+    max_segments_per_seq: int = 32
     batch_size: int = 3  # packed rows a step (grain modes)
     padded_batch_size: int = 13  # rows a step of `none`: about the tokens of 3 packed rows
     layers: int = 4
@@ -97,6 +102,32 @@ class Config:
     out: str = "train_out"
 
 
+HELP = {
+    "modes": "the modes, comma-separated: none (one document a row, padded), grain (packed) or "
+    "grain-cp<K> (packed, striped, ring attention on K devices), each optionally :<steps>",
+    "steps": "training steps of a mode that names none",
+    "seq_len": "T, tokens per row",
+    "max_segments_per_seq": "S, the most documents a packed row holds (the padded mode: 1)",
+    "batch_size": "rows a step of the packed modes",
+    "padded_batch_size": "rows a step of the padded mode (about the useful tokens of the packed "
+    "rows)",
+    "layers": "transformer blocks",
+    "d_model": "model width",
+    "heads": "query heads",
+    "kv_heads": "key/value heads (dividing --heads)",
+    "head_dim": "head dim",
+    "learning_rate": "AdamW learning rate",
+    "eval_every": "steps between held-out evaluations",
+    "eval_documents": "held-out documents every evaluation reads",
+    "max_documents": "documents read from the standard library",
+    "seed": "seed of the document order and of the initial parameters",
+    "out": "folder for summary.json and loss.png",
+}
+"""The help text of each option of :class:`Config` (``--`` + the field, hyphenated; ``modes``
+is ``--mode``)."""
+FLAGS = {"modes": "--mode"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Mode:
     """One mode of a run: its packing, context-parallel ranks, steps, rows a step and S."""
@@ -105,7 +136,7 @@ class Mode:
     cp: int
     steps: int
     batch_size: int
-    segments: int  # S: 1 (one document a row) when padded, else --max-segments
+    max_segments_per_seq: int  # S: 1 (one document a row) when padded, else the option's
 
     @property
     def name(self) -> str:
@@ -117,7 +148,7 @@ def parse_mode(text: str, config: Config) -> Mode:
     match = re.fullmatch(r"(none|grain)(?:-cp(\d+))?(?::(\d+))?", text)
     if match is None or (match[1] == "none" and match[2]):
         raise ValueError(
-            f"--modes: expected none, grain or grain-cp<K>, each optionally :<steps>, got {text!r}"
+            f"--mode: expected none, grain or grain-cp<K>, each optionally :<steps>, got {text!r}"
         )
     padded = match[1] == "none"
     mode = Mode(
@@ -125,18 +156,18 @@ def parse_mode(text: str, config: Config) -> Mode:
         cp=int(match[2] or 1),
         steps=int(match[3]) if match[3] else config.steps,
         batch_size=config.padded_batch_size if padded else config.batch_size,
-        segments=1 if padded else config.max_segments,
+        max_segments_per_seq=1 if padded else config.max_segments_per_seq,
     )
     if mode.cp < 1 or mode.steps < 1:
-        raise ValueError(f"--modes {text}: cp and steps must be >= 1")
+        raise ValueError(f"--mode {text}: cp and steps must be >= 1")
     return mode
 
 
 TINY = dict(
     modes=("none", "grain", "grain-cp4"),
-    steps=4,
+    steps=3,
     seq_len=64,
-    max_segments=8,
+    max_segments_per_seq=8,
     batch_size=2,
     padded_batch_size=4,
     layers=2,
@@ -185,7 +216,7 @@ def batches(docs: list[bytes], config: Config, mode: Mode, *, repeat: bool) -> A
     packed = pack(
         dataset,
         seq_len=config.seq_len,
-        max_segments_per_seq=mode.segments,
+        max_segments_per_seq=mode.max_segments_per_seq,
         batch_size=rows,
         features=("inputs", "targets"),
         num_packing_bins=4 * rows,
@@ -194,13 +225,11 @@ def batches(docs: list[bytes], config: Config, mode: Mode, *, repeat: bool) -> A
     )
     if repeat:
         return packed
-    return [
-        {
-            k: np.concatenate([v, np.zeros((rows - len(v), *v.shape[1:]), v.dtype)])
-            for k, v in b.items()
-        }
-        for b in packed
-    ]
+
+    def top_up(v: np.ndarray) -> np.ndarray:  # every array and Segments field alike
+        return np.concatenate([v, np.zeros((rows - len(v), *v.shape[1:]), v.dtype)])
+
+    return [jax.tree.map(top_up, b) for b in packed]
 
 
 # --- Model --------------------------------------------------------------------------------------
@@ -273,10 +302,12 @@ class LanguageModel(nnx.Module):
 
 def token_losses(model: LanguageModel, batch: dict[str, jax.Array], mode: Mode, mesh: Any) -> Any:
     """Cross-entropy of every token, float32[B, T] (0 on padding)."""
-    # Under jit nothing is validated, so reordered (striped) rows are accepted; the ring reads
-    # only ids and positions.
-    segments = thdkit.Segments.from_ids(batch["inputs_segment_ids"], batch["inputs_positions"])
-    logits = model(batch["inputs"], segments, max_segments_per_seq=mode.segments, mesh=mesh)
+    # pack's batch["segments"]: the batch's layout, in the batch's token order (striped at cp > 1,
+    # where the ring takes it as it is), checked on the host when it was packed.
+    segments = batch["segments"]
+    logits = model(
+        batch["inputs"], segments, max_segments_per_seq=mode.max_segments_per_seq, mesh=mesh
+    )
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return jnp.where(batch["inputs_segment_ids"] > 0, losses, 0.0)
 
@@ -289,16 +320,17 @@ def mean_loss(model: LanguageModel, batch: dict[str, jax.Array], mode: Mode, mes
 # --- Training -----------------------------------------------------------------------------------
 
 
-def per_document_check(losses: Any, batch: dict[str, np.ndarray], rows: int) -> dict:
+def per_document_check(losses: Any, batch: dict[str, Any], rows: int) -> dict:
     """Each document's loss inside a packed row vs alone in a padded row (same parameters)."""
     seq_len = batch["inputs"].shape[1]
+    arrays = [k for k, v in batch.items() if isinstance(v, np.ndarray)]
     alone: list[dict[str, np.ndarray]] = []
     keys = []
     for b, ids in enumerate(batch["inputs_segment_ids"]):
         for s in np.unique(ids[ids > 0]):
             where = ids == s
             n = int(where.sum())
-            row = {k: np.zeros(seq_len, np.int32) for k in batch}
+            row = {k: np.zeros(seq_len, np.int32) for k in arrays}
             for k in ("inputs", "targets"):
                 row[k][:n] = batch[k][b][where]
             row["inputs_segment_ids"][:n] = 1
@@ -310,7 +342,10 @@ def per_document_check(losses: Any, batch: dict[str, np.ndarray], rows: int) -> 
     for start in range(0, len(alone), rows):
         chunk = alone[start : start + rows]
         chunk += [{k: np.zeros_like(v) for k, v in alone[0].items()}] * (rows - len(chunk))
-        stacked = {k: np.stack([r[k] for r in chunk]) for k in alone[0]}
+        stacked = {k: np.stack([r[k] for r in chunk]) for k in arrays}
+        ids = stacked["inputs_segment_ids"]  # one document a row: its length is the row's count
+        lengths = np.where(ids > 0, (ids > 0).sum(axis=1, keepdims=True), 0).astype(np.int32)
+        stacked["segments"] = thdkit.Segments(ids, stacked["inputs_positions"], lengths)
         padded.append(np.asarray(losses(stacked))[: len(alone) - start])
     padded = np.concatenate(padded)
     diffs = []
@@ -388,9 +423,10 @@ class Run:
                 self.mode.batch_size,
             )
 
-    def on_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    def on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch (arrays and its Segments) on the device; at cp > 1 sharded over the ring."""
         if self.mesh is None:
-            return {k: jnp.asarray(v) for k, v in batch.items()}
+            return jax.tree.map(jnp.asarray, batch)
         return jax.device_put(batch, NamedSharding(self.mesh, P(None, "cp")))
 
     @property
@@ -548,34 +584,69 @@ def plot(runs: dict[str, Any], comparisons: dict[str, Any], path: pathlib.Path) 
     plt.close(fig)
 
 
+def environment() -> dict[str, Any]:
+    """Where the run was measured: thdkit's benchmark environment (versions of thdkit, jax and
+    jaxlib, backend, devices, CPUs, memory, date) and the versions of flax, optax and grain."""
+    from thdkit.bench.measure import environment as bench_environment
+
+    env = bench_environment()
+    for name in ("flax", "optax", "grain"):
+        env[name] = importlib.metadata.version(name)
+    return env
+
+
 def parse(argv: list[str]) -> tuple[Config, list[Mode]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="a seconds-long CI configuration")
+    """The command line: every option of :class:`Config`, with its help and default."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Options given with --tiny override its values.",
+    )
+    tiny = ", ".join(f"{_flag(k)} {_shown(v)}" for k, v in TINY.items())
+    parser.add_argument(
+        "--tiny", action="store_true", help=f"the CI configuration: {tiny} (default: off)"
+    )
     defaults = Config()
     for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
+        flag, default = _flag(field.name), getattr(defaults, field.name)
+        help_text = f"{HELP[field.name]} (default: {_shown(default)})"
         if field.name == "modes":
-            parser.add_argument(
-                flag, nargs="+", default=None, help="none, grain, grain-cp<K>[:steps]"
-            )
-            continue
-        kind = int if field.name == "max_documents" else type(getattr(defaults, field.name))
-        parser.add_argument(flag, type=kind, default=None)
+            kind: Any = _names
+        else:
+            kind = int if field.name == "max_documents" else type(default)
+        metavar = {"modes": "LIST", "out": "PATH"}.get(field.name, kind.__name__.upper())
+        parser.add_argument(
+            flag, type=kind, default=None, dest=field.name, metavar=metavar, help=help_text
+        )
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None and k != "tiny"}
-    if "modes" in given:
-        given["modes"] = tuple(given["modes"])
     config = Config(**({**TINY, **given} if args.tiny else given))
     try:
         modes = [parse_mode(text, config) for text in config.modes]
     except ValueError as error:
         parser.error(str(error))
     if len({m.name for m in modes}) < len(modes):
-        parser.error(f"--modes names a mode twice: {' '.join(config.modes)}")
+        parser.error(f"--mode names a mode twice: {','.join(config.modes)}")
     for mode in modes:
         if mode.cp > len(jax.devices()):
-            parser.error(f"--modes {mode.name}: only {len(jax.devices())} devices")
+            parser.error(f"--mode {mode.name}: only {len(jax.devices())} devices")
     return config, modes
+
+
+def _flag(field: str) -> str:
+    """The option of a :class:`Config` field."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _shown(value: Any) -> str:
+    """An option's value as it is typed (lists comma-separated)."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "all" if value is None else str(value)
 
 
 def main(argv: list[str]) -> None:
@@ -584,7 +655,12 @@ def main(argv: list[str]) -> None:
     out = pathlib.Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     comparisons = compare(runs)
-    summary = {"config": dataclasses.asdict(config), "runs": runs, "comparisons": comparisons}
+    summary = {
+        "config": dataclasses.asdict(config),
+        "environment": environment(),
+        "runs": runs,
+        "comparisons": comparisons,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(runs, comparisons, out / "loss.png")
     keys = ("compile_s", "wall_s", "useful_tokens_per_s", "padding_share", "final_eval_loss")
