@@ -5,10 +5,11 @@ the plan knows: backend, mask type, window, self-attention) and :func:`check_arr
 head dims, once ``attention`` sees the arrays) raise ``NotImplementedError`` with the reason it
 cannot run; :func:`run` computes.
 
-JAX's packed path (``_fix_seqlen_offsets`` in ``jax/_src/cudnn/fused_attention_stablehlo.py``,
-jax 0.10 and 0.11) scales the key/value offsets by the *query's* heads and head dim. :func:`run`
-therefore repeats key/value heads up to the query's (GQA/MQA) and requires ``D_v == D``, so that
-every offset addresses the intended key and value element.
+JAX's packed path (``_fix_seqlen_offsets`` in ``jax/_src/cudnn/fused_attention_stablehlo.py``)
+scales the key/value offsets by the *query's* heads (jax 0.10 and 0.11; jax 0.12 by the key's)
+and by the query's head dim (all of them). :func:`run` therefore repeats key/value heads up to the
+query's (GQA/MQA; right on every version) and requires ``D_v == D``, so that every offset
+addresses the intended key and value element.
 """
 
 from __future__ import annotations
