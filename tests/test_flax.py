@@ -82,7 +82,7 @@ def _weights(layer: PackedSelfAttention) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("heads", "seed"), zip(HEADS, range(3), strict=True), ids=["mha", "gqa", "mqa"]
+    ("heads", "seed"), list(zip(HEADS, range(3), strict=True)), ids=["mha", "gqa", "mqa"]
 )
 def test_layer_matches_the_reference_block_forward_and_gradients(heads, seed):
     ids, pos = _layout(seed)

@@ -11,6 +11,7 @@ the isolation test reuses those compilations.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -417,11 +418,20 @@ def test_compiled_kernels_lower_for_gpu_and_tpu(platform, target):
         return jax.grad(loss, (0, 1, 2))(q, k, v)
 
     shapes = [((2, seq, h, 48), jnp.bfloat16) for h in (4, 2, 2)] + [((2, seq), jnp.int32)] * 3
-    exported = jax.export.export(
-        jax.jit(grads),
-        platforms=[platform],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)],
-    )(*(jax.ShapeDtypeStruct(*s) for s in shapes))
+    # Without a GPU, jax 0.12 lowers Triton only for a named abstract GPU (jax 0.10 assumes
+    # compute capability 9.0 and ignores it): an H100, 9.0 as well.
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
+    target_mesh = (
+        jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device))
+        if platform == "cuda" and jax.default_backend() != "gpu"
+        else contextlib.nullcontext()
+    )
+    with target_mesh:
+        exported = jax.export.export(
+            jax.jit(grads),
+            platforms=[platform],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)],
+        )(*(jax.ShapeDtypeStruct(*s) for s in shapes))
     module = exported.mlir_module()
     for kernel in ("thdkit_pallas_forward", "thdkit_pallas_dq", "thdkit_pallas_dkv"):
         assert kernel in module, kernel

@@ -5,10 +5,10 @@
 cannot run (no GPU, a mask type cuDNN's packed path lacks, a layout compact metadata cannot
 express, a dtype or head dim it cannot take), and the next implementation runs instead.
 
-JAX's packed path (``_fix_seqlen_offsets`` in ``jax/_src/cudnn/fused_attention_stablehlo.py``,
-jax 0.10 and 0.11) scales the key/value offsets by the *query's* heads and head dim.
-:func:`cudnn_attention`
-therefore repeats key/value heads up to the query's (GQA/MQA) and requires ``D_v == D``, so that
+JAX's packed path (``_fix_seqlen_offsets`` in ``jax/_src/cudnn/fused_attention_stablehlo.py``)
+scales the key/value offsets by the *query's* heads (jax 0.10 and 0.11; jax 0.12 by the key's)
+and by the query's head dim (all of them). :func:`cudnn_attention` therefore repeats key/value
+heads up to the query's (GQA/MQA; right on every version) and requires ``D_v == D``, so that
 every offset addresses the intended key and value element.
 """
 
