@@ -29,7 +29,6 @@ the host, without compiling anything (:mod:`thdkit.host`).
 from __future__ import annotations
 
 import enum
-import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -45,6 +44,7 @@ from thdkit.host import JAX, NUMPY, ArrayOps, on_host
 from thdkit.inputs import as_layout, checked_pair, positions_name, row_label, to_int32
 from thdkit.limits import MAX_POSITION, MAX_SEGMENTS, is_concrete, segment_bound
 from thdkit.mask_types import MaskType
+from thdkit.programs import program
 
 __all__ = [
     "LayoutError",
@@ -235,7 +235,7 @@ def _row_checks(
     return xp.where(any_bad, first_code, 0), xp.where(any_bad, token, -1)
 
 
-@functools.partial(jax.jit, static_argnames=("num_segments", "mask"))
+@program(static_argnames=("num_segments", "mask"))
 def _jitted_error_codes(ids: Array, pos: Array, num_segments: int, mask: MaskType) -> RowChecks:
     return layout_error_codes(ids, pos, max_segments_per_seq=num_segments, mask_type=mask)
 

@@ -41,6 +41,7 @@ from thdkit.layout import validate_concrete
 from thdkit.limits import MAX_SEQ_LEN, check_int, check_max_segments, is_concrete
 from thdkit.mask_types import MaskType
 from thdkit.one_hot import one_hot_row
+from thdkit.programs import program
 from thdkit.reference import dense_row
 from thdkit.segments import Segments
 
@@ -486,7 +487,7 @@ def _metadata_of(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("method", "mask", "num_segments", "compact"))
+@program(static_argnames=("method", "mask", "num_segments", "compact"))
 def _compute(
     q: tuple[Array, Array],
     kv: tuple[Array, Array] | None,

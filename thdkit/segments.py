@@ -32,6 +32,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Int
 
 from thdkit.counting import shift
+from thdkit.host import JAX, NUMPY, ArrayOps, on_host
 from thdkit.inputs import as_layout, row_label
 from thdkit.layout import validate_layout
 from thdkit.limits import MAX_POSITION, MAX_SEQ_LEN, check_int, check_max_segments, is_concrete
@@ -123,15 +124,16 @@ class Segments:
         if padding_id not in (0, -1):
             raise ValueError(f"padding_id must be 0 or -1, got {padding_id}")
         given_pos = segment_pos is not None
+        ops = NUMPY if on_host(segment_ids, segment_pos) else JAX
         ids, pos = as_layout(
-            segment_ids, segment_pos if given_pos else segment_ids, name="segment_ids"
+            segment_ids, segment_pos if given_pos else segment_ids, name="segment_ids", ops=ops
         )
         if padding_id == -1:
             if is_concrete(ids):
                 _check_not_below(ids, -1, name="segment_ids")
             ids = ids + 1
         if not given_pos:
-            pos = _positions_in_runs(ids)
+            pos = _positions_in_runs(ids, ops=ops)
         if is_concrete(ids, pos):
             # S is not known here: ids <= S and rule 6 (mask-dependent) are checked by the plan.
             validate_layout(
@@ -262,30 +264,54 @@ class Segments:
         return dataclasses.replace(self, lengths=lengths)
 
 
-@program
-def run_lengths(segment_ids: Int[Array, "*B T"]) -> Int[Array, "*B T"]:
+def run_lengths(segment_ids: Int[ArrayLike, "*B T"]) -> Int[Array, "*B T"]:
     """Length of the run holding each token; 0 on padding.
 
     A run is a maximal stretch of equal consecutive ids. For valid layouts this is the length of
-    the token's document (in this row or shard).
+    the token's document (in this row or shard). Host data (NumPy arrays, lists) is computed in
+    NumPy and compiles nothing (:mod:`thdkit.host`); JAX arrays in one compiled program.
 
     Args:
         segment_ids: int[*B, T]; 0 = padding.
 
     Returns:
-        int32[*B, T].
+        int32[*B, T]: a NumPy array for host data, else a JAX array.
 
     Example:
         >>> run_lengths(jnp.array([1, 1, 1, 0, 2, 2, 0, 0]))
         Array([3, 3, 3, 0, 2, 2, 0, 0], dtype=int32)
+        >>> run_lengths(np.array([1, 1, 2]))
+        array([2, 2, 1], dtype=int32)
     """
-    ids = jnp.asarray(segment_ids)
-    t = jnp.broadcast_to(jnp.arange(ids.shape[-1], dtype=jnp.int32), ids.shape)
-    starts = shift(ids, 1, fill=-1) != ids
-    ends = shift(ids, -1, fill=-1) != ids
-    first = jax.lax.cummax(jnp.where(starts, t, 0), axis=ids.ndim - 1)
-    last = jax.lax.cummin(jnp.where(ends, t, ids.shape[-1]), axis=ids.ndim - 1, reverse=True)
-    return jnp.where(ids != 0, last - first + 1, 0).astype(jnp.int32)
+    if on_host(segment_ids):
+        return _run_lengths(np.asarray(segment_ids), ops=NUMPY)
+    return _device_run_lengths(segment_ids)
+
+
+def _run_lengths(ids: Array, *, ops: ArrayOps) -> Array:
+    xp = ops.xp
+    seq_len = ids.shape[-1]
+    t = xp.broadcast_to(xp.arange(seq_len, dtype=np.int32), ids.shape)
+    starts = shift(ids, 1, fill=-1, ops=ops) != ids
+    ends = shift(ids, -1, fill=-1, ops=ops) != ids
+    axis = ids.ndim - 1
+    first = ops.cummax(xp.where(starts, t, 0), axis)
+    # The running minimum from the right, as a running maximum of the negated, reversed row.
+    last = -xp.flip(ops.cummax(xp.flip(xp.where(ends, -t, -seq_len), axis), axis), axis)
+    return xp.where(ids != 0, last - first + 1, 0).astype(np.int32)
+
+
+@program
+def _device_run_lengths(segment_ids: Array) -> Array:
+    return _run_lengths(jnp.asarray(segment_ids), ops=JAX)
+
+
+def _positions_in_runs(ids: Array, *, ops: ArrayOps = JAX) -> Array:
+    """Each token's index inside its run of equal ids (0 on padding)."""
+    xp = ops.xp
+    t = xp.broadcast_to(xp.arange(ids.shape[-1], dtype=np.int32), ids.shape)
+    start = ops.cummax(xp.where(ids != shift(ids, 1, fill=-1, ops=ops), t, 0), ids.ndim - 1)
+    return xp.where(ids != 0, t - start, 0).astype(np.int32)
 
 
 def global_lengths(
@@ -349,14 +375,6 @@ def segment_counts(ids: Int[Array, "*B T"], *, num_segments: int) -> Int[Array, 
 
     flat = ids.reshape(-1, ids.shape[-1])
     return jax.vmap(row)(flat).reshape(*ids.shape[:-1], num_segments + 1)
-
-
-def _positions_in_runs(ids: Array) -> Array:
-    """Each token's index inside its run of equal ids (0 on padding)."""
-    t = jnp.broadcast_to(jnp.arange(ids.shape[-1], dtype=jnp.int32), ids.shape)
-    previous = jnp.concatenate([jnp.full((*ids.shape[:-1], 1), -1, ids.dtype), ids[..., :-1]], -1)
-    start = jax.lax.cummax(jnp.where(ids != previous, t, 0), axis=ids.ndim - 1)
-    return jnp.where(ids != 0, t - start, 0)
 
 
 def _int_array(x: ArrayLike, name: str) -> Array:
