@@ -11,10 +11,10 @@
 # fails or the benchmark does; the benchmark runs either way.
 set -uo pipefail
 out=./device-check
-sizes=(--seq-lens 8k,32k --segments 1,16,256 --repeats 10 --time-per-program 0.5)
+sizes=(--seq-len 8k,32k --segments 1,16,256 --repeats 10 --time-per-program 0.5)
 for arg in "$@"; do
   case "$arg" in
-    --tiny) sizes=(--seq-lens 256 --segments 4 --heads 2 --repeats 2 --time-per-program 0.1) ;;
+    --tiny) sizes=(--seq-len 256 --segments 4 --heads 2 --repeats 2 --time-per-program 0.1) ;;
     -*) echo "device_check.sh: unknown option $arg (usage: [OUT_DIR] [--tiny])" >&2; exit 2 ;;
     *) out=$arg ;;
   esac
@@ -27,7 +27,7 @@ python=${PYTHON:-python3}
 "$python" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$out/pytest.txt"
 tests=${PIPESTATUS[0]}
 "$python" -m thdkit.cli bench attention "${sizes[@]}" --dtype bfloat16 \
-  --implementations cudnn,pallas,blockwise,blockwise-serial,jax-nn-cudnn \
+  --implementation cudnn,pallas,blockwise,blockwise-serial,jax-nn-cudnn \
   --json "$out/attention.json" 2>&1 | tee "$out/attention.txt"
 bench=${PIPESTATUS[0]}
 echo "device check: pytest exit $tests, benchmark exit $bench; results in $out"

@@ -539,9 +539,9 @@ def test_attention_programs_refuse_what_they_cannot_run(name):
 def test_bench_attention_command_reports_efficiency_ratios_and_pairs(tmp_path):
     json_path = tmp_path / "attention.json"
     args = [
-        *("bench", "attention", "--seq-lens", "128", "--segments", "1", "--heads", "2"),
+        *("bench", "attention", "--seq-len", "128", "--segments", "1", "--heads", "2"),
         *("--head-dim", "8", "--block-q", "64", "--block-kv", "64", "--repeats", "2"),
-        *("--implementations", "blockwise,jax-nn-xla,cudnn"),
+        *("--implementation", "blockwise,jax-nn-xla,cudnn"),
         *("--warmup", "0", "--dtype", "float32", "--json", str(json_path)),
     ]
     result = CliRunner().invoke(app, args, catch_exceptions=False)

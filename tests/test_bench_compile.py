@@ -22,7 +22,7 @@ from thdkit.bench.compile import (
 from thdkit.bench.measure import ConfigError
 
 TINY = dict(
-    seq_len=64,
+    entry_seq_len=64,
     entry_segments=4,
     pallas_seq_len=16,
     layers=2,
@@ -94,6 +94,6 @@ def test_counter_and_maps():
 def test_config_checks():
     assert set(CompileBench().entries) == set(ENTRIES)
     with pytest.raises(ConfigError, match="entry_segments"):
-        CompileBench(seq_len=8, entry_segments=5)
+        CompileBench(entry_seq_len=8, entry_segments=5)
     with pytest.raises(ConfigError, match="entries"):
         CompileBench(entries=())

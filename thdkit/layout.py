@@ -305,6 +305,13 @@ def validate_layout(
     raise ValueError(_describe(error, name, row, t, ids_row, pos_row, max_segments_per_seq))
 
 
+_REORDERED = (
+    "; a row reordered for context parallelism (striped / dual_chunk_swap) must be passed in "
+    "document order, or as it is to thdkit.context_parallel_attention / ring_attention, which "
+    "check it shard by shard"
+)
+
+
 def _describe(
     error: LayoutError,
     name: str,
@@ -325,10 +332,15 @@ def _describe(
             return f"{where}: id {v} exceeds thdkit.MAX_SEGMENTS = {MAX_SEGMENTS}"
         return f"{where}: id {v} exceeds max_segments_per_seq={max_segments_per_seq}"
     if error is LayoutError.SECOND_RUN:
-        return f"{where}: id {v} starts a second run (a padding hole inside a document?)"
+        return (
+            f"{where}: id {v} starts a second run (a padding hole inside a document?){_REORDERED}"
+        )
     if error is LayoutError.IDS_NOT_INCREASING:
         earlier = int(np.max(ids[:t]))
-        return f"{where}: id {v} follows id {earlier}; non-zero ids must increase from run to run"
+        return (
+            f"{where}: id {v} follows id {earlier}; non-zero ids must increase from run to run"
+            f"{_REORDERED}"
+        )
     where = f"{pos_name} {row}, token {t}"
     p = int(pos[t])
     if error is LayoutError.NEGATIVE_POSITION:

@@ -1,8 +1,8 @@
 """The benchmarks and the ``thdkit`` command: the optional extra ``thdkit[bench]``.
 
 :mod:`~thdkit.bench.measure` holds what they share; the metadata benchmark is ``sweep`` (what),
-``run`` (how) and ``report``; then ``attention``, ``plan``, ``ring``, ``cp`` and ``commands`` (the
-command line).
+``run`` (how) and ``report``; then ``attention``, ``plan``, ``ring``, ``cp``, ``compile`` and
+``commands`` (the command line).
 """
 
 
@@ -10,6 +10,8 @@ command line).
 
 from thdkit.bench.attention import AttentionBench
 from thdkit.bench.attention import run_attention_bench
+from thdkit.bench.compile import CompileBench
+from thdkit.bench.compile import run_compile_bench
 from thdkit.bench.cp import CPBench
 from thdkit.bench.cp import run_cp_bench
 from thdkit.bench.plan import PlanBench
@@ -22,10 +24,12 @@ from thdkit.bench.sweep import MetadataSweep
 __all__ = [
     "AttentionBench",
     "CPBench",
+    "CompileBench",
     "MetadataSweep",
     "PlanBench",
     "RingBench",
     "run_attention_bench",
+    "run_compile_bench",
     "run_cp_bench",
     "run_plan_bench",
     "run_ring_bench",

@@ -1,7 +1,7 @@
 """The ``thdkit`` command (typer): ``thdkit bench`` (the metadata benchmark), ``bench attention``,
-``bench plan``, ``bench ring``, ``bench cp``. A benchmark's options are its config's ``OPTIONS``,
-all checked before any work: a bad one ends the command with exit status 2 and one line naming
-the option.
+``bench plan``, ``bench ring``, ``bench cp``, ``bench compile``. A benchmark's options are its
+config's ``OPTIONS``, all checked before any work: a bad one ends the command with exit status 2
+and one line naming the option.
 
 One spelling per idea across the subcommands (:data:`FLAGS`): every option is named in the
 singular, and takes a comma-separated list where the benchmark sweeps it (``--seq-len 1k,4k`` in
@@ -35,6 +35,7 @@ from thdkit.bench.attention import (
     matmul_rate,
     run_attention_bench,
 )
+from thdkit.bench.compile import CompileBench, compile_table, host_table, run_compile_bench
 from thdkit.bench.cp import CPBench, cp_table, run_cp_bench
 from thdkit.bench.measure import (
     BenchConfig,
@@ -419,6 +420,25 @@ def _bench_cp(json_path: JsonPath = None, **fields: Any) -> None:
     header = "cp: cp={cps}, T={seq_len}, B={batch}, H_q={heads}, H_kv={kv_heads}"
     tables = lambda records: [cp_table(records)]  # noqa: E731
     _run("cp", header, config, run_cp_bench, tables, len(config.cps), json_path)
+
+
+@_bench_app.command("compile")
+@_options(CompileBench)
+def _bench_compile(json_path: JsonPath = None, **fields: Any) -> None:
+    """Compile economy: the XLA programs each entry point compiles, and the host-side metadata.
+
+    Per entry point (called eagerly): programs compiled on a new shape and on a repeated one,
+    compile seconds, the main program's HLO size, memory mappings per program (Linux). Then
+    seqlens_and_offsets on NumPy inputs (host, nothing compiled) vs JAX inputs, new and warm.
+    """
+    config = _config(CompileBench, fields)
+    header = (
+        "compile: T={entry_seq_len}, L={layers}, B={batch}, H={heads}, D={head_dim}, "
+        "S={entry_segments}; host vs device: T={seq_lens}, S={segments}"
+    )
+    cells = len(config.entries) + len(config.seq_lens) * len(config.segments)
+    tables = lambda records: [compile_table(records), host_table(records)]  # noqa: E731
+    _run("compile", header, config, run_compile_bench, tables, cells, json_path)
 
 
 def main() -> None:

@@ -84,7 +84,7 @@ class CompileBench(BenchConfig):
     OPTIONS: ClassVar[Options] = {
         **BenchConfig.OPTIONS,
         "entries": (f"Entry points, any of {', '.join(ENTRIES)}.", ENTRIES),
-        "seq_len": ("T of the entry-point table.", 2),
+        "entry_seq_len": ("T of the entry-point table.", 2),
         "entry_segments": ("Documents per row in the entry-point table.", 1),
         "pallas_seq_len": ("T of the pallas entries (interpreted off GPU and TPU: keep small).", 2),
         "layers": ("L, layers of the scanned step.", 1),
@@ -95,7 +95,7 @@ class CompileBench(BenchConfig):
         "compile_samples": ("New shapes timed per host-vs-device cell (each compiles).", 1),
     }
     entries: tuple[str, ...] = ENTRIES
-    seq_len: int = 1024
+    entry_seq_len: int = 1024
     entry_segments: int = 8
     pallas_seq_len: int = 64
     layers: int = 24
@@ -107,7 +107,11 @@ class CompileBench(BenchConfig):
 
     def _relations(self) -> list[tuple[str, bool, str]]:
         return [
-            ("entry_segments", self.entry_segments <= self.seq_len // 2, "at most seq_len // 2"),
+            (
+                "entry_segments",
+                self.entry_segments <= self.entry_seq_len // 2,
+                "at most entry_seq_len // 2",
+            ),
             (
                 "entry_segments",
                 self.entry_segments <= self.pallas_seq_len // 2,
@@ -306,7 +310,7 @@ _ENTRY_FIELDS = (
 def _measure_entry(name: str, config: CompileBench, rng: np.random.Generator) -> dict[str, Any]:
     """One ENTRY POINTS record: warm on a half-length shape, then a new shape, then again."""
     call, build = _BUILDERS[name]
-    seq_len = config.pallas_seq_len if name.startswith("pallas") else config.seq_len
+    seq_len = config.pallas_seq_len if name.startswith("pallas") else config.entry_seq_len
     record: dict[str, Any] = {"table": "entry", "entry": name, "call": call}
     record |= {"seq_len": seq_len, "batch": config.batch, "segments": config.entry_segments}
     record |= {"layers": config.layers if name == "scan-step" else None} | _versions()
@@ -415,7 +419,7 @@ def run_compile_bench(
         ``thdkit_version`` and ``jax_version``.
 
     Example:
-        >>> config = CompileBench(entries=("metadata", "metadata-host"), seq_len=64,
+        >>> config = CompileBench(entries=("metadata", "metadata-host"), entry_seq_len=64,
         ...                       entry_segments=4, seq_lens=(64,), segments=(4,),
         ...                       compile_samples=1, repeats=1, warmup=0)
         >>> [(r["table"], r.get("entry"), r.get("programs_repeated_shape"), r.get("programs_host"))
