@@ -14,11 +14,10 @@ from thdkit.bench.compile import (
     ENTRIES,
     CompileBench,
     CompileCounter,
-    compile_table,
-    host_table,
     memory_maps,
     run_compile_bench,
 )
+from thdkit.bench.compile_report import compile_table, host_table
 from thdkit.bench.measure import ConfigError
 
 TINY = dict(

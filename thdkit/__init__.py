@@ -17,8 +17,8 @@ from thdkit.limits import MAX_POSITION
 from thdkit.limits import MAX_SEGMENTS
 from thdkit.limits import MAX_SEQ_LEN
 from thdkit.mask_types import MaskType
-from thdkit.metadata import FlatSeqMeta
-from thdkit.metadata import SeqMeta
+from thdkit.seqmeta import FlatSeqMeta
+from thdkit.seqmeta import SeqMeta
 from thdkit.metadata import seqlens_and_offsets
 from thdkit.segments import Segments
 from thdkit.segments import run_lengths

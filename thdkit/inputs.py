@@ -21,8 +21,12 @@ from thdkit.limits import INT32, MAX_POSITION, MAX_SEQ_LEN, is_concrete
 __all__ = [
     "as_layout",
     "as_layouts",
+    "check_cu_seqlens",
+    "check_not_below",
     "checked_pair",
+    "int32_array",
     "integer_array",
+    "position_ids_array",
     "positions_name",
     "row_label",
     "to_int32",
@@ -214,3 +218,91 @@ def row_label(flat_row: int, batch: tuple[int, ...]) -> str:
     if len(batch) <= 1:
         return f"row {flat_row}"
     return f"row {tuple(int(r) for r in np.unravel_index(flat_row, batch))}"
+
+
+def int32_array(x: ArrayLike, name: str) -> Array:
+    """``x`` as int32 after checking its dtype and (concrete values) the int32 range."""
+    if not hasattr(x, "dtype"):
+        try:
+            x = np.asarray(x)
+        except ValueError as error:  # ragged nested lists
+            raise ValueError(
+                f"{name} must be a rectangular integer array (every row the same number of "
+                f"entries), got a ragged sequence: {error}"
+            ) from None
+    dtype = x.dtype
+    if not jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_):
+        raise TypeError(f"{name} must be an integer array, got dtype {dtype}")
+    if not isinstance(x, jax.core.Tracer):
+        host = np.asarray(x)
+        info = np.iinfo(np.int32)
+        outside = (host < info.min) | (host > info.max)
+        if outside.any():
+            index = np.unravel_index(int(np.argmax(outside.reshape(-1))), host.shape)
+            raise ValueError(f"{name} at {index}: {int(host[index])} is outside the int32 range")
+    return jnp.asarray(x).astype(jnp.int32)
+
+
+def check_not_below(ids: Array, lowest: int, *, name: str) -> None:
+    host = np.asarray(ids).reshape(-1, ids.shape[-1])
+    bad = np.argwhere(host < lowest)
+    if bad.size:
+        row, token = (int(i) for i in bad[0])
+        raise ValueError(
+            f"{name} row {row}, token {token}: id {int(host[row, token])} is below the "
+            f"padding id {lowest}"
+        )
+
+
+def check_cu_seqlens(cu: np.ndarray, total_len: int) -> None:
+    for row, entries in enumerate(cu.reshape(-1, cu.shape[-1])):
+        where = f"cu_seqlens row {row}"
+        if entries[0] != 0:
+            raise ValueError(f"{where}, entry 0: must be 0, got {int(entries[0])}")
+        drops = np.flatnonzero(np.diff(entries) < 0)
+        if drops.size:
+            k = int(drops[0]) + 1
+            raise ValueError(
+                f"{where}, entry {k}: {int(entries[k])} is below the entry before it "
+                f"({int(entries[k - 1])}); cu_seqlens never decreases"
+            )
+        if entries[-1] > total_len:
+            raise ValueError(
+                f"{where}, entry {len(entries) - 1}: the last document ends at "
+                f"{int(entries[-1])}, beyond total_len={total_len}"
+            )
+
+
+def position_ids_array(position_ids: ArrayLike) -> Array:
+    """``position_ids`` as int32 after its checks; errors speak of positions, never ids."""
+    name = "position_ids"
+    x = position_ids
+    if not isinstance(x, (np.ndarray, jax.Array)):
+        try:
+            x = np.asarray(x)
+        except ValueError as error:  # ragged nested lists
+            raise ValueError(f"{name} must be a rectangular integer array: {error}") from None
+    integer = x.dtype.kind in "iu" or (
+        x.dtype.kind == "O"
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in x.flat)
+    )
+    if integer and is_concrete(x) and x.ndim >= 1 and x.size:
+        host = np.asarray(x)
+        bad = (host < 0) | (host > MAX_POSITION)
+        if bad.any():
+            flat = int(np.flatnonzero(bad.reshape(-1))[0])
+            row, token = divmod(flat, host.shape[-1])
+            value = int(host.reshape(-1)[flat])
+            info = np.iinfo(np.int32)
+            if not info.min <= value <= info.max:
+                problem = f"position {value} is outside the int32 range"
+            elif value < 0:
+                problem = f"position {value} is negative"
+            else:
+                problem = f"position {value} exceeds thdkit.MAX_POSITION = {MAX_POSITION}"
+            raise ValueError(
+                f"{name} {row_label(row, host.shape[:-1])}, token {token}: {problem}; "
+                f"positions lie in [0, {MAX_POSITION}]"
+            )
+    pos, _ = as_layout(x, x, name=name)  # dtype and shape checks; the values passed above
+    return pos

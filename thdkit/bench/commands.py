@@ -3,10 +3,10 @@
 config's ``OPTIONS``, all checked before any work: a bad one ends the command with exit status 2
 and one line naming the option.
 
-One spelling per idea across the subcommands (:data:`FLAGS`): every option is named in the
-singular, and takes a comma-separated list where the benchmark sweeps it (``--seq-len 1k,4k`` in
-``bench``, ``--seq-len 4096`` in ``bench ring``). Field ``x_y`` or ``x_y_s`` is ``--x-y`` unless
-:data:`FLAGS` names it otherwise; every option's help ends with its default.
+One spelling per idea across the subcommands (:data:`thdkit.bench.flags.FLAGS`): every option is
+named in the singular, and takes a comma-separated list where the benchmark sweeps it
+(``--seq-len 1k,4k`` in ``bench``, ``--seq-len 4096`` in ``bench ring``); every option's help
+ends with its default.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import importlib.util
 import inspect
 import json
 import os
-import re
 import sys
 import time
 import typing
@@ -35,8 +34,10 @@ from thdkit.bench.attention import (
     matmul_rate,
     run_attention_bench,
 )
-from thdkit.bench.compile import CompileBench, compile_table, host_table, run_compile_bench
+from thdkit.bench.compile import CompileBench, run_compile_bench
+from thdkit.bench.compile_report import compile_table, host_table
 from thdkit.bench.cp import CPBench, cp_table, run_cp_bench
+from thdkit.bench.flags import FLAGS, flag_name, one_value, swept_flags, value_parser, with_default
 from thdkit.bench.measure import (
     BenchConfig,
     Callbacks,
@@ -91,42 +92,6 @@ _bench_app = typer.Typer(
 app.add_typer(_bench_app, name="bench")
 
 
-def _size(text: str) -> int:
-    """An int with an optional binary suffix: ``4096``, ``128k``, ``1M``, ``2GiB``."""
-    match = re.fullmatch(r"\s*([+-]?\d+)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
-    if match is None:
-        raise typer.BadParameter(f"expected an integer such as 4096, 128k or 1M, got {text!r}")
-    return int(match[1]) * 1024 ** " kmgt".index(match[2] or " ")
-
-
-def _parser(kind: str) -> tuple[Callable[[str], Any], str]:
-    """Reads a field of type ``kind`` (ints take k/M/G suffixes, tuples are comma-separated)."""
-    kind = kind.removesuffix(" | None")
-    if kind.startswith("tuple["):
-        one, name = _parser(kind[6:-6])
-        return lambda text: tuple(one(p.strip()) for p in text.split(",") if p.strip()), name + "S"
-    return {"int": (_size, "INT"), "float": (float, "FLOAT")}.get(kind, (str, "NAME"))
-
-
-FLAGS = {
-    "batch": "--batch-size",  # B, as thdkit.data.pack's batch_size and the example's option
-    "seq_lens": "--seq-len",  # T, one or several
-    "max_segments": "--segments",  # documents per row, n: ids 1..n, and S = n
-    "cps": "--cp",  # context-parallel ranks, one or several
-    "stripe_sizes": "--stripe-size",
-    "mask_types": "--mask-type",
-    "methods": "--method",
-    "implementations": "--implementation",
-}
-"""The config fields whose option is not ``--`` + the field's name (hyphens, no ``_s``): the
-plural fields of the benchmarks that sweep an idea, and ``batch``, so that each idea has one
-option name in every subcommand (and in ``examples/train_packed_lm.py``)."""
-
-
-def _flag(field: str) -> str:
-    return FLAGS.get(field, "--" + field.removesuffix("_s").replace("_", "-"))
-
-
 CONFIGS: tuple[type[BenchConfig], ...] = (
     MetadataSweep,
     AttentionBench,
@@ -135,34 +100,6 @@ CONFIGS: tuple[type[BenchConfig], ...] = (
     CPBench,
 )
 """Every subcommand's config (``bench``, ``attention``, ``plan``, ``ring``, ``cp``)."""
-
-
-def _swept_flags() -> frozenset[str]:
-    """The options that take a list in at least one subcommand."""
-    return frozenset(
-        _flag(field.name)
-        for cls in CONFIGS
-        for field in dataclasses.fields(cls)
-        if str(field.type).removesuffix(" | None").startswith("tuple[")
-    )
-
-
-def _one_value(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """``parse``, refusing a list: for an option that other subcommands sweep."""
-
-    def one(text: str) -> Any:
-        if "," in text:
-            raise typer.BadParameter(f"this benchmark takes one value, got {text!r}")
-        return parse(text)
-
-    return one
-
-
-def _with_default(help_text: str, shown: Any) -> str:
-    """The help text ending in ``[default: ...]`` (kept where the text already says it)."""
-    if "[default:" in help_text:
-        return help_text
-    return f"{help_text} \\[default: {shown}]"
 
 
 def _output_path(path: Path | None) -> Path | None:
@@ -193,15 +130,15 @@ JsonPath = Annotated[
 def _options(cls: type[BenchConfig]) -> Callable[[Any], Any]:
     """Gives a command, after its own options, those of ``cls`` that have a help text: None
     unless given (a flag: its default)."""
-    keyword, options, swept = inspect.Parameter.KEYWORD_ONLY, {}, _swept_flags()
+    keyword, options, swept = inspect.Parameter.KEYWORD_ONLY, {}, swept_flags(CONFIGS)
     for field in dataclasses.fields(cls):
-        flag, default, help_text = _flag(field.name), field.default, cls.OPTIONS.get(field.name)
+        flag, default, help_text = flag_name(field.name), field.default, cls.OPTIONS.get(field.name)
         if help_text is None or help_text[0] is None:
             continue
         if field.type == "bool":
             shown = flag[2:] if default else f"no-{flag[2:]}"
             option = typer.Option(
-                f"{flag}/--no-{flag[2:]}", help=_with_default(help_text[0], shown),
+                f"{flag}/--no-{flag[2:]}", help=with_default(help_text[0], shown),
                 show_default=False,
             )  # fmt: skip
             options[field.name] = (Annotated[bool, option], default)
@@ -209,12 +146,12 @@ def _options(cls: type[BenchConfig]) -> Callable[[Any], Any]:
         if field.default_factory is not dataclasses.MISSING:  # Not called: it may start JAX.
             default = "computed when the benchmark starts"
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        parser, metavar = _parser(field.type)
+        parser, metavar = value_parser(field.type)
         text = help_text[0]
         if flag in swept and not metavar.endswith("S"):
-            parser, text = _one_value(parser), f"{text} One value in this benchmark."
+            parser, text = one_value(parser), f"{text} One value in this benchmark."
         option = typer.Option(
-            flag, parser=parser, metavar=metavar, help=_with_default(text, shown),
+            flag, parser=parser, metavar=metavar, help=with_default(text, shown),
             show_default=False,
         )  # fmt: skip
         options[field.name] = (Annotated[Any, option], None)
@@ -284,7 +221,7 @@ def _config(cls: type[BenchConfig], fields: dict[str, Any], defaults: dict[str, 
     try:
         return cls(**given)
     except ConfigError as error:
-        raise typer.BadParameter(error.message, param_hint=f"'{_flag(error.field)}'") from None
+        raise typer.BadParameter(error.message, param_hint=f"'{flag_name(error.field)}'") from None
 
 
 def _print_version(value: bool) -> None:

@@ -27,9 +27,10 @@ from thdkit.kernels.representable import representable_rows
 from thdkit.kernels.tiles import kv_spans
 from thdkit.limits import is_concrete
 from thdkit.mask_types import MaskType, Window, window_bound
-from thdkit.metadata import SeqMeta, segments_metadata
+from thdkit.metadata import segments_metadata
 from thdkit.programs import program
 from thdkit.segments import Segments
+from thdkit.seqmeta import SeqMeta
 
 __all__ = [
     "DTYPES",
