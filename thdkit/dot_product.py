@@ -19,16 +19,15 @@ weights (Flax's ``dot_product_attention_weights``, for sowing and attention-weig
 
 from __future__ import annotations
 
-import math
-import operator
-from typing import Any, Literal, NamedTuple
+from collections.abc import Mapping
+from typing import Any, Literal
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 import thdkit
+from thdkit.dense_path import dense_attention
+from thdkit.jax_nn_layout import LAYOUT_KEYWORDS, CallLayout, as_arrays, layout_of
 
 __all__ = ["dot_product_attention", "dot_product_attention_weights"]
 
@@ -48,20 +47,6 @@ _DENSE = (None, "xla", "reference")
 """The implementations a call with ``bias`` or ``mask`` may name: it always runs densely."""
 
 
-class _Layout(NamedTuple):
-    """What the attention reads of the layout: a plan's fields, or what builds one."""
-
-    q: Any  # thdkit.Segments
-    kv: Any  # thdkit.Segments, or None for self-attention
-    mask_type: Any  # thdkit.MaskType
-    window: tuple[int | None, int | None] | None
-    max_segments_per_seq: int
-    plan: Any  # thdkit.AttentionPlan given by the caller, or None
-
-
-# --- Argument checks ---------------------------------------------------------------------------
-
-
 def _check_implementation(implementation: Any) -> str | None:
     if implementation is None:
         return None
@@ -73,342 +58,18 @@ def _check_implementation(implementation: Any) -> str | None:
     return _ALIASES.get(implementation, implementation)
 
 
-def _check_window(local_window_size: Any) -> tuple[int, int] | None:
-    """``jax.nn``'s window: an int (symmetric) or a pair of non-negative ints, or None."""
-    if local_window_size is None:
-        return None
-    pair = (
-        (local_window_size, local_window_size)
-        if not isinstance(local_window_size, (tuple, list))
-        else tuple(local_window_size)
+def _call_layout(
+    query: Array, key: Array, unbatched: bool, arguments: Mapping[str, Any]
+) -> CallLayout:
+    """The layout of a public function's call, from its arguments (``locals()``) read by the
+    names in :data:`~thdkit.jax_nn_layout.LAYOUT_KEYWORDS` (both functions take them all)."""
+    return layout_of(
+        batch=query.shape[0],
+        seq_q=query.shape[1],
+        seq_kv=key.shape[1],
+        unbatched=unbatched,
+        **{name: arguments[name] for name in LAYOUT_KEYWORDS},
     )
-    if len(pair) != 2:
-        raise ValueError(
-            f"local_window_size must be an int or a pair (left, right), got {local_window_size!r}"
-        )
-    bounds = []
-    for side, bound in zip(("left", "right"), pair, strict=True):
-        if isinstance(bound, (bool, np.bool_)) or not isinstance(bound, (int, np.integer)):
-            raise TypeError(
-                f"local_window_size {side} bound must be an int, got {type(bound).__name__}"
-            )
-        if bound < 0:
-            raise ValueError(
-                f"local_window_size {side} bound must be >= 0, got {int(bound)} (thdkit reads a "
-                "negative bound as unbounded; pass None for no window)"
-            )
-        bounds.append(int(bound))
-    return bounds[0], bounds[1]
-
-
-def _check_lengths(lengths: Any, name: str, batch: int) -> Array | None:
-    if lengths is None:
-        return None
-    lengths = jnp.asarray(lengths)
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(f"{name} must be an integer array, got dtype {lengths.dtype}")
-    if lengths.shape != (batch,):
-        raise ValueError(f"{name} must have shape [B] = ({batch},), got {lengths.shape}")
-    return lengths
-
-
-def _as_4d(x: Any, name: str, *, unbatched: bool) -> Array:
-    x = jnp.asarray(x)
-    want = 3 if unbatched else 4
-    if x.ndim != want:
-        form = "[T, N, H]" if unbatched else "[B, T, N, H]"
-        raise ValueError(f"{name} must have rank {want} like query ({form}), got shape {x.shape}")
-    return x[None] if unbatched else x
-
-
-def _as_dense_4d(x: Any, name: str, shape: tuple[int, int, int, int]) -> Array:
-    """A ``bias`` or ``mask`` as ``jax.nn`` takes it: up to 4-D, broadcast to [B, N, T, S]."""
-    x = jnp.asarray(x)
-    if x.ndim > 4:
-        raise ValueError(f"{name} must have at most 4 dims ([B, N, T, S]), got shape {x.shape}")
-    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
-    try:
-        return jnp.broadcast_to(x, shape)
-    except ValueError:
-        raise ValueError(
-            f"{name} of shape {x.shape} does not broadcast to [B, N, T, S] = {shape}"
-        ) from None
-
-
-def _pair(x: Any, name: str, *, unbatched: bool) -> tuple[Array | None, Array | None]:
-    """``segment_ids`` / ``segment_positions``: one array (self-attention) or a (q, kv) pair."""
-    if x is None:
-        return None, None
-    if isinstance(x, (tuple, list)):
-        if len(x) != 2:
-            raise ValueError(f"{name} must be an array or a pair (query, key_value), got {len(x)}")
-        q, kv = x
-    else:
-        q = kv = x
-    same = kv is q
-
-    def convert(a: Any, side: str) -> Array | None:
-        if a is None:
-            return None
-        a = jnp.asarray(a)
-        want = 1 if unbatched else 2
-        if a.ndim != want:
-            raise ValueError(
-                f"{name} ({side}) must have rank {want} ({'[T]' if unbatched else '[B, T]'}), "
-                f"got shape {a.shape}"
-            )
-        return a[None] if unbatched else a
-
-    q = convert(q, "query")
-    return q, (q if same else convert(kv, "key_value"))
-
-
-def _side(
-    ids: Array | None, pos: Array | None, lengths: Array | None, *, batch: int, seq_len: int
-) -> Any:
-    """One side's Segments: the ids (ones without packing) cut at ``lengths`` (jax.nn's
-    padding at the row ends), positions given or numbered inside each document."""
-    if ids is None:
-        ids = jnp.ones((batch, seq_len), jnp.int32)
-        if pos is None and lengths is None:
-            return thdkit.Segments.from_ids(ids)
-    if lengths is not None:
-        inside = jnp.arange(seq_len, dtype=jnp.int32)[None, :] < lengths[:, None]
-        ids = jnp.where(inside, ids, jnp.zeros_like(ids))
-    return thdkit.Segments.from_ids(ids, pos)
-
-
-def _default_segments(*ids: Array | None, seq_len: int) -> int:
-    """S when not given: the largest id of concrete ids (1 without ids), else the row length
-    (a row of T tokens holds at most T documents numbered 1..n)."""
-    given = [a for a in ids if a is not None]
-    if not given:
-        return 1
-    if any(isinstance(a, jax.core.Tracer) for a in given):
-        return seq_len
-    return max(1, *(int(np.max(np.asarray(a), initial=0)) for a in given))
-
-
-def _layout(
-    *,
-    batch: int,
-    seq_q: int,
-    seq_kv: int,
-    is_causal: Any,
-    query_seq_lengths: Any,
-    key_value_seq_lengths: Any,
-    local_window_size: Any,
-    segment_ids: Any,
-    segment_positions: Any,
-    plan: Any,
-    max_segments_per_seq: Any,
-    unbatched: bool,
-) -> _Layout:
-    if not isinstance(is_causal, (bool, np.bool_)):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if plan is not None:
-        if not isinstance(plan, thdkit.AttentionPlan):
-            raise TypeError(f"plan must be a thdkit.AttentionPlan, got {type(plan).__name__}")
-        given = [
-            name
-            for name, x in (
-                ("query_seq_lengths", query_seq_lengths),
-                ("key_value_seq_lengths", key_value_seq_lengths),
-                ("local_window_size", local_window_size),
-                ("segment_ids", segment_ids),
-                ("segment_positions", segment_positions),
-                ("max_segments_per_seq", max_segments_per_seq),
-            )
-            if x is not None
-        ]
-        if given:
-            raise ValueError(
-                "the plan fixes the layout, the mask and the window; do not pass "
-                + ", ".join(given)
-                + " with plan"
-            )
-        if is_causal and not plan.config.mask_type.is_causal:
-            raise ValueError(
-                f"is_causal=True (top-left causal) but the plan's mask_type is "
-                f"{plan.config.mask_type.value!r}; plan with mask_type='padding_causal'"
-            )
-        shapes = (plan.q_segments.ids.shape, plan.kv_segments.ids.shape)
-        if shapes != ((batch, seq_q), (batch, seq_kv)):
-            raise ValueError(
-                f"the plan's layout has shapes {shapes[0]} (query) and {shapes[1]} (key/value); "
-                f"the arrays need [B, T] = {(batch, seq_q)} and [B, S] = {(batch, seq_kv)}"
-            )
-        return _Layout(
-            plan.q_segments,
-            None if plan.config.self_attention else plan.kv_segments,
-            plan.config.mask_type,
-            plan.config.window_size,
-            plan.config.max_segments_per_seq,
-            plan,
-        )
-    window = _check_window(local_window_size)
-    q_len = _check_lengths(query_seq_lengths, "query_seq_lengths", batch)
-    kv_len = _check_lengths(key_value_seq_lengths, "key_value_seq_lengths", batch)
-    ids_q, ids_kv = _pair(segment_ids, "segment_ids", unbatched=unbatched)
-    pos_q, pos_kv = _pair(segment_positions, "segment_positions", unbatched=unbatched)
-    for name, ids, pos in (("segment_ids", ids_q, pos_q), ("segment_ids", ids_kv, pos_kv)):
-        if pos is not None and ids is None:
-            raise ValueError(f"segment_positions needs {name} too")
-    for name, a, seq in (
-        ("segment_ids (query)", ids_q, seq_q),
-        ("segment_positions (query)", pos_q, seq_q),
-        ("segment_ids (key_value)", ids_kv, seq_kv),
-        ("segment_positions (key_value)", pos_kv, seq_kv),
-    ):
-        if a is not None and a.shape != (batch, seq):
-            raise ValueError(
-                f"{name} must have shape {(batch, seq)}, got {a.shape}"
-                + (
-                    "; pass a pair (query, key_value) for cross-attention"
-                    if seq_q != seq_kv and "key_value" in name
-                    else ""
-                )
-            )
-    if max_segments_per_seq is None:
-        num_segments = _default_segments(ids_q, ids_kv, seq_len=max(seq_q, seq_kv))
-    else:
-        if isinstance(max_segments_per_seq, (bool, np.bool_)):
-            raise TypeError("max_segments_per_seq must be an int, got bool")
-        try:
-            num_segments = operator.index(max_segments_per_seq)
-        except TypeError:
-            raise TypeError(
-                f"max_segments_per_seq must be an int, got {type(max_segments_per_seq).__name__}"
-            ) from None
-    q = _side(ids_q, pos_q, q_len, batch=batch, seq_len=seq_q)
-    # One layout for both sides (self-attention: cuDNN needs no representability check) when
-    # nothing tells them apart: the same ids, positions and lengths (None, or the same array).
-    shared = (
-        seq_q == seq_kv
-        and ids_kv is ids_q
-        and pos_kv is pos_q
-        and query_seq_lengths is key_value_seq_lengths
-    )
-    kv = None if shared else _side(ids_kv, pos_kv, kv_len, batch=batch, seq_len=seq_kv)
-    mask_type = thdkit.MaskType.PADDING_CAUSAL if is_causal else thdkit.MaskType.PADDING
-    return _Layout(q, kv, mask_type, window, num_segments, None)
-
-
-def _arrays(query: Any, key: Any, value: Any) -> tuple[Array, Array, Array, bool]:
-    query = jnp.asarray(query)
-    if query.ndim not in (3, 4):
-        raise ValueError(f"query must have rank 4 [B, T, N, H] or 3 [T, N, H], got {query.shape}")
-    unbatched = query.ndim == 3
-    key = _as_4d(key, "key", unbatched=unbatched)
-    value = _as_4d(value, "value", unbatched=unbatched)
-    return (query[None] if unbatched else query), key, value, unbatched
-
-
-# --- The dense path ----------------------------------------------------------------------------
-
-
-def _allowed(layout: _Layout) -> Bool[Array, "B T S"]:
-    """``allowed[i, j]`` of docs/attention.md, densely: same document, mask rule, window."""
-    q = layout.q
-    kv = q if layout.kv is None else layout.kv
-    iq, ik = q.ids[:, :, None], kv.ids[:, None, :]
-    pq, pk = q.positions[:, :, None], kv.positions[:, None, :]
-    allowed = (iq == ik) & (iq != 0)
-    mask_type = layout.mask_type
-    if mask_type.is_causal:
-        allowed = allowed & (pq >= pk)
-    if mask_type.is_bottom_right:
-        from_end_q = q.lengths[:, :, None] - pq
-        from_end_kv = kv.lengths[:, None, :] - pk
-        allowed = allowed & (from_end_q <= from_end_kv)
-    if layout.window is not None:
-        left, right = layout.window
-        if mask_type.is_bottom_right:
-            if left is not None:
-                allowed = allowed & (from_end_kv - from_end_q <= left)
-        else:
-            if left is not None:
-                allowed = allowed & (pk - pq >= -left)
-            if right is not None:
-                allowed = allowed & (pk - pq <= right)
-    return allowed
-
-
-def _validate(layout: _Layout) -> None:
-    """The layout rules a plan checks (concrete layouts only), for the dense path."""
-    if layout.plan is None:
-        thdkit.plan_attention(
-            layout.q,
-            layout.kv,
-            mask_type=layout.mask_type,
-            window_size=layout.window,
-            max_segments_per_seq=layout.max_segments_per_seq,
-            implementation="reference",
-        )
-
-
-def _dense(
-    query: Array,
-    key: Array,
-    value: Array | None,
-    bias: Any,
-    mask: Any,
-    layout: _Layout,
-    scale: float,
-) -> tuple[Float[Array, "B N T S"], Bool[Array, "B N T"], Array | None]:
-    """Weights (float32 [B, N, T, S]), poisoned rows, and (with ``value``) the output.
-
-    Every non-finite input element is replaced by zero with a select before any product; the
-    rows the dense computation would make NaN (a row with an allowed key whose own query, or one
-    of whose allowed keys or values, is non-finite) are set to NaN after it, so other rows and
-    their gradients are exactly those of the call without the non-finite values.
-    """
-    batch, seq_q, heads_q, dim = query.shape
-    seq_kv, heads_kv = key.shape[1], key.shape[2]
-    groups = heads_q // heads_kv
-    shape = (batch, heads_q, seq_q, seq_kv)
-    allow = _allowed(layout)[:, None]
-    if mask is not None:
-        mask = _as_dense_4d(mask, "mask", shape)
-        if mask.dtype != jnp.bool_:
-            raise TypeError(
-                f"mask must be a boolean array (True: attend), got dtype {mask.dtype}; pass an "
-                "additive mask as bias"
-            )
-        allow = allow & mask
-    else:
-        allow = jnp.broadcast_to(allow, shape)
-
-    def clean(x: Array) -> tuple[Array, Array]:
-        finite = jnp.isfinite(x)
-        return jnp.where(finite, x, jnp.zeros_like(x)).astype(jnp.float32), jnp.all(finite, -1)
-
-    q, good_q = clean(query)
-    k, good_kv = clean(key)
-    if value is not None:
-        v, good_v = clean(value)
-        good_kv = good_kv & good_v
-    logits = jnp.einsum(
-        "btkgh,bskh->bkgts", q.reshape(batch, seq_q, heads_kv, groups, dim), k
-    ).reshape(shape) * jnp.float32(scale)
-    if bias is not None:
-        logits = logits + _as_dense_4d(bias, "bias", shape).astype(jnp.float32)
-    masked = jnp.where(allow, logits, -jnp.inf)
-    top = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True))
-    top = jnp.where(jnp.isfinite(top), top, jnp.zeros_like(top))
-    weight = jnp.where(allow, jnp.exp(masked - top), jnp.zeros_like(masked))
-    total = jnp.sum(weight, axis=-1, keepdims=True)
-    probs = weight / jnp.where(total > 0, total, jnp.ones_like(total))
-    bad_kv = jnp.repeat(jnp.swapaxes(~good_kv, 1, 2), groups, axis=1)  # [B, N, S]
-    reads_bad = jnp.any(allow & bad_kv[:, :, None, :], axis=-1)
-    poisoned = jnp.any(allow, axis=-1) & (reads_bad | jnp.swapaxes(~good_q, 1, 2))
-    out = None
-    if value is not None:
-        out = jnp.einsum(
-            "bkgts,bskh->btkgh", probs.reshape(batch, heads_kv, groups, seq_q, seq_kv), v
-        ).reshape(batch, seq_q, heads_q, v.shape[-1])
-        out = jnp.where(jnp.swapaxes(poisoned, 1, 2)[..., None], jnp.nan, out)
-    return probs, poisoned, out
 
 
 # --- Public functions --------------------------------------------------------------------------
@@ -516,23 +177,10 @@ def dot_product_attention(
         >>> dot_product_attention(q, k, v, is_causal=True, segment_ids=ids).shape
         (2, 8, 4, 16)
     """
-    query, key, value, unbatched = _arrays(query, key, value)
+    arguments = dict(locals())
+    query, key, value, unbatched = as_arrays(query, key, value)
     implementation = _check_implementation(implementation)
-    batch, seq_q, _, dim = query.shape
-    layout = _layout(
-        batch=batch,
-        seq_q=seq_q,
-        seq_kv=key.shape[1],
-        is_causal=is_causal,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size,
-        segment_ids=segment_ids,
-        segment_positions=segment_positions,
-        plan=plan,
-        max_segments_per_seq=max_segments_per_seq,
-        unbatched=unbatched,
-    )
+    layout = _call_layout(query, key, unbatched, arguments)
     if plan is not None and implementation is not None:
         raise ValueError("the plan fixes the implementation; do not pass implementation with plan")
     if bias is not None or mask is not None:
@@ -542,10 +190,8 @@ def dot_product_attention(
                 "take them. Express the mask with segment_ids / is_causal / local_window_size "
                 "to use the kernels, or pass implementation=None"
             )
-        _check_dense_arrays(query, key, value)
-        _validate(layout)
-        scale = (1.0 / math.sqrt(dim)) if scale is None else _check_scale(scale)
-        out = _dense(query, key, value, bias, mask, layout, scale)[2].astype(query.dtype)
+        out = dense_attention(query, key, value, bias, mask, layout, scale)[2]
+        out = out.astype(query.dtype)
     else:
         if layout.plan is None:
             plan = thdkit.plan_attention(
@@ -601,70 +247,9 @@ def dot_product_attention_weights(
         >>> (dot_product_attention_weights(q, k, is_causal=True)[0, 0] * 6).tolist()
         [[6.0, 0.0, 0.0], [3.0, 3.0, 0.0], [2.0, 2.0, 2.0]]
     """
-    query, key, _, unbatched = _arrays(query, key, key)
-    batch, seq_q, _, dim = query.shape
-    layout = _layout(
-        batch=batch,
-        seq_q=seq_q,
-        seq_kv=key.shape[1],
-        is_causal=is_causal,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size,
-        segment_ids=segment_ids,
-        segment_positions=segment_positions,
-        plan=plan,
-        max_segments_per_seq=max_segments_per_seq,
-        unbatched=unbatched,
-    )
-    _check_dense_arrays(query, key, key)
-    _validate(layout)
-    scale = (1.0 / math.sqrt(dim)) if scale is None else _check_scale(scale)
-    probs, poisoned, _ = _dense(query, key, None, bias, mask, layout, scale)
+    arguments = dict(locals())
+    query, key, _, unbatched = as_arrays(query, key, key)
+    layout = _call_layout(query, key, unbatched, arguments)
+    probs, poisoned, _ = dense_attention(query, key, None, bias, mask, layout, scale)
     probs = jnp.where(poisoned[..., None], jnp.nan, probs).astype(query.dtype)
     return probs[0] if unbatched else probs
-
-
-def _check_dense_arrays(query: Array, key: Array, value: Array) -> None:
-    """The checks :func:`thdkit.attention` makes, for the dense path (which does not call it)."""
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-            raise TypeError(f"{name} must be float32, bfloat16 or float16, got dtype {x.dtype}")
-    if not query.dtype == key.dtype == value.dtype:
-        raise TypeError(
-            f"query, key and value must share one dtype, got {query.dtype}, {key.dtype} and "
-            f"{value.dtype}"
-        )
-    if not query.shape[0] == key.shape[0] == value.shape[0]:
-        raise ValueError(
-            f"query, key and value must have the same batch size B, got shapes {query.shape}, "
-            f"{key.shape} and {value.shape}"
-        )
-    if key.shape[:3] != value.shape[:3]:
-        raise ValueError(
-            f"key and value must agree in B, S and K, got shapes {key.shape} and {value.shape}"
-        )
-    if query.shape[3] != key.shape[3]:
-        raise ValueError(
-            f"query and key must have the same head dim H, got {query.shape} and {key.shape}"
-        )
-    if min(query.shape[1:] + key.shape[1:] + value.shape[3:]) == 0:
-        raise ValueError(
-            f"query, key and value need T, S, N, K and H > 0, got shapes {query.shape}, "
-            f"{key.shape} and {value.shape}"
-        )
-    if query.shape[2] % key.shape[2]:
-        raise ValueError(
-            f"the query heads N = {query.shape[2]} must be a multiple of the key/value heads "
-            f"K = {key.shape[2]}"
-        )
-
-
-def _check_scale(scale: Any) -> float:
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(
-        scale, (int, float, np.integer, np.floating)
-    ):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return float(scale)
