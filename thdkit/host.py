@@ -38,7 +38,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["JAX", "NUMPY", "ArrayOps", "on_host"]
+__all__ = ["JAX", "NUMPY", "ArrayOps", "on_host", "readable"]
+
+
+def readable(x: Any) -> Any:
+    """A concrete, fully addressable ``jax.Array`` read back as NumPy (host data); anything else
+    (host data, tracers, arrays sharded over other processes, None) as it is.
+
+    Entry points that would otherwise compile small programs to check and convert a concrete
+    layout read it back once and take the host path.
+
+    Example:
+        >>> type(readable(jnp.arange(3))).__name__, readable(None)
+        ('ndarray', None)
+    """
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_fully_addressable:
+        return np.asarray(x)
+    return x
 
 
 def on_host(*arrays: Any) -> bool:

@@ -35,7 +35,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Int
 
 from thdkit import counting
-from thdkit.host import JAX, NUMPY, ArrayOps, on_host
+from thdkit.host import JAX, NUMPY, ArrayOps, on_host, readable
 from thdkit.inputs import as_layouts
 from thdkit.layout import validate_concrete
 from thdkit.limits import check_max_segments
@@ -278,16 +278,21 @@ def seqlens_and_offsets(
     if not isinstance(compact, (bool, np.bool_)):
         raise TypeError(f"compact must be a bool, got {type(compact).__name__}")
     compact = bool(compact)
-    host = on_host(segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)
-    q, kv = as_layouts(
-        segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv, ops=NUMPY if host else JAX
-    )
+    given = (segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)
+    host = on_host(*given)
+    # Concrete JAX layouts are read back and computed on the host too (nothing compiles); the
+    # result goes back to the device.
+    to_device = not host and method == "linear" and on_host(*map(readable, given))
+    if to_device:
+        given, host = tuple(map(readable, given)), True
+    q, kv = as_layouts(*given, ops=NUMPY if host else JAX)
     validate_concrete(q, kv, max_segments_per_seq=num_segments, mask_type=mask)
     options = dict(mask=mask, num_segments=num_segments, compact=compact)
     if not host:
         return _compute(q, kv, method=method, **options)
     if method == "linear":
-        return _compute_on_host(q, kv, **options)
+        meta = _compute_on_host(q, kv, **options)
+        return SeqMeta(*map(jnp.asarray, meta)) if to_device else meta
     # The O(T·S) and O(T²) baselines run on the device; their results come back as NumPy.
     return jax.device_get(_compute(q, kv, method=method, **options))
 

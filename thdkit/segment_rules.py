@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from thdkit.host import readable
 from thdkit.inputs import as_layout, row_label
 from thdkit.layout import validate_layout
 from thdkit.limits import MAX_SEQ_LEN, check_max_segments, is_concrete
@@ -112,6 +113,8 @@ def validate_segments(
     if not is_concrete(ids, pos):
         as_layout(ids, pos, name=name)  # dtypes and shapes only
         return
+    # Read back once, the rules run on the host (thdkit.host): nothing compiles.
+    ids, pos = readable(ids), readable(pos)
     validate_layout(ids, pos, max_segments_per_seq=num_segments, mask_type=mask, name=name)
     if is_concrete(lengths):
         _check_lengths(np.asarray(ids), np.asarray(lengths), name, global_lengths=global_lengths)

@@ -32,7 +32,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Int
 
 from thdkit.counting import shift
-from thdkit.host import JAX, NUMPY, ArrayOps, on_host
+from thdkit.host import JAX, NUMPY, ArrayOps, on_host, readable
 from thdkit.inputs import (
     as_layout,
     check_cu_seqlens,
@@ -130,6 +130,12 @@ class Segments:
         if padding_id not in (0, -1):
             raise ValueError(f"padding_id must be 0 or -1, got {padding_id}")
         given_pos = segment_pos is not None
+        # Concrete JAX layouts are built on the host too (nothing compiles), then put back.
+        to_device = not on_host(segment_ids, segment_pos) and on_host(
+            readable(segment_ids), readable(segment_pos)
+        )
+        if to_device:
+            segment_ids, segment_pos = readable(segment_ids), readable(segment_pos)
         ops = NUMPY if on_host(segment_ids, segment_pos) else JAX
         ids, pos = as_layout(
             segment_ids, segment_pos if given_pos else segment_ids, name="segment_ids", ops=ops
@@ -149,7 +155,8 @@ class Segments:
                 mask_type="padding",
                 name="segment_ids",
             )
-        return cls(ids, pos, run_lengths(ids))
+        segments = cls(ids, pos, run_lengths(ids))
+        return jax.tree.map(jnp.asarray, segments) if to_device else segments
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: Int[ArrayLike, "*B N1"], *, total_len: int) -> Segments:

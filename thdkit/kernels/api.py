@@ -15,18 +15,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from thdkit.host import JAX, NUMPY, on_host
+from thdkit.host import JAX, NUMPY, on_host, readable
 from thdkit.inputs import as_layouts
 from thdkit.kernels import base, registry  # noqa: F401  (registry: the built-in implementations)
 from thdkit.kernels.arguments import check_arguments, check_layout_shapes
 from thdkit.kernels.config import AttentionConfig
 from thdkit.kernels.plan import AttentionPlan, candidates, make_plan, no_candidate
-from thdkit.limits import check_max_segments, is_concrete
+from thdkit.limits import check_max_segments
 from thdkit.mask_types import MaskType
 from thdkit.programs import program
 from thdkit.segment_rules import validate_segments
@@ -156,13 +154,6 @@ def plan_attention(
         implementation=implementation,
     )
     return make_plan(q, kv, config, implementation)
-
-
-def _readable(x: Any) -> Any:
-    """A concrete, fully addressable JAX array as NumPy (host data); anything else as it is."""
-    if isinstance(x, jax.Array) and is_concrete(x) and x.is_fully_addressable:
-        return np.asarray(x)
-    return x
 
 
 def _runnable(
@@ -314,9 +305,7 @@ def attention(
             raise TypeError("max_segments_per_seq is required with the layout keywords")
         # Host data (NumPy, lists) is converted and validated in NumPy: nothing compiles but
         # the attention itself.
-        given = tuple(
-            map(_readable, (segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv))
-        )
+        given = tuple(map(readable, (segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)))
         q_layout, kv_layout = as_layouts(*given, ops=NUMPY if on_host(*given) else JAX)
         check_layout_shapes(query, key, q_layout[0], None if kv_layout is None else kv_layout[0])
         if batch == 0:
