@@ -53,12 +53,15 @@ def test_entry_point_counts(records):
         [],
     )
     assert host["hlo_instructions"] is None and host["compile_s"] == 0
-    for name in ("metadata", "attention-fwd"):
-        record = by_entry[name]
-        assert record["programs_new_shape"] >= 1 and record["programs_repeated_shape"] == 0
-        assert record["compile_s"] > 0 and record["hlo_instructions"] > 0
-        assert len(record["programs"]) == record["programs_new_shape"]
-    assert "jit(_compute)" in by_entry["metadata"]["programs"]
+    # Concrete JAX layouts are read back once and take the host path too: nothing compiles, and
+    # the program the caller's jit would trace is still measured.
+    metadata = by_entry["metadata"]
+    assert (metadata["programs_new_shape"], metadata["programs_repeated_shape"]) == (0, 0)
+    assert metadata["hlo_instructions"] > 0
+    forward = by_entry["attention-fwd"]
+    assert forward["programs"] == ["jit(_forward)"]  # the tile ranges are computed on the host
+    assert forward["programs_new_shape"] == 1 and forward["programs_repeated_shape"] == 0
+    assert forward["compile_s"] > 0 and forward["hlo_instructions"] > 0
     for record in records:
         assert record["thdkit_version"] == thdkit.__version__
         assert record["jax_version"] == jax.__version__

@@ -330,3 +330,52 @@ def test_validate_layout_messages_match(mask):
         got = _raised(lambda: call(np.array(ids), pos, name="segment_ids_kv"))
     assert (type(got), str(got)) == (type(want), str(want))
     assert "segment_ids_kv row 1, token 2" in str(got)
+
+
+def _programs_compiled(fn) -> list[str]:
+    """The names of the XLA programs ``fn()`` compiles, JAX's caches dropped first."""
+    compiled: list[str] = []
+
+    def listen(event: str, duration: float, **kwargs: object) -> None:
+        if event == _BACKEND_COMPILE:
+            compiled.append(str(kwargs.get("fun_name")))
+
+    jax.clear_caches()
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        jax.block_until_ready(fn())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    return compiled
+
+
+@pytest.mark.parametrize("concrete", [False, True], ids=["numpy", "jax"])
+def test_plans_and_eager_attention_prepare_host_layouts_on_the_host(concrete):
+    """A plan of host (or concrete) Segments compiles nothing and holds device arrays; the keyword
+    form of attention compiles only the forward; both equal the traced path."""
+    ids, pos = packed_segments(np.random.default_rng(3), batch=2, seq_len=24, max_segments=S)
+    ids, pos = (jnp.asarray(ids), jnp.asarray(pos)) if concrete else (ids, pos)
+    x = jax.device_put(np.random.default_rng(4).standard_normal((2, 24, 2, 8)).astype(np.float32))
+    options = dict(max_segments_per_seq=S, implementation="blockwise")
+    segments = thdkit.Segments.from_ids(ids, pos)
+    plans: list[thdkit.AttentionPlan] = []
+    planned = lambda: plans.append(thdkit.plan_attention(segments, mask_type="causal", **options))  # noqa: E731
+    assert _programs_compiled(planned) == []
+    (plan,) = plans
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(plan.aux))
+    keywords = dict(segment_ids_q=ids, segment_pos_q=pos, mask_type="causal", **options)
+    eager = lambda: thdkit.attention(x, x, x, **keywords)  # noqa: E731
+    assert _programs_compiled(eager) == ["jit(_forward)"]
+
+    @jax.jit
+    def traced(x, ids, pos):
+        seg = thdkit.Segments.from_ids(ids, pos)
+        traced_plan = thdkit.plan_attention(seg, mask_type="causal", **options)
+        np.testing.assert_equal(type(traced_plan.aux["blockwise"].lo), type(x))  # a tracer
+        return traced_plan.aux["blockwise"], thdkit.attention(x, x, x, plan=traced_plan)
+
+    ranges, expected = traced(x, jnp.asarray(ids), jnp.asarray(pos))
+    np.testing.assert_array_equal(plan.aux["blockwise"].lo, ranges.lo)
+    np.testing.assert_array_equal(plan.aux["blockwise"].hi, ranges.hi)
+    np.testing.assert_allclose(eager(), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(thdkit.attention(x, x, x, plan=plan), expected, rtol=1e-6, atol=1e-6)

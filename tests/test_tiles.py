@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from thdkit import synth
+from thdkit.host import NUMPY
 from thdkit.kernels import tile_ranges
 from thdkit.kernels.tiles import kv_spans
 from thdkit.mask_types import MaskType
@@ -92,3 +93,47 @@ def test_kv_spans_are_the_allowed_keys_even_at_the_largest_positions(mask, windo
     keys = np.arange(SPAN_SHAPE[1])
     spans = (keys >= lo[..., None]) & (keys < hi[..., None])
     np.testing.assert_array_equal(spans, allowed)
+
+
+@functools.partial(jax.jit, static_argnames=("mask", "window", "block_q", "block_kv"))
+def _device_ranges(ids_q, pos_q, ids_kv, pos_kv, *, mask, window, block_q, block_kv):
+    q = Segments(ids_q, pos_q, run_lengths(ids_q))
+    kv = Segments(ids_kv, pos_kv, run_lengths(ids_kv))
+    ranges = tile_ranges(q, kv, mask_type=mask, window_size=window, block_q=block_q,
+                         block_kv=block_kv)  # fmt: skip
+    return ranges.lo, ranges.hi
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    mask=st.sampled_from(ALL_MASKS),
+    window=st.sampled_from([None, (2, None), (5, 0), (2**30, 0)]),
+    blocks=st.sampled_from([(4, 4), (8, 4), (32, 32)]),
+    q=batches(shape=SPAN_SHAPE, max_segments=4),
+    kv=batches(shape=SPAN_SHAPE, max_segments=4),
+    same=st.booleans(),
+)
+def test_tile_ranges_on_the_host_equal_the_device_ones(mask, window, blocks, q, kv, same):
+    """NumPy tile ranges (what eager calls and plans compute on host layouts) are the device's,
+    bit for bit, for every mask type, window and tile size, self- and cross-attention."""
+    window = window if mask.uses_positions else None
+    kv = q if same else kv
+    block_q, block_kv = blocks
+    host = tile_ranges(
+        Segments(*q, run_lengths(q[0])),
+        Segments(*kv, run_lengths(kv[0])),
+        mask_type=mask,
+        window_size=window,
+        block_q=block_q,
+        block_kv=block_kv,
+        ops=NUMPY,
+    )
+    assert isinstance(host.lo, np.ndarray) and host.lo.dtype == np.int32
+    lo, hi = _device_ranges(*q, *kv, mask=mask, window=window, block_q=block_q, block_kv=block_kv)
+    np.testing.assert_array_equal(host.lo, np.asarray(lo))
+    np.testing.assert_array_equal(host.hi, np.asarray(hi))
+    assert (host.num_kv_tiles, host.block_q, host.block_kv) == (
+        -(-SPAN_SHAPE[1] // block_kv),
+        block_q,
+        block_kv,
+    )

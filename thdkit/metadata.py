@@ -292,7 +292,7 @@ def seqlens_and_offsets(
         return _compute(q, kv, method=method, **options)
     if method == "linear":
         meta = _compute_on_host(q, kv, **options)
-        return SeqMeta(*map(jnp.asarray, meta)) if to_device else meta
+        return SeqMeta(*jax.device_put(tuple(meta))) if to_device else meta
     # The O(T·S) and O(T²) baselines run on the device; their results come back as NumPy.
     return jax.device_get(_compute(q, kv, method=method, **options))
 

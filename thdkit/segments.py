@@ -156,7 +156,7 @@ class Segments:
                 name="segment_ids",
             )
         segments = cls(ids, pos, run_lengths(ids))
-        return jax.tree.map(jnp.asarray, segments) if to_device else segments
+        return jax.device_put(segments) if to_device else segments
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: Int[ArrayLike, "*B N1"], *, total_len: int) -> Segments:

@@ -366,7 +366,8 @@ def _bench_compile(json_path: JsonPath = None, **fields: Any) -> None:
 
     Per entry point (called eagerly): programs compiled on a new shape and on a repeated one,
     compile seconds, the main program's HLO size, memory mappings per program (Linux). Then
-    seqlens_and_offsets on NumPy inputs (host, nothing compiled) vs JAX inputs, new and warm.
+    seqlens_and_offsets on NumPy inputs (host, nothing compiled) vs jit(seqlens_and_offsets), new
+    and warm.
     """
     config = _config(CompileBench, fields)
     header = (

@@ -6,9 +6,10 @@ S = ``max_segments_per_seq``.
 
 Each entry point converts and validates its inputs once, parses its options into one
 :class:`thdkit.kernels.AttentionConfig`, and reads the registry of implementations
-(:mod:`thdkit.kernels.base`): it names none. Called eagerly, a call with the layout keywords
-compiles one program for the attention (the chosen implementation's ``prepare`` and
-``forward``); a plan compiles one for its auxiliary data, and a call with a plan one more.
+(:mod:`thdkit.kernels.base`): it names none. Called eagerly on host or concrete layouts, a call
+with the layout keywords compiles one program, the chosen implementation's ``forward`` (its
+``prepare`` runs in NumPy where it can, else in the same program), and a plan compiles nothing
+(else one program for the auxiliary data); a call with a plan compiles its forward.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from thdkit.inputs import as_layouts
 from thdkit.kernels import base, registry  # noqa: F401  (registry: the built-in implementations)
 from thdkit.kernels.arguments import check_arguments, check_layout_shapes
 from thdkit.kernels.config import AttentionConfig
-from thdkit.kernels.plan import AttentionPlan, candidates, make_plan, no_candidate
+from thdkit.kernels.plan import (
+    AttentionPlan,
+    candidates,
+    make_plan,
+    no_candidate,
+    prepare_on_host,
+)
 from thdkit.limits import check_max_segments
 from thdkit.mask_types import MaskType
 from thdkit.programs import program
@@ -201,6 +208,11 @@ _LAYOUT_KEYWORDS = (
 )
 
 
+def _empty(query: Array, value: Array) -> Array:
+    """The output of a batch of no rows: [0, T_q, H_q, D_v] in the query's dtype."""
+    return jnp.zeros((0, *query.shape[1:3], value.shape[3]), query.dtype)
+
+
 def attention(
     query: Float[ArrayLike, "B T_q H_q D"],
     key: Float[ArrayLike, "B T_kv H_kv D"],
@@ -280,8 +292,7 @@ def attention(
         Array([0. , 0.5, 1. , 0. , 4. , 4.5, 5. , 5.5], dtype=float32)
     """
     query, key, value, scale = check_arguments(query, key, value, scale=scale)
-    batch, seq_q, heads_q, _ = query.shape
-    empty = jnp.zeros((0, seq_q, heads_q, value.shape[3]), query.dtype)
+    batch, seq_q = query.shape[:2]
     layout = dict(
         zip(
             _LAYOUT_KEYWORDS,
@@ -309,7 +320,7 @@ def attention(
         q_layout, kv_layout = as_layouts(*given, ops=NUMPY if on_host(*given) else JAX)
         check_layout_shapes(query, key, q_layout[0], None if kv_layout is None else kv_layout[0])
         if batch == 0:
-            return empty
+            return _empty(query, value)
         q, kv, config = _checked(
             Segments(*q_layout, run_lengths(q_layout[0])),
             None if kv_layout is None else Segments(*kv_layout, run_lengths(kv_layout[0])),
@@ -322,8 +333,21 @@ def attention(
             implementation=implementation,
         )
         chosen = _runnable(candidates(q, kv, config, implementation), query, key, value)
-        return _prepare_and_forward(
-            query, key, value, q, kv, implementation=chosen, config=config, scale=scale
+        aux = prepare_on_host(q, kv, (chosen,), config)
+        if aux is None:
+            return _prepare_and_forward(
+                query, key, value, q, kv, implementation=chosen, config=config, scale=scale
+            )
+        return _forward(
+            query,
+            key,
+            value,
+            q,
+            kv,
+            aux[chosen.name],
+            implementation=chosen,
+            config=config,
+            scale=scale,
         )
     given = [name for name, x in layout.items() if x is not None]
     if given:
@@ -342,7 +366,7 @@ def attention(
                 f"match {of}"
             )
     if batch == 0:
-        return empty
+        return _empty(query, value)
     chosen = _runnable(plan.candidates, query, key, value)
     return _forward(
         query,

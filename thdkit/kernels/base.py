@@ -18,6 +18,10 @@ method                        what it does                                      
 
 ``returns_lse`` says whether ``forward`` returns the log-sum-exp; only such implementations
 serve :func:`thdkit.kernels.partial.attention_partial` and so context parallelism.
+``prepares_on_host`` says whether ``prepare`` also runs in NumPy (``ops=thdkit.host.NUMPY``,
+on Segments of NumPy fields, with the results it gives traced): the entry points then compute
+the auxiliary data of host and concrete layouts on the host, so that an eager call compiles
+only the forward.
 
 Adding an implementation is one file defining it and one :func:`register` line in
 :mod:`thdkit.kernels.registry`; a user may register one of their own the same way (the entry
@@ -30,6 +34,7 @@ from typing import Any, ClassVar
 
 from jaxtyping import Array, Float
 
+from thdkit.host import JAX, ArrayOps
 from thdkit.kernels.config import AttentionConfig
 from thdkit.segments import Segments
 
@@ -52,6 +57,7 @@ class Implementation:
 
     name: ClassVar[str]
     returns_lse: ClassVar[bool] = True
+    prepares_on_host: ClassVar[bool] = False
 
     def check_config(self, config: AttentionConfig) -> None:
         """Raises NotImplementedError where this configuration cannot run (e.g. no GPU)."""
@@ -62,10 +68,13 @@ class Implementation:
         where it needs them (never called on a layout it cannot read: it raises instead)."""
         del q, kv, config
 
-    def prepare(self, q: Segments, kv: Segments, config: AttentionConfig) -> Any:
+    def prepare(
+        self, q: Segments, kv: Segments, config: AttentionConfig, *, ops: ArrayOps = JAX
+    ) -> Any:
         """The implementation's auxiliary data of one layout (a pytree, traceable); None if
-        it needs none. Computed once per plan and passed to every :meth:`forward`."""
-        del q, kv, config
+        it needs none. Computed once per plan and passed to every :meth:`forward`. ``ops`` is
+        :data:`thdkit.host.NUMPY` only where ``prepares_on_host`` is True."""
+        del q, kv, config, ops
 
     def check_arrays(self, query: Array, key: Array, value: Array) -> None:
         """Raises NotImplementedError where it cannot take these (checked) arrays."""

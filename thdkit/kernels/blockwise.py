@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from thdkit.host import JAX, ArrayOps
 from thdkit.isolation import sanitize
 from thdkit.kernels.base import Implementation
 from thdkit.kernels.config import AttentionConfig
@@ -328,8 +329,11 @@ class Blockwise(Implementation):
     """
 
     name = "blockwise"
+    prepares_on_host = True
 
-    def prepare(self, q: Segments, kv: Segments, config: AttentionConfig) -> TileRanges:
+    def prepare(
+        self, q: Segments, kv: Segments, config: AttentionConfig, *, ops: ArrayOps = JAX
+    ) -> TileRanges:
         return tile_ranges(
             q,
             kv,
@@ -337,6 +341,7 @@ class Blockwise(Implementation):
             window_size=config.window_size,
             block_q=config.block_q,
             block_kv=config.block_kv,
+            ops=ops,
         )
 
     def forward(self, query, key, value, q, kv, aux, config, *, scale):

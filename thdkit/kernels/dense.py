@@ -21,6 +21,7 @@ class Dense(Implementation):
     """
 
     name = "reference"
+    prepares_on_host = True  # it prepares nothing
 
     def forward(self, query, key, value, q, kv, aux, config, *, scale):
         return reference_attention(

@@ -13,12 +13,13 @@ from typing import Any
 
 import jax
 
+from thdkit.host import NUMPY, on_host, readable
 from thdkit.kernels import base
 from thdkit.kernels.config import AttentionConfig
 from thdkit.programs import program
 from thdkit.segments import Segments
 
-__all__ = ["AttentionPlan", "candidates", "make_plan", "no_candidate"]
+__all__ = ["AttentionPlan", "candidates", "host_segments", "make_plan", "no_candidate"]
 
 
 @jax.tree_util.register_dataclass
@@ -97,12 +98,38 @@ def candidates(
     return tuple(chosen)
 
 
+def host_segments(q: Segments, kv: Segments) -> tuple[Segments, Segments] | None:
+    """Both sides with NumPy fields when they are host data or concrete JAX arrays (read back
+    once); None when any field is traced (or not addressable from this process).
+
+    Example:
+        >>> seg = Segments.from_ids(jnp.array([[1, 1, 2, 2]]))
+        >>> type(host_segments(seg, seg)[0].ids).__name__
+        'ndarray'
+    """
+    fields = jax.tree.map(readable, (q, kv))
+    return fields if on_host(*jax.tree.leaves(fields)) else None
+
+
+def prepare_on_host(
+    q: Segments, kv: Segments, implementations: tuple[base.Implementation, ...], config: Any
+) -> dict[str, Any] | None:
+    """Each implementation's auxiliary data computed in NumPy, or None where a side is traced
+    or an implementation cannot prepare on the host (``prepares_on_host``)."""
+    host = host_segments(q, kv)
+    if host is None or not all(impl.prepares_on_host for impl in implementations):
+        return None
+    return {impl.name: impl.prepare(*host, config, ops=NUMPY) for impl in implementations}
+
+
 def make_plan(
     q: Segments, kv: Segments, config: AttentionConfig, implementation: str | None
 ) -> AttentionPlan:
     """The plan of checked Segments: candidates chosen, their auxiliary data computed.
 
-    Eagerly one compiled program per (shapes, configuration, candidates); inside the caller's
+    Host and concrete layouts are prepared in NumPy where every candidate can
+    (``prepares_on_host``), compiling nothing, and the results put on the device once; otherwise
+    eagerly one compiled program per (shapes, configuration, candidates). Inside the caller's
     ``jit`` it is traced into the caller's program.
 
     Args:
@@ -114,7 +141,12 @@ def make_plan(
         :class:`AttentionPlan`.
     """
     names = candidates(q, kv, config, implementation)
-    aux = _prepare(q, kv, implementations=tuple(base.get(n) for n in names), config=config)
+    implementations = tuple(base.get(n) for n in names)
+    aux = prepare_on_host(q, kv, implementations, config)
+    if aux is None:
+        aux = _prepare(q, kv, implementations=implementations, config=config)
+    else:
+        aux = jax.device_put(aux)
     return AttentionPlan(q, kv, aux, names, config)
 
 

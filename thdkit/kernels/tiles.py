@@ -1,7 +1,9 @@
 """Tile ranges: the contiguous range of key tiles each query tile of the blockwise method visits.
 
 Computed in O(T) from ids, positions and document lengths (no ``[T_q, T_kv]`` array): the key
-span of the segments at a query tile's two ends, narrowed by causality and the window.
+span of the segments at a query tile's two ends, narrowed by causality and the window. Written
+once over an :class:`thdkit.host.ArrayOps`: on the device (traced, the default) or in NumPy on
+host layouts, with equal results and no compilation.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from thdkit.counting import first_at_least
+from thdkit.host import JAX, ArrayOps
 from thdkit.mask_types import MaskType, Window, window_bound
 from thdkit.segments import Segments, run_lengths
 
@@ -95,6 +99,7 @@ def kv_spans(
     *,
     mask_type: MaskType,
     window_size: Window,
+    ops: ArrayOps = JAX,
 ) -> tuple[Int[Array, "B K"], Int[Array, "B K"]]:
     """``[lo, hi)``: the key tokens that query tokens ``tokens`` may attend.
 
@@ -111,6 +116,8 @@ def kv_spans(
         kv: the keys' :class:`thdkit.Segments`, int32[B, T_kv] fields.
         mask_type: a parsed ``MaskType``.
         window_size: a parsed window (:func:`thdkit.mask_types.check_window`).
+        ops: the array module (:data:`thdkit.host.JAX` or, on NumPy fields,
+            :data:`thdkit.host.NUMPY`).
 
     Returns:
         ``(lo, hi)``: int32[B, K] each, key token indices.
@@ -122,48 +129,51 @@ def kv_spans(
         >>> lo.tolist(), hi.tolist()
         ([[0, 3]], [[2, 5]])
     """
+    xp = ops.xp
     ids_q, pos_q, rl_q = q.ids, q.positions, q.lengths
     ids_kv, pos_kv, rl_kv = kv.ids, kv.positions, kv.lengths
     seq_kv = ids_kv.shape[-1]
-    seg = jnp.take_along_axis(ids_q, tokens, axis=-1)
+    at = lambda x, i: xp.take_along_axis(x, i, axis=-1)  # noqa: E731
+    seg = at(ids_q, tokens)
     # Padding inherits the id before it, so the key ids become sorted and the start of segment s
     # (or of the first later one, where s is absent) is a binary search.
-    sorted_ids = jax.lax.cummax(ids_kv, axis=ids_kv.ndim - 1)
-    start = first_at_least(sorted_ids, jnp.zeros_like(seg), jnp.full_like(seg, seq_kv), seg)
-    first = jnp.minimum(start, seq_kv - 1)
-    present = (start < seq_kv) & (jnp.take_along_axis(ids_kv, first, axis=-1) == seg)
-    run = jnp.take_along_axis(run_lengths(ids_kv), first, axis=-1)
-    end = jnp.where(present, start + run, start)
+    sorted_ids = ops.cummax(ids_kv, ids_kv.ndim - 1)
+    start = first_at_least(sorted_ids, xp.zeros_like(seg), xp.full_like(seg, seq_kv), seg, ops=ops)
+    first = xp.minimum(start, seq_kv - 1)
+    present = (start < seq_kv) & (at(ids_kv, first) == seg)
+    run = at(run_lengths(ids_kv), first)
+    end = xp.where(present, start + run, start)
     if not mask_type.uses_positions:
         return start, end
     # Allowed keys: pos_kv <= threshold (rel) and pos_kv >= threshold - left (window).
-    threshold = jnp.take_along_axis(pos_q, tokens, axis=-1)
+    threshold = at(pos_q, tokens)
     if mask_type.is_bottom_right:
         # rl_q - pos_q <= rl_kv - pos_kv with document lengths constant along each run.
-        rl_at_start = jnp.take_along_axis(rl_kv, first, axis=-1)
-        threshold = threshold - (jnp.take_along_axis(rl_q, tokens, axis=-1) - rl_at_start)
-    above = jnp.clip(threshold, -1, _THRESHOLD_MAX - 1) + 1
+        threshold = threshold - (at(rl_q, tokens) - at(rl_kv, first))
+    above = xp.clip(threshold, -1, _THRESHOLD_MAX - 1) + 1
     left = window_bound(window_size, 0)
     if left is None:
-        return start, first_at_least(pos_kv, start, end, above)
+        return start, first_at_least(pos_kv, start, end, above, ops=ops)
     # threshold - left where positive, else 0 (the same search); no int32 overflow.
-    lowest = jnp.minimum(jnp.maximum(threshold, left) - left, _THRESHOLD_MAX)
+    lowest = xp.minimum(xp.maximum(threshold, left) - left, _THRESHOLD_MAX)
     both = first_at_least(
         pos_kv,
-        jnp.concatenate([start, start], axis=-1),
-        jnp.concatenate([end, end], axis=-1),
-        jnp.concatenate([lowest, above], axis=-1),
+        xp.concatenate([start, start], axis=-1),
+        xp.concatenate([end, end], axis=-1),
+        xp.concatenate([lowest, above], axis=-1),
+        ops=ops,
     )
     return both[:, : tokens.shape[-1]], both[:, tokens.shape[-1] :]
 
 
-def pad_tokens(x: Array, length: int, fill: float = 0) -> Array:
+def pad_tokens(x: Array, length: int, fill: float = 0, *, ops: ArrayOps = JAX) -> Array:
     """Pads axis 1 (the token axis) of ``x`` at its end to ``length`` with ``fill``.
 
     Args:
         x: [B, T, ...] of any dtype.
         length: the new token count, at least T.
         fill: the value of the added entries.
+        ops: the array module (:data:`thdkit.host.JAX` or :data:`thdkit.host.NUMPY`).
 
     Returns:
         [B, length, ...], ``x``'s dtype.
@@ -174,7 +184,7 @@ def pad_tokens(x: Array, length: int, fill: float = 0) -> Array:
     """
     widths = [(0, 0)] * x.ndim
     widths[1] = (0, length - x.shape[1])
-    return jnp.pad(x, widths, constant_values=fill)
+    return ops.xp.pad(x, widths, constant_values=fill)
 
 
 def tile_ranges(
@@ -185,6 +195,7 @@ def tile_ranges(
     window_size: Window,
     block_q: int,
     block_kv: int,
+    ops: ArrayOps = JAX,
 ) -> TileRanges:
     """The contiguous range of key tiles each query tile of the blockwise method visits.
 
@@ -197,6 +208,9 @@ def tile_ranges(
         mask_type: a parsed ``MaskType``.
         window_size: ``(left, right)`` or None.
         block_q, block_kv: tile sizes (not capped here).
+        ops: the array module: :data:`thdkit.host.JAX` (traced, the default) or, on Segments of
+            NumPy fields, :data:`thdkit.host.NUMPY` (NumPy ``lo`` and ``hi``, equal to the device
+            ones; nothing compiles).
 
     Returns:
         :class:`TileRanges`.
@@ -207,26 +221,33 @@ def tile_ranges(
         ...                 block_kv=2)
         >>> r.lo.tolist(), r.hi.tolist(), float(r.visited_fraction())
         ([[0, 0, 2, 2]], [[1, 2, 3, 4]], 0.375)
+        >>> from thdkit.host import NUMPY
+        >>> host = Segments.from_ids(np.array([[1, 1, 1, 1, 2, 2, 2, 2]]))
+        >>> tile_ranges(host, host, mask_type=MaskType.CAUSAL, window_size=None, block_q=2,
+        ...             block_kv=2, ops=NUMPY).hi
+        array([[1, 2, 3, 4]], dtype=int32)
     """
+    xp = ops.xp
     batch, seq_q = q.ids.shape
     num_q = -(-seq_q // block_q)
-    nonpad = pad_tokens(q.ids, num_q * block_q).reshape(batch, num_q, block_q) != 0
-    base = jnp.arange(num_q, dtype=jnp.int32)[None, :] * block_q
-    first = base + jnp.argmax(nonpad, axis=-1).astype(jnp.int32)
-    last = base + block_q - 1 - jnp.argmax(nonpad[..., ::-1], axis=-1).astype(jnp.int32)
-    last = jnp.minimum(last, seq_q - 1)
+    nonpad = pad_tokens(q.ids, num_q * block_q, ops=ops).reshape(batch, num_q, block_q) != 0
+    base = xp.arange(num_q, dtype=np.int32)[None, :] * block_q
+    first = base + xp.argmax(nonpad, axis=-1).astype(np.int32)
+    last = base + block_q - 1 - xp.argmax(nonpad[..., ::-1], axis=-1).astype(np.int32)
+    last = xp.minimum(last, seq_q - 1)
     lo, hi = kv_spans(
-        jnp.concatenate([first, last], axis=-1),
+        xp.concatenate([first, last], axis=-1),
         q,
         kv,
         mask_type=mask_type,
         window_size=window_size,
+        ops=ops,
     )
     lo, hi = lo[:, :num_q], hi[:, num_q:]
-    empty = ~jnp.any(nonpad, axis=-1) | (hi <= lo)
+    empty = ~xp.any(nonpad, axis=-1) | (hi <= lo)
     return TileRanges(
-        lo=jnp.where(empty, 0, lo // block_kv).astype(jnp.int32),
-        hi=jnp.where(empty, 0, -(-hi // block_kv)).astype(jnp.int32),
+        lo=xp.where(empty, 0, lo // block_kv).astype(np.int32),
+        hi=xp.where(empty, 0, -(-hi // block_kv)).astype(np.int32),
         num_kv_tiles=-(-kv.seq_len // block_kv),
         block_q=block_q,
         block_kv=block_kv,
