@@ -19,9 +19,9 @@ method                        what it does                                      
 ``returns_lse`` says whether ``forward`` returns the log-sum-exp; only such implementations
 serve :func:`thdkit.kernels.partial.attention_partial` and so context parallelism.
 ``prepares_on_host`` says whether ``prepare`` also runs in NumPy (``ops=thdkit.host.NUMPY``,
-on Segments of NumPy fields, with the results it gives traced): the entry points then compute
-the auxiliary data of host and concrete layouts on the host, so that an eager call compiles
-only the forward.
+on Segments of NumPy fields), giving what it gives traced: the entry points then compute the
+auxiliary data of host and concrete layouts on the host, so that an eager call compiles only
+the forward.
 
 Adding an implementation is one file defining it and one :func:`register` line in
 :mod:`thdkit.kernels.registry`; a user may register one of their own the same way (the entry

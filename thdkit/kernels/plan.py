@@ -19,7 +19,14 @@ from thdkit.kernels.config import AttentionConfig
 from thdkit.programs import program
 from thdkit.segments import Segments
 
-__all__ = ["AttentionPlan", "candidates", "host_segments", "make_plan", "no_candidate"]
+__all__ = [
+    "AttentionPlan",
+    "candidates",
+    "host_segments",
+    "make_plan",
+    "no_candidate",
+    "prepare_on_host",
+]
 
 
 @jax.tree_util.register_dataclass
@@ -112,10 +119,30 @@ def host_segments(q: Segments, kv: Segments) -> tuple[Segments, Segments] | None
 
 
 def prepare_on_host(
-    q: Segments, kv: Segments, implementations: tuple[base.Implementation, ...], config: Any
+    q: Segments,
+    kv: Segments,
+    implementations: tuple[base.Implementation, ...],
+    config: AttentionConfig,
 ) -> dict[str, Any] | None:
-    """Each implementation's auxiliary data computed in NumPy, or None where a side is traced
-    or an implementation cannot prepare on the host (``prepares_on_host``)."""
+    """Each implementation's auxiliary data computed in NumPy, compiling nothing.
+
+    Args:
+        q, kv: the checked Segments of both sides (kv is q for self-attention).
+        implementations: the candidates, in order.
+        config: the parsed configuration.
+
+    Returns:
+        ``{name: aux}`` with NumPy leaves, or None where a side is traced or an implementation
+        cannot prepare on the host (``prepares_on_host`` False): then the caller prepares in a
+        compiled program.
+
+    Example:
+        >>> seg = Segments.from_ids(np.array([[1, 1, 2, 2]]))
+        >>> config = AttentionConfig.parse(mask_type="causal", window_size=None,
+        ...     max_segments_per_seq=2, seq_q=4, seq_kv=4, self_attention=True)
+        >>> prepare_on_host(seg, seg, (base.get("blockwise"),), config)["blockwise"].hi
+        array([[1]], dtype=int32)
+    """
     host = host_segments(q, kv)
     if host is None or not all(impl.prepares_on_host for impl in implementations):
         return None
