@@ -11,13 +11,14 @@ own jitted function, held in one process-wide LRU of :func:`max_programs` entrie
 entry drops the function and, with it, everything JAX cached for it (its compiled program
 included). Under a caller's ``jit`` or ``grad`` the same entries are traced into the caller's
 program. Programs the user compiles themselves are theirs: ``jax.clear_caches()`` releases them
-(docs/attention.md, "Compiled programs").
+(docs/attention.md, "Compiled programs"). The cache is safe to share between threads.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
+import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -26,14 +27,54 @@ import numpy as np
 
 __all__ = ["cache_info", "max_programs", "program", "set_max_programs"]
 
-_CACHE: collections.OrderedDict[Hashable, Callable[..., Any]] = collections.OrderedDict()
-_LIMIT = [64]
-_STATS = {"hits": 0, "misses": 0, "evictions": 0}
+
+class _LRU:
+    """A least-recently-used map of bounded size, safe to share between threads: lookup,
+    reordering and eviction happen under one lock, so that another thread's eviction can never
+    fall between a lookup and its reordering. The values are built outside the lock."""
+
+    def __init__(self, limit: int) -> None:
+        self._entries: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.limit = limit
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The value of ``key``, made by ``make()`` and stored when absent."""
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self.stats["hits"] += 1
+                self._entries.move_to_end(key)
+                return value
+            self.stats["misses"] += 1
+        value = make()
+        with self._lock:  # another thread may have stored one meanwhile: keep the first
+            value = self._entries.setdefault(key, value)
+            self._entries.move_to_end(key)
+            self._evict()
+        return value
+
+    def resize(self, limit: int) -> None:
+        with self._lock:
+            self.limit = limit
+            self._evict()
+
+    def _evict(self) -> None:
+        while len(self._entries) > self.limit:
+            self._entries.popitem(last=False)
+            self.stats["evictions"] += 1
+
+
+_CACHE = _LRU(64)
 
 
 def max_programs() -> int:
     """How many compiled thdkit programs are kept (default 64)."""
-    return _LIMIT[0]
+    return _CACHE.limit
 
 
 def set_max_programs(limit: int) -> None:
@@ -56,19 +97,12 @@ def set_max_programs(limit: int) -> None:
         raise TypeError(f"limit must be an int, got {type(limit).__name__}")
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    _LIMIT[0] = int(limit)
-    _evict()
+    _CACHE.resize(int(limit))
 
 
 def cache_info() -> dict[str, int]:
     """``{"size", "max_programs", "hits", "misses", "evictions"}`` of the program cache."""
-    return dict(size=len(_CACHE), max_programs=_LIMIT[0], **_STATS)
-
-
-def _evict() -> None:
-    while len(_CACHE) > _LIMIT[0]:
-        _CACHE.popitem(last=False)
-        _STATS["evictions"] += 1
+    return dict(size=len(_CACHE), max_programs=_CACHE.limit, **_CACHE.stats)
 
 
 def _signature(leaf: Any) -> Hashable:
@@ -106,6 +140,7 @@ def program(
     if fn is None:
         return functools.partial(program, static_argnames=static_argnames)
     static = frozenset(static_argnames)
+    names = tuple(static)
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -113,15 +148,7 @@ def program(
         dynamic = {k: v for k, v in kwargs.items() if k not in static}
         leaves, tree = jax.tree.flatten((args, dynamic))
         key = (fn, statics, tree, tuple(_signature(leaf) for leaf in leaves))
-        jitted = _CACHE.get(key)
-        if jitted is None:
-            _STATS["misses"] += 1
-            jitted = jax.jit(functools.partial(fn), static_argnames=tuple(static))
-            _CACHE[key] = jitted
-            _evict()
-        else:
-            _STATS["hits"] += 1
-            _CACHE.move_to_end(key)
+        jitted = _CACHE.get(key, lambda: jax.jit(functools.partial(fn), static_argnames=names))
         return jitted(*args, **kwargs)
 
     return call
