@@ -137,3 +137,58 @@ def test_nan_in_padding_value_leaves_every_row_finite():
         )
         np.testing.assert_array_equal(out[0, :, 0, 0], [1.0, 1.0, 0.0, 1.0])
         assert not np.isnan(np.asarray(lse)).any()
+
+
+# --- huge finite values ------------------------------------------------------------------------
+
+# One row, documents 1 (tokens 0-7) and 2 (tokens 8-15); the huge value sits in document 2.
+HUGE_IDS = np.array([[1] * 8 + [2] * 8], np.int32)
+
+
+def _huge_inputs(side: str, value: float) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """``(clean, dirty)`` (q, k, v): ``dirty`` holds ``value`` in token 12's vector of ``side``."""
+    rng = np.random.default_rng(1)
+    clean = tuple(np.asarray(rng.normal(size=(1, 16, 2, 4)), np.float32) for _ in range(3))
+    dirty = [x.copy() for x in clean]
+    dirty["qkv".index(side)][0, 12, 0] = value
+    return clean, tuple(dirty)
+
+
+@functools.partial(jax.jit, static_argnames=("extra",))
+def _dense(q, k, v, ids, *, extra):
+    """(out, (dq, dk, dv)) of the dense path (``bias`` or ``mask``), for a loss reading document
+    1's rows only."""
+    from thdkit.dot_product import dot_product_attention
+
+    seq = q.shape[1]
+    options = {
+        "bias": {"bias": jnp.zeros((1, 1, seq, seq))},
+        "mask": {"mask": jnp.ones((1, 1, seq, seq), bool)},
+    }[extra]
+    weights = jnp.linspace(-1.0, 1.0, 2 * 4).reshape(1, 1, 2, 4)
+
+    def loss(q, k, v):
+        out = dot_product_attention(q, k, v, segment_ids=ids, is_causal=True, **options)
+        return jnp.sum(jnp.where((ids == 1)[..., None, None], out * weights, 0.0)), out
+
+    (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+    return out, grads
+
+
+@pytest.mark.parametrize("extra", ["bias", "mask"])
+@pytest.mark.parametrize("side", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [3e38, -3e38])
+def test_a_huge_finite_value_stays_in_its_document_on_the_dense_path(extra, side, value):
+    """A finite value near float32's largest in document 2 leaves document 1's output and
+    gradients bit-equal to the call without it, and equal to document 1 run alone."""
+    clean, dirty = _huge_inputs(side, value)
+    ids = jnp.asarray(HUGE_IDS)
+    out_c, grads_c = _dense(*clean, ids, extra=extra)
+    out_d, grads_d = _dense(*dirty, ids, extra=extra)
+    out_a, grads_a = _dense(*(x[:, :8] for x in clean), ids[:, :8], extra=extra)
+    np.testing.assert_array_equal(np.asarray(out_d)[0, :8], np.asarray(out_c)[0, :8])
+    np.testing.assert_allclose(np.asarray(out_d)[0, :8], np.asarray(out_a)[0], rtol=1e-6, atol=1e-6)
+    for name, g_d, g_c, g_a in zip("qkv", grads_d, grads_c, grads_a, strict=True):
+        g_d, g_c = np.asarray(g_d)[0, :8], np.asarray(g_c)[0, :8]
+        np.testing.assert_array_equal(g_d, g_c, err_msg=f"d{name}")
+        np.testing.assert_allclose(g_d, np.asarray(g_a)[0], rtol=1e-5, atol=1e-6, err_msg=name)

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-import thdkit
 from thdkit.jax_nn_layout import CallLayout
+from thdkit.kernels.api import plan_attention
 
 __all__ = ["dense_attention"]
 
@@ -51,7 +51,7 @@ def _allowed(layout: CallLayout) -> Bool[Array, "B T S"]:
 def _validate(layout: CallLayout) -> None:
     """The layout rules a plan checks (concrete layouts only), for the dense path."""
     if layout.plan is None:
-        thdkit.plan_attention(
+        plan_attention(
             layout.q,
             layout.kv,
             mask_type=layout.mask_type,
@@ -138,9 +138,16 @@ def dense_attention(
     poisoned = jnp.any(allow, axis=-1) & (reads_bad | jnp.swapaxes(~good_q, 1, 2))
     out = None
     if value is not None:
-        out = jnp.einsum(
-            "bkgts,bskh->btkgh", probs.reshape(batch, heads_kv, groups, seq_q, seq_kv), v
+        # Weighted sum first, normalised after: the weights' cotangent ``d_out . v`` of a masked
+        # pair (which overflows for a huge but finite value of another document) is dropped by
+        # the select that made ``weight``, and only this row's sums reach ``total``'s cotangent.
+        # Normalising the weights first would send it through ``weight / total``, as
+        # ``inf * 0 = nan``, into every weight of the row.
+        unnormalised = jnp.einsum(
+            "bkgts,bskh->btkgh", weight.reshape(batch, heads_kv, groups, seq_q, seq_kv), v
         ).reshape(batch, seq_q, heads_q, v.shape[-1])
+        safe_total = jnp.where(total > 0, total, jnp.ones_like(total))
+        out = unnormalised / jnp.swapaxes(safe_total[..., 0], 1, 2)[..., None]
         out = jnp.where(jnp.swapaxes(poisoned, 1, 2)[..., None], jnp.nan, out)
     return probs, poisoned, out
 

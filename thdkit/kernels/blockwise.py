@@ -3,7 +3,9 @@
 Each query tile visits only its range of key tiles (:mod:`thdkit.kernels.tiles`); inside a tile
 the mask is rebuilt from ids, positions and document lengths (:func:`thdkit.masks.pair_mask`), so
 the result is exact for every valid layout, ring steps included. A ``jax.custom_vjp`` recomputes
-the tiles in the backward pass, saving only the output and the log-sum-exp: O(T·tile) memory.
+the tiles in the backward pass, saving only the output and each row's largest logit and sum of
+exponentials (so that the largest weight is recomputed exactly, at any magnitude of the logits:
+:mod:`thdkit.kernels.flash_vjp`): O(T·tile) memory.
 
 Isolation: the inputs are sanitised once (:func:`thdkit.isolation.sanitize`); every tile also
 counts, per query row, the allowed keys whose key or value was non-finite (a ``[q, k] x [k]``
@@ -24,7 +26,7 @@ from thdkit.host import JAX, ArrayOps
 from thdkit.isolation import sanitize
 from thdkit.kernels.base import Implementation
 from thdkit.kernels.config import AttentionConfig
-from thdkit.kernels.flash_vjp import flash_vjp
+from thdkit.kernels.flash_vjp import flash_vjp, match_varying, varying_axes
 from thdkit.kernels.tiles import TileRanges, pad_tokens, tile_ranges
 from thdkit.mask_types import MaskType, Window
 from thdkit.masks import pair_mask
@@ -104,24 +106,43 @@ def _add(x: Array, i: Array, value: Array) -> Array:
 
 
 def _tile_logits(tiles: _Tiles, q, k, layout_q, layout_kv, r, c):
-    """Scaled logits ``[*P, H_kv, G, block_q, block_kv]`` of tiles (r, c) and their mask
-    ``[*P, 1, 1, block_q, block_kv]``, rebuilt from ids, positions and document lengths."""
+    """Logits over ``|scale|`` ``[*P, H_kv, G, block_q, block_kv]`` of tiles (r, c) (the dot
+    products, negated for a negative scale) and their mask ``[*P, 1, 1, block_q, block_kv]``,
+    rebuilt from ids, positions and document lengths."""
     q_tile = _index(q, r).astype(jnp.float32)
     k_tile = _index(k, c).astype(jnp.float32)
-    logits = tiles.scale * jnp.einsum("...hgqd,...hkd->...hgqk", q_tile, k_tile)
+    dots = jnp.einsum("...hgqd,...hkd->...hgqk", q_tile, k_tile)
+    if tiles.scale < 0:
+        dots = -dots
     # Built once per tile, behind a branch: left to fusion, XLA:CPU recomputes the mask inside
-    # every consumer, once per head.
+    # every consumer, once per head. (r >= 0 always holds.) Both branches vary over the mesh
+    # axes the layout and tile indices do, inside a shard_map.
+    axes = varying_axes(layout_q, layout_kv, r, c)
     allowed = jax.lax.cond(
         r[0] >= 0,
-        lambda: pair_mask(
-            jax.tree.map(lambda a: _index(a, r), layout_q),
-            jax.tree.map(lambda a: _index(a, c), layout_kv),
-            mask_type=tiles.mask,
-            window_size=tiles.window,
+        lambda: match_varying(
+            pair_mask(
+                jax.tree.map(lambda a: _index(a, r), layout_q),
+                jax.tree.map(lambda a: _index(a, c), layout_kv),
+                mask_type=tiles.mask,
+                window_size=tiles.window,
+            ),
+            axes,
         ),
-        lambda: jnp.zeros((*r.shape, q_tile.shape[-2], k_tile.shape[-2]), bool),
+        lambda: match_varying(
+            jnp.zeros((*r.shape, q_tile.shape[-2], k_tile.shape[-2]), bool), axes
+        ),
     )
-    return q_tile, k_tile, logits, allowed[..., None, None, :, :]
+    return q_tile, k_tile, dots, allowed[..., None, None, :, :]
+
+
+def _exponents(tiles: _Tiles, dots: Array, shift: Array) -> Array:
+    """``(dots - shift) * |scale|``: the logits less their row's largest (``shift``, in the units
+    of ``dots``), exactly 0 at it and -inf where ``dots`` is (a masked pair)."""
+    magnitude = abs(tiles.scale)
+    if magnitude == 0:
+        return jnp.where(dots == -jnp.inf, -jnp.inf, 0.0)
+    return (dots - shift) * magnitude
 
 
 def _chunk(work: _Work, step: Array, chunk: int) -> tuple[Array, Array, Array]:
@@ -145,7 +166,8 @@ def _steps(work: _Work, chunk: int) -> Array:
 
 
 def _forward_tiles(tiles: _Tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, work: _Work):
-    """Online softmax over the visited tiles: (out, lse, poisoned) per query tile, float32.
+    """Online softmax over the visited tiles: (out, lse, poisoned, (row max, row sum)) per query
+    tile, float32; the row max is of the logits over ``|scale|`` (:func:`_exponents`).
 
     Each step visits ``tiles.chunk`` work items. Items of one query tile are consecutive, so a
     chunk touches at most ``chunk`` query tiles, numbered by ``slot``: their running statistics are
@@ -156,10 +178,12 @@ def _forward_tiles(tiles: _Tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, w
     stats = (rows + 1, *q.shape[1:-1])
     init = (
         jnp.zeros((*stats, v.shape[-1]), jnp.float32),  # unnormalised output
-        jnp.full(stats, -jnp.inf, jnp.float32),  # running max of the logits
+        jnp.full(stats, -jnp.inf, jnp.float32),  # running max of the logits over |scale|
         jnp.zeros(stats, jnp.float32),  # running sum of exp(logit - max)
         jnp.zeros((stats[0], stats[1], stats[3]), jnp.float32),  # allowed non-finite keys
     )
+    # Inside a shard_map the carry varies over the mesh axes of everything it is combined with.
+    init = match_varying(init, varying_axes(q, k, v, layout_q, layout_kv, bad_q, bad_kv, work))
 
     def combine(x: Array, slot: Array) -> Array:
         """Per slot, the sum of its items."""
@@ -170,19 +194,19 @@ def _forward_tiles(tiles: _Tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, w
     def visit(step, carry):
         acc, row_max, total, hits = carry
         row, col, real = _chunk(work, step, chunk)
-        _, _, logits, allowed = _tile_logits(tiles, q, k, layout_q, layout_kv, row, col)
+        _, _, dots, allowed = _tile_logits(tiles, q, k, layout_q, layout_kv, row, col)
         allowed = allowed & real[:, None, None, None, None]
         new_row = jnp.concatenate([jnp.zeros(1, bool), row[1:] != row[:-1]])
         slot = jnp.cumsum(new_row, dtype=jnp.int32)
         dest = jnp.full(chunk, rows, jnp.int32).at[slot].set(row)
-        logits = jnp.where(allowed, logits, -jnp.inf)
+        dots = jnp.where(allowed, dots, -jnp.inf)
         old_max = _index(row_max, dest)
-        item_max = jnp.max(logits, axis=-1)
+        item_max = jnp.max(dots, axis=-1)
         new_max = jnp.maximum(old_max, item_max) if chunk == 1 else old_max.at[slot].max(item_max)
         # A row with nothing allowed so far keeps max -inf; exp must then see a finite shift.
         shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
-        weights = jnp.exp(logits - shift[slot][..., None])
-        rescale = jnp.exp(old_max - shift)
+        weights = jnp.exp(_exponents(tiles, dots, shift[slot][..., None]))
+        rescale = jnp.exp(_exponents(tiles, old_max, shift))
         v_tile = _index(v, col).astype(jnp.float32)
         products = jnp.einsum("phgqk,phkd->phgqd", weights, v_tile)
         new_hits = _key_hits(allowed, _index(bad_kv, col))
@@ -197,23 +221,29 @@ def _forward_tiles(tiles: _Tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, w
         x[:rows] for x in jax.lax.fori_loop(0, _steps(work, chunk), visit, init)
     )
     safe_total = jnp.where(total > 0, total, 1.0)
-    lse = jnp.where(total > 0, row_max + jnp.log(safe_total), -jnp.inf)
+    lse = jnp.where(total > 0, abs(tiles.scale) * row_max + jnp.log(safe_total), -jnp.inf)
     poisoned = ((hits > 0)[:, :, None, :] | bad_q) & (total > 0)
-    return acc / safe_total[..., None], lse, poisoned
+    return acc / safe_total[..., None], lse, poisoned, (row_max, total)
 
 
-def _backward_tiles(tiles: _Tiles, inputs, d_out, row_term, lse):
-    """Flash-attention backward over the visited tiles, recomputing each tile's weights; each
-    step scatter-adds the gradients of ``tiles.chunk`` work items (:mod:`~.flash_vjp`)."""
+def _backward_tiles(tiles: _Tiles, inputs, d_out, row_term, row_max, row_sum):
+    """Flash-attention backward over the visited tiles, recomputing each tile's weights from the
+    forward's row maxima and sums (exactly ``1 / row_sum`` at a row's largest logit); each step
+    scatter-adds the gradients of ``tiles.chunk`` work items (:mod:`~.flash_vjp`)."""
     q, k, v, layout_q, layout_kv, _, _, work = inputs
     init = tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
+    init = match_varying(init, varying_axes(inputs, d_out, row_term, row_max, row_sum))
+    inverse_sum = 1.0 / row_sum
 
     def visit(step, carry):
         dq, dk, dv = carry
         row, col, real = _chunk(work, step, tiles.chunk)
-        q_tile, k_tile, logits, allowed = _tile_logits(tiles, q, k, layout_q, layout_kv, row, col)
+        q_tile, k_tile, dots, allowed = _tile_logits(tiles, q, k, layout_q, layout_kv, row, col)
         allowed = allowed & real[:, None, None, None, None]
-        weights = jnp.where(allowed, jnp.exp(logits - _index(lse, row)[..., None]), 0.0)
+        # Clamped at 0: a recomputed dot can never weigh more than the forward's largest.
+        exponents = jnp.minimum(_exponents(tiles, dots, _index(row_max, row)[..., None]), 0.0)
+        weights = jnp.exp(exponents) * _index(inverse_sum, row)[..., None]
+        weights = jnp.where(allowed, weights, 0.0)
         do_tile = _index(d_out, row)
         d_weights = jnp.einsum("phgqd,phkd->phgqk", do_tile, _index(v, col).astype(jnp.float32))
         d_logits = jnp.where(

@@ -11,7 +11,8 @@ Three kernels (:mod:`thdkit.kernels.pallas_kernels`), each on a grid of independ
   :class:`thdkit.kernels.TileRanges` (online softmax). Query heads are a grid axis: dots stay
   2-D (Triton), programs stay small (registers) and many (occupancy); the G heads of a group read
   the same key tiles one after another, from cache;
-- dq: the same grid and loop, recomputing each tile's weights from the saved log-sum-exp;
+- dq: the same grid and loop, recomputing each tile's weights from the saved row maxima and
+  sums (exact at a row's largest logit: :mod:`thdkit.kernels.flash_vjp`);
 - dk/dv: grid ``(B * NK, H_kv)``; program (b·NK + c, j) holds key tile c of key/value head j and
   loops over the query tiles that visit it (:func:`visiting_query_tiles`, O(NQ + NK)) and, per
   query tile, over the G query heads of its group: dk and dv sum over those heads, so they are
@@ -41,7 +42,7 @@ from jaxtyping import Array, Float, Int
 from thdkit.isolation import sanitize
 from thdkit.kernels.blockwise import Blockwise
 from thdkit.kernels.config import AttentionConfig
-from thdkit.kernels.flash_vjp import flash_vjp
+from thdkit.kernels.flash_vjp import flash_vjp, varying_axes
 from thdkit.kernels.pallas_kernels import KernelConfig, run_dkv, run_dq, run_forward
 from thdkit.kernels.tiles import TileRanges, pad_tokens
 from thdkit.mask_types import MaskType, Window
@@ -110,16 +111,20 @@ def visiting_query_tiles(ranges: TileRanges) -> tuple[Int[Array, "B NK"], Int[Ar
 
 def _forward(config: KernelConfig, q, k, v, layout, bad_q, bad_kv, lo, hi):
     """The forward kernel, its statistics ``[B, H_q, 1, T]`` as rows ``[B, H_q, T]`` of out."""
-    out, lse, poisoned = run_forward(config, q, k, v, layout, bad_q, bad_kv, lo, hi)
-    return out, lse[:, :, 0], poisoned[:, :, 0] > 0
+    out, lse, poisoned, row_max, row_sum = run_forward(
+        config, q, k, v, layout, bad_q, bad_kv, lo, hi
+    )
+    return out, lse[:, :, 0], poisoned[:, :, 0] > 0, (row_max[:, :, 0], row_sum[:, :, 0])
 
 
-def _backward(config: KernelConfig, inputs, d_out, row_term, lse):
-    """The dq and dk/dv kernels (:mod:`~.flash_vjp`)."""
+def _backward(config: KernelConfig, inputs, d_out, row_term, row_max, row_sum):
+    """The dq and dk/dv kernels (:mod:`~.flash_vjp`), weights from the forward's row maxima and
+    sums."""
     q, k, v, layout, _, _, lo, hi = inputs
-    row_term, lse = row_term[:, :, None], lse[:, :, None]
+    row_term = row_term[:, :, None]
+    stats = (row_max[:, :, None], 1.0 / row_sum[:, :, None])
     d_out = d_out.astype(q.dtype)
-    dq = run_dq(config, q, k, v, layout, d_out, lse, row_term, lo, hi)
+    dq = run_dq(config, q, k, v, layout, d_out, stats, row_term, lo, hi)
     ranges = TileRanges(
         lo=lo.reshape(-1, config.num_q),
         hi=hi.reshape(-1, config.num_q),
@@ -129,7 +134,7 @@ def _backward(config: KernelConfig, inputs, d_out, row_term, lse):
     )
     q_lo, q_hi = visiting_query_tiles(ranges)
     dk, dv = run_dkv(
-        config, q, k, v, layout, d_out, lse, row_term, q_lo.reshape(-1), q_hi.reshape(-1)
+        config, q, k, v, layout, d_out, stats, row_term, q_lo.reshape(-1), q_hi.reshape(-1)
     )
     return dq, dk, dv
 
@@ -207,7 +212,10 @@ def pallas_attention(
         interpret: True runs the kernels in Pallas interpret mode, False compiles them; None
             means interpret mode exactly when ``backend`` is ``"cpu"`` (the only mode there). A
             Pallas interpret-params object (``pltpu.InterpretParams()``, which emulates TPU
-            memory spaces on CPU) is passed on to ``pallas_call`` as it is.
+            memory spaces on CPU) is passed on to ``pallas_call`` as it is. Inside
+            ``jax.shard_map`` with ``check_vma=True``, on arrays that vary over its mesh axes,
+            True runs the TPU path in that interpreter (Pallas's plain interpreter cannot
+            evaluate kernels on such arrays).
         backend: the platform whose kernels to build: ``"gpu"`` (tile ranges as kernel inputs;
             compiled by Triton), ``"tpu"`` (tile ranges through scalar prefetch; compiled by
             Mosaic) or ``"cpu"`` (the GPU kernels, interpreted); None means
@@ -246,6 +254,12 @@ def pallas_attention(
         raise ValueError(f"backend must be one of {', '.join(_BACKENDS)} or None, got {backend!r}")
     if interpret is None:
         interpret = backend == "cpu"
+    if interpret is True and varying_axes(query, key, value, q_segments, kv_segments, ranges):
+        # Inside a jax.shard_map with check_vma=True: Pallas's HLO interpreter cannot evaluate
+        # a kernel on arrays that vary over mesh axes; its TPU interpreter can.
+        from jax.experimental.pallas import tpu as pltpu
+
+        interpret, backend = pltpu.InterpretParams(), "tpu"
     interpreting = interpret is not False
     batch, seq_q, heads_q, dim = query.shape
     _, seq_kv, heads_kv, dim_v = value.shape

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array
 
+from thdkit.kernels.flash_vjp import match_varying, varying_axes
 from thdkit.mask_types import MaskType, Window
 from thdkit.masks import pair_mask
 from thdkit.segments import Segments
@@ -54,6 +55,21 @@ def _dot(a: Array, b: Array, *, contract: tuple[int, int]) -> Array:
     )
 
 
+def _dots(config: KernelConfig, q: Array, k: Array) -> Array:
+    """The logits of a tile over ``|scale|``: its dot products, negated for a negative scale."""
+    dots = _dot(q, k, contract=(1, 1))
+    return -dots if config.scale < 0 else dots
+
+
+def _exponents(config: KernelConfig, dots: Array, shift: Array) -> Array:
+    """``(dots - shift) * |scale|``: exactly 0 at the row's largest logit (``shift``, in the
+    units of ``dots``), -inf where ``dots`` is (a masked pair)."""
+    magnitude = abs(config.scale)
+    if magnitude == 0:
+        return jnp.where(dots == -jnp.inf, -jnp.inf, 0.0)
+    return (dots - shift) * magnitude
+
+
 def _segments(layout_ref, tokens) -> Segments:
     """The Segments of ``tokens`` (a slice) of a layout block [3, tokens]: ids, positions and
     lengths, one row each."""
@@ -69,9 +85,11 @@ def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, config: KernelCo
 
     Blocks: q [block_q, D]; k, v [T_kv_pad, D or D_v] (the row of its key/value head); layout
     [3, block_q] and [3, T_kv_pad]; flags [1, block_q], [1, T_kv_pad]. Writes the
-    normalised output [block_q, D_v], the log-sum-exp and the poisoned flag [1, block_q].
+    normalised output [block_q, D_v], and per query row [1, block_q] the log-sum-exp, the
+    poisoned flag, the largest logit over ``|scale|`` and the sum of the exponentials.
     """
-    q_layout, kv_layout, bad_q_ref, bad_kv_ref, out_ref, lse_ref, poisoned_ref = refs
+    q_layout, kv_layout, bad_q_ref, bad_kv_ref, out_ref, lse_ref, poisoned_ref = refs[:7]
+    max_ref, sum_ref = refs[7:]
     program = pl.program_id(0)
     block_q, block_kv = config.block_q, config.block_kv
     q = q_ref[...]
@@ -80,7 +98,7 @@ def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, config: KernelCo
     def visit(c, carry):
         acc, row_max, total, hits = carry
         keys = _slice(c, block_kv)
-        logits = config.scale * _dot(q, k_ref[keys, :], contract=(1, 1))
+        dots = _dots(config, q, k_ref[keys, :])
         allowed = pair_mask(
             q_side,
             _segments(kv_layout, keys),
@@ -89,12 +107,12 @@ def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, config: KernelCo
         )
         bad = jnp.where(allowed, bad_kv_ref[0, keys][None, :], 0.0)
         hits = jnp.maximum(hits, jnp.max(bad, axis=1))
-        logits = jnp.where(allowed, logits, -jnp.inf)
-        new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
+        dots = jnp.where(allowed, dots, -jnp.inf)
+        new_max = jnp.maximum(row_max, jnp.max(dots, axis=1))
         # A row with nothing allowed so far keeps max -inf; exp must then see a finite shift.
         shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
-        weights = jnp.exp(logits - shift[:, None])
-        rescale = jnp.exp(row_max - shift)
+        weights = jnp.exp(_exponents(config, dots, shift[:, None]))
+        rescale = jnp.exp(_exponents(config, row_max, shift))
         total = rescale * total + jnp.sum(weights, axis=1)
         v = v_ref[keys, :]
         acc = rescale[:, None] * acc + _dot(weights.astype(v.dtype), v, contract=(1, 0))
@@ -102,7 +120,7 @@ def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, config: KernelCo
 
     init = (
         jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32),  # unnormalised output
-        jnp.full((block_q,), -jnp.inf, jnp.float32),  # running max of the logits
+        jnp.full((block_q,), -jnp.inf, jnp.float32),  # running max of the logits / |scale|
         jnp.zeros((block_q,), jnp.float32),  # running sum of exp(logit - max)
         jnp.zeros((block_q,), jnp.float32),  # 1 where an allowed key or value was non-finite
     )
@@ -110,15 +128,19 @@ def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, config: KernelCo
     visited = total > 0
     safe_total = jnp.where(visited, total, 1.0)
     out_ref[...] = acc / safe_total[:, None]
-    lse_ref[0, :] = jnp.where(visited, row_max + jnp.log(safe_total), -jnp.inf)
+    lse_ref[0, :] = jnp.where(visited, abs(config.scale) * row_max + jnp.log(safe_total), -jnp.inf)
     poisoned = visited & ((hits > 0) | (bad_q_ref[0, :] > 0))
     poisoned_ref[0, :] = jnp.where(poisoned, 1.0, 0.0)
+    max_ref[0, :] = row_max
+    sum_ref[0, :] = total
 
 
-def _tile_weights(config: KernelConfig, q, k, lse, allowed):
-    """Softmax weights of a tile from the saved log-sum-exp: float32[block_q, block_kv]."""
-    logits = config.scale * _dot(q, k, contract=(1, 1))
-    return jnp.where(allowed, jnp.exp(logits - lse[:, None]), 0.0)
+def _tile_weights(config: KernelConfig, q, k, row_max, inverse_sum, allowed):
+    """Softmax weights of a tile from the forward's row maxima and (inverse) sums, exactly
+    ``1 / sum`` at a row's largest logit: float32[block_q, block_kv]."""
+    # Clamped at 0: a recomputed dot can never weigh more than the forward's largest.
+    exponents = jnp.minimum(_exponents(config, _dots(config, q, k), row_max[:, None]), 0.0)
+    return jnp.where(allowed, jnp.exp(exponents) * inverse_sum[:, None], 0.0)
 
 
 def _tile_logit_grads(config: KernelConfig, weights, d_out, v, row_term, allowed):
@@ -129,10 +151,10 @@ def _tile_logit_grads(config: KernelConfig, weights, d_out, v, row_term, allowed
 
 def _dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, config: KernelConfig):
     """dq of one query tile and head over its key tiles ``lo .. hi``."""
-    q_layout, kv_layout, d_out_ref, lse_ref, term_ref, dq_ref = refs
+    q_layout, kv_layout, d_out_ref, max_ref, inverse_ref, term_ref, dq_ref = refs
     program = pl.program_id(0)
     q, d_out = q_ref[...], d_out_ref[...]
-    lse, row_term = lse_ref[0, :], term_ref[0, :]
+    row_max, inverse_sum, row_term = max_ref[0, :], inverse_ref[0, :], term_ref[0, :]
     q_side = _segments(q_layout, slice(None))
 
     def visit(c, dq):
@@ -144,7 +166,7 @@ def _dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, config: KernelConfig)
             mask_type=config.mask,
             window_size=config.window,
         )
-        weights = _tile_weights(config, q, k, lse, allowed)
+        weights = _tile_weights(config, q, k, row_max, inverse_sum, allowed)
         d_logits = _tile_logit_grads(config, weights, d_out, v_ref[keys, :], row_term, allowed)
         return dq + _dot(d_logits.astype(k.dtype), k, contract=(1, 0))
 
@@ -156,10 +178,11 @@ def _dkv_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, config: KernelConfig
     """dk and dv of one key tile and key/value head over the query tiles ``lo .. hi`` that visit
     it and the G query heads of its group.
 
-    Blocks: q [G, T_q_pad, D], d_out [G, T_q_pad, D_v], lse and row terms [G, 1, T_q_pad] (the
-    group's rows); k, v [block_kv, D or D_v]; layout [3, T_q_pad] and [3, block_kv].
+    Blocks: q [G, T_q_pad, D], d_out [G, T_q_pad, D_v], row maxima, inverse sums and row terms
+    [G, 1, T_q_pad] (the group's rows); k, v [block_kv, D or D_v]; layout [3, T_q_pad] and
+    [3, block_kv].
     """
-    q_layout, kv_layout, d_out_ref, lse_ref, term_ref, dk_ref, dv_ref = refs
+    q_layout, kv_layout, d_out_ref, max_ref, inverse_ref, term_ref, dk_ref, dv_ref = refs
     program = pl.program_id(0)
     k, v = k_ref[...], v_ref[...]
     kv_side = _segments(kv_layout, slice(None))
@@ -176,7 +199,9 @@ def _dkv_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, config: KernelConfig
         def head(g, carry):
             dk, dv = carry
             q, d_out = q_ref[g, rows, :], d_out_ref[g, rows, :]
-            weights = _tile_weights(config, q, k, lse_ref[g, 0, rows], allowed)
+            weights = _tile_weights(
+                config, q, k, max_ref[g, 0, rows], inverse_ref[g, 0, rows], allowed
+            )
             dv = dv + _dot(weights.astype(d_out.dtype), d_out, contract=(0, 0))
             d_logits = _tile_logit_grads(config, weights, d_out, v, term_ref[g, 0, rows], allowed)
             return dk + _dot(d_logits.astype(q.dtype), q, contract=(0, 0)), dv
@@ -197,10 +222,20 @@ def _call(
     """Runs ``kernel`` with the tile ranges ``tiles`` (two int32 vectors, one entry per program
     of grid axis 0) first: scalar prefetch on TPU, plain whole-array inputs elsewhere. Compiled,
     GPU kernels go to Triton (JAX's default GPU lowering is Mosaic GPU), TPU kernels to Mosaic
-    with every grid axis parallel."""
+    with every grid axis parallel. Inside a ``jax.shard_map`` the inputs and results vary over
+    the mesh axes any input varies over (``pallas_call`` needs them stated)."""
     from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas import triton as pltriton
 
+    axes = varying_axes(tiles, inputs)
+    if axes:
+        tiles, inputs = match_varying((tiles, inputs), axes)
+        out_shape = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(
+                s.shape, s.dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=axes)
+            ),
+            out_shape,
+        )
     kernel = functools.partial(kernel, config=config)
     options: dict[str, Any] = dict(out_shape=out_shape, interpret=config.interpret, name=name)
     if config.interpret is False and config.backend == "gpu":
@@ -268,8 +303,8 @@ def _query_grid(config: KernelConfig, seq_kv: int) -> _QueryGrid:
 
 
 def run_forward(config: KernelConfig, q, k, v, layout: tuple[Array, Array], bad_q, bad_kv, lo, hi):
-    """The forward kernel: (out [B, H_q, T_q_pad, D_v], lse and poisoned [B, H_q, 1, T_q_pad]),
-    float32, nothing poisoned yet."""
+    """The forward kernel: (out [B, H_q, T_q_pad, D_v], then lse, poisoned, row max over
+    ``|scale|`` and row sum, each [B, H_q, 1, T_q_pad]), float32, nothing poisoned yet."""
     batch, heads_q, seq_q, dim = q.shape
     dim_v = v.shape[3]
     specs = _query_grid(config, v.shape[2])
@@ -288,16 +323,29 @@ def run_forward(config: KernelConfig, q, k, v, layout: tuple[Array, Array], bad_
             specs.query_stats,
             specs.key_stats,
         ],
-        out_specs=[specs.per_query(dim_v), specs.query_stats, specs.query_stats],
-        out_shape=[jax.ShapeDtypeStruct((batch, heads_q, seq_q, dim_v), jnp.float32), stats, stats],
+        out_specs=[specs.per_query(dim_v), *(specs.query_stats,) * 4],
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, heads_q, seq_q, dim_v), jnp.float32),
+            *(stats,) * 4,
+        ],
         name="thdkit_pallas_forward",
     )
 
 
 def run_dq(
-    config: KernelConfig, q, k, v, layout: tuple[Array, Array], d_out, lse, row_term, lo, hi
+    config: KernelConfig,
+    q,
+    k,
+    v,
+    layout: tuple[Array, Array],
+    d_out,
+    stats: tuple[Array, Array],
+    row_term,
+    lo,
+    hi,
 ):
-    """The dq kernel: float32[B, H_q, T_q_pad, D]."""
+    """The dq kernel: float32[B, H_q, T_q_pad, D]. ``stats``: the row maxima and inverse row
+    sums of the forward, [B, H_q, 1, T_q_pad] each."""
     batch, heads_q, _, dim = q.shape
     specs = _query_grid(config, v.shape[2])
     return _call(
@@ -305,15 +353,14 @@ def run_dq(
         config,
         grid=(batch * config.num_q, heads_q),
         tiles=(lo, hi),
-        inputs=(q, k, v, *layout, d_out, lse, row_term),
+        inputs=(q, k, v, *layout, d_out, *stats, row_term),
         in_specs=[
             specs.per_query(dim),
             specs.per_key(dim),
             specs.per_key(v.shape[3]),
             *specs.layout,
             specs.per_query(v.shape[3]),
-            specs.query_stats,
-            specs.query_stats,
+            *(specs.query_stats,) * 3,
         ],
         out_specs=specs.per_query(dim),
         out_shape=jax.ShapeDtypeStruct(q.shape, jnp.float32),
@@ -322,9 +369,19 @@ def run_dq(
 
 
 def run_dkv(
-    config: KernelConfig, q, k, v, layout: tuple[Array, Array], d_out, lse, row_term, lo, hi
+    config: KernelConfig,
+    q,
+    k,
+    v,
+    layout: tuple[Array, Array],
+    d_out,
+    stats: tuple[Array, Array],
+    row_term,
+    lo,
+    hi,
 ):
-    """The dk/dv kernel: float32[B, H_kv, T_kv_pad, D] and [B, H_kv, T_kv_pad, D_v]."""
+    """The dk/dv kernel: float32[B, H_kv, T_kv_pad, D] and [B, H_kv, T_kv_pad, D_v];
+    ``stats`` as for :func:`run_dq`."""
     batch, heads_kv, _, dim = k.shape
     dim_v = v.shape[3]
     seq_q = q.shape[2]
@@ -348,21 +405,22 @@ def run_dkv(
     def per_key(width):
         return pl.BlockSpec((None, None, bk, width), lambda i, h, *_: (row(i), h, tile(i), 0))
 
-    stats = pl.BlockSpec((None, None, groups, 1, seq_q), lambda i, h, *_: (row(i), h, 0, 0, 0))
+    stats_spec = pl.BlockSpec((None, None, groups, 1, seq_q), lambda i, h, *_: (row(i), h, 0, 0, 0))
+    q, d_out, row_term = grouped(q), grouped(d_out), grouped(row_term)
+    stats = tuple(grouped(x) for x in stats)
     return _call(
         _dkv_kernel,
         config,
         grid=(batch * nk, heads_kv),
         tiles=(lo, hi),
-        inputs=(grouped(q), k, v, *layout, grouped(d_out), grouped(lse), grouped(row_term)),
+        inputs=(q, k, v, *layout, d_out, *stats, row_term),
         in_specs=[
             per_group(dim),
             per_key(dim),
             per_key(dim_v),
             *_layout_specs((seq_q, lambda i: 0), (bk, tile), row),
             per_group(dim_v),
-            stats,
-            stats,
+            *(stats_spec,) * 3,
         ],
         out_specs=[per_key(dim), per_key(dim_v)],
         out_shape=[
