@@ -335,7 +335,7 @@ def _bad(**kwargs):
         (_bad(mask=jnp.ones((1, 3, 16, 16), bool)), ValueError, "mask of shape"),
         (_bad(bias=jnp.ones((2, 2, 2, 16, 16))), ValueError, "bias must have at most 4"),
         (_bad(is_causal=1), TypeError, "is_causal must be a bool"),
-        (_bad(segment_ids=IDS[:, :8]), ValueError, r"segment_ids \(query\) must have shape"),
+        (_bad(segment_ids=IDS[:, :8]), ValueError, r"segment_ids has 8 tokens .* query has T = 16"),
         (_bad(segment_positions=IDS), ValueError, "segment_positions needs segment_ids"),
         (_bad(segment_ids=IDS, max_segments_per_seq=2), ValueError, "max_segments_per_seq=2"),
         (_bad(segment_ids=IDS, max_segments_per_seq=2.0), TypeError, "max_segments_per_seq"),

@@ -4,14 +4,16 @@ Axis legend (``jax.nn``'s letters): B batch, T query length, S key/value length,
 K key/value heads, H head dim.
 
 :func:`layout_of` reads ``is_causal``, ``query_seq_lengths``, ``key_value_seq_lengths``,
-``local_window_size``, ``segment_ids``, ``segment_positions``, ``plan`` and
-``max_segments_per_seq`` (:data:`LAYOUT_KEYWORDS`) into a :class:`CallLayout`: a plan's fields, or
-the Segments and options that plan one. :func:`as_arrays` brings query, key and value to rank 4.
+``local_window_size``, ``segment_ids``, ``segment_positions``, ``plan``, ``max_segments_per_seq``
+and ``padding_id`` into a :class:`CallLayout`: a plan's fields, or the Segments and options that
+plan one. Every value is checked against int32 before any cast (docs/semantics.md, "Accepted
+ranges"), and every error names the argument the caller passed (``segment_ids[1]`` for the
+key/value half of a pair) and, for layout errors, the row and the token, with the fix
+(:mod:`thdkit.jax_nn_checks`).
 """
 
 from __future__ import annotations
 
-import operator
 from typing import Any, NamedTuple
 
 import jax
@@ -19,141 +21,241 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-import thdkit
-
-__all__ = ["LAYOUT_KEYWORDS", "CallLayout", "as_arrays", "layout_of"]
-
-LAYOUT_KEYWORDS = (
-    "is_causal",
-    "query_seq_lengths",
-    "key_value_seq_lengths",
-    "local_window_size",
-    "segment_ids",
-    "segment_positions",
-    "plan",
-    "max_segments_per_seq",
+from thdkit.jax_nn_checks import (
+    check_local_window,
+    check_padding_id,
+    describe_layout_error,
+    int32_values,
+    integer_argument,
+    shape_error,
 )
-"""The public functions' keywords :func:`layout_of` reads, by name."""
+from thdkit.kernels.plan import AttentionPlan
+from thdkit.layout import LayoutError, layout_error_codes, validate_layout
+from thdkit.limits import MAX_SEGMENTS, check_max_segments
+from thdkit.mask_types import MaskType
+from thdkit.segments import Segments
+
+__all__ = ["CallLayout", "Side", "layout_of"]
 
 
 class CallLayout(NamedTuple):
-    """What the attention reads of the layout: a plan's fields, or what builds one."""
+    """What the attention reads of the layout: a plan's fields, or what builds one.
 
-    q: Any  # thdkit.Segments
-    kv: Any  # thdkit.Segments, or None for self-attention
-    mask_type: Any  # thdkit.MaskType
+    ``q`` is None when the query or the key/value side has no tokens (T = 0 or S = 0): nothing
+    is attended, and no Segments exist (they need T >= 1).
+    """
+
+    q: Segments | None
+    kv: Segments | None  # None for self-attention (one layout for both sides)
+    mask_type: MaskType
     window: tuple[int | None, int | None] | None
     max_segments_per_seq: int
-    plan: Any  # thdkit.AttentionPlan given by the caller, or None
+    plan: AttentionPlan | None  # the caller's plan, or None
 
 
-def _check_local_window(local_window_size: Any) -> tuple[int, int] | None:
-    """``jax.nn``'s window: an int (symmetric) or a pair of non-negative ints, or None."""
-    if local_window_size is None:
-        return None
-    pair = (
-        (local_window_size, local_window_size)
-        if not isinstance(local_window_size, (tuple, list))
-        else tuple(local_window_size)
-    )
-    if len(pair) != 2:
-        raise ValueError(
-            f"local_window_size must be an int or a pair (left, right), got {local_window_size!r}"
-        )
-    bounds = []
-    for side, bound in zip(("left", "right"), pair, strict=True):
-        if isinstance(bound, (bool, np.bool_)) or not isinstance(bound, (int, np.integer)):
-            raise TypeError(
-                f"local_window_size {side} bound must be an int, got {type(bound).__name__}"
-            )
-        if bound < 0:
-            raise ValueError(
-                f"local_window_size {side} bound must be >= 0, got {int(bound)} (thdkit reads a "
-                "negative bound as unbounded; pass None for no window)"
-            )
-        bounds.append(int(bound))
-    return bounds[0], bounds[1]
+class Side(NamedTuple):
+    """One side's layout arguments as the caller passed them, for messages and checks."""
+
+    ids: np.ndarray | Array | None  # int32 (after the range check), None: one document a row
+    pos: np.ndarray | Array | None
+    ids_name: str  # "segment_ids", or "segment_ids[0]" / "segment_ids[1]" for a pair
+    pos_name: str
+    lengths: Array | np.ndarray | None  # query_seq_lengths or key_value_seq_lengths, int32
 
 
-def _check_lengths(lengths: Any, name: str, batch: int) -> Array | None:
+def _lengths(lengths: Any, name: str, batch: int) -> np.ndarray | Array | None:
     if lengths is None:
         return None
-    lengths = jnp.asarray(lengths)
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(f"{name} must be an integer array, got dtype {lengths.dtype}")
+    lengths = integer_argument(lengths, name)
     if lengths.shape != (batch,):
-        raise ValueError(f"{name} must have shape [B] = ({batch},), got {lengths.shape}")
-    return lengths
+        raise ValueError(
+            f"{name} must have shape [B] = ({batch},) (B from query), got {lengths.shape}"
+        )
+    return int32_values(lengths, name, kind="length")
 
 
-def _as_4d(x: Any, name: str, *, unbatched: bool) -> Array:
-    x = jnp.asarray(x)
-    want = 3 if unbatched else 4
-    if x.ndim != want:
-        form = "[T, N, H]" if unbatched else "[B, T, N, H]"
-        raise ValueError(f"{name} must have rank {want} like query ({form}), got shape {x.shape}")
-    return x[None] if unbatched else x
+# --- segment_ids / segment_positions -----------------------------------------------------------
 
 
-def _pair(x: Any, name: str, *, unbatched: bool) -> tuple[Array | None, Array | None]:
-    """``segment_ids`` / ``segment_positions``: one array (self-attention) or a (q, kv) pair."""
+def _halves(x: Any, name: str) -> tuple[tuple[Any, str], tuple[Any, str]]:
+    """One array (both sides) or a tuple ``(query, key_value)``, each with its caller's name.
+    A list is one array (a nested list of rows), never a pair."""
+    if not isinstance(x, tuple):
+        return (x, name), (x, name)
+    if len(x) != 2:
+        raise ValueError(
+            f"{name} as a tuple must be a pair (query, key_value), got {len(x)} entries; pass "
+            "one array for self-attention"
+        )
+    return (x[0], f"{name}[0]"), (x[1], f"{name}[1]")
+
+
+def _side_array(
+    x: Any, name: str, *, kind: str, unbatched: bool, array: str, shape: tuple[int, ...]
+) -> np.ndarray | Array | None:
+    """One side's ids or positions: integer, rank and shape checked against ``array`` (query
+    or key, of [B, T, ...] ``shape``), then int32 after the range check."""
     if x is None:
-        return None, None
-    if isinstance(x, (tuple, list)):
-        if len(x) != 2:
-            raise ValueError(f"{name} must be an array or a pair (query, key_value), got {len(x)}")
-        q, kv = x
-    else:
-        q = kv = x
-    same = kv is q
+        return None
+    x = integer_argument(x, name)
+    want = 1 if unbatched else 2
+    if x.ndim != want:
+        form = "[T], as query is unbatched ([T, N, H])" if unbatched else "[B, T]"
+        pair = "; pass a (query, key_value) pair as a tuple" if x.ndim == want + 1 else ""
+        raise ValueError(f"{name} must have rank {want} ({form}), got shape {x.shape}{pair}")
+    x = x[None] if unbatched else x
+    if x.shape != shape[:2]:
+        raise ValueError(shape_error(name, x.shape, array, shape, unbatched=unbatched))
+    return int32_values(x, name, kind=kind)
 
-    def convert(a: Any, side: str) -> Array | None:
-        if a is None:
-            return None
-        a = jnp.asarray(a)
-        want = 1 if unbatched else 2
-        if a.ndim != want:
+
+def _sides(
+    segment_ids: Any,
+    segment_positions: Any,
+    lengths: tuple[Any, Any],
+    *,
+    query_shape: tuple[int, ...],
+    key_shape: tuple[int, ...],
+    unbatched: bool,
+) -> tuple[Side, Side]:
+    sides = []
+    for (ids, ids_name), (pos, pos_name), side_lengths, array, shape in zip(
+        _halves(segment_ids, "segment_ids"),
+        _halves(segment_positions, "segment_positions"),
+        lengths,
+        ("query", "key"),
+        (query_shape, key_shape),
+        strict=True,
+    ):
+        if pos is not None and ids is None:
             raise ValueError(
-                f"{name} ({side}) must have rank {want} ({'[T]' if unbatched else '[B, T]'}), "
-                f"got shape {a.shape}"
+                f"{pos_name} needs {ids_name} too (each token's document); pass segment_ids"
             )
-        return a[None] if unbatched else a
-
-    q = convert(q, "query")
-    return q, (q if same else convert(kv, "key_value"))
-
-
-def _side(
-    ids: Array | None, pos: Array | None, lengths: Array | None, *, batch: int, seq_len: int
-) -> Any:
-    """One side's Segments: the ids (ones without packing) cut at ``lengths`` (jax.nn's
-    padding at the row ends), positions given or numbered inside each document."""
-    if ids is None:
-        ids = jnp.ones((batch, seq_len), jnp.int32)
-        if pos is None and lengths is None:
-            return thdkit.Segments.from_ids(ids)
-    if lengths is not None:
-        inside = jnp.arange(seq_len, dtype=jnp.int32)[None, :] < lengths[:, None]
-        ids = jnp.where(inside, ids, jnp.zeros_like(ids))
-    return thdkit.Segments.from_ids(ids, pos)
+        checks = dict(unbatched=unbatched, array=array, shape=shape)
+        sides.append(
+            Side(
+                _side_array(ids, ids_name, kind="id", **checks),
+                _side_array(pos, pos_name, kind="position", **checks),
+                ids_name,
+                pos_name,
+                side_lengths,
+            )
+        )
+    return sides[0], sides[1]
 
 
-def _default_segments(*ids: Array | None, seq_len: int) -> int:
-    """S when not given: the largest id of concrete ids (1 without ids), else the row length
+def _host(*arrays: Any) -> bool:
+    """Whether every given array is a NumPy array (concrete values were read back once)."""
+    return all(a is None or isinstance(a, np.ndarray) for a in arrays)
+
+
+def _thdkit_ids(side: Side, *, batch: int, seq_len: int, padding_id: int) -> Any:
+    """The side's ids in thdkit's numbering (0 = padding, documents from 1), ones without
+    ``segment_ids``, cut at the seq lengths (jax.nn's padding at the row ends)."""
+    xp = np if _host(side.ids, side.lengths) else jnp
+    if side.ids is None:
+        ids = xp.ones((batch, seq_len), xp.int32)
+    elif padding_id:  # -1: ids 0..n-1 are documents 1..n; the top of int32 stays out of range
+        top = np.iinfo(np.int32).max
+        ids = xp.where(side.ids < top, side.ids + 1, side.ids)
+    else:
+        ids = side.ids
+    if side.lengths is not None:
+        inside = xp.arange(seq_len, dtype=xp.int32)[None, :] < side.lengths[:, None]
+        ids = xp.where(inside, ids, xp.zeros_like(ids))
+    return ids
+
+
+def _validate(
+    side: Side, ids: Any, *, num_segments: int, mask_type: MaskType, padding_id: int
+) -> None:
+    """The layout rules on concrete ids (the core's checks); the first broken one raises in
+    the caller's words (:func:`thdkit.jax_nn_checks.describe_layout_error`)."""
+    if not _host(ids, side.pos):
+        return  # traced: not read (docs/semantics.md, validation under jit)
+    pos = np.zeros_like(ids) if side.pos is None else side.pos
+    mask = mask_type if side.pos is not None else MaskType.PADDING
+    options = dict(max_segments_per_seq=num_segments, mask_type=mask)
+    try:
+        validate_layout(ids, pos, name=side.ids_name, **options)
+    except ValueError:
+        checks = layout_error_codes(ids, pos, **options)
+        codes = np.asarray(checks.code).reshape(-1)
+        if not codes.any():
+            raise
+        row = int(np.flatnonzero(codes)[0])
+        token = int(np.asarray(checks.token).reshape(-1)[row])
+        message = describe_layout_error(
+            LayoutError(int(codes[row])),
+            ids_name=side.ids_name,
+            pos_name=side.pos_name,
+            row=row,
+            token=token,
+            ids=ids[row],
+            caller_ids=ids[row] if side.ids is None else side.ids[row],
+            pos=pos[row],
+            num_segments=num_segments,
+            padding_id=padding_id,
+        )
+        raise ValueError(message) from None
+
+
+def _segments(side: Side, ids: Any) -> Segments:
+    segments = Segments.from_ids(ids, side.pos)
+    return jax.device_put(segments) if _host(segments.ids) else segments
+
+
+def _num_segments(max_segments_per_seq: Any, ids: list[Any], *, seq_len: int) -> int:
+    """S: the caller's, or the largest concrete id (1 without ids; at most MAX_SEGMENTS, so a
+    larger id is reported as the layout error it is), or the row length when the ids are traced
     (a row of T tokens holds at most T documents numbered 1..n)."""
-    given = [a for a in ids if a is not None]
-    if not given:
-        return 1
-    if any(isinstance(a, jax.core.Tracer) for a in given):
-        return seq_len
-    return max(1, *(int(np.max(np.asarray(a), initial=0)) for a in given))
+    if max_segments_per_seq is not None:
+        return check_max_segments(max_segments_per_seq)
+    if not _host(*ids):
+        return min(seq_len, MAX_SEGMENTS)
+    return min(max([1, *(int(np.max(a, initial=0)) for a in ids)]), MAX_SEGMENTS)
+
+
+# --- The layout --------------------------------------------------------------------------------
+
+
+def _plan_layout(plan: Any, *, given: dict[str, Any], is_causal: bool, shapes: Any) -> CallLayout:
+    """The layout of a caller's plan, which fixes everything the keywords would say."""
+    if not isinstance(plan, AttentionPlan):
+        raise TypeError(f"plan must be a thdkit.AttentionPlan, got {type(plan).__name__}")
+    passed = [name for name, x in given.items() if x is not None]
+    if passed:
+        raise ValueError(
+            "the plan fixes the layout, the mask and the window; do not pass "
+            + ", ".join(passed)
+            + " with plan"
+        )
+    if is_causal and not plan.config.mask_type.is_causal:
+        raise ValueError(
+            f"is_causal=True (top-left causal) but the plan's mask_type is "
+            f"{plan.config.mask_type.value!r}; plan with mask_type='padding_causal'"
+        )
+    planned = (plan.q_segments.ids.shape, plan.kv_segments.ids.shape)
+    if planned != shapes:
+        raise ValueError(
+            f"the plan's layout has shapes {planned[0]} (query) and {planned[1]} (key/value); "
+            f"the arrays need [B, T] = {shapes[0]} and [B, S] = {shapes[1]}"
+        )
+    return CallLayout(
+        plan.q_segments,
+        None if plan.config.self_attention else plan.kv_segments,
+        plan.config.mask_type,
+        plan.config.window_size,
+        plan.config.max_segments_per_seq,
+        plan,
+    )
 
 
 def layout_of(
     *,
-    batch: int,
-    seq_q: int,
-    seq_kv: int,
+    query_shape: tuple[int, int, int, int],
+    key_shape: tuple[int, int, int, int],
+    unbatched: bool,
     is_causal: Any,
     query_seq_lengths: Any,
     key_value_seq_lengths: Any,
@@ -162,110 +264,64 @@ def layout_of(
     segment_positions: Any,
     plan: Any,
     max_segments_per_seq: Any,
-    unbatched: bool,
+    padding_id: Any,
 ) -> CallLayout:
     """The call's layout: the plan's, or the Segments, mask and window the keywords describe.
+
+    ``query_shape`` and ``key_shape`` are the arrays' [B, T, N, H] and [B, S, K, H] shapes
+    (after :func:`thdkit.jax_nn_checks.as_arrays`); the other arguments are the public
+    functions' own, passed by name.
 
     Raises:
         TypeError, ValueError: as :func:`thdkit.dot_product_attention` for these keywords.
     """
     if not isinstance(is_causal, (bool, np.bool_)):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    padding_id = check_padding_id(padding_id)
     if plan is not None:
-        if not isinstance(plan, thdkit.AttentionPlan):
-            raise TypeError(f"plan must be a thdkit.AttentionPlan, got {type(plan).__name__}")
-        given = [
-            name
-            for name, x in (
-                ("query_seq_lengths", query_seq_lengths),
-                ("key_value_seq_lengths", key_value_seq_lengths),
-                ("local_window_size", local_window_size),
-                ("segment_ids", segment_ids),
-                ("segment_positions", segment_positions),
-                ("max_segments_per_seq", max_segments_per_seq),
-            )
-            if x is not None
-        ]
-        if given:
-            raise ValueError(
-                "the plan fixes the layout, the mask and the window; do not pass "
-                + ", ".join(given)
-                + " with plan"
-            )
-        if is_causal and not plan.config.mask_type.is_causal:
-            raise ValueError(
-                f"is_causal=True (top-left causal) but the plan's mask_type is "
-                f"{plan.config.mask_type.value!r}; plan with mask_type='padding_causal'"
-            )
-        shapes = (plan.q_segments.ids.shape, plan.kv_segments.ids.shape)
-        if shapes != ((batch, seq_q), (batch, seq_kv)):
-            raise ValueError(
-                f"the plan's layout has shapes {shapes[0]} (query) and {shapes[1]} (key/value); "
-                f"the arrays need [B, T] = {(batch, seq_q)} and [B, S] = {(batch, seq_kv)}"
-            )
-        return CallLayout(
-            plan.q_segments,
-            None if plan.config.self_attention else plan.kv_segments,
-            plan.config.mask_type,
-            plan.config.window_size,
-            plan.config.max_segments_per_seq,
-            plan,
+        given = dict(
+            query_seq_lengths=query_seq_lengths,
+            key_value_seq_lengths=key_value_seq_lengths,
+            local_window_size=local_window_size,
+            segment_ids=segment_ids,
+            segment_positions=segment_positions,
+            max_segments_per_seq=max_segments_per_seq,
+            padding_id=padding_id or None,
         )
-    window = _check_local_window(local_window_size)
-    q_len = _check_lengths(query_seq_lengths, "query_seq_lengths", batch)
-    kv_len = _check_lengths(key_value_seq_lengths, "key_value_seq_lengths", batch)
-    ids_q, ids_kv = _pair(segment_ids, "segment_ids", unbatched=unbatched)
-    pos_q, pos_kv = _pair(segment_positions, "segment_positions", unbatched=unbatched)
-    for name, ids, pos in (("segment_ids", ids_q, pos_q), ("segment_ids", ids_kv, pos_kv)):
-        if pos is not None and ids is None:
-            raise ValueError(f"segment_positions needs {name} too")
-    for name, a, seq in (
-        ("segment_ids (query)", ids_q, seq_q),
-        ("segment_positions (query)", pos_q, seq_q),
-        ("segment_ids (key_value)", ids_kv, seq_kv),
-        ("segment_positions (key_value)", pos_kv, seq_kv),
-    ):
-        if a is not None and a.shape != (batch, seq):
-            raise ValueError(
-                f"{name} must have shape {(batch, seq)}, got {a.shape}"
-                + (
-                    "; pass a pair (query, key_value) for cross-attention"
-                    if seq_q != seq_kv and "key_value" in name
-                    else ""
-                )
-            )
-    if max_segments_per_seq is None:
-        num_segments = _default_segments(ids_q, ids_kv, seq_len=max(seq_q, seq_kv))
-    else:
-        if isinstance(max_segments_per_seq, (bool, np.bool_)):
-            raise TypeError("max_segments_per_seq must be an int, got bool")
-        try:
-            num_segments = operator.index(max_segments_per_seq)
-        except TypeError:
-            raise TypeError(
-                f"max_segments_per_seq must be an int, got {type(max_segments_per_seq).__name__}"
-            ) from None
-    q = _side(ids_q, pos_q, q_len, batch=batch, seq_len=seq_q)
+        shapes = (query_shape[:2], key_shape[:2])
+        return _plan_layout(plan, given=given, is_causal=bool(is_causal), shapes=shapes)
+    batch, seq_q, seq_kv = query_shape[0], query_shape[1], key_shape[1]
+    window = check_local_window(local_window_size)
+    lengths = (
+        _lengths(query_seq_lengths, "query_seq_lengths", batch),
+        _lengths(key_value_seq_lengths, "key_value_seq_lengths", batch),
+    )
+    q_side, kv_side = _sides(
+        segment_ids,
+        segment_positions,
+        lengths,
+        query_shape=query_shape,
+        key_shape=key_shape,
+        unbatched=unbatched,
+    )
+    mask_type = MaskType.PADDING_CAUSAL if is_causal else MaskType.PADDING
+    sides = [(s, n) for s, n in ((q_side, seq_q), (kv_side, seq_kv)) if n > 0]
+    ids = [_thdkit_ids(s, batch=batch, seq_len=n, padding_id=padding_id) for s, n in sides]
+    num_segments = _num_segments(max_segments_per_seq, ids, seq_len=max(seq_q, seq_kv))
+    for (side, _), side_ids in zip(sides, ids, strict=True):
+        _validate(
+            side, side_ids, num_segments=num_segments, mask_type=mask_type, padding_id=padding_id
+        )
+    if len(sides) < 2:  # T = 0 or S = 0: nothing to attend, no Segments
+        return CallLayout(None, None, mask_type, window, num_segments, None)
     # One layout for both sides (self-attention: cuDNN needs no representability check) when
     # nothing tells them apart: the same ids, positions and lengths (None, or the same array).
     shared = (
         seq_q == seq_kv
-        and ids_kv is ids_q
-        and pos_kv is pos_q
+        and not isinstance(segment_ids, tuple)
+        and not isinstance(segment_positions, tuple)
         and query_seq_lengths is key_value_seq_lengths
     )
-    kv = None if shared else _side(ids_kv, pos_kv, kv_len, batch=batch, seq_len=seq_kv)
-    mask_type = thdkit.MaskType.PADDING_CAUSAL if is_causal else thdkit.MaskType.PADDING
+    q = _segments(q_side, ids[0])
+    kv = None if shared else _segments(kv_side, ids[1])
     return CallLayout(q, kv, mask_type, window, num_segments, None)
-
-
-def as_arrays(query: Any, key: Any, value: Any) -> tuple[Array, Array, Array, bool]:
-    """Query, key and value as [B, ...] arrays (an unbatched call gains B = 1), and whether the
-    call was unbatched."""
-    query = jnp.asarray(query)
-    if query.ndim not in (3, 4):
-        raise ValueError(f"query must have rank 4 [B, T, N, H] or 3 [T, N, H], got {query.shape}")
-    unbatched = query.ndim == 3
-    key = _as_4d(key, "key", unbatched=unbatched)
-    value = _as_4d(value, "value", unbatched=unbatched)
-    return (query[None] if unbatched else query), key, value, unbatched
