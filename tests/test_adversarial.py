@@ -415,8 +415,8 @@ CASES = {
     ),
     # --- validate_segments: the whole Segments ------------------------------------------------
     "validate_segments of arrays": (lambda: check(IDS), TypeError, "q_segments"),
-    "validate_segments lengths a list": (
-        lambda: check(segments(lengths=[[3] * 8])),
+    "validate_segments lengths a tuple": (
+        lambda: check(segments(lengths=((3,) * 8,))),
         TypeError,
         r"q_segments\.lengths",
     ),

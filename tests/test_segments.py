@@ -114,9 +114,11 @@ def test_from_positions_inverts_numbering(lengths):
     np.testing.assert_array_equal(seg.lengths, np_run_lengths(expected))
 
 
-def test_from_positions_starts_a_document_wherever_positions_do_not_increase():
-    seg = Segments.from_positions(jnp.array([[3, 4, 2, 3, 3]]))
-    np.testing.assert_array_equal(seg.ids, [[1, 1, 2, 2, 3]])
+def test_from_positions_starts_a_document_exactly_where_the_position_is_0():
+    """Hugging Face's rule: [0, 1, 2, 1, 2, 3] is one document (no 0 after the first token)."""
+    seg = Segments.from_positions(jnp.array([[0, 1, 2, 1, 2, 3], [0, 4, 2, 0, 0, 7]]))
+    np.testing.assert_array_equal(seg.ids, [[1, 1, 1, 1, 1, 1], [1, 1, 1, 2, 3, 3]])
+    np.testing.assert_array_equal(seg.lengths, [[6] * 6, [3, 3, 3, 1, 2, 2]])
 
 
 def test_a_pytree_through_jit_scan_and_tree_map():
@@ -315,7 +317,12 @@ GLOBAL = [[8, 8, 8, 8, 4, 4, 0, 0], [2, 2, 5, 5, 5, 0, 0, 9]]  # whole documents
 VALIDATE_ERRORS = {
     # structure
     "not Segments": (lambda: ROWS, {}, TypeError, r"q_segments must be a thdkit\.Segments"),
-    "ids a list": (lambda: _with(ids=ROWS.tolist()), {}, TypeError, r"q_segments\.ids must be"),
+    "ids a tuple": (
+        lambda: _with(ids=tuple(ROWS.tolist())),
+        {},
+        TypeError,
+        r"q_segments\.ids must be",
+    ),
     "lengths None": (lambda: _with(lengths=None), {}, TypeError, r"q_segments\.lengths must be"),
     "float lengths": (
         lambda: _with(lengths=np.asarray(GOOD.lengths, np.float32)),

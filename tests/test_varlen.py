@@ -3,7 +3,7 @@ Face's varlen helpers.
 
 Hugging Face's own helper (``transformers.modeling_flash_attention_utils``) imports torch at module
 level, and torch does not install light here, so its rule (a document starts where the position
-id equals the smallest one, over the flattened axis) is transcribed into NumPy below instead.
+id is 0, over the flattened axis) is transcribed into NumPy below instead.
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ def _oracle(x: np.ndarray, ids: np.ndarray):
 
 
 def _fa_unpad_input(x: np.ndarray, attention_mask: np.ndarray):
-    """flash_attn.bert_padding.unpad_input: one sequence a row, cu_seqlens [B + 1]."""
+    """flash_attn.bert_padding.unpad_input: one sequence a row, cu_seqlens [B + 1] (an empty
+    row a zero-length entry)."""
     seqlens = attention_mask.sum(-1).astype(np.int32)
     indices = np.flatnonzero(attention_mask.reshape(-1))
     cu = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
-    return x.reshape(-1, *x.shape[2:])[indices], indices, cu, int(seqlens.max())
+    return x.reshape(-1, *x.shape[2:])[indices], indices, cu, int(seqlens.max(initial=0))
 
 
 def _fa_unpad_concatenated(x: np.ndarray, attention_mask_in_length: np.ndarray):
@@ -56,9 +57,9 @@ def _fa_unpad_concatenated(x: np.ndarray, attention_mask_in_length: np.ndarray):
 
 def _hf_cu_seqlens_from_position_ids(position_ids: np.ndarray):
     """transformers' prepare_fa_kwargs_from_position_ids: starts where the flattened position
-    equals its minimum, then the total; max_seqlen the largest difference."""
+    is 0, then the total; max_seqlen the largest difference."""
     flat = position_ids.reshape(-1)
-    cu = np.concatenate([np.flatnonzero(flat == flat.min()), [flat.size]]).astype(np.int32)
+    cu = np.concatenate([np.flatnonzero(flat == 0), [flat.size]]).astype(np.int32)
     return cu, int(np.diff(cu).max())
 
 
@@ -106,6 +107,11 @@ def test_matches_flash_attention_unpad_input_for_attention_masks():
     mask[1] = mask[1][::-1]  # left padding in row 1
     x = rng.standard_normal((B, T, 4)).astype(np.float32)
     _check(thdkit.unpad(x, jnp.asarray(mask)), _fa_unpad_input(x, mask))
+    for empty in range(B):  # an all-padding row keeps its (zero-length) entry
+        holed = mask.copy()
+        holed[empty] = False
+        _check(thdkit.unpad(x, holed), _fa_unpad_input(x, holed))
+        _check(thdkit.unpad(x, holed.astype(np.int64)), _fa_unpad_input(x, holed))
 
 
 def test_matches_flash_attention_unpad_for_concatenated_sequences():
@@ -123,10 +129,14 @@ def test_matches_flash_attention_unpad_for_concatenated_sequences():
     _check(thdkit.unpad(x, ids), _fa_unpad_concatenated(x, in_length))
 
 
-def test_position_ids_give_hugging_face_cu_seqlens():
-    """Hugging Face's flattened rows (DataCollatorWithFlattening): B = 1, positions restart."""
+@pytest.mark.parametrize("fall_back", [False, True])
+def test_position_ids_give_hugging_face_cu_seqlens(fall_back):
+    """Hugging Face's flattened rows (DataCollatorWithFlattening): B = 1, positions restart at 0
+    (with fall_back, also fall back inside documents without reaching 0: no new document)."""
     lengths = [7, 1, 12, 4, 8]
     position_ids = np.concatenate([np.arange(n) for n in lengths])[None]
+    if fall_back:
+        position_ids[0, 10:13] = [3, 2, 1]
     x = np.arange(position_ids.size, dtype=np.float32).reshape(1, -1, 1)
     got = thdkit.unpad(x, thdkit.Segments.from_positions(position_ids))
     cu, max_seqlen = _hf_cu_seqlens_from_position_ids(position_ids)
@@ -198,7 +208,7 @@ def test_attention_on_the_varlen_form_equals_attention_on_packed_rows():
         (lambda: thdkit.unpad(np.ones((2, 4)), np.ones((2, 4)) * 0.5), TypeError, "segments"),
         (lambda: thdkit.unpad(np.ones((2, 5)), np.ones((2, 4), int)), ValueError, "leading dims"),
         (lambda: thdkit.unpad(np.ones((2, 4)), np.ones(4, int)), ValueError, r"\[B, T\]"),
-        (lambda: thdkit.unpad(np.ones((1, 4)), [[1, 1, 0, 1]]), ValueError, "segment_ids"),
+        (lambda: thdkit.unpad(np.ones((1, 4)), [[1, 1, 0, 1]]), ValueError, "segments row 0"),
         (lambda: thdkit.unpad(np.ones((1, 4)), [[1, 1, 0, 2]], capacity=2), ValueError, "capacity"),
         (
             lambda: thdkit.unpad(np.ones((1, 4)), [[1, 1, 0, 2]], max_documents=1),

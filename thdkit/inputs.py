@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Int
 
+from thdkit.counting import shift
 from thdkit.host import JAX, ArrayOps
 from thdkit.limits import INT32, MAX_POSITION, MAX_SEQ_LEN, is_concrete
 
@@ -24,9 +25,11 @@ __all__ = [
     "check_cu_seqlens",
     "check_not_below",
     "checked_pair",
+    "field_int32",
     "int32_array",
     "integer_array",
     "position_ids_array",
+    "positions_in_runs",
     "positions_name",
     "row_label",
     "to_int32",
@@ -160,18 +163,19 @@ def as_layout(
 
 
 _RANGES = {
-    "id": "ids lie in [0, max_segments_per_seq]",
+    "id": "ids lie in [0, S] (0 = padding; S = max_segments_per_seq, or thdkit.MAX_SEGMENTS)",
     "position": f"positions lie in [0, {MAX_POSITION}] (thdkit.MAX_POSITION)",
 }
 
 
 def as_layouts(
     segment_ids_q: ArrayLike,
-    segment_pos_q: ArrayLike,
+    segment_pos_q: ArrayLike | None,
     segment_ids_kv: ArrayLike | None,
     segment_pos_kv: ArrayLike | None,
     *,
     ops: ArrayOps = JAX,
+    number_positions: bool = False,
 ) -> tuple[tuple[Array, Array], tuple[Array, Array] | None]:
     """Checks both sides' layouts (:func:`as_layout`); kv None means self-attention.
 
@@ -180,14 +184,33 @@ def as_layouts(
         segment_ids_kv, segment_pos_kv: the keys', ``[*B, T_kv]``, or both None.
         ops: :data:`thdkit.host.JAX` (JAX results) or :data:`thdkit.host.NUMPY` (NumPy
             results; concrete inputs only).
+        number_positions: whether the positions may be left out: with ``segment_pos_q=None``
+            (and ``segment_pos_kv=None``) each document's tokens are numbered 0, 1, 2, ... on
+            both sides (:func:`positions_in_runs`). Positions come for both sides or for neither.
 
     Returns:
         ``(q, kv)``: ``(ids, pos)`` int32 pairs; kv is None when neither kv array is given.
 
     Raises:
         TypeError, ValueError: as :func:`as_layout`; only one of the kv arrays given; q and kv
-            with different batch dims.
+            with different batch dims; ``segment_pos_kv`` without ``segment_pos_q``.
+
+    Example:
+        >>> q, kv = as_layouts([1, 1, 0, 2], None, None, None, number_positions=True)
+        >>> q[1].tolist(), kv
+        ([0, 1, 0, 0], None)
     """
+    if number_positions and segment_pos_q is None:
+        if segment_pos_kv is not None:
+            raise ValueError(
+                "segment_pos_kv was given without segment_pos_q: pass the positions of both "
+                "sides, or of neither (each document's tokens are then numbered 0, 1, 2, ...)"
+            )
+        # The ids stand in for the positions (their checks come first), then are numbered.
+        q, kv = as_layouts(segment_ids_q, segment_ids_q, segment_ids_kv, segment_ids_kv, ops=ops)
+        q = (q[0], positions_in_runs(q[0], ops=ops))
+        kv = None if kv is None else (kv[0], positions_in_runs(kv[0], ops=ops))
+        return q, kv
     q = as_layout(segment_ids_q, segment_pos_q, name="segment_ids_q", ops=ops)
     if (segment_ids_kv is None) != (segment_pos_kv is None):
         given = "segment_ids_kv" if segment_pos_kv is None else "segment_pos_kv"
@@ -206,6 +229,21 @@ def as_layouts(
     return q, kv
 
 
+def positions_in_runs(ids: Int[Array, "*B T"], *, ops: ArrayOps = JAX) -> Int[Array, "*B T"]:
+    """Each token's index inside its run of equal ids (0 on padding, id 0): the positions a
+    layout has when each document's tokens are numbered 0, 1, 2, ...
+
+    Example:
+        >>> from thdkit.host import NUMPY
+        >>> positions_in_runs(np.array([1, 1, 1, 0, 2, 2]), ops=NUMPY)
+        array([0, 1, 2, 0, 0, 1], dtype=int32)
+    """
+    xp = ops.xp
+    t = xp.broadcast_to(xp.arange(ids.shape[-1], dtype=np.int32), ids.shape)
+    start = ops.cummax(xp.where(ids != shift(ids, 1, fill=-1, ops=ops), t, 0), ids.ndim - 1)
+    return xp.where(ids != 0, t - start, 0).astype(np.int32)
+
+
 def positions_name(ids_name: str) -> str:
     """The positions parameter that goes with an ids parameter (segment_ids_q -> segment_pos_q)."""
     if "segment_ids" in ids_name:
@@ -221,7 +259,38 @@ def row_label(flat_row: int, batch: tuple[int, ...]) -> str:
 
 
 def int32_array(x: ArrayLike, name: str) -> Array:
-    """``x`` as int32 after checking its dtype and (concrete values) the int32 range."""
+    """``x`` as int32 after checking its dtype and (concrete values) the int32 range.
+
+    The range is read on the original values (NumPy int64, Python ints of any size, JAX int64
+    arrays under x64), before any cast: a value outside int32 raises, never wraps.
+    """
+    return jnp.asarray(_in_int32(x, name)).astype(jnp.int32)
+
+
+def field_int32(value: Any, name: str) -> np.ndarray:
+    """A Python (nested) list as an int32 NumPy array, its values checked before the cast.
+
+    Args:
+        value: a rectangular nested list of ints (any size; checked against int32 first).
+        name: the field, for messages (e.g. ``"Segments.ids"``).
+
+    Returns:
+        int32 NumPy array of the list's shape.
+
+    Raises:
+        TypeError: entries that are not integers (bools included).
+        ValueError: a ragged list, or a value outside int32 (naming its index).
+
+    Example:
+        >>> field_int32([[1, 1, 2]], "Segments.ids")
+        array([[1, 1, 2]], dtype=int32)
+    """
+    return np.asarray(_in_int32(value, name), np.int32)
+
+
+def _in_int32(x: Any, name: str) -> Any:
+    """``x`` (an array, or a NumPy array for a list) once its dtype and, when concrete, its
+    values are checked against int32: int32 NumPy for concrete values, the tracer as it is."""
     if not hasattr(x, "dtype"):
         try:
             x = np.asarray(x)
@@ -231,19 +300,26 @@ def int32_array(x: ArrayLike, name: str) -> Array:
                 f"entries), got a ragged sequence: {error}"
             ) from None
     dtype = x.dtype
-    if not jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_):
+    python_ints = dtype.kind == "O" and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+        for v in np.asarray(x).reshape(-1)
+    )
+    if not python_ints and (
+        dtype.kind == "O" or not jnp.issubdtype(dtype, jnp.integer) or dtype == np.bool_
+    ):
         raise TypeError(f"{name} must be an integer array, got dtype {dtype}")
-    if not isinstance(x, jax.core.Tracer):
-        host = np.asarray(x)
-        info = np.iinfo(np.int32)
-        outside = (host < info.min) | (host > info.max)
-        if outside.any():
-            index = np.unravel_index(int(np.argmax(outside.reshape(-1))), host.shape)
-            raise ValueError(f"{name} at {index}: {int(host[index])} is outside the int32 range")
-    return jnp.asarray(x).astype(jnp.int32)
+    if isinstance(x, jax.core.Tracer):
+        return x
+    host = np.asarray(x)
+    outside = np.asarray((host < INT32.min) | (host > INT32.max), bool)
+    if outside.any():
+        index = tuple(int(i) for i in np.unravel_index(int(np.argmax(outside)), host.shape))
+        raise ValueError(f"{name} at {index}: {int(host[index])} is outside the int32 range")
+    return host.astype(np.int32)
 
 
-def check_not_below(ids: Array, lowest: int, *, name: str) -> None:
+def check_not_below(ids: Array, lowest: int, *, name: str, highest: int | None = None) -> None:
+    """Raises for the first id below ``lowest`` (the padding id) or above ``highest``."""
     host = np.asarray(ids).reshape(-1, ids.shape[-1])
     bad = np.argwhere(host < lowest)
     if bad.size:
@@ -251,6 +327,13 @@ def check_not_below(ids: Array, lowest: int, *, name: str) -> None:
         raise ValueError(
             f"{name} row {row}, token {token}: id {int(host[row, token])} is below the "
             f"padding id {lowest}"
+        )
+    bad = np.argwhere(host > highest) if highest is not None else bad
+    if bad.size:
+        row, token = (int(i) for i in bad[0])
+        raise ValueError(
+            f"{name} row {row}, token {token}: id {int(host[row, token])} exceeds {highest}, "
+            f"the largest id with padding id {lowest}"
         )
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "RowChecks",
     "check_layout",
     "layout_error_codes",
+    "looks_reordered",
     "map_rows",
     "validate_concrete",
     "validate_layout",
@@ -270,6 +271,8 @@ def validate_layout(
             ``mask_type``.
         ValueError: a shape problem, a bad ``max_segments_per_seq`` value, or a broken rule: the
             message names the parameter, the row (its index in the batch dims) and the token.
+            A row breaking rule 3, 4 or 6 that :func:`looks_reordered` (striped or
+            dual-chunk-swapped for context parallelism) also gets where such rows go.
 
     Example:
         >>> validate_layout(jnp.array([1, 1, 0, 1, 2, 2]), jnp.array([0, 1, 2, 0, 0, 1]),
@@ -312,6 +315,42 @@ _REORDERED = (
 )
 
 
+def looks_reordered(ids: np.ndarray, pos: np.ndarray) -> bool:
+    """Whether a row that breaks rule 3, 4 or 6 looks like a row reordered for context
+    parallelism (striped or dual-chunk-swapped) rather than a plain mistake.
+
+    A reordered row holds every document once, spread over several runs: no position repeats
+    inside a document, and either a document's positions fall back in row order (a later
+    stripe or chunk holds earlier tokens) or a run steps its positions by more than one (a
+    stripe holds every cp-th token). A padding hole (the document restarts at 0), an id reused
+    by two documents (both start at 0) and documents out of order (each consecutive) do not.
+
+    Args:
+        ids, pos: one row, int[T].
+
+    Returns:
+        bool; the layout errors add the advice for reordered rows only where it is True.
+
+    Example:
+        >>> looks_reordered(np.array([1, 1, 2, 1, 1, 2]), np.array([0, 2, 1, 1, 3, 0]))
+        True
+        >>> looks_reordered(np.array([1, 1, 0, 1]), np.array([0, 1, 0, 0]))
+        False
+    """
+    ids, pos = np.asarray(ids).astype(np.int64), np.asarray(pos).astype(np.int64)
+    real = np.flatnonzero(ids != 0)
+    by_position = real[np.lexsort((pos[real], ids[real]))]
+    doc, p = ids[by_position], pos[by_position]
+    if np.any((doc[1:] == doc[:-1]) & (p[1:] == p[:-1])):
+        return False  # a position repeats inside a document: two documents, not one spread out
+    in_row_order = real[np.argsort(ids[real], kind="stable")]
+    doc, p = ids[in_row_order], pos[in_row_order]
+    falls_back = np.any((doc[1:] == doc[:-1]) & (p[1:] < p[:-1]))
+    same_run = (ids[1:] == ids[:-1]) & (ids[1:] != 0)
+    strided = np.any(same_run & (pos[1:] - pos[:-1] > 1))
+    return bool(falls_back or strided)
+
+
 def _describe(
     error: LayoutError,
     name: str,
@@ -331,15 +370,14 @@ def _describe(
         if max_segments_per_seq is None:
             return f"{where}: id {v} exceeds thdkit.MAX_SEGMENTS = {MAX_SEGMENTS}"
         return f"{where}: id {v} exceeds max_segments_per_seq={max_segments_per_seq}"
+    hint = _REORDERED if looks_reordered(ids, pos) else ""
     if error is LayoutError.SECOND_RUN:
-        return (
-            f"{where}: id {v} starts a second run (a padding hole inside a document?){_REORDERED}"
-        )
+        return f"{where}: id {v} starts a second run (a padding hole inside a document?){hint}"
     if error is LayoutError.IDS_NOT_INCREASING:
         earlier = int(np.max(ids[:t]))
         return (
             f"{where}: id {v} follows id {earlier}; non-zero ids must increase from run to run"
-            f"{_REORDERED}"
+            f"{hint}"
         )
     where = f"{pos_name} {row}, token {t}"
     p = int(pos[t])
@@ -350,7 +388,7 @@ def _describe(
     return (
         f"{where}: position {p} does not increase along the run of id {v} "
         f"(previous position {int(pos[t - 1])}); causal and bottom-right masks need strictly "
-        "increasing positions inside each document"
+        f"increasing positions inside each document{hint}"
     )
 
 

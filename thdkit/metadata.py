@@ -194,7 +194,7 @@ _METHODS: dict[str, Callable[..., tuple[Array, ...]]] = {
 def seqlens_and_offsets(
     *,
     segment_ids_q: ArrayLike,
-    segment_pos_q: ArrayLike,
+    segment_pos_q: ArrayLike | None = None,
     segment_ids_kv: ArrayLike | None = None,
     segment_pos_kv: ArrayLike | None = None,
     mask_type: MaskType | str = "padding_causal",
@@ -221,9 +221,13 @@ def seqlens_and_offsets(
 
     Args:
         segment_ids_q: int[*B, T_q]; 0 = padding, 1..S = the document of each query token.
-        segment_pos_q: int[*B, T_q]; each query token's position inside its document.
+        segment_pos_q: int[*B, T_q]; each query token's position inside its document, or None
+            to number each document's tokens 0, 1, 2, ... (as :meth:`thdkit.Segments.from_ids`;
+            right for rows in document order, not for context-parallel shards). Positions come
+            for both sides or for neither.
         segment_ids_kv: int[*B, T_kv] or None; None means self-attention (kv = q).
-        segment_pos_kv: int[*B, T_kv] or None; given together with ``segment_ids_kv``.
+        segment_pos_kv: int[*B, T_kv] or None; given together with ``segment_ids_kv`` when
+            ``segment_pos_q`` is given, None when it is not.
         mask_type: a :class:`thdkit.MaskType` or its name (aliases accepted).
         max_segments_per_seq: S, a static int in ``[1, MAX_SEGMENTS]``, >= the largest id;
             sizes the outputs.
@@ -239,7 +243,8 @@ def seqlens_and_offsets(
     Raises:
         TypeError: a non-integer array, a bad ``max_segments_per_seq``, ``mask_type``,
             ``method`` or ``compact`` type.
-        ValueError: shape or batch mismatches, half-given kv, ``max_segments_per_seq`` out of
+        ValueError: shape or batch mismatches, half-given kv (or ``segment_pos_kv`` without
+            ``segment_pos_q``), ``max_segments_per_seq`` out of
             range, unknown ``mask_type`` or ``method``, or (concrete inputs) a value outside the
             accepted ranges or a layout that breaks a rule: the message names the parameter, row
             and token.
@@ -259,6 +264,12 @@ def seqlens_and_offsets(
         ...                            max_segments_per_seq=4)
         >>> host.q_seqlens, host.q_offsets
         (array([3, 2, 1, 0], dtype=int32), array([ 0,  3,  7, -1, -1], dtype=int32))
+
+        Without positions each document is numbered 0, 1, 2, ... (the padding mask reads none):
+
+        >>> seqlens_and_offsets(segment_ids_q=[1, 1, 0, 2], mask_type="padding",
+        ...                     max_segments_per_seq=2).q_seqlens
+        array([2, 1], dtype=int32)
 
         Under jit, the options are static:
 
@@ -285,7 +296,7 @@ def seqlens_and_offsets(
     to_device = not host and method == "linear" and on_host(*map(readable, given))
     if to_device:
         given, host = tuple(map(readable, given)), True
-    q, kv = as_layouts(*given, ops=NUMPY if host else JAX)
+    q, kv = as_layouts(*given, ops=NUMPY if host else JAX, number_positions=True)
     validate_concrete(q, kv, max_segments_per_seq=num_segments, mask_type=mask)
     options = dict(mask=mask, num_segments=num_segments, compact=compact)
     if not host:

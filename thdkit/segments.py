@@ -37,11 +37,14 @@ from thdkit.inputs import (
     as_layout,
     check_cu_seqlens,
     check_not_below,
+    field_int32,
     int32_array,
     position_ids_array,
+    positions_in_runs,
+    row_label,
 )
 from thdkit.layout import validate_layout
-from thdkit.limits import MAX_SEQ_LEN, check_int, check_max_segments, is_concrete
+from thdkit.limits import MAX_SEGMENTS, MAX_SEQ_LEN, check_int, check_max_segments, is_concrete
 from thdkit.programs import program
 
 __all__ = [
@@ -50,7 +53,11 @@ __all__ = [
     "lengths_from_counts",
     "run_lengths",
     "segment_counts",
+    "segments_from_ids",
 ]
+
+
+_FIELDS = ("ids", "positions", "lengths")
 
 
 @jax.tree_util.register_dataclass
@@ -65,6 +72,10 @@ class Segments:
         lengths: int32[*B, T]; the length of each token's document (0 on padding): the run length
             in a whole row, the global document length in a context-parallel shard.
 
+    Fields given as Python lists are converted to int32 NumPy arrays at construction (a value
+    outside int32 raises ``ValueError`` naming the field, a non-integer entry ``TypeError``);
+    the constructors below also check the layout, the bare constructor does not.
+
     Example:
         >>> seg = Segments.from_ids(jnp.array([[1, 1, 1, 2, 2, 0, 0, 3]]))
         >>> seg.positions
@@ -76,6 +87,15 @@ class Segments:
     ids: Int[Array, "*B T"]
     positions: Int[Array, "*B T"]
     lengths: Int[Array, "*B T"]
+
+    def __post_init__(self) -> None:
+        # Python lists become int32 NumPy arrays, their values checked against int32 first;
+        # anything else (arrays, tracers, and what pytree utilities put in the fields, such as
+        # partition specs) stays as it is. validate_segments checks the fields' types.
+        for field in _FIELDS:
+            value = getattr(self, field)
+            if type(value) is list:
+                object.__setattr__(self, field, field_int32(value, f"Segments.{field}"))
 
     @property
     def seq_len(self) -> int:
@@ -125,38 +145,7 @@ class Segments:
             >>> seg.ids, seg.positions
             (Array([1, 1, 2, 2, 0], dtype=int32), Array([0, 1, 0, 1, 0], dtype=int32))
         """
-        if isinstance(padding_id, bool) or not isinstance(padding_id, (int, np.integer)):
-            raise TypeError(f"padding_id must be 0 or -1, got {type(padding_id).__name__}")
-        if padding_id not in (0, -1):
-            raise ValueError(f"padding_id must be 0 or -1, got {padding_id}")
-        given_pos = segment_pos is not None
-        # Concrete JAX layouts are built on the host too (nothing compiles), then put back.
-        to_device = not on_host(segment_ids, segment_pos) and on_host(
-            readable(segment_ids), readable(segment_pos)
-        )
-        if to_device:
-            segment_ids, segment_pos = readable(segment_ids), readable(segment_pos)
-        ops = NUMPY if on_host(segment_ids, segment_pos) else JAX
-        ids, pos = as_layout(
-            segment_ids, segment_pos if given_pos else segment_ids, name="segment_ids", ops=ops
-        )
-        if padding_id == -1:
-            if is_concrete(ids):
-                check_not_below(ids, -1, name="segment_ids")
-            ids = ids + 1
-        if not given_pos:
-            pos = _positions_in_runs(ids, ops=ops)
-        if is_concrete(ids, pos):
-            # S is not known here: ids <= S and rule 6 (mask-dependent) are checked by the plan.
-            validate_layout(
-                ids,
-                pos,
-                max_segments_per_seq=None,
-                mask_type="padding",
-                name="segment_ids",
-            )
-        segments = cls(ids, pos, run_lengths(ids))
-        return jax.device_put(segments) if to_device else segments
+        return segments_from_ids(segment_ids, segment_pos, padding_id=padding_id)
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: Int[ArrayLike, "*B N1"], *, total_len: int) -> Segments:
@@ -211,14 +200,22 @@ class Segments:
 
     @classmethod
     def from_positions(cls, position_ids: Int[ArrayLike, "*B T"]) -> Segments:
-        """Segments from position ids that restart at every document (no padding).
+        """Segments from position ids that restart at 0 with every document (no padding).
 
-        The format of rows flattened without padding (e.g. Hugging Face
-        ``DataCollatorWithFlattening``): a document starts at token 0 and wherever the position
-        does not increase (usually a reset to 0); documents get ids 1, 2, ... in order.
+        The format of rows flattened without padding (Hugging Face ``DataCollatorWithFlattening``)
+        read as Hugging Face's ``prepare_fa_kwargs_from_position_ids`` reads it: a document starts
+        exactly where the position is 0, and runs to the next 0 (positions in between are kept
+        as given: ``[0, 1, 2, 1, 2, 3]`` is one document). Documents get ids 1, 2, ... in order;
+        no token is padding (a padding token of position 0 is a document of one token, as for
+        Hugging Face).
+
+        Every row must start with position 0: Hugging Face reads the flattened batch, so the
+        tokens before a row's first 0 belong to no document of that row (with one row, to none;
+        with several, to the previous row's last document). Concrete rows that do not start with
+        0 raise; under ``jit`` (not checked) their leading tokens form a document of their own.
 
         Args:
-            position_ids: int[*B, T]; positions >= 0.
+            position_ids: int[*B, T]; positions in ``[0, MAX_POSITION]``, 0 at every row's start.
 
         Returns:
             :class:`Segments` with int32[*B, T] fields; no token is padding.
@@ -226,19 +223,21 @@ class Segments:
         Raises:
             TypeError: a non-integer ``position_ids`` (bool included).
             ValueError: a scalar, an empty row, a row longer than ``MAX_SEQ_LEN``, a ragged
-                nested list, or (concrete inputs) a position outside ``[0, MAX_POSITION]``,
-                naming ``position_ids``, the row and the token.
+                nested list, or (concrete inputs) a position outside ``[0, MAX_POSITION]`` or a
+                row that does not start with 0, naming ``position_ids``, the row and the token.
 
         Example:
             >>> Segments.from_positions(jnp.array([0, 1, 2, 0, 1, 0])).ids
             Array([1, 1, 1, 2, 2, 3], dtype=int32)
+            >>> Segments.from_positions(jnp.array([0, 1, 2, 1, 2, 3])).ids
+            Array([1, 1, 1, 1, 1, 1], dtype=int32)
         """
         pos = position_ids_array(position_ids)
-        previous = jnp.concatenate(
-            [jnp.full((*pos.shape[:-1], 1), jnp.iinfo(jnp.int32).max), pos[..., :-1]], axis=-1
-        )
+        if is_concrete(pos):
+            _check_rows_start_at_zero(np.asarray(pos))
+        first = jnp.broadcast_to(jnp.arange(pos.shape[-1]) == 0, pos.shape)
         # Ids 1, 2, ... by construction: one run each, increasing (rules 3 and 4 hold).
-        ids = jnp.cumsum(pos <= previous, axis=-1, dtype=jnp.int32)
+        ids = jnp.cumsum((pos == 0) | first, axis=-1, dtype=jnp.int32)
         return cls(ids, pos, run_lengths(ids))
 
     def with_global_lengths(self, *, axis_name: str, max_segments_per_seq: int) -> Segments:
@@ -275,6 +274,61 @@ class Segments:
             self.ids, axis_name=axis_name, num_segments=check_max_segments(max_segments_per_seq)
         )
         return dataclasses.replace(self, lengths=lengths)
+
+
+def _check_rows_start_at_zero(pos: np.ndarray) -> None:
+    firsts = pos.reshape(-1, pos.shape[-1])[:, 0]
+    bad = np.flatnonzero(firsts != 0)
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(
+            f"position_ids {row_label(row, pos.shape[:-1])}, token 0: position {int(firsts[row])}"
+            " where a row must start with 0; a document starts where the position is 0 (as in "
+            "Hugging Face's prepare_fa_kwargs_from_position_ids), so the tokens before this "
+            "row's first 0 would belong to no document of the row"
+        )
+
+
+def segments_from_ids(
+    segment_ids: Int[ArrayLike, "*B T"],
+    segment_pos: Int[ArrayLike, "*B T"] | None = None,
+    *,
+    padding_id: int = 0,
+    name: str = "segment_ids",
+) -> Segments:
+    """:meth:`Segments.from_ids`, its messages naming the ids ``name`` (the caller's parameter:
+    ``thdkit.unpad`` passes ``"segments"``); positions are named after it (``segment_pos``).
+
+    Example:
+        >>> segments_from_ids([[1, 0, 1]], name="segments")
+        Traceback (most recent call last):
+        ...
+        ValueError: segments row 0, token 2: id 1 starts a second run (a padding hole inside a ...
+    """
+    if isinstance(padding_id, bool) or not isinstance(padding_id, (int, np.integer)):
+        raise TypeError(f"padding_id must be 0 or -1, got {type(padding_id).__name__}")
+    if padding_id not in (0, -1):
+        raise ValueError(f"padding_id must be 0 or -1, got {padding_id}")
+    given_pos = segment_pos is not None
+    # Concrete JAX layouts are built on the host too (nothing compiles), then put back.
+    to_device = not on_host(segment_ids, segment_pos) and on_host(
+        readable(segment_ids), readable(segment_pos)
+    )
+    if to_device:
+        segment_ids, segment_pos = readable(segment_ids), readable(segment_pos)
+    ops = NUMPY if on_host(segment_ids, segment_pos) else JAX
+    ids, pos = as_layout(segment_ids, segment_pos if given_pos else segment_ids, name=name, ops=ops)
+    if padding_id == -1:
+        if is_concrete(ids):
+            check_not_below(ids, -1, name=name, highest=MAX_SEGMENTS - 1)
+        ids = ids + 1
+    if not given_pos:
+        pos = positions_in_runs(ids, ops=ops)
+    if is_concrete(ids, pos):
+        # S is not known here: ids <= S and rule 6 (mask-dependent) are checked by the plan.
+        validate_layout(ids, pos, max_segments_per_seq=None, mask_type="padding", name=name)
+    segments = Segments(ids, pos, run_lengths(ids))
+    return jax.device_put(segments) if to_device else segments
 
 
 def run_lengths(segment_ids: Int[ArrayLike, "*B T"]) -> Int[Array, "*B T"]:
@@ -317,14 +371,6 @@ def _run_lengths(ids: Array, *, ops: ArrayOps) -> Array:
 @program
 def _device_run_lengths(segment_ids: Array) -> Array:
     return _run_lengths(jnp.asarray(segment_ids), ops=JAX)
-
-
-def _positions_in_runs(ids: Array, *, ops: ArrayOps = JAX) -> Array:
-    """Each token's index inside its run of equal ids (0 on padding)."""
-    xp = ops.xp
-    t = xp.broadcast_to(xp.arange(ids.shape[-1], dtype=np.int32), ids.shape)
-    start = ops.cummax(xp.where(ids != shift(ids, 1, fill=-1, ops=ops), t, 0), ids.ndim - 1)
-    return xp.where(ids != 0, t - start, 0).astype(np.int32)
 
 
 def global_lengths(

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from thdkit.host import JAX, NUMPY, on_host, readable
@@ -46,6 +48,13 @@ def _as_segments(segments: Any, name: str) -> Segments:
             f"{name} must be a thdkit.Segments (Segments.from_ids(ids, positions)), "
             f"got {type(segments).__name__}"
         )
+    for field in ("ids", "positions", "lengths"):
+        value = getattr(segments, field)
+        if not isinstance(value, (jax.Array, np.ndarray)):
+            raise TypeError(
+                f"{name}.{field} must be a JAX or NumPy array (or a list, converted when the "
+                f"Segments is built), got {type(value).__name__}"
+            )
     if segments.ids.ndim != 2:
         raise ValueError(f"{name} must have [B, T] fields, got shape {segments.ids.shape}")
     return segments
@@ -250,9 +259,12 @@ def attention(
         value: [B, T_kv, H_kv, D_v], the query's dtype.
         plan: an :class:`AttentionPlan` of this layout, or None to pass the layout keywords.
         segment_ids_q: int[B, T_q]; 0 = padding, 1..S = the document of each query token.
-        segment_pos_q: int[B, T_q]; each query token's position inside its document.
+        segment_pos_q: int[B, T_q]; each query token's position inside its document, or None
+            to number each document's tokens 0, 1, 2, ... (as :meth:`thdkit.Segments.from_ids`;
+            right for rows in document order). Positions come for both sides or for neither.
         segment_ids_kv, segment_pos_kv: int[B, T_kv], or both None for self-attention (then
-            ``T_kv == T_q`` and the kv layout is the query's).
+            ``T_kv == T_q`` and the kv layout is the query's); ``segment_pos_kv`` None with
+            ``segment_ids_kv`` when ``segment_pos_q`` is None.
         mask_type: a :class:`thdkit.MaskType` or its name; None means ``"padding_causal"``.
         window_size: ``(left, right)`` or None; a bound that is None, negative or ``>= 2**31 - 1``
             is unbounded. Top-left types and no_mask/padding keep ``pos_q - left <= pos_kv <=
@@ -290,6 +302,13 @@ def attention(
         ...                 max_segments_per_seq=2)
         >>> out[0, :, 0, 0]
         Array([0. , 0.5, 1. , 0. , 4. , 4.5, 5. , 5.5], dtype=float32)
+
+        The padding mask reads no positions; left out, each document is numbered 0, 1, 2, ...:
+
+        >>> out = attention(q, k, v, segment_ids_q=ids, mask_type="padding",
+        ...                 max_segments_per_seq=2)
+        >>> out[0, :, 0, 0]
+        Array([1. , 1. , 1. , 0. , 5.5, 5.5, 5.5, 5.5], dtype=float32)
     """
     query, key, value, scale = check_arguments(query, key, value, scale=scale)
     batch, seq_q = query.shape[:2]
@@ -317,7 +336,9 @@ def attention(
         # Host data (NumPy, lists) is converted and validated in NumPy: nothing compiles but
         # the attention itself.
         given = tuple(map(readable, (segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)))
-        q_layout, kv_layout = as_layouts(*given, ops=NUMPY if on_host(*given) else JAX)
+        q_layout, kv_layout = as_layouts(
+            *given, ops=NUMPY if on_host(*given) else JAX, number_positions=True
+        )
         check_layout_shapes(query, key, q_layout[0], None if kv_layout is None else kv_layout[0])
         if batch == 0:
             return _empty(query, value)
