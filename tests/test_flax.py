@@ -321,7 +321,7 @@ def test_call_errors():
     with pytest.raises(ValueError, match="mesh and axis_name together"):
         layer(x, segments, max_segments_per_seq=S, axis_name="cp")
     mesh = Mesh(np.array(jax.devices()[:1]), ("cp",))
-    with pytest.raises(TypeError, match="pass the Segments"):
+    with pytest.raises(TypeError, match="segments_or_plan is an AttentionPlan"):
         layer(x, plan, mesh=mesh, axis_name="cp")
     other = thdkit.plan_attention(segments, mask_type="padding", max_segments_per_seq=S)
     with pytest.raises(ValueError, match="differ from the layer"):
@@ -354,9 +354,10 @@ def test_check_layout_catches_an_id_above_s_under_jit():
     good, bad = Segments.from_ids(ids, pos), Segments.from_ids(_above_s(ids), pos)
     assert forward(checked, x, good)[0].get() is None
     row, token = np.argwhere(_above_s(ids) > S)[0]
-    for run in (forward, forward_plan):  # planned in the call, or by layer.plan
+    # Planned in the call (its argument segments_or_plan), or by layer.plan (segments).
+    for run, name in ((forward, "segments_or_plan"), (forward_plan, "segments")):
         message = run(checked, x, bad)[0].get()
-        assert message.startswith(f"segments.ids: invalid layout in row {row}, token {token}: ")
+        assert message.startswith(f"{name}.ids: invalid layout in row {row}, token {token}: ")
         assert f"code {int(thdkit.LayoutError.ID_ABOVE_MAX)} " in message
     assert forward(unchecked, x, bad)[0].get() is None  # opt-in: no check, nothing reported
     with pytest.raises(ValueError, match="not functionalized"):  # JAX: checkify.checkify needed
@@ -387,20 +388,23 @@ def test_check_layout_checks_each_shard_on_a_mesh():
     x = reorder.striped(_x(9), cp=cp, axis=1)
     assert forward(layer, x, striped_segments(ids))[0].get() is None  # valid shard by shard
     message = forward(layer, x, striped_segments(_above_s(ids)))[0].get()
-    assert "segments.ids, shard by shard (row = batch row * 2 + shard)" in message
+    assert "segments_or_plan.ids, shard by shard (row = batch row * 2 + shard)" in message
     assert f"code {int(thdkit.LayoutError.ID_ABOVE_MAX)} " in message
 
 
-def test_a_row_reordered_for_context_parallelism_is_refused_with_a_hint():
-    """Planning a striped row as a whole row breaks rule 3 or 4; the error says where such rows
-    go (ring attention with a mesh)."""
+def test_a_row_reordered_for_context_parallelism_is_refused_naming_the_argument():
+    """Planning a striped row as a whole row breaks rule 3 or 4; off a mesh the error names the
+    caller's argument, the row and the token, and adds no advice about the layer's mesh."""
     ids, pos = _layout(10)
     layer = _layer(HEADS[0])
     striped = Segments(*(reorder.striped(np.asarray(a), cp=4) for a in (ids, pos, ids)))
-    with pytest.raises(ValueError, match=r"token \d+: id \d+ .*reordered for context parallelism"):
+    with pytest.raises(ValueError, match=r"^segments row \d+, token \d+: id \d+ ") as plan_error:
         layer.plan(striped, max_segments_per_seq=S)
-    with pytest.raises(ValueError, match=r"pass them with mesh= and axis_name="):
+    with pytest.raises(ValueError, match=r"^segments_or_plan row \d+, token \d+") as call_error:
         layer(_x(10), striped, max_segments_per_seq=S)
+    for error in (plan_error, call_error):
+        assert "q_segments" not in str(error.value)
+        assert "mesh=" not in str(error.value)
 
 
 def test_rope_rejects_float_positions():

@@ -10,6 +10,10 @@ D head dim, S = ``max_segments_per_seq`` (the largest segment id).
   layout (an :class:`thdkit.AttentionPlan` or :class:`thdkit.Segments`) through its ``mask``
   argument, which Flax forwards untouched (or close over it when the module is built per call,
   as linen modules are). Parameters, checkpoints and the rest of the module stay Flax's.
+
+Both take a layout as :class:`thdkit.Segments`, never as raw ids: build it with
+``thdkit.Segments.from_ids(ids, positions)``, and with ``padding_id=-1`` where ids are numbered
+from 0 (else the document with id 0 would be read as padding).
 - :class:`PackedSelfAttention` is an NNX self-attention layer with Flax's argument names and
   parameter layout (``query``, ``key``, ``value``, ``out``: ``nnx.LinearGeneral``) plus what a
   packed decoder needs: RoPE from each token's position inside its document (:func:`rope`),

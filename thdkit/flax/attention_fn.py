@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 import thdkit
@@ -29,28 +32,83 @@ def _is_layout(x: Any) -> bool:
     )
 
 
+def _layout_names(source: str, layout: Layout) -> dict[str, str]:
+    """The caller's names of the layout's sides: ``mask`` or ``layout``, ``[0]``/``[1]`` for a
+    pair."""
+    if isinstance(layout, (tuple, list)):
+        return {"q_segments": f"{source}[0]", "kv_segments": f"{source}[1]"}
+    return {"q_segments": source}
+
+
+def _fit_segments(
+    side: thdkit.Segments,
+    name: str,
+    *,
+    batch_dims: tuple[int, ...],
+    seq: int,
+    query: tuple[int, ...],
+) -> thdkit.Segments:
+    """One side's Segments with the batch dims flattened as the arrays' are: its fields must be
+    [batch..., T] (the query's batch dims) or [B, T] (B their product)."""
+    shape = tuple(side.ids.shape)
+    flat = (math.prod(batch_dims), seq)
+    if shape == flat:
+        return side
+    if shape != (*batch_dims, seq):
+        raise ValueError(
+            f"{name} has fields of shape {shape}; for query of shape {query} they must be "
+            f"[batch..., T] = {(*batch_dims, seq)} or {flat} (the batch dims flattened)"
+        )
+    return jax.tree.map(lambda a: a.reshape(flat), side)
+
+
 def _plan_of(
     layout: Layout,
+    source: str,
     *,
+    batch_dims: tuple[int, ...],
     seq_q: int,
     seq_kv: int,
-    batch: int,
+    query: tuple[int, ...],
     is_causal: bool,
     mask_type: Any,
     window_size: Any,
     max_segments_per_seq: int | None,
     implementation: str | None,
 ) -> thdkit.AttentionPlan:
-    """The plan of a call's layout (a plan as it is; Segments or None planned here)."""
+    """The plan of a call's layout (a plan as it is; Segments or None planned here), its shape
+    checked against the call's arrays; ``source`` names where the layout came from."""
+    batch = math.prod(batch_dims)
     if isinstance(layout, thdkit.AttentionPlan):
+        shapes = (layout.q_segments.ids.shape, layout.kv_segments.ids.shape)
+        if shapes != ((batch, seq_q), (batch, seq_kv)):
+            raise ValueError(
+                f"{source} is a plan of [B, T] = {shapes[0]} (queries) and {shapes[1]} "
+                f"(keys/values); for query of shape {query} and T_kv = {seq_kv} it must be "
+                f"{(batch, seq_q)} and {(batch, seq_kv)} (B: the batch dims flattened)"
+            )
         return layout
-    if layout is None:
-        q = thdkit.Segments.from_ids(jnp.ones((batch, seq_q), jnp.int32))
-        kv = None if seq_q == seq_kv else thdkit.Segments.from_ids(jnp.ones((batch, seq_kv)))
+    names = _layout_names(source, layout)
+    if layout is None:  # One document a row on each side, as Flax's own attention.
+        q = thdkit.Segments.from_ids(np.ones((batch, seq_q), np.int32))
+        kv = (
+            None
+            if seq_q == seq_kv
+            else thdkit.Segments.from_ids(np.ones((batch, seq_kv), np.int32))
+        )
     elif isinstance(layout, thdkit.Segments):
+        if seq_q != seq_kv:
+            raise ValueError(
+                f"{source} is one thdkit.Segments (self-attention), but T = {seq_q} and T_kv = "
+                f"{seq_kv} differ; pass a pair (query Segments, key/value Segments)"
+            )
         q, kv = layout, None
     else:
         q, kv = layout
+    fit = dict(batch_dims=batch_dims, query=query)
+    q = _fit_segments(q, names["q_segments"], seq=seq_q, **fit)
+    if kv is not None and layout is not None:
+        kv = _fit_segments(kv, names["kv_segments"], seq=seq_kv, **fit)
     if mask_type is None:
         mask_type = "padding_causal" if is_causal else "padding"
     mask = thdkit.MaskType.parse(mask_type)
@@ -61,20 +119,60 @@ def _plan_of(
     return plan_layout(
         q,
         kv,
+        names=names,
         mask_type=mask,
         window_size=window_size,
-        max_segments_per_seq=max_segments_per_seq
-        or default_segments(q, kv, seq_len=max(seq_q, seq_kv)),
+        max_segments_per_seq=default_segments(
+            q, kv, seq_len=max(seq_q, seq_kv), given=max_segments_per_seq
+        ),
         implementation=implementation,
     )
 
 
-def _flatten_dense(x: Any) -> Any:
-    """A bias or mask of [batch..., N, T, T_kv] with several batch dims as [B, N, T, T_kv]."""
-    if x is None or jnp.ndim(x) <= 4:
-        return x
+def _dense(
+    x: Any,
+    name: str,
+    *,
+    batch_dims: tuple[int, ...],
+    heads: int,
+    seq_q: int,
+    seq_kv: int,
+    query: tuple[int, ...],
+) -> Array | None:
+    """A ``bias`` or ``mask`` broadcastable to [batch..., N, T, T_kv] (Flax's rule: numpy
+    broadcasting, fewer dims aligned right) as [B or 1, N or 1, T or 1, T_kv or 1], its batch
+    dims broadcast and flattened as the arrays' are."""
+    if x is None:
+        return None
     x = jnp.asarray(x)
-    return x.reshape(-1, *x.shape[-3:])
+    given, rank = tuple(x.shape), len(batch_dims) + 3
+    full = (*batch_dims, heads, seq_q, seq_kv)
+    try:
+        fits = x.ndim <= rank and np.broadcast_shapes(given, full) == full
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{name} of shape {given} does not broadcast to [batch..., N, T, T_kv] = {full} "
+            f"(query of shape {query}, T_kv = {seq_kv})"
+        )
+    x = x.reshape((1,) * (rank - x.ndim) + given)
+    lead, tail = x.shape[: len(batch_dims)], x.shape[len(batch_dims) :]
+    if all(d == 1 for d in lead):
+        return x.reshape(1, *tail)
+    return jnp.broadcast_to(x, (*batch_dims, *tail)).reshape(-1, *tail)
+
+
+def _check_mask_dtype(mask: Any) -> None:
+    """An integer ``mask`` is refused: segment ids go in as a layout, never as a boolean."""
+    dtype = jnp.asarray(mask).dtype
+    if jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(
+            f"mask must be a boolean array (True: attend), or a thdkit layout, got dtype {dtype}; "
+            "pass segment ids as a layout: mask=thdkit.Segments.from_ids(ids, positions) (add "
+            "padding_id=-1 for ids numbered from 0, else id 0 is padding) or a plan from "
+            "thdkit.plan_attention (see thdkit.flax.make_attention_fn)"
+        )
 
 
 def make_attention_fn(
@@ -99,13 +197,21 @@ def make_attention_fn(
        untouched outside decoding, so one module serves every batch (the NNX way);
     2. ``layout``, closed over here (the linen way: a module built per call inside ``@compact``);
     3. neither: one document a row, no padding (then the call is Flax's attention on thdkit's
-       kernels, with Flax's ``mask`` and ``is_causal``).
+       kernels, with Flax's ``mask`` and ``is_causal``), T_kv may differ from T (plain
+       cross-attention, and each step of an ``nnx.MultiHeadAttention(decode=True)``).
 
-    A boolean (or 0/1) ``mask`` array and a ``bias`` are combined with the packed mask on the
-    dense path (:func:`thdkit.dot_product_attention`), as are attention-weight dropout
-    (``dropout_rate > 0`` and not ``deterministic``: Flax's dropout, the same random bits) and
-    ``sow_weights`` (the weights are sowed as ``attention_weights``, in ``nnx.Intermediate`` or
-    linen's ``"intermediates"``). ``precision`` is ignored: thdkit accumulates in float32.
+    A layout's Segments are built from segment ids with ``thdkit.Segments.from_ids(ids,
+    positions)``: ids 1..n are documents and 0 is padding; ids numbered from 0 (splash
+    attention's, kvax's) need ``padding_id=-1``. A single Segments is self-attention; for
+    cross-attention pass a pair. Its fields are [B, T] or [batch..., T] (the query's batch dims).
+
+    A ``mask`` array (bool, or Flax's float 0/1 masks: non-zero attends; an integer mask raises,
+    segment ids go in as a layout) and a ``bias``, broadcastable to [batch..., N, T, T_kv] as in
+    Flax, are combined with the packed mask on the dense path
+    (:func:`thdkit.dot_product_attention`), as are attention-weight dropout (``dropout_rate > 0``
+    and not ``deterministic``: Flax's dropout, the same random bits) and ``sow_weights`` (the
+    weights, [batch..., N, T, T_kv], are sowed as ``attention_weights``, in ``nnx.Intermediate``
+    or linen's ``"intermediates"``). ``precision`` is ignored: thdkit accumulates in float32.
 
     Args:
         layout: a plan, Segments, a pair of Segments, or None (see above).
@@ -120,14 +226,17 @@ def make_attention_fn(
         ``attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True,
         dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None, precision=None,
         module=None, is_causal=False)`` -> [batch..., T, N, D_v] in ``dtype`` (or the promoted
-        input dtype). Query/key/value are ``[batch..., T, N, D]`` (any number of batch dims,
-        flattened to one B that must match the layout's).
+        input dtype). Query/key/value are ``[batch..., T, N, D]`` (any number of batch dims, the
+        same for the three; flattened to one B = their product, the B of a plan).
 
     Raises:
-        TypeError: a ``layout`` of another type.
+        TypeError: a ``layout`` of another type; at call time an integer ``mask``.
         ValueError: planning options together with a plan, an unknown ``implementation``; at
-            call time, as :func:`thdkit.dot_product_attention` (e.g. ``is_causal=True`` with a
-            non-causal plan), or dropout without ``dropout_rng``.
+            call time a ``mask`` or ``bias`` that does not broadcast to [batch..., N, T, T_kv]
+            or a layout of other shapes (naming ``mask`` or ``layout`` and the query's shape),
+            a broken layout rule (naming them, the row and the token), errors of
+            :func:`thdkit.dot_product_attention` (e.g. ``is_causal=True`` with a non-causal
+            plan), or dropout without ``dropout_rng``.
 
     Example:
         >>> from flax import nnx
@@ -184,20 +293,36 @@ def make_attention_fn(
                 "options (mask_type, window_size, max_segments_per_seq, implementation) "
                 "apply to Segments only"
             )
+        source = "mask" if call_layout is mask else "layout"
+        if mask_array is not None:
+            _check_mask_dtype(mask_array)
         arrays = [jnp.asarray(a) for a in (query, key, value)]
         dtype = dtype if dtype is not None else jnp.result_type(*arrays)
         query, key, value = (a.astype(dtype) for a in arrays)
-        batch_dims = query.shape[:-3]
-        if len(batch_dims) != 1:  # flatten (or add) the batch dims, as Flax does
-            query, key, value = (a.reshape(-1, *a.shape[-3:]) for a in (query, key, value))
-            bias, mask_array = (_flatten_dense(a) for a in (bias, mask_array))
-        if mask_array is not None:
-            mask_array = jnp.asarray(mask_array).astype(jnp.bool_)
+        given = tuple(query.shape)
+        if query.ndim < 3:
+            raise ValueError(f"query must be [batch..., T, N, D], got shape {given}")
+        batch_dims = given[:-3]
+        for name, a in (("key", key), ("value", value)):
+            if a.ndim != query.ndim or a.shape[:-3] != batch_dims:
+                raise ValueError(
+                    f"{name} of shape {a.shape} must have query's batch dims {batch_dims} "
+                    f"([batch..., T_kv, K, D]; query of shape {given})"
+                )
+        seq_q, heads, seq_kv = given[-3], given[-2], key.shape[-3]
+        dense = dict(batch_dims=batch_dims, heads=heads, seq_q=seq_q, seq_kv=seq_kv, query=given)
+        bias, mask_array = _dense(bias, "bias", **dense), _dense(mask_array, "mask", **dense)
+        if mask_array is not None:  # Flax's rule: non-zero attends (its masks may be float)
+            mask_array = mask_array.astype(jnp.bool_)
+        # One batch dim, as Flax's attention flattens them (or adds one).
+        query, key, value = (a.reshape(-1, *a.shape[-3:]) for a in (query, key, value))
         plan = _plan_of(
             call_layout,
-            seq_q=query.shape[1],
-            seq_kv=key.shape[1],
-            batch=query.shape[0],
+            source,
+            batch_dims=batch_dims,
+            seq_q=seq_q,
+            seq_kv=seq_kv,
+            query=given,
             is_causal=is_causal,
             **options,
         )
@@ -214,6 +339,7 @@ def make_attention_fn(
             dropout_rate=dropout_rate,
             deterministic=deterministic,
             module=module,
+            batch_shape=batch_dims,
         )
         return out.reshape(*batch_dims, *out.shape[1:])
 

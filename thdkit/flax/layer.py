@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +13,14 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
 import thdkit
-from thdkit.flax.plumbing import attend, check_implementation, default_segments, plan_layout
+from thdkit.flax.plumbing import (
+    attend,
+    check_implementation,
+    check_size,
+    default_segments,
+    plan_layout,
+    ring,
+)
 from thdkit.flax.rotary import rope
 from thdkit.mask_types import check_window
 
@@ -24,18 +30,6 @@ DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()
 """Flax's default kernel initialiser (``nnx.MultiHeadAttention``'s)."""
 DEFAULT_BIAS_INIT = nnx.initializers.zeros_init()
 """Flax's default bias initialiser."""
-
-
-def _size(name: str, value: Any) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        size = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if size < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return size
 
 
 class PackedSelfAttention(nnx.Module):
@@ -51,7 +45,9 @@ class PackedSelfAttention(nnx.Module):
     What it adds: RoPE (:func:`rope`) on q and k at each token's position inside its document,
     the packed mask, one plan per batch (:meth:`plan`) shared by the layers, context
     parallelism (``mesh=``, ``axis_name=``: :func:`thdkit.ring_attention`), and an opt-in check
-    of traced layouts (``check_layout=True``).
+    of traced layouts (``check_layout=True``). Segment ids numbered from 0 (splash attention's
+    and kvax's convention) become Segments with ``thdkit.Segments.from_ids(ids, positions,
+    padding_id=-1)``; with the default ``padding_id=0`` id 0 is padding.
 
     Eagerly, every layout the layer plans or shards is validated (a ``ValueError`` naming the row
     and the token). Under ``jit`` the values are tracers and nothing can raise on them: an id
@@ -74,8 +70,8 @@ class PackedSelfAttention(nnx.Module):
         rope_theta: the RoPE base, or None for no RoPE (then the layer computes what
             ``nnx.MultiHeadAttention`` with :func:`make_attention_fn` computes).
         implementation: ``"reference"``, ``"blockwise"``, ``"cudnn"``, ``"pallas"``, or None for
-            the first that can run (see :func:`thdkit.plan_attention`); not used by ring
-            attention.
+            the first that can run (see :func:`thdkit.plan_attention`); on a mesh, what every
+            ring step runs (one of :func:`thdkit.kernels.partial_implementations`: not cuDNN).
         dtype: the computation dtype (None: inferred from inputs and parameters, as Flax);
             attention accumulates in float32 in every case.
         param_dtype: the parameters' dtype.
@@ -119,7 +115,7 @@ class PackedSelfAttention(nnx.Module):
         >>> bad = thdkit.Segments.from_ids(jnp.array([[1, 1, 1, 2, 2, 3, 0, 0]]))
         >>> err, y = forward(checked, jnp.ones((1, 8, 8)), bad)
         >>> print(err.get().split(" (")[0])
-        segments.ids: invalid layout in row 0, token 5: code 2
+        segments_or_plan.ids: invalid layout in row 0, token 5: code 2
     """
 
     def __init__(
@@ -149,15 +145,15 @@ class PackedSelfAttention(nnx.Module):
         keep_rngs: bool = True,
         check_layout: bool = False,
     ) -> None:
-        self.num_heads = _size("num_heads", num_heads)
-        self.in_features = _size("in_features", in_features)
-        self.qkv_features = _size(
+        self.num_heads = check_size("num_heads", num_heads)
+        self.in_features = check_size("in_features", in_features)
+        self.qkv_features = check_size(
             "qkv_features", in_features if qkv_features is None else qkv_features
         )
-        self.out_features = _size(
+        self.out_features = check_size(
             "out_features", in_features if out_features is None else out_features
         )
-        self.num_kv_heads = _size(
+        self.num_kv_heads = check_size(
             "num_kv_heads", num_heads if num_kv_heads is None else num_kv_heads
         )
         if self.qkv_features % self.num_heads:
@@ -238,30 +234,38 @@ class PackedSelfAttention(nnx.Module):
             :class:`thdkit.AttentionPlan` (see :func:`thdkit.plan_attention`).
 
         Raises:
-            TypeError, ValueError, NotImplementedError: as :func:`thdkit.plan_attention`; a
-                broken run (rules 3 and 4) says that a row reordered for context parallelism
-                must go to ring attention (``mesh=``) instead.
+            TypeError, ValueError, NotImplementedError: as :func:`thdkit.plan_attention`,
+                naming ``segments`` (a broken layout rule: its row and token).
         """
-        num_segments = max_segments_per_seq or default_segments(segments, seq_len=segments.seq_len)
-        self._check(segments, num_segments=num_segments, cp=1)
+        return self._plan(segments, "segments", max_segments_per_seq)
+
+    def _plan(
+        self, segments: thdkit.Segments, name: str, max_segments_per_seq: int | None
+    ) -> thdkit.AttentionPlan:
+        """:meth:`plan`, its messages naming the caller's argument ``name``."""
+        num_segments = default_segments(
+            segments, seq_len=segments.seq_len, given=max_segments_per_seq
+        )
+        self._check(segments, name, num_segments=num_segments, cp=1)
         return plan_layout(
             segments,
+            names={"q_segments": name},
             mask_type=self.mask_type,
             window_size=self.window_size,
             max_segments_per_seq=num_segments,
             implementation=self.implementation,
         )
 
-    def _check(self, segments: thdkit.Segments, *, num_segments: int, cp: int) -> None:
+    def _check(self, segments: thdkit.Segments, name: str, *, num_segments: int, cp: int) -> None:
         """With ``check_layout``, :func:`thdkit.check_layout` on traced segments: the whole
         rows, or (``cp > 1``) each of the ``cp`` contiguous shards of a row as a row of its own.
         Concrete segments are validated eagerly by the plan or the ring instead."""
         if not self.check_layout or not isinstance(segments.ids, jax.core.Tracer):
             return
-        ids, pos, name = segments.ids, segments.positions, "segments.ids"
+        ids, pos, name = segments.ids, segments.positions, f"{name}.ids"
         if cp > 1:
             ids, pos = (a.reshape(*a.shape[:-1], cp, a.shape[-1] // cp) for a in (ids, pos))
-            name = f"segments.ids, shard by shard (row = batch row * {cp} + shard)"
+            name = f"{name}, shard by shard (row = batch row * {cp} + shard)"
         thdkit.check_layout(
             ids, pos, max_segments_per_seq=num_segments, mask_type=self.mask_type, name=name
         )
@@ -285,7 +289,8 @@ class PackedSelfAttention(nnx.Module):
                 :meth:`plan`, planned once and shared by the layers), or its
                 :class:`thdkit.Segments` (planned here). With a mesh: the Segments of the rows
                 in the order the ring sees them (``thdkit.data.pack(cp=...)``'s
-                ``batch["segments"]``), valid shard by shard.
+                ``batch["segments"]``), valid shard by shard; on a one-device axis (cp = 1)
+                the rows in document order.
             max_segments_per_seq: S, with Segments only; None as in :meth:`plan`.
             mesh: a ``jax.sharding.Mesh`` to run :func:`thdkit.ring_attention` on, or None.
             axis_name: the mesh axis the sequence is sharded over (with ``mesh``).
@@ -301,8 +306,10 @@ class PackedSelfAttention(nnx.Module):
             ValueError: ``x`` not [B, T, in_features], a layout of another [B, T], a plan whose
                 mask or window differ from the layer's (or a cross-attention plan), ``mesh``
                 without ``axis_name`` (or the reverse), S given with a plan, dropout without
-                ``deterministic`` or without an rng stream; concrete Segments that break the
-                layout rules (as :meth:`plan`, or shard by shard with a mesh).
+                ``deterministic`` or without an rng stream, a mesh with an ``implementation``
+                that returns no log-sum-exp; concrete Segments that break the layout rules
+                (naming ``segments_or_plan``, the row and the token; with a mesh shard by
+                shard, and on a one-device axis saying that cp = 1 reads rows whole).
             NotImplementedError: dropout together with a mesh.
         """
         if x.ndim != 3 or x.shape[-1] != self.in_features:
@@ -316,31 +323,38 @@ class PackedSelfAttention(nnx.Module):
         if not isinstance(segments, thdkit.Segments):
             raise TypeError(
                 "segments_or_plan must be a thdkit.Segments or an AttentionPlan, got "
-                f"{type(segments_or_plan).__name__}"
+                f"{type(segments_or_plan).__name__}; build it from segment ids with "
+                "thdkit.Segments.from_ids(ids, positions) (padding_id=-1 for ids numbered from "
+                "0, else id 0 is padding)"
             )
         if plan is not None:
             if mesh is not None:
                 raise TypeError(
-                    "ring attention plans every ring step itself: pass the Segments of the "
-                    "reordered rows with mesh, not an AttentionPlan"
+                    "segments_or_plan is an AttentionPlan, but ring attention (mesh=) plans "
+                    "every ring step itself: pass the rows' Segments with mesh"
                 )
             if max_segments_per_seq is not None:
-                raise ValueError("max_segments_per_seq comes from the plan; do not pass it too")
+                raise ValueError(
+                    "max_segments_per_seq comes from the plan (segments_or_plan); do not pass "
+                    "it too"
+                )
             if not plan.config.self_attention:
-                raise ValueError("the plan is a cross-attention plan; this layer is self-attention")
+                raise ValueError(
+                    "segments_or_plan is a cross-attention plan; this layer is self-attention"
+                )
             if (plan.config.mask_type, plan.config.window_size) != (
                 self.mask_type,
                 self.window_size,
             ):
                 raise ValueError(
-                    f"the plan's mask_type={plan.config.mask_type.value!r}, "
+                    f"segments_or_plan: the plan's mask_type={plan.config.mask_type.value!r}, "
                     f"window_size={plan.config.window_size} differ from the layer's "
                     f"mask_type={self.mask_type.value!r}, window_size={self.window_size}"
                 )
         if segments.ids.shape != x.shape[:2]:
             raise ValueError(
-                f"the layout has shape [B, T] = {segments.ids.shape}; it must be {x.shape[:2]} "
-                "to match x"
+                f"segments_or_plan has [B, T] = {tuple(segments.ids.shape)}; it must be "
+                f"{tuple(x.shape[:2])} to match x of shape {tuple(x.shape)}"
             )
         dropout_rng = self._dropout_rng(deterministic, rngs)
         if dropout_rng is not None and mesh is not None:
@@ -353,26 +367,10 @@ class PackedSelfAttention(nnx.Module):
             q = rope(q, segments.positions, theta=self.rope_theta)
             k = rope(k, segments.positions, theta=self.rope_theta)
         if mesh is not None:
-            num_segments = max_segments_per_seq or default_segments(
-                segments, seq_len=segments.seq_len
-            )
-            cp = mesh.shape.get(axis_name, 1)
-            if segments.seq_len % cp == 0:  # Else ring_attention says why it cannot split.
-                self._check(segments, num_segments=num_segments, cp=cp)
-            out = thdkit.ring_attention(
-                q,
-                k,
-                v,
-                q_segments=segments,
-                mask_type=self.mask_type,
-                window_size=self.window_size,
-                max_segments_per_seq=num_segments,
-                mesh=mesh,
-                axis_name=axis_name,
-            )
+            out = self._ring(q, k, v, segments, max_segments_per_seq, mesh, axis_name)
         else:
             if plan is None:
-                plan = self.plan(segments, max_segments_per_seq=max_segments_per_seq)
+                plan = self._plan(segments, "segments_or_plan", max_segments_per_seq)
             out = attend(
                 q,
                 k,
@@ -388,6 +386,39 @@ class PackedSelfAttention(nnx.Module):
                 module=None,
             )
         return self.out(out)
+
+    def _ring(
+        self,
+        q: Array,
+        k: Array,
+        v: Array,
+        segments: thdkit.Segments,
+        max_segments_per_seq: int | None,
+        mesh: Mesh,
+        axis_name: str,
+    ) -> Array:
+        """:func:`thdkit.ring_attention` with the layer's mask, window and implementation, its
+        messages naming the caller's ``segments_or_plan``; on a one-device axis, why a reordered
+        row is refused."""
+        num_segments = default_segments(
+            segments, seq_len=segments.seq_len, given=max_segments_per_seq
+        )
+        cp = mesh.shape.get(axis_name, 1)
+        if segments.seq_len % cp == 0:  # Else ring_attention says why it cannot split.
+            self._check(segments, "segments_or_plan", num_segments=num_segments, cp=cp)
+        return ring(
+            q,
+            k,
+            v,
+            segments,
+            name="segments_or_plan",
+            mask_type=self.mask_type,
+            window_size=self.window_size,
+            max_segments_per_seq=num_segments,
+            implementation=self.implementation,
+            mesh=mesh,
+            axis_name=axis_name,
+        )
 
     def _dropout_rng(self, deterministic: bool | None, rngs: Any) -> Array | None:
         """Flax's rule: dropout needs ``deterministic`` (call or constructor) and a stream."""

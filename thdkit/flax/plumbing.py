@@ -1,23 +1,48 @@
 """What the Flax ``attention_fn`` and the layer share: planning a layout and attending on a plan.
 
-:func:`plan_layout` is :func:`thdkit.plan_attention` with a hint for rows reordered for context
-parallelism; :func:`attend` runs thdkit's kernels, or the dense path (with Flax's dropout, bit
-for bit) when the weights are needed.
+:func:`plan_layout` is :func:`thdkit.plan_attention` with errors that name the caller's arguments
+(:func:`renamed`); :func:`attend` runs thdkit's kernels, or the dense path (with Flax's dropout,
+bit for bit) when the weights are needed; :func:`ring` is :func:`thdkit.ring_attention` with the
+caller's names and, on a one-device mesh axis, why a reordered row is refused.
 """
 
 from __future__ import annotations
 
+import operator
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from jaxtyping import Array
 
 import thdkit
 
-__all__ = ["attend", "check_implementation", "default_segments", "plan_layout"]
+__all__ = [
+    "attend",
+    "check_implementation",
+    "check_size",
+    "default_segments",
+    "plan_layout",
+    "renamed",
+    "ring",
+]
+
+
+def check_size(name: str, value: Any) -> int:
+    """A layer size: an int >= 1 (``TypeError`` / ``ValueError`` naming it otherwise)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        size = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if size < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return size
 
 
 def check_implementation(implementation: Any) -> None:
@@ -29,36 +54,70 @@ def check_implementation(implementation: Any) -> None:
         )
 
 
-_REORDERED_HINT = (
-    "; if these rows were reordered for context parallelism (striped / dual_chunk_swap, e.g. "
-    "by thdkit.data.pack(cp=...)), they are valid only shard by shard: pass them with mesh= "
-    "and axis_name= (ring attention) or to thdkit.context_parallel_attention, or plan the rows "
-    "in document order"
-)
-_RING_HINT = (
-    "; to thdkit.flax.PackedSelfAttention, pass them with mesh= and axis_name= (ring attention)"
-)
-"""The layer's route, for a message that already says where reordered rows go."""
-_RUN_RULES = ("starts a second run", "must increase from run to run")  # Rules 3 and 4.
+_PARAMETERS = re.compile(r"\b(q_segments|kv_segments)\b")
+""":func:`thdkit.plan_attention`'s and :func:`thdkit.ring_attention`'s layout parameters, which
+the callers of the Flax drop-ins never pass: their messages are re-raised with the caller's."""
 
 
-def plan_layout(*sides: thdkit.Segments | None, **options: Any) -> thdkit.AttentionPlan:
-    """:func:`thdkit.plan_attention`, with a hint on rules 3 and 4, which a row reordered for
-    context parallelism breaks as a whole row."""
+def renamed(error: Exception, names: dict[str, str]) -> Exception:
+    """``error`` again (same type), with the layout parameters it names replaced by ``names``
+    (``{"q_segments": "mask"}``): the arguments the caller passed."""
+    message = _PARAMETERS.sub(lambda m: names.get(m.group(1), m.group(1)), str(error))
+    return type(error)(message)
+
+
+def plan_layout(
+    *sides: thdkit.Segments | None, names: dict[str, str], **options: Any
+) -> thdkit.AttentionPlan:
+    """:func:`thdkit.plan_attention`, its errors naming the caller's arguments (``names``: the
+    caller's name of ``q_segments`` and ``kv_segments``)."""
     try:
         return thdkit.plan_attention(*sides, **options)
-    except ValueError as error:
-        message = str(error)
-        if any(rule in message for rule in _RUN_RULES) and "mesh=" not in message:
-            hint = _RING_HINT if "context parallelism" in message else _REORDERED_HINT
-            raise ValueError(message + hint) from error
-        raise
+    except (TypeError, ValueError, NotImplementedError) as error:
+        raise renamed(error, names) from error
 
 
-def default_segments(*sides: thdkit.Segments | None, seq_len: int) -> int:
-    """S when not given: the largest id of concrete segments, else the row length (a row of T
-    tokens holds at most T documents numbered 1..n). S sizes cuDNN's metadata and, through
-    the mean document length T / S, the blockwise tiles."""
+_ORDER_RULES = ("starts a second run", "must increase from run to run", "does not increase")
+"""The layout rules (3, 4 and 6) that a row reordered for context parallelism breaks whole."""
+
+
+def ring(
+    query: Array,
+    key: Array,
+    value: Array,
+    segments: thdkit.Segments,
+    *,
+    name: str,
+    mesh: Mesh,
+    axis_name: str,
+    **options: Any,
+) -> Array:
+    """:func:`thdkit.ring_attention` (self-attention, ``options``: its mask, window, S and
+    implementation), its errors naming the caller's ``name`` of the Segments; on a one-device
+    axis a reordered row's error says why (cp = 1 reads rows whole) and how to get devices."""
+    try:
+        return thdkit.ring_attention(
+            query, key, value, q_segments=segments, mesh=mesh, axis_name=axis_name, **options
+        )
+    except (TypeError, ValueError, NotImplementedError) as error:
+        error_ = renamed(error, {"q_segments": name})
+        if mesh.shape.get(axis_name) == 1 and any(rule in str(error) for rule in _ORDER_RULES):
+            error_ = ValueError(
+                f"{error_}; the mesh axis {axis_name!r} has 1 device, so the ring reads every "
+                "row whole (cp = 1: rows in document order, thdkit.data.pack(cp=1)); rows "
+                "reordered for cp = N (pack(cp=N)) need a mesh axis of N devices: on a CPU-only "
+                "machine, simulate them by starting Python with "
+                "XLA_FLAGS=--xla_force_host_platform_device_count=N"
+            )
+        raise error_ from error
+
+
+def default_segments(*sides: thdkit.Segments | None, seq_len: int, given: int | None = None) -> int:
+    """S: ``given`` where not None, else the largest id of concrete segments, else the row
+    length (a row of T tokens holds at most T documents numbered 1..n). S sizes cuDNN's
+    metadata and, through the mean document length T / S, the blockwise tiles."""
+    if given is not None:
+        return given
     ids = [side.ids for side in sides if side is not None]
     if any(isinstance(a, jax.core.Tracer) for a in ids):
         return seq_len
@@ -86,9 +145,11 @@ def attend(
     dropout_rate: float,
     deterministic: bool,
     module: Any,
+    batch_shape: tuple[int, ...] | None = None,
 ) -> Array:
     """Attention of [B, T, N, D] arrays on a plan: thdkit's kernels, or the dense path when the
-    weights are needed (sowing, dropout) with Flax's dropout, bit for bit."""
+    weights are needed (sowing, dropout) with Flax's dropout, bit for bit. ``batch_shape``: the
+    caller's batch dims that B flattens (the sown weights get them back), None for B itself."""
     dropout = not deterministic and dropout_rate > 0.0
     if not dropout and module is None:
         return thdkit.dot_product_attention(
@@ -98,7 +159,8 @@ def attend(
         query, key, bias, mask, is_causal=is_causal, plan=plan
     )
     if module is not None:
-        _sow(module, weights)
+        shape = weights.shape if batch_shape is None else (*batch_shape, *weights.shape[1:])
+        _sow(module, weights.reshape(shape))
     if dropout:
         if dropout_rng is None:
             raise ValueError("dropout_rng is required when dropout_rate > 0 and not deterministic")
