@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import itertools
 import json
 import os
 import subprocess
@@ -22,11 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from rich.console import Console
+from rich.table import Table
 from typer.testing import CliRunner
 
 import thdkit
 from thdkit import reorder, synth
-from thdkit.bench import measure, report
+from thdkit.bench import measure, report, units
 from thdkit.bench.attention import (
     AttentionBench,
     attention_program,
@@ -37,6 +40,7 @@ from thdkit.bench.commands import app
 from thdkit.bench.cp import CPBench
 from thdkit.bench.measure import MAX_RANKS, BenchConfig, ConfigError, median
 from thdkit.bench.plan import PlanBench
+from thdkit.bench.plot import metadata_figure
 from thdkit.bench.ring import RingBench
 from thdkit.bench.run import run_sweep
 from thdkit.bench.sweep import FLOOR, METHODS, MetadataSweep, make_inputs
@@ -466,23 +470,112 @@ def test_growth_exponents_recover_the_power():
     assert rows["linear"]["latency_exponent"] == pytest.approx(1.0)
 
 
-def test_metadata_tables_ratios_against_linear_and_floor():
+def _grids(sections):
+    return [next(r for r in section.renderables if isinstance(r, Table)) for section in sections]
+
+
+def test_metadata_tables_put_the_methods_side_by_side_with_ratios():
     config = MetadataSweep(
         seq_lens=(64, 128), max_segments=(4,), mask_types=("padding",), methods=("linear", "dense"),
         repeats=1, warmup=0,
     )  # fmt: skip
-    records = run_sweep(config)
-    memory, work, latency, growth = report.metadata_tables(records)
-    ratio = dict(zip(memory.columns[3].cells, memory.columns[8].cells, strict=True))
-    assert ratio["linear"] == "1"
-    expected = records[1]["temp_bytes"] / records[0]["temp_bytes"]
-    assert float(list(memory.columns[8].cells)[1].replace(",", "")) == pytest.approx(expected, 0.01)
-    assert list(latency.columns[9].cells)[2] == "1"  # the floor against itself
-    assert [row.end_section for row in memory.rows].count(True) == 1  # two cells
-    assert growth.row_count == 2  # linear and dense, the floor left out
-    assert work.row_count == len(records)
-    single = report.metadata_tables(records[:3])  # one T: no growth table
-    assert len(single) == 3
+    records = run_sweep(config)  # per T: linear, dense, floor
+    memory, work, latency, growth = _grids(report.metadata_tables(records))
+    assert [c.header for c in memory.columns] == ["T", "linear", "dense"]  # one S, one mask
+    assert [c.header for c in latency.columns] == ["T", "linear", "dense", "floor"]
+    assert list(memory.columns[0].cells) == ["64", "128"]
+    linear, dense = records[3], records[4]
+    ratio = report.times(dense["temp_bytes"] / linear["temp_bytes"])
+    per_token = dense["temp_bytes_per_token"]
+    assert list(memory.columns[2].cells)[1] == f"{report._per_token(per_token)} ({ratio})"
+    assert list(latency.columns[3].cells)[1] == report._ms(median(records[5]))  # floor: no ratio
+    assert growth.row_count == 2 and work.row_count == 2  # linear and dense; a row per T
+    assert len(report.metadata_tables(records[:3])) == 3  # one T: no growth section
+
+
+def test_times_and_token_counts_read_short():
+    assert [report.times(x) for x in (0.05, 2.36, 13.2, 690.4, 11606.0)] == [
+        "0.05x", "2.4x", "13x", "690x", "11,600x"
+    ]  # fmt: skip
+    assert [units.format_tokens(t) for t in (64, 1000, 1024, 131072, 2**20)] == [
+        "64", "1,000", "1k", "128k", "1M"
+    ]  # fmt: skip
+
+
+def _record(method, seq_len, max_segments, mask_type, per_token, ms, skip=None):
+    """A metadata record as run_sweep writes it (no JAX): ``per_token`` None and ``skip`` set
+    for a method too big to compile."""
+    compiled = per_token is not None
+    return {
+        "method": method, "mask_type": mask_type, "layout": "self", "batch": 1,
+        "seq_len": seq_len, "max_segments": max_segments, "skip_reason": skip,
+        "temp_bytes": (compiled and per_token * seq_len) or None,
+        "temp_bytes_per_token": per_token, "estimated_bytes": seq_len * seq_len,
+        "bytes_accessed": (compiled and 64.0 * seq_len) or None,
+        "latency_ms": None if skip else {"median": ms}, "matches_linear": None if skip else True,
+    }  # fmt: skip
+
+
+def _full_sweep():
+    """Records as ``--full`` writes them: 3 T x 3 S x 3 masks, methods missing for memory."""
+    records = []
+    for t, s, mask in itertools.product((1024, 131072, 2**20), (16, 1024, 65536), MASKS):
+        big = f"not compiled: needs ~{t * t / 2**30:.1f} GiB (compile limit 188.3 GiB)"
+        dense = {1024: 1100.0, 131072: 139276.0}.get(t)
+        over = "not run: needs 17.0 GiB (budget 11.0 GiB)" if t == 131072 else None
+        records += [
+            _record("linear", t, s, mask, 12.0 + s / 2**14, 0.9),
+            _record("one_hot", t, s, mask, None if s * t > 2**34 else 8.0 * s, 597.3,
+                    None if s * t <= 2**34 else big),
+            _record("dense", t, s, mask, dense, 4550.0, big if dense is None else over),
+            _record(FLOOR, t, s, mask, 0.3, 0.45),
+        ]  # fmt: skip
+    return records
+
+
+MASKS = ("padding", "padding_causal", "padding_causal_bottom_right")
+
+
+def test_the_report_fits_80_columns_without_cutting_a_cell():
+    console = Console(width=80, record=True)
+    for section in report.metadata_tables(_full_sweep()):
+        console.print(section)
+    text = console.export_text()
+    assert "…" not in text, text
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    assert "mask: pad = padding, pad+causal = padding_causal" in text  # abbreviations explained
+    assert "dense at T=128k: not run: needs 17.0 GiB (budget 11.0 GiB)" in text
+    assert "one_hot at T=1M (S=65,536): not compiled: needs ~1024.0 GiB" in text
+    for words in ("scratch: XLA temp bytes", "floor: ", "(Nx): N times linear's", "k: least"):
+        assert words in text, words
+
+
+def test_result_line_states_the_largest_t_from_the_records():
+    records = _full_sweep()
+    line = report.result_line(records)
+    # At 1M: linear's largest scratch (12.0 + 65536 / 2**14 = 16.0), the smallest ratios.
+    assert line == "linear: ≤16.0 B scratch/token at T=1M; one_hot ≥11x, dense ≥~65,500x more"
+    assert len(line) <= 80
+    one = [r for r in records if (r["seq_len"], r["max_segments"], r["mask_type"]) ==
+           (131072, 16, "padding")]  # fmt: skip
+    assert report.result_line(one) == (
+        "linear: 12.0 B scratch/token at T=128k; one_hot 11x, dense 11,600x more"
+    )
+
+
+def test_plot_names_ticks_panels_device_and_marks_what_did_not_run():
+    records = [r for r in _full_sweep() if r["max_segments"] == 16 and r["seq_len"] < 2**20]
+    environment = {"backend": "cpu", "device_kind": "cpu", "jax": "0.10.2"}
+    figure, chosen = metadata_figure(records, environment)
+    memory, latency = figure.axes
+    assert chosen == "padding_causal"
+    assert [t.get_text() for t in latency.get_xticklabels()] == ["1k", "128k"]
+    assert figure.get_suptitle().count("cpu") == 1  # the device named once
+    assert memory.get_title() and latency.get_title() and memory.get_title() != latency.get_title()
+    marks = [line for line in latency.lines if line.get_marker() == "x"]
+    assert [(m.get_xdata()[0], m.get_color()) for m in marks] == [(131072, "tab:red")]
+    assert not [line for line in memory.lines if line.get_marker() == "x"]  # planned: has bytes
+    assert "not run (memory)" in [t.get_text() for t in figure.legends[0].get_texts()]
 
 
 # --- the attention benchmark ----------------------------------------------------------------

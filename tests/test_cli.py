@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -81,7 +82,7 @@ def test_bench_is_a_group_for_later_subcommands():
 def test_bench_writes_tables_json_and_plot(runner, tmp_path):
     json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
     result = _invoke(runner, *TINY, "--json", str(json_path), "--plot", str(png_path))
-    for title in ("MEMORY SUMMARY", "WORK SUMMARY", "LATENCY SUMMARY", "GROWTH OVER T"):
+    for title in ("MEMORY: scratch bytes", "WORK: bytes", "LATENCY: median ms", "GROWTH OVER T"):
         assert title in result.output
     assert f"backend {jax.default_backend()}" in result.output
     document = _document(json_path)
@@ -96,6 +97,19 @@ def test_bench_writes_tables_json_and_plot(runner, tmp_path):
         assert record["skip_reason"] is None and record["latency_ms"]["samples"] == 2
         assert record["layout"] == "self" and record["batch"] == 1
     assert png_path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_reads_well_at_80_columns_and_ends_with_the_result(runner):
+    result = runner.invoke(app, TINY, env={"COLUMNS": "80"}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "…" not in result.output, result.output  # no cell cut short
+    assert max(len(line) for line in lines) <= 80, result.output
+    assert "cpu (cpu)" not in result.output  # the device named once
+    for legend in ("scratch: XLA temp bytes", "floor: ", "(Nx): N times linear's", "k: least"):
+        assert legend in result.output, legend
+    pattern = r"linear: \d+\.\d B scratch/token at T=128; one_hot [\d.,]+x, dense [\d.,]+x more"
+    assert re.fullmatch(pattern, lines[-1]), lines[-1]
 
 
 def test_memory_limit_forces_not_run(runner, tmp_path):
@@ -412,3 +426,64 @@ def test_help_says_o_of_t_plus_s_and_quick_its_time(runner):
     assert "O(T + S)" in _invoke(runner, "--help").output
     output = " ".join(_invoke(runner, "bench", "--help").output.split())
     assert "about 25 s on two CPU cores" in output.replace("│ ", "").replace(" │", "")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bench", "--seq-len", "-5"], "'--seq-len': must be integers >= 1, got -5"),
+        (["bench", "--seq-len", "64,-5"], "'--seq-len': must be integers >= 1, got -5"),
+        (["bench", "--segments", "4,0,8"], "'--segments': must be integers >= 1, got 0"),
+        (["bench", "--method", "linear,fast"], "'--method': must be among linear, one_hot, dense, "
+         "got 'fast'"),
+        (["bench", "--seq-len", "64,3G"], "'--seq-len': must be at most 1,073,741,824 "
+         "(thdkit.MAX_SEQ_LEN), got 3221225472"),
+        (["bench", "cp", "--cp", "2,512"], "'--cp': must be at most 256 "
+         "(thdkit.bench.measure.MAX_RANKS), got 512"),
+        (["bench", "attention", "--seq-len", "64,128", "--segments", "4,100"],
+         "'--segments': must be at most min(seq_lens) = 64, got 100"),
+        (["bench", "ring", "--seq-len", "64", "--stripe-size", "1", "--segments", "1,65"],
+         "'--segments': must be at most seq_len=64, got 65"),
+        (["bench", "--layout", "ring", "--seq-len", "64,257M"], "'--seq-len': must be at most "
+         "268,435,456 for the ring layout (its rows hold 4 T), got 269484032"),
+    ],
+)  # fmt: skip
+def test_list_options_report_the_offending_value_itself(runner, args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line == f"Error: Invalid value for {message}", line
+
+
+def _help(runner, *command: str) -> str:
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_every_option_metavar_says_what_it_accepts(runner):
+    """A flag shows no value; sizes show BYTES, durations SECONDS, lists ``X,...``, paths PATH."""
+    expected = {
+        "--memory-limit-bytes": "BYTES", "--compile-limit-bytes": "BYTES",
+        "--time-per-program": "SECONDS", "--compile-timeout": "SECONDS",
+        "--seq-len": "INT,...", "--segments": "INT,...", "--mask-type": "NAME,...",
+        "--method": "NAME,...", "--layout": "self|cross|ring", "--json": "PATH",
+        "--plot": "PATH", "--seed": "INT", "--batch-size": "INT",
+    }  # fmt: skip
+    for name, command in _commands().items():
+        for param in command.params:
+            flag = param.opts[0]
+            if getattr(param, "is_flag", False):
+                assert param.metavar == "", (name, flag, param.metavar)
+            elif name == "bench" and flag in expected:
+                assert param.metavar == expected[flag], (name, flag, param.metavar)
+            else:
+                # A kind of value (INT, NAME, ...), a list of them, or the names it takes.
+                words = r"[A-Z]+(,\.\.\.)?|[a-z_]+(\|[a-z_]+)+"
+                assert re.fullmatch(words, param.metavar or ""), (name, flag, param.metavar)
+            if flag.endswith("-bytes"):
+                assert param.metavar == "BYTES" and "GiB" in param.help, (name, flag)  # e.g. 10GiB
+    for command in ([], ["bench"], ["bench", "ring"], ["bench", "attention"]):
+        text = _help(runner, *command)
+        assert "<bool>" not in text and "<path>" not in text, text
+    assert " BYTES " in _help(runner, "bench").split("--memory-limit-bytes", 1)[1][:40]

@@ -1,7 +1,8 @@
 """The benchmarks and the ``thdkit`` command: the optional extra ``thdkit[bench]``.
 
 :mod:`~thdkit.bench.measure` holds what they share; the metadata benchmark is ``sweep`` (what),
-``run`` (how) and ``report``; then ``attention``, ``plan``, ``ring``, ``cp``, ``compile`` and
+``run`` (how), ``report`` (the tables and the closing line) and ``plot``, written with ``units``;
+then ``attention``, ``plan``, ``ring``, ``cp``, ``compile`` and
 ``commands`` (the command line).
 """
 

@@ -127,8 +127,9 @@ class AttentionBench(PlanConfig):
     time_per_program_s: float = 2.0
     compile_timeout_s: float = 120.0
 
-    def _relations(self) -> list[tuple[str, bool, str]]:
-        return [("segments", max(self.segments) <= min(self.seq_lens), "at most min(seq_lens)")]
+    def _relations(self) -> list[tuple[str, Callable[[Any], bool], str]]:
+        shortest = min(self.seq_lens)
+        return [("segments", lambda s: s <= shortest, f"at most min(seq_lens) = {shortest}")]
 
 
 def attention_program(

@@ -26,7 +26,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from thdkit.bench.attention import (
     AttentionBench,
@@ -47,10 +47,12 @@ from thdkit.bench.measure import (
     pending_compiles,
 )
 from thdkit.bench.plan import PlanBench, plan_table, run_plan_bench
-from thdkit.bench.report import growth_exponents, metadata_tables, plot_records
+from thdkit.bench.plot import plot_records
+from thdkit.bench.report import growth_exponents, metadata_tables, result_line
 from thdkit.bench.ring import RingBench, reorder_names, ring_table, run_ring_bench
 from thdkit.bench.run import run_sweep
 from thdkit.bench.sweep import PRESETS, MetadataSweep
+from thdkit.bench.units import device_name, format_tokens
 
 __all__ = ["FLAGS", "app", "main"]
 
@@ -59,7 +61,25 @@ _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Clic
 Records = list[dict[str, Any]]
 
 
-class _OneLineErrors(TyperGroup):
+class _FlagHelp:
+    """``--help`` is a flag: its help line shows no value (typer's default shows ``<bool>``)."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_FlagHelp, TyperCommand):
+    """A subcommand of ``thdkit bench``."""
+
+
+class _Group(_FlagHelp, TyperGroup):
+    """``thdkit bench``."""
+
+
+class _OneLineErrors(_FlagHelp, TyperGroup):
     """Reports a usage error as one line, ``Error: Invalid value for '--seed': ...``, exit 2."""
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any):
@@ -88,6 +108,7 @@ _bench_app = typer.Typer(
     "programs too big for memory are compiled, not run. --quick and --full are presets.",
     invoke_without_command=True,
     add_completion=False,
+    cls=_Group,
 )
 app.add_typer(_bench_app, name="bench")
 
@@ -121,6 +142,7 @@ JsonPath = Annotated[
     typer.Option(
         "--json",
         callback=_output_path,
+        metavar="PATH",
         help="Write the report to this file as JSON: the options, the environment (thdkit, jax, "
         "jaxlib and peer versions, backend, devices), the records. \\[default: none]",
     ),
@@ -139,16 +161,16 @@ def _options(cls: type[BenchConfig]) -> Callable[[Any], Any]:
             shown = flag[2:] if default else f"no-{flag[2:]}"
             option = typer.Option(
                 f"{flag}/--no-{flag[2:]}", help=with_default(help_text[0], shown),
-                show_default=False,
+                show_default=False, metavar="",
             )  # fmt: skip
             options[field.name] = (Annotated[bool, option], default)
             continue
         if field.default_factory is not dataclasses.MISSING:  # Not called: it may start JAX.
             default = "computed when the benchmark starts"
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        parser, metavar = value_parser(field.type)
+        shown = ", ".join(map(str, default)) if isinstance(default, tuple) else default
+        parser, metavar = value_parser(field.type, field.name, cls.OPTIONS[field.name][1])
         text = help_text[0]
-        if flag in swept and not metavar.endswith("S"):
+        if flag in swept and not metavar.endswith(",..."):
             parser, text = one_value(parser), f"{text} One value in this benchmark."
         option = typer.Option(
             flag, parser=parser, metavar=metavar, help=with_default(text, shown),
@@ -182,19 +204,20 @@ def _run(
     summary: Callable[[Records], dict[str, Any]] = lambda _: {},
 ) -> tuple[Records, dict[str, Any], Console]:
     """Runs one benchmark under a progress bar, prints its tables, writes its JSON report;
-    ``header`` is formatted with the options (lists comma-separated)."""
+    ``header`` is formatted with the options (lists comma-separated, T as 1k, 128k, 1M)."""
     console = Console()
-    if not console.is_terminal:  # Tables in a file or pipe stay readable instead of wrapping.
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # In a file or pipe with no width asked for, the wider tables stay unwrapped.
         console = Console(width=max(console.width, 160))
     env, options = environment(), dataclasses.asdict(config)
-    shown = {k: ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in options.items()}
+    shown = {k: _shown(k, v) for k, v in options.items()}
     console.print(f"[bold]thdkit bench[/] {header.format(**shown)}")
+    devices = f"{env['device_count']} device{'s' * (env['device_count'] != 1)}"
     console.print(
-        f"thdkit {env['thdkit']}, backend [bold]{env['backend']}[/] (device kind "
-        f"{env['device_kind']}, {env['device_count']} device(s)), jax {env['jax']} / jaxlib "
-        f"{env['jaxlib']}, "
-        f"{env['usable_cpus']} usable CPU(s) of {env['cpu_count']}, {env['date']}"
+        f"backend [bold]{device_name(env)}[/] ({devices}, {env['usable_cpus']} of "
+        f"{env['cpu_count']} CPUs usable), {env['date']}"
     )
+    console.print(f"thdkit {env['thdkit']}, jax {env['jax']}, jaxlib {env['jaxlib']}")
     started = time.perf_counter()
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, console=console, transient=True) as progress:
@@ -206,13 +229,19 @@ def _run(
     for table in tables(records):
         console.print(table)
     elapsed = time.perf_counter() - started
-    console.print(f"{cells} cells in {elapsed:.1f} s on {env['backend']} ({env['device_kind']})")
+    console.print(f"{cells} cells in {elapsed:.1f} s on {device_name(env)}")
     if json_path is not None:
         document = {"benchmark": benchmark, "config": options, "environment": env}
         document |= {"summary": summary(records), "records": records}
         json_path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
         console.print(f"wrote {json_path}")
     return records, env, console
+
+
+def _shown(field: str, value: Any) -> Any:
+    """An option's value in a header: lists comma-separated, token counts as 1k, 128k, 1M."""
+    one = format_tokens if field in ("seq_lens", "seq_len") else str
+    return ",".join(map(one, value)) if isinstance(value, tuple) else one(value)
 
 
 def _config(cls: type[BenchConfig], fields: dict[str, Any], defaults: dict[str, Any] | None = None):
@@ -240,6 +269,7 @@ def _root(
             "--version",
             callback=_print_version,
             is_eager=True,
+            metavar="",
             help="Print the version and exit. \\[default: off]",
         ),
     ] = False,
@@ -255,19 +285,23 @@ def _bench(
         bool,
         typer.Option(
             "--quick",
+            metavar="",
             help="A first look, about 25 s on two CPU cores: T 1k to 64k, padding_causal, "
             "shorter timing, 1 GiB run budget. \\[default: off]",
         ),
     ] = False,
     full: Annotated[
         bool,
-        typer.Option("--full", help="T up to 1M and --segments 16,1024,65536. \\[default: off]"),
+        typer.Option(
+            "--full", metavar="", help="T up to 1M and --segments 16,1024,65536. \\[default: off]"
+        ),
     ] = False,
     plot: Annotated[
         Path | None,
         typer.Option(
             "--plot",
             callback=_plot_path,
+            metavar="PATH",
             help="Draw bytes and latency over T to this PNG file. \\[default: none]",
         ),
     ] = None,
@@ -281,19 +315,17 @@ def _bench(
         raise typer.BadParameter("choose one of them", param_hint="'--quick' / '--full'")
     preset = "quick" if quick else "full" if full else "default"
     sweep = _config(MetadataSweep, fields, PRESETS[preset])
-    header = (
-        f"(metadata, {preset} sweep): "
-        + "{layout} layout, B={batch}, T={seq_lens}, S={max_segments}"
-    )
+    header = f"metadata ({preset}): " + "T={seq_lens}, S={max_segments}, {layout} layout, B={batch}"
     growth = lambda records: {"growth": growth_exponents(records)}  # noqa: E731
     records, env, console = _run(
         "metadata", header, sweep, run_sweep, metadata_tables, len(sweep.cells()), json_path, growth
     )
     if plot is not None:
         console.print(f"wrote {plot} ({plot_records(records, plot, env)})")
+    console.print(f"\n[bold]{result_line(records)}[/]")
 
 
-@_bench_app.command("attention")
+@_bench_app.command("attention", cls=_Command)
 @_options(AttentionBench)
 def _bench_attention(json_path: JsonPath = None, **fields: Any) -> None:
     """Packed attention: thdkit's implementations and peers (jax.nn, ejkernel), interleaved.
@@ -309,7 +341,7 @@ def _bench_attention(json_path: JsonPath = None, **fields: Any) -> None:
     _run("attention", header, config, run_attention_bench, tables, cells, json_path, rate)
 
 
-@_bench_app.command("plan")
+@_bench_app.command("plan", cls=_Command)
 @_options(PlanBench)
 def _bench_plan(json_path: JsonPath = None, **fields: Any) -> None:
     """A scanned stack of attention layers planned once per step vs planned in every layer.
@@ -323,7 +355,7 @@ def _bench_plan(json_path: JsonPath = None, **fields: Any) -> None:
     _run("plan", header, config, run_plan_bench, tables, len(config.seq_lens), json_path)
 
 
-@_bench_app.command("ring")
+@_bench_app.command("ring", cls=_Command)
 @_options(RingBench)
 def _bench_ring(json_path: JsonPath = None, **fields: Any) -> None:
     """Context-parallel work balance: allowed pairs and visited tiles per rank, by reorder.
@@ -341,7 +373,7 @@ def _bench_ring(json_path: JsonPath = None, **fields: Any) -> None:
     _run("ring", header, config, run_ring_bench, tables, cells, json_path)
 
 
-@_bench_app.command("cp")
+@_bench_app.command("cp", cls=_Command)
 @_options(CPBench)
 def _bench_cp(json_path: JsonPath = None, **fields: Any) -> None:
     """Context-parallel strategies (ring, all_gather, all_to_all) side by side.
@@ -359,7 +391,7 @@ def _bench_cp(json_path: JsonPath = None, **fields: Any) -> None:
     _run("cp", header, config, run_cp_bench, tables, len(config.cps), json_path)
 
 
-@_bench_app.command("compile")
+@_bench_app.command("compile", cls=_Command)
 @_options(CompileBench)
 def _bench_compile(json_path: JsonPath = None, **fields: Any) -> None:
     """Compile economy: the XLA programs each entry point compiles, and the host-side metadata.

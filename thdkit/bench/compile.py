@@ -75,7 +75,7 @@ class CompileBench(BenchConfig):
         >>> CompileBench(entries=("bogus",))
         Traceback (most recent call last):
         ...
-        thdkit.bench.measure.ConfigError: entries: must be among metadata, ..., got ('bogus',)
+        thdkit.bench.measure.ConfigError: entries: must be among metadata, ..., got 'bogus'
     """
 
     OPTIONS: ClassVar[Options] = {
@@ -102,18 +102,11 @@ class CompileBench(BenchConfig):
     segments: tuple[int, ...] = (16, 1024)
     compile_samples: int = 3
 
-    def _relations(self) -> list[tuple[str, bool, str]]:
+    def _relations(self) -> list[tuple[str, Callable[[Any], bool], str]]:
+        entry, pallas = self.entry_seq_len // 2, self.pallas_seq_len // 2
         return [
-            (
-                "entry_segments",
-                self.entry_segments <= self.entry_seq_len // 2,
-                "at most entry_seq_len // 2",
-            ),
-            (
-                "entry_segments",
-                self.entry_segments <= self.pallas_seq_len // 2,
-                "at most pallas_seq_len // 2",
-            ),
+            ("entry_segments", lambda s: s <= entry, f"at most entry_seq_len // 2 = {entry}"),
+            ("entry_segments", lambda s: s <= pallas, f"at most pallas_seq_len // 2 = {pallas}"),
         ]
 
 

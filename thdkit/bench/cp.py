@@ -13,7 +13,7 @@ and optionally the compiled program's scratch bytes per device and its latency o
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -73,13 +73,13 @@ class CPBench(BenchConfig):
     head_dim: int = 64
     latency: bool = True
 
-    def _relations(self) -> list[tuple[str, bool, str]]:
-        sizes = ", ".join(str(cp * self.stripe_size) for cp in self.cps)
+    def _relations(self) -> list[tuple[str, Callable[[Any], bool], str]]:
+        sizes = [cp * self.stripe_size for cp in self.cps]
         return [
-            ("seq_len", not any(self.seq_len % (cp * self.stripe_size) for cp in self.cps),
-             f"a multiple of cp * stripe_size ({sizes})"),
-            ("kv_heads", self.heads % self.kv_heads == 0, f"a divisor of heads={self.heads}"),
-            ("segments", self.segments <= self.seq_len, f"at most seq_len={self.seq_len}"),
+            ("seq_len", lambda t: not any(t % m for m in sizes),
+             f"a multiple of cp * stripe_size ({', '.join(map(str, sizes))})"),
+            ("kv_heads", lambda h: self.heads % h == 0, f"a divisor of heads={self.heads}"),
+            ("segments", lambda s: s <= self.seq_len, f"at most seq_len={self.seq_len}"),
         ]  # fmt: skip
 
 

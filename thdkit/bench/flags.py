@@ -32,13 +32,36 @@ def parse_size(text: str) -> int:
     return int(match[1]) * 1024 ** " kmgt".index(match[2] or " ")
 
 
-def value_parser(kind: str) -> tuple[Callable[[str], Any], str]:
-    """Reads a field of type ``kind`` (ints take k/M/G suffixes, tuples are comma-separated)."""
+_CHOICES_SHOWN = 24  # The longest "a|b|c" metavar; past it the help text lists the names.
+
+
+def value_parser(kind: str, field: str = "", rule: Any = None) -> tuple[Callable[[str], Any], str]:
+    """How the option of field ``field`` (of type ``kind``, checked by ``rule``) reads its text,
+    and the metavar that says what it accepts: ``INT`` (k/M/G suffixes ok), ``BYTES`` for a
+    ``*_bytes`` field (e.g. 10GiB), ``SECONDS`` for a ``*_s`` field, ``a|b|c`` for a name among
+    a few (``rule``), else ``NAME``; a tuple is comma-separated, ``X,...``.
+
+    Example:
+        >>> parse, metavar = value_parser("tuple[int, ...]", "seq_lens")
+        >>> parse("1k, 4096"), metavar
+        ((1024, 4096), 'INT,...')
+        >>> value_parser("int | None", "memory_limit_bytes")[1]
+        'BYTES'
+    """
     kind = kind.removesuffix(" | None")
     if kind.startswith("tuple["):
-        one, name = value_parser(kind[6:-6])
-        return lambda text: tuple(one(p.strip()) for p in text.split(",") if p.strip()), name + "S"
-    return {"int": (parse_size, "INT"), "float": (float, "FLOAT")}.get(kind, (str, "NAME"))
+        one, name = value_parser(kind[6:-6], field.removesuffix("s"))
+
+        def parse_list(text: str) -> tuple[Any, ...]:
+            return tuple(one(part.strip()) for part in text.split(",") if part.strip())
+
+        return parse_list, name + ",..."
+    if kind == "int":
+        return parse_size, "BYTES" if field.endswith("_bytes") else "INT"
+    if kind == "float":
+        return float, "SECONDS" if field.endswith("_s") else "FLOAT"
+    choices = "|".join(rule) if isinstance(rule, tuple) else ""
+    return str, choices if 0 < len(choices) <= _CHOICES_SHOWN else "NAME"
 
 
 FLAGS = {

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from rich.table import Table
 
+from thdkit.bench.units import format_bytes
 from thdkit.limits import MAX_SEGMENTS, MAX_SEQ_LEN
 from thdkit.mask_types import MaskType
 
@@ -85,7 +86,8 @@ _HOST_BYTES_PER_FEATURE = 24
 def checked(value: Any, rule: Any) -> Any:
     """``value`` (made canonical) if it keeps ``rule``, else ValueError. An int n wants ints >= n
     or None, a float finite numbers > 0, a tuple of names one of them; a function checks and
-    returns the value. A tuple ``value`` must be non-empty, each item keeping the rule."""
+    returns the value. A tuple ``value`` must be non-empty, each item keeping the rule; the error
+    shows the first item that does not, not the tuple."""
     many = isinstance(value, tuple)
     items = value if many else (value,)
     if many and not value:
@@ -93,17 +95,20 @@ def checked(value: Any, rule: Any) -> Any:
     if callable(rule):
         return rule(value)
     whole = lambda v: isinstance(v, int | np.integer) and not isinstance(v, bool)  # noqa: E731
+    number = lambda v: whole(v) or isinstance(v, float | np.floating)  # noqa: E731
+    if value is None and isinstance(rule, int):
+        return value
     if isinstance(rule, tuple):
-        ok, want = all(v in rule for v in items), f"among {', '.join(rule)}"
+        keeps, want = (lambda v: v in rule), f"among {', '.join(rule)}"
     elif isinstance(rule, float):
-        number = lambda v: whole(v) or isinstance(v, float | np.floating)  # noqa: E731
-        ok = all(number(v) and math.isfinite(v) and v > 0 for v in items)
+        keeps = lambda v: number(v) and math.isfinite(v) and v > 0  # noqa: E731
         want = "a finite number > 0"
     else:
-        ok = value is None or all(whole(v) and v >= rule for v in items)
+        keeps = lambda v: whole(v) and v >= rule  # noqa: E731
         want = f"{'integers' if many else 'an integer'} >= {rule}"
-    if not ok:
-        raise ValueError(f"must be {want}, got {value!r}")
+    bad = [v for v in items if not keeps(v)]
+    if bad:
+        raise ValueError(f"must be {want}, got {bad[0]!r}")
     return value
 
 
@@ -112,6 +117,11 @@ def mask_names(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(MaskType.parse(name).value for name in value)
     return MaskType.parse(value).value
+
+
+def _items(value: Any) -> tuple[Any, ...]:
+    """The values of an option: its items if it takes a list, else itself."""
+    return value if isinstance(value, tuple) else (value,)
 
 
 class ConfigError(ValueError):
@@ -160,18 +170,19 @@ class BenchConfig:
             except (ValueError, TypeError) as error:
                 raise ConfigError(name, str(error)) from None
         for name, (limit, source) in LIMITS.items():
-            value = getattr(self, name, None)
-            items = value if isinstance(value, tuple) else (value,)
-            if any(v is not None and v > limit for v in items):
+            bad = [v for v in _items(getattr(self, name, None)) if v is not None and v > limit]
+            if bad:
                 shown = f"{limit:g}" if isinstance(limit, float) else f"{limit:,}"
-                raise ConfigError(name, f"must be at most {shown} ({source}), got {value!r}")
-        for name, holds, rule in self._relations():
-            if not holds:
-                raise ConfigError(name, f"must be {rule}, got {getattr(self, name)!r}")
+                raise ConfigError(name, f"must be at most {shown} ({source}), got {bad[0]!r}")
+        for name, keeps, rule in self._relations():
+            bad = [v for v in _items(getattr(self, name)) if not keeps(v)]
+            if bad:
+                raise ConfigError(name, f"must be {rule}, got {bad[0]!r}")
         self._check_host_memory()
 
-    def _relations(self) -> list[tuple[str, bool, str]]:
-        """Checks between options: (option, whether it holds, the rule)."""
+    def _relations(self) -> list[tuple[str, Callable[[Any], bool], str]]:
+        """Checks between options: (option, whether one of its values keeps the rule, the rule);
+        an error names the first value of the option that does not."""
         return []
 
     def host_input_bytes(self) -> int | None:
@@ -222,7 +233,8 @@ class PlanConfig(BenchConfig):
         "seq_lens": ("T, tokens per row: one or more, comma-separated; k/M suffixes ok.", 1),
         "compile_timeout_s": ("Seconds a compile may take before it is skipped.", 0.0),
         "memory_limit_bytes": (
-            "Run budget in bytes; plans above it are 'not run'. \\[default: half the free memory]",
+            "Run budget in bytes, e.g. 10GiB; plans above it are 'not run'. "
+            "\\[default: half the free memory]",
             1,
         ),
     }
@@ -358,14 +370,6 @@ def host_memory_bytes(*, total: bool = False) -> int:
     except (OSError, StopIteration):
         pages = os.sysconf("SC_PHYS_PAGES" if total else "SC_AVPHYS_PAGES")
         return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def format_bytes(num_bytes: float | None) -> str:
-    """A binary size such as ``"16.0 GiB"`` or ``"512 B"``; ``"-"`` for None."""
-    if num_bytes is None:
-        return "-"
-    power = 0 if num_bytes < 1024 else min(int(math.log(num_bytes, 1024)), 5)
-    return f"{num_bytes / 1024**power:.1f} {' KMGTP'[power]}iB" if power else f"{num_bytes:.0f} B"
 
 
 def median(record: Mapping[str, Any]) -> float | None:

@@ -59,8 +59,9 @@ class PlanBench(PlanConfig):
     heads: int = 2
     head_dim: int = 32
 
-    def _relations(self) -> list[tuple[str, bool, str]]:
-        return [("segments", self.segments <= min(self.seq_lens), "at most min(seq_lens)")]
+    def _relations(self) -> list[tuple[str, Callable[[Any], bool], str]]:
+        shortest = min(self.seq_lens)
+        return [("segments", lambda s: s <= shortest, f"at most min(seq_lens) = {shortest}")]
 
     def host_input_bytes(self) -> int:
         """As :meth:`BenchConfig.host_input_bytes`, with the layers' weights (L * D * D)."""

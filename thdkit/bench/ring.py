@@ -66,12 +66,12 @@ class RingBench(BenchConfig):
     head_dim: int = 64
     latency: bool = True
 
-    def _relations(self) -> list[tuple[str, bool, str]]:
+    def _relations(self) -> list[tuple[str, Callable[[Any], bool], str]]:
         sizes = [2 * self.cp, *(self.cp * s for s in self.stripe_sizes)]
         rule = f"a multiple of 2 * cp and of cp * stripe_size ({', '.join(map(str, sizes))})"
         return [
-            ("seq_len", not any(self.seq_len % m for m in sizes), rule),
-            ("segments", max(self.segments) <= self.seq_len, f"at most seq_len={self.seq_len}"),
+            ("seq_len", lambda t: not any(t % m for m in sizes), rule),
+            ("segments", lambda s: s <= self.seq_len, f"at most seq_len={self.seq_len}"),
         ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -60,7 +61,11 @@ class MetadataSweep(PlanConfig):
         "mask_types": ("Mask types, comma-separated.", mask_names),
         "methods": ("Methods, comma-separated (the floor always runs).", METHODS),
         "layout": (f"self; cross: T_kv = T; ring: worst step of striped cp={RING_CP}.", LAYOUTS),
-        "compile_limit_bytes": ("Skip compiling above this. \\[default: 8x total memory]", 1),
+        "compile_limit_bytes": (
+            "Skip compiling a method whose estimated size is above this, e.g. 64GiB. "
+            "\\[default: 8x total memory]",
+            1,
+        ),
     }
     seq_lens: tuple[int, ...] = (1024, 4096, 16384, 65536, 131072)
     max_segments: tuple[int, ...] = (16,)
@@ -71,11 +76,11 @@ class MetadataSweep(PlanConfig):
     repeats: int = 20
     compile_limit_bytes: int | None = None
 
-    def _relations(self) -> list[tuple[str, bool, str]]:
+    def _relations(self) -> list[tuple[str, Callable[[Any], bool], str]]:
         if self.layout != "ring":
             return []
         rule = f"at most {MAX_SEQ_LEN // RING_CP:,} for the ring layout (its rows hold {RING_CP} T)"
-        return [("seq_lens", max(self.seq_lens) * RING_CP <= MAX_SEQ_LEN, rule)]
+        return [("seq_lens", lambda t: t * RING_CP <= MAX_SEQ_LEN, rule)]
 
     def host_input_bytes(self) -> int:
         """As :meth:`BenchConfig.host_input_bytes`, for the layout's rows: ``RING_CP * T``
