@@ -7,16 +7,15 @@ non-finite inputs stay in their document.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from thdkit.jax_nn_layout import CallLayout
 from thdkit.kernels.api import plan_attention
+from thdkit.kernels.arguments import check_scale
 
 __all__ = ["dense_attention"]
 
@@ -86,18 +85,18 @@ def dense_attention(
 ) -> tuple[Float[Array, "B N T S"], Bool[Array, "B N T"], Array | None]:
     """Weights (float32 [B, N, T, S]), poisoned rows, and (with ``value``) the output.
 
-    Checks the arrays as :func:`thdkit.attention` does (``value`` None: the weights alone), the
-    layout rules (concrete layouts) and ``scale`` (None: ``1 / sqrt(H)``) first.
+    The arrays come checked (:func:`thdkit.jax_nn_checks.as_arrays`; ``value`` None: the weights
+    alone); this checks the layout rules (concrete layouts) and ``scale`` (None: ``1 / sqrt(H)``)
+    first.
 
     Every non-finite input element is replaced by zero with a select before any product; the
     rows the dense computation would make NaN (a row with an allowed key whose own query, or one
     of whose allowed keys or values, is non-finite) are set to NaN after it, so other rows and
     their gradients are exactly those of the call without the non-finite values.
     """
-    _check_dense_arrays(query, key, key if value is None else value)
     _validate(layout)
     batch, seq_q, heads_q, dim = query.shape
-    scale = (1.0 / math.sqrt(dim)) if scale is None else _check_scale(scale)
+    scale = check_scale(scale, head_dim=dim)
     seq_kv, heads_kv = key.shape[1], key.shape[2]
     groups = heads_q // heads_kv
     shape = (batch, heads_q, seq_q, seq_kv)
@@ -150,48 +149,3 @@ def dense_attention(
         out = unnormalised / jnp.swapaxes(safe_total[..., 0], 1, 2)[..., None]
         out = jnp.where(jnp.swapaxes(poisoned, 1, 2)[..., None], jnp.nan, out)
     return probs, poisoned, out
-
-
-def _check_dense_arrays(query: Array, key: Array, value: Array) -> None:
-    """The checks :func:`thdkit.attention` makes, for the dense path (which does not call it)."""
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-            raise TypeError(f"{name} must be float32, bfloat16 or float16, got dtype {x.dtype}")
-    if not query.dtype == key.dtype == value.dtype:
-        raise TypeError(
-            f"query, key and value must share one dtype, got {query.dtype}, {key.dtype} and "
-            f"{value.dtype}"
-        )
-    if not query.shape[0] == key.shape[0] == value.shape[0]:
-        raise ValueError(
-            f"query, key and value must have the same batch size B, got shapes {query.shape}, "
-            f"{key.shape} and {value.shape}"
-        )
-    if key.shape[:3] != value.shape[:3]:
-        raise ValueError(
-            f"key and value must agree in B, S and K, got shapes {key.shape} and {value.shape}"
-        )
-    if query.shape[3] != key.shape[3]:
-        raise ValueError(
-            f"query and key must have the same head dim H, got {query.shape} and {key.shape}"
-        )
-    if min(query.shape[1:] + key.shape[1:] + value.shape[3:]) == 0:
-        raise ValueError(
-            f"query, key and value need T, S, N, K and H > 0, got shapes {query.shape}, "
-            f"{key.shape} and {value.shape}"
-        )
-    if query.shape[2] % key.shape[2]:
-        raise ValueError(
-            f"the query heads N = {query.shape[2]} must be a multiple of the key/value heads "
-            f"K = {key.shape[2]}"
-        )
-
-
-def _check_scale(scale: Any) -> float:
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(
-        scale, (int, float, np.integer, np.floating)
-    ):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return float(scale)

@@ -19,7 +19,6 @@ weights (Flax's ``dot_product_attention_weights``, for sowing and attention-weig
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import jax.numpy as jnp
@@ -31,6 +30,7 @@ from thdkit.jax_nn_checks import as_arrays
 from thdkit.jax_nn_layout import CallLayout, layout_of
 from thdkit.kernels import base
 from thdkit.kernels.api import attention, plan_attention
+from thdkit.kernels.arguments import check_scale
 from thdkit.kernels.plan import AttentionPlan
 
 __all__ = ["dot_product_attention", "dot_product_attention_weights", "implementation_names"]
@@ -98,13 +98,7 @@ def _check_empty_call(bias: Any, mask: Any, scale: Any, shape: tuple[int, ...]) 
             raise ValueError(
                 f"{name} of shape {x.shape} does not broadcast to [B, N, T, S] = {shape}"
             )
-    if scale is not None:
-        if isinstance(scale, (bool, np.bool_)) or not isinstance(
-            scale, (int, float, np.integer, np.floating)
-        ):
-            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
+    check_scale(scale, head_dim=1)
 
 
 def _kernel_attention(

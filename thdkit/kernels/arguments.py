@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike
 
-__all__ = ["check_arguments", "check_layout_shapes"]
+__all__ = ["check_arguments", "check_layout_shapes", "check_scale"]
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -85,17 +85,7 @@ def check_arguments(
             f"the query heads H_q={query.shape[2]} must be a multiple of the key/value heads "
             f"H_kv={key.shape[2]}"
         )
-    if scale is None:
-        return query, key, value, 1.0 / math.sqrt(query.shape[3])
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(
-        scale, (int, float, np.integer, np.floating)
-    ):
-        raise TypeError(
-            f"scale must be a Python float, a NumPy real or None, got {type(scale).__name__}"
-        )
-    if not math.isfinite(float(scale)):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return query, key, value, float(scale)
+    return query, key, value, check_scale(scale, head_dim=query.shape[3])
 
 
 def check_layout_shapes(query: Array, key: Array, ids_q: Array, ids_kv: Array | None) -> None:
@@ -135,3 +125,34 @@ def check_layout_shapes(query: Array, key: Array, ids_q: Array, ids_kv: Array | 
             raise ValueError(
                 f"{name} must have shape [B, T] = {(batch, seq)} to match {of}, got {ids.shape}"
             )
+
+
+def check_scale(scale: Any, *, head_dim: int) -> float:
+    """The logits' scale as a Python float: ``scale`` checked, or ``1 / sqrt(head_dim)``.
+
+    Args:
+        scale: a real number (Python or NumPy, finite), or None.
+        head_dim: D, the query/key head dim, for the default.
+
+    Returns:
+        A finite Python float.
+
+    Raises:
+        TypeError: ``scale`` not a real number (bools are not).
+        ValueError: ``scale`` not finite.
+
+    Example:
+        >>> check_scale(None, head_dim=16), check_scale(np.float32(0.5), head_dim=16)
+        (0.25, 0.5)
+    """
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(
+        scale, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(
+            f"scale must be a Python float, a NumPy real or None, got {type(scale).__name__}"
+        )
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
