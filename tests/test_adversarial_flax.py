@@ -288,11 +288,11 @@ class _CountingReference(Dense):
 def counting_reference():
     original = base.get("reference")
     _CountingReference.calls = 0
-    base.register(_CountingReference())
+    base.register(_CountingReference(), replace=True)
     try:
         yield _CountingReference
     finally:
-        base.register(original)
+        base.register(original, replace=True)
 
 
 @pytest.mark.parametrize("implementation", ["reference", "blockwise"])

@@ -764,3 +764,37 @@ def test_command_without_the_bench_extra_says_how_to_install_it():
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and 'pip install "thdkit[bench]"' in lines[0], result.stderr
+
+
+def test_an_implementation_registered_at_run_time_is_benchmarked_by_name(tmp_path):
+    """``--implementation`` takes the kernel registry's names as they are when it runs: one
+    registered here is planned and timed, its visited pairs read from the implementation (a
+    subclass of the dense reference visits every pair); unregistered, it is refused again."""
+    from thdkit import kernels
+    from thdkit.bench.attention import implementation_names
+
+    class DenseHere(type(kernels.base.get("reference"))):
+        name = "dense_here"
+
+    kernels.register(DenseHere())
+    try:
+        assert "dense_here" in implementation_names()
+        assert "dense_here" not in AttentionBench().implementations  # dense: only when named
+        json_path = tmp_path / "attention.json"
+        args = [
+            *("bench", "attention", "--seq-len", "64", "--segments", "2", "--heads", "1"),
+            *("--head-dim", "8", "--repeats", "1", "--warmup", "0", "--dtype", "float32"),
+            *("--implementation", "dense_here", "--json", str(json_path)),
+        ]
+        result = CliRunner().invoke(app, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    finally:
+        kernels.unregister("dense_here")
+    records = json.loads(json_path.read_text())["records"]
+    assert {(r["implementation"], r["pass"]) for r in records} == {
+        ("dense_here", "fwd"),
+        ("dense_here", "fwd+bwd"),
+    }
+    assert all(r["skip_reason"] is None and r["visited_pair_fraction"] == 1.0 for r in records)
+    with pytest.raises(ConfigError, match=r"implementations: must be among .*'dense_here'"):
+        AttentionBench(implementations=("dense_here",))

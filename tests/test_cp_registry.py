@@ -5,6 +5,7 @@ flowing downward)."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,13 +19,16 @@ from jax import lax
 from jax.sharding import Mesh
 
 import thdkit
-from thdkit.bench.cp import CPBench, run_cp_bench
+from thdkit.bench.cp import CPBench, cp_table, run_cp_bench
 from thdkit.context_parallel import (
     STRATEGIES,
     Strategy,
     StrategyConfig,
+    names,
+    register,
     register_strategy,
     traffic,
+    unregister,
     unregister_strategy,
 )
 from thdkit.context_parallel.base import Call, Shapes, Traffic
@@ -79,6 +83,7 @@ def _gather_everything_work(q: Segments, kv: Segments, *, cp: int, **_: Any) -> 
 
 
 GATHER_EVERYTHING = Strategy(
+    name=NAME,
     local=_gather_everything,
     traffic=_gather_everything_traffic,
     work=_gather_everything_work,
@@ -87,11 +92,11 @@ GATHER_EVERYTHING = Strategy(
 
 @pytest.fixture
 def registered() -> Iterator[str]:
-    register_strategy(NAME, GATHER_EVERYTHING)
+    register(GATHER_EVERYTHING)
     try:
         yield NAME
     finally:
-        unregister_strategy(NAME)
+        assert unregister(NAME) is GATHER_EVERYTHING
     assert NAME not in STRATEGIES
 
 
@@ -194,17 +199,66 @@ def test_a_registered_strategy_reports_its_traffic_and_work(registered) -> None:
 
 
 def test_registry_errors() -> None:
-    with pytest.raises(ValueError, match="registered already"):
-        register_strategy("ring", STRATEGIES["ring"])
+    with pytest.raises(ValueError, match="'ring' is registered already; pass replace=True"):
+        register(STRATEGIES["ring"])
     with pytest.raises(TypeError, match="strategy must be a Strategy, got function"):
-        register_strategy(NAME, _gather_everything)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="must be a Python identifier"):
-        register_strategy("gather everything", GATHER_EVERYTHING)
-    with pytest.raises(ValueError, match=f"unknown strategy '{NAME}'"):
-        unregister_strategy(NAME)
+        register(_gather_everything)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"strategy\.name must be a Python identifier, got ''"):
+        register(dataclasses.replace(GATHER_EVERYTHING, name=""))
+    with pytest.raises(ValueError, match=f"unknown strategy '{NAME}'; valid: 'ring'"):
+        unregister(NAME)
     with pytest.raises(ValueError, match=f"unknown strategy '{NAME}'"):
         traffic.collective_bytes(NAME, Shapes(1, 8, 8, 1, 1, 1, 1, 4, False), cp=2)
-    assert list(STRATEGIES) == ["ring", "all_gather", "all_to_all"]
+    ring = STRATEGIES["ring"]
+    register(dataclasses.replace(ring), replace=True)  # keeps its place
+    assert STRATEGIES["ring"] is not ring
+    register(ring, replace=True)
+    assert names() == tuple(STRATEGIES) == ("ring", "all_gather", "all_to_all")
+    assert [STRATEGIES[n].name for n in names()] == list(names())
+
+
+def test_the_old_spellings_warn_and_still_work() -> None:
+    with pytest.warns(DeprecationWarning, match=r"thdkit.context_parallel.register\(strategy\)"):
+        register_strategy("renamed", GATHER_EVERYTHING)
+    assert STRATEGIES["renamed"].name == "renamed"
+    with pytest.warns(DeprecationWarning, match=r"context_parallel.unregister\(name\)"):
+        assert unregister_strategy("renamed").local is _gather_everything
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="registered already"):
+        register_strategy("ring", STRATEGIES["ring"])
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="identifier"):
+        register_strategy("gather everything", GATHER_EVERYTHING)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="unknown strategy"):
+        unregister_strategy(NAME)
+    assert names() == ("ring", "all_gather", "all_to_all")
+
+
+@slow
+def test_a_strategy_without_a_cost_model_runs_and_the_bench_says_so() -> None:
+    """traffic and work are the bench's cost model only: without them a strategy runs, and
+    ``thdkit bench cp`` reports "no cost model" for it instead of its bytes and tiles."""
+    bare = Strategy(name="bare", local=_gather_everything)
+    assert bare.traffic is None and bare.work is None
+    register(bare)
+    try:
+        ids, pos = (x[None] for x in packed_row(32, [(12, 10), (14, 14)]))
+        q = _random((1, 32, 2, DIM), 0)
+        layout = {"segment_ids_q": ids, "segment_pos_q": pos, "max_segments_per_seq": 3}
+        out = thdkit.context_parallel_attention(
+            q, q, q, **layout, mesh=_mesh(), axis_name="cp", strategy="bare"
+        )
+        expected = thdkit.attention(q, q, q, **layout, implementation="reference")
+        np.testing.assert_allclose(out, expected, atol=ATOL, rtol=0)
+        config = CPBench(cps=(CP,), seq_len=64, segments=4, heads=4, kv_heads=4, latency=False)
+        records = {r["strategy"]: r for r in run_cp_bench(config)}
+    finally:
+        unregister("bare")
+    mine = records["bare"]
+    assert mine["skip_reason"].startswith("bare: no cost model (no traffic or work)")
+    cost = ("bytes_fwd", "bytes_total", "steps_fwd", "tiles_per_rank", "tile_imbalance")
+    assert all(mine[key] is None for key in cost)
+    assert records["ring"]["bytes_total"] > 0 and records["ring"]["tiles_max"] > 0
+    table = cp_table(list(records.values()))
+    assert "bare: no cost model" in str(table.caption)
 
 
 # --- Structure -----------------------------------------------------------------------------

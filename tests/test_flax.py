@@ -578,3 +578,70 @@ def test_make_attention_fn_errors():
         make_attention_fn()(q, q, q, mask=plan, is_causal=True)
     with pytest.raises(ValueError, match="dropout_rng is required"):
         make_attention_fn(plan)(q, q, q, dropout_rate=0.1, deterministic=False)
+
+
+# --- Names from the registries: strategies on a mesh, implementations ----------------------------
+
+
+@pytest.mark.slow
+def test_the_layer_runs_a_registered_strategy_on_a_mesh():
+    """``strategy=`` picks any registered strategy; the layer runs it on the mesh (a counting spy
+    around all_gather's body), giving the single-device output."""
+    import dataclasses
+
+    from thdkit import context_parallel
+
+    built = []
+    gather = context_parallel.STRATEGIES["all_gather"]
+
+    def local(config):
+        built.append(config.cp)
+        return gather.local(config)
+
+    context_parallel.register(dataclasses.replace(gather, name="spy_in_a_test", local=local))
+    try:
+        cp, layer = 2, _layer(HEADS[0], strategy="spy_in_a_test")
+        ids, pos = _layout(7)
+        x = _x(7)
+        mesh = Mesh(np.array(jax.devices()[:cp]), ("cp",))
+        ids_r, pos_r = (reorder.striped(a, cp=cp) for a in (ids, pos))
+        rows = Segments(jnp.asarray(ids_r), jnp.asarray(pos_r), jnp.zeros_like(ids_r))
+        x_r = reorder.striped(x, cp=cp, axis=1)
+        out = layer(x_r, rows, max_segments_per_seq=S, mesh=mesh, axis_name="cp")
+    finally:
+        context_parallel.unregister("spy_in_a_test")
+    assert built == [cp]
+    real = (ids > 0)[..., None]
+    want = layer(x, Segments.from_ids(ids, pos), max_segments_per_seq=S)
+    got = reorder.unstriped(out, cp=cp, axis=1)
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=1e-5)
+
+
+def test_an_unknown_strategy_lists_the_registered_ones():
+    with pytest.raises(ValueError, match=r"strategy must be one of 'ring', 'all_gather'.*'nope'"):
+        _layer(HEADS[0], strategy="nope")
+
+
+def test_implementation_names_come_from_the_kernel_registry():
+    """An implementation registered at run time is accepted by the layer and make_attention_fn;
+    once unregistered, both refuse it, listing the registered names."""
+    from thdkit import kernels
+
+    class Mine(type(kernels.base.get("reference"))):
+        name = "mine_in_a_test"
+
+    kernels.register(Mine())
+    try:
+        layer = _layer(HEADS[0], implementation="mine_in_a_test")
+        ids, pos = _layout(8)
+        out = layer(_x(8), Segments.from_ids(ids, pos), max_segments_per_seq=S)
+        assert out.shape == (B, T, F)
+        make_attention_fn(implementation="mine_in_a_test")
+    finally:
+        kernels.unregister("mine_in_a_test")
+    for build in (
+        lambda: _layer(HEADS[0], implementation="mine_in_a_test"),
+        lambda: make_attention_fn(implementation="mine_in_a_test"),
+    ):
+        with pytest.raises(ValueError, match=r"implementation must be one of 'cudnn'.*mine_in"):
+            build()

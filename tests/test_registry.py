@@ -48,7 +48,7 @@ class DenseInATest(kernels.Implementation):
 def registered():
     kernels.register(DenseInATest())
     yield NAME
-    kernels.unregister(NAME)
+    assert isinstance(kernels.unregister(NAME), DenseInATest)
 
 
 def _inputs(seq_len=32, batch=2):
@@ -149,3 +149,29 @@ def test_register_rejects_what_is_not_an_implementation():
             max_segments_per_seq=1,
             implementation="nope",
         )
+
+
+def test_the_convention_of_strategies_replacing_and_unregistering(registered):
+    """register(obj, replace=...) names it by obj.name; unregister returns what it removed;
+    names() keeps registration order, a replaced one keeping its place."""
+    before = kernels.names()
+    assert before[-1] == registered
+    replacement = DenseInATest()
+    kernels.register(replacement, replace=True)
+    assert kernels.names() == before and kernels.base.get(registered) is replacement
+    removed = kernels.unregister(registered)
+    assert removed is replacement and registered not in kernels.names()
+    kernels.register(replacement)  # for the fixture
+    assert kernels.names() == before
+
+
+def test_the_old_kernel_spellings_warn():
+    """Replacing without replace=True, and unregistering an unknown name, are deprecated: they
+    warn, saying the new spelling, and still do what they did."""
+    reference = kernels.base.get("reference")
+    with pytest.warns(DeprecationWarning, match=r"'reference'.*replace=True"):
+        kernels.register(reference)
+    assert kernels.base.get("reference") is reference
+    with pytest.warns(DeprecationWarning, match=r"unknown implementation 'nope'.*ValueError"):
+        assert kernels.unregister("nope") is None
+    assert "nope" not in kernels.names()

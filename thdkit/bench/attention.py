@@ -1,5 +1,9 @@
 """The attention benchmark: thdkit's implementations and peers, interleaved in one process.
 
+The implementations are the kernel registry's (:func:`thdkit.kernels.names`, one registered at
+run time included), plus ``blockwise-serial`` (blockwise with its serial schedule) and the peers;
+where one runs, and which pairs it visits, is read from the implementation itself.
+
 B batch, T tokens per row (self-attention), H heads, D head dim, S documents per row. Per cell
 (T, S), rows filled with S documents of random lengths, every implementation and pass (forward,
 forward + backward) is planned and, where it fits, timed round-robin with the others. The peers:
@@ -20,27 +24,100 @@ import jax.numpy as jnp
 import numpy as np
 from rich.table import Table
 
-from thdkit import synth
+from thdkit import kernels, synth
 from thdkit.bench import measure
 from thdkit.bench.measure import SHAPE_OPTIONS, SILENT, Callbacks, Options, PlanConfig, median
 from thdkit.bench.ring import work_per_rank
 from thdkit.kernels import attention, plan_attention
-from thdkit.kernels.blockwise import blockwise_attention
+from thdkit.kernels.blockwise import Blockwise, blockwise_attention
+from thdkit.kernels.config import AttentionConfig
+from thdkit.kernels.dense import Dense
 from thdkit.mask_types import MaskType, check_window
 from thdkit.masks import pair_mask
 from thdkit.segments import Segments
 
-__all__ = ["AttentionBench", "attention_program", "matmul_rate", "run_attention_bench"]
+__all__ = [
+    "PEERS",
+    "AttentionBench",
+    "attention_program",
+    "implementation_names",
+    "matmul_rate",
+    "run_attention_bench",
+]
 
-IMPLEMENTATIONS = ("reference", "blockwise", "blockwise-serial", "cudnn", "pallas")
-IMPLEMENTATIONS += ("jax-nn-xla", "ejkernel-xla", "jax-nn-cudnn")
-_BACKENDS = {"cudnn": ("gpu",), "jax-nn-cudnn": ("gpu",), "pallas": ("gpu", "tpu")}  # Else any.
+PEERS = ("jax-nn-xla", "ejkernel-xla", "jax-nn-cudnn")
+_PEER_BACKENDS = {"jax-nn-cudnn": ("gpu",)}  # Else any.
+_VARIANTS = {"blockwise-serial": "blockwise"}  # A schedule of a registered implementation.
 # Matmul flops per allowed (query, key) pair, head and head-dim unit: QK^T and PV forward; the
 # backward adds dV, dP, dQ and dK.
 NEEDED_FLOPS_PER_PAIR = {"fwd": 4, "fwd+bwd": 12}
 MATMUL_SIZE = 2048
-TILED = ("blockwise", "blockwise-serial", "pallas")  # They visit the plan's tile ranges.
-DENSE = {"reference": 1.0, "jax-nn-xla": 1.0}  # Pairs visited over B T^2.
+
+
+def implementation_names() -> tuple[str, ...]:
+    """Every name the benchmark takes: the kernel registry's, in registration order (each
+    followed by its schedule variants, ``blockwise-serial``), then the peers.
+
+    Example:
+        >>> names = implementation_names()
+        >>> names[-3:], set(kernels.names()) < set(names), "blockwise-serial" in names
+        (('jax-nn-xla', 'ejkernel-xla', 'jax-nn-cudnn'), True, True)
+    """
+    found: list[str] = []
+    for name in kernels.names():
+        found += [name, *(v for v, of in _VARIANTS.items() if of == name)]
+    return (*found, *PEERS)
+
+
+def _implementation_names(value: Any) -> tuple[str, ...]:
+    """A rule: names of :func:`implementation_names` (one or a tuple)."""
+    valid = implementation_names()
+    items = value if isinstance(value, tuple) else (value,)
+    bad = [v for v in items if v not in valid]
+    if bad:
+        raise ValueError(f"must be among {', '.join(valid)}, got {bad[0]!r}")
+    return value
+
+
+def _registered(name: str) -> kernels.Implementation:
+    return kernels.base.get(_VARIANTS.get(name, name))
+
+
+def _cannot_run_here(name: str, mask: Any = "padding_causal", window: Any = None) -> str | None:
+    """Why the implementation cannot run on this backend with this mask (its ``check_config``;
+    a peer's backends), or None."""
+    backend = jax.default_backend()
+    if name in PEERS:
+        backends = _PEER_BACKENDS.get(name, (backend,))
+        return None if backend in backends else f"needs a {' or '.join(backends)} backend"
+    config = AttentionConfig.parse(mask_type=mask, window_size=window, max_segments_per_seq=None)
+    try:
+        _registered(name).check_config(config)
+    except NotImplementedError as error:
+        return str(error)
+    return None
+
+
+def _by_default(name: str) -> bool:
+    """Timed unless named: it runs here compiled, and is not a dense reference (O(T^2))."""
+    if name in PEERS:
+        return _cannot_run_here(name) is None
+    implementation = _registered(name)
+    interpreted = jax.default_backend() in implementation.interpreted_on
+    return not interpreted and not isinstance(implementation, Dense) and not _cannot_run_here(name)
+
+
+def _visited_fraction(name: str, work: Mapping[str, Any]) -> float | None:
+    """Pairs the implementation visits over B T^2: its plan's tiles (a tiled implementation:
+    its auxiliary data is the tile ranges), every pair (dense), or None (not known)."""
+    if name == "jax-nn-xla":
+        return 1.0
+    if name in PEERS or name not in implementation_names():
+        return None
+    implementation = _registered(name)
+    if isinstance(implementation, Dense):
+        return 1.0
+    return work["tile_pair_fraction"] if isinstance(implementation, Blockwise) else None
 
 
 def dtype_names() -> tuple[str, ...]:
@@ -77,10 +154,6 @@ def _floating(name: Any) -> str | None:
     return canonical
 
 
-def _runs_here(name: str) -> bool:
-    return jax.default_backend() in _BACKENDS.get(name, (jax.default_backend(),))
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AttentionBench(PlanConfig):
     """What the attention benchmark measures: ``OPTIONS`` documents each option.
@@ -101,8 +174,10 @@ class AttentionBench(PlanConfig):
         "mask_type": ("Mask type name.", measure.mask_names),
         "window_size": (None, check_window),  # (left, right) or None; not on the command line.
         "implementations": (
-            f"Any of {', '.join(IMPLEMENTATIONS)}. \\[default: all the backend runs but reference]",
-            IMPLEMENTATIONS,
+            "Names of the kernel registry (thdkit.kernels.names()), blockwise-serial, or the "
+            f"peers {', '.join(PEERS)}. \\[default: those the backend runs compiled, but the "
+            "dense reference]",
+            _implementation_names,
         ),
         "dtype": (
             "Input dtype: bfloat16, float16, float32, float64 (with JAX_ENABLE_X64=1). "
@@ -119,7 +194,7 @@ class AttentionBench(PlanConfig):
     mask_type: str = "padding_causal"
     window_size: tuple[int | None, int | None] | None = None
     implementations: tuple[str, ...] = dataclasses.field(
-        default_factory=lambda: tuple(filter(_runs_here, IMPLEMENTATIONS[1:]))
+        default_factory=lambda: tuple(filter(_by_default, implementation_names()))
     )
     dtype: str | None = None
     block_q: int | None = None
@@ -158,9 +233,10 @@ def attention_program(
 
     def forward(q, k, v, ids, pos):
         side = Segments.from_ids(ids, pos)
-        if not _runs_here(implementation):
-            raise NotImplementedError(f"needs a {' or '.join(_BACKENDS[implementation])} backend")
-        if implementation.startswith("blockwise"):
+        reason = _cannot_run_here(implementation, mask, window)
+        if reason is not None:
+            raise NotImplementedError(reason)
+        if implementation in ("blockwise", *_VARIANTS):
             plan = plan_attention(
                 side, **layout, max_segments_per_seq=segments, implementation="blockwise", **blocks
             )
@@ -275,14 +351,13 @@ def run_attention_bench(
         outcome = measure.run_plans(plans, args, config, config.memory_limit_bytes)
         matmul_ms = median(outcome.pop("matmul"))
         rate = matmul_ms and 2e3 * MATMUL_SIZE**3 / matmul_ms
-        visited = dict.fromkeys(TILED, work["tile_pair_fraction"]) | DENSE
         for (implementation, passes), fields in outcome.items():
             needed = work["allowed_pairs"] * NEEDED_FLOPS_PER_PAIR[passes] * flops_per_pair
             blockwise, mine = median(outcome.get(("blockwise", passes), {})), median(fields)
             records.append(
                 {"seq_len": seq_len, "segments": segments, **same}
                 | {"implementation": implementation, "pass": passes, **fields, **work}
-                | {"visited_pair_fraction": visited.get(implementation)}
+                | {"visited_pair_fraction": _visited_fraction(implementation, work)}
                 | {"needed_flops": float(needed), "matmul_flop_rate": rate}
                 | {"efficiency": mine and rate and needed / (mine / 1e3) / rate}
                 | {"vs_blockwise": mine / blockwise if blockwise and mine else None}

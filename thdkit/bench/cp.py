@@ -159,7 +159,9 @@ def run_cp_bench(config: CPBench, *, callbacks: Callbacks = SILENT) -> list[dict
         JSON-ready records, one per (cp, strategy): ``bytes_fwd`` / ``bytes_bwd`` received per
         device (float32 inputs), ``steps_fwd`` / ``steps_bwd``, ``tiles_per_rank`` (visited tiles
         times heads), ``tile_imbalance`` (max / mean), ``temp_bytes``, ``latency_ms`` and
-        ``skip_reason`` (why the last two, or every measure, are None).
+        ``skip_reason`` (why the last two, or every measure, are None; ``"<name>: no cost
+        model"`` for a strategy without ``traffic`` or ``work``, whose bytes and steps, or
+        tiles, are None).
 
     Example:
         >>> config = CPBench(cps=(4,), seq_len=256, segments=4, heads=4, kv_heads=4, latency=False)
@@ -207,18 +209,29 @@ def run_cp_bench(config: CPBench, *, callbacks: Callbacks = SILENT) -> list[dict
                 reason = f"{strategy} cannot run at cp={cp}: {reason}"
                 records.append(record | dict.fromkeys(_MEASURED) | {"skip_reason": reason})
                 continue
-            traffic = chosen.traffic(s, cp)
-            tiles = np.array(_tiles_per_rank(chosen, cp, config.heads, striped, config.segments))
+            cost = {}
+            if chosen.traffic is not None:
+                traffic = chosen.traffic(s, cp)
+                cost |= {
+                    "bytes_fwd": traffic.forward, "bytes_bwd": traffic.backward,
+                    "bytes_total": traffic.forward + traffic.backward,
+                    "steps_fwd": traffic.steps_forward, "steps_bwd": traffic.steps_backward,
+                }  # fmt: skip
+            if chosen.work is not None:
+                tiles = _tiles_per_rank(chosen, cp, config.heads, striped, config.segments)
+                tiles = np.array(tiles)
+                cost |= {
+                    "tiles_per_rank": tiles.tolist(), "tiles_max": int(tiles.max()),
+                    "tile_imbalance": float(tiles.max() / tiles.mean()) if tiles.any() else None,
+                }  # fmt: skip
+            missing = [x for x in ("traffic", "work") if getattr(chosen, x) is None]
+            no_cost = missing and f"{strategy}: no cost model (no {' or '.join(missing)})"
             compiled = programs.get(strategy)
             memory = compiled[0].memory_analysis() if compiled else None
-            records.append(record | {
-                "bytes_fwd": traffic.forward, "bytes_bwd": traffic.backward,
-                "bytes_total": traffic.forward + traffic.backward,
-                "steps_fwd": traffic.steps_forward, "steps_bwd": traffic.steps_backward,
-                "tiles_per_rank": tiles.tolist(), "tiles_max": int(tiles.max()),
-                "tile_imbalance": float(tiles.max() / tiles.mean()) if tiles.any() else None,
+            records.append(record | dict.fromkeys(_MEASURED) | cost | {
                 "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes),
-                "latency_ms": latency.get(strategy), "skip_reason": not_timed,
+                "latency_ms": latency.get(strategy),
+                "skip_reason": "; ".join(filter(None, (no_cost, not_timed))) or None,
             })  # fmt: skip
         callbacks.cell_done()
     return records
@@ -236,7 +249,8 @@ def cp_table(records: Sequence[Mapping[str, Any]]) -> Table:
         ("cp", "cp"), ("strategy", "strategy", str, "left"),
         ("MiB fwd", "bytes_fwd", mib),
         ("MiB fwd+bwd", "bytes_total", mib),
-        ("vs ring", lambda r: r["bytes_total"] and r["bytes_total"] / ring[r["cp"]], ratio),
+        ("vs ring", lambda r: r["bytes_total"] and ring.get(r["cp"]) and r["bytes_total"]
+         / ring[r["cp"]], ratio),
         ("steps fwd/bwd", lambda r: r["steps_fwd"] and f"{r['steps_fwd']}/{r['steps_bwd']}"),
         ("tiles x heads max", "tiles_max", "{:,}".format),
         ("max / mean", "tile_imbalance", ratio),

@@ -13,7 +13,10 @@ from thdkit.context_parallel.base import STRATEGIES
 from thdkit.context_parallel.base import Strategy
 from thdkit.context_parallel.base import StrategyConfig
 from thdkit.context_parallel.base import StrategyName
+from thdkit.context_parallel.base import names
+from thdkit.context_parallel.base import register
 from thdkit.context_parallel.base import register_strategy
+from thdkit.context_parallel.base import unregister
 from thdkit.context_parallel.base import unregister_strategy
 from thdkit.context_parallel import registry  # noqa: F401  (fills STRATEGIES)
 from thdkit.context_parallel.api import context_parallel_attention
@@ -26,8 +29,11 @@ __all__ = [
     "StrategyConfig",
     "StrategyName",
     "context_parallel_attention",
+    "names",
+    "register",
     "register_strategy",
     "ring_attention",
     "ring_schedule",
+    "unregister",
     "unregister_strategy",
 ]

@@ -117,6 +117,8 @@ def all_gather_work(
     return [[Call(shard, whole, 1)] for shard in split_row(q, cp)]
 
 
-ALL_GATHER = Strategy(local=all_gather_local, traffic=all_gather_traffic, work=all_gather_work)
+ALL_GATHER = Strategy(
+    name="all_gather", local=all_gather_local, traffic=all_gather_traffic, work=all_gather_work
+)
 """Keys and values gathered once, one collective step each way; memory: the whole row's keys and
 values on every device."""

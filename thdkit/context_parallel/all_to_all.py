@@ -146,7 +146,11 @@ def all_to_all_work(
 
 
 ALL_TO_ALL = Strategy(
-    local=all_to_all_local, traffic=all_to_all_traffic, work=all_to_all_work, check=check_heads
+    name="all_to_all",
+    local=all_to_all_local,
+    traffic=all_to_all_traffic,
+    work=all_to_all_work,
+    check=check_heads,
 )
 """Heads exchanged for tokens (Ulysses): two collective steps each way; cp must divide H_q and
 H_kv; memory: as much as the shards."""

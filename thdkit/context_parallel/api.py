@@ -71,7 +71,7 @@ def context_parallel_attention(
     pass no gradient back, every other row and gradient is bit-equal to the call without it.
 
     Strategies (docs/context-parallel.md compares them; :data:`~thdkit.context_parallel.STRATEGIES`
-    lists them, :func:`~thdkit.context_parallel.register_strategy` adds one):
+    lists them, :func:`~thdkit.context_parallel.register` adds one):
 
     - ``"ring"``: cp - 1 dependent ``ppermute`` steps of the key/value shard (skipping steps
       without work); the backward pass is a second ring. Memory: one visiting k/v shard.

@@ -7,14 +7,16 @@ shard.
 A strategy is a :class:`Strategy`: the per-device body run under ``shard_map`` on this rank's
 shards, the check of the shapes it can split, the bytes its collectives move (the closed form
 :func:`thdkit.context_parallel.traffic.collective_bytes` and ``thdkit bench cp`` report) and the
-attention calls each rank makes (the work ``thdkit bench cp`` counts). :data:`STRATEGIES` maps
-names to strategies; :func:`register_strategy` adds one. This module is the bottom of the
+attention calls each rank makes (the work ``thdkit bench cp`` counts); the last two are optional
+(the cost model of the bench). :data:`STRATEGIES` maps names to strategies; :func:`register` adds
+one, :func:`unregister` removes one, :func:`names` lists them. This module is the bottom of the
 package: it imports nothing of :mod:`thdkit.context_parallel`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Literal, NamedTuple, Protocol, TypeAlias
 
@@ -35,13 +37,16 @@ __all__ = [
     "Traffic",
     "Work",
     "get_strategy",
+    "names",
     "no_check",
+    "register",
     "register_strategy",
+    "unregister",
     "unregister_strategy",
 ]
 
 StrategyName: TypeAlias = Literal["ring", "all_gather", "all_to_all"] | str
-"""A key of :data:`STRATEGIES`: a built-in name, or one given to :func:`register_strategy`."""
+"""A key of :data:`STRATEGIES`: a built-in name, or the name of one given to :func:`register`."""
 
 
 class StrategyConfig(NamedTuple):
@@ -169,70 +174,139 @@ def no_check(shapes: Shapes, cp: int) -> None:
 class Strategy:
     """One context-parallel strategy: what :func:`thdkit.context_parallel_attention` runs.
 
+    What running needs (``local``, ``check``) is apart from the cost model of ``thdkit bench cp``
+    (``traffic``, ``work``): a strategy without the latter runs all the same, and the bench reports
+    "no cost model" for it.
+
     Attributes:
         local: ``(config) -> body``: builds the per-device body (:data:`LocalBody`) for a
             :class:`StrategyConfig`.
-        traffic: ``(shapes, cp) -> Traffic``: bytes each device receives through the strategy's
-            collectives, forward and backward, and its dependent collective steps, as a closed
-            form of the :class:`Shapes` (O(B·S) per-segment counts left out).
-        work: each rank's attention calls (:class:`Work`).
+        name: its name in :data:`STRATEGIES` (a Python identifier; :func:`register` reads it).
         check: ``(shapes, cp) -> None``; raises ValueError for shapes the strategy cannot split
             (it runs after the entry point's own checks, which every strategy shares).
+        traffic: ``(shapes, cp) -> Traffic``: bytes each device receives through the strategy's
+            collectives, forward and backward, and its dependent collective steps, as a closed
+            form of the :class:`Shapes` (O(B·S) per-segment counts left out); None: no cost
+            model.
+        work: each rank's attention calls (:class:`Work`); None: no cost model.
     """
 
     local: Callable[[StrategyConfig], LocalBody]
-    traffic: Callable[[Shapes, int], Traffic]
-    work: Work
+    name: str = ""
     check: Callable[[Shapes, int], None] = no_check
+    traffic: Callable[[Shapes, int], Traffic] | None = None
+    work: Work | None = None
 
 
 STRATEGIES: dict[str, Strategy] = {}
 """Every strategy by name, in registration order (the built-ins:
-:mod:`thdkit.context_parallel.registry`). Add one with :func:`register_strategy`."""
+:mod:`thdkit.context_parallel.registry`). Add one with :func:`register`."""
 
 
-def register_strategy(name: str, strategy: Strategy) -> None:
-    """Adds a strategy to :data:`STRATEGIES`, for ``context_parallel_attention(strategy=name)``.
+def register(strategy: Strategy, *, replace: bool = False) -> None:
+    """Adds a strategy to :data:`STRATEGIES` under ``strategy.name``, for
+    ``context_parallel_attention(strategy=name)``.
 
     Args:
-        name: a new name (a Python identifier).
-        strategy: the :class:`Strategy`.
+        strategy: the :class:`Strategy`; its ``name`` a Python identifier.
+        replace: whether it may replace one registered under that name (keeping its place).
 
     Raises:
         TypeError: ``strategy`` is not a :class:`Strategy`.
-        ValueError: ``name`` is not an identifier, or is registered already.
+        ValueError: its name is not an identifier, or is registered already and ``replace`` is
+            False.
 
     Example:
-        >>> register_strategy("ring", STRATEGIES["ring"])
+        >>> register(STRATEGIES["ring"])
         Traceback (most recent call last):
         ...
-        ValueError: strategy 'ring' is registered already; unregister_strategy('ring') first
+        ValueError: strategy 'ring' is registered already; pass replace=True to replace it
+        >>> register(STRATEGIES["ring"], replace=True)
+        >>> names()
+        ('ring', 'all_gather', 'all_to_all')
     """
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"a strategy name must be a Python identifier, got {name!r}")
     if not isinstance(strategy, Strategy):
         raise TypeError(f"strategy must be a Strategy, got {type(strategy).__name__}")
-    if name in STRATEGIES:
+    name = strategy.name
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"strategy.name must be a Python identifier, got {name!r}")
+    if name in STRATEGIES and not replace:
         raise ValueError(
-            f"strategy {name!r} is registered already; unregister_strategy({name!r}) first"
+            f"strategy {name!r} is registered already; pass replace=True to replace it"
         )
     STRATEGIES[name] = strategy
 
 
-def unregister_strategy(name: str) -> Strategy:
+def unregister(name: str) -> Strategy:
     """Removes a strategy from :data:`STRATEGIES` and returns it.
 
     Raises:
-        ValueError: ``name`` is not registered.
+        ValueError: ``name`` is not registered (listing the registered ones).
 
     Example:
-        >>> unregister_strategy("ulysses")
+        >>> unregister("ulysses")
         Traceback (most recent call last):
         ...
         ValueError: unknown strategy 'ulysses'; valid: 'ring', 'all_gather', 'all_to_all'
     """
     get_strategy(name)
     return STRATEGIES.pop(name)
+
+
+def names() -> tuple[str, ...]:
+    """Every registered strategy's name, in registration order.
+
+    Example:
+        >>> names()
+        ('ring', 'all_gather', 'all_to_all')
+    """
+    return tuple(STRATEGIES)
+
+
+def register_strategy(name: str, strategy: Strategy) -> None:
+    """Deprecated: ``register(dataclasses.replace(strategy, name=name))``.
+
+    Raises:
+        TypeError, ValueError: as :func:`register` (replacing is refused).
+
+    Warns:
+        DeprecationWarning: always; the spelling goes in the next release.
+
+    Example:
+        >>> import pytest
+        >>> with pytest.warns(DeprecationWarning, match="register"):
+        ...     register_strategy("again", STRATEGIES["ring"])
+        >>> unregister("again").name
+        'again'
+    """
+    warnings.warn(
+        "register_strategy(name, strategy) is deprecated: give the Strategy its name and call "
+        "thdkit.context_parallel.register(strategy)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    if not isinstance(strategy, Strategy):
+        raise TypeError(f"strategy must be a Strategy, got {type(strategy).__name__}")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a strategy name must be a Python identifier, got {name!r}")
+    register(dataclasses.replace(strategy, name=name))
+
+
+def unregister_strategy(name: str) -> Strategy:
+    """Deprecated: :func:`unregister`.
+
+    Raises:
+        ValueError: ``name`` is not registered.
+
+    Warns:
+        DeprecationWarning: always; the spelling goes in the next release.
+    """
+    warnings.warn(
+        "unregister_strategy(name) is deprecated: use thdkit.context_parallel.unregister(name)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return unregister(name)
 
 
 def get_strategy(name: object) -> Strategy:

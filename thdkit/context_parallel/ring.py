@@ -262,6 +262,6 @@ def ring_work(
     ]
 
 
-RING = Strategy(local=ring_local, traffic=ring_traffic, work=ring_work)
+RING = Strategy(name="ring", local=ring_local, traffic=ring_traffic, work=ring_work)
 """Key/value shards travel around the ring: cp - 1 dependent steps, skipping steps without work;
 memory: one visiting shard."""

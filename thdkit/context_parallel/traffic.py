@@ -55,7 +55,7 @@ def collective_bytes(strategy: str, s: Shapes, *, cp: int) -> Traffic:
         :class:`Traffic`: bytes received per device forward and backward, dependent steps.
 
     Raises:
-        ValueError: an unknown strategy.
+        ValueError: an unknown strategy, or one without a cost model (``traffic`` None).
 
     Example:
         >>> s = Shapes(batch=1, seq_q=8192, seq_kv=8192, heads_q=32, heads_kv=32, dim=128,
@@ -64,4 +64,7 @@ def collective_bytes(strategy: str, s: Shapes, *, cp: int) -> Traffic:
         >>> round(a2a.forward / ring.forward, 3), ring.steps_forward, a2a.steps_forward
         (0.25, 7, 2)
     """
-    return get_strategy(strategy).traffic(s, cp)
+    traffic = get_strategy(strategy).traffic
+    if traffic is None:
+        raise ValueError(f"strategy {strategy!r} has no cost model (traffic=None)")
+    return traffic(s, cp)

@@ -17,6 +17,7 @@ from thdkit.flax.plumbing import (
     attend,
     check_implementation,
     check_size,
+    check_strategy,
     default_segments,
     plan_layout,
     ring,
@@ -44,7 +45,8 @@ class PackedSelfAttention(nnx.Module):
 
     What it adds: RoPE (:func:`rope`) on q and k at each token's position inside its document,
     the packed mask, one plan per batch (:meth:`plan`) shared by the layers, context
-    parallelism (``mesh=``, ``axis_name=``: :func:`thdkit.ring_attention`), and an opt-in check
+    parallelism (``mesh=``, ``axis_name=``: :func:`thdkit.context_parallel_attention` with the
+    layer's ``strategy``), and an opt-in check
     of traced layouts (``check_layout=True``). Segment ids numbered from 0 (splash attention's
     and kvax's convention) become Segments with ``thdkit.Segments.from_ids(ids, positions,
     padding_id=-1)``; with the default ``padding_id=0`` id 0 is padding.
@@ -72,6 +74,9 @@ class PackedSelfAttention(nnx.Module):
         implementation: ``"reference"``, ``"blockwise"``, ``"cudnn"``, ``"pallas"``, or None for
             the first that can run (see :func:`thdkit.plan_attention`); on a mesh, what every
             ring step runs (one of :func:`thdkit.kernels.partial_implementations`: not cuDNN).
+            Checked against the registry (:func:`thdkit.kernels.names`).
+        strategy: the context-parallel strategy run on a mesh, a name of
+            :func:`thdkit.context_parallel.names` (``"ring"`` by default).
         dtype: the computation dtype (None: inferred from inputs and parameters, as Flax);
             attention accumulates in float32 in every case.
         param_dtype: the parameters' dtype.
@@ -92,7 +97,8 @@ class PackedSelfAttention(nnx.Module):
         TypeError: a non-int size, a non-bool ``check_layout``.
         ValueError: a size below 1, ``qkv_features`` not a multiple of N, N not a multiple of
             K, an odd D with RoPE, a non-positive ``rope_theta``, a ``dropout_rate`` outside
-            [0, 1), an unknown ``mask_type`` or ``implementation``, a bad ``window_size``.
+            [0, 1), an unknown ``mask_type``, ``implementation`` or ``strategy``, a bad
+            ``window_size``.
 
     Examples:
         >>> from flax import nnx
@@ -130,6 +136,7 @@ class PackedSelfAttention(nnx.Module):
         window_size: tuple[int | None, int | None] | None = None,
         rope_theta: float | None = 10_000.0,
         implementation: str | None = None,
+        strategy: str = "ring",
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         broadcast_dropout: bool = True,
@@ -176,6 +183,8 @@ class PackedSelfAttention(nnx.Module):
         if not 0.0 <= dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
         check_implementation(implementation)
+        check_strategy(strategy)
+        self.strategy = strategy
         self.mask_type = thdkit.MaskType.parse(mask_type)
         self.window_size = check_window(window_size)
         self.rope_theta = None if rope_theta is None else float(rope_theta)
@@ -292,7 +301,8 @@ class PackedSelfAttention(nnx.Module):
                 ``batch["segments"]``), valid shard by shard; on a one-device axis (cp = 1)
                 the rows in document order.
             max_segments_per_seq: S, with Segments only; None as in :meth:`plan`.
-            mesh: a ``jax.sharding.Mesh`` to run :func:`thdkit.ring_attention` on, or None.
+            mesh: a ``jax.sharding.Mesh`` to run the layer's ``strategy`` on
+                (:func:`thdkit.context_parallel_attention`), or None.
             axis_name: the mesh axis the sequence is sharded over (with ``mesh``).
             deterministic: Flax's: overrides the constructor's; needed (or the constructor's)
                 when ``dropout_rate > 0``.
@@ -397,9 +407,9 @@ class PackedSelfAttention(nnx.Module):
         mesh: Mesh,
         axis_name: str,
     ) -> Array:
-        """:func:`thdkit.ring_attention` with the layer's mask, window and implementation, its
-        messages naming the caller's ``segments_or_plan``; on a one-device axis, why a reordered
-        row is refused."""
+        """:func:`thdkit.context_parallel_attention` with the layer's mask, window, implementation
+        and strategy, its messages naming the caller's ``segments_or_plan``; on a one-device
+        axis, why a reordered row is refused."""
         num_segments = default_segments(
             segments, seq_len=segments.seq_len, given=max_segments_per_seq
         )
@@ -416,6 +426,7 @@ class PackedSelfAttention(nnx.Module):
             window_size=self.window_size,
             max_segments_per_seq=num_segments,
             implementation=self.implementation,
+            strategy=self.strategy,
             mesh=mesh,
             axis_name=axis_name,
         )

@@ -25,6 +25,7 @@ __all__ = [
     "attend",
     "check_implementation",
     "check_size",
+    "check_strategy",
     "default_segments",
     "plan_layout",
     "renamed",
@@ -51,6 +52,16 @@ def check_implementation(implementation: Any) -> None:
         raise ValueError(
             f"implementation must be one of {', '.join(map(repr, thdkit.kernels.names()))} or "
             f"None, got {implementation!r}"
+        )
+
+
+def check_strategy(strategy: Any) -> None:
+    """Raises ``ValueError`` unless ``strategy`` is a registered context-parallel strategy's
+    name (:func:`thdkit.context_parallel.names`)."""
+    if not isinstance(strategy, str) or strategy not in thdkit.context_parallel.names():
+        raise ValueError(
+            f"strategy must be one of {', '.join(map(repr, thdkit.context_parallel.names()))}, "
+            f"got {strategy!r}"
         )
 
 
@@ -92,11 +103,12 @@ def ring(
     axis_name: str,
     **options: Any,
 ) -> Array:
-    """:func:`thdkit.ring_attention` (self-attention, ``options``: its mask, window, S and
-    implementation), its errors naming the caller's ``name`` of the Segments; on a one-device
-    axis a reordered row's error says why (cp = 1 reads rows whole) and how to get devices."""
+    """:func:`thdkit.context_parallel_attention` (self-attention, ``options``: its mask, window,
+    S, implementation and strategy, ``"ring"`` by default), its errors naming the caller's
+    ``name`` of the Segments; on a one-device axis a reordered row's error says why (cp = 1
+    reads rows whole) and how to get devices."""
     try:
-        return thdkit.ring_attention(
+        return thdkit.context_parallel.context_parallel_attention(
             query, key, value, q_segments=segments, mesh=mesh, axis_name=axis_name, **options
         )
     except (TypeError, ValueError, NotImplementedError) as error:

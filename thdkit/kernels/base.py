@@ -18,6 +18,8 @@ method                        what it does                                      
 
 ``returns_lse`` says whether ``forward`` returns the log-sum-exp; only such implementations
 serve :func:`thdkit.kernels.partial.attention_partial` and so context parallelism.
+``interpreted_on`` names the backends (``jax.default_backend()``) where it runs in an
+interpreter (correct, slow: ``thdkit bench attention`` times it there only when named).
 ``prepares_on_host`` says whether ``prepare`` also runs in NumPy (``ops=thdkit.host.NUMPY``,
 on Segments of NumPy fields), giving what it gives traced: the entry points then compute the
 auxiliary data of host and concrete layouts on the host, so that an eager call compiles only
@@ -25,11 +27,15 @@ the forward.
 
 Adding an implementation is one file defining it and one :func:`register` line in
 :mod:`thdkit.kernels.registry`; a user may register one of their own the same way (the entry
-points find it by name).
+points find it by name). The convention is that of strategies
+(:func:`thdkit.context_parallel.register`): ``register(obj, replace=False)`` takes the name from
+``obj.name``, ``unregister(name)`` returns what it removed, :func:`names` lists the names in
+registration order.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 from jaxtyping import Array, Float
@@ -58,6 +64,7 @@ class Implementation:
     name: ClassVar[str]
     returns_lse: ClassVar[bool] = True
     prepares_on_host: ClassVar[bool] = False
+    interpreted_on: ClassVar[tuple[str, ...]] = ()
 
     def check_config(self, config: AttentionConfig) -> None:
         """Raises NotImplementedError where this configuration cannot run (e.g. no GPU)."""
@@ -101,15 +108,23 @@ _REGISTRY: dict[str, Implementation] = {}
 _DEFAULT: list[str] = []
 
 
-def register(implementation: Implementation, *, default: bool = False) -> None:
-    """Adds an implementation under its ``name`` (replacing one of that name).
+def register(
+    implementation: Implementation, *, replace: bool = False, default: bool = False
+) -> None:
+    """Adds an implementation under its ``name``.
 
     Args:
         implementation: an :class:`Implementation` instance.
+        replace: whether it may replace one registered under that name (keeping its place in
+            :func:`names`).
         default: whether ``implementation=None`` tries it, after those registered before it.
 
     Raises:
         TypeError: not an :class:`Implementation`, or a name that is not a string.
+
+    Warns:
+        DeprecationWarning: the name is registered already and ``replace`` is False; it is
+            replaced for now, and will be a ValueError (as for strategies) in the next release.
 
     Example:
         >>> class Zeros(Implementation):
@@ -117,9 +132,11 @@ def register(implementation: Implementation, *, default: bool = False) -> None:
         ...     def forward(self, query, key, value, q, kv, aux, config, *, scale):
         ...         return jnp.zeros(query.shape[:3] + value.shape[3:]), None
         >>> register(Zeros())
-        >>> "zeros" in names()
-        True
-        >>> unregister("zeros")
+        >>> names()[-1]
+        'zeros'
+        >>> register(Zeros(), replace=True)
+        >>> type(unregister("zeros")).__name__
+        'Zeros'
     """
     if not isinstance(implementation, Implementation):
         raise TypeError(
@@ -129,6 +146,13 @@ def register(implementation: Implementation, *, default: bool = False) -> None:
     name = getattr(implementation, "name", None)
     if not isinstance(name, str) or not name:
         raise TypeError(f"implementation.name must be a non-empty str, got {name!r}")
+    if name in _REGISTRY and not replace:
+        warnings.warn(
+            f"implementation {name!r} is registered already; replacing it without "
+            f"replace=True is deprecated: use register(implementation, replace=True)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     _REGISTRY[name] = implementation
     if default and name not in _DEFAULT:
         _DEFAULT.append(name)
@@ -136,11 +160,34 @@ def register(implementation: Implementation, *, default: bool = False) -> None:
         _DEFAULT.remove(name)
 
 
-def unregister(name: str) -> None:
-    """Removes a registered implementation (a no-op for an unknown name)."""
-    _REGISTRY.pop(name, None)
+def unregister(name: str) -> Implementation | None:
+    """Removes a registered implementation and returns it.
+
+    Args:
+        name: a name of :func:`names`.
+
+    Returns:
+        The :class:`Implementation` removed (None for an unknown name, deprecated).
+
+    Warns:
+        DeprecationWarning: an unknown ``name``; nothing is removed for now, and it will be a
+            ValueError (as for strategies) in the next release.
+
+    Example:
+        >>> "reference" in names()
+        True
+    """
+    if name not in _REGISTRY:
+        warnings.warn(
+            f"unknown implementation {name!r}; unregistering an unknown name is deprecated and "
+            f"will raise ValueError (registered: {', '.join(map(repr, _REGISTRY))})",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return None
     if name in _DEFAULT:
         _DEFAULT.remove(name)
+    return _REGISTRY.pop(name)
 
 
 def names() -> tuple[str, ...]:

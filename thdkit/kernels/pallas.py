@@ -339,6 +339,7 @@ class Pallas(Blockwise):
     """
 
     name = "pallas"
+    interpreted_on = ("cpu",)
 
     def check_config(self, config: AttentionConfig) -> None:
         """Raises NotImplementedError where the backend has no Pallas kernels."""
