@@ -40,7 +40,8 @@ class _LRU:
         self.stats = {"hits": 0, "misses": 0, "evictions": 0}
 
     def __len__(self) -> int:
-        return len(self._entries)
+        with self._lock:  # not mid-way between another thread's insertion and eviction
+            return len(self._entries)
 
     def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
         """The value of ``key``, made by ``make()`` and stored when absent."""
