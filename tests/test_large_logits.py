@@ -30,12 +30,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from thdkit.kernels import base
-from thdkit.kernels.config import AttentionConfig
 from thdkit.kernels.partial import attention_partial, partial_implementations
 from thdkit.mask_types import MaskType
 from thdkit.reference import reference_attention
 from thdkit.segments import Segments
+
+from . import harness
 
 # B = 2 rows of T = 24 tokens in tiles of 8: documents that span tiles, tail padding, a padding
 # hole between documents, a one-token document.
@@ -60,29 +60,8 @@ OFFSETS = (1.0, 1e2, 1e4, 1e6, 1e7)
 TOL = 1e-3
 
 
-def cpu_implementations() -> tuple[str, ...]:
-    """The registered implementations that return ``(out, lse)`` and can run here."""
-    names = []
-    config = AttentionConfig.parse(
-        mask_type=MASK,
-        window_size=None,
-        max_segments_per_seq=3,
-        block_q=BLOCK,
-        block_kv=BLOCK,
-        seq_q=IDS.shape[1],
-        seq_kv=IDS.shape[1],
-        self_attention=True,
-    )
-    for name in partial_implementations():
-        try:
-            base.get(name).check_config(config)
-        except NotImplementedError:
-            continue
-        names.append(name)
-    return tuple(names)
-
-
-IMPLEMENTATIONS = cpu_implementations()
+IMPLEMENTATIONS = tuple(n for n in partial_implementations() if harness.refusal(n) is None)
+"""The registered implementations that can run on this machine."""
 
 
 def segments() -> Segments:

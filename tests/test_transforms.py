@@ -30,7 +30,8 @@ from jax.sharding import PartitionSpec as P
 import thdkit
 import thdkit.flax
 from thdkit.kernels import base
-from thdkit.kernels.config import AttentionConfig
+
+from . import harness
 
 B, T, H, D = 2, 32, 2, 8
 S = 3
@@ -47,29 +48,8 @@ POS = np.array(
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
-def _runnable_here() -> tuple[str, ...]:
-    """The registry's implementations whose configuration check passes on this backend."""
-    config = AttentionConfig.parse(
-        mask_type=MASK,
-        window_size=None,
-        max_segments_per_seq=S,
-        block_q=BLOCK,
-        block_kv=BLOCK,
-        seq_q=T,
-        seq_kv=T,
-        self_attention=True,
-    )
-    names = []
-    for name in base.names():
-        try:
-            base.get(name).check_config(config)
-        except NotImplementedError:
-            continue
-        names.append(name)
-    return tuple(names)
-
-
-IMPLEMENTATIONS = _runnable_here()
+IMPLEMENTATIONS = tuple(n for n in base.names() if harness.refusal(n) is None)
+"""The registered implementations that can run on this machine."""
 
 
 # --- entry points: (q, k, v, layout) -> out, with the layout a pytree argument ----------------
