@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import thdkit
-from thdkit import synth
-from thdkit.mask_types import MaskType
+from thdkit._src import synth
+from thdkit._src.mask_types import MaskType
 
 from .strategies import np_allowed, np_run_lengths
 
@@ -277,8 +277,8 @@ def check_implementation(name: str, cases: list[Case] | None = None) -> dict[str
 def refusal(name: str) -> str | None:
     """Why ``name`` cannot run on this machine at all (its ``check_config`` on the plainest
     configuration raises NotImplementedError), or None."""
-    from thdkit.kernels.base import get
-    from thdkit.kernels.config import AttentionConfig
+    from thdkit._src.kernels.base import get
+    from thdkit._src.kernels.config import AttentionConfig
 
     config = AttentionConfig.parse(
         mask_type="padding", window_size=None, max_segments_per_seq=S, seq_q=T, seq_kv=T,

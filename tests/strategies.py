@@ -11,7 +11,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from thdkit import reorder
-from thdkit.mask_types import MaskType
+from thdkit._src.mask_types import MaskType
 
 ALL_MASKS = list(MaskType)
 
@@ -127,7 +127,7 @@ def segments_of(layout: dict[str, Any]) -> dict[str, Any]:
     """A six-array layout dict (``ids_q, pos_q, rl_q, ids_kv, pos_kv, rl_kv``) as the
     ``q_segments`` / ``kv_segments`` keywords of ``attention_partial`` and
     ``reference_attention``."""
-    from thdkit.segments import Segments
+    from thdkit._src.segments import Segments
 
     def side(suffix: str) -> Segments:
         return Segments(*(jnp.asarray(layout[f"{k}_{suffix}"]) for k in ("ids", "pos", "rl")))
@@ -137,8 +137,8 @@ def segments_of(layout: dict[str, Any]) -> dict[str, Any]:
 
 def self_layout(seed: int, *, batch: int = ATTN_B, seq_len: int = ATTN_T) -> dict[str, np.ndarray]:
     """A self-attention batch as ``attention_partial`` keywords: the kv layout is the query's."""
-    from thdkit import synth
-    from thdkit.segments import run_lengths
+    from thdkit._src import synth
+    from thdkit._src.segments import run_lengths
 
     ids, pos = synth.packed_segments(
         np.random.default_rng(seed), batch=batch, seq_len=seq_len, max_segments=ATTN_S
@@ -149,7 +149,7 @@ def self_layout(seed: int, *, batch: int = ATTN_B, seq_len: int = ATTN_T) -> dic
 
 def missing_layout(seed: int) -> dict[str, np.ndarray]:
     """Cross-attention with segment 2 absent from the keys: its query rows attend nothing."""
-    from thdkit.segments import run_lengths
+    from thdkit._src.segments import run_lengths
 
     layout = self_layout(seed)
     ids_kv = np.where(layout["ids_q"] == 2, 0, layout["ids_q"])
@@ -158,8 +158,8 @@ def missing_layout(seed: int) -> dict[str, np.ndarray]:
 
 def cross_layout(seed: int) -> dict[str, np.ndarray]:
     """Cross-attention whose key documents are at least as long as the query ones."""
-    from thdkit import synth
-    from thdkit.segments import run_lengths
+    from thdkit._src import synth
+    from thdkit._src.segments import run_lengths
 
     ids_q, pos_q, ids_kv, pos_kv = synth.cross_segments(
         np.random.default_rng(seed),
@@ -185,7 +185,7 @@ def ring_step_layout(
     ``"striped2"`` or ``"dual_chunk_swap"``); rl holds the global document lengths, as ring
     attention passes them to the bottom-right rule."""
     from thdkit import reorder
-    from thdkit.segments import run_lengths
+    from thdkit._src.segments import run_lengths
 
     rl = np.asarray(run_lengths(ids))
     if order == "dual_chunk_swap":
@@ -206,7 +206,7 @@ def ring_step_layout(
 
 def ring_layout(seed: int, order: str, q_rank: int, kv_rank: int) -> dict[str, np.ndarray]:
     """:func:`ring_step_layout` of a random packed 2T-token batch."""
-    from thdkit import synth
+    from thdkit._src import synth
 
     ids, pos = synth.packed_segments(
         np.random.default_rng(seed), batch=ATTN_B, seq_len=2 * ATTN_T, max_segments=ATTN_S

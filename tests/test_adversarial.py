@@ -21,8 +21,8 @@ import thdkit
 from thdkit import reorder
 from thdkit.bench.commands import app
 from thdkit.data import pack
-from thdkit.limits import MAX_POSITION
-from thdkit.segment_rules import validate_segments
+from thdkit._src.limits import MAX_POSITION
+from thdkit._src.validate.segments import validate_segments
 
 IDS = jnp.array([[1, 1, 1, 2, 2, 0, 0, 3]])
 POS = jnp.array([[0, 1, 2, 0, 1, 2, 0, 0]])
@@ -685,7 +685,7 @@ def test_reference_attention_stays_right_at_huge_scales_under_jit():
 
 def test_striped_accepts_numpy_ints_in_a_fresh_process():
     code = (
-        "import numpy as np; from thdkit.reorder import striped; "
+        "import numpy as np; from thdkit._src.reorder import striped; "
         "print(striped(np.arange(8), cp=np.int64(4)).tolist())"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

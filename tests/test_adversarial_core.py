@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import thdkit
 from thdkit import reorder
-from thdkit.layout import looks_reordered
+from thdkit._src.validate.rules import looks_reordered
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 B, T = 3, 8

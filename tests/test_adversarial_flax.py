@@ -18,8 +18,8 @@ from jax.sharding import Mesh
 import thdkit
 from thdkit import reorder
 from thdkit.flax import PackedSelfAttention, make_attention_fn
-from thdkit.kernels import base
-from thdkit.kernels.dense import Dense
+from thdkit._src.kernels import base
+from thdkit._src.kernels.dense import Dense
 
 Segments = thdkit.Segments
 

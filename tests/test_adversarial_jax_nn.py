@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 import thdkit
-from thdkit import dot_product, jax_nn_layout
-from thdkit.kernels import base
+from thdkit._src.doors import jax_nn as dot_product
+from thdkit._src.doors import jax_nn_layout
+from thdkit._src.kernels import base
 
 B, T, N, H = 2, 8, 2, 4
 KEYS = jax.random.split(jax.random.key(0), 3)

@@ -12,8 +12,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from thdkit.kernels import AttentionPlan, attention, plan_attention
-from thdkit.kernels.arguments import check_arguments
-from thdkit.segments import Segments
+from thdkit._src.kernels.arguments import check_arguments
+from thdkit._src.segments import Segments
 
 from .strategies import ATTN_S, ATTN_T, attention_inputs, cross_layout, self_layout
 

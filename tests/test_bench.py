@@ -28,7 +28,7 @@ from rich.table import Table
 from typer.testing import CliRunner
 
 import thdkit
-from thdkit import reorder, synth
+from thdkit._src import reorder, synth
 from thdkit.bench import measure, report, units
 from thdkit.bench.attention import (
     AttentionBench,
@@ -44,10 +44,10 @@ from thdkit.bench.plot import metadata_figure
 from thdkit.bench.ring import RingBench
 from thdkit.bench.run import run_sweep
 from thdkit.bench.sweep import FLOOR, METHODS, MetadataSweep, make_inputs
-from thdkit.mask_types import MaskType
-from thdkit.metadata import seqlens_and_offsets
-from thdkit.reference import allowed_pairs
-from thdkit.segments import Segments, run_lengths
+from thdkit._src.mask_types import MaskType
+from thdkit._src.metadata import seqlens_and_offsets
+from thdkit._src.reference import allowed_pairs
+from thdkit._src.segments import Segments, run_lengths
 
 LATENCY_KEYS = {"median", "min", "max", "samples"}
 
@@ -747,7 +747,7 @@ def test_library_imports_and_runs_without_the_bench_extra():
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
-    assert "thdkit.cli" in result.stdout and "thdkit.metadata" in result.stdout
+    assert "thdkit.cli" in result.stdout and "thdkit._src.metadata" in result.stdout
     assert "[[2, 1]]" in result.stdout
     assert "blocked typer" in result.stdout or "blocked rich" in result.stdout
 
@@ -773,7 +773,7 @@ def test_an_implementation_registered_at_run_time_is_benchmarked_by_name(tmp_pat
     from thdkit import kernels
     from thdkit.bench.attention import implementation_names
 
-    class DenseHere(type(kernels.base.get("reference"))):
+    class DenseHere(type(kernels.get("reference"))):
         name = "dense_here"
 
     kernels.register(DenseHere())

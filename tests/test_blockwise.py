@@ -15,13 +15,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from thdkit.kernels import attention, blockwise
-from thdkit.kernels.partial import attention_partial
-from thdkit.kernels.tiles import tile_ranges
-from thdkit.mask_types import MaskType
-from thdkit.masks import pair_mask
-from thdkit.reference import reference_attention
-from thdkit.segments import Segments, run_lengths
+from thdkit.kernels import attention
+from thdkit._src.kernels import blockwise
+from thdkit._src.kernels.partial import attention_partial
+from thdkit._src.kernels.tiles import tile_ranges
+from thdkit._src.mask_types import MaskType
+from thdkit._src.masks import pair_mask
+from thdkit._src.reference import reference_attention
+from thdkit._src.segments import Segments, run_lengths
 
 from .strategies import (
     ALL_MASKS,

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from thdkit.context_parallel import STRATEGIES, context_parallel_attention, traffic
+from thdkit._src.context_parallel import traffic
+from thdkit.context_parallel import STRATEGIES, context_parallel_attention
 from thdkit.kernels import attention
 
 from .strategies import packed_row, reorder_pair

@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from thdkit.counting import (
+from thdkit._src.counting import (
     compact,
     count_and_offsets,
     first_at_least,
     gather_rows,
     segment_extrema,
 )
-from thdkit.limits import MAX_POSITION
+from thdkit._src.limits import MAX_POSITION
 
 INT32 = np.iinfo(np.int32)
 N, T, S = 3, 16, 5

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from thdkit.context_parallel import context_parallel_attention
 from thdkit.kernels import attention
-from thdkit.kernels.partial import partial_implementations
+from thdkit._src.kernels.partial import partial_implementations
 
 from .strategies import batches, packed_row, reorder_pair
 

@@ -27,19 +27,19 @@ from thdkit.context_parallel import (
     names,
     register,
     register_strategy,
-    traffic,
     unregister,
     unregister_strategy,
 )
-from thdkit.context_parallel.base import Call, Shapes, Traffic
-from thdkit.context_parallel.shards import gather_row, inverse_order, sorted_row, take_tokens
-from thdkit.kernels.partial import attention_partial, partial_implementations
-from thdkit.segments import Segments
+from thdkit._src.context_parallel import traffic
+from thdkit._src.context_parallel.base import Call, Shapes, Traffic
+from thdkit._src.context_parallel.shards import gather_row, inverse_order, sorted_row, take_tokens
+from thdkit._src.kernels.partial import attention_partial, partial_implementations
+from thdkit._src.segments import Segments
 
 from .strategies import packed_row, reorder_pair
 from .test_context_parallel import _collectives
 
-PACKAGE = Path(thdkit.__file__).parent / "context_parallel"
+PACKAGE = Path(thdkit.__file__).parent / "_src" / "context_parallel"
 NAME = "gather_everything"
 CP, DIM, ATOL = 4, 8, 1e-5
 slow = pytest.mark.slow
@@ -283,9 +283,9 @@ def _imports(tree: ast.Module) -> list[tuple[str, str]]:
 
 def _sibling(module: str, name: str) -> str | None:
     """The context_parallel module an import reads, or None for one outside the package."""
-    if module == "thdkit.context_parallel":
+    if module == "thdkit._src.context_parallel":
         return name if (PACKAGE / f"{name}.py").exists() else "__init__"
-    if module.startswith("thdkit.context_parallel."):
+    if module.startswith("thdkit._src.context_parallel."):
         return module.rsplit(".", 1)[1]
     return None
 
@@ -326,9 +326,9 @@ def test_modules_are_small_and_import_downward() -> None:
     for stem in strategies:
         assert graph[stem] <= {"base", "shards", "schedule"}, (stem, graph[stem])
     assert graph["base"] == set()
-    assert graph["api"] <= {"base", "program", "registry", "shards"}
-    assert graph["registry"] == strategies | {"base"}
-    bench = ast.parse((PACKAGE.parent / "bench" / "cp.py").read_text())
+    assert graph["api"] <= {"base", "program", "builtins", "shards"}
+    assert graph["builtins"] == strategies | {"base"}
+    bench = ast.parse((PACKAGE.parent.parent / "bench" / "cp.py").read_text())
     read = {_sibling(module, name) for module, name in _imports(bench)} - {None}
     assert not read & strategies, f"the bench reads strategy modules: {read & strategies}"
 

@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 import thdkit
 from thdkit import Segments
-from thdkit.reorder import striped
+from thdkit._src.reorder import striped
 
 from .strategies import packed_row
 

@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from thdkit import reorder, synth
+from thdkit._src import reorder, synth
 from thdkit.kernels import attention, is_representable
-from thdkit.kernels.cudnn import packed_inputs, poisoned_rows, spans_of
-from thdkit.mask_types import MaskType
-from thdkit.masks import pair_mask
-from thdkit.metadata import seqlens_and_offsets
-from thdkit.segments import Segments, run_lengths
+from thdkit._src.kernels.cudnn import packed_inputs, poisoned_rows, spans_of
+from thdkit._src.mask_types import MaskType
+from thdkit._src.masks import pair_mask
+from thdkit._src.metadata import seqlens_and_offsets
+from thdkit._src.segments import Segments, run_lengths
 
 from .strategies import ATTN_S
 

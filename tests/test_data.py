@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 import thdkit
 from thdkit import reorder
 from thdkit.data import SEGMENTS, pack, reorder_batch
-from thdkit.layout import validate_layout
+from thdkit._src.validate.rules import validate_layout
 
 T, BATCH = 16, 2
 

@@ -61,5 +61,5 @@ def test_every_named_file_exists(doc: str, path: str) -> None:
 def test_the_subpackage_does_not_shadow_the_function() -> None:
     import thdkit
 
-    assert callable(thdkit.attention) and thdkit.attention.__module__ == "thdkit.kernels.api"
+    assert callable(thdkit.attention) and thdkit.attention.__module__ == "thdkit._src.doors.keywords"
     assert thdkit.kernels.is_representable is thdkit.is_representable

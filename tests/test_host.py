@@ -1,4 +1,4 @@
-"""The host path (thdkit.host): NumPy inputs give the device path's metadata bit for bit, the same
+"""The host path (thdkit._src.host): NumPy inputs give the device path's metadata bit for bit, the same
 errors, and compile nothing.
 
 Device results come from one jitted program per layout shape (every mask type, compact and raw),
@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import thdkit
-from thdkit import counting
-from thdkit.host import JAX, NUMPY, on_host
-from thdkit.mask_types import MaskType
-from thdkit.reorder import dual_chunk_swap, ring_step, striped
-from thdkit.synth import packed_segments
+from thdkit._src import counting
+from thdkit._src.host import JAX, NUMPY, on_host
+from thdkit._src.mask_types import MaskType
+from thdkit._src.reorder import dual_chunk_swap, ring_step, striped
+from thdkit._src.synth import packed_segments
 
 from .strategies import ALL_MASKS, batches
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from thdkit import kernels
-from thdkit.kernels.base import get
+from thdkit._src.kernels.base import get
 
 from . import harness
 from .harness import CASES, B, Case, D, T, check_case, check_implementation, refusal

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from thdkit.kernels.partial import attention_partial
-from thdkit.mask_types import MaskType
-from thdkit.segments import Segments, run_lengths
+from thdkit._src.kernels.partial import attention_partial
+from thdkit._src.mask_types import MaskType
+from thdkit._src.segments import Segments, run_lengths
 
 from .strategies import ALL_MASKS, batches, ring_step_layout, segments_of
 
@@ -158,7 +158,7 @@ def _huge_inputs(side: str, value: float) -> tuple[tuple[np.ndarray, ...], tuple
 def _dense(q, k, v, ids, *, extra):
     """(out, (dq, dk, dv)) of the dense path (``bias`` or ``mask``), for a loss reading document
     1's rows only."""
-    from thdkit.dot_product import dot_product_attention
+    from thdkit._src.doors.jax_nn import dot_product_attention
 
     seq = q.shape[1]
     options = {

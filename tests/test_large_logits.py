@@ -30,10 +30,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from thdkit.kernels.partial import attention_partial, partial_implementations
-from thdkit.mask_types import MaskType
-from thdkit.reference import reference_attention
-from thdkit.segments import Segments
+from thdkit._src.kernels.partial import attention_partial, partial_implementations
+from thdkit._src.mask_types import MaskType
+from thdkit._src.reference import reference_attention
+from thdkit._src.segments import Segments
 
 from . import harness
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from thdkit import MaskType
-from thdkit.masks import rel
+from thdkit._src.masks import rel
 
 NAMES = {
     "no_mask": MaskType.NO_MASK,

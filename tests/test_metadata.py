@@ -11,7 +11,7 @@ import pytest
 from jax.experimental import checkify
 
 import thdkit
-from thdkit.synth import packed_segments
+from thdkit._src.synth import packed_segments
 
 METHODS = ["linear", "one_hot", "dense"]
 

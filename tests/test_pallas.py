@@ -30,10 +30,10 @@ from thdkit.kernels import (
     plan_attention,
     tile_ranges,
 )
-from thdkit.kernels.pallas import Pallas, pallas_attention, visiting_query_tiles
-from thdkit.mask_types import MaskType, check_window
-from thdkit.reference import reference_attention
-from thdkit.segments import Segments, run_lengths
+from thdkit._src.kernels.pallas import Pallas, pallas_attention, visiting_query_tiles
+from thdkit._src.mask_types import MaskType, check_window
+from thdkit._src.reference import reference_attention
+from thdkit._src.segments import Segments, run_lengths
 
 from .strategies import (
     ATTN_S,
@@ -446,7 +446,7 @@ def test_compiled_kernels_lower_for_gpu_and_tpu(platform, target):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 def test_compiled_gpu_kernels_match_reference(dtype):
     """The compiled kernels (64-token tiles, head dims padded to 16) on ring-step rows."""
-    from thdkit import synth
+    from thdkit._src import synth
 
     ids, pos = synth.packed_segments(np.random.default_rng(0), batch=2, seq_len=512, max_segments=8)
     layout = ring_step_layout(ids, pos, "striped2", 1, 0)

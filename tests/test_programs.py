@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import thdkit
-from thdkit import programs
+from thdkit._src import programs
 
 
 @pytest.fixture

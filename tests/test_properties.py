@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import thdkit
-from thdkit.limits import MAX_POSITION
-from thdkit.mask_types import MaskType
-from thdkit.reorder import dual_chunk_swap, ring_step, striped
-from thdkit.synth import cross_segments, packed_segments
+from thdkit._src.limits import MAX_POSITION
+from thdkit._src.mask_types import MaskType
+from thdkit._src.reorder import dual_chunk_swap, ring_step, striped
+from thdkit._src.synth import cross_segments, packed_segments
 
 from .strategies import ALL_MASKS, batches, kernel_reading, np_allowed
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import thdkit
-from thdkit.mask_types import MaskType
-from thdkit.reference import compute_dtype, reference_attention
-from thdkit.segments import Segments
+from thdkit._src.mask_types import MaskType
+from thdkit._src.reference import compute_dtype, reference_attention
+from thdkit._src.segments import Segments
 
 SCALES = (1.0, 1e10, 1e20, 1e30)
 MASKS = ("padding", "padding_causal", "padding_causal_bottom_right")

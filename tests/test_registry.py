@@ -16,9 +16,10 @@ from jax.sharding import Mesh
 
 import thdkit
 from thdkit import kernels
-from thdkit.masks import pair_mask
-from thdkit.segments import Segments
-from thdkit.synth import packed_segments
+from thdkit._src.kernels import base, partial
+from thdkit._src.masks import pair_mask
+from thdkit._src.segments import Segments
+from thdkit._src.synth import packed_segments
 
 NAME = "dense_in_a_test"
 
@@ -133,7 +134,7 @@ def test_an_implementation_without_lse_cannot_serve_context_parallelism(register
     try:
         assert "no_lse_in_a_test" not in kernels.partial_implementations()
         with pytest.raises(ValueError, match=r"no_lse_in_a_test.*log-sum-exp"):
-            kernels.partial.check_partial_implementation("no_lse_in_a_test")
+            partial.check_partial_implementation("no_lse_in_a_test")
     finally:
         kernels.unregister("no_lse_in_a_test")
 
@@ -158,7 +159,7 @@ def test_the_convention_of_strategies_replacing_and_unregistering(registered):
     assert before[-1] == registered
     replacement = DenseInATest()
     kernels.register(replacement, replace=True)
-    assert kernels.names() == before and kernels.base.get(registered) is replacement
+    assert kernels.names() == before and base.get(registered) is replacement
     removed = kernels.unregister(registered)
     assert removed is replacement and registered not in kernels.names()
     kernels.register(replacement)  # for the fixture
@@ -168,10 +169,10 @@ def test_the_convention_of_strategies_replacing_and_unregistering(registered):
 def test_the_old_kernel_spellings_warn():
     """Replacing without replace=True, and unregistering an unknown name, are deprecated: they
     warn, saying the new spelling, and still do what they did."""
-    reference = kernels.base.get("reference")
+    reference = base.get("reference")
     with pytest.warns(DeprecationWarning, match=r"'reference'.*replace=True"):
         kernels.register(reference)
-    assert kernels.base.get("reference") is reference
+    assert base.get("reference") is reference
     with pytest.warns(DeprecationWarning, match=r"unknown implementation 'nope'.*ValueError"):
         assert kernels.unregister("nope") is None
     assert "nope" not in kernels.names()

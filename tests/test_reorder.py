@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import thdkit
-from thdkit.reorder import (
+from thdkit._src.reorder import (
     dual_chunk_swap,
     ring_step,
     shard,
@@ -16,7 +16,7 @@ from thdkit.reorder import (
     undo_dual_chunk_swap,
     unstriped,
 )
-from thdkit.synth import packed_segments
+from thdkit._src.synth import packed_segments
 
 
 @pytest.mark.parametrize("cp", [1, 2, 4])

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from thdkit import reorder, synth
+from thdkit._src import reorder, synth
 from thdkit.kernels import is_representable
-from thdkit.kernels.representable import representable_rows
-from thdkit.mask_types import MaskType
-from thdkit.metadata import seqlens_and_offsets
+from thdkit._src.kernels.representable import representable_rows
+from thdkit._src.mask_types import MaskType
+from thdkit._src.metadata import seqlens_and_offsets
 
 from .strategies import ALL_MASKS, ATTN_S, ATTN_T, batches, kernel_reading, np_allowed
 

@@ -16,13 +16,14 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from thdkit import reorder, synth
+from thdkit._src import reorder, synth
 from thdkit.bench import ring as ring_bench
-from thdkit.context_parallel import ring, ring_attention, ring_schedule
+from thdkit._src.context_parallel import ring
+from thdkit.context_parallel import ring_attention, ring_schedule
 from thdkit.kernels import attention
-from thdkit.mask_types import MaskType
-from thdkit.masks import pair_mask
-from thdkit.segments import Segments, run_lengths
+from thdkit._src.mask_types import MaskType
+from thdkit._src.masks import pair_mask
+from thdkit._src.segments import Segments, run_lengths
 
 from .strategies import packed_row, reorder_pair
 

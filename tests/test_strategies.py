@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 import thdkit
 from thdkit.context_parallel import STRATEGIES
-from thdkit.mask_types import MaskType
+from thdkit._src.mask_types import MaskType
 
 from .harness import SCALE, WINDOW, Case, S, inputs, layout
 from .strategies import reorder_pair

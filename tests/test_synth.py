@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import thdkit
-from thdkit import reorder, synth
-from thdkit.synth import cross_segments, filled_segments, packed_segments
+from thdkit._src import reorder, synth
+from thdkit._src.synth import cross_segments, filled_segments, packed_segments
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -120,7 +120,7 @@ def test_generators_accept_numpy_ints_and_empty_batches():
 
 
 def test_synth_does_not_reexport_the_reorders():
-    """The reorders live in thdkit.reorder only (one name per idea)."""
+    """The reorders live in thdkit._src.reorder only (one name per idea)."""
     for name in (
         "striped",
         "unstriped",

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 import thdkit
 import thdkit.flax
-from thdkit.kernels import base
+from thdkit._src.kernels import base
 
 from . import harness
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import thdkit
-from thdkit import synth
+from thdkit._src import synth
 
 B, T, S = 3, 32, 4
 

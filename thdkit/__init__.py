@@ -1,32 +1,41 @@
-"""thdkit: exact O(T) varlen-attention metadata, and attention, for packed sequences in JAX."""
+"""thdkit: exact O(T) varlen-attention metadata, and attention, for packed sequences in JAX.
 
+The public API is what this module, :mod:`thdkit.kernels` (the implementation protocol),
+:mod:`thdkit.context_parallel` (the strategy protocol), :mod:`thdkit.reorder`, :mod:`thdkit.flax`
+and :mod:`thdkit.data` export; the code lives in the private ``thdkit._src``.
+"""
+
+from thdkit._src import moved
 from thdkit import reorder
-from thdkit.context_parallel import context_parallel_attention
-from thdkit.context_parallel import ring_attention
-from thdkit.context_parallel import ring_schedule
-from thdkit.kernels import AttentionPlan
-from thdkit.kernels import attention
-from thdkit.kernels import is_representable
-from thdkit.kernels import plan_attention
-from thdkit.layout import LayoutError
-from thdkit.layout import RowChecks
-from thdkit.layout import check_layout
-from thdkit.layout import layout_error_codes
-from thdkit.layout import validate_layout
-from thdkit.limits import MAX_POSITION
-from thdkit.limits import MAX_SEGMENTS
-from thdkit.limits import MAX_SEQ_LEN
-from thdkit.mask_types import MaskType
-from thdkit.seqmeta import FlatSeqMeta
-from thdkit.seqmeta import SeqMeta
-from thdkit.metadata import seqlens_and_offsets
-from thdkit.segments import Segments
-from thdkit.segments import run_lengths
-from thdkit.dot_product import dot_product_attention
-from thdkit.dot_product import dot_product_attention_weights
-from thdkit.varlen import Unpadded
-from thdkit.varlen import pad
-from thdkit.varlen import unpad
+from thdkit._src.context_parallel.api import context_parallel_attention
+from thdkit._src.context_parallel.api import ring_attention
+from thdkit._src.context_parallel.schedule import ring_schedule
+from thdkit._src.kernels.plan import AttentionPlan
+from thdkit._src.doors.keywords import attention
+from thdkit._src.kernels.representable import is_representable
+from thdkit._src.doors.keywords import plan_attention
+from thdkit._src.programs import cache_info
+from thdkit._src.programs import max_programs
+from thdkit._src.programs import set_max_programs
+from thdkit._src.validate.rules import LayoutError
+from thdkit._src.validate.rules import RowChecks
+from thdkit._src.validate.rules import check_layout
+from thdkit._src.validate.rules import layout_error_codes
+from thdkit._src.validate.rules import validate_layout
+from thdkit._src.limits import MAX_POSITION
+from thdkit._src.limits import MAX_SEGMENTS
+from thdkit._src.limits import MAX_SEQ_LEN
+from thdkit._src.mask_types import MaskType
+from thdkit._src.seqmeta import FlatSeqMeta
+from thdkit._src.seqmeta import SeqMeta
+from thdkit._src.metadata import seqlens_and_offsets
+from thdkit._src.segments import Segments
+from thdkit._src.segments import run_lengths
+from thdkit._src.doors.jax_nn import dot_product_attention
+from thdkit._src.doors.jax_nn import dot_product_attention_weights
+from thdkit._src.doors.flash_attn import Unpadded
+from thdkit._src.doors.flash_attn import pad
+from thdkit._src.doors.flash_attn import unpad
 
 __all__ = [
     "MAX_POSITION",
@@ -41,12 +50,14 @@ __all__ = [
     "SeqMeta",
     "Unpadded",
     "attention",
+    "cache_info",
     "check_layout",
     "context_parallel_attention",
     "dot_product_attention",
     "dot_product_attention_weights",
     "is_representable",
     "layout_error_codes",
+    "max_programs",
     "pad",
     "plan_attention",
     "reorder",
@@ -54,8 +65,11 @@ __all__ = [
     "ring_schedule",
     "run_lengths",
     "seqlens_and_offsets",
+    "set_max_programs",
     "unpad",
     "validate_layout",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+moved.install()

@@ -24,17 +24,18 @@ import jax.numpy as jnp
 import numpy as np
 from rich.table import Table
 
-from thdkit import kernels, synth
+from thdkit import kernels
+from thdkit._src import synth
 from thdkit.bench import measure
 from thdkit.bench.measure import SHAPE_OPTIONS, SILENT, Callbacks, Options, PlanConfig, median
 from thdkit.bench.ring import work_per_rank
 from thdkit.kernels import attention, plan_attention
-from thdkit.kernels.blockwise import Blockwise, blockwise_attention
-from thdkit.kernels.config import AttentionConfig
-from thdkit.kernels.dense import Dense
-from thdkit.mask_types import MaskType, check_window
-from thdkit.masks import pair_mask
-from thdkit.segments import Segments
+from thdkit._src.kernels.blockwise import Blockwise, blockwise_attention
+from thdkit._src.kernels.config import AttentionConfig
+from thdkit._src.kernels.dense import Dense
+from thdkit._src.mask_types import MaskType, check_window
+from thdkit._src.masks import pair_mask
+from thdkit._src.segments import Segments
 
 __all__ = [
     "PEERS",
@@ -80,7 +81,7 @@ def _implementation_names(value: Any) -> tuple[str, ...]:
 
 
 def _registered(name: str) -> kernels.Implementation:
-    return kernels.base.get(_VARIANTS.get(name, name))
+    return kernels.get(_VARIANTS.get(name, name))
 
 
 def _cannot_run_here(name: str, mask: Any = "padding_causal", window: Any = None) -> str | None:

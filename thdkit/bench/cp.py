@@ -23,15 +23,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from rich.table import Table
 
-from thdkit import reorder, synth
+from thdkit._src import reorder, synth
 from thdkit.bench import measure
 from thdkit.bench.measure import SILENT, BenchConfig, Callbacks, Options, median
 from thdkit.bench.ring import document_lengths, visited_tiles
 from thdkit.context_parallel import STRATEGIES, Strategy, context_parallel_attention
-from thdkit.context_parallel.base import Call, Shapes
+from thdkit._src.context_parallel.base import Call, Shapes
 from thdkit.kernels import DEFAULT_BLOCK
-from thdkit.mask_types import MaskType
-from thdkit.segments import Segments
+from thdkit._src.mask_types import MaskType
+from thdkit._src.segments import Segments
 
 __all__ = ["CPBench", "run_cp_bench"]
 

@@ -22,14 +22,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from rich.table import Table
 
-from thdkit import reorder, synth
+from thdkit._src import reorder, synth
 from thdkit.bench import measure
 from thdkit.bench.measure import SHAPE_OPTIONS, SILENT, BenchConfig, Callbacks, Options, median
 from thdkit.context_parallel import ring_attention, ring_schedule
-from thdkit.context_parallel.schedule import difference_bounds
+from thdkit._src.context_parallel.schedule import difference_bounds
 from thdkit.kernels import DEFAULT_BLOCK, tile_ranges
-from thdkit.mask_types import MaskType, check_window
-from thdkit.segments import Segments, lengths_from_counts, segment_counts
+from thdkit._src.mask_types import MaskType, check_window
+from thdkit._src.segments import Segments, lengths_from_counts, segment_counts
 
 __all__ = ["RingBench", "run_ring_bench"]
 

@@ -22,7 +22,7 @@ from thdkit.bench.measure import (
     skipped,
 )
 from thdkit.bench.sweep import FLOOR, MetadataSweep, make_inputs
-from thdkit.metadata import seqlens_and_offsets
+from thdkit._src.metadata import seqlens_and_offsets
 
 __all__ = ["run_sweep"]
 

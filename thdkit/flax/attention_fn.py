@@ -13,7 +13,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 import thdkit
 from thdkit.flax.plumbing import attend, check_implementation, default_segments, plan_layout
-from thdkit.mask_types import check_window
+from thdkit._src.mask_types import check_window
 
 __all__ = ["Layout", "make_attention_fn"]
 

@@ -23,7 +23,7 @@ from thdkit.flax.plumbing import (
     ring,
 )
 from thdkit.flax.rotary import rope
-from thdkit.mask_types import check_window
+from thdkit._src.mask_types import check_window
 
 __all__ = ["DEFAULT_BIAS_INIT", "DEFAULT_KERNEL_INIT", "PackedSelfAttention"]
 

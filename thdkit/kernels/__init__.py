@@ -1,28 +1,33 @@
-"""Attention implementations over packed (THD) rows, their protocol, registry and plan.
+"""Attention implementations over packed (THD) rows: the protocol for implementers, the registry
+and the plan (docs/attention.md, "Adding an implementation").
 
-``thdkit.attention`` is the function; this subpackage holds what it is made of.
+``thdkit.attention`` is the function; this module is what a new implementation is written
+against: subclass :class:`Implementation`, :func:`register` it, and every entry point
+(``attention``, ``dot_product_attention``, the Flax layer and ``attention_fn``, context
+parallelism, ``thdkit bench attention``) can run it by name.
 """
 
 # ruff: noqa: I001  (one re-export per line, as in thdkit/__init__.py)
 
-from thdkit.kernels.api import attention
-from thdkit.kernels.api import plan_attention
-from thdkit.kernels.base import Implementation
-from thdkit.kernels.base import default_order
-from thdkit.kernels.base import names
-from thdkit.kernels.base import register
-from thdkit.kernels.base import unregister
-from thdkit.kernels.config import AttentionConfig
-from thdkit.kernels.pallas import pallas_attention
-from thdkit.kernels.partial import attention_partial
-from thdkit.kernels.partial import check_partial_implementation
-from thdkit.kernels.partial import partial_implementations
-from thdkit.kernels.plan import AttentionPlan
-from thdkit.kernels.representable import is_representable
-from thdkit.kernels.tiles import DEFAULT_BLOCK
-from thdkit.kernels.tiles import TileRanges
-from thdkit.kernels.tiles import default_block
-from thdkit.kernels.tiles import tile_ranges
+from thdkit._src.doors.keywords import attention
+from thdkit._src.doors.keywords import plan_attention
+from thdkit._src.kernels.base import Implementation
+from thdkit._src.kernels.base import default_order
+from thdkit._src.kernels.base import get
+from thdkit._src.kernels.base import names
+from thdkit._src.kernels.base import register
+from thdkit._src.kernels.base import unregister
+from thdkit._src.kernels.config import AttentionConfig
+from thdkit._src.kernels.pallas import pallas_attention
+from thdkit._src.kernels.partial import attention_partial
+from thdkit._src.kernels.partial import partial_implementations
+from thdkit._src.kernels.plan import AttentionPlan
+from thdkit._src.kernels.representable import is_representable
+from thdkit._src.kernels.tiles import DEFAULT_BLOCK
+from thdkit._src.kernels.tiles import TileRanges
+from thdkit._src.kernels.tiles import default_block
+from thdkit._src.kernels.tiles import tile_ranges
+from thdkit._src.moved import deprecated_attribute
 
 __all__ = [
     "DEFAULT_BLOCK",
@@ -32,10 +37,10 @@ __all__ = [
     "TileRanges",
     "attention",
     "attention_partial",
-    "check_partial_implementation",
     "default_block",
     "default_order",
     "is_representable",
+    "get",
     "names",
     "pallas_attention",
     "partial_implementations",
@@ -44,3 +49,8 @@ __all__ = [
     "tile_ranges",
     "unregister",
 ]
+
+__getattr__ = deprecated_attribute(
+    __name__,
+    {"check_partial_implementation": ("thdkit._src.kernels.partial", "attention_partial's own check")},
+)

@@ -1,0 +1,230 @@
+"""Context-parallel attention over packed rows: the entry points.
+
+Axis legend: B batch, T_q / T_kv row lengths, H_q / H_kv heads, D / D_v head dims,
+S = ``max_segments_per_seq``, cp = size of the context-parallel mesh axis, n = T / cp tokens per
+shard.
+
+The sequence axis of every input is split into cp contiguous shards over one mesh axis.
+:func:`context_parallel_attention` converts and checks its arguments once for every strategy (the
+attention checks of :mod:`thdkit._src.kernels.arguments`, the mesh, the split of T, the strategy's
+own check, each concrete shard's layout) and runs the strategy chosen from
+:data:`thdkit._src.context_parallel.base.STRATEGIES`
+(:func:`thdkit._src.context_parallel.program.run_strategy`).
+:func:`ring_attention` is the same with ``strategy="ring"``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jaxtyping import Array, ArrayLike, Float
+
+from thdkit._src.context_parallel import builtins  # noqa: F401  (fills STRATEGIES)
+from thdkit._src.context_parallel.base import Shapes, StrategyConfig, StrategyName, get
+from thdkit._src.context_parallel.program import run_strategy
+from thdkit._src.context_parallel.shards import (
+    check_mesh,
+    check_split,
+    readable,
+    row_segments,
+    validate_shards,
+)
+from thdkit._src.kernels.arguments import check_arguments, check_layout_shapes
+from thdkit._src.kernels.config import AttentionConfig
+from thdkit._src.kernels.partial import check_partial_implementation
+from thdkit._src.mask_types import MaskType
+from thdkit._src.segments import Segments
+
+__all__ = ["context_parallel_attention", "ring_attention"]
+
+
+def context_parallel_attention(
+    query: Float[ArrayLike, "B T_q H_q D"],
+    key: Float[ArrayLike, "B T_kv H_kv D"],
+    value: Float[ArrayLike, "B T_kv H_kv D_v"],
+    *,
+    q_segments: Segments | None = None,
+    kv_segments: Segments | None = None,
+    segment_ids_q: ArrayLike | None = None,
+    segment_pos_q: ArrayLike | None = None,
+    segment_ids_kv: ArrayLike | None = None,
+    segment_pos_kv: ArrayLike | None = None,
+    mask_type: MaskType | str = "padding_causal",
+    window_size: tuple[int | None, int | None] | None = None,
+    max_segments_per_seq: int,
+    mesh: Mesh,
+    axis_name: str,
+    strategy: StrategyName = "ring",
+    scale: float | None = None,
+    implementation: str | None = None,
+) -> Float[Array, "B T_q H_q D_v"]:
+    """Attention over packed rows whose sequence axis is sharded over a mesh axis.
+
+    Computes what :func:`thdkit.attention` computes on the same tokens, with the same mask and
+    window semantics, keeping T / cp tokens of each input per device. Tokens may be in any order
+    that keeps each shard a valid layout: plain, or reordered with
+    :func:`thdkit._src.reorder.striped` / :func:`thdkit._src.reorder.dual_chunk_swap` (ids and positions
+    reordered with the tokens; the output comes back in the same order and sharding).
+    Differentiable; the gradients match the single-device attention's. Masks are rebuilt from ids
+    and positions after every collective, so every strategy is exact. A NaN or inf in one
+    document stays in it, as in :func:`thdkit.attention`: the rows that read it output NaN and
+    pass no gradient back, every other row and gradient is bit-equal to the call without it.
+
+    Strategies (docs/context-parallel.md compares them; :data:`~thdkit.context_parallel.STRATEGIES`
+    lists them, :func:`~thdkit.context_parallel.register` adds one):
+
+    - ``"ring"``: cp - 1 dependent ``ppermute`` steps of the key/value shard (skipping steps
+      without work); the backward pass is a second ring. Memory: one visiting k/v shard.
+    - ``"all_gather"``: one ``all_gather`` of keys, values, ids and positions; each rank attends
+      its query shard to the whole row (tile skipping); the backward pass reduce-scatters dk, dv.
+      Memory: k/v of the whole row on every device.
+    - ``"all_to_all"``: one ``all_to_all`` gives each rank the whole row for H_q / cp query and
+      H_kv / cp key/value heads; attention over the row; one ``all_to_all`` back. H_q and H_kv
+      must be multiples of cp. Memory: q/k/v/out of the whole row for H / cp heads.
+
+    Args:
+        query: float[B, T_q, H_q, D]; sequence axis sharded over ``axis_name``.
+        key: float[B, T_kv, H_kv, D]; H_kv divides H_q (grouped-query attention).
+        value: float[B, T_kv, H_kv, D_v].
+        q_segments: the query rows' :class:`thdkit.Segments`, int32[B, T_q] fields, in the
+            order of the tokens (e.g. ``jax.tree.map(lambda a: striped(a, cp=cp), segments)``);
+            ids and positions are read, document lengths are recomputed from the ids. Or:
+        segment_ids_q: int[B, T_q]; 0 = padding, 1..S = the document of each query token;
+        segment_pos_q: int[B, T_q]; each query token's position inside its document.
+        kv_segments, or segment_ids_kv and segment_pos_kv: the same for the keys, [B, T_kv];
+            none of them for self-attention (kv = q).
+        mask_type: a :class:`thdkit.MaskType` or its name.
+        window_size: ``(left, right)`` sliding window; None, or None/negative on a side, means
+            unbounded on that side.
+        max_segments_per_seq: S, a static int >= the largest id.
+        mesh: the device mesh; other axes (e.g. one sharding the batch) are left to the
+            compiler.
+        axis_name: the mesh axis the sequence axis is sharded over; its size cp must divide T_q
+            and T_kv.
+        strategy: a name of :data:`~thdkit.context_parallel.STRATEGIES`: ``"ring"``,
+            ``"all_gather"``, ``"all_to_all"`` or a registered one.
+        scale: multiplier of the logits; default ``1 / sqrt(D)``.
+        implementation: the attention each device runs on its part, one of
+            :func:`thdkit._src.kernels.partial.partial_implementations`; None for the first.
+
+    Returns:
+        float[B, T_q, H_q, D_v] in the dtype of ``query``; zeros for queries with no allowed key.
+
+    Raises:
+        TypeError: non-floating inputs, non-integer ids, a segments argument that is not a
+            ``Segments``, a mesh that is not a ``Mesh``.
+        ValueError: an unknown strategy, implementation or axis, a cp that does not divide T (or
+            what the strategy splits, e.g. the heads for ``"all_to_all"``), a layout given both
+            as Segments and as arrays, mismatched shapes, bad options, or (concrete inputs) a
+            shard that breaks a layout rule, naming the parameter, the row as (batch index,
+            shard index) and the token.
+
+    Example:
+        Two documents in a row of eight, striped over two devices. With all logits equal, each
+        token averages the values of its document's tokens up to itself:
+
+        >>> import numpy as np
+        >>> from thdkit._src.reorder import striped, unstriped
+        >>> mesh = Mesh(np.array(jax.devices()[:2]), ("cp",))
+        >>> ids = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2]])
+        >>> pos = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2]])
+        >>> qk = jnp.zeros((1, 8, 2, 4))
+        >>> v = jnp.broadcast_to(jnp.arange(8.0).reshape(1, 8, 1, 1), (1, 8, 2, 1))
+        >>> out = context_parallel_attention(
+        ...     qk, qk, striped(v, cp=2, axis=1),
+        ...     segment_ids_q=striped(ids, cp=2), segment_pos_q=striped(pos, cp=2),
+        ...     max_segments_per_seq=2, mesh=mesh, axis_name="cp", strategy="all_to_all")
+        >>> unstriped(out, cp=2, axis=1)[0, :, 0, 0]
+        Array([0. , 0.5, 1. , 1.5, 2. , 5. , 5.5, 6. ], dtype=float32)
+    """
+    chosen = get(strategy)
+    implementation = check_partial_implementation(implementation)
+    config = AttentionConfig.parse(
+        mask_type=mask_type, window_size=window_size, max_segments_per_seq=max_segments_per_seq
+    )
+    mask, num_segments, window = config.mask_type, config.max_segments_per_seq, config.window_size
+    cp = check_mesh(mesh, axis_name)
+    query, key, value, scale = check_arguments(query, key, value, scale=scale)
+    rows_q, rows_kv, names = row_segments(
+        q_segments=q_segments,
+        kv_segments=kv_segments,
+        segment_ids_q=segment_ids_q,
+        segment_pos_q=segment_pos_q,
+        segment_ids_kv=segment_ids_kv,
+        segment_pos_kv=segment_pos_kv,
+    )
+    self_attention = rows_kv is None
+    check_layout_shapes(query, key, rows_q.ids, None if self_attention else rows_kv.ids)
+    check_split(query, key, cp, axis_name)
+    chosen.check(Shapes.of(query, key, value, cross=not self_attention), cp)
+    if query.shape[0] == 0:
+        return jnp.zeros((*query.shape[:3], value.shape[3]), query.dtype)
+    for name, rows in zip(names, (rows_q, rows_kv), strict=True):
+        if rows is not None and readable(rows.ids, rows.positions):
+            validate_shards(rows, cp=cp, num_segments=num_segments, mask=mask, name=name)
+    config = StrategyConfig(
+        mesh, axis_name, mask, window, num_segments, scale, self_attention, implementation
+    )
+    return run_strategy(chosen, config, query, key, value, rows_q, rows_kv)
+
+
+def ring_attention(
+    query: Float[ArrayLike, "B T_q H_q D"],
+    key: Float[ArrayLike, "B T_kv H_kv D"],
+    value: Float[ArrayLike, "B T_kv H_kv D_v"],
+    *,
+    q_segments: Segments | None = None,
+    kv_segments: Segments | None = None,
+    segment_ids_q: ArrayLike | None = None,
+    segment_pos_q: ArrayLike | None = None,
+    segment_ids_kv: ArrayLike | None = None,
+    segment_pos_kv: ArrayLike | None = None,
+    mask_type: MaskType | str = "padding_causal",
+    window_size: tuple[int | None, int | None] | None = None,
+    max_segments_per_seq: int,
+    mesh: Mesh,
+    axis_name: str,
+    scale: float | None = None,
+    implementation: str | None = None,
+) -> Float[Array, "B T_q H_q D_v"]:
+    """Ring attention: :func:`context_parallel_attention` with ``strategy="ring"``.
+
+    Args, Returns and Raises as :func:`context_parallel_attention` (without ``strategy``).
+
+    Example:
+        Two documents in a row of eight, striped over a ring of two devices, given as
+        :class:`thdkit.Segments` reordered with the tokens. With all logits equal, each token
+        averages the values of its document's tokens up to itself:
+
+        >>> import numpy as np
+        >>> from thdkit._src.reorder import striped, unstriped
+        >>> mesh = Mesh(np.array(jax.devices()[:2]), ("cp",))
+        >>> segments = Segments.from_ids(jnp.array([[1, 1, 1, 1, 1, 2, 2, 2]]))
+        >>> qk = jnp.zeros((1, 8, 1, 4))
+        >>> v = jnp.arange(8.0).reshape(1, 8, 1, 1)
+        >>> out = ring_attention(
+        ...     qk, qk, striped(v, cp=2, axis=1),
+        ...     q_segments=jax.tree.map(lambda a: striped(a, cp=2), segments),
+        ...     max_segments_per_seq=2, mesh=mesh, axis_name="cp")
+        >>> unstriped(out, cp=2, axis=1)[0, :, 0, 0]
+        Array([0. , 0.5, 1. , 1.5, 2. , 5. , 5.5, 6. ], dtype=float32)
+    """
+    return context_parallel_attention(
+        query,
+        key,
+        value,
+        q_segments=q_segments,
+        kv_segments=kv_segments,
+        segment_ids_q=segment_ids_q,
+        segment_pos_q=segment_pos_q,
+        segment_ids_kv=segment_ids_kv,
+        segment_pos_kv=segment_pos_kv,
+        mask_type=mask_type,
+        window_size=window_size,
+        max_segments_per_seq=max_segments_per_seq,
+        mesh=mesh,
+        axis_name=axis_name,
+        strategy="ring",
+        scale=scale,
+        implementation=implementation,
+    )

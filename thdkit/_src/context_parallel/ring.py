@@ -1,0 +1,267 @@
+"""The ring strategy of context parallelism: key/value shards travel around the ring.
+
+Axis legend: B batch, T_q / T_kv row lengths, H_q / H_kv heads, D / D_v head dims,
+S = ``max_segments_per_seq``, cp = size of the context-parallel mesh axis, n = T / cp tokens per
+shard.
+
+The sequence axis of every input is split into cp contiguous shards, shard r on rank r. Each rank
+keeps its query shard; the key/value shard (with its segment ids, positions and document lengths)
+travels around the ring with ``lax.ppermute``, so at step k rank r sees the keys of rank
+``(r - k) % cp``. Each step runs :func:`thdkit._src.kernels.partial.attention_partial`, which masks
+from ids and positions directly (so any token order works: plain, striped or dual-chunk-swapped),
+and the partial results merge with their log-sum-exps (:func:`merge_partials`). Masks that
+compare document lengths (bottom-right) read each token's length over the whole row, computed
+once from per-shard counts and a ``psum`` of S+1 integers. Steps that cannot contain an allowed
+pair are skipped with ``lax.cond`` (:func:`thdkit._src.context_parallel.schedule.rank_schedule`).
+
+The backward pass is a second ring (a ``jax.custom_vjp``): each step recomputes its partial, pulls
+the cotangent back through ``attention_partial`` and adds the key/value gradients to buffers that
+travel with the keys, so memory per device stays O(n) instead of holding every visited shard.
+
+Isolation: a query row whose partial at any step is poisoned (NaN log-sum-exp: it read a
+non-finite query, key or value) stays poisoned through every later merge, out and log-sum-exp
+NaN, and passes no gradient back; every other row merges and differentiates exactly as without
+the non-finite values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Float
+
+from thdkit._src.context_parallel.base import (
+    Call,
+    LocalBody,
+    Shapes,
+    Strategy,
+    StrategyConfig,
+    Traffic,
+)
+from thdkit._src.context_parallel.schedule import (
+    rank_schedule,
+    ring_schedule,
+)
+from thdkit._src.context_parallel.shards import split_row, with_document_lengths
+from thdkit._src.kernels.partial import attention_partial
+from thdkit._src.mask_types import MaskType, Window
+from thdkit._src.segments import Segments
+
+__all__ = ["RING", "merge_partials", "ring_local", "ring_traffic", "ring_work"]
+
+Partial = tuple[Float[Array, "B n H Dv"], Float[Array, "B n H"]]
+
+
+def merge_partials(out: Array, lse: Array, out_k: Array, lse_k: Array) -> Partial:
+    """Merges two softmax partials by their log-sum-exps; stable, -inf safe, NaN keeping.
+
+    A row with no key on one side (-inf) takes the other side as it is; a row that is poisoned
+    on either side (NaN log-sum-exp) is poisoned in the result, out and log-sum-exp NaN, however
+    the other side reads (``exp(NaN)`` would otherwise turn a later finite partial's merge into
+    a finite log-sum-exp next to a NaN output).
+
+    Args:
+        out, out_k: float32[B, n, H, D_v]; normalised partial outputs.
+        lse, lse_k: float32[B, n, H]; their log-sum-exps (-inf: no allowed key, NaN: poisoned).
+
+    Returns:
+        ``(out, lse)`` of the union of both partials' keys.
+
+    Example:
+        >>> out = jnp.array([[[[1.0]], [[2.0]], [[jnp.nan]]]])
+        >>> lse = jnp.array([[[0.0], [-jnp.inf], [jnp.nan]]])
+        >>> merged, merged_lse = merge_partials(out, lse, jnp.zeros_like(out), jnp.zeros_like(lse))
+        >>> merged[0, :, 0, 0].tolist(), merged_lse[0, :, 0].tolist()
+        ([0.5, 0.0, nan], [0.6931471824645996, 0.0, nan])
+    """
+    poisoned = jnp.isnan(lse) | jnp.isnan(lse_k)
+    m = jnp.maximum(lse, lse_k)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    a, b = jnp.exp(lse - m), jnp.exp(lse_k - m)
+    total = a + b
+    safe = jnp.where(total > 0, total, 1.0)
+    merged = (out * a[..., None] + out_k * b[..., None]) / safe[..., None]
+    merged_lse = jnp.where(total > 0, m + jnp.log(safe), -jnp.inf)
+    return (
+        jnp.where(poisoned[..., None], jnp.nan, merged),
+        jnp.where(poisoned, jnp.nan, merged_lse),
+    )
+
+
+def _build_core(config: StrategyConfig) -> Callable[..., Array]:
+    """The per-device ring (forward and backward rings) for one configuration.
+
+    The returned function takes local shards ``(q, k, v, q_segments, kv_segments, runs)``, the
+    :class:`thdkit.Segments` carrying global document lengths and ``runs`` bool[cp] (step k
+    runs), and returns the float32 output shard.
+    """
+    cp = config.cp
+    perm = [(j, (j + 1) % cp) for j in range(cp)]
+
+    def rotate(tree: Any) -> Any:
+        return jax.tree.map(lambda a: lax.ppermute(a, config.axis_name, perm), tree)
+
+    def partial(q: Array, k: Array, v: Array, q_segments: Segments, kv_segments: Segments):
+        return attention_partial(
+            q,
+            k,
+            v,
+            q_segments=q_segments,
+            kv_segments=kv_segments,
+            mask_type=config.mask,
+            window_size=config.window,
+            scale=config.scale,
+            implementation=config.implementation,
+        )
+
+    def forward(q, k, v, q_segments, kv_segments, runs) -> Partial:
+        batch, n_q, heads, _ = q.shape
+        out = jnp.zeros((batch, n_q, heads, v.shape[-1]), jnp.float32)
+        lse = jnp.full((batch, n_q, heads), -jnp.inf, jnp.float32)
+
+        def visit(step, out, lse, kv):
+            def run(out, lse):
+                return merge_partials(out, lse, *partial(q, kv[0], kv[1], q_segments, kv[2]))
+
+            return lax.cond(runs[step], run, lambda out, lse: (out, lse), out, lse)
+
+        def body(carry, step):
+            out, lse, kv = carry
+            # Sent before the step's compute so that the transfer can overlap it.
+            incoming = rotate(kv)
+            out, lse = visit(step, out, lse, kv)
+            return (out, lse, incoming), None
+
+        kv = (k, v, kv_segments)
+        # The last step needs no transfer, so it is peeled off the loop.
+        (out, lse, kv), _ = lax.scan(body, (out, lse, kv), jnp.arange(cp - 1))
+        return visit(cp - 1, out, lse, kv)
+
+    @jax.custom_vjp
+    def core(q, k, v, q_segments, kv_segments, runs):
+        return forward(q, k, v, q_segments, kv_segments, runs)[0]
+
+    def core_fwd(q, k, v, q_segments, kv_segments, runs):
+        out, lse = forward(q, k, v, q_segments, kv_segments, runs)
+        return out, (q, k, v, q_segments, kv_segments, runs, out, lse)
+
+    def core_bwd(residuals, d_out):
+        q, k, v, q_segments, kv_segments, runs, out, lse = residuals
+        # Rows with a key and no poison. The others pass nothing back: rows without a key have
+        # no gradient, and rows that read a non-finite input (NaN lse) pass none, as in
+        # `attention`; their cotangents and outputs are selected away before any product.
+        live = jnp.isfinite(lse)
+        d_out = jnp.where(live[..., None], d_out.astype(jnp.float32), 0.0)
+        out = jnp.where(live[..., None], out, 0.0)
+        lse_live = jnp.where(live, lse, 0.0)
+        d_out_dot_out = jnp.sum(d_out * out, axis=-1)
+
+        def body(carry, step):
+            d_q, kv, d_kv = carry
+
+            def run(d_q, d_kv):
+                (out_k, lse_k), pull = jax.vjp(
+                    lambda q, k, v: partial(q, k, v, q_segments, kv[2]), q, kv[0], kv[1]
+                )
+                # out = sum_k w_k out_k with w_k = exp(lse_k - logsumexp_m lse_m), so
+                # d out_k = w_k d_out and d lse_k = w_k <d_out, out_k - out>. A live row's
+                # partials are finite or empty (-inf: weight 0, out_k 0) at every step.
+                weight = jnp.where(live, jnp.exp(lse_k - lse_live), 0.0)
+                d_out_dot_out_k = jnp.sum(jnp.where(live[..., None], d_out * out_k, 0.0), -1)
+                d_lse_k = jnp.where(live, weight * (d_out_dot_out_k - d_out_dot_out), 0.0)
+                d_q_k, d_k_k, d_v_k = pull((weight[..., None] * d_out, d_lse_k))
+                return d_q + d_q_k.astype(jnp.float32), (
+                    d_kv[0] + d_k_k.astype(jnp.float32),
+                    d_kv[1] + d_v_k.astype(jnp.float32),
+                )
+
+            d_q, d_kv = lax.cond(runs[step], run, lambda d_q, d_kv: (d_q, d_kv), d_q, d_kv)
+            # The gradient buffers travel with the keys; after cp moves they are home again.
+            return (d_q, *rotate((kv, d_kv))), None
+
+        def zeros(x: Array) -> Array:
+            return jnp.zeros(x.shape, jnp.float32)
+
+        carry = (zeros(q), (k, v, kv_segments), (zeros(k), zeros(v)))
+        # cp moves, one more than the keys need: the gradients must get home, and one loop body
+        # compiles faster than a peeled last step.
+        (d_q, _, (d_k, d_v)), _ = lax.scan(body, carry, jnp.arange(cp))
+        return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None, None, None
+
+    core.defvjp(core_fwd, core_bwd)
+    return core
+
+
+def ring_local(config: StrategyConfig) -> LocalBody:
+    """The per-device body of the ring strategy, for ``shard_map`` over ``config.axis_name``.
+
+    Args:
+        config: the checked configuration.
+
+    Returns:
+        The ``local`` body of :class:`thdkit._src.context_parallel.base.Strategy`: float32 output.
+    """
+    core = _build_core(config)
+
+    def local(q, k, v, q_segments: Segments, kv_segments: Segments) -> Array:
+        same = kv_segments is q_segments
+        q_segments = with_document_lengths(q_segments, config)
+        kv_segments = q_segments if same else with_document_lengths(kv_segments, config)
+        runs = rank_schedule(q_segments, kv_segments, config)
+        return core(q, k, v, q_segments, kv_segments, runs)
+
+    return local
+
+
+def ring_traffic(s: Shapes, cp: int) -> Traffic:
+    """The ring's bytes per device: ``(cp - 1) B n_kv (kv b + 12)`` forward (k, v, ids,
+    positions and lengths, cp - 1 moves); backward ``cp B n_kv (kv (b + 4) + 12)`` (cp moves of
+    k, v, the layout and the float32 dk, dv); ``kv = H_kv (D + D_v)``.
+
+    Example:
+        >>> ring_traffic(Shapes(1, 8, 8, 1, 1, 1, 1, 4, False), 2)
+        Traffic(forward=80, backward=224, steps_forward=1, steps_backward=2)
+    """
+    n_kv = s.seq_kv // cp
+    kv = s.heads_kv * (s.dim + s.dim_v)
+    forward = (cp - 1) * s.batch * n_kv * (kv * s.itemsize + 12)
+    backward = cp * s.batch * n_kv * (kv * (s.itemsize + 4) + 12)
+    return Traffic(forward, backward, cp - 1, cp)
+
+
+def ring_work(
+    q: Segments, kv: Segments, *, cp: int, mask: MaskType, window: Window, num_segments: int
+) -> list[list[Call]]:
+    """Rank r attends its query shard to the key shard of rank ``(r - k) % cp`` at every step k
+    the schedule runs (:func:`thdkit._src.context_parallel.schedule.ring_schedule`).
+
+    Example:
+        >>> row = Segments.from_ids(jnp.ones((1, 8), jnp.int32))
+        >>> calls = ring_work(row, row, cp=4, mask=MaskType.CAUSAL, window=None, num_segments=1)
+        >>> [len(rank) for rank in calls]
+        [1, 2, 3, 4]
+    """
+    runs = ring_schedule(
+        q_segments=q,
+        kv_segments=kv,
+        cp=cp,
+        mask_type=mask,
+        window_size=window,
+        max_segments_per_seq=num_segments,
+    )
+    runs = np.asarray(runs).any(axis=0)  # A rank runs a step when any row of its batch needs it.
+    q_shards, kv_shards = split_row(q, cp), split_row(kv, cp)
+    return [
+        [Call(q_shards[r], kv_shards[(r - k) % cp], 1) for k in range(cp) if runs[r, k]]
+        for r in range(cp)
+    ]
+
+
+RING = Strategy(name="ring", local=ring_local, traffic=ring_traffic, work=ring_work)
+"""Key/value shards travel around the ring: cp - 1 dependent steps, skipping steps without work;
+memory: one visiting shard."""

@@ -1,0 +1,353 @@
+"""What the context-parallel strategies share: layouts in, shards checked, rows sorted and gathered.
+
+Axis legend: B batch, T row length, S = ``max_segments_per_seq``, cp = size of the
+context-parallel mesh axis, n = T / cp tokens per shard.
+
+- Entry checks: :func:`check_mesh`, :func:`check_split`, :func:`row_segments` (the public layout
+  forms, arrays or :class:`thdkit.Segments`, converted once) and :func:`validate_shards` (each
+  rank's shard of a concrete row is a valid layout).
+- Inside ``shard_map``: :func:`with_document_lengths` (global document lengths by a ``psum``) and
+  :func:`gather_row` (the whole row's layout, sorted back into document order).
+- Token order: :func:`sort_by_document`, :func:`take_tokens`, :func:`inverse_order`.
+- On the host, for the work a strategy describes: :func:`split_row`, :func:`sorted_row`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh
+from jaxtyping import Array, ArrayLike, Int
+
+from thdkit._src import reorder
+from thdkit._src.context_parallel.base import StrategyConfig
+from thdkit._src.validate.inputs import as_layout, as_layouts
+from thdkit._src.validate.rules import validate_layout
+from thdkit._src.limits import is_concrete
+from thdkit._src.mask_types import MaskType
+from thdkit._src.segments import Segments, global_lengths, lengths_from_counts, segment_counts
+
+__all__ = [
+    "check_mesh",
+    "check_split",
+    "document_lengths",
+    "gather_row",
+    "inverse_order",
+    "readable",
+    "row_segments",
+    "sort_by_document",
+    "sorted_row",
+    "split_row",
+    "take_tokens",
+    "validate_shards",
+    "with_document_lengths",
+]
+
+
+def check_mesh(mesh: Any, axis_name: Any) -> int:
+    """Checks the mesh and the context-parallel axis; returns cp, the axis size.
+
+    Args:
+        mesh: a ``jax.sharding.Mesh``.
+        axis_name: one of its axis names.
+
+    Returns:
+        ``int``, the size of ``axis_name``.
+
+    Raises:
+        TypeError: ``mesh`` is not a ``Mesh``.
+        ValueError: ``axis_name`` is not an axis of the mesh.
+
+    Example:
+        >>> check_mesh(Mesh(np.array(jax.devices()[:2]), ("cp",)), "cp")
+        2
+    """
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if axis_name not in mesh.axis_names:
+        raise ValueError(
+            f"axis_name {axis_name!r} is not an axis of the mesh; its axes are {mesh.axis_names}"
+        )
+    return int(mesh.shape[axis_name])
+
+
+def check_split(query: Array, key: Array, cp: int, axis: str) -> None:
+    """Checks that cp divides the sequence lengths of ``query`` and ``key`` ([B, T, H, D]).
+
+    Raises:
+        ValueError: naming the array, cp and T.
+
+    Example:
+        >>> check_split(jnp.zeros((1, 6, 1, 1)), jnp.zeros((1, 8, 1, 1)), 4, "cp")
+        Traceback (most recent call last):
+        ...
+        ValueError: the size of mesh axis 'cp' (cp=4) must divide the sequence length of query...
+    """
+    for name, x in (("query", query), ("key", key)):
+        if x.shape[1] % cp:
+            raise ValueError(
+                f"the size of mesh axis {axis!r} (cp={cp}) must divide the sequence length of "
+                f"{name}, got T={x.shape[1]}"
+            )
+
+
+def document_lengths(ids: Int[Array, "*B T"], num_segments: int) -> Int[Array, "*B T"]:
+    """Each token's document length over its whole row, in any token order (ids above S: 0).
+
+    Example:
+        >>> document_lengths(jnp.array([1, 2, 1, 2, 0, 2]), 2)
+        Array([2, 3, 2, 3, 0, 3], dtype=int32)
+    """
+    return lengths_from_counts(ids, segment_counts(ids, num_segments=num_segments))
+
+
+def _segments_form(
+    segments: Any, ids: ArrayLike | None, pos: ArrayLike | None, *, side: str
+) -> tuple[Array, Array] | None:
+    """One side given as :class:`Segments` (``{side}_segments``), int32 (ids, pos) or None."""
+    name = f"{side}_segments"
+    if segments is None:
+        return None
+    if ids is not None or pos is not None:
+        raise ValueError(
+            f"pass either {name} or segment_ids_{side} and segment_pos_{side}, not both"
+        )
+    if not isinstance(segments, Segments):
+        raise TypeError(f"{name} must be a thdkit.Segments, got {type(segments).__name__}")
+    return as_layout(segments.ids, segments.positions, name=name)
+
+
+def row_segments(
+    *,
+    q_segments: Segments | None,
+    kv_segments: Segments | None,
+    segment_ids_q: ArrayLike | None,
+    segment_pos_q: ArrayLike | None,
+    segment_ids_kv: ArrayLike | None,
+    segment_pos_kv: ArrayLike | None,
+) -> tuple[Segments, Segments | None, tuple[str, str]]:
+    """The public layout arguments as the whole rows' :class:`thdkit.Segments`, converted once.
+
+    Each side is given either as :class:`thdkit.Segments` (``q_segments`` / ``kv_segments``: ids
+    and positions as given; their ``lengths`` are not read) or as the keyword arrays. Dtypes,
+    shapes and the int32 range are checked (:func:`thdkit._src.validate.inputs.as_layout`); the layout rules
+    are checked shard by shard by :func:`validate_shards`. Nothing is computed over the row: the
+    returned lengths are zeros, read by nobody; the strategies compute each shard's document
+    lengths inside their programs (:func:`with_document_lengths`, :func:`gather_row`), and
+    :func:`thdkit.ring_schedule` from the ids.
+
+    Returns:
+        ``(q, kv, names)``: int32[*B, T] Segments (lengths zero, see above); kv None for
+        self-attention; the names of the q and kv layout parameters, for messages.
+
+    Raises:
+        TypeError: a non-``Segments`` segments argument, non-integer arrays.
+        ValueError: a side given twice, no query layout, half a kv layout, mismatched shapes or
+            batch dims, values outside int32 (naming the parameter, row and token).
+
+    Example:
+        >>> q, kv, names = row_segments(
+        ...     q_segments=None, kv_segments=None, segment_ids_q=[[1, 2, 1, 2]],
+        ...     segment_pos_q=[[0, 0, 1, 1]], segment_ids_kv=None, segment_pos_kv=None)
+        >>> q.ids.tolist(), kv, names
+        ([[1, 2, 1, 2]], None, ('segment_ids_q', 'segment_ids_kv'))
+    """
+    given_q = _segments_form(q_segments, segment_ids_q, segment_pos_q, side="q")
+    given_kv = _segments_form(kv_segments, segment_ids_kv, segment_pos_kv, side="kv")
+    if given_q is None and (segment_ids_q is None or segment_pos_q is None):
+        raise ValueError("pass the query layout: q_segments, or segment_ids_q and segment_pos_q")
+    if given_q is None or given_kv is None:
+        from_arrays = as_layouts(
+            given_q[0] if given_q else segment_ids_q,
+            given_q[1] if given_q else segment_pos_q,
+            None if given_kv else segment_ids_kv,
+            None if given_kv else segment_pos_kv,
+        )
+        given_q = given_q or from_arrays[0]
+        given_kv = given_kv or from_arrays[1]
+    if given_kv is not None and given_kv[0].shape[:-1] != given_q[0].shape[:-1]:
+        raise ValueError(
+            "the query and key/value layouts must have the same batch dims, got shapes "
+            f"{given_q[0].shape} and {given_kv[0].shape}"
+        )
+    names = (
+        "segment_ids_q" if q_segments is None else "q_segments",
+        "segment_ids_kv" if kv_segments is None else "kv_segments",
+    )
+
+    def whole(layout: tuple[Array, Array]) -> Segments:
+        # Not the document lengths: counting ids over a row sharded across devices is a global
+        # computation (a scatter over the sharded axis, which explicitly sharded meshes reject).
+        # Each strategy computes them inside its program, per shard, where it needs them.
+        return Segments(*layout, jnp.zeros_like(layout[0]))
+
+    return whole(given_q), None if given_kv is None else whole(given_kv), names
+
+
+def readable(*arrays: Array) -> bool:
+    """Whether this process can read every value: concrete, and (multi-host) fully addressable."""
+    return is_concrete(*arrays) and all(getattr(a, "is_fully_addressable", True) for a in arrays)
+
+
+def validate_shards(
+    segments: Segments, *, cp: int, num_segments: int, mask: MaskType, name: str
+) -> None:
+    """Validates each rank's shard of a concrete row (a reordered row is not itself valid).
+
+    Args:
+        segments: the whole rows, int32[*B, T] (T a multiple of cp); lengths are not read.
+        cp: the number of shards.
+        num_segments: S.
+        mask: the mask type (rule 6 applies to causal and bottom-right types).
+        name: the ids parameter, for messages.
+
+    Raises:
+        ValueError: the first broken layout rule, naming the parameter, the row as
+            (batch index, shard index) and the token inside the shard.
+
+    Example:
+        >>> seg = Segments.from_ids(jnp.array([[1, 1, 1, 2]]))
+        >>> validate_shards(seg, cp=2, num_segments=1, mask=MaskType.CAUSAL, name="q_segments")
+        Traceback (most recent call last):
+        ...
+        ValueError: q_segments row (0, 1), token 1: id 2 exceeds max_segments_per_seq=1 [row = ...
+    """
+    # Read on the host, also when jit closes over the arrays.
+    ids, pos = (np.asarray(a) for a in (segments.ids, segments.positions))
+    split = (*ids.shape[:-1], cp, ids.shape[-1] // cp)
+    try:
+        validate_layout(
+            ids.reshape(split),
+            pos.reshape(split),
+            max_segments_per_seq=num_segments,
+            mask_type=mask,
+            name=name,
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"{error} [row = (batch index, shard index); token counts within the shard of "
+            f"{split[-1]} tokens]"
+        ) from None
+
+
+def with_document_lengths(segments: Segments, config: StrategyConfig) -> Segments:
+    """Inside ``shard_map``: this rank's segments with the lengths of the whole documents.
+
+    A ``psum`` over ``config.axis_name`` of each shard's per-id counts
+    (:func:`thdkit._src.segments.global_lengths`): B·(S+1) integers, whatever the token order.
+
+    Args:
+        segments: this rank's shard, int32[B, n] fields.
+        config: the strategy's configuration (its axis name and S are read).
+
+    Returns:
+        :class:`thdkit.Segments` with the same ids and positions, global ``lengths``.
+    """
+    lengths = global_lengths(
+        segments.ids, axis_name=config.axis_name, num_segments=config.num_segments
+    )
+    return dataclasses.replace(segments, lengths=lengths)
+
+
+def sort_by_document(
+    ids: Int[Array, "B T"], pos: Int[Array, "B T"]
+) -> tuple[Int[Array, "B T"], Int[Array, "B T"], Int[Array, "B T"]]:
+    """Sorts a row's tokens by (segment id, position): a reordered row back in document order.
+
+    Padding (id 0) comes first; each document becomes one run, in increasing id order, its tokens
+    by increasing position (the order of the original row, where positions increase along each
+    document). Stable, so tokens with equal keys keep their order.
+
+    Args:
+        ids: int32[B, T]; segment ids in any token order.
+        pos: int32[B, T]; positions, in the same order.
+
+    Returns:
+        ``(ids, pos, order)``: the sorted ids and positions, int32[B, T], and ``order``,
+        int32[B, T], the token indices that sort each row (``sorted = x[order]``).
+
+    Example:
+        >>> ids, pos, order = sort_by_document(jnp.array([[1, 2, 1, 2, 0]]),
+        ...                                    jnp.array([[0, 0, 1, 1, 9]]))
+        >>> ids.tolist(), pos.tolist(), order.tolist()
+        ([[0, 1, 1, 2, 2]], [[9, 0, 1, 0, 1]], [[4, 0, 2, 1, 3]])
+    """
+    index = lax.broadcasted_iota(jnp.int32, ids.shape, ids.ndim - 1)
+    return lax.sort((ids, pos, index), dimension=ids.ndim - 1, is_stable=True, num_keys=2)
+
+
+def take_tokens(x: Array, order: Int[Array, "B T"]) -> Array:
+    """``x[b, order[b, t], ...]``: the tokens of ``x`` [B, T, ...] in the order ``order``.
+
+    Example:
+        >>> take_tokens(jnp.arange(6.0).reshape(1, 3, 2), jnp.array([[2, 0, 1]]))[0].tolist()
+        [[4.0, 5.0], [0.0, 1.0], [2.0, 3.0]]
+    """
+    index = order.reshape(*order.shape, *(1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
+def inverse_order(order: Int[Array, "B T"]) -> Int[Array, "B T"]:
+    """The permutation that undoes ``order``: ``take_tokens(take_tokens(x, order), inverse)``
+    is ``x``.
+
+    Example:
+        >>> inverse_order(jnp.array([[2, 0, 1]])).tolist()
+        [[1, 2, 0]]
+    """
+    index = lax.broadcasted_iota(jnp.int32, order.shape, order.ndim - 1)
+    return lax.sort((order, index), dimension=order.ndim - 1, num_keys=1)[1]
+
+
+def gather_row(segments: Segments, config: StrategyConfig) -> tuple[Segments, Int[Array, "B T"]]:
+    """Inside ``shard_map``: the whole row's layout in document order, and the order that sorts
+    the gathered row.
+
+    One ``all_gather`` of the ids and one of the positions (tiled along the token axis, in shard
+    order), :func:`sort_by_document` (the gathered row of a reordered layout holds each document
+    once per shard, which the tile ranges cannot read), and the document lengths from the row's
+    counts. Gather other per-token arrays the same way and put them in the returned order with
+    :func:`take_tokens`.
+
+    Args:
+        segments: this rank's shard, int32[B, n] fields.
+        config: the strategy's configuration (its axis name and S are read).
+
+    Returns:
+        ``(row, order)``: :class:`thdkit.Segments` int32[B, T] of the sorted row, and
+        int32[B, T], the gathered token each sorted position holds.
+    """
+    ids, pos = (
+        lax.all_gather(x, config.axis_name, axis=1, tiled=True)
+        for x in (segments.ids, segments.positions)
+    )
+    ids, pos, order = sort_by_document(ids, pos)
+    return Segments(ids, pos, document_lengths(ids, config.num_segments)), order
+
+
+def split_row(row: Segments, cp: int) -> list[Segments]:
+    """On the host: the cp contiguous shards of a row's :class:`thdkit.Segments` ([B, T] fields).
+
+    Example:
+        >>> [s.ids.tolist() for s in split_row(Segments.from_ids(jnp.array([[1, 1, 2, 2]])), 2)]
+        [[[1, 1]], [[2, 2]]]
+    """
+    return [jax.tree.map(lambda a, r=r: reorder.shard(a, cp=cp, rank=r), row) for r in range(cp)]
+
+
+def sorted_row(row: Segments) -> Segments:
+    """A row's :class:`thdkit.Segments` in document order (:func:`sort_by_document`), lengths
+    moved with their tokens.
+
+    Example:
+        >>> row = Segments(jnp.array([[2, 1, 2]]), jnp.array([[0, 0, 1]]), jnp.array([[2, 1, 2]]))
+        >>> sorted_row(row).ids.tolist()
+        [[1, 2, 2]]
+    """
+    ids, pos, order = sort_by_document(jnp.asarray(row.ids), jnp.asarray(row.positions))
+    return Segments(ids, pos, jnp.take_along_axis(jnp.asarray(row.lengths), order, axis=1))
