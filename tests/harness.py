@@ -3,8 +3,9 @@
 It holds the layouts (two fixed shapes: self-attention over B = 2 rows of T = 32 tokens and
 cross-attention of T_q = 24 queries to T_kv = 40 keys, a few documents per row with padding,
 drawn from fixed seeds), a float64 NumPy oracle written from the rule of docs/semantics.md (and
-the window of docs/attention.md, "Semantics"), the tolerances per dtype and the helpers that
-compare forward outputs and gradients against it.
+the window of docs/attention.md, "Semantics"; outputs, log-sum-exps and gradients written by hand),
+the tolerances per dtype and the functions that compare against it: the inputs, losses and checks
+the kernel tests share, on these layouts or on their own.
 
 The case matrix is pairwise, not the full product: every implementation runs every mask type in
 float32 under ``jit`` (forward and gradients, self-attention, GQA, no window), and a fixed set of
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,20 +29,22 @@ import thdkit
 from thdkit._src import synth
 from thdkit._src.mask_types import MaskType
 
-from .strategies import np_allowed, np_run_lengths
+from .strategies import ATTN_D, ATTN_D_V, ATTN_H_KV, ATTN_H_Q, np_run_lengths
 
 B, T, T_Q, T_KV, D, D_V, S = 2, 32, 24, 40, 8, 8, 4
 SCALE = 0.3
 WINDOW = (3, 1)
 HEADS = {"gqa": (4, 2), "mha": (2, 2)}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # |got - want| <= atol + rtol * |want|, elementwise, against the float64 oracle run on the
 # inputs as the implementation sees them (rounded to the dtype). Measured on CPU, the built-ins
-# stay within a tenth of the float32 bounds and a third of the bfloat16 ones (outputs and
-# gradients rounded to 8 bits of mantissa, and intermediates of some backward passes too).
+# stay within a tenth of the float32 bounds and a half of the bfloat16 and float16 ones (outputs
+# and gradients rounded to 8 or 11 bits of mantissa, and intermediates of some backward passes
+# too).
 TOLERANCES = {
     "float32": {"forward": dict(atol=5e-6, rtol=5e-6), "grad": dict(atol=1e-5, rtol=1e-5)},
     "bfloat16": {"forward": dict(atol=1e-2, rtol=1e-2), "grad": dict(atol=2e-2, rtol=2e-2)},
+    "float16": {"forward": dict(atol=2e-3, rtol=2e-3), "grad": dict(atol=4e-3, rtol=4e-3)},
 }
 
 
@@ -110,6 +114,12 @@ CASES = CORE_CASES + EXTRA_CASES
 # --- Layouts and inputs ------------------------------------------------------------------------
 
 
+# One row of 8 tokens, two documents around a padding token (its position counting on): the
+# layout of the argument checks.
+ROW_IDS = np.array([[1, 1, 1, 0, 2, 2, 2, 2]], np.int32)
+ROW_POS = np.array([[0, 1, 2, 3, 0, 1, 2, 3]], np.int32)
+
+
 @functools.cache
 def layout(cross: bool) -> dict[str, np.ndarray]:
     """``ids_q, pos_q, ids_kv, pos_kv`` (int32 NumPy) of the self or the cross shape."""
@@ -124,66 +134,153 @@ def layout(cross: bool) -> dict[str, np.ndarray]:
     return dict(ids_q=ids_q, pos_q=pos_q, ids_kv=ids_kv, pos_kv=pos_kv)
 
 
+def layout_keywords(lay: dict[str, Any], **options: Any) -> dict[str, Any]:
+    """The keywords of ``thdkit.attention`` (and of ``seqlens_and_offsets`` and
+    ``is_representable``) for ``lay``: ``segment_ids_q, segment_pos_q``, the kv pair where the
+    keys have a layout of their own (``ids_kv`` given and not ``ids_q`` itself), ``mask_type``
+    padding_causal and ``max_segments_per_seq=S``; ``options`` add to them or replace them."""
+    kv = {}
+    if lay.get("ids_kv") is not None and lay["ids_kv"] is not lay["ids_q"]:
+        kv = dict(segment_ids_kv=lay["ids_kv"], segment_pos_kv=lay["pos_kv"])
+    common = dict(mask_type="padding_causal", max_segments_per_seq=S)
+    return dict(segment_ids_q=lay["ids_q"], segment_pos_q=lay["pos_q"], **kv, **common) | options
+
+
+def random_inputs(
+    seed: int = 0,
+    *,
+    batch: int | tuple[int, ...] = B,
+    seq_q: int = T,
+    seq_kv: int | None = None,
+    heads: tuple[int, int] = HEADS["gqa"],
+    dim: int = D,
+    dim_v: int = D_V,
+    dtype: Any = "float32",
+) -> tuple[np.ndarray, ...]:
+    """``(q, k, v, w_out, w_lse)``: standard normal NumPy arrays, drawn in that order from the
+    generator seeded ``100 + seed``.
+
+    ``q`` is ``[*batch, seq_q, H_q, dim]``, ``k`` and ``v`` ``[*batch, seq_kv, H_kv, dim]`` and
+    ``[*batch, seq_kv, H_kv, dim_v]`` (``seq_kv`` defaults to ``seq_q``), all three in ``dtype``
+    (a name of ``DTYPES`` or a dtype); the loss weights of the output, ``w_out [*batch, seq_q,
+    H_q, dim_v]``, and of the log-sum-exp, ``w_lse [*batch, seq_q, H_q]``, are float32.
+    ``batch`` is one size or several leading axes (an extra one for ``vmap``).
+    """
+    lead, seq_kv, (h_q, h_kv) = np.atleast_1d(batch), seq_kv or seq_q, heads
+    rng, dtype = np.random.default_rng(100 + seed), DTYPES.get(dtype, dtype)
+    shapes = [(seq_q, h_q, dim), (seq_kv, h_kv, dim), (seq_kv, h_kv, dim_v), (seq_q, h_q, dim_v)]
+    drawn = [rng.normal(size=(*lead, *s)) for s in [*shapes, (seq_q, h_q)]]
+    return (*(np.asarray(x, dtype) for x in drawn[:3]), *(x.astype(np.float32) for x in drawn[3:]))
+
+
+def layout_inputs(
+    lay: dict[str, np.ndarray],
+    seed: int = 0,
+    *,
+    heads: tuple[int, int] = (ATTN_H_Q, ATTN_H_KV),
+    dim: int = ATTN_D,
+    dim_v: int = ATTN_D_V,
+    dtype: Any = "float32",
+) -> tuple[np.ndarray, ...]:
+    """:func:`random_inputs` for the layout ``lay``: the batch and ``T_q`` of its ``ids_q``,
+    ``T_kv`` of its ``ids_kv``; by default the heads of tests/strategies.py's attention layouts
+    (8 query heads over 2 key/value heads, ``D = 8``, ``D_v = 4``)."""
+    (batch, seq_q), seq_kv = lay["ids_q"].shape, lay.get("ids_kv", lay["ids_q"]).shape[-1]
+    return random_inputs(
+        seed, batch=batch, seq_q=seq_q, seq_kv=seq_kv, heads=heads, dim=dim, dim_v=dim_v,
+        dtype=dtype,
+    )  # fmt: skip
+
+
 def inputs(case: Case, seed: int = 0) -> tuple[jax.Array, ...]:
-    """``(q, k, v, w)`` of the case's shape and dtype; ``w`` (float32) weighs the output in the
-    loss whose gradients are compared."""
-    h_q, h_kv = HEADS[case.heads]
-    seq_q, seq_kv = (T_Q, T_KV) if case.cross else (T, T)
-    rng = np.random.default_rng(100 + seed)
-    dtype = DTYPES[case.dtype]
-    q = jnp.asarray(rng.normal(size=(B, seq_q, h_q, D)), dtype)
-    k = jnp.asarray(rng.normal(size=(B, seq_kv, h_kv, D)), dtype)
-    v = jnp.asarray(rng.normal(size=(B, seq_kv, h_kv, D_V)), dtype)
-    w = jnp.asarray(rng.normal(size=(B, seq_q, h_q, D_V)), jnp.float32)
-    return q, k, v, w
+    """``(q, k, v, w)`` of the case's layout, heads and dtype (:func:`layout_inputs`); ``w``
+    (float32) weighs the output in the loss whose gradients are compared."""
+    lay, heads = layout(case.cross), HEADS[case.heads]
+    arrays = layout_inputs(lay, seed, heads=heads, dim=D, dim_v=D_V, dtype=case.dtype)
+    return tuple(jnp.asarray(x) for x in arrays[:4])
 
 
 # --- The float64 oracle --------------------------------------------------------------------------
 
 
+def _lengths(lay: dict[str, np.ndarray], side: str) -> np.ndarray:
+    """``rl_<side>`` of the layout where it has one (a ring step passes the global document
+    lengths), else the run lengths of ``ids_<side>``."""
+    if f"rl_{side}" in lay:
+        return np.asarray(lay[f"rl_{side}"], np.int64)
+    return np.stack([np_run_lengths(row) for row in np.asarray(lay[f"ids_{side}"])])
+
+
+def _bound(bound: int | None) -> int | None:
+    """A window bound, None where it is unbounded (None, negative, or >= 2**31 - 1)."""
+    return None if bound is None or bound < 0 or bound >= 2**31 - 1 else int(bound)
+
+
 def allowed(lay: dict[str, np.ndarray], mask: MaskType, window) -> np.ndarray:
-    """bool[B, T_q, T_kv]: the mask rule of docs/semantics.md and the window (loops)."""
-    rows = []
-    for b in range(lay["ids_q"].shape[0]):
-        ids_q, pos_q, ids_kv, pos_kv = (lay[k][b] for k in ("ids_q", "pos_q", "ids_kv", "pos_kv"))
-        keep = np_allowed(ids_q, pos_q, ids_kv, pos_kv, mask)
-        if window is not None:
-            left, right = window
-            pq, pk = pos_q[:, None].astype(np.int64), pos_kv[None, :].astype(np.int64)
-            if mask.is_bottom_right:
-                rq = np_run_lengths(ids_q)[:, None].astype(np.int64)
-                rk = np_run_lengths(ids_kv)[None, :].astype(np.int64)
-                keep &= rq - pq + left >= rk - pk
-            else:
-                keep &= (pk >= pq - left) & (pk <= pq + right)
-        rows.append(keep)
-    return np.stack(rows)
+    """bool[B, T_q, T_kv]: the rule of docs/attention.md, "Semantics" (the mask types of
+    docs/semantics.md and the window), on ``ids_q, pos_q, ids_kv, pos_kv`` and optionally
+    ``rl_q, rl_kv`` (document lengths; by default the run lengths of the ids)."""
+    ids_q, pos_q, ids_kv, pos_kv = (
+        np.asarray(lay[k], np.int64) for k in ("ids_q", "pos_q", "ids_kv", "pos_kv")
+    )
+    keep = (ids_q[:, :, None] == ids_kv[:, None, :]) & (ids_q[:, :, None] != 0)
+    pq, pk = pos_q[:, :, None], pos_kv[:, None, :]
+    # Tokens from each one to the end of its document: the bottom-right rule compares them.
+    end_q, end_kv = (
+        (_lengths(lay, "q") - pos_q)[:, :, None],
+        (_lengths(lay, "kv") - pos_kv)[:, None],
+    )
+    if mask.is_causal:
+        keep &= pq >= pk
+    if mask.is_bottom_right:
+        keep &= end_q <= end_kv
+    left, right = (None, None) if window is None else (_bound(b) for b in window)
+    if left is not None:
+        keep &= (end_q + left >= end_kv) if mask.is_bottom_right else (pk >= pq - left)
+    if right is not None and not mask.is_bottom_right:
+        keep &= pk <= pq + right
+    return keep
 
 
-def oracle(q, k, v, w, lay, mask: MaskType, window) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-    """``(out, (dq, dk, dv))`` in float64 of ``softmax(SCALE * q.k) . v`` over the allowed keys
-    (zeros for a query with none) and the gradients of ``sum(out * w)``."""
-    q, k, v, w = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v, w))
+def _float64(x) -> np.ndarray:
+    return np.asarray(x).astype(np.float64)
+
+
+def partial_oracle(
+    q, k, v, lay, mask: MaskType, window, *, w_out=None, w_lse=None, scale: float = SCALE
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+    """float64 ``(out, lse, (dq, dk, dv))`` of ``softmax(scale * q.k) . v`` over the allowed keys
+    (:func:`allowed`), as ``attention_partial`` returns them: zeros and an lse of -inf for a
+    query with none; gradients (written by hand) of ``sum(out * w_out) + sum(lse * w_lse)`` over
+    the finite lse, a weight left out counting as zeros.
+
+    Shapes: q ``[B, T_q, H_q, D]``, k and v ``[B, T_kv, H_kv, D | D_v]``; out ``[B, T_q, H_q,
+    D_v]``, lse ``[B, T_q, H_q]``.
+    """
+    q, k, v = (_float64(x) for x in (q, k, v))
     groups = q.shape[2] // k.shape[2]
     kh, vh = (np.repeat(x, groups, axis=2) for x in (k, v))
     keep = allowed(lay, mask, window)[:, None]  # [B, 1, T_q, T_kv]
-    logits = np.where(keep, SCALE * np.einsum("bqhd,bkhd->bhqk", q, kh), -np.inf)
+    logits = np.where(keep, scale * np.einsum("bqhd,bkhd->bhqk", q, kh), -np.inf)
     top = np.max(logits, axis=-1, keepdims=True)
     top = np.where(np.isfinite(top), top, 0.0)
     weights = np.where(keep, np.exp(logits - top), 0.0)
     total = np.sum(weights, axis=-1, keepdims=True)
     p = np.where(total > 0, weights / np.where(total > 0, total, 1.0), 0.0)
     out = np.einsum("bhqk,bkhd->bqhd", p, vh)
-    dp = np.einsum("bqhd,bkhd->bhqk", w, vh)
-    row = np.einsum("bqhd,bqhd->bhq", w, out)[..., None]
-    ds = p * (dp - row)
-    dq = SCALE * np.einsum("bhqk,bkhd->bqhd", ds, kh)
-    dkh = SCALE * np.einsum("bhqk,bqhd->bkhd", ds, q)
-    dvh = np.einsum("bhqk,bqhd->bkhd", p, w)
+    lse = np.where(total > 0, top + np.log(np.where(total > 0, total, 1.0)), -np.inf)[..., 0]
+    w_out = np.zeros_like(out) if w_out is None else _float64(w_out)
+    w_lse = np.zeros(lse.shape) if w_lse is None else _float64(w_lse).transpose(0, 2, 1)
+    dp = np.einsum("bqhd,bkhd->bhqk", w_out, vh)
+    row = np.einsum("bqhd,bqhd->bhq", w_out, out)
+    ds = p * (dp - row[..., None] + w_lse[..., None])  # d lse / d logit = p
+    dq = scale * np.einsum("bhqk,bkhd->bqhd", ds, kh)
+    dkh = scale * np.einsum("bhqk,bqhd->bkhd", ds, q)
+    dvh = np.einsum("bhqk,bqhd->bkhd", p, w_out)
     b, t_kv, h_kv = k.shape[:3]
     dk = dkh.reshape(b, t_kv, h_kv, groups, -1).sum(3)
     dv = dvh.reshape(b, t_kv, h_kv, groups, -1).sum(3)
-    return out, (dq, dk, dv)
+    return out, lse.transpose(0, 2, 1), (dq, dk, dv)
 
 
 # --- Running an implementation and comparing -----------------------------------------------------
@@ -213,28 +310,79 @@ def _jitted(name: str, mask: MaskType, window) -> Any:
     return jax.jit(_step(name, mask, window))
 
 
+def partial_grads(partial: Callable[..., tuple], q, k, v, w_out, w_lse):
+    """``(out, lse, (dq, dk, dv))`` of ``partial(q, k, v) -> (out, lse)`` (``attention_partial``
+    or a kernel under it), the gradients those of :func:`partial_oracle`'s loss: ``sum(out *
+    w_out) + sum(lse * w_lse)`` over the finite values (a query holding a NaN or inf stays out
+    of the loss, as in the isolation tests)."""
+
+    def loss(q, k, v):
+        out, lse = partial(q, k, v)
+        finite_out, finite_lse = (jnp.where(jnp.isfinite(x), x, 0.0) for x in (out, lse))
+        return jnp.sum(finite_out * w_out) + jnp.sum(finite_lse * w_lse), (out, lse)
+
+    (_, (out, lse)), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+    return out, lse, grads
+
+
+def check_partial(got, inputs, lay, mask: MaskType, window, *, what: str) -> np.ndarray:
+    """:func:`check_outputs` (``zero_dq``, float32) of ``got = (out, lse, (dq, dk, dv))`` of
+    :func:`partial_grads` on ``inputs = (q, k, v, w_out, w_lse)`` and the layout ``lay``, against
+    :func:`partial_oracle`; returns the queries with no allowed key, bool [B, T_q, H_q]."""
+    q, k, v, w_out, w_lse = inputs
+    want = partial_oracle(q, k, v, lay, mask, window, w_out=w_out, w_lse=w_lse)
+    return check_outputs(got, want, dtype="float32", what=what, zero_dq=True)
+
+
 def assert_close(got, want, tol: dict[str, float], what: str) -> None:
-    """Elementwise ``|got - want| <= atol + rtol * |want|``, all finite."""
-    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+    """Elementwise ``|got - want| <= atol + rtol * |want|``, ``got`` all finite."""
+    got = _float64(got)
     assert np.all(np.isfinite(got)), f"{what}: non-finite values"
-    np.testing.assert_allclose(got, want, err_msg=what, **tol)
+    np.testing.assert_allclose(got, _float64(want), err_msg=what, **tol)
+
+
+def assert_agree(got, want, *, dtype: str = "float32", what: str) -> None:
+    """``got = (out, (dq, dk, dv))`` finite and close to ``want`` within ``TOLERANCES[dtype]``:
+    against the float64 oracle, or the same computation by another route (a transform, a plan,
+    the keyword form), whose float32 results agree far more closely."""
+    (out, grads), (want_out, want_grads), tol = got, want, TOLERANCES[dtype]
+    assert_close(out, want_out, tol["forward"], f"{what}: out")
+    for label, g, w in zip(("dq", "dk", "dv"), grads, want_grads, strict=True):
+        assert_close(g, w, tol["grad"], f"{what}: {label}")
+
+
+def check_outputs(got, want, *, dtype: str, what: str, zero_dq: bool = False) -> np.ndarray:
+    """Checks ``got = (out, lse, (dq, dk, dv))`` (``lse`` None where the entry point returns
+    none) against ``want`` of :func:`partial_oracle`, within ``TOLERANCES[dtype]``
+    (:func:`assert_agree`): the output and the gradients in ``dtype``, the lse in float32, all
+    close and finite; a query with no allowed key outputs zeros (and an lse of -inf) exactly,
+    and with ``zero_dq`` gets a zero query gradient exactly.
+
+    Returns:
+        bool [B, T_q, H_q]: the queries with no allowed key.
+    """
+    (out, lse, grads), (want_out, want_lse, want_grads) = got, want
+    empty = np.isneginf(want_lse)
+    for label, x in zip(("out", "dq", "dk", "dv"), (out, *grads), strict=True):
+        assert x.dtype == DTYPES[dtype], f"{what}: {label} dtype {x.dtype}"
+    assert_agree((out, grads), (want_out, want_grads), dtype=dtype, what=what)
+    assert np.all(_float64(out)[empty] == 0), f"{what}: out of rows with no key"
+    if lse is not None:
+        assert lse.dtype == jnp.float32, f"{what}: lse dtype {lse.dtype}"
+        lse, tol = _float64(lse), TOLERANCES[dtype]["forward"]
+        np.testing.assert_array_equal(np.isneginf(lse), empty, f"{what}: rows with no key")
+        assert_close(np.where(empty, 0, lse), np.where(empty, 0, want_lse), tol, f"{what}: lse")
+    if zero_dq:
+        assert np.all(_float64(grads[0])[empty] == 0), f"{what}: dq of rows with no key"
+    return empty
 
 
 def compare(name: str, case: Case, got) -> None:
     """Checks ``got = (out, (dq, dk, dv))`` of one case against the float64 oracle."""
     q, k, v, w = inputs(case)
-    lay = layout(case.cross)
-    want_out, want_grads = oracle(q, k, v, w, lay, case.mask, case.window)
+    want = partial_oracle(q, k, v, layout(case.cross), case.mask, case.window, w_out=w)
     out, grads = got
-    tol = TOLERANCES[case.dtype]
-    assert out.dtype == q.dtype, f"{name} {case.id}: output dtype {out.dtype}"
-    assert_close(out, want_out, tol["forward"], f"{name} {case.id}: out")
-    # A query with no allowed key outputs zeros exactly.
-    empty = ~allowed(lay, case.mask, case.window).any(-1)
-    assert np.all(np.asarray(out, np.float32)[empty] == 0), f"{name} {case.id}: empty rows"
-    for label, g, want in zip(("dq", "dk", "dv"), grads, want_grads, strict=True):
-        assert g.dtype == q.dtype, f"{name} {case.id}: {label} dtype {g.dtype}"
-        assert_close(g, want, tol["grad"], f"{name} {case.id}: {label}")
+    check_outputs((out, None, grads), want, dtype=case.dtype, what=f"{name} {case.id}")
 
 
 def run_case(name: str, case: Case):

@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 
 import thdkit
 from thdkit import reorder
-from thdkit.bench.commands import app
-from thdkit.data import pack
 from thdkit._src.limits import MAX_POSITION
 from thdkit._src.validate.segments import validate_segments
+from thdkit.bench.commands import app
+from thdkit.data import pack
 
 IDS = jnp.array([[1, 1, 1, 2, 2, 0, 0, 3]])
 POS = jnp.array([[0, 1, 2, 0, 1, 2, 0, 0]])
@@ -41,8 +41,7 @@ def attend(query=QKV, key=QKV, value=QKV, **kwargs):
 
 def ring(query=QKV, key=QKV, value=QKV, **kwargs):
     args = dict(
-        segment_ids_q=IDS,
-        segment_pos_q=POS,
+        q_segments=thdkit.Segments.from_ids(IDS, POS),
         max_segments_per_seq=4,
         mesh=Mesh(np.array(jax.devices()[:2]), ("cp",)),
         axis_name="cp",
@@ -298,7 +297,7 @@ CASES = {
     ),
     "ring_schedule cp zero": (
         lambda: thdkit.ring_schedule(
-            segment_ids_q=IDS, segment_pos_q=POS, cp=0, max_segments_per_seq=4
+            q_segments=thdkit.Segments.from_ids(IDS, POS), cp=0, max_segments_per_seq=4
         ),
         ValueError,
         "cp",
@@ -710,7 +709,7 @@ def test_concrete_layouts_closed_over_by_jit_are_still_validated():
             .aux["blockwise"]
             .lo
         ),
-        "ring_attention": lambda ids: ring(q, q, q, segment_ids_q=ids),
+        "ring_attention": lambda ids: ring(q, q, q, q_segments=thdkit.Segments(ids, POS, 0 * ids)),
     }
     bad = IDS.at[0, 6].set(2)
     for name, call in calls.items():

@@ -163,7 +163,7 @@ def test_a_padding_only_row_keeps_its_entry_eagerly_and_under_jit():
     mask = np.array([[False] * T, [True] * 3 + [False] * (T - 3), [True] * T])
     x = np.ones((B, T, 1), np.float32)
     np.testing.assert_array_equal(thdkit.unpad(x, mask).cu_seqlens, [0, 0, 3, 3 + T])
-    fixed = jax.jit(lambda m: thdkit.unpad(x, m, capacity=B * T, max_documents=B))(mask)
+    fixed = jax.jit(lambda m: thdkit.unpad(x, m, capacity=B * T, max_segments_per_seq=1))(mask)
     np.testing.assert_array_equal(fixed.cu_seqlens, [0, 0, 3, 3 + T])
     # Several documents a row: each row's documents, and one empty entry for an empty row.
     ids = np.array([[0] * T, [1, 1, 2, 2, 2, 0, 3, 3], [0] * T])
@@ -267,7 +267,14 @@ def test_unpad_of_no_real_token_is_empty(shape):
 def test_unpad_size_errors_name_segments():
     with pytest.raises(ValueError, match="capacity=1 is below the 3 real tokens of segments"):
         thdkit.unpad(np.ones((1, 4)), [[1, 1, 0, 2]], capacity=1)
-    with pytest.raises(ValueError, match="max_documents=1 is below the 2 sequences of segments"):
+    with pytest.raises(
+        ValueError, match="max_segments_per_seq=1 is below the 2 documents of segments row 1"
+    ):
+        thdkit.unpad(np.ones((2, 4)), [[1, 1, 1, 1], [1, 1, 2, 2]], max_segments_per_seq=1)
+    with (
+        pytest.warns(DeprecationWarning, match="max_documents"),
+        pytest.raises(ValueError, match="max_documents=1 is below the 2 sequences of segments"),
+    ):
         thdkit.unpad(np.ones((2, 4)), [[0, 0, 0, 0], [1, 1, 1, 1]], max_documents=1)
 
 

@@ -17,9 +17,9 @@ from jax.sharding import Mesh
 
 import thdkit
 from thdkit import reorder
-from thdkit.flax import PackedSelfAttention, make_attention_fn
 from thdkit._src.kernels import base
 from thdkit._src.kernels.dense import Dense
+from thdkit.flax import PackedSelfAttention, make_attention_fn
 
 Segments = thdkit.Segments
 

@@ -404,7 +404,7 @@ BAD_CALLS = {
     "heads": (
         dict(key=K[:, :, :1].repeat(3, 2), value=V[:, :, :1].repeat(3, 2)),
         ValueError,
-        ("query", "N = 2", "K = 3"),
+        ("query", "N=2", "K=3"),
     ),
     "head dims": (dict(key=K[..., :3]), ValueError, ("query", "key", "H")),
     "value length": (dict(value=V[:, :4]), ValueError, ("value", "key")),

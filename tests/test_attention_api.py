@@ -11,54 +11,46 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from thdkit.kernels import AttentionPlan, attention, plan_attention
 from thdkit._src.kernels.arguments import check_arguments
 from thdkit._src.segments import Segments
+from thdkit.kernels import AttentionPlan, attention, plan_attention
 
-from .strategies import ATTN_S, ATTN_T, attention_inputs, cross_layout, self_layout
+from . import harness
+from .harness import S
 
-S, T = ATTN_S, ATTN_T
 BLOCKS = {"block_q": 16, "block_kv": 8}
-TOL = {"atol": 1e-5, "rtol": 1e-5}
+TOL = harness.TOLERANCES["float32"]["forward"]
+
+
+def _layout_and_inputs(seed: int, cross: bool = False) -> tuple:
+    """``(layout, q, k, v)``: the harness's self- or cross-attention layout, random inputs."""
+    layout = harness.layout(cross)
+    return layout, *harness.layout_inputs(layout, seed)[:3]
 
 
 def test_attention_self_attention_defaults_and_automatic_choice():
     """kv defaults to the query layout; on CPU the automatic choice is blockwise; jit and eager
     agree."""
-    layout = self_layout(9)
-    q, k, v, _, _ = attention_inputs(9, T)
-    common = dict(
-        segment_ids_q=layout["ids_q"],
-        segment_pos_q=layout["pos_q"],
-        mask_type="causal_padding",
-        max_segments_per_seq=S,
-        **BLOCKS,
-    )
+    layout, q, k, v = _layout_and_inputs(9)
+    common = harness.layout_keywords(layout, mask_type="causal_padding", **BLOCKS)
     out = attention(q, k, v, **common)
-    explicit = jax.jit(
-        lambda q, k, v, ids, pos: attention(
-            q,
-            k,
-            v,
-            **(common | dict(segment_ids_q=ids, segment_pos_q=pos)),
-            segment_ids_kv=ids,
-            segment_pos_kv=pos,
-            implementation="reference",
-        )
-    )(q, k, v, layout["ids_q"], layout["pos_q"])
-    np.testing.assert_allclose(out, explicit, **TOL)
+
+    def explicit_kv(q, k, v, ids, pos):
+        layouts = dict(segment_ids_q=ids, segment_pos_q=pos, segment_ids_kv=ids, segment_pos_kv=pos)
+        return attention(q, k, v, **(common | layouts), implementation="reference")
+
+    explicit = jax.jit(explicit_kv)(q, k, v, layout["ids_q"], layout["pos_q"])
+    harness.assert_close(out, explicit, TOL, "out")
 
 
 def _call(**changes):
-    ids = jnp.array([[1, 1, 1, 0, 2, 2, 2, 2]])
-    pos = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3]])
     x = jnp.zeros((1, 8, 2, 4))
     kwargs = dict(
         query=x,
         key=x,
         value=x,
-        segment_ids_q=ids,
-        segment_pos_q=pos,
+        segment_ids_q=harness.ROW_IDS,
+        segment_pos_q=harness.ROW_POS,
         max_segments_per_seq=2,
         implementation="reference",
     )
@@ -157,28 +149,10 @@ def _plan(layout, **options):
     )
 
 
-def _keywords(layout):
-    kv = {}
-    if layout["ids_kv"] is not layout["ids_q"]:
-        kv = dict(segment_ids_kv=layout["ids_kv"], segment_pos_kv=layout["pos_kv"])
-    return dict(
-        segment_ids_q=layout["ids_q"],
-        segment_pos_q=layout["pos_q"],
-        **kv,
-        mask_type="padding_causal",
-        max_segments_per_seq=S,
-        **BLOCKS,
-    )
-
-
-@pytest.mark.parametrize(
-    "make", [lambda: self_layout(3), lambda: cross_layout(4)], ids=["self", "cross"]
-)
-def test_plan_gives_the_keyword_result_eagerly_under_jit_and_closed_over(make):
-    layout = make()
-    seq_kv = layout["ids_kv"].shape[1]
-    q, k, v, _, _ = attention_inputs(3, seq_kv)
-    want = attention(q, k, v, **_keywords(layout))
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_plan_gives_the_keyword_result_eagerly_under_jit_and_closed_over(cross):
+    layout, q, k, v = _layout_and_inputs(3, cross)
+    want = attention(q, k, v, **harness.layout_keywords(layout, **BLOCKS))
     plan = _plan(layout)
     assert isinstance(plan, AttentionPlan) and plan.implementation == "blockwise"
     assert plan.candidates == ("blockwise",) and plan.aux["blockwise"] is not None
@@ -188,12 +162,11 @@ def test_plan_gives_the_keyword_result_eagerly_under_jit_and_closed_over(make):
     closed_over = jax.jit(lambda q, k, v: attention(q, k, v, plan=plan))(q, k, v)
     np.testing.assert_array_equal(closed_over, want)
     reference = attention(q, k, v, plan=_plan(layout, implementation="reference"))
-    np.testing.assert_allclose(reference, want, **TOL)
+    harness.assert_close(reference, want, TOL, "out")
 
 
 def test_plan_is_reused_by_layers_under_scan():
-    layout = self_layout(5)
-    q, k, v, _, _ = attention_inputs(5, T)
+    layout, q, k, v = _layout_and_inputs(5)
     plan = _plan(layout)
     scales = jnp.asarray([1.0, 0.5, 2.0])
 
@@ -204,12 +177,11 @@ def test_plan_is_reused_by_layers_under_scan():
     want = q
     for s in scales:
         want = attention(want * s, k, v, plan=plan)[..., :1].repeat(q.shape[-1], -1)
-    np.testing.assert_allclose(out, want, **TOL)
+    harness.assert_close(out, want, TOL, "out")
 
 
 def test_plan_passes_through_shard_map():
-    layout = self_layout(6)
-    q, k, v, _, _ = attention_inputs(6, T)
+    layout, q, k, v = _layout_and_inputs(6)
     plan = _plan(layout)
     mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
     spec = P("data")
@@ -236,13 +208,12 @@ def _primitives(jaxpr) -> set[str]:
 def test_attention_with_a_plan_recomputes_nothing_of_the_layout():
     """The keyword form computes run lengths and tile ranges (cummax, argmax); with a plan the
     traced computation holds none of them."""
-    layout = self_layout(7)
-    q, k, v, _, _ = attention_inputs(7, T)
+    layout, q, k, v = _layout_and_inputs(7)
     plan = _plan(layout)
     with_plan = _primitives(
         jax.make_jaxpr(lambda q, k, v: attention(q, k, v, plan=plan))(q, k, v).jaxpr
     )
-    keywords = _keywords(layout)
+    keywords = harness.layout_keywords(layout, **BLOCKS)
     ids, pos = keywords.pop("segment_ids_q"), keywords.pop("segment_pos_q")
     without = _primitives(
         jax.make_jaxpr(
@@ -257,8 +228,7 @@ def test_attention_with_a_plan_recomputes_nothing_of_the_layout():
 
 
 def test_plan_and_layout_keywords_together_is_an_error():
-    layout = self_layout(8)
-    q, k, v, _, _ = attention_inputs(8, T)
+    layout, q, k, v = _layout_and_inputs(8)
     with pytest.raises(ValueError, match="not both; got plan and segment_ids_q, mask_type"):
         attention(q, k, v, plan=_plan(layout), segment_ids_q=layout["ids_q"], mask_type="padding")
     with pytest.raises(TypeError, match=r"q_segments must be a thdkit\.Segments"):
@@ -267,7 +237,7 @@ def test_plan_and_layout_keywords_together_is_an_error():
 
 def test_no_candidate_lists_every_reason():
     """On a machine without a GPU, asking for cuDNN names why; the plan says which one ran."""
-    layout = self_layout(9)
+    layout = harness.layout(False)
     if jax.default_backend() == "gpu":
         pytest.skip("checks the refusal without a GPU")
     with pytest.raises(
@@ -284,12 +254,11 @@ def test_no_candidate_lists_every_reason():
 )
 @pytest.mark.parametrize("mask", ["padding", "padding_causal_bottom_right", "causal"])
 def test_huge_window_bounds_mean_unbounded(mask, window):
-    layout = self_layout(10)
-    q, k, v, _, _ = attention_inputs(10, T)
-    options = _keywords(layout) | dict(mask_type=mask)
+    layout, q, k, v = _layout_and_inputs(10)
+    options = harness.layout_keywords(layout, **BLOCKS) | dict(mask_type=mask)
     want = attention(q, k, v, **options, window_size=window, implementation="reference")
     got = attention(q, k, v, **options, window_size=window)
-    np.testing.assert_allclose(got, want, **TOL)
+    harness.assert_close(got, want, TOL, "out")
     if 0 not in window:  # both sides unbounded
         unbounded = attention(q, k, v, **options, implementation="reference")
         np.testing.assert_array_equal(want, unbounded)

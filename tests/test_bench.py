@@ -29,6 +29,10 @@ from typer.testing import CliRunner
 
 import thdkit
 from thdkit._src import reorder, synth
+from thdkit._src.mask_types import MaskType
+from thdkit._src.metadata import seqlens_and_offsets
+from thdkit._src.reference import allowed_pairs
+from thdkit._src.segments import Segments, run_lengths
 from thdkit.bench import measure, report, units
 from thdkit.bench.attention import (
     AttentionBench,
@@ -44,10 +48,6 @@ from thdkit.bench.plot import metadata_figure
 from thdkit.bench.ring import RingBench
 from thdkit.bench.run import run_sweep
 from thdkit.bench.sweep import FLOOR, METHODS, MetadataSweep, make_inputs
-from thdkit._src.mask_types import MaskType
-from thdkit._src.metadata import seqlens_and_offsets
-from thdkit._src.reference import allowed_pairs
-from thdkit._src.segments import Segments, run_lengths
 
 LATENCY_KEYS = {"median", "min", "max", "samples"}
 

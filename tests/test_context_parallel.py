@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from thdkit import Segments
 from thdkit._src.context_parallel import traffic
 from thdkit.context_parallel import STRATEGIES, context_parallel_attention
 from thdkit.kernels import attention
@@ -80,6 +81,11 @@ def _random(shape: tuple[int, ...], seed: int) -> jax.Array:
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
+def _segments(ids: Any, pos: Any) -> Segments:
+    """The Segments of rows as the strategies take them (any token order; lengths unread)."""
+    return Segments(ids, pos, 0 * ids)
+
+
 def _vjp(fn: Callable[..., Any], q, k, v, cotangent) -> tuple[Any, Any]:
     out, pull = jax.vjp(fn, q, k, v)
     return out, pull(cotangent)
@@ -112,12 +118,12 @@ def _cp_fn(
     """Jitted (out, grads) of one strategy; ids are traced, so every reorder reuses it."""
 
     def run(q, k, v, cotangent, ids_q, pos_q, ids_kv, pos_kv):
-        kv = {"segment_ids_kv": ids_kv, "segment_pos_kv": pos_kv} if cross else {}
+        kv_segments = _segments(ids_kv, pos_kv) if cross else None
         return _vjp(
             lambda q, k, v: context_parallel_attention(
-                q, k, v, segment_ids_q=ids_q, segment_pos_q=pos_q, **kv, mask_type=mask_type,
-                window_size=window, max_segments_per_seq=NUM_SEGMENTS, mesh=_mesh(cp),
-                axis_name="cp", strategy=strategy, implementation=implementation,
+                q, k, v, q_segments=_segments(ids_q, pos_q), kv_segments=kv_segments,
+                mask_type=mask_type, window_size=window, max_segments_per_seq=NUM_SEGMENTS,
+                mesh=_mesh(cp), axis_name="cp", strategy=strategy, implementation=implementation,
             ),
             q, k, v, cotangent,
         )  # fmt: skip
@@ -181,7 +187,7 @@ def test_a_non_finite_document_stays_inside_it(strategy: str) -> None:
         def loss(q, k, v):
             out = context_parallel_attention(
                 *(forward(x, axis=1) for x in (q, k, v)),
-                segment_ids_q=forward(ids), segment_pos_q=forward(pos),
+                q_segments=_segments(forward(ids), forward(pos)),
                 max_segments_per_seq=NUM_SEGMENTS, mesh=_mesh(cp), axis_name="cp",
                 strategy=strategy,
             )  # fmt: skip
@@ -206,8 +212,7 @@ def _call(**overrides: Any) -> Any:
         "query": x,
         "key": x,
         "value": x,
-        "segment_ids_q": np.ones((1, 16), np.int32),
-        "segment_pos_q": np.arange(16, dtype=np.int32)[None],
+        "q_segments": Segments.from_ids(np.ones((1, 16), np.int32)),
         "max_segments_per_seq": 1,
         "mesh": _mesh(4),
         "axis_name": "cp",
@@ -223,9 +228,12 @@ def _call(**overrides: Any) -> Any:
         ({"strategy": "all_to_all"}, ValueError, "H_q=2 and H_kv=2 must be multiples of cp"),
         ({"axis_name": "sp", "strategy": "all_gather"}, ValueError, "axis_name 'sp' is not"),
         (
-            {"segment_ids_q": np.array([[1, 1, 0, 1] * 4], np.int32), "strategy": "all_gather"},
+            {
+                "q_segments": _segments(np.array([[1, 1, 0, 1] * 4]), np.arange(16)[None]),
+                "strategy": "all_gather",
+            },
             ValueError,
-            r"segment_ids_q row \(0, 0\), token 3: .*second run.*shard",
+            r"q_segments row \(0, 0\), token 3: .*second run.*shard",
         ),
     ],
 )
@@ -262,12 +270,10 @@ def test_byte_formulas_match_the_traced_collectives(strategy: str, cross: bool) 
     k = jnp.zeros((batch, seq_kv, heads_kv, DIM))
     v = jnp.zeros((batch, seq_kv, heads_kv, dim_v))
 
-    def side(seq: int) -> tuple[np.ndarray, np.ndarray]:
-        return np.ones((batch, seq), np.int32), np.tile(np.arange(seq, dtype=np.int32), (batch, 1))
+    def side(seq: int) -> Segments:
+        return Segments.from_ids(np.ones((batch, seq), np.int32))
 
-    layout = {"segment_ids_q": side(seq_q)[0], "segment_pos_q": side(seq_q)[1]}
-    if cross:
-        layout |= {"segment_ids_kv": side(seq_kv)[0], "segment_pos_kv": side(seq_kv)[1]}
+    layout = {"q_segments": side(seq_q), "kv_segments": side(seq_kv) if cross else None}
 
     def loss(q, k, v):
         out = context_parallel_attention(
@@ -294,7 +300,7 @@ def test_byte_formulas_match_the_traced_collectives(strategy: str, cross: bool) 
 @slow
 def test_all_gather_backward_reduce_scatters_once() -> None:
     x = jnp.zeros((1, 32, 2, DIM))
-    layout = {"segment_ids_q": np.ones((1, 32), np.int32), "segment_pos_q": np.arange(32)[None]}
+    layout = {"q_segments": Segments.from_ids(np.ones((1, 32), np.int32))}
 
     def loss(k, v):
         return jnp.sum(
@@ -321,7 +327,7 @@ _TWO_PROCESSES = textwrap.dedent(
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from thdkit import attention, context_parallel_attention, reorder
+    from thdkit import Segments, attention, context_parallel_attention, reorder
 
     assert jax.device_count() == 4 and jax.local_device_count() == 2
     mesh = jax.make_mesh((4,), ("cp",))
@@ -340,7 +346,7 @@ _TWO_PROCESSES = textwrap.dedent(
     args = [place(x, heads) for x in (q, k, v)]
     for strategy in ("ring", "all_gather", "all_to_all"):
         out = jax.jit(lambda q, k, v, ids, pos: context_parallel_attention(
-            q, k, v, segment_ids_q=ids, segment_pos_q=pos, max_segments_per_seq=2, mesh=mesh,
+            q, k, v, q_segments=Segments(ids, pos, 0 * ids), max_segments_per_seq=2, mesh=mesh,
             axis_name="cp", strategy=strategy))(*args, place(ids, tokens), place(pos, tokens))
         whole = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))(out)
         got = reorder.unstriped(np.asarray(whole.addressable_data(0)), cp=4, axis=1)

@@ -22,9 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.sharding import Mesh
 
+from thdkit import Segments
+from thdkit._src.kernels.partial import partial_implementations
 from thdkit.context_parallel import context_parallel_attention
 from thdkit.kernels import attention
-from thdkit._src.kernels.partial import partial_implementations
 
 from .strategies import batches, packed_row, reorder_pair
 
@@ -61,7 +62,7 @@ def _strategy_fn(strategy: str, case: str, implementation: str | None) -> Callab
     mesh = Mesh(np.array(jax.devices()[:CP]), ("cp",))
     return _loss_and_grads(
         lambda q, k, v, ids, pos: context_parallel_attention(
-            q, k, v, segment_ids_q=ids, segment_pos_q=pos, mask_type=mask_type,
+            q, k, v, q_segments=Segments(ids, pos, 0 * ids), mask_type=mask_type,
             window_size=window, max_segments_per_seq=S, mesh=mesh, axis_name="cp",
             strategy=strategy, implementation=implementation,
         )

@@ -19,6 +19,12 @@ from jax import lax
 from jax.sharding import Mesh
 
 import thdkit
+from thdkit._src.context_parallel import traffic
+from thdkit._src.context_parallel.base import Call, Shapes, Traffic
+from thdkit._src.context_parallel.shards import gather_row, inverse_order, sorted_row, take_tokens
+from thdkit._src.kernels.partial import attention_partial, partial_implementations
+from thdkit._src.mask_types import MaskType
+from thdkit._src.segments import Segments
 from thdkit.bench.cp import CPBench, cp_table, run_cp_bench
 from thdkit.context_parallel import (
     STRATEGIES,
@@ -30,11 +36,6 @@ from thdkit.context_parallel import (
     unregister,
     unregister_strategy,
 )
-from thdkit._src.context_parallel import traffic
-from thdkit._src.context_parallel.base import Call, Shapes, Traffic
-from thdkit._src.context_parallel.shards import gather_row, inverse_order, sorted_row, take_tokens
-from thdkit._src.kernels.partial import attention_partial, partial_implementations
-from thdkit._src.segments import Segments
 
 from .strategies import packed_row, reorder_pair
 from .test_context_parallel import _collectives
@@ -60,8 +61,9 @@ def _gather_everything(config: StrategyConfig) -> Callable[..., jax.Array]:
 
         out, _ = attention_partial(
             whole(q, q_order), whole(k, kv_order), whole(v, kv_order),
-            q_segments=q_row, kv_segments=kv_row, mask_type=config.mask,
-            window_size=config.window, scale=config.scale, implementation=config.implementation,
+            q_segments=q_row, kv_segments=kv_row, mask_type=config.mask_type,
+            window_size=config.window_size, scale=config.scale,
+            implementation=config.implementation,
         )  # fmt: skip
         n = q.shape[1]
         start = lax.axis_index(config.axis_name) * n
@@ -113,19 +115,18 @@ def _fn(strategy: str | None, mask_type: str, cross: bool) -> Callable[..., Any]
     """Jitted (out, grads): ``strategy`` on the mesh, or single-device attention (None)."""
 
     def run(q, k, v, cotangent, ids_q, pos_q, ids_kv, pos_kv):
-        layout = {"segment_ids_q": ids_q, "segment_pos_q": pos_q}
-        if cross:
-            layout |= {"segment_ids_kv": ids_kv, "segment_pos_kv": pos_kv}
-
         def f(q, k, v):
             if strategy is None:
+                kv = {"segment_ids_kv": ids_kv, "segment_pos_kv": pos_kv} if cross else {}
                 return thdkit.attention(
-                    q, k, v, **layout, mask_type=mask_type, max_segments_per_seq=3,
-                    implementation="reference",
+                    q, k, v, segment_ids_q=ids_q, segment_pos_q=pos_q, **kv, mask_type=mask_type,
+                    max_segments_per_seq=3, implementation="reference",
                 )  # fmt: skip
+            kv_segments = Segments(ids_kv, pos_kv, 0 * ids_kv) if cross else None
             return thdkit.context_parallel_attention(
-                q, k, v, **layout, mask_type=mask_type, max_segments_per_seq=3, mesh=_mesh(),
-                axis_name="cp", strategy=strategy,
+                q, k, v, q_segments=Segments(ids_q, pos_q, 0 * ids_q), kv_segments=kv_segments,
+                mask_type=mask_type, max_segments_per_seq=3, mesh=_mesh(), axis_name="cp",
+                strategy=strategy,
             )  # fmt: skip
 
         out, pull = jax.vjp(f, q, k, v)
@@ -166,10 +167,7 @@ def test_a_registered_strategy_reports_its_traffic_and_work(registered) -> None:
     holds against the collectives its program traces."""
     batch, seq, heads = 1, 32, 4
     x = jnp.zeros((batch, seq, heads, DIM))
-    layout = {
-        "segment_ids_q": np.ones((batch, seq), np.int32),
-        "segment_pos_q": np.arange(seq)[None],
-    }
+    layout = {"q_segments": Segments.from_ids(np.ones((batch, seq), np.int32))}
 
     def loss(q, k, v):
         return jnp.sum(
@@ -232,6 +230,27 @@ def test_the_old_spellings_warn_and_still_work() -> None:
     assert names() == ("ring", "all_gather", "all_to_all")
 
 
+def test_the_old_config_names_warn_and_read_the_renamed_fields() -> None:
+    """A strategy written against the earlier names (config.mask, .window, .num_segments) still
+    reads the configuration, warned, for one release."""
+    config = StrategyConfig(
+        mesh=_mesh(2), axis_name="cp", mask_type=MaskType.CAUSAL_BOTTOM_RIGHT,
+        window_size=(5, None), max_segments_per_seq=7, scale=0.25, self_attention=False,
+        implementation="blockwise",
+    )  # fmt: skip
+    for old, new in (
+        ("mask", "mask_type"),
+        ("window", "window_size"),
+        ("num_segments", "max_segments_per_seq"),
+    ):
+        match = rf"StrategyConfig\.{old} is deprecated.*read StrategyConfig\.{new}"
+        with pytest.warns(DeprecationWarning, match=match) as record:
+            value = getattr(config, old)
+        assert value == getattr(config, new), old
+        assert record[0].filename == __file__, record[0].filename
+    assert config._fields[2:5] == ("mask_type", "window_size", "max_segments_per_seq")
+
+
 @slow
 def test_a_strategy_without_a_cost_model_runs_and_the_bench_says_so() -> None:
     """traffic and work are the bench's cost model only: without them a strategy runs, and
@@ -242,11 +261,14 @@ def test_a_strategy_without_a_cost_model_runs_and_the_bench_says_so() -> None:
     try:
         ids, pos = (x[None] for x in packed_row(32, [(12, 10), (14, 14)]))
         q = _random((1, 32, 2, DIM), 0)
-        layout = {"segment_ids_q": ids, "segment_pos_q": pos, "max_segments_per_seq": 3}
         out = thdkit.context_parallel_attention(
-            q, q, q, **layout, mesh=_mesh(), axis_name="cp", strategy="bare"
-        )
-        expected = thdkit.attention(q, q, q, **layout, implementation="reference")
+            q, q, q, q_segments=Segments.from_ids(ids, pos), max_segments_per_seq=3,
+            mesh=_mesh(), axis_name="cp", strategy="bare",
+        )  # fmt: skip
+        expected = thdkit.attention(
+            q, q, q, segment_ids_q=ids, segment_pos_q=pos, max_segments_per_seq=3,
+            implementation="reference",
+        )  # fmt: skip
         np.testing.assert_allclose(out, expected, atol=ATOL, rtol=0)
         config = CPBench(cps=(CP,), seq_len=64, segments=4, heads=4, kv_heads=4, latency=False)
         records = {r["strategy"]: r for r in run_cp_bench(config)}
@@ -346,3 +368,26 @@ def test_no_implementation_is_named_in_the_package() -> None:
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and id(node) not in docstrings:
                 assert node.value not in names, f"{stem}.py names {node.value!r}"
+
+
+def test_a_work_with_the_old_keywords_warns_and_counts_the_same() -> None:
+    """A cost model written before 0.2 (``work(..., mask, window, num_segments)``) is read by the
+    bench for one more release, with a DeprecationWarning, giving the renamed one's figures."""
+    ring = STRATEGIES["ring"]
+
+    def old_work(q, kv, *, cp, mask, window, num_segments):
+        return ring.work(
+            q, kv, cp=cp, mask_type=mask, window_size=window, max_segments_per_seq=num_segments
+        )
+
+    config = CPBench(cps=(CP,), seq_len=64, segments=4, heads=4, kv_heads=4, latency=False)
+    register(dataclasses.replace(ring, name="old_work_in_a_test", work=old_work))
+    try:
+        with pytest.warns(DeprecationWarning, match="'old_work_in_a_test': work.*mask_type"):
+            records = {r["strategy"]: r for r in run_cp_bench(config)}
+    finally:
+        unregister("old_work_in_a_test")
+    keys = ("tiles_max", "tile_imbalance", "steps_fwd")
+    assert {k: records["old_work_in_a_test"][k] for k in keys} == {
+        k: records["ring"][k] for k in keys
+    }

@@ -11,18 +11,17 @@ import numpy as np
 import pytest
 
 from thdkit._src import reorder, synth
-from thdkit.kernels import attention, is_representable
 from thdkit._src.kernels.cudnn import packed_inputs, poisoned_rows, spans_of
 from thdkit._src.mask_types import MaskType
 from thdkit._src.masks import pair_mask
 from thdkit._src.metadata import seqlens_and_offsets
 from thdkit._src.segments import Segments, run_lengths
+from thdkit.kernels import attention, is_representable
 
-from .strategies import ATTN_S
+from . import harness
+from .harness import S, layout_keywords
 
-S = ATTN_S
-IDS = jnp.array([[1, 1, 1, 0, 2, 2, 2, 2]])
-POS = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3]])
+SIDES = ("ids_q", "pos_q", "ids_kv", "pos_kv")
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
 
@@ -40,17 +39,10 @@ def test_jax_packed_offsets_address_the_intended_keys(heads_kv):
     tensor; with GQA unrepeated it is only from jax 0.12 on (jax 0.10 and 0.11 scale by the
     query's heads)."""
     batch, seq_q, seq_kv, heads_q, dim = 3, 16, 24, 4, 8
-    ids_q, pos_q, ids_kv, pos_kv = synth.cross_segments(
+    layout = synth.cross_segments(
         np.random.default_rng(0), batch=batch, seq_len_q=seq_q, seq_len_kv=seq_kv, max_segments=S
     )
-    meta = seqlens_and_offsets(
-        segment_ids_q=ids_q,
-        segment_pos_q=pos_q,
-        segment_ids_kv=ids_kv,
-        segment_pos_kv=pos_kv,
-        mask_type="padding_causal",
-        max_segments_per_seq=S,
-    )
+    meta = seqlens_and_offsets(**layout_keywords(dict(zip(SIDES, layout, strict=True))))
     packed = packed_inputs(meta, S)
     query = jnp.zeros((batch, seq_q, heads_q, dim))
 
@@ -105,14 +97,9 @@ def test_poisoned_rows_match_the_dense_rule(mask):
 def test_cudnn_without_gpu_raises_clearly():
     with pytest.raises(NotImplementedError, match=r"cudnn: needs a CUDA GPU"):
         x = jnp.zeros((1, 8, 2, 8), jnp.bfloat16)
+        layout = dict(ids_q=harness.ROW_IDS, pos_q=harness.ROW_POS)
         attention(
-            x,
-            x,
-            x,
-            segment_ids_q=IDS,
-            segment_pos_q=POS,
-            max_segments_per_seq=2,
-            implementation="cudnn",
+            x, x, x, **layout_keywords(layout, max_segments_per_seq=2), implementation="cudnn"
         )
 
 
@@ -133,10 +120,10 @@ def _out_and_grads(q, k, v, implementation: str, common: dict):
     return out, *grads
 
 
-def _gpu_inputs(seq: int, seed: int):
-    rng = np.random.default_rng(seed)
-    q, k, v = (jnp.asarray(rng.normal(size=(2, seq, 4, 64)), jnp.bfloat16) for _ in range(3))
-    return q, k, v
+def _gpu_inputs(seed: int, seq_q: int, seq_kv: int | None = None, heads=(4, 4), **options):
+    """``(q, k, v)``: bfloat16 unless ``options`` say otherwise, head dim 64, batch 2."""
+    options = dict(dim=64, dim_v=64, dtype="bfloat16") | options
+    return harness.random_inputs(seed, seq_q=seq_q, seq_kv=seq_kv, heads=heads, **options)[:3]
 
 
 @gpu
@@ -147,14 +134,8 @@ def test_cudnn_matches_reference_self_attention(mask, window):
     if window is not None and mask == "padding":
         pytest.skip("cuDNN applies windows with causal masks only")
     ids, pos = synth.packed_segments(np.random.default_rng(0), batch=2, seq_len=256, max_segments=S)
-    q, k, v = _gpu_inputs(256, 0)
-    common = dict(
-        segment_ids_q=ids,
-        segment_pos_q=pos,
-        mask_type=mask,
-        window_size=window,
-        max_segments_per_seq=S,
-    )
+    q, k, v = _gpu_inputs(0, 256)
+    common = layout_keywords(dict(ids_q=ids, pos_q=pos), mask_type=mask, window_size=window)
     (out_c, *grads_c), (out_r, *grads_r) = (_out_and_grads(q, k, v, i, common) for i in IMPLS)
     tol = {"atol": 3e-2, "rtol": 3e-2}
     np.testing.assert_allclose(np.asarray(out_c, np.float32), np.asarray(out_r, np.float32), **tol)
@@ -165,20 +146,11 @@ def test_cudnn_matches_reference_self_attention(mask, window):
 @gpu
 @needs_gpu
 def test_cudnn_cross_attention_and_automatic_choice():
-    ids_q, pos_q, ids_kv, pos_kv = synth.cross_segments(
+    layout = synth.cross_segments(
         np.random.default_rng(1), batch=2, seq_len_q=128, seq_len_kv=256, max_segments=S
     )
-    rng = np.random.default_rng(1)
-    q = jnp.asarray(rng.normal(size=(2, 128, 4, 64)), jnp.bfloat16)
-    k, v = (jnp.asarray(rng.normal(size=(2, 256, 2, 64)), jnp.bfloat16) for _ in range(2))
-    common = dict(
-        segment_ids_q=ids_q,
-        segment_pos_q=pos_q,
-        segment_ids_kv=ids_kv,
-        segment_pos_kv=pos_kv,
-        mask_type="padding_causal",
-        max_segments_per_seq=S,
-    )
+    q, k, v = _gpu_inputs(1, 128, 256, heads=(4, 2))
+    common = layout_keywords(dict(zip(SIDES, layout, strict=True)))
     want = attention(q, k, v, **common, implementation="reference")
     for implementation in ("cudnn", None):
         got = jax.jit(functools.partial(attention, **common, implementation=implementation))(
@@ -194,26 +166,10 @@ def test_cudnn_cross_attention_and_automatic_choice():
 def test_cudnn_refuses_what_it_cannot_express():
     ids, pos = synth.packed_segments(np.random.default_rng(2), batch=1, seq_len=128, max_segments=S)
     shuffled = [reorder.striped(x, cp=2, stripe_size=4) for x in (ids, pos)]
-    ids_q, pos_q, ids_kv, pos_kv = reorder.ring_step(*shuffled, cp=2, q_rank=1, kv_rank=0)
-    assert not bool(
-        is_representable(
-            segment_ids_q=ids_q,
-            segment_pos_q=pos_q,
-            segment_ids_kv=ids_kv,
-            segment_pos_kv=pos_kv,
-            mask_type="padding_causal",
-            max_segments_per_seq=S,
-        )
-    ), "choose a layout the kernel cannot read"
+    step = reorder.ring_step(*shuffled, cp=2, q_rank=1, kv_rank=0)
+    common = layout_keywords(dict(zip(SIDES, step, strict=True)))
+    assert not bool(is_representable(**common)), "choose a layout the kernel cannot read"
     q, k, v = (jnp.zeros((1, 64, 2, 64), jnp.bfloat16) for _ in range(3))
-    common = dict(
-        segment_ids_q=ids_q,
-        segment_pos_q=pos_q,
-        segment_ids_kv=ids_kv,
-        segment_pos_kv=pos_kv,
-        mask_type="padding_causal",
-        max_segments_per_seq=S,
-    )
     with pytest.raises(NotImplementedError, match="compact metadata cannot express"):
         attention(q, k, v, **common, implementation="cudnn")
     with pytest.raises(NotImplementedError, match="float32"):
@@ -250,15 +206,9 @@ def test_cudnn_matches_reference_on_uneven_rows_gqa_and_windows(dtype, heads_kv,
     bfloat16 and float16: cuDNN's output and gradients equal the reference's."""
     seq, counts = 256, (1, 5, 12)
     ids, pos = _uneven_rows(seq, counts, seed=5)
-    rng = np.random.default_rng(6)
-    q = jnp.asarray(rng.normal(size=(len(counts), seq, 4, 64)), dtype)
-    k, v = (jnp.asarray(rng.normal(size=(len(counts), seq, heads_kv, 64)), dtype) for _ in "kv")
-    common = dict(
-        segment_ids_q=ids,
-        segment_pos_q=pos,
-        mask_type="padding_causal",
-        window_size=window,
-        max_segments_per_seq=max(counts),
+    q, k, v = _gpu_inputs(6, seq, heads=(4, heads_kv), batch=len(counts), dtype=dtype)
+    common = layout_keywords(
+        dict(ids_q=ids, pos_q=pos), window_size=window, max_segments_per_seq=max(counts)
     )
     (out_c, *grads_c), (out_r, *grads_r) = (_out_and_grads(q, k, v, i, common) for i in IMPLS)
     tol = {"atol": 3e-2, "rtol": 3e-2} if dtype == "bfloat16" else {"atol": 1e-2, "rtol": 1e-2}

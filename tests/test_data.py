@@ -13,8 +13,8 @@ from jax.sharding import PartitionSpec as P
 
 import thdkit
 from thdkit import reorder
-from thdkit.data import SEGMENTS, pack, reorder_batch
 from thdkit._src.validate.rules import validate_layout
+from thdkit.data import SEGMENTS, pack, reorder_batch
 
 T, BATCH = 16, 2
 

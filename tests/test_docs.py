@@ -2,14 +2,17 @@
 per file, and shows what the text says.
 
 One test per file. A block fenced ```python gpu needs a GPU: it runs only where JAX's backend is
-one, and the blocks after it must not depend on it. docs/conventions.md and
-docs/context-parallel.md have their runners next to the code they document (``ELSEWHERE``); every
-other file with a python block runs here, and a file with python blocks and no runner fails.
+one, and the blocks after it must not depend on it. A deprecated spelling called from a block
+(a ``DeprecationWarning`` pointing at the block's own line) fails it: the docs show the current
+names. docs/conventions.md and docs/context-parallel.md have their runners next to the code they
+document (``ELSEWHERE``); every other file with a python block runs here, and a file with python
+blocks and no runner fails.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,9 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
+
+import thdkit
+import thdkit.kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -38,11 +44,14 @@ def _run_python_blocks(path: Path) -> dict[str, Any]:
     blocks = _blocks(path)
     assert blocks, f"no python block in {path}"
     namespace: dict[str, Any] = {"__name__": "docs_example"}
-    for info, code in blocks:
-        assert info in ("", "gpu"), f"{path.name}: unknown fence ```python {info}"
-        if info == "gpu" and jax.default_backend() != "gpu":
-            continue
-        exec(compile(code, str(path), "exec"), namespace)
+    with warnings.catch_warnings():
+        # Warnings are attributed to the module of the line they point at: the blocks' own.
+        warnings.filterwarnings("error", category=DeprecationWarning, module="docs_example")
+        for info, code in blocks:
+            assert info in ("", "gpu"), f"{path.name}: unknown fence ```python {info}"
+            if info == "gpu" and jax.default_backend() != "gpu":
+                continue
+            exec(compile(code, str(path), "exec"), namespace)
     return namespace
 
 
@@ -56,6 +65,14 @@ def _readme(namespace: dict[str, Any]) -> None:
 
 def _attention(namespace: dict[str, Any]) -> None:
     assert namespace["out"].shape == (1, 8, 2, 16)
+    # "Adding an implementation": the class written there ran through both entry points (its
+    # block compares them with the reference), under the protocol's current method names, and
+    # left the registry as it found it.
+    written = namespace["PlainSoftmax"]
+    assert issubclass(written, thdkit.kernels.Implementation)
+    assert "check_segments" in vars(written)
+    assert namespace["mine"].shape == namespace["mine_nn"].shape == (1, 8, 4, 16)
+    assert "plain_softmax" not in thdkit.kernels.names()
 
 
 def _training(namespace: dict[str, Any]) -> None:
@@ -90,3 +107,15 @@ def test_every_doc_with_python_blocks_has_one_runner(path: Path) -> None:
     if path.name in ELSEWHERE:
         runner = (ROOT / ELSEWHERE[path.name]).read_text("utf-8")
         assert path.name in runner, f"{ELSEWHERE[path.name]} does not run {path.name}"
+
+
+def test_a_block_calling_a_deprecated_spelling_fails(tmp_path: Path) -> None:
+    doc = tmp_path / "old.md"
+    doc.write_text(
+        "```python\nimport warnings\n\n\ndef old():\n"
+        "    warnings.warn('old is deprecated', DeprecationWarning, stacklevel=2)\n```\n\n"
+        "```python\nold()\n```\n",
+        "utf-8",
+    )
+    with pytest.raises(DeprecationWarning, match="old is deprecated"):
+        _run_python_blocks(doc)

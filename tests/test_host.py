@@ -1,4 +1,4 @@
-"""The host path (thdkit._src.host): NumPy inputs give the device path's metadata bit for bit, the same
+"""The host path: NumPy inputs give the device path's metadata bit for bit, the same
 errors, and compile nothing.
 
 Device results come from one jitted program per layout shape (every mask type, compact and raw),

@@ -67,8 +67,8 @@ class _Delegating(kernels.Implementation):
     def check_config(self, config):
         get("reference").check_config(config)
 
-    def check_layout(self, q, kv, config):
-        get("reference").check_layout(q, kv, config)
+    def check_segments(self, q, kv, config):
+        get("reference").check_segments(q, kv, config)
 
     def prepare(self, q, kv, config, **kwargs):
         return get("reference").prepare(q, kv, config, **kwargs)

@@ -2,9 +2,9 @@
 
 The flash backward recomputes each tile's softmax weights. Recomputed as ``exp(logit - lse)``
 they lose the exact 1 of the row's largest logit once ``lse`` rounds (``|logit|`` around 1e4 in
-float32), and the gradients drift; this file holds every implementation to a float64 oracle
-(the dense reference differentiated by autodiff with x64 enabled) at logit magnitudes from 1 to
-1e30, eagerly and under ``jit``, and checks that every gradient stays finite.
+float32), and the gradients drift; this file holds every implementation to the float64 oracle of
+tests/harness.py (NumPy, its gradients written by hand) at logit magnitudes from 1 to 1e30,
+eagerly and under ``jit``, and checks that every gradient stays finite.
 
 The inputs make every float32 dot product exact, so float32 and float64 see the same logits and
 the same ties (docs/semantics.md's masks on a packed layout of several documents):
@@ -32,7 +32,6 @@ from hypothesis import strategies as st
 
 from thdkit._src.kernels.partial import attention_partial, partial_implementations
 from thdkit._src.mask_types import MaskType
-from thdkit._src.reference import reference_attention
 from thdkit._src.segments import Segments
 
 from . import harness
@@ -64,6 +63,9 @@ IMPLEMENTATIONS = tuple(n for n in partial_implementations() if harness.refusal(
 """The registered implementations that can run on this machine."""
 
 
+LAYOUT = dict(ids_q=IDS, pos_q=POS, ids_kv=IDS, pos_kv=POS)
+
+
 def segments() -> Segments:
     return Segments.from_ids(jnp.asarray(IDS, jnp.int32), jnp.asarray(POS, jnp.int32))
 
@@ -89,60 +91,39 @@ def offset_inputs(seed: int, offset: float) -> tuple[np.ndarray, ...]:
     return q, k, v, w_out, w_lse
 
 
-def loss_of(implementation: str, scale: float = 1.0):
-    """``(q, k, v, w_out, w_lse) -> loss`` reading the output and the finite log-sum-exps."""
+def partial_of(implementation: str, scale: float = 1.0):
+    """``(q, k, v) -> (out, lse)`` of one implementation on the layout."""
 
-    def loss(q, k, v, w_out, w_lse):
-        out, lse = attention_partial(
-            q,
-            k,
-            v,
-            q_segments=segments(),
-            kv_segments=segments(),
-            mask_type=MASK,
-            window_size=None,
-            scale=scale,
-            implementation=implementation,
-            block_q=BLOCK,
+    def partial(q, k, v):
+        return attention_partial(
+            q, k, v, q_segments=segments(), kv_segments=segments(), mask_type=MASK,
+            window_size=None, scale=scale, implementation=implementation, block_q=BLOCK,
             block_kv=BLOCK,
-        )
-        finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-        return jnp.sum(out * w_out) + jnp.sum(finite_lse * w_lse)
+        )  # fmt: skip
 
-    return loss
+    return partial
 
 
 @functools.cache
 def gradient(implementation: str, jit: bool, scale: float = 1.0):
-    """``(dq, dk)`` of :func:`loss_of`, eagerly or under ``jit``."""
-    grad = jax.grad(loss_of(implementation, scale), argnums=(0, 1))
-    return jax.jit(grad) if jit else grad
+    """``(q, k, v, w_out, w_lse) -> (dq, dk)`` of the loss of ``harness.partial_grads`` (the
+    output and the finite log-sum-exps), eagerly or under ``jit``."""
 
+    def grads(q, k, v, w_out, w_lse):
+        partial = partial_of(implementation, scale)
+        _, _, (dq, dk, _) = harness.partial_grads(partial, q, k, v, w_out, w_lse)
+        return dq, dk
 
-@functools.cache
-def _oracle(scale: float):
-    def loss(q, k, v, w_out, w_lse):
-        out, lse = reference_attention(
-            q,
-            k,
-            v,
-            q_segments=segments(),
-            kv_segments=segments(),
-            mask_type=MASK,
-            window_size=None,
-            scale=scale,
-        )
-        finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-        return jnp.sum(out * w_out) + jnp.sum(finite_lse * w_lse)
-
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return jax.jit(grads) if jit else grads
 
 
 def oracle(inputs: tuple[np.ndarray, ...], scale: float = 1.0) -> tuple[np.ndarray, ...]:
-    """``(dq, dk)`` of the dense reference in float64, by autodiff."""
-    with jax.enable_x64(True):
-        grads = _oracle(scale)(*(jnp.asarray(x, jnp.float64) for x in inputs))
-        return tuple(np.asarray(g, np.float64) for g in grads)
+    """``(dq, dk)`` of the same loss in float64 (``harness.partial_oracle``)."""
+    q, k, v, w_out, w_lse = inputs
+    _, _, (dq, dk, _) = harness.partial_oracle(
+        q, k, v, LAYOUT, MASK, None, w_out=w_out, w_lse=w_lse, scale=scale
+    )
+    return dq, dk
 
 
 def relative_error(got: np.ndarray, want: np.ndarray) -> float:
@@ -194,37 +175,15 @@ def test_gradients_match_float64_at_every_magnitude(implementation, jit):
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_forward_matches_float64_and_gradients_stay_finite(implementation):
     """At every magnitude the output is right and nothing of the gradients is inf or NaN."""
-    grad = jax.jit(jax.grad(loss_of(implementation), argnums=(0, 1, 2)))
-    forward = jax.jit(
-        lambda q, k, v: attention_partial(
-            q,
-            k,
-            v,
-            q_segments=segments(),
-            kv_segments=segments(),
-            mask_type=MASK,
-            window_size=None,
-            scale=1.0,
-            implementation=implementation,
-            block_q=BLOCK,
-            block_kv=BLOCK,
-        )
-    )
+    forward = jax.jit(partial_of(implementation))
+    grad = jax.jit(lambda *inputs: harness.partial_grads(partial_of(implementation), *inputs)[2])
     for power in POWERS:
         inputs = ties_inputs(power, power)
         for g in grad(*inputs):
             assert np.isfinite(np.asarray(g)).all(), (implementation, power)
         out, _ = forward(*inputs[:3])
-        with jax.enable_x64(True):
-            want, _ = reference_attention(
-                *(jnp.asarray(x, jnp.float64) for x in inputs[:3]),
-                q_segments=segments(),
-                kv_segments=segments(),
-                mask_type=MASK,
-                window_size=None,
-                scale=1.0,
-            )
-        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5, err_msg=str(power))
+        want, _, _ = harness.partial_oracle(*inputs[:3], LAYOUT, MASK, None, scale=1.0)
+        harness.assert_close(out, want, harness.TOLERANCES["float32"]["forward"], str(power))
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

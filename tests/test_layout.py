@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from jax.experimental import checkify
 
 import thdkit
-from thdkit._src.validate.rules import LayoutError
 from thdkit._src.limits import MAX_POSITION, MAX_SEGMENTS, MAX_SEQ_LEN
 from thdkit._src.synth import packed_segments
+from thdkit._src.validate.rules import LayoutError
 
 from .strategies import batches, np_run_lengths
 

@@ -1,8 +1,9 @@
-"""The Pallas kernels, in interpret mode on CPU, against the dense reference: forward and
-gradients for every mask type, windows, GQA and MQA, cross-attention, ring steps, padding at the
-end of rows, isolation of non-finite values, the scalar-prefetch (TPU) path in the TPU
-interpreter and the ``attention(..., implementation="pallas")`` entry point; and the lowering of
-the compiled kernels for GPU (Triton) and TPU (Mosaic), which runs on CPU through ``jax.export``.
+"""The Pallas kernels, in interpret mode on CPU, against the float64 oracle of tests/harness.py:
+forward, log-sum-exp and gradients for every mask type, windows, GQA and MQA, cross-attention,
+ring steps, padding at the end of rows, isolation of non-finite values, the scalar-prefetch (TPU)
+path in the TPU interpreter and the ``attention(..., implementation="pallas")`` entry point; and
+the lowering of the compiled kernels for GPU (Triton) and TPU (Mosaic), which runs on CPU through
+``jax.export``.
 
 Interpret mode compiles slowly, so the layouts of one shape are stacked into one batch (rows with
 different documents, segment counts and ring-step orders) and each (mask, window) compiles once;
@@ -22,6 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
+from thdkit._src.kernels.pallas import Pallas, pallas_attention, visiting_query_tiles
+from thdkit._src.mask_types import MaskType, check_window
+from thdkit._src.reference import reference_attention
+from thdkit._src.segments import Segments, run_lengths
 from thdkit.kernels import (
     AttentionConfig,
     TileRanges,
@@ -30,11 +35,9 @@ from thdkit.kernels import (
     plan_attention,
     tile_ranges,
 )
-from thdkit._src.kernels.pallas import Pallas, pallas_attention, visiting_query_tiles
-from thdkit._src.mask_types import MaskType, check_window
-from thdkit._src.reference import reference_attention
-from thdkit._src.segments import Segments, run_lengths
 
+from . import harness
+from .harness import SCALE
 from .strategies import (
     ATTN_S,
     ATTN_T,
@@ -50,9 +53,6 @@ from .strategies import (
 
 S, T, T_KV = ATTN_S, ATTN_T, ATTN_T_KV
 BLOCK = 16  # T = 40 is 2.5 query tiles: the last one ends in padding
-SCALE = 0.3
-TOL = {"atol": 2e-5, "rtol": 2e-5}
-H_Q, H_KV, D, D_V = 8, 2, 8, 4  # GQA: 4 query heads per key/value head
 # XLA:CPU compiles the interpreted kernels ~40% faster without its backend optimisations; the
 # tiny test programs run in milliseconds either way.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -75,82 +75,30 @@ SQUARE = _square_batch()
 BATCH = SQUARE["ids_q"].shape[0]
 
 
-def _inputs(seed: int, batch: int, seq_kv: int, heads=(H_Q, H_KV), dtype=np.float32):
-    """``(q, k, v, w_out, w_lse)``: random inputs and loss weights."""
-    rng = np.random.default_rng(seed)
-    heads_q, heads_kv = heads
-    shapes = (
-        (batch, T, heads_q, D),
-        (batch, seq_kv, heads_kv, D),
-        (batch, seq_kv, heads_kv, D_V),
-        (batch, T, heads_q, D_V),
-    )
-    q, k, v, w_out = (np.asarray(rng.normal(size=s), dtype) for s in shapes)
-    return q, k, v, w_out, np.asarray(rng.normal(size=(batch, T, heads_q)), np.float32)
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("mask", "window", "implementation", "tpu"),
     compiler_options=FAST_COMPILE,
 )
-def _run(q, k, v, w_out, w_lse, layout, *, mask, window, implementation, tpu=False):
-    """(out, lse, (dq, dk, dv)) for a loss reading the finite outputs and log-sum-exps; ``tpu``:
-    the pallas kernels take the TPU path (scalar prefetch) in the TPU interpreter."""
+def _run(q, k, v, w_out, w_lse, layout, *, mask, window, implementation="pallas", tpu=False):
+    """(out, lse, (dq, dk, dv)) of harness.partial_grads; ``tpu``: the pallas kernels take the
+    TPU path (scalar prefetch) in the TPU interpreter."""
     sides = segments_of(layout)
 
-    def loss(q, k, v):
-        if implementation == "pallas":
-            ranges = tile_ranges(
-                *sides.values(), mask_type=mask, window_size=window, block_q=BLOCK, block_kv=BLOCK
-            )
-            out, lse = pallas_attention(
-                q,
-                k,
-                v,
-                *sides.values(),
-                ranges,
-                mask_type=mask,
-                window_size=window,
-                scale=SCALE,
-                interpret=pltpu.InterpretParams() if tpu else None,
-                backend="tpu" if tpu else None,
-            )
-        else:
-            out, lse = reference_attention(
+    def partial(q, k, v):
+        if implementation == "reference":
+            return reference_attention(
                 q, k, v, **sides, mask_type=mask, window_size=window, scale=SCALE
             )
-        finite_out = jnp.where(jnp.isfinite(out), out, 0.0)
-        finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-        return jnp.sum(finite_out * w_out) + jnp.sum(finite_lse * w_lse), (out, lse)
-
-    (_, (out, lse)), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
-    return out, lse, grads
-
-
-def _assert_matches(pallas, reference, tol=TOL):
-    (out_p, lse_p, grads_p), (out_r, lse_r, grads_r) = pallas, reference
-    assert out_p.dtype == lse_p.dtype == jnp.float32
-    np.testing.assert_allclose(out_p, out_r, **tol)
-    masked = np.asarray(lse_r) == -np.inf
-    np.testing.assert_array_equal(np.asarray(lse_p) == -np.inf, masked)
-    np.testing.assert_allclose(np.where(masked, 0, lse_p), np.where(masked, 0, lse_r), **tol)
-    for name, g_p, g_r in zip(("dq", "dk", "dv"), grads_p, grads_r, strict=True):
-        np.testing.assert_allclose(
-            np.asarray(g_p, np.float32), np.asarray(g_r, np.float32), err_msg=name, **tol
+        ranges = tile_ranges(
+            *sides.values(), mask_type=mask, window_size=window, block_q=BLOCK, block_kv=BLOCK
         )
-    # Rows with no allowed key: zero output, zero query gradient.
-    assert masked.any()
-    assert np.all(np.asarray(out_p)[masked] == 0)
-    assert np.all(np.asarray(grads_p[0], np.float32)[masked] == 0)
+        return pallas_attention(
+            q, k, v, *sides.values(), ranges, mask_type=mask, window_size=window, scale=SCALE,
+            interpret=pltpu.InterpretParams() if tpu else None, backend="tpu" if tpu else None,
+        )  # fmt: skip
 
-
-def _both(inputs, layout, **options):
-    layout = {key: jnp.asarray(a) for key, a in layout.items()}
-    return tuple(
-        _run(*inputs, layout, **options, implementation=implementation)
-        for implementation in ("pallas", "reference")
-    )
+    return harness.partial_grads(partial, q, k, v, w_out, w_lse)
 
 
 # Every mask type; windows (a negative bound is unbounded) on one type of each family: the types
@@ -167,25 +115,24 @@ CASES = [
 
 
 @pytest.mark.parametrize(("mask", "window"), CASES, ids=[f"{m.value}-{w}" for m, w in CASES])
-def test_pallas_matches_reference(mask, window):
+def test_pallas_matches_float64_oracle(mask, window):
     window = check_window(window)
     if mask == MaskType.PADDING_CAUSAL_BOTTOM_RIGHT:
-        inputs, layout = _inputs(1, 2, T_KV), cross_layout(5)
+        layout, seed = cross_layout(5), 1
     else:
-        inputs, layout = _inputs(0, BATCH, T), SQUARE
-    _assert_matches(*_both(inputs, layout, mask=mask, window=window))
+        layout, seed = SQUARE, 0
+    inputs = harness.layout_inputs(layout, seed)
+    got = _run(*inputs, layout, mask=mask, window=window)
+    assert harness.check_partial(got, inputs, layout, mask, window, what="pallas").any()
 
 
-def test_tpu_path_matches_reference_mqa():
+def test_tpu_path_matches_float64_oracle_mqa():
     """The TPU path (tile ranges through scalar prefetch), run by the TPU interpreter that
     emulates its memory spaces, on stripe-2 ring steps with one key/value head (MQA)."""
-    inputs = _inputs(2, 2, T, heads=(2, 1))
-    layout = {key: jnp.asarray(a) for key, a in ring_layout(6, "striped2", 1, 0).items()}
-    options = dict(mask=MaskType.CAUSAL, window=None)
-    _assert_matches(
-        _run(*inputs, layout, **options, implementation="pallas", tpu=True),
-        _run(*inputs, layout, **options, implementation="reference"),
-    )
+    layout = ring_layout(6, "striped2", 1, 0)
+    inputs = harness.layout_inputs(layout, 2, heads=(2, 1))
+    got = _run(*inputs, layout, mask=MaskType.CAUSAL, window=None, tpu=True)
+    assert harness.check_partial(got, inputs, layout, MaskType.CAUSAL, None, what="tpu").any()
 
 
 # --- isolation of non-finite values ------------------------------------------------------------
@@ -206,15 +153,14 @@ def test_poison_stays_in_its_document(row, side, poison, data):
     are exactly the reference's."""
     ids = SQUARE["ids_q"] if side == "q" else SQUARE["ids_kv"]
     target = data.draw(st.sampled_from(sorted(set(ids[row].tolist()))), label="poisoned id")
-    clean = _inputs(3, BATCH, T)
+    clean = harness.layout_inputs(SQUARE, 3)
     dirty = [x.copy() for x in clean]
     in_row = (np.arange(BATCH) == row)[:, None]
     dirty[{"q": 0, "k": 1, "v": 2}[side]][in_row & (ids == target)] = poison
-    layout = {key: jnp.asarray(a) for key, a in SQUARE.items()}
     options = dict(mask=ISOLATION_MASK, window=ISOLATION_WINDOW)
-    out_c, lse_c, grads_c = _run(*clean, layout, **options, implementation="pallas")
-    out_d, lse_d, grads_d = _run(*dirty, layout, **options, implementation="pallas")
-    _, lse_r, _ = _run(*dirty, layout, **options, implementation="reference")
+    out_c, lse_c, grads_c = _run(*clean, SQUARE, **options)
+    out_d, lse_d, grads_d = _run(*dirty, SQUARE, **options)
+    _, lse_r, _ = _run(*dirty, SQUARE, **options, implementation="reference")
     other_q = ~(in_row & (SQUARE["ids_q"] == target))
     other_kv = ~(in_row & (SQUARE["ids_kv"] == target))
     np.testing.assert_array_equal(np.asarray(out_d)[other_q], np.asarray(out_c)[other_q])
@@ -284,35 +230,32 @@ def test_visiting_query_tiles_cover_ranges_that_move_backwards():
 _ENTRY_CONFIG = dict(mask_type="causal_bottom_right", window_size=(5, 0), max_segments_per_seq=S)
 
 
-@functools.partial(jax.jit, static_argnames=("implementation",), compiler_options=FAST_COMPILE)
-def _entry_step(q, k, v, w_out, segments, *, implementation):
-    """(out, dq, dk, dv) of ``attention`` with a plan made for ``implementation``."""
+@functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+def _entry_step(q, k, v, w_out, segments):
+    """(out, None, (dq, dk, dv)) of ``attention`` with a plan made for pallas."""
     plan = plan_attention(
-        segments, **_ENTRY_CONFIG, block_q=BLOCK, block_kv=BLOCK, implementation=implementation
+        segments, **_ENTRY_CONFIG, block_q=BLOCK, block_kv=BLOCK, implementation="pallas"
     )
-    assert plan.implementation == implementation
+    assert plan.implementation == "pallas"
 
     def loss(q, k, v):
-        out = attention(q, k, v, plan=plan)
-        return jnp.sum(out.astype(jnp.float32) * w_out.astype(jnp.float32)), out
+        out = attention(q, k, v, plan=plan, scale=SCALE)
+        return jnp.sum(out.astype(jnp.float32) * w_out), out
 
     (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
-    return out, *grads
+    return out, None, grads
 
 
 def test_attention_implementation_pallas_bfloat16():
     """``attention(..., implementation="pallas")``: bfloat16 in and out, float32 accumulation,
-    forward and gradients close to the reference; never chosen automatically."""
+    forward and gradients close to the float64 oracle; never chosen automatically."""
     layout = self_layout(8)
     segments = Segments.from_ids(layout["ids_q"], layout["pos_q"])
-    inputs = _inputs(4, 2, T, dtype=jnp.bfloat16)[:4]
-    got = _entry_step(*inputs, segments, implementation="pallas")
-    want = _entry_step(*inputs, segments, implementation="reference")
-    assert all(x.dtype == jnp.bfloat16 for x in got)
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(
-            np.asarray(g, np.float32), np.asarray(w, np.float32), atol=3e-2, rtol=3e-2
-        )
+    q, k, v, w_out, _ = harness.layout_inputs(layout, 4, dtype="bfloat16")
+    mask, window = MaskType.parse(_ENTRY_CONFIG["mask_type"]), _ENTRY_CONFIG["window_size"]
+    want = harness.partial_oracle(q, k, v, layout, mask, window, w_out=w_out)
+    got = _entry_step(q, k, v, w_out, segments)
+    harness.check_outputs(got, want, dtype="bfloat16", what="pallas entry")
     assert "pallas" not in default_order()
     automatic = jax.eval_shape(lambda s: plan_attention(s, **_ENTRY_CONFIG), segments)
     assert automatic.implementation in default_order()
@@ -451,10 +394,7 @@ def test_compiled_gpu_kernels_match_reference(dtype):
     ids, pos = synth.packed_segments(np.random.default_rng(0), batch=2, seq_len=512, max_segments=8)
     layout = ring_step_layout(ids, pos, "striped2", 1, 0)
     sides = segments_of(layout)
-    rng = np.random.default_rng(1)
-    q, k, v = (
-        jnp.asarray(rng.normal(size=(2, 256, h, d)), dtype) for h, d in ((4, 24), (2, 24), (2, 8))
-    )
+    q, k, v, _, _ = harness.random_inputs(1, seq_q=256, heads=(4, 2), dim=24, dim_v=8, dtype=dtype)
     mask = MaskType.PADDING_CAUSAL
 
     def loss(implementation):

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 import thdkit
 from thdkit import kernels
 from thdkit._src.kernels import base, partial
+from thdkit._src.kernels.config import AttentionConfig
 from thdkit._src.masks import pair_mask
 from thdkit._src.segments import Segments
 from thdkit._src.synth import packed_segments
@@ -109,7 +110,8 @@ def test_every_context_parallel_strategy(registered, strategy):
             q,
             k,
             v,
-            **layout,
+            q_segments=Segments.from_ids(ids, pos),
+            max_segments_per_seq=3,
             mesh=mesh,
             axis_name="cp",
             strategy=strategy,
@@ -176,3 +178,77 @@ def test_the_old_kernel_spellings_warn():
     with pytest.warns(DeprecationWarning, match=r"unknown implementation 'nope'.*ValueError"):
         assert kernels.unregister("nope") is None
     assert "nope" not in kernels.names()
+
+
+def test_an_implementation_overriding_check_layout_warns_and_its_check_still_decides(registered):
+    """check_layout is renamed check_segments: a subclass overriding the old name warns when it
+    is created, naming itself and the new name, and its check serves as check_segments."""
+    with pytest.warns(DeprecationWarning, match=r"PaddingOnly overrides check_layout.*check_segm"):
+
+        class PaddingOnly(DenseInATest):
+            name = "padding_only_in_a_test"
+
+            def check_layout(self, q, kv, config):
+                if config.mask_type.uses_positions:
+                    raise NotImplementedError("reads no positions")
+
+    kernels.register(PaddingOnly())
+    try:
+        ids, pos, q, k, v = _inputs()
+        layout = dict(segment_ids_q=ids, segment_pos_q=pos, max_segments_per_seq=3)
+        for mask_type in ("padding", "no_mask"):
+            want = thdkit.attention(
+                q, k, v, **layout, mask_type=mask_type, implementation=registered
+            )
+            got = thdkit.attention(
+                q, k, v, **layout, mask_type=mask_type, implementation=PaddingOnly.name
+            )
+            np.testing.assert_array_equal(got, want)
+        with pytest.raises(NotImplementedError, match="padding_only_in_a_test: reads no positions"):
+            thdkit.attention(q, k, v, **layout, mask_type="causal", implementation=PaddingOnly.name)
+    finally:
+        kernels.unregister(PaddingOnly.name)
+
+
+def test_calling_check_layout_warns_and_runs_check_segments():
+    """The old name, called, or reached through super() by a subclass that still overrides it,
+    warns and runs the check_segments of the class above."""
+
+    class Short(DenseInATest):
+        name = "short_in_a_test"
+
+        def check_segments(self, q, kv, config):
+            if q.seq_len > 4:
+                raise NotImplementedError("rows of at most 4 tokens")
+
+    with pytest.warns(DeprecationWarning, match="Shorter overrides check_layout"):
+
+        class Shorter(Short):
+            name = "shorter_in_a_test"
+
+            def check_layout(self, q, kv, config):
+                super().check_layout(q, kv, config)
+                if q.seq_len > 2:
+                    raise NotImplementedError("rows of at most 2 tokens")
+
+    config = AttentionConfig.parse(mask_type="causal", window_size=None, max_segments_per_seq=1)
+
+    def outcome(check, seg):
+        try:
+            check(seg, seg, config)
+        except NotImplementedError as error:
+            return str(error)
+        return None
+
+    def reason(most):
+        return None if most is None else f"rows of at most {most} tokens"
+
+    for length, short, shorter in ((2, None, None), (4, None, 2), (8, 4, 4)):
+        seg = Segments.from_ids(np.ones((1, length), np.int32))
+        assert outcome(Short().check_segments, seg) == reason(short)
+        with pytest.warns(DeprecationWarning, match=r"Short\.check_layout is renamed check_segm"):
+            assert outcome(Short().check_layout, seg) == outcome(Short().check_segments, seg)
+        # Shorter's own check_layout is its check_segments; its super() call warns.
+        with pytest.warns(DeprecationWarning, match=r"Shorter\.check_layout is renamed"):
+            got = outcome(Shorter().check_segments, seg)
+        assert got == reason(shorter)

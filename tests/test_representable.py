@@ -12,10 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from thdkit._src import reorder, synth
-from thdkit.kernels import is_representable
 from thdkit._src.kernels.representable import representable_rows
 from thdkit._src.mask_types import MaskType
 from thdkit._src.metadata import seqlens_and_offsets
+from thdkit._src.segments import Segments
+from thdkit.kernels import is_representable
 
 from .strategies import ALL_MASKS, ATTN_S, ATTN_T, batches, kernel_reading, np_allowed
 
@@ -96,8 +97,8 @@ def test_is_representable_matches_emulated_kernel(mask, q, kv):
 def test_windowed_representability_matches_emulated_kernel(mask, left, q, kv):
     """The check behind the automatic cuDNN choice with a sliding window."""
     got = representable_rows(
-        (jnp.asarray(q[0]), jnp.asarray(q[1])),
-        (jnp.asarray(kv[0]), jnp.asarray(kv[1])),
+        Segments.from_ids(jnp.asarray(q[0]), jnp.asarray(q[1])),
+        Segments.from_ids(jnp.asarray(kv[0]), jnp.asarray(kv[1])),
         mask_type=mask,
         num_segments=S,
         window_left=left,

@@ -14,8 +14,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from thdkit import reorder
-from thdkit._src.validate.segments import validate_segments
 from thdkit._src.segments import Segments, segment_counts
+from thdkit._src.validate.segments import validate_segments
 
 from .strategies import batches, np_run_lengths
 

@@ -17,8 +17,8 @@ import pytest
 from jax.sharding import Mesh
 
 import thdkit
-from thdkit.context_parallel import STRATEGIES
 from thdkit._src.mask_types import MaskType
+from thdkit.context_parallel import STRATEGIES
 
 from .harness import SCALE, WINDOW, Case, S, inputs, layout
 from .strategies import reorder_pair
@@ -60,11 +60,12 @@ def _context_parallel(strategy: str, mask: MaskType, window: Any, cross: bool) -
     mesh = Mesh(np.array(jax.devices()[:CP]), ("cp",))
 
     def run(q, k, v, w, ids_q, pos_q, ids_kv, pos_kv):
-        kv = dict(segment_ids_kv=ids_kv, segment_pos_kv=pos_kv) if cross else {}
+        # Segments in any token order (the bare constructor checks nothing; lengths unread).
+        kv = thdkit.Segments(ids_kv, pos_kv, 0 * ids_kv) if cross else None
         attend = functools.partial(
-            thdkit.context_parallel_attention, segment_ids_q=ids_q, segment_pos_q=pos_q, **kv,
-            mask_type=mask, window_size=window, max_segments_per_seq=S, scale=SCALE, mesh=mesh,
-            axis_name="cp", strategy=strategy,
+            thdkit.context_parallel_attention, q_segments=thdkit.Segments(ids_q, pos_q, 0 * ids_q),
+            kv_segments=kv, mask_type=mask, window_size=window, max_segments_per_seq=S,
+            scale=SCALE, mesh=mesh, axis_name="cp", strategy=strategy,
         )  # fmt: skip
         return _loss_and_grads(attend, q, k, v, w)
 

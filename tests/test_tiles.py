@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 
 from thdkit._src import synth
 from thdkit._src.host import NUMPY
-from thdkit.kernels import tile_ranges
 from thdkit._src.kernels.tiles import kv_spans
 from thdkit._src.mask_types import MaskType
 from thdkit._src.masks import pair_mask
 from thdkit._src.segments import Segments, run_lengths
+from thdkit.kernels import tile_ranges
 
 from .strategies import ALL_MASKS, batches
 

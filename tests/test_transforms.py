@@ -45,7 +45,6 @@ POS = np.array(
     [[*range(10), *range(22)], [*range(5), *range(5), *range(22)]],
     np.int32,
 )
-TOL = dict(rtol=2e-5, atol=2e-5)
 
 
 IMPLEMENTATIONS = tuple(n for n in base.names() if harness.refusal(n) is None)
@@ -99,10 +98,9 @@ ENTRIES = ("attention", "dot_product_attention", "flax")
 
 
 def _inputs(extra: bool = False) -> tuple[np.ndarray, ...]:
-    """q, k, v and the loss weights, float32; with a leading axis of EXTRA for vmap."""
-    rng = np.random.default_rng(0)
-    lead = (EXTRA,) if extra else ()
-    return tuple(np.asarray(rng.normal(size=(*lead, B, T, H, D)), np.float32) for _ in range(4))
+    """q, k, v and the output's loss weights, float32; with a leading axis of EXTRA for vmap."""
+    lead = (EXTRA, B) if extra else B
+    return harness.random_inputs(batch=lead, seq_q=T, heads=(H, H), dim=D, dim_v=D)[:4]
 
 
 def _plain(f, q, k, v, layout, w):
@@ -226,11 +224,8 @@ def test_transform_matches_untransformed(transform, implementation, entry):
     f, layout = _entry(entry, implementation), _layout(entry, implementation)
     q, k, v, w = _inputs(extra=transform == "vmap")
     run = jax.jit(functools.partial(_value_and_grads, TRANSFORMS[transform], f))
-    out, grads = run(q, k, v, layout, w)
-    want_out, want_grads = _untransformed(entry, implementation, UNTRANSFORMED.get(transform, ""))
-    np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), **TOL, err_msg="out")
-    for name, g, want in zip(("dq", "dk", "dv"), grads, want_grads, strict=True):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(want), **TOL, err_msg=name)
+    want = _untransformed(entry, implementation, UNTRANSFORMED.get(transform, ""))
+    harness.assert_agree(run(q, k, v, layout, w), want, what=transform)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -250,8 +245,5 @@ def test_replicated_plan_under_head_sharded_shard_map(implementation):
         )(q, k, v, plan)
         return jnp.sum(out * w), out
 
-    out, grads = jax.jit(functools.partial(_value_and_grads, sharded, f))(q, k, v, plan, w)
-    want_out, want_grads = _untransformed("attention", implementation, "")
-    np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), **TOL)
-    for g, want in zip(grads, want_grads, strict=True):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(want), **TOL)
+    got = jax.jit(functools.partial(_value_and_grads, sharded, f))(q, k, v, plan, w)
+    harness.assert_agree(got, _untransformed("attention", implementation, ""), what="heads")

@@ -168,9 +168,32 @@ def test_under_jit_with_a_capacity():
     padded = jax.jit(thdkit.pad, static_argnums=(2, 3))(got.x, got.indices, B, T)
     np.testing.assert_array_equal(padded, np.where((ids != 0)[..., None], x, 0))
     small = jax.jit(
-        lambda ids: thdkit.unpad(x, ids, capacity=B * T, max_documents=3 * S).cu_seqlens
+        lambda ids: thdkit.unpad(x, ids, capacity=B * T, max_segments_per_seq=S).cu_seqlens
     )
-    assert small(ids).shape == (3 * S + 1,)
+    assert small(ids).shape == (B * S + 1,)
+    np.testing.assert_array_equal(small(ids)[: docs + 1], cu)
+    np.testing.assert_array_equal(small(ids)[docs + 1 :], n)
+
+
+def test_max_documents_is_deprecated_for_max_segments_per_seq():
+    """max_documents (the sequences of the batch) warns, naming the new keyword, and B*S of it
+    is max_segments_per_seq=S, eagerly and under jit; both together are a TypeError."""
+    rng = np.random.default_rng(7)
+    ids, _ = synth.packed_segments(rng, batch=B, seq_len=T, max_segments=S)
+    x = rng.standard_normal((B, T, 2)).astype(np.float32)
+    for capacity in (None, B * T):
+        want = thdkit.unpad(x, ids, capacity=capacity, max_segments_per_seq=S)
+        with pytest.warns(DeprecationWarning, match=r"max_documents.*max_segments_per_seq=S"):
+            got = thdkit.unpad(x, ids, capacity=capacity, max_documents=B * S)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+    with pytest.warns(DeprecationWarning, match="max_documents"):
+        traced = jax.jit(lambda i: thdkit.unpad(x, i, capacity=B * T, max_documents=B * S))(ids)
+    want = jax.jit(lambda i: thdkit.unpad(x, i, capacity=B * T, max_segments_per_seq=S))(ids)
+    for g, w in zip(traced, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    with pytest.raises(TypeError, match="max_segments_per_seq or max_documents"):
+        thdkit.unpad(x, ids, max_segments_per_seq=S, max_documents=B * S)
 
 
 def test_gradients_flow_through_unpad_and_pad():
@@ -211,9 +234,19 @@ def test_attention_on_the_varlen_form_equals_attention_on_packed_rows():
         (lambda: thdkit.unpad(np.ones((1, 4)), [[1, 1, 0, 1]]), ValueError, "segments row 0"),
         (lambda: thdkit.unpad(np.ones((1, 4)), [[1, 1, 0, 2]], capacity=2), ValueError, "capacity"),
         (
-            lambda: thdkit.unpad(np.ones((1, 4)), [[1, 1, 0, 2]], max_documents=1),
+            lambda: thdkit.unpad(np.ones((1, 4)), [[1, 1, 0, 2]], max_segments_per_seq=1),
             ValueError,
-            "max_documents=1",
+            "max_segments_per_seq=1 is below the 2 documents of segments row 0",
+        ),
+        (
+            lambda: thdkit.unpad(np.ones((1, 4)), [[1, 1, 0, 2]], max_segments_per_seq=0),
+            ValueError,
+            "max_segments_per_seq",
+        ),
+        (
+            lambda: thdkit.unpad(np.ones((1, 4)), [[1, 1, 0, 2]], max_segments_per_seq=2.0),
+            TypeError,
+            "max_segments_per_seq",
         ),
         (
             lambda: thdkit.unpad(np.ones((1, 4)), [[1, 1, 0, 2]], capacity=2.0),

@@ -6,6 +6,8 @@ and :mod:`thdkit.data` export; the code lives in the private ``thdkit._src``.
 """
 
 from thdkit._src import moved
+from thdkit import context_parallel  # noqa: F401  (thdkit.context_parallel after `import thdkit`)
+from thdkit import kernels  # noqa: F401  (thdkit.kernels after `import thdkit`)
 from thdkit import reorder
 from thdkit._src.context_parallel.api import context_parallel_attention
 from thdkit._src.context_parallel.api import ring_attention

@@ -15,8 +15,8 @@ around them:
 - ``batch["segments"]``: the batch's :class:`thdkit.Segments` (ids, positions, document lengths),
   ready for :func:`thdkit.plan_attention`, :class:`thdkit.flax.PackedSelfAttention` and
   :func:`thdkit.context_parallel_attention`;
-- for context parallelism, the load-balancing reorder (:func:`thdkit._src.reorder.striped` or
-  :func:`thdkit._src.reorder.dual_chunk_swap`) applied on the host, in NumPy, to every per-token
+- for context parallelism, the load-balancing reorder (:func:`thdkit.reorder.striped` or
+  :func:`thdkit.reorder.dual_chunk_swap`) applied on the host, in NumPy, to every per-token
   array of the batch and to ``batch["segments"]``, so the device never reorders: shard the
   sequence axis over the mesh and pass ``batch["segments"]`` to
   :func:`thdkit.context_parallel_attention` (``q_segments=``) or to the layer with a mesh. A
@@ -37,10 +37,10 @@ from typing import Any, Literal
 import grain
 import numpy as np
 
-from thdkit._src.validate.rules import validate_layout
 from thdkit._src.limits import MAX_SEGMENTS, MAX_SEQ_LEN
 from thdkit._src.reorder import dual_chunk_swap, striped
 from thdkit._src.segments import Segments
+from thdkit._src.validate.rules import validate_layout
 
 __all__ = ["SEGMENTS", "pack", "reorder_batch"]
 
@@ -196,7 +196,7 @@ def reorder_batch(
     ``batch["segments"]``) is reordered field by field, its lengths staying the whole documents'
     lengths. The output comes back from :func:`thdkit.context_parallel_attention` in the same
     order; a token-wise loss over reordered labels needs no inverse
-    (:func:`thdkit._src.reorder.unstriped` restores the order otherwise).
+    (:func:`thdkit.reorder.unstriped` restores the order otherwise).
 
     Args:
         batch: mapping of name to NumPy array [..., T] or :class:`thdkit.Segments`.

@@ -6,9 +6,9 @@ per-id minima and maxima, and the search for where a threshold is crossed inside
 directly.
 
 ``compact``, ``segment_extrema``, ``first_at_least``, ``gather_rows`` and ``shift`` take an
-``ops`` (:class:`thdkit._src.host.ArrayOps`): :data:`thdkit._src.host.JAX` (the default) traces them,
-:data:`thdkit._src.host.NUMPY` runs the same code in NumPy on the host (there ``compact`` takes
-``[N, K]`` rows at once).
+``ops`` (:class:`thdkit._src.host.ArrayOps`): :data:`thdkit._src.host.JAX` (the default) traces
+them, :data:`thdkit._src.host.NUMPY` runs the same code in NumPy on the host (there ``compact``
+takes ``[N, K]`` rows at once).
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ after another. On the device path every new shape compiles two programs (the lay
 the metadata) before the first result; on the host path :func:`thdkit.seqlens_and_offsets`
 computes the same int32 arrays in NumPy and compiles nothing.
 
-There is one implementation of each idea: the layout rules (``thdkit._src.validate.rules``), the int32
-conversion (``thdkit._src.validate.inputs``), the linear method (``thdkit._src.metadata``) and its steps
-(``thdkit._src.counting``) are written once over an :class:`ArrayOps`, the array module they run on
+There is one implementation of each idea: the layout rules (``validate.rules``), the int32
+conversion (``validate.inputs``), the linear method (``metadata``) and its steps
+(``counting``) are written once over an :class:`ArrayOps`, the array module they run on
 (``numpy`` or ``jax.numpy``) plus the few operations the two spell differently:
 
 =================  ==========================================  ===================================

@@ -1,4 +1,4 @@
-"""The accepted ranges of thdkit's integers, and the checks of static integer arguments.
+"""The accepted ranges of thdkit's integers, and the checks of static integer and flag arguments.
 
 docs/semantics.md ("Accepted ranges"): positions lie in ``[0, MAX_POSITION]``, rows hold at most
 ``MAX_SEQ_LEN`` tokens and ids at most ``MAX_SEGMENTS``. These bounds keep every sum and
@@ -18,6 +18,7 @@ __all__ = [
     "MAX_POSITION",
     "MAX_SEGMENTS",
     "MAX_SEQ_LEN",
+    "check_bool",
     "check_int",
     "check_max_segments",
     "is_concrete",
@@ -80,6 +81,34 @@ def check_int(
     if high is not None and not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     return int(value)
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """Returns a flag argument as a ``bool``, or raises naming it.
+
+    Python and NumPy bools are accepted; ints (0 and 1 included) and arrays are not.
+
+    Args:
+        value: the argument.
+        name: its name, for messages.
+
+    Returns:
+        ``bool(value)``.
+
+    Raises:
+        TypeError: ``value`` is not a Python or NumPy bool.
+
+    Example:
+        >>> check_bool(np.bool_(True), "compact")
+        True
+        >>> check_bool(1, "compact")
+        Traceback (most recent call last):
+        ...
+        TypeError: compact must be a bool, got int
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 def check_max_segments(max_segments_per_seq: Any) -> int:

@@ -2,7 +2,8 @@
 
 The pairwise predicate :func:`rel`, the sliding window test :func:`in_window` and
 :func:`pair_mask`, the mask of a tile (or of a whole row) that every attention implementation
-applies (docs/semantics.md). The mask types and windows themselves are :mod:`thdkit._src.mask_types`.
+applies (docs/semantics.md). The mask types and windows themselves are
+:mod:`thdkit._src.mask_types`.
 
 Every mask type of thdkit restricts attention to pairs of tokens of the same non-padding segment
 (``allowed[i, j] = ids_q[i] == ids_kv[j] != 0 and rel(i, j)``); the types differ only in ``rel``:
@@ -137,7 +138,7 @@ def pair_mask(
         bool[*B, T_q, T_kv].
 
     Example:
-        >>> from thdkit._src.segments import Segments
+        >>> from thdkit import Segments
         >>> seg = Segments.from_ids(jnp.array([1, 1, 1]))
         >>> pair_mask(seg, seg, mask_type=MaskType.CAUSAL, window_size=(1, 0)).astype(int)
         Array([[1, 0, 0],

@@ -36,15 +36,15 @@ from jaxtyping import Array, ArrayLike, Int
 
 from thdkit._src import counting
 from thdkit._src.host import JAX, NUMPY, ArrayOps, on_host, readable
-from thdkit._src.validate.inputs import as_layouts
-from thdkit._src.validate.rules import validate_concrete
-from thdkit._src.limits import check_max_segments
+from thdkit._src.limits import check_bool, check_max_segments
 from thdkit._src.mask_types import MaskType
 from thdkit._src.one_hot import one_hot_row
 from thdkit._src.programs import program
 from thdkit._src.reference import dense_row
 from thdkit._src.segments import Segments
 from thdkit._src.seqmeta import SeqMeta
+from thdkit._src.validate.inputs import as_layouts
+from thdkit._src.validate.rules import validate_concrete
 
 __all__ = [
     "Method",
@@ -286,9 +286,7 @@ def seqlens_and_offsets(
         )
     if method not in _METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(_METHODS)}")
-    if not isinstance(compact, (bool, np.bool_)):
-        raise TypeError(f"compact must be a bool, got {type(compact).__name__}")
-    compact = bool(compact)
+    compact = check_bool(compact, "compact")
     given = (segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)
     host = on_host(*given)
     # Concrete JAX layouts are read back and computed on the host too (nothing compiles); the

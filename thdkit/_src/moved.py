@@ -25,10 +25,21 @@ _PUBLIC = "its public names are exported by thdkit, thdkit.kernels or thdkit.con
 MOVED: dict[str, str] = {
     **{
         f"thdkit.{name}": f"thdkit._src.{name}"
-        for name in (
-            "counting host isolation limits mask_types masks metadata one_hot programs reference "
-            "segments seqmeta synth"
-        ).split()
+        for name in [
+            "counting",
+            "host",
+            "isolation",
+            "limits",
+            "mask_types",
+            "masks",
+            "metadata",
+            "one_hot",
+            "programs",
+            "reference",
+            "segments",
+            "seqmeta",
+            "synth",
+        ]
     },
     "thdkit.layout": "thdkit._src.validate.rules",
     "thdkit.segment_rules": "thdkit._src.validate.segments",
@@ -42,15 +53,36 @@ MOVED: dict[str, str] = {
     "thdkit.kernels.registry": "thdkit._src.kernels.builtins",
     **{
         f"thdkit.kernels.{name}": f"thdkit._src.kernels.{name}"
-        for name in (
-            "arguments base blockwise config cudnn dense flash_vjp pallas pallas_kernels partial "
-            "plan representable tiles"
-        ).split()
+        for name in [
+            "arguments",
+            "base",
+            "blockwise",
+            "config",
+            "cudnn",
+            "dense",
+            "flash_vjp",
+            "pallas",
+            "pallas_kernels",
+            "partial",
+            "plan",
+            "representable",
+            "tiles",
+        ]
     },
     "thdkit.context_parallel.registry": "thdkit._src.context_parallel.builtins",
     **{
         f"thdkit.context_parallel.{name}": f"thdkit._src.context_parallel.{name}"
-        for name in "all_gather all_to_all api base program ring schedule shards traffic".split()
+        for name in [
+            "all_gather",
+            "all_to_all",
+            "api",
+            "base",
+            "program",
+            "ring",
+            "schedule",
+            "shards",
+            "traffic",
+        ]
     },
 }
 """Old module path -> the private module that holds its code now."""
@@ -83,9 +115,7 @@ def install() -> None:
         sys.meta_path.append(_MovedFinder())
 
 
-def deprecated_attribute(
-    module: str, old: Mapping[str, tuple[str, str]]
-) -> Callable[[str], Any]:
+def deprecated_attribute(module: str, old: Mapping[str, tuple[str, str]]) -> Callable[[str], Any]:
     """A module ``__getattr__`` serving names dropped from a public module for one release.
 
     Args:

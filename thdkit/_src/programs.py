@@ -25,6 +25,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from thdkit._src.limits import check_int
+
 __all__ = ["cache_info", "max_programs", "program", "set_max_programs"]
 
 
@@ -94,11 +96,7 @@ def set_max_programs(limit: int) -> None:
         32
         >>> set_max_programs(old)
     """
-    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)):
-        raise TypeError(f"limit must be an int, got {type(limit).__name__}")
-    if limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
-    _CACHE.resize(int(limit))
+    _CACHE.resize(check_int(limit, "limit", low=1))
 
 
 def cache_info() -> dict[str, int]:

@@ -107,7 +107,7 @@ def reference_attention(
     window_size: Window,
     scale: float,
 ) -> tuple[Float[Array, "B T_q H_q D_v"], Float[Array, "B T_q H_q"]]:
-    """Dense masked-softmax attention over :func:`thdkit._src.masks.pair_mask`: the oracle.
+    """Dense masked-softmax attention over :func:`thdkit.kernels.pair_mask`: the oracle.
 
     O(T_q·T_kv) memory. Query head ``h`` reads key/value head ``h // (H_q // H_kv)`` (GQA/MQA).
     Computed in float64 when x64 is enabled (:func:`compute_dtype`), else in float32, in a form
@@ -116,8 +116,8 @@ def reference_attention(
     the largest logit, so every exponent is ``<= 0`` and the largest is exactly 0 (ties
     included), however the compiler fuses it. Rows with no allowed key give zeros and ``-inf``,
     with zero (never NaN) gradients. Isolation: every product is computed from inputs whose
-    non-finite elements were replaced by zeros (:func:`thdkit._src.isolation.sanitize`); a row with at
-    least one allowed key whose own query, or one of whose allowed keys or values, holds a NaN or
+    non-finite elements were replaced by zeros (:func:`thdkit._src.isolation.sanitize`); a row with
+    at least one allowed key whose own query, or one of whose allowed keys or values, holds a NaN or
     inf gets NaN output and NaN ``lse``, and passes no gradient back (it contributes zeros to
     every gradient; non-finite input elements get zero gradients). Every other row, and its
     gradients, is bit-equal to the same call without the non-finite values.
@@ -128,7 +128,7 @@ def reference_attention(
         value: float[B, T_kv, H_kv, D_v].
         q_segments: the queries' :class:`thdkit.Segments`, int32[B, T_q] fields.
         kv_segments: the keys'/values' :class:`thdkit.Segments`, int32[B, T_kv] fields.
-        mask_type, window_size: as for :func:`thdkit._src.masks.pair_mask`.
+        mask_type, window_size: as for :func:`thdkit.kernels.pair_mask`.
         scale: multiplies the logits; any finite float.
 
     Returns:

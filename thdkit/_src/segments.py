@@ -13,9 +13,9 @@ and context-parallel shards can carry the length of the whole document rather th
 - :meth:`Segments.from_positions`: position ids that restart at each document (HF
   ``DataCollatorWithFlattening``).
 
-:func:`thdkit._src.validate.segments.validate_segments` checks a ``Segments`` as a whole (fields, dtypes,
-shapes and, when concrete, the layout rules and the lengths: run lengths in a whole row,
-whole-document lengths in a context-parallel shard).
+:func:`thdkit._src.validate.segments.validate_segments` checks a ``Segments`` as a whole
+(fields, dtypes, shapes and, when concrete, the layout rules and the lengths: run lengths in a
+whole row, whole-document lengths in a context-parallel shard).
 
 Being a pytree, it goes through ``jax.jit``, ``jax.lax.scan`` and ``shard_map``, and a token
 reorder applies to every field at once: ``jax.tree.map(lambda a: striped(a, cp=4), segments)``
@@ -33,10 +33,13 @@ from jaxtyping import Array, ArrayLike, Int
 
 from thdkit._src.counting import shift
 from thdkit._src.host import JAX, NUMPY, ArrayOps, on_host, readable
+from thdkit._src.limits import MAX_SEGMENTS, MAX_SEQ_LEN, check_int, check_max_segments, is_concrete
+from thdkit._src.programs import program
 from thdkit._src.validate.inputs import (
     as_layout,
     check_cu_seqlens,
     check_not_below,
+    check_padding_id,
     field_int32,
     int32_array,
     position_ids_array,
@@ -44,8 +47,6 @@ from thdkit._src.validate.inputs import (
     row_label,
 )
 from thdkit._src.validate.rules import validate_layout
-from thdkit._src.limits import MAX_SEGMENTS, MAX_SEQ_LEN, check_int, check_max_segments, is_concrete
-from thdkit._src.programs import program
 
 __all__ = [
     "Segments",
@@ -305,10 +306,7 @@ def segments_from_ids(
         ...
         ValueError: segments row 0, token 2: id 1 starts a second run (a padding hole inside a ...
     """
-    if isinstance(padding_id, bool) or not isinstance(padding_id, (int, np.integer)):
-        raise TypeError(f"padding_id must be 0 or -1, got {type(padding_id).__name__}")
-    if padding_id not in (0, -1):
-        raise ValueError(f"padding_id must be 0 or -1, got {padding_id}")
+    padding_id = check_padding_id(padding_id)
     given_pos = segment_pos is not None
     # Concrete JAX layouts are built on the host too (nothing compiles), then put back.
     to_device = not on_host(segment_ids, segment_pos) and on_host(

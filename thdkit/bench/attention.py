@@ -26,16 +26,16 @@ from rich.table import Table
 
 from thdkit import kernels
 from thdkit._src import synth
-from thdkit.bench import measure
-from thdkit.bench.measure import SHAPE_OPTIONS, SILENT, Callbacks, Options, PlanConfig, median
-from thdkit.bench.ring import work_per_rank
-from thdkit.kernels import attention, plan_attention
 from thdkit._src.kernels.blockwise import Blockwise, blockwise_attention
 from thdkit._src.kernels.config import AttentionConfig
 from thdkit._src.kernels.dense import Dense
 from thdkit._src.mask_types import MaskType, check_window
 from thdkit._src.masks import pair_mask
 from thdkit._src.segments import Segments
+from thdkit.bench import measure
+from thdkit.bench.measure import SHAPE_OPTIONS, SILENT, Callbacks, Options, PlanConfig, median
+from thdkit.bench.ring import work_per_rank
+from thdkit.kernels import attention, plan_attention
 
 __all__ = [
     "PEERS",

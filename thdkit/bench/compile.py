@@ -34,11 +34,11 @@ import numpy as np
 
 import thdkit
 from thdkit._src import synth
+from thdkit._src.metadata import seqlens_and_offsets
+from thdkit._src.segments import Segments
 from thdkit.bench import measure
 from thdkit.bench.measure import SILENT, BenchConfig, Callbacks, Options
 from thdkit.kernels import attention, plan_attention
-from thdkit._src.metadata import seqlens_and_offsets
-from thdkit._src.segments import Segments
 
 __all__ = [
     "ENTRIES",

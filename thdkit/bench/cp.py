@@ -13,6 +13,8 @@ and optionally the compiled program's scratch bytes per device and its latency o
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -24,14 +26,14 @@ from jax.sharding import PartitionSpec as P
 from rich.table import Table
 
 from thdkit._src import reorder, synth
+from thdkit._src.context_parallel.base import Call, Shapes
+from thdkit._src.mask_types import MaskType
+from thdkit._src.segments import Segments
 from thdkit.bench import measure
 from thdkit.bench.measure import SILENT, BenchConfig, Callbacks, Options, median
 from thdkit.bench.ring import document_lengths, visited_tiles
 from thdkit.context_parallel import STRATEGIES, Strategy, context_parallel_attention
-from thdkit._src.context_parallel.base import Call, Shapes
 from thdkit.kernels import DEFAULT_BLOCK
-from thdkit._src.mask_types import MaskType
-from thdkit._src.segments import Segments
 
 __all__ = ["CPBench", "run_cp_bench"]
 
@@ -83,6 +85,25 @@ class CPBench(BenchConfig):
         ]  # fmt: skip
 
 
+def _work(
+    strategy: Strategy, row: Segments, *, cp: int, mask_type: MaskType, max_segments_per_seq: int
+) -> list[list[Call]]:
+    """The strategy's ``work`` on a self-attention row. A ``work`` written before 0.2, with the
+    keywords ``mask``, ``window`` and ``num_segments``, runs for one more release, with a
+    DeprecationWarning."""
+    options = dict(mask_type=mask_type, window_size=None, max_segments_per_seq=max_segments_per_seq)
+    parameters = inspect.signature(strategy.work).parameters
+    if "mask" in parameters and "mask_type" not in parameters:
+        warnings.warn(
+            f"strategy {strategy.name!r}: work(..., mask, window, num_segments) is deprecated; "
+            "name them mask_type, window_size, max_segments_per_seq (as StrategyConfig does)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        options = dict(mask=mask_type, window=None, num_segments=max_segments_per_seq)
+    return strategy.work(row, row, cp=cp, **options)
+
+
 def _tiles_per_rank(
     strategy: Strategy, cp: int, heads: int, layout: Sequence[np.ndarray], segments: int
 ) -> list[int]:
@@ -90,7 +111,7 @@ def _tiles_per_rank(
     tiles of every attention call the strategy's ``work`` lists for the rank."""
     mask = MaskType.parse(MASK_TYPE)
     row = Segments(*(jnp.asarray(x, jnp.int32) for x in layout))
-    calls = strategy.work(row, row, cp=cp, mask=mask, window=None, num_segments=segments)
+    calls = _work(strategy, row, cp=cp, mask_type=mask, max_segments_per_seq=segments)
 
     def tiles(call: Call) -> int:
         q, kv = ((s.ids, s.positions, s.lengths) for s in (call.q, call.kv))
@@ -126,17 +147,17 @@ def _programs(config: CPBench, cp: int, layout: Sequence[np.ndarray]) -> dict[st
     shape = (config.batch, config.seq_len, config.heads, config.head_dim)
     kv_shape = (*shape[:2], config.kv_heads, config.head_dim)
     arrays = [rng.standard_normal(s, np.float32) for s in (shape, kv_shape, kv_shape, shape)]
-    args = [jax.device_put(x, heads) for x in arrays]
-    args += [jax.device_put(x, tokens) for x in layout[:2]]
+    args: list[Any] = [jax.device_put(x, heads) for x in arrays]
+    args.append(Segments(*(jax.device_put(np.asarray(x, np.int32), tokens) for x in layout)))
     programs = {}
     for strategy, chosen in STRATEGIES.items():
         if _cannot_run(chosen, _shapes(config), cp):
             continue
 
-        def step(q, k, v, cotangent, ids, pos, strategy=strategy):
+        def step(q, k, v, cotangent, segments, strategy=strategy):
             out, pull = jax.vjp(
                 lambda q, k, v: context_parallel_attention(
-                    q, k, v, segment_ids_q=ids, segment_pos_q=pos, mask_type=MASK_TYPE,
+                    q, k, v, q_segments=segments, mask_type=MASK_TYPE,
                     max_segments_per_seq=config.segments, mesh=mesh, axis_name="cp",
                     strategy=strategy,
                 ), q, k, v,

@@ -26,9 +26,9 @@ import jax
 import numpy as np
 from rich.table import Table
 
-from thdkit.bench.units import format_bytes
 from thdkit._src.limits import MAX_SEGMENTS, MAX_SEQ_LEN
 from thdkit._src.mask_types import MaskType
+from thdkit.bench.units import format_bytes
 
 __all__ = ["LIMITS", "MAX_RANKS", "BenchConfig", "Callbacks"]
 

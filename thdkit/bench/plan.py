@@ -24,10 +24,10 @@ import numpy as np
 from rich.table import Table
 
 from thdkit._src import synth
+from thdkit._src.segments import Segments
 from thdkit.bench import measure
 from thdkit.bench.measure import SILENT, Callbacks, Options, PlanConfig, median
 from thdkit.kernels import attention, plan_attention
-from thdkit._src.segments import Segments
 
 __all__ = ["PlanBench", "run_plan_bench"]
 

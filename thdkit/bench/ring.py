@@ -23,13 +23,13 @@ from jax.sharding import PartitionSpec as P
 from rich.table import Table
 
 from thdkit._src import reorder, synth
+from thdkit._src.context_parallel.schedule import difference_bounds
+from thdkit._src.mask_types import MaskType, check_window
+from thdkit._src.segments import Segments, lengths_from_counts, segment_counts
 from thdkit.bench import measure
 from thdkit.bench.measure import SHAPE_OPTIONS, SILENT, BenchConfig, Callbacks, Options, median
 from thdkit.context_parallel import ring_attention, ring_schedule
-from thdkit._src.context_parallel.schedule import difference_bounds
 from thdkit.kernels import DEFAULT_BLOCK, tile_ranges
-from thdkit._src.mask_types import MaskType, check_window
-from thdkit._src.segments import Segments, lengths_from_counts, segment_counts
 
 __all__ = ["RingBench", "run_ring_bench"]
 
@@ -163,7 +163,7 @@ def _balance(config: RingBench, segments: int, name: str, ids: np.ndarray, pos: 
     """The record of one layout and reorder, without latency."""
     work = work_per_rank(ids, pos, cp=config.cp)
     schedule = ring_schedule(
-        segment_ids_q=ids, segment_pos_q=pos, cp=config.cp, mask_type=MASK_TYPE,
+        q_segments=Segments(ids, pos, np.zeros_like(ids)), cp=config.cp, mask_type=MASK_TYPE,
         max_segments_per_seq=segments,
     )  # fmt: skip
     runs = np.asarray(schedule).any(axis=0)  # A rank runs a step when any row needs it.
@@ -199,9 +199,10 @@ def _latency(config: RingBench, layouts: Mapping[Any, tuple[np.ndarray, ...]]) -
     options = {"max_segments_per_seq": max(config.segments), "mesh": mesh, "axis_name": "cp"}
     program = jax.jit(
         lambda q, k, v, ids, pos: ring_attention(
-            q, k, v, segment_ids_q=ids, segment_pos_q=pos, mask_type=MASK_TYPE, **options
+            q, k, v, q_segments=Segments(ids, pos, jnp.zeros_like(ids)), mask_type=MASK_TYPE,
+            **options,
         )
-    )
+    )  # fmt: skip
     args = {key: (*qkv, *(jax.device_put(x, tokens) for x in xs)) for key, xs in layouts.items()}
     return measure.interleaved_latency(dict.fromkeys(layouts, program), args, config)
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from thdkit._src.metadata import seqlens_and_offsets
 from thdkit.bench.measure import (
     SILENT,
     Callbacks,
@@ -22,7 +23,6 @@ from thdkit.bench.measure import (
     skipped,
 )
 from thdkit.bench.sweep import FLOOR, MetadataSweep, make_inputs
-from thdkit._src.metadata import seqlens_and_offsets
 
 __all__ = ["run_sweep"]
 

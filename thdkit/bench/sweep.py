@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from thdkit._src import reorder, synth
+from thdkit._src.limits import MAX_SEQ_LEN
 from thdkit.bench.measure import Options, PlanConfig, mask_names
 from thdkit.bench.ring import work_per_rank
-from thdkit._src.limits import MAX_SEQ_LEN
 
 __all__ = ["MetadataSweep"]
 

@@ -19,9 +19,9 @@ from thdkit._src.context_parallel.base import Traffic
 from thdkit._src.context_parallel.base import get
 from thdkit._src.context_parallel.base import names
 from thdkit._src.context_parallel.base import register
-from thdkit._src.context_parallel.base import register_strategy
+from thdkit._src.context_parallel.base import register_strategy  # noqa: F401  (deprecated)
 from thdkit._src.context_parallel.base import unregister
-from thdkit._src.context_parallel.base import unregister_strategy
+from thdkit._src.context_parallel.base import unregister_strategy  # noqa: F401  (deprecated)
 from thdkit._src.context_parallel import builtins  # noqa: F401  (fills STRATEGIES)
 from thdkit._src.context_parallel.api import context_parallel_attention
 from thdkit._src.context_parallel.api import ring_attention
@@ -41,9 +41,7 @@ __all__ = [
     "get",
     "names",
     "register",
-    "register_strategy",
     "ring_attention",
     "ring_schedule",
     "unregister",
-    "unregister_strategy",
 ]

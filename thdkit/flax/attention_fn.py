@@ -12,8 +12,8 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 import thdkit
-from thdkit.flax.plumbing import attend, check_implementation, default_segments, plan_layout
 from thdkit._src.mask_types import check_window
+from thdkit.flax.plumbing import attend, check_implementation, default_segments, plan_layout
 
 __all__ = ["Layout", "make_attention_fn"]
 

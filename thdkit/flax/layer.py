@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
 import thdkit
+from thdkit._src.mask_types import check_window
 from thdkit.flax.plumbing import (
     attend,
     check_implementation,
@@ -23,7 +24,6 @@ from thdkit.flax.plumbing import (
     ring,
 )
 from thdkit.flax.rotary import rope
-from thdkit._src.mask_types import check_window
 
 __all__ = ["DEFAULT_BIAS_INIT", "DEFAULT_KERNEL_INIT", "PackedSelfAttention"]
 

@@ -27,6 +27,7 @@ from thdkit._src.kernels.tiles import DEFAULT_BLOCK
 from thdkit._src.kernels.tiles import TileRanges
 from thdkit._src.kernels.tiles import default_block
 from thdkit._src.kernels.tiles import tile_ranges
+from thdkit._src.masks import pair_mask
 from thdkit._src.moved import deprecated_attribute
 
 __all__ = [
@@ -39,9 +40,10 @@ __all__ = [
     "attention_partial",
     "default_block",
     "default_order",
-    "is_representable",
     "get",
+    "is_representable",
     "names",
+    "pair_mask",
     "pallas_attention",
     "partial_implementations",
     "plan_attention",
@@ -52,5 +54,10 @@ __all__ = [
 
 __getattr__ = deprecated_attribute(
     __name__,
-    {"check_partial_implementation": ("thdkit._src.kernels.partial", "attention_partial's own check")},
+    {
+        "check_partial_implementation": (
+            "thdkit._src.kernels.partial",
+            "attention_partial's own check",
+        )
+    },
 )

@@ -6,16 +6,16 @@ shard.
 
 Every rank gathers the keys, values, segment ids and positions of the whole row in one
 ``all_gather`` (the four are independent: one collective step), then attends its own query shard
-to the whole row with :func:`thdkit._src.kernels.partial.attention_partial`, which skips the key tiles
-no query of a tile can reach. The backward pass is the transpose of the gather, a
+to the whole row with :func:`thdkit.kernels.attention_partial`, which skips the key
+tiles no query of a tile can reach. The backward pass is the transpose of the gather, a
 ``psum_scatter`` (reduce-scatter) of dk and dv: one step again.
 
 The gathered row is in the order of the shards (reordered, e.g. striped): each shard is a valid
 layout but their concatenation is not (a document appears once per shard). Masks are rebuilt from
 ids and positions, so the order does not change the result; the tile ranges, though, assume one
 run per document, so the gathered keys are first sorted by (segment id, position)
-(:func:`thdkit._src.context_parallel.shards.gather_row`): that is the original document order, a valid
-layout, and dense tiles.
+(:func:`thdkit._src.context_parallel.shards.gather_row`): that is the original document order, a
+valid layout, and dense tiles.
 
 Memory: the keys and values of the whole row on every device (2 · B · T_kv · H_kv · D values),
 against one visiting shard for the ring.
@@ -55,7 +55,7 @@ def all_gather_local(config: StrategyConfig) -> LocalBody:
         config: the checked configuration.
 
     Returns:
-        The ``local`` body of :class:`thdkit._src.context_parallel.base.Strategy`: float32 output.
+        The ``local`` body of :class:`thdkit.context_parallel.Strategy`: float32 output.
     """
 
     def local(q, k, v, q_segments: Segments, kv_segments: Segments) -> Array:
@@ -64,7 +64,7 @@ def all_gather_local(config: StrategyConfig) -> LocalBody:
         k, v = (lax.all_gather(x, config.axis_name, axis=1, tiled=True) for x in (k, v))
         kv_row, order = gather_row(kv_segments, config)
         if self_attention:  # the whole row is here: no collective for the lengths
-            counts = segment_counts(kv_row.ids, num_segments=config.num_segments)
+            counts = segment_counts(kv_row.ids, num_segments=config.max_segments_per_seq)
             lengths = lengths_from_counts(q_segments.ids, counts)
             q_segments = Segments(q_segments.ids, q_segments.positions, lengths)
         else:
@@ -75,8 +75,8 @@ def all_gather_local(config: StrategyConfig) -> LocalBody:
             take_tokens(v, order),
             q_segments=q_segments,
             kv_segments=kv_row,
-            mask_type=config.mask,
-            window_size=config.window,
+            mask_type=config.mask_type,
+            window_size=config.window_size,
             scale=config.scale,
             implementation=config.implementation,
         )
@@ -101,18 +101,24 @@ def all_gather_traffic(s: Shapes, cp: int) -> Traffic:
 
 
 def all_gather_work(
-    q: Segments, kv: Segments, *, cp: int, mask: MaskType, window: Window, num_segments: int
+    q: Segments,
+    kv: Segments,
+    *,
+    cp: int,
+    mask_type: MaskType,
+    window_size: Window,
+    max_segments_per_seq: int,
 ) -> list[list[Call]]:
     """Rank r attends its query shard to the whole row, sorted into document order.
 
     Example:
         >>> row = Segments.from_ids(jnp.ones((1, 8), jnp.int32))
-        >>> calls = all_gather_work(row, row, cp=4, mask=MaskType.CAUSAL, window=None,
-        ...                         num_segments=1)
+        >>> calls = all_gather_work(row, row, cp=4, mask_type=MaskType.CAUSAL,
+        ...                         window_size=None, max_segments_per_seq=1)
         >>> [(c.q.seq_len, c.kv.seq_len) for rank in calls for c in rank]
         [(2, 8), (2, 8), (2, 8), (2, 8)]
     """
-    del mask, window, num_segments
+    del mask_type, window_size, max_segments_per_seq
     whole = sorted_row(kv)
     return [[Call(shard, whole, 1)] for shard in split_row(q, cp)]
 

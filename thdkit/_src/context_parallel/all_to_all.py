@@ -10,7 +10,7 @@ key/value heads they read under grouped-query attention, since H_q / H_kv divide
 alike). The ids and positions of the whole row are gathered (2 · B · T integers) and sorted back
 into document order (:func:`thdkit._src.context_parallel.shards.gather_row`: the gathered row is in
 shard order, which the tile ranges cannot read); one call of
-:func:`thdkit._src.kernels.partial.attention_partial` attends every head of the rank to the row (one
+:func:`thdkit.kernels.attention_partial` attends every head of the rank to the row (one
 set of tile ranges for all of them; every rank computes the same). After attention the output is
 put back in shard order and a second ``all_to_all`` returns the tokens. The backward pass is the
 same two exchanges, transposed.
@@ -77,7 +77,7 @@ def all_to_all_local(config: StrategyConfig) -> LocalBody:
         config: the checked configuration.
 
     Returns:
-        The ``local`` body of :class:`thdkit._src.context_parallel.base.Strategy`: float32 output.
+        The ``local`` body of :class:`thdkit.context_parallel.Strategy`: float32 output.
     """
     axis = config.axis_name
 
@@ -99,8 +99,8 @@ def all_to_all_local(config: StrategyConfig) -> LocalBody:
             take_tokens(to_heads(v), kv_order),
             q_segments=q_row,
             kv_segments=kv_row,
-            mask_type=config.mask,
-            window_size=config.window,
+            mask_type=config.mask_type,
+            window_size=config.window_size,
             scale=config.scale,
             implementation=config.implementation,
         )
@@ -129,18 +129,24 @@ def all_to_all_traffic(s: Shapes, cp: int) -> Traffic:
 
 
 def all_to_all_work(
-    q: Segments, kv: Segments, *, cp: int, mask: MaskType, window: Window, num_segments: int
+    q: Segments,
+    kv: Segments,
+    *,
+    cp: int,
+    mask_type: MaskType,
+    window_size: Window,
+    max_segments_per_seq: int,
 ) -> list[list[Call]]:
     """Every rank attends the whole row, sorted into document order, for H / cp heads.
 
     Example:
         >>> row = Segments.from_ids(jnp.ones((1, 8), jnp.int32))
-        >>> calls = all_to_all_work(row, row, cp=4, mask=MaskType.CAUSAL, window=None,
-        ...                         num_segments=1)
+        >>> calls = all_to_all_work(row, row, cp=4, mask_type=MaskType.CAUSAL,
+        ...                         window_size=None, max_segments_per_seq=1)
         >>> [(c.q.seq_len, c.heads_split) for rank in calls for c in rank]
         [(8, 4), (8, 4), (8, 4), (8, 4)]
     """
-    del mask, window, num_segments
+    del mask_type, window_size, max_segments_per_seq
     q_row, kv_row = sorted_row(q), sorted_row(kv)
     return [[Call(q_row, kv_row, cp)] for _ in range(cp)]
 

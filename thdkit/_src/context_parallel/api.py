@@ -6,9 +6,11 @@ shard.
 
 The sequence axis of every input is split into cp contiguous shards over one mesh axis.
 :func:`context_parallel_attention` converts and checks its arguments once for every strategy (the
-attention checks of :mod:`thdkit._src.kernels.arguments`, the mesh, the split of T, the strategy's
-own check, each concrete shard's layout) and runs the strategy chosen from
-:data:`thdkit._src.context_parallel.base.STRATEGIES`
+layout, :class:`thdkit.Segments` or the deprecated arrays, read by
+:func:`thdkit._src.context_parallel.shards.row_segments`; the attention checks of
+:mod:`thdkit._src.kernels.arguments`, the mesh, the split of T, the strategy's own check, each
+concrete shard's layout) and runs the strategy chosen from
+:data:`thdkit.context_parallel.STRATEGIES`
 (:func:`thdkit._src.context_parallel.program.run_strategy`).
 :func:`ring_attention` is the same with ``strategy="ring"``.
 """
@@ -17,19 +19,20 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from jax.sharding import Mesh
-from jaxtyping import Array, ArrayLike, Float
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from thdkit._src.context_parallel import builtins  # noqa: F401  (fills STRATEGIES)
 from thdkit._src.context_parallel.base import Shapes, StrategyConfig, StrategyName, get
 from thdkit._src.context_parallel.program import run_strategy
 from thdkit._src.context_parallel.shards import (
+    check_fits,
     check_mesh,
     check_split,
     readable,
     row_segments,
     validate_shards,
 )
-from thdkit._src.kernels.arguments import check_arguments, check_layout_shapes
+from thdkit._src.kernels.arguments import check_arguments
 from thdkit._src.kernels.config import AttentionConfig
 from thdkit._src.kernels.partial import check_partial_implementation
 from thdkit._src.mask_types import MaskType
@@ -45,10 +48,6 @@ def context_parallel_attention(
     *,
     q_segments: Segments | None = None,
     kv_segments: Segments | None = None,
-    segment_ids_q: ArrayLike | None = None,
-    segment_pos_q: ArrayLike | None = None,
-    segment_ids_kv: ArrayLike | None = None,
-    segment_pos_kv: ArrayLike | None = None,
     mask_type: MaskType | str = "padding_causal",
     window_size: tuple[int | None, int | None] | None = None,
     max_segments_per_seq: int,
@@ -57,18 +56,22 @@ def context_parallel_attention(
     strategy: StrategyName = "ring",
     scale: float | None = None,
     implementation: str | None = None,
+    segment_ids_q: Int[ArrayLike, "B T_q"] | None = None,
+    segment_pos_q: Int[ArrayLike, "B T_q"] | None = None,
+    segment_ids_kv: Int[ArrayLike, "B T_kv"] | None = None,
+    segment_pos_kv: Int[ArrayLike, "B T_kv"] | None = None,
 ) -> Float[Array, "B T_q H_q D_v"]:
     """Attention over packed rows whose sequence axis is sharded over a mesh axis.
 
     Computes what :func:`thdkit.attention` computes on the same tokens, with the same mask and
     window semantics, keeping T / cp tokens of each input per device. Tokens may be in any order
-    that keeps each shard a valid layout: plain, or reordered with
-    :func:`thdkit._src.reorder.striped` / :func:`thdkit._src.reorder.dual_chunk_swap` (ids and positions
-    reordered with the tokens; the output comes back in the same order and sharding).
-    Differentiable; the gradients match the single-device attention's. Masks are rebuilt from ids
-    and positions after every collective, so every strategy is exact. A NaN or inf in one
-    document stays in it, as in :func:`thdkit.attention`: the rows that read it output NaN and
-    pass no gradient back, every other row and gradient is bit-equal to the call without it.
+    that keeps each shard a valid layout: plain, or reordered with :func:`thdkit.reorder.striped`
+    / :func:`thdkit.reorder.dual_chunk_swap` (the Segments' fields reordered with the tokens; the
+    output comes back in the same order and sharding). Differentiable; the gradients match the
+    single-device attention's. Masks are rebuilt from ids and positions after every collective,
+    so every strategy is exact. A NaN or inf in one document stays in it, as in
+    :func:`thdkit.attention`: the rows that read it output NaN and pass no gradient back, every
+    other row and gradient is bit-equal to the call without it.
 
     Strategies (docs/context-parallel.md compares them; :data:`~thdkit.context_parallel.STRATEGIES`
     lists them, :func:`~thdkit.context_parallel.register` adds one):
@@ -86,13 +89,12 @@ def context_parallel_attention(
         query: float[B, T_q, H_q, D]; sequence axis sharded over ``axis_name``.
         key: float[B, T_kv, H_kv, D]; H_kv divides H_q (grouped-query attention).
         value: float[B, T_kv, H_kv, D_v].
-        q_segments: the query rows' :class:`thdkit.Segments`, int32[B, T_q] fields, in the
-            order of the tokens (e.g. ``jax.tree.map(lambda a: striped(a, cp=cp), segments)``);
-            ids and positions are read, document lengths are recomputed from the ids. Or:
-        segment_ids_q: int[B, T_q]; 0 = padding, 1..S = the document of each query token;
-        segment_pos_q: int[B, T_q]; each query token's position inside its document.
-        kv_segments, or segment_ids_kv and segment_pos_kv: the same for the keys, [B, T_kv];
-            none of them for self-attention (kv = q).
+        q_segments: the query rows' :class:`thdkit.Segments`, int[B, T_q] fields, in the order
+            of the tokens (e.g. ``jax.tree.map(lambda a: striped(a, cp=cp), segments)``); ids
+            and positions are read, document lengths are recomputed from the ids. Required
+            (None only with the deprecated arrays below).
+        kv_segments: the same for the keys, int[B, T_kv] fields; None for self-attention
+            (kv = q, T_kv = T_q).
         mask_type: a :class:`thdkit.MaskType` or its name.
         window_size: ``(left, right)`` sliding window; None, or None/negative on a side, means
             unbounded on that side.
@@ -105,7 +107,11 @@ def context_parallel_attention(
             ``"all_gather"``, ``"all_to_all"`` or a registered one.
         scale: multiplier of the logits; default ``1 / sqrt(D)``.
         implementation: the attention each device runs on its part, one of
-            :func:`thdkit._src.kernels.partial.partial_implementations`; None for the first.
+            :func:`thdkit.kernels.partial_implementations`; None for the first.
+        segment_ids_q: deprecated, int[B, T_q]: pass ``q_segments`` instead.
+        segment_pos_q: deprecated, int[B, T_q]: the positions of ``q_segments``.
+        segment_ids_kv: deprecated, int[B, T_kv]: pass ``kv_segments`` instead.
+        segment_pos_kv: deprecated, int[B, T_kv]: the positions of ``kv_segments``.
 
     Returns:
         float[B, T_q, H_q, D_v] in the dtype of ``query``; zeros for queries with no allowed key.
@@ -114,56 +120,107 @@ def context_parallel_attention(
         TypeError: non-floating inputs, non-integer ids, a segments argument that is not a
             ``Segments``, a mesh that is not a ``Mesh``.
         ValueError: an unknown strategy, implementation or axis, a cp that does not divide T (or
-            what the strategy splits, e.g. the heads for ``"all_to_all"``), a layout given both
-            as Segments and as arrays, mismatched shapes, bad options, or (concrete inputs) a
-            shard that breaks a layout rule, naming the parameter, the row as (batch index,
-            shard index) and the token.
+            what the strategy splits, e.g. the heads for ``"all_to_all"``), no query layout, the
+            Segments together with the deprecated arrays, mismatched shapes, bad options, or
+            (concrete inputs) a shard that breaks a layout rule, naming the parameter passed
+            (``q_segments``, or ``segment_ids_q`` / ``segment_pos_q`` for the arrays), the row
+            as (batch index, shard index) and the token.
+
+    Warns:
+        DeprecationWarning: the layout given as the arrays ``segment_ids_q`` ...; accepted for
+            one release, the message names the ``q_segments`` / ``kv_segments`` to pass.
 
     Example:
-        Two documents in a row of eight, striped over two devices. With all logits equal, each
-        token averages the values of its document's tokens up to itself:
+        Two documents in a row of eight, striped over two devices (the Segments built on the row
+        in document order, then reordered with the tokens). With all logits equal, each token
+        averages the values of its document's tokens up to itself:
 
         >>> import numpy as np
-        >>> from thdkit._src.reorder import striped, unstriped
+        >>> from thdkit.reorder import striped, unstriped
         >>> mesh = Mesh(np.array(jax.devices()[:2]), ("cp",))
-        >>> ids = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2]])
-        >>> pos = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2]])
+        >>> segments = Segments.from_ids(jnp.array([[1, 1, 1, 1, 1, 2, 2, 2]]))
         >>> qk = jnp.zeros((1, 8, 2, 4))
         >>> v = jnp.broadcast_to(jnp.arange(8.0).reshape(1, 8, 1, 1), (1, 8, 2, 1))
         >>> out = context_parallel_attention(
         ...     qk, qk, striped(v, cp=2, axis=1),
-        ...     segment_ids_q=striped(ids, cp=2), segment_pos_q=striped(pos, cp=2),
+        ...     q_segments=jax.tree.map(lambda a: striped(a, cp=2), segments),
         ...     max_segments_per_seq=2, mesh=mesh, axis_name="cp", strategy="all_to_all")
         >>> unstriped(out, cp=2, axis=1)[0, :, 0, 0]
         Array([0. , 0.5, 1. , 1.5, 2. , 5. , 5.5, 6. ], dtype=float32)
     """
-    chosen = get(strategy)
-    implementation = check_partial_implementation(implementation)
-    config = AttentionConfig.parse(
-        mask_type=mask_type, window_size=window_size, max_segments_per_seq=max_segments_per_seq
-    )
-    mask, num_segments, window = config.mask_type, config.max_segments_per_seq, config.window_size
-    cp = check_mesh(mesh, axis_name)
-    query, key, value, scale = check_arguments(query, key, value, scale=scale)
-    rows_q, rows_kv, names = row_segments(
-        q_segments=q_segments,
-        kv_segments=kv_segments,
+    layout = row_segments(
+        q_segments,
+        kv_segments,
         segment_ids_q=segment_ids_q,
         segment_pos_q=segment_pos_q,
         segment_ids_kv=segment_ids_kv,
         segment_pos_kv=segment_pos_kv,
+        caller="context_parallel_attention",
     )
+    return _attention(
+        query,
+        key,
+        value,
+        layout,
+        mask_type=mask_type,
+        window_size=window_size,
+        max_segments_per_seq=max_segments_per_seq,
+        mesh=mesh,
+        axis_name=axis_name,
+        strategy=strategy,
+        scale=scale,
+        implementation=implementation,
+    )
+
+
+def _attention(
+    query: Float[ArrayLike, "B T_q H_q D"],
+    key: Float[ArrayLike, "B T_kv H_kv D"],
+    value: Float[ArrayLike, "B T_kv H_kv D_v"],
+    layout: tuple[Segments, Segments | None, tuple[str, str]],
+    *,
+    mask_type: MaskType | str,
+    window_size: tuple[int | None, int | None] | None,
+    max_segments_per_seq: int,
+    mesh: Mesh,
+    axis_name: str,
+    strategy: StrategyName,
+    scale: float | None,
+    implementation: str | None,
+) -> Float[Array, "B T_q H_q D_v"]:
+    """The entry points' body, on the layout as :func:`row_segments` returns it."""
+    chosen = get(strategy)
+    implementation = check_partial_implementation(implementation)
+    options = AttentionConfig.parse(
+        mask_type=mask_type, window_size=window_size, max_segments_per_seq=max_segments_per_seq
+    )
+    cp = check_mesh(mesh, axis_name)
+    query, key, value, scale = check_arguments(query, key, value, scale=scale)
+    rows_q, rows_kv, names = layout
     self_attention = rows_kv is None
-    check_layout_shapes(query, key, rows_q.ids, None if self_attention else rows_kv.ids)
+    check_fits(query, key, rows_q, rows_kv, names)
     check_split(query, key, cp, axis_name)
     chosen.check(Shapes.of(query, key, value, cross=not self_attention), cp)
     if query.shape[0] == 0:
         return jnp.zeros((*query.shape[:3], value.shape[3]), query.dtype)
     for name, rows in zip(names, (rows_q, rows_kv), strict=True):
         if rows is not None and readable(rows.ids, rows.positions):
-            validate_shards(rows, cp=cp, num_segments=num_segments, mask=mask, name=name)
+            validate_shards(
+                rows,
+                cp=cp,
+                num_segments=options.max_segments_per_seq,
+                mask=options.mask_type,
+                name=name,
+            )
     config = StrategyConfig(
-        mesh, axis_name, mask, window, num_segments, scale, self_attention, implementation
+        mesh=mesh,
+        axis_name=axis_name,
+        mask_type=options.mask_type,
+        window_size=options.window_size,
+        max_segments_per_seq=options.max_segments_per_seq,
+        scale=scale,
+        self_attention=self_attention,
+        implementation=implementation,
     )
     return run_strategy(chosen, config, query, key, value, rows_q, rows_kv)
 
@@ -175,10 +232,6 @@ def ring_attention(
     *,
     q_segments: Segments | None = None,
     kv_segments: Segments | None = None,
-    segment_ids_q: ArrayLike | None = None,
-    segment_pos_q: ArrayLike | None = None,
-    segment_ids_kv: ArrayLike | None = None,
-    segment_pos_kv: ArrayLike | None = None,
     mask_type: MaskType | str = "padding_causal",
     window_size: tuple[int | None, int | None] | None = None,
     max_segments_per_seq: int,
@@ -186,10 +239,30 @@ def ring_attention(
     axis_name: str,
     scale: float | None = None,
     implementation: str | None = None,
+    segment_ids_q: Int[ArrayLike, "B T_q"] | None = None,
+    segment_pos_q: Int[ArrayLike, "B T_q"] | None = None,
+    segment_ids_kv: Int[ArrayLike, "B T_kv"] | None = None,
+    segment_pos_kv: Int[ArrayLike, "B T_kv"] | None = None,
 ) -> Float[Array, "B T_q H_q D_v"]:
     """Ring attention: :func:`context_parallel_attention` with ``strategy="ring"``.
 
-    Args, Returns and Raises as :func:`context_parallel_attention` (without ``strategy``).
+    Args:
+        query, key, value, q_segments, kv_segments, mask_type, window_size,
+            max_segments_per_seq, mesh, axis_name, scale, implementation: as
+            :func:`context_parallel_attention`.
+        segment_ids_q: deprecated, int[B, T_q]: pass ``q_segments`` instead.
+        segment_pos_q: deprecated, int[B, T_q]: the positions of ``q_segments``.
+        segment_ids_kv: deprecated, int[B, T_kv]: pass ``kv_segments`` instead.
+        segment_pos_kv: deprecated, int[B, T_kv]: the positions of ``kv_segments``.
+
+    Returns:
+        float[B, T_q, H_q, D_v] in the dtype of ``query``, as :func:`context_parallel_attention`.
+
+    Raises:
+        TypeError, ValueError: as :func:`context_parallel_attention`.
+
+    Warns:
+        DeprecationWarning: as :func:`context_parallel_attention`.
 
     Example:
         Two documents in a row of eight, striped over a ring of two devices, given as
@@ -197,7 +270,7 @@ def ring_attention(
         averages the values of its document's tokens up to itself:
 
         >>> import numpy as np
-        >>> from thdkit._src.reorder import striped, unstriped
+        >>> from thdkit.reorder import striped, unstriped
         >>> mesh = Mesh(np.array(jax.devices()[:2]), ("cp",))
         >>> segments = Segments.from_ids(jnp.array([[1, 1, 1, 1, 1, 2, 2, 2]]))
         >>> qk = jnp.zeros((1, 8, 1, 4))
@@ -209,16 +282,20 @@ def ring_attention(
         >>> unstriped(out, cp=2, axis=1)[0, :, 0, 0]
         Array([0. , 0.5, 1. , 1.5, 2. , 5. , 5.5, 6. ], dtype=float32)
     """
-    return context_parallel_attention(
-        query,
-        key,
-        value,
-        q_segments=q_segments,
-        kv_segments=kv_segments,
+    layout = row_segments(
+        q_segments,
+        kv_segments,
         segment_ids_q=segment_ids_q,
         segment_pos_q=segment_pos_q,
         segment_ids_kv=segment_ids_kv,
         segment_pos_kv=segment_pos_kv,
+        caller="ring_attention",
+    )
+    return _attention(
+        query,
+        key,
+        value,
+        layout,
         mask_type=mask_type,
         window_size=window_size,
         max_segments_per_seq=max_segments_per_seq,

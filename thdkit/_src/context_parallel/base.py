@@ -6,8 +6,8 @@ shard.
 
 A strategy is a :class:`Strategy`: the per-device body run under ``shard_map`` on this rank's
 shards, the check of the shapes it can split, the bytes its collectives move (the closed form
-:func:`thdkit._src.context_parallel.traffic.collective_bytes` and ``thdkit bench cp`` report) and the
-attention calls each rank makes (the work ``thdkit bench cp`` counts); the last two are optional
+:func:`thdkit.context_parallel.collective_bytes` and ``thdkit bench cp`` report) and
+the attention calls each rank makes (the work ``thdkit bench cp`` counts); the last two are optional
 (the cost model of the bench). :data:`STRATEGIES` maps names to strategies; :func:`register` adds
 one, :func:`unregister` removes one, :func:`names` lists them. This module is the bottom of the
 package: it imports nothing of :mod:`thdkit.context_parallel`.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable
-from typing import Literal, NamedTuple, Protocol, TypeAlias
+from typing import Any, Literal, NamedTuple, Protocol, TypeAlias
 
 from jax.sharding import Mesh
 from jaxtyping import Array, Float
@@ -52,23 +52,33 @@ StrategyName: TypeAlias = Literal["ring", "all_gather", "all_to_all"] | str
 class StrategyConfig(NamedTuple):
     """The checked static configuration a strategy is built for (hashable: programs are cached).
 
+    The fields carry the names of :func:`thdkit.context_parallel_attention`'s options; the
+    earlier names ``mask``, ``window`` and ``num_segments`` still read, with a
+    DeprecationWarning, for one release.
+
     Attributes:
         mesh: the device mesh.
         axis_name: the mesh axis the sequence axis is sharded over (size cp).
-        mask: the parsed mask type.
-        window: the parsed window, or None.
-        num_segments: S.
+        mask_type: the parsed mask type.
+        window_size: the parsed window ``(left, right)``, or None.
+        max_segments_per_seq: S.
         scale: multiplier of the logits.
         self_attention: whether the keys share the queries' layout (no kv layout was given).
         implementation: the local attention, a name of
-            :func:`thdkit._src.kernels.partial.partial_implementations`.
+            :func:`thdkit.kernels.partial_implementations`.
+
+    Example:
+        >>> mesh = Mesh(np.array(jax.devices()[:2]), ("cp",))
+        >>> config = StrategyConfig(mesh, "cp", MaskType.CAUSAL, None, 4, 0.5, True, "blockwise")
+        >>> config.cp, config.max_segments_per_seq
+        (2, 4)
     """
 
     mesh: Mesh
     axis_name: str
-    mask: MaskType
-    window: Window
-    num_segments: int
+    mask_type: MaskType
+    window_size: Window
+    max_segments_per_seq: int
     scale: float
     self_attention: bool
     implementation: str
@@ -77,6 +87,33 @@ class StrategyConfig(NamedTuple):
     def cp(self) -> int:
         """The size of the context-parallel axis."""
         return int(self.mesh.shape[self.axis_name])
+
+    @property
+    def mask(self) -> MaskType:
+        """Deprecated: :attr:`mask_type`."""
+        return _renamed(self, "mask", "mask_type")
+
+    @property
+    def window(self) -> Window:
+        """Deprecated: :attr:`window_size`."""
+        return _renamed(self, "window", "window_size")
+
+    @property
+    def num_segments(self) -> int:
+        """Deprecated: :attr:`max_segments_per_seq`."""
+        return _renamed(self, "num_segments", "max_segments_per_seq")
+
+
+def _renamed(config: StrategyConfig, old: str, new: str) -> Any:
+    """``config.<new>``, warning that ``config.<old>`` is deprecated (the warning points at the
+    line that read the old name)."""
+    warnings.warn(
+        f"StrategyConfig.{old} is deprecated and goes in the next release: read "
+        f"StrategyConfig.{new}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return getattr(config, new)
 
 
 class Shapes(NamedTuple):
@@ -146,7 +183,8 @@ document lengths of the whole row derives them, e.g. with
 
 
 class Work(Protocol):
-    """``work(q, kv, *, cp, mask, window, num_segments) -> calls``: each rank's attention calls.
+    """``work(q, kv, *, cp, mask_type, window_size, max_segments_per_seq) -> calls``: each rank's
+    attention calls.
 
     ``q`` and ``kv`` are the whole rows' :class:`thdkit.Segments` in the order the shards hold
     them (int32[B, T] fields, global document lengths); ``calls[r]`` lists the attention calls
@@ -159,9 +197,9 @@ class Work(Protocol):
         kv: Segments,
         *,
         cp: int,
-        mask: MaskType,
-        window: Window,
-        num_segments: int,
+        mask_type: MaskType,
+        window_size: Window,
+        max_segments_per_seq: int,
     ) -> list[list[Call]]: ...
 
 

@@ -1,8 +1,9 @@
 """The built-in context-parallel strategies, one line each.
 
-Importing this module fills :data:`thdkit._src.context_parallel.base.STRATEGIES` (the package imports
-it). A new strategy is one module defining a :class:`thdkit._src.context_parallel.base.Strategy` and
-one line here (or one :func:`thdkit._src.context_parallel.base.register` call in user code).
+Importing this module fills :data:`thdkit.context_parallel.STRATEGIES` (the package
+imports it). A new strategy is one module defining a
+:class:`thdkit.context_parallel.Strategy` and one line here (or one
+:func:`thdkit.context_parallel.register` call in user code).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ shard.
 The sequence axis of every input is split into cp contiguous shards, shard r on rank r. Each rank
 keeps its query shard; the key/value shard (with its segment ids, positions and document lengths)
 travels around the ring with ``lax.ppermute``, so at step k rank r sees the keys of rank
-``(r - k) % cp``. Each step runs :func:`thdkit._src.kernels.partial.attention_partial`, which masks
+``(r - k) % cp``. Each step runs :func:`thdkit.kernels.attention_partial`, which masks
 from ids and positions directly (so any token order works: plain, striped or dual-chunk-swapped),
 and the partial results merge with their log-sum-exps (:func:`merge_partials`). Masks that
 compare document lengths (bottom-right) read each token's length over the whole row, computed
@@ -113,8 +113,8 @@ def _build_core(config: StrategyConfig) -> Callable[..., Array]:
             v,
             q_segments=q_segments,
             kv_segments=kv_segments,
-            mask_type=config.mask,
-            window_size=config.window,
+            mask_type=config.mask_type,
+            window_size=config.window_size,
             scale=config.scale,
             implementation=config.implementation,
         )
@@ -204,7 +204,7 @@ def ring_local(config: StrategyConfig) -> LocalBody:
         config: the checked configuration.
 
     Returns:
-        The ``local`` body of :class:`thdkit._src.context_parallel.base.Strategy`: float32 output.
+        The ``local`` body of :class:`thdkit.context_parallel.Strategy`: float32 output.
     """
     core = _build_core(config)
 
@@ -235,14 +235,21 @@ def ring_traffic(s: Shapes, cp: int) -> Traffic:
 
 
 def ring_work(
-    q: Segments, kv: Segments, *, cp: int, mask: MaskType, window: Window, num_segments: int
+    q: Segments,
+    kv: Segments,
+    *,
+    cp: int,
+    mask_type: MaskType,
+    window_size: Window,
+    max_segments_per_seq: int,
 ) -> list[list[Call]]:
     """Rank r attends its query shard to the key shard of rank ``(r - k) % cp`` at every step k
-    the schedule runs (:func:`thdkit._src.context_parallel.schedule.ring_schedule`).
+    the schedule runs (:func:`thdkit.ring_schedule`).
 
     Example:
         >>> row = Segments.from_ids(jnp.ones((1, 8), jnp.int32))
-        >>> calls = ring_work(row, row, cp=4, mask=MaskType.CAUSAL, window=None, num_segments=1)
+        >>> calls = ring_work(row, row, cp=4, mask_type=MaskType.CAUSAL, window_size=None,
+        ...                   max_segments_per_seq=1)
         >>> [len(rank) for rank in calls]
         [1, 2, 3, 4]
     """
@@ -250,9 +257,9 @@ def ring_work(
         q_segments=q,
         kv_segments=kv,
         cp=cp,
-        mask_type=mask,
-        window_size=window,
-        max_segments_per_seq=num_segments,
+        mask_type=mask_type,
+        window_size=window_size,
+        max_segments_per_seq=max_segments_per_seq,
     )
     runs = np.asarray(runs).any(axis=0)  # A rank runs a step when any row of its batch needs it.
     q_shards, kv_shards = split_row(q, cp), split_row(kv, cp)

@@ -28,7 +28,12 @@ from jax import lax
 from jaxtyping import Array, ArrayLike, Bool, Int
 
 from thdkit._src.context_parallel.base import StrategyConfig
-from thdkit._src.context_parallel.shards import document_lengths, readable, row_segments, validate_shards
+from thdkit._src.context_parallel.shards import (
+    document_lengths,
+    readable,
+    row_segments,
+    validate_shards,
+)
 from thdkit._src.counting import segment_extrema
 from thdkit._src.kernels.config import AttentionConfig
 from thdkit._src.limits import check_int
@@ -149,14 +154,14 @@ def ring_schedule(
     *,
     q_segments: Segments | None = None,
     kv_segments: Segments | None = None,
-    segment_ids_q: ArrayLike | None = None,
-    segment_pos_q: ArrayLike | None = None,
-    segment_ids_kv: ArrayLike | None = None,
-    segment_pos_kv: ArrayLike | None = None,
     cp: int,
     mask_type: MaskType | str = "padding_causal",
     window_size: tuple[int | None, int | None] | None = None,
     max_segments_per_seq: int,
+    segment_ids_q: Int[ArrayLike, "*B T_q"] | None = None,
+    segment_pos_q: Int[ArrayLike, "*B T_q"] | None = None,
+    segment_ids_kv: Int[ArrayLike, "*B T_kv"] | None = None,
+    segment_pos_kv: Int[ArrayLike, "*B T_kv"] | None = None,
 ) -> Bool[Array, "*B cp cp"]:
     """Which ring steps each rank runs, per row, as :func:`thdkit.ring_attention` decides it.
 
@@ -167,15 +172,18 @@ def ring_schedule(
     them.
 
     Args:
-        q_segments: the query rows' :class:`thdkit.Segments` in the order the ring sees them
-            (already reordered); ids and positions are read, lengths recomputed. Or:
-        segment_ids_q, segment_pos_q: int[*B, T_q]; ids and positions, already reordered.
-        kv_segments, or segment_ids_kv and segment_pos_kv: int[*B, T_kv], the same for the keys;
-            none for self-attention.
+        q_segments: the query rows' :class:`thdkit.Segments`, int[*B, T_q] fields, in the order
+            the ring sees them (already reordered); ids and positions are read, lengths
+            recomputed. Required (None only with the deprecated arrays below).
+        kv_segments: the same for the keys, int[*B, T_kv] fields; None for self-attention.
         cp: number of ranks, a positive int; must divide T_q and T_kv.
         mask_type: a :class:`thdkit.MaskType` or its name.
         window_size: ``(left, right)``; None or a negative side means unbounded.
         max_segments_per_seq: S.
+        segment_ids_q: deprecated, int[*B, T_q]: pass ``q_segments`` instead.
+        segment_pos_q: deprecated, int[*B, T_q]: the positions of ``q_segments``.
+        segment_ids_kv: deprecated, int[*B, T_kv]: pass ``kv_segments`` instead.
+        segment_pos_kv: deprecated, int[*B, T_kv]: the positions of ``kv_segments``.
 
     Returns:
         bool[*B, cp, cp]; ``[..., r, k]`` is True where rank r runs step k.
@@ -183,36 +191,41 @@ def ring_schedule(
     Raises:
         TypeError: a non-int cp, non-integer layouts, a segments argument that is not a
             ``Segments``.
-        ValueError: cp < 1 or not dividing a row length, a bad option, a layout given twice, or
-            (concrete layouts) a shard that breaks a layout rule, naming the parameter, the row
-            (batch index, shard index) and the token.
+        ValueError: cp < 1 or not dividing a row length, a bad option, no query layout, the
+            Segments together with the deprecated arrays, or (concrete layouts) a shard that
+            breaks a layout rule, naming the parameter passed, the row (batch index, shard
+            index) and the token.
+
+    Warns:
+        DeprecationWarning: the layout given as the arrays ``segment_ids_q`` ...; accepted for
+            one release, the message names the ``q_segments`` / ``kv_segments`` to pass.
 
     Example:
         One causal document over a plain (not reordered) row: rank r only needs the keys of
         ranks 0..r, i.e. steps 0..r.
 
-        >>> ids, pos = jnp.ones(8, jnp.int32), jnp.arange(8, dtype=jnp.int32)
-        >>> ring_schedule(segment_ids_q=ids, segment_pos_q=pos, cp=4,
-        ...               max_segments_per_seq=1).astype(int)
+        >>> segments = Segments.from_ids(jnp.ones((1, 8), jnp.int32))
+        >>> ring_schedule(q_segments=segments, cp=4, max_segments_per_seq=1)[0].astype(int)
         Array([[1, 0, 0, 0],
                [1, 1, 0, 0],
                [1, 1, 1, 0],
                [1, 1, 1, 1]], dtype=int32)
     """
+    q, kv, names = row_segments(
+        q_segments,
+        kv_segments,
+        segment_ids_q=segment_ids_q,
+        segment_pos_q=segment_pos_q,
+        segment_ids_kv=segment_ids_kv,
+        segment_pos_kv=segment_pos_kv,
+        caller="ring_schedule",
+    )
     config = AttentionConfig.parse(
         mask_type=mask_type, window_size=window_size, max_segments_per_seq=max_segments_per_seq
     )
     num_segments = config.max_segments_per_seq
     bounds = difference_bounds(config.mask_type, config.window_size)
     cp = check_int(cp, "cp", low=1)
-    q, kv, names = row_segments(
-        q_segments=q_segments,
-        kv_segments=kv_segments,
-        segment_ids_q=segment_ids_q,
-        segment_pos_q=segment_pos_q,
-        segment_ids_kv=segment_ids_kv,
-        segment_pos_kv=segment_pos_kv,
-    )
     sides = ((names[0], q),) + (() if kv is None else ((names[1], kv),))
     for name, side in sides:
         if side.seq_len % cp:
@@ -265,10 +278,10 @@ def rank_schedule(
         bool[cp]; ``[k]`` is True where this rank runs step k.
     """
     axis, cp = config.axis_name, config.cp
-    bounds = difference_bounds(config.mask, config.window)
-    q_spans = segment_spans(q_segments, bounds, config.num_segments)
+    bounds = difference_bounds(config.mask_type, config.window_size)
+    q_spans = segment_spans(q_segments, bounds, config.max_segments_per_seq)
     same = kv_segments is q_segments
-    kv_spans = q_spans if same else segment_spans(kv_segments, bounds, config.num_segments)
+    kv_spans = q_spans if same else segment_spans(kv_segments, bounds, config.max_segments_per_seq)
     all_kv = jax.tree.map(lambda a: lax.all_gather(a, axis), kv_spans)
     q_all = jax.tree.map(lambda a: a[None], q_spans)
     by_source = jnp.any(may_attend(q_all, all_kv, bounds), axis=(1, 2))  # bool[cp]

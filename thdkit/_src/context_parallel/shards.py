@@ -3,9 +3,9 @@
 Axis legend: B batch, T row length, S = ``max_segments_per_seq``, cp = size of the
 context-parallel mesh axis, n = T / cp tokens per shard.
 
-- Entry checks: :func:`check_mesh`, :func:`check_split`, :func:`row_segments` (the public layout
-  forms, arrays or :class:`thdkit.Segments`, converted once) and :func:`validate_shards` (each
-  rank's shard of a concrete row is a valid layout).
+- Entry checks: :func:`check_mesh`, :func:`check_split`, :func:`row_segments` (the layout,
+  :class:`thdkit.Segments` or the deprecated arrays, read once), :func:`check_fits` and
+  :func:`validate_shards` (each rank's shard of a concrete row is a valid layout).
 - Inside ``shard_map``: :func:`with_document_lengths` (global document lengths by a ``psum``) and
   :func:`gather_row` (the whole row's layout, sorted back into document order).
 - Token order: :func:`sort_by_document`, :func:`take_tokens`, :func:`inverse_order`.
@@ -15,6 +15,7 @@ context-parallel mesh axis, n = T / cp tokens per shard.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import jax
@@ -26,13 +27,16 @@ from jaxtyping import Array, ArrayLike, Int
 
 from thdkit._src import reorder
 from thdkit._src.context_parallel.base import StrategyConfig
-from thdkit._src.validate.inputs import as_layout, as_layouts
-from thdkit._src.validate.rules import validate_layout
+from thdkit._src.kernels.arguments import check_layout_shapes
 from thdkit._src.limits import is_concrete
 from thdkit._src.mask_types import MaskType
 from thdkit._src.segments import Segments, global_lengths, lengths_from_counts, segment_counts
+from thdkit._src.validate.inputs import as_layout, as_layouts
+from thdkit._src.validate.rules import validate_layout
 
 __all__ = [
+    "DEPRECATED_LAYOUT",
+    "check_fits",
     "check_mesh",
     "check_split",
     "document_lengths",
@@ -106,79 +110,115 @@ def document_lengths(ids: Int[Array, "*B T"], num_segments: int) -> Int[Array, "
     return lengths_from_counts(ids, segment_counts(ids, num_segments=num_segments))
 
 
-def _segments_form(
-    segments: Any, ids: ArrayLike | None, pos: ArrayLike | None, *, side: str
-) -> tuple[Array, Array] | None:
-    """One side given as :class:`Segments` (``{side}_segments``), int32 (ids, pos) or None."""
-    name = f"{side}_segments"
-    if segments is None:
-        return None
-    if ids is not None or pos is not None:
-        raise ValueError(
-            f"pass either {name} or segment_ids_{side} and segment_pos_{side}, not both"
-        )
+DEPRECATED_LAYOUT = ("segment_ids_q", "segment_pos_q", "segment_ids_kv", "segment_pos_kv")
+"""The layout keywords the context-parallel entry points took before :class:`thdkit.Segments`;
+deprecated, accepted for one release (:func:`row_segments`)."""
+
+
+def _segments_layout(segments: Any, name: str) -> tuple[Array, Array]:
+    """One side given as :class:`Segments`: its int32 (ids, positions), checked."""
     if not isinstance(segments, Segments):
-        raise TypeError(f"{name} must be a thdkit.Segments, got {type(segments).__name__}")
+        raise TypeError(
+            f"{name} must be a thdkit.Segments (thdkit.Segments.from_ids(ids, positions)), got "
+            f"{type(segments).__name__}"
+        )
     return as_layout(segments.ids, segments.positions, name=name)
 
 
-def row_segments(
-    *,
-    q_segments: Segments | None,
-    kv_segments: Segments | None,
-    segment_ids_q: ArrayLike | None,
-    segment_pos_q: ArrayLike | None,
-    segment_ids_kv: ArrayLike | None,
-    segment_pos_kv: ArrayLike | None,
-) -> tuple[Segments, Segments | None, tuple[str, str]]:
-    """The public layout arguments as the whole rows' :class:`thdkit.Segments`, converted once.
+def _deprecation(caller: str, given: list[str]) -> str:
+    """The message of the deprecated layout keywords ``given`` to ``caller``."""
+    new = ["q_segments=thdkit.Segments.from_ids(ids, positions)"]
+    if any(name.endswith("_kv") for name in given):
+        new.append("kv_segments=thdkit.Segments.from_ids(ids_kv, positions_kv)")
+    return (
+        f"{caller}({', '.join(given)}) is deprecated and goes in the next release: pass "
+        f"{' and '.join(new)}; for rows reordered for context parallelism, build the Segments "
+        "in document order, then reorder every field with the tokens, e.g. "
+        "jax.tree.map(lambda a: thdkit.reorder.striped(a, cp=cp), segments)"
+    )
 
-    Each side is given either as :class:`thdkit.Segments` (``q_segments`` / ``kv_segments``: ids
-    and positions as given; their ``lengths`` are not read) or as the keyword arrays. Dtypes,
-    shapes and the int32 range are checked (:func:`thdkit._src.validate.inputs.as_layout`); the layout rules
-    are checked shard by shard by :func:`validate_shards`. Nothing is computed over the row: the
-    returned lengths are zeros, read by nobody; the strategies compute each shard's document
-    lengths inside their programs (:func:`with_document_lengths`, :func:`gather_row`), and
-    :func:`thdkit.ring_schedule` from the ids.
+
+def row_segments(
+    q_segments: Segments | None,
+    kv_segments: Segments | None = None,
+    *,
+    segment_ids_q: ArrayLike | None = None,
+    segment_pos_q: ArrayLike | None = None,
+    segment_ids_kv: ArrayLike | None = None,
+    segment_pos_kv: ArrayLike | None = None,
+    caller: str,
+) -> tuple[Segments, Segments | None, tuple[str, str]]:
+    """The layout arguments of a context-parallel entry point as the whole rows'
+    :class:`thdkit.Segments`: the one place that reads them, for every entry point.
+
+    The layout is ``q_segments`` / ``kv_segments`` (ids and positions as given; their
+    ``lengths`` are not read), or, deprecated for one release, the four keyword arrays
+    (:data:`DEPRECATED_LAYOUT`), never a mix. Dtypes, shapes and the int32 range are checked
+    (:func:`thdkit._src.validate.inputs.as_layout`), messages naming the parameters the caller
+    passed; the layout rules are checked shard by shard by :func:`validate_shards`. Nothing is
+    computed over the row: the returned lengths are zeros, read by nobody; the strategies compute
+    each shard's document lengths inside their programs (:func:`with_document_lengths`,
+    :func:`gather_row`), and :func:`thdkit.ring_schedule` from the ids.
+
+    Args:
+        q_segments: the queries' Segments, int[*B, T_q] fields, or None with the arrays.
+        kv_segments: the keys' Segments, int[*B, T_kv] fields, or None for self-attention.
+        segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv: deprecated; int[*B, T].
+        caller: the entry point, which calls this function itself (the warning points at the
+            entry point's caller).
 
     Returns:
         ``(q, kv, names)``: int32[*B, T] Segments (lengths zero, see above); kv None for
         self-attention; the names of the q and kv layout parameters, for messages.
 
     Raises:
-        TypeError: a non-``Segments`` segments argument, non-integer arrays.
-        ValueError: a side given twice, no query layout, half a kv layout, mismatched shapes or
-            batch dims, values outside int32 (naming the parameter, row and token).
+        TypeError: a segments argument that is not a ``Segments``, non-integer arrays.
+        ValueError: Segments together with the arrays, no query layout, half a kv layout,
+            mismatched shapes or batch dims, values outside int32 (naming the parameter, row and
+            token).
+
+    Warns:
+        DeprecationWarning: the arrays were given; the message names the Segments to pass.
 
     Example:
         >>> q, kv, names = row_segments(
-        ...     q_segments=None, kv_segments=None, segment_ids_q=[[1, 2, 1, 2]],
-        ...     segment_pos_q=[[0, 0, 1, 1]], segment_ids_kv=None, segment_pos_kv=None)
-        >>> q.ids.tolist(), kv, names
-        ([[1, 2, 1, 2]], None, ('segment_ids_q', 'segment_ids_kv'))
+        ...     Segments.from_ids(jnp.array([[1, 1, 2, 0]])), caller="ring_attention")
+        >>> q.positions.tolist(), kv, names
+        ([[0, 1, 0, 0]], None, ('q_segments', 'kv_segments'))
     """
-    given_q = _segments_form(q_segments, segment_ids_q, segment_pos_q, side="q")
-    given_kv = _segments_form(kv_segments, segment_ids_kv, segment_pos_kv, side="kv")
-    if given_q is None and (segment_ids_q is None or segment_pos_q is None):
-        raise ValueError("pass the query layout: q_segments, or segment_ids_q and segment_pos_q")
-    if given_q is None or given_kv is None:
-        from_arrays = as_layouts(
-            given_q[0] if given_q else segment_ids_q,
-            given_q[1] if given_q else segment_pos_q,
-            None if given_kv else segment_ids_kv,
-            None if given_kv else segment_pos_kv,
-        )
-        given_q = given_q or from_arrays[0]
-        given_kv = given_kv or from_arrays[1]
-    if given_kv is not None and given_kv[0].shape[:-1] != given_q[0].shape[:-1]:
+    arrays = (segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)
+    given = [name for name, x in zip(DEPRECATED_LAYOUT, arrays, strict=True) if x is not None]
+    if given:
+        sides = (("q_segments", q_segments), ("kv_segments", kv_segments))
+        both = [name for name, x in sides if x is not None]
+        if both:
+            raise ValueError(
+                "pass the layout either as q_segments / kv_segments (thdkit.Segments) or as the "
+                f"deprecated {' / '.join(DEPRECATED_LAYOUT)}, not both; got "
+                f"{', '.join(both + given)}"
+            )
+        if segment_ids_q is None or segment_pos_q is None:
+            raise ValueError(
+                "pass the query layout: q_segments, a thdkit.Segments (or the deprecated "
+                f"segment_ids_q and segment_pos_q together); got only {', '.join(given)}"
+            )
+        warnings.warn(_deprecation(caller, given), DeprecationWarning, stacklevel=3)
+        q, kv = as_layouts(*arrays)
+        names = ("segment_ids_q", "segment_ids_kv")
+    else:
+        if q_segments is None:
+            raise ValueError(
+                "pass the query layout: q_segments, a thdkit.Segments (e.g. "
+                "thdkit.Segments.from_ids(ids, positions))"
+            )
+        names = ("q_segments", "kv_segments")
+        q = _segments_layout(q_segments, names[0])
+        kv = None if kv_segments is None else _segments_layout(kv_segments, names[1])
+    if kv is not None and kv[0].shape[:-1] != q[0].shape[:-1]:
         raise ValueError(
-            "the query and key/value layouts must have the same batch dims, got shapes "
-            f"{given_q[0].shape} and {given_kv[0].shape}"
+            f"{names[0]} and {names[1]} must have the same batch dims, got shapes {q[0].shape} "
+            f"and {kv[0].shape}"
         )
-    names = (
-        "segment_ids_q" if q_segments is None else "q_segments",
-        "segment_ids_kv" if kv_segments is None else "kv_segments",
-    )
 
     def whole(layout: tuple[Array, Array]) -> Segments:
         # Not the document lengths: counting ids over a row sharded across devices is a global
@@ -186,7 +226,48 @@ def row_segments(
         # Each strategy computes them inside its program, per shard, where it needs them.
         return Segments(*layout, jnp.zeros_like(layout[0]))
 
-    return whole(given_q), None if given_kv is None else whole(given_kv), names
+    return whole(q), None if kv is None else whole(kv), names
+
+
+def check_fits(
+    query: Array, key: Array, q: Segments, kv: Segments | None, names: tuple[str, str]
+) -> None:
+    """Checks that the layouts fit ``query`` [B, T_q, ...] and ``key`` [B, T_kv, ...]: [B, T_q]
+    and [B, T_kv] fields, or self-attention with T_kv = T_q.
+
+    Args:
+        query, key: the attention's arrays.
+        q, kv: :func:`row_segments`' Segments; kv None for self-attention.
+        names: :func:`row_segments`' parameter names, for messages (the deprecated arrays'
+            messages are :func:`thdkit._src.kernels.arguments.check_layout_shapes`').
+
+    Raises:
+        ValueError: a mismatch, naming the parameter, the shapes and T.
+
+    Example:
+        >>> x = jnp.zeros((1, 8, 2, 4))
+        >>> seg = Segments.from_ids(jnp.ones((1, 8), int))
+        >>> check_fits(x, x[:, :4], seg, None, ("q_segments", "kv_segments"))
+        Traceback (most recent call last):
+        ...
+        ValueError: self-attention (no kv_segments) needs T_kv == T_q, got T_kv=4 and T_q=8...
+    """
+    if names[0] == DEPRECATED_LAYOUT[0]:
+        check_layout_shapes(query, key, q.ids, None if kv is None else kv.ids)
+        return
+    batch, seq_q = query.shape[:2]
+    seq_kv = key.shape[1]
+    if kv is None and seq_kv != seq_q:
+        raise ValueError(
+            f"self-attention (no {names[1]}) needs T_kv == T_q, got T_kv={seq_kv} and "
+            f"T_q={seq_q}; pass {names[1]}"
+        )
+    for name, side, seq, of in ((names[0], q, seq_q, "query"), (names[1], kv, seq_kv, "key")):
+        if side is not None and side.ids.shape != (batch, seq):
+            raise ValueError(
+                f"{name} must have [B, T] fields of shape {(batch, seq)} to match {of}, got "
+                f"{side.ids.shape}"
+            )
 
 
 def readable(*arrays: Array) -> bool:
@@ -249,7 +330,7 @@ def with_document_lengths(segments: Segments, config: StrategyConfig) -> Segment
         :class:`thdkit.Segments` with the same ids and positions, global ``lengths``.
     """
     lengths = global_lengths(
-        segments.ids, axis_name=config.axis_name, num_segments=config.num_segments
+        segments.ids, axis_name=config.axis_name, num_segments=config.max_segments_per_seq
     )
     return dataclasses.replace(segments, lengths=lengths)
 
@@ -327,7 +408,7 @@ def gather_row(segments: Segments, config: StrategyConfig) -> tuple[Segments, In
         for x in (segments.ids, segments.positions)
     )
     ids, pos, order = sort_by_document(ids, pos)
-    return Segments(ids, pos, document_lengths(ids, config.num_segments)), order
+    return Segments(ids, pos, document_lengths(ids, config.max_segments_per_seq)), order
 
 
 def split_row(row: Segments, cp: int) -> list[Segments]:

@@ -1,6 +1,6 @@
 """How many bytes each context-parallel strategy moves, counted from the shapes it sends.
 
-A closed form per strategy (its ``traffic`` in :class:`thdkit._src.context_parallel.base.Strategy`;
+A closed form per strategy (its ``traffic`` in :class:`thdkit.context_parallel.Strategy`;
 tests hold each against the collectives traced in the real programs), for choosing a strategy
 before running one: ring attention moves the key/value shards cp - 1 times, all-gather once,
 all-to-all moves queries, keys and values (and outputs back) but only ``(cp - 1) / cp`` of them.
@@ -47,7 +47,7 @@ def collective_bytes(strategy: str, s: Shapes, *, cp: int) -> Traffic:
     - any registered strategy: its own ``traffic`` formula.
 
     Args:
-        strategy: a name of :data:`thdkit._src.context_parallel.base.STRATEGIES`.
+        strategy: a name of :data:`thdkit.context_parallel.STRATEGIES`.
         s: the global shapes of the call.
         cp: the size of the context-parallel axis.
 

@@ -17,7 +17,7 @@ layout; :func:`pad` is its inverse, as ``flash_attn.bert_padding``'s ``unpad_inp
 from __future__ import annotations
 
 import functools
-import operator
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Int, Shaped
 
-from thdkit._src.validate.inputs import int32_array
-from thdkit._src.limits import is_concrete
-from thdkit._src.validate.segments import validate_segments
+from thdkit._src.limits import check_int, check_max_segments, is_concrete
 from thdkit._src.segments import Segments, segments_from_ids
+from thdkit._src.validate.inputs import int32_array
+from thdkit._src.validate.segments import as_segments, validate_segments
 
 __all__ = ["Unpadded", "pad", "unpad"]
 
@@ -45,7 +45,7 @@ class Unpadded(NamedTuple):
         indices: int32[n] (or [capacity]): each gathered token's index in the flattened
             ``[B*T]`` axis; entries past the real tokens hold ``B*T`` (out of range: :func:`pad`
             drops them).
-        cu_seqlens: int32[M + 1] (or [max_documents + 1]): sequence k covers
+        cu_seqlens: int32[M + 1] (or [B*S + 1] with ``max_segments_per_seq=S``): sequence k covers
             ``x[cu_seqlens[k]:cu_seqlens[k + 1]]``. The sequences are, row by row, the row's
             documents in order, and one empty sequence for a row without any real token; so
             with one document a row (an attention mask) sequence b is row b and ``M = B``, as
@@ -61,24 +61,11 @@ class Unpadded(NamedTuple):
     max_seqlen: int | Int[Array, ""]
 
 
-def _static_int(value: Any, name: str, *, low: int) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
-
-
 def _ids(segments: Any) -> Array:
     """Segment ids int32[B, T] of a Segments, an id array, or a boolean attention mask, checked
     (when concrete) with messages that name ``segments``; nothing is cast before its check."""
     if isinstance(segments, Segments):
-        if segments.ids.ndim != 2:
-            raise ValueError(f"segments must have [B, T] fields, got shape {segments.ids.shape}")
+        as_segments(segments, "segments", rows=True)
         validate_segments(segments, name="segments", global_lengths=True)
         ids = segments.ids
         return int32_array(ids, "segments.ids") if is_concrete(ids) else ids.astype(jnp.int32)
@@ -119,6 +106,7 @@ def unpad(
     segments: Segments | Int[ArrayLike, "B T"] | Bool[ArrayLike, "B T"],
     *,
     capacity: int | None = None,
+    max_segments_per_seq: int | None = None,
     max_documents: int | None = None,
 ) -> Unpadded:
     """The non-padding tokens of ``x``, back to back, with FlashAttention's ``cu_seqlens``.
@@ -138,12 +126,13 @@ def unpad(
     layout they are exact (``max_seqlen`` a Python int, as FlashAttention's ``.item()``); a
     layout with no real token (or no row) gives empty ``x`` and ``indices``. Under ``jit`` pass
     ``capacity`` (a static int >= n, e.g. ``B*T`` or a token budget): ``x`` and ``indices`` get
-    ``capacity`` entries (zeros and ``B*T`` past n), ``cu_seqlens`` ``max_documents + 1``
-    (default ``min(capacity + B, B*T)``, enough for every layout that fits ``capacity``), and
-    ``max_seqlen`` is a traced int32. Under ``jit`` nothing is checked: a ``capacity`` or
-    ``max_documents`` too small drops what is past it (eagerly it raises), and a traced layout
-    that breaks a rule is read run by run (a mask with a padding hole gives a sequence per
-    stretch of real tokens; eagerly it raises).
+    ``capacity`` entries (zeros and ``B*T`` past n), ``cu_seqlens`` ``B*S + 1`` with
+    ``max_segments_per_seq=S`` (else ``min(capacity + B, B*T) + 1``, enough for every layout
+    that fits ``capacity``), and ``max_seqlen`` is a traced int32. Under ``jit`` nothing is
+    checked: a ``capacity`` too small drops the tokens past it, and ``cu_seqlens`` keeps the
+    first ``B*S`` sequences of the batch (eagerly a row of more than S documents raises); a
+    traced layout that breaks a rule is read run by run (a mask with a padding hole gives a
+    sequence per stretch of real tokens; eagerly it raises).
 
     Args:
         x: [B, T, ...] (any trailing dims, any dtype): hidden states, q/k/v, token ids...
@@ -151,19 +140,29 @@ def unpad(
             (0 = padding; any integer dtype, checked before any cast), or a boolean attention
             mask [B, T] (FlashAttention's: True = token, one document a row).
         capacity: a static int >= n, or None for exactly n (concrete layouts only).
-        max_documents: a static int >= M, or None: exactly M on a concrete layout without
-            ``capacity``, else ``min(capacity + B, B*T)``.
+        max_segments_per_seq: S, a static int >= the documents of any row (a row without any
+            still adds one empty sequence, so at least 1): ``cu_seqlens`` gets ``B*S + 1``
+            entries; or None: exactly M + 1 on a concrete layout without ``capacity``, else
+            ``min(capacity + B, B*T) + 1``.
+        max_documents: deprecated (a ``DeprecationWarning``): the number M of sequences of the
+            whole batch, ``cu_seqlens`` getting ``max_documents + 1`` entries; pass
+            ``max_segments_per_seq`` (``max_documents=B*S`` is ``max_segments_per_seq=S``).
 
     Returns:
         :class:`Unpadded` ``(x, indices, cu_seqlens, max_seqlen)``.
 
     Raises:
         TypeError: ``segments`` neither Segments, integer nor boolean; a non-int ``capacity`` /
-            ``max_documents``.
+            ``max_segments_per_seq``; ``max_documents`` with ``max_segments_per_seq``.
         ValueError: shapes (``segments`` not [B, T] or not matching ``x``'s leading dims), a
-            negative ``capacity`` or ``max_documents`` or (concrete layouts) one below n or M,
-            ``capacity=None`` for a traced layout, or (concrete ``segments``) a broken layout
-            rule or a value outside int32, naming ``segments``, the row and the token.
+            negative ``capacity``, ``max_segments_per_seq`` outside ``[1, MAX_SEGMENTS]``, or
+            (concrete layouts) a ``capacity`` below n or a row of more than
+            ``max_segments_per_seq`` documents, ``capacity=None`` for a traced layout, or
+            (concrete ``segments``) a broken layout rule or a value outside int32, naming
+            ``segments``, the row and the token.
+
+    Warns:
+        DeprecationWarning: ``max_documents``; pass ``max_segments_per_seq``.
 
     Example:
         The README's row: document 3 comes after two padding tokens, so its start in the
@@ -183,7 +182,31 @@ def unpad(
         >>> mask = jnp.array([[False, False, False], [True, True, True]])
         >>> unpad(jnp.ones((2, 3)), mask).cu_seqlens.tolist()
         [0, 0, 3]
+
+        Under ``jit`` the sizes are static: ``capacity`` tokens, ``B*S + 1`` entries of
+        ``cu_seqlens`` (the slots past the sequences repeat n):
+
+        >>> fixed = jax.jit(lambda i: unpad(x, i, capacity=8, max_segments_per_seq=4))(ids)
+        >>> fixed.cu_seqlens.tolist(), int(fixed.max_seqlen)
+        ([0, 3, 5, 6, 6], 3)
     """
+    if max_documents is not None:
+        if max_segments_per_seq is not None:
+            raise TypeError(
+                "pass max_segments_per_seq or max_documents (deprecated), not both; got "
+                f"max_segments_per_seq={max_segments_per_seq!r} and "
+                f"max_documents={max_documents!r}"
+            )
+        warnings.warn(
+            "unpad's max_documents (the sequences of the whole batch) is deprecated: pass "
+            "max_segments_per_seq=S, the most documents a row holds (cu_seqlens then has "
+            "B*S + 1 entries; max_documents=B*S is max_segments_per_seq=S)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        max_documents = check_int(max_documents, "max_documents", low=0)
+    if max_segments_per_seq is not None:
+        max_segments_per_seq = check_max_segments(max_segments_per_seq)
     ids = _ids(segments)
     x = jnp.asarray(x)
     if x.shape[:2] != ids.shape:
@@ -195,11 +218,10 @@ def unpad(
     if concrete:
         host = np.asarray(ids)
         total = int(np.count_nonzero(host))
-        starts = host[:, 1:] != host[:, :-1]
-        documents = int(
-            np.count_nonzero(host[:, :1]) + np.count_nonzero(starts & (host[:, 1:] != 0))
-        )
-        documents += int(np.count_nonzero(~host.any(axis=1)))  # an empty row: one sequence
+        starts = (host[:, 1:] != host[:, :-1]) & (host[:, 1:] != 0)
+        # Each row's sequences: its documents, or one empty sequence for a row without any.
+        per_row = np.maximum(np.count_nonzero(host[:, :1], axis=1) + starts.sum(axis=1), 1)
+        documents = int(per_row.sum())
     if capacity is None:
         if not concrete:
             raise ValueError(
@@ -207,29 +229,40 @@ def unpad(
                 "real tokens, e.g. B*T) so that the shapes are static"
             )
         capacity = total
-        max_documents = documents if max_documents is None else max_documents
-    capacity = _static_int(capacity, "capacity", low=0)
-    if max_documents is None:
-        max_documents = min(capacity + batch, batch * seq_len)
-    max_documents = _static_int(max_documents, "max_documents", low=0)
+        if max_documents is None and max_segments_per_seq is None:
+            max_documents = documents
+    capacity = check_int(capacity, "capacity", low=0)
     if concrete and capacity < total:
         raise ValueError(f"capacity={capacity} is below the {total} real tokens of segments")
-    if concrete and max_documents < documents:
-        raise ValueError(
-            f"max_documents={max_documents} is below the {documents} sequences of segments "
-            "(its documents, and one empty sequence for each row without a real token)"
-        )
+    if max_segments_per_seq is not None:
+        sequences = batch * max_segments_per_seq
+        if concrete and per_row.size and per_row.max() > max_segments_per_seq:
+            row = int(np.argmax(per_row))
+            raise ValueError(
+                f"max_segments_per_seq={max_segments_per_seq} is below the {int(per_row[row])} "
+                f"documents of segments row {row}"
+            )
+    elif max_documents is not None:
+        sequences = max_documents
+        if concrete and sequences < documents:
+            raise ValueError(
+                f"max_documents={sequences} is below the {documents} sequences of segments "
+                "(its documents, and one empty sequence for each row without a real token)"
+            )
+    else:  # enough for every layout that fits capacity
+        sequences = min(capacity + batch, batch * seq_len)
     gathered, indices, cu_seqlens, max_seqlen = _unpad(
-        x, ids, capacity=capacity, max_documents=max_documents
+        x, ids, capacity=capacity, sequences=sequences
     )
     return Unpadded(gathered, indices, cu_seqlens, int(max_seqlen) if concrete else max_seqlen)
 
 
-@functools.partial(jax.jit, static_argnames=("capacity", "max_documents"))
+@functools.partial(jax.jit, static_argnames=("capacity", "sequences"))
 def _unpad(
-    x: Array, ids: Array, *, capacity: int, max_documents: int
+    x: Array, ids: Array, *, capacity: int, sequences: int
 ) -> tuple[Array, Array, Array, Array]:
-    """:func:`unpad` at static sizes (jitted: an eager call compiles once per shape)."""
+    """:func:`unpad` at static sizes, ``sequences`` entries of ``cu_seqlens`` but the last
+    (jitted: an eager call compiles once per shape)."""
     batch, seq_len = ids.shape
     size = batch * seq_len
     keep = ids != 0
@@ -239,7 +272,7 @@ def _unpad(
     empty_row = first & ~jnp.any(keep, axis=1, keepdims=True)  # its one empty sequence
     keep, start = keep.reshape(-1), (start | empty_row).reshape(-1)
     (indices,) = jnp.nonzero(keep, size=capacity, fill_value=size)
-    (starts,) = jnp.nonzero(start, size=max_documents, fill_value=size)
+    (starts,) = jnp.nonzero(start, size=sequences, fill_value=size)
     indices, starts = indices.astype(jnp.int32), starts.astype(jnp.int32)
     # The real tokens before each flattened position (n at position B*T, the fill).
     before = jnp.cumsum(keep, dtype=jnp.int32)
@@ -300,8 +333,8 @@ def pad(
             f"indices must be 1-D with one entry per token of x, got shapes {indices.shape} "
             f"and {x.shape}"
         )
-    batch = _static_int(batch, "batch", low=0)
-    seq_len = _static_int(seq_len, "seq_len", low=1)
+    batch = check_int(batch, "batch", low=0)
+    seq_len = check_int(seq_len, "seq_len", low=1)
     size = batch * seq_len
     if size > np.iinfo(np.int32).max:
         raise ValueError(f"batch * seq_len = {size} exceeds the int32 range of the indices")

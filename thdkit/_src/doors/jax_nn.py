@@ -25,11 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from thdkit._src.doors.jax_nn_dense import dense_attention
 from thdkit._src.doors.jax_nn_checks import as_arrays
+from thdkit._src.doors.jax_nn_dense import dense_attention
 from thdkit._src.doors.jax_nn_layout import CallLayout, layout_of
+from thdkit._src.doors.keywords import attention
 from thdkit._src.kernels import base
-from thdkit._src.doors.keywords import attention, plan_attention
 from thdkit._src.kernels.arguments import check_scale
 from thdkit._src.kernels.plan import AttentionPlan
 
@@ -67,19 +67,6 @@ def implementation_names() -> tuple[str, ...]:
     return (*_ALIASES, *(name for name in base.names() if name not in _ALIASES))
 
 
-def _check_implementation(implementation: Any) -> str | None:
-    """The caller's ``implementation`` string, checked against :func:`implementation_names`."""
-    if implementation is None:
-        return None
-    names = implementation_names()
-    if not isinstance(implementation, str) or implementation not in names:
-        raise ValueError(
-            f"implementation must be one of {', '.join(map(repr, names))} or None, got "
-            f"{implementation!r}"
-        )
-    return implementation
-
-
 def _check_empty_call(bias: Any, mask: Any, scale: Any, shape: tuple[int, ...]) -> None:
     """The checks the dense path makes of ``bias``, ``mask`` and ``scale``, for a call with
     no tokens on a side (T = 0 or S = 0), which runs neither path."""
@@ -113,17 +100,7 @@ def _kernel_attention(
     an implementation that cannot run is reported under the caller's name for it."""
     kernel = _ALIASES.get(implementation, implementation)
     try:
-        plan = layout.plan
-        if plan is None:
-            plan = plan_attention(
-                layout.q,
-                layout.kv,
-                mask_type=layout.mask_type,
-                window_size=layout.window,
-                max_segments_per_seq=layout.max_segments_per_seq,
-                implementation=kernel,
-            )
-        return attention(query, key, value, plan=plan, scale=scale)
+        return attention(query, key, value, plan=layout.planned(kernel), scale=scale)
     except NotImplementedError as error:
         if kernel == implementation:
             raise
@@ -257,7 +234,11 @@ def dot_product_attention(
         ((2, 8, 4, 16), True)
     """
     query, key, value, unbatched = as_arrays(query, key, value)
-    implementation = _check_implementation(implementation)
+    implementation = base.check_name(
+        implementation,
+        among=implementation_names(),
+        words="implementation must be one of {valid}, got {name}",
+    )
     layout = layout_of(
         query_shape=query.shape,
         key_shape=key.shape,

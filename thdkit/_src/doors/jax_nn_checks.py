@@ -17,28 +17,24 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
 from thdkit._src.host import JAX, NUMPY, on_host, readable
-from thdkit._src.validate.inputs import row_label, to_int32
+from thdkit._src.kernels.arguments import JAX_NN_AXES, check_float, check_shapes
+from thdkit._src.limits import MAX_POSITION, MAX_SEGMENTS, check_int
+from thdkit._src.validate.inputs import as_integers, row_label, to_int32
 from thdkit._src.validate.rules import LayoutError
-from thdkit._src.limits import MAX_POSITION, MAX_SEGMENTS
 
 __all__ = [
     "as_arrays",
     "check_local_window",
-    "check_padding_id",
     "describe_layout_error",
     "int32_values",
     "integer_argument",
     "shape_error",
 ]
-
-_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
 
 # --- Arrays ------------------------------------------------------------------------------------
 
@@ -95,42 +91,10 @@ def as_arrays(query: Any, key: Any, value: Any) -> tuple[Array, Array, Array, bo
             raise ValueError(_rank_error(name, x.shape, rank=query.ndim, unbatched=unbatched))
         arrays[name] = x
     for name, x in arrays.items():
-        if x.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16 or float16, got dtype {x.dtype}")
+        check_float(x, name)
     query, key, value = (x[None] if unbatched else x for x in arrays.values())
-    _check_shapes(query, key, value)
+    check_shapes(query, key, value, axes=JAX_NN_AXES, empty_rows=True)
     return query, key, value, unbatched
-
-
-def _check_shapes(query: Array, key: Array, value: Array) -> None:
-    if not query.dtype == key.dtype == value.dtype:
-        raise TypeError(
-            f"query, key and value must share one dtype, got {query.dtype}, {key.dtype} and "
-            f"{value.dtype}"
-        )
-    if not query.shape[0] == key.shape[0] == value.shape[0]:
-        raise ValueError(
-            f"query, key and value must have the same batch size B, got shapes {query.shape}, "
-            f"{key.shape} and {value.shape}"
-        )
-    if key.shape[:3] != value.shape[:3]:
-        raise ValueError(
-            f"key and value must agree in B, S and K, got shapes {key.shape} and {value.shape}"
-        )
-    if query.shape[3] != key.shape[3]:
-        raise ValueError(
-            f"query and key must have the same head dim H, got shapes {query.shape} and {key.shape}"
-        )
-    if min(query.shape[2:] + key.shape[2:] + value.shape[3:]) == 0:
-        raise ValueError(
-            f"query, key and value need N, K, H and H_v > 0, got shapes {query.shape}, "
-            f"{key.shape} and {value.shape}"
-        )
-    if query.shape[2] % key.shape[2]:
-        raise ValueError(
-            f"query has N = {query.shape[2]} heads, not a multiple of the key/value heads "
-            f"K = {key.shape[2]} (shapes {query.shape} and {key.shape})"
-        )
 
 
 # --- Integer arguments ---------------------------------------------------------------------
@@ -155,20 +119,7 @@ def integer_argument(x: Any, name: str) -> np.ndarray | Array:
         >>> integer_argument([[1, 2**40]], "segment_ids").dtype
         dtype('int64')
     """
-    x = readable(x)
-    if not isinstance(x, (np.ndarray, jax.Array)):
-        try:
-            x = np.asarray(x)
-        except ValueError as error:  # ragged nested lists
-            raise ValueError(
-                f"{name} must be a rectangular integer array (every row the same length): {error}"
-            ) from None
-    if x.dtype.kind == "O":
-        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in x.flat):
-            raise TypeError(f"{name} must be an integer array, got an object array")
-    elif not jnp.issubdtype(x.dtype, jnp.integer) or jnp.issubdtype(x.dtype, jnp.bool_):
-        raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}")
-    return x
+    return as_integers(readable(x), name)
 
 
 def int32_values(x: np.ndarray | Array, name: str, *, kind: str) -> np.ndarray | Array:
@@ -235,38 +186,13 @@ def check_local_window(local_window_size: Any) -> tuple[int, int] | None:
         )
     bounds = []
     for side, bound in zip(("left", "right"), pair, strict=True):
-        if isinstance(bound, (bool, np.bool_)) or not isinstance(bound, (int, np.integer)):
-            raise TypeError(
-                f"local_window_size {side} bound must be an int, got {type(bound).__name__}"
-            )
-        if bound < 0:
+        try:
+            bounds.append(check_int(bound, f"local_window_size {side} bound", low=0))
+        except ValueError as error:
             raise ValueError(
-                f"local_window_size {side} bound must be >= 0, got {int(bound)} (thdkit reads a "
-                "negative bound as unbounded; pass None for no window)"
-            )
-        bounds.append(int(bound))
+                f"{error} (thdkit reads a negative bound as unbounded; pass None for no window)"
+            ) from None
     return bounds[0], bounds[1]
-
-
-def check_padding_id(padding_id: Any) -> int:
-    """``padding_id`` as :meth:`thdkit.Segments.from_ids` reads it: 0 or -1.
-
-    Raises:
-        TypeError: not an int.
-        ValueError: not 0 or -1.
-
-    Example:
-        >>> check_padding_id(np.int64(-1))
-        -1
-    """
-    if isinstance(padding_id, (bool, np.bool_)) or not isinstance(padding_id, (int, np.integer)):
-        raise TypeError(f"padding_id must be 0 or -1, got {type(padding_id).__name__}")
-    if padding_id not in (0, -1):
-        raise ValueError(
-            f"padding_id must be 0 or -1 (0: ids 1..n are documents; -1: ids 0..n-1 are "
-            f"documents and -1 is padding), got {padding_id}"
-        )
-    return int(padding_id)
 
 
 # --- Layout messages -------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from thdkit._src.doors.jax_nn_layout import CallLayout
-from thdkit._src.doors.keywords import plan_attention
 from thdkit._src.kernels.arguments import check_scale
 
 __all__ = ["dense_attention"]
@@ -47,19 +46,6 @@ def _allowed(layout: CallLayout) -> Bool[Array, "B T S"]:
     return allowed
 
 
-def _validate(layout: CallLayout) -> None:
-    """The layout rules a plan checks (concrete layouts only), for the dense path."""
-    if layout.plan is None:
-        plan_attention(
-            layout.q,
-            layout.kv,
-            mask_type=layout.mask_type,
-            window_size=layout.window,
-            max_segments_per_seq=layout.max_segments_per_seq,
-            implementation="reference",
-        )
-
-
 def _as_dense_4d(x: Any, name: str, shape: tuple[int, int, int, int]) -> Array:
     """A ``bias`` or ``mask`` as ``jax.nn`` takes it: up to 4-D, broadcast to [B, N, T, S]."""
     x = jnp.asarray(x)
@@ -85,16 +71,16 @@ def dense_attention(
 ) -> tuple[Float[Array, "B N T S"], Bool[Array, "B N T"], Array | None]:
     """Weights (float32 [B, N, T, S]), poisoned rows, and (with ``value``) the output.
 
-    The arrays come checked (:func:`thdkit._src.doors.jax_nn_checks.as_arrays`; ``value`` None: the weights
-    alone); this checks the layout rules (concrete layouts) and ``scale`` (None: ``1 / sqrt(H)``)
-    first.
+    The arrays come checked (:func:`thdkit._src.doors.jax_nn_checks.as_arrays`; ``value`` None:
+    the weights alone); this checks the layout rules (concrete layouts) and ``scale`` (None:
+    ``1 / sqrt(H)``) first.
 
     Every non-finite input element is replaced by zero with a select before any product; the
     rows the dense computation would make NaN (a row with an allowed key whose own query, or one
     of whose allowed keys or values, is non-finite) are set to NaN after it, so other rows and
     their gradients are exactly those of the call without the non-finite values.
     """
-    _validate(layout)
+    layout.planned("reference")  # the layout rules a plan checks (concrete layouts)
     batch, seq_q, heads_q, dim = query.shape
     scale = check_scale(scale, head_dim=dim)
     seq_kv, heads_kv = key.shape[1], key.shape[2]

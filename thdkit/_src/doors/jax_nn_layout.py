@@ -23,17 +23,18 @@ from jaxtyping import Array
 
 from thdkit._src.doors.jax_nn_checks import (
     check_local_window,
-    check_padding_id,
     describe_layout_error,
     int32_values,
     integer_argument,
     shape_error,
 )
+from thdkit._src.doors.keywords import plan_attention
 from thdkit._src.kernels.plan import AttentionPlan
-from thdkit._src.validate.rules import LayoutError, layout_error_codes, validate_layout
-from thdkit._src.limits import MAX_SEGMENTS, check_max_segments
+from thdkit._src.limits import MAX_SEGMENTS, check_bool, check_max_segments
 from thdkit._src.mask_types import MaskType
 from thdkit._src.segments import Segments
+from thdkit._src.validate.inputs import check_padding_id
+from thdkit._src.validate.rules import LayoutError, layout_error_codes, validate_layout
 
 __all__ = ["CallLayout", "Side", "layout_of"]
 
@@ -51,6 +52,20 @@ class CallLayout(NamedTuple):
     window: tuple[int | None, int | None] | None
     max_segments_per_seq: int
     plan: AttentionPlan | None  # the caller's plan, or None
+
+    def planned(self, implementation: str | None) -> AttentionPlan:
+        """The caller's plan, or one of this layout for ``implementation``: building it
+        validates the layout (concrete layouts; :func:`thdkit.plan_attention`)."""
+        if self.plan is not None:
+            return self.plan
+        return plan_attention(
+            self.q,
+            self.kv,
+            mask_type=self.mask_type,
+            window_size=self.window,
+            max_segments_per_seq=self.max_segments_per_seq,
+            implementation=implementation,
+        )
 
 
 class Side(NamedTuple):
@@ -275,8 +290,7 @@ def layout_of(
     Raises:
         TypeError, ValueError: as :func:`thdkit.dot_product_attention` for these keywords.
     """
-    if not isinstance(is_causal, (bool, np.bool_)):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    is_causal = check_bool(is_causal, "is_causal")
     padding_id = check_padding_id(padding_id)
     if plan is not None:
         given = dict(
@@ -289,7 +303,7 @@ def layout_of(
             padding_id=padding_id or None,
         )
         shapes = (query_shape[:2], key_shape[:2])
-        return _plan_layout(plan, given=given, is_causal=bool(is_causal), shapes=shapes)
+        return _plan_layout(plan, given=given, is_causal=is_causal, shapes=shapes)
     batch, seq_q, seq_kv = query_shape[0], query_shape[1], key_shape[1]
     window = check_local_window(local_window_size)
     lengths = (

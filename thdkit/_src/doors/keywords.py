@@ -16,13 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from thdkit._src.host import JAX, NUMPY, on_host, readable
-from thdkit._src.validate.inputs import as_layouts
 from thdkit._src.kernels import base, builtins  # noqa: F401  (builtins: the built-in implementations)
 from thdkit._src.kernels.arguments import check_arguments, check_layout_shapes
 from thdkit._src.kernels.config import AttentionConfig
@@ -36,28 +33,11 @@ from thdkit._src.kernels.plan import (
 from thdkit._src.limits import check_max_segments
 from thdkit._src.mask_types import MaskType
 from thdkit._src.programs import program
-from thdkit._src.validate.segments import validate_segments
 from thdkit._src.segments import Segments, run_lengths
+from thdkit._src.validate.inputs import as_layouts
+from thdkit._src.validate.segments import as_segments, validate_segments
 
 __all__ = ["attention", "plan_attention"]
-
-
-def _as_segments(segments: Any, name: str) -> Segments:
-    if not isinstance(segments, Segments):
-        raise TypeError(
-            f"{name} must be a thdkit.Segments (Segments.from_ids(ids, positions)), "
-            f"got {type(segments).__name__}"
-        )
-    for field in ("ids", "positions", "lengths"):
-        value = getattr(segments, field)
-        if not isinstance(value, (jax.Array, np.ndarray)):
-            raise TypeError(
-                f"{name}.{field} must be a JAX or NumPy array (or a list, converted when the "
-                f"Segments is built), got {type(value).__name__}"
-            )
-    if segments.ids.ndim != 2:
-        raise ValueError(f"{name} must have [B, T] fields, got shape {segments.ids.shape}")
-    return segments
 
 
 def _checked(
@@ -84,8 +64,7 @@ def _checked(
         seq_kv=q.seq_len if kv is None else kv.seq_len,
         self_attention=kv is None,
     )
-    if implementation is not None:
-        base.get(implementation)
+    base.check_name(implementation)
     if kv is not None and kv.ids.shape[0] != q.ids.shape[0]:
         raise ValueError(
             f"{names[0]} and {names[1]} must have the same batch size B, got "
@@ -115,17 +94,17 @@ def plan_attention(
 ) -> AttentionPlan:
     """The plan of one packed layout: compute it once per batch, pass it to every layer.
 
-    Validates each side as a whole (:func:`thdkit._src.validate.segments.validate_segments` with S and the
-    mask type: fields, dtypes, shapes, the layout rules and the run lengths, when concrete),
-    chooses the candidates (every implementation of the default order that can run this
-    configuration and layout, or the one asked for; :mod:`thdkit._src.kernels.base`) and computes
-    what each reads (``prepare``): tile ranges for blockwise and pallas, compact metadata and key
-    spans for cuDNN. cuDNN needs the compact metadata to express the layout: always true for
-    self-attention without a window; otherwise checked here on concrete layouts, and refused for
-    traced ones. At call time the first candidate that takes the arrays runs.
+    Validates each side as a whole (:func:`thdkit._src.validate.segments.validate_segments`
+    with S and the mask type: fields, dtypes, shapes, the layout rules and the run lengths, when
+    concrete), chooses the candidates (every implementation of the default order that can run
+    this configuration and layout, or the one asked for; :mod:`thdkit._src.kernels.base`) and
+    computes what each reads (``prepare``): tile ranges for blockwise and pallas, compact
+    metadata and key spans for cuDNN. cuDNN needs the compact metadata to express the layout:
+    always true for self-attention without a window; otherwise checked here on concrete layouts,
+    and refused for traced ones. At call time the first candidate that takes the arrays runs.
 
     Args:
-        q_segments: :class:`thdkit._src.segments.Segments` of the queries, int32[B, T_q] fields.
+        q_segments: :class:`thdkit.Segments` of the queries, int32[B, T_q] fields.
         kv_segments: of the keys/values, int32[B, T_kv] fields, or None for self-attention.
         mask_type: a :class:`thdkit.MaskType` or its name.
         window_size: ``(left, right)`` or None; a bound that is None, negative or ``>= 2**31 - 1``
@@ -147,7 +126,7 @@ def plan_attention(
         NotImplementedError: the implementation asked for cannot run; the message lists why.
 
     Example:
-        >>> from thdkit._src.segments import Segments
+        >>> from thdkit import Segments
         >>> seg = Segments.from_ids(jnp.array([[1, 1, 1, 0, 2, 2, 2, 2]]),
         ...                         jnp.array([[0, 1, 2, 3, 0, 1, 2, 3]]))
         >>> plan = plan_attention(seg, mask_type="padding_causal", max_segments_per_seq=2,
@@ -156,8 +135,8 @@ def plan_attention(
         >>> plan.implementation, ranges.lo.tolist(), ranges.hi.tolist()
         ('blockwise', [[0, 1]], [[1, 2]])
     """
-    q = _as_segments(q_segments, "q_segments")
-    kv = None if kv_segments is None else _as_segments(kv_segments, "kv_segments")
+    q = as_segments(q_segments, "q_segments", rows=True)
+    kv = None if kv_segments is None else as_segments(kv_segments, "kv_segments", rows=True)
     q, kv, config = _checked(
         q,
         kv,

@@ -8,7 +8,7 @@ lists every reason):
 method                        what it does                                           when
 ============================  ======================================================  ==========
 ``check_config(config)``      can it run this :class:`AttentionConfig` at all?        plan time
-``check_layout(q, kv, c)``    can it run these (concrete) layouts? host-side only      plan time
+``check_segments(q, kv, c)``  can it run these (concrete) Segments? host-side only     plan time
 ``prepare(q, kv, config)``    its own auxiliary data of the layout (a pytree), which   plan time
                               the plan carries under the implementation's name
 ``check_arrays(q, k, v)``     can it take these arrays (dtype, head dims)?             call time
@@ -17,7 +17,7 @@ method                        what it does                                      
 ============================  ======================================================  ==========
 
 ``returns_lse`` says whether ``forward`` returns the log-sum-exp; only such implementations
-serve :func:`thdkit._src.kernels.partial.attention_partial` and so context parallelism.
+serve :func:`thdkit.kernels.attention_partial` and so context parallelism.
 ``interpreted_on`` names the backends (``jax.default_backend()``) where it runs in an
 interpreter (correct, slow: ``thdkit bench attention`` times it there only when named).
 ``prepares_on_host`` says whether ``prepare`` also runs in NumPy (``ops=thdkit._src.host.NUMPY``,
@@ -31,11 +31,18 @@ points find it by name). The convention is that of strategies
 (:func:`thdkit.context_parallel.register`): ``register(obj, replace=False)`` takes the name from
 ``obj.name``, ``unregister(name)`` returns what it removed, :func:`names` lists the names in
 registration order.
+
+``check_segments`` was called ``check_layout`` until this release (a name that
+:func:`thdkit.check_layout`, the checkify check of a layout's rules, holds): a subclass that
+still overrides ``check_layout`` and not ``check_segments`` gets a ``DeprecationWarning`` when the
+class is created, and its ``check_layout`` serves as its ``check_segments``; calling
+``check_layout`` warns and runs ``check_segments``.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from jaxtyping import Array, Float
@@ -46,12 +53,31 @@ from thdkit._src.segments import Segments
 
 __all__ = [
     "Implementation",
+    "check_name",
     "default_order",
     "get",
     "names",
     "register",
     "unregister",
 ]
+
+
+def _deprecated_check_layout(check_segments: Callable[..., None]) -> Callable[..., None]:
+    """The old name of ``check_segments`` on one class: warns, then runs that class's method
+    (not an override's: a subclass's ``super().check_layout()`` reaches the class above)."""
+
+    def check_layout(
+        self: Implementation, q: Segments, kv: Segments, config: AttentionConfig
+    ) -> None:
+        """Deprecated: :meth:`Implementation.check_segments` (warns, then runs it)."""
+        warnings.warn(
+            f"{type(self).__name__}.check_layout is renamed check_segments: call check_segments",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return check_segments(self, q, kv, config)
+
+    return check_layout
 
 
 class Implementation:
@@ -66,14 +92,32 @@ class Implementation:
     prepares_on_host: ClassVar[bool] = False
     interpreted_on: ClassVar[tuple[str, ...]] = ()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Takes a subclass's ``check_layout`` (the old name) as its ``check_segments``, warning;
+        gives one that defines ``check_segments`` the deprecated ``check_layout`` calling it."""
+        super().__init_subclass__(**kwargs)
+        own = vars(cls)
+        if "check_layout" in own and "check_segments" not in own:
+            warnings.warn(
+                f"{cls.__qualname__} overrides check_layout, which is renamed check_segments: "
+                "rename the method (it serves as check_segments for now)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            cls.check_segments = own["check_layout"]
+        elif "check_segments" in own and "check_layout" not in own:
+            cls.check_layout = _deprecated_check_layout(own["check_segments"])
+
     def check_config(self, config: AttentionConfig) -> None:
         """Raises NotImplementedError where this configuration cannot run (e.g. no GPU)."""
         del config
 
-    def check_layout(self, q: Segments, kv: Segments, config: AttentionConfig) -> None:
-        """Raises NotImplementedError where these layouts cannot run; reads values on the host
-        where it needs them (never called on a layout it cannot read: it raises instead)."""
+    def check_segments(self, q: Segments, kv: Segments, config: AttentionConfig) -> None:
+        """Raises NotImplementedError where these Segments cannot run; reads values on the host
+        where it needs them (never called on Segments it cannot read: it raises instead)."""
         del q, kv, config
+
+    check_layout = _deprecated_check_layout(check_segments)
 
     def prepare(
         self, q: Segments, kv: Segments, config: AttentionConfig, *, ops: ArrayOps = JAX
@@ -200,6 +244,48 @@ def default_order() -> tuple[str, ...]:
     return tuple(_DEFAULT)
 
 
+_UNKNOWN = "unknown implementation {name}; valid: {valid}"
+
+
+def check_name(
+    name: Any, *, among: Sequence[str] | None = None, words: str = _UNKNOWN, optional: bool = True
+) -> str | None:
+    """``name`` checked against the registered implementations' names, or ``among``.
+
+    The one check of an implementation's name: :func:`get`, and each entry point that takes an
+    ``implementation`` keyword with its own list and in its own words.
+
+    Args:
+        name: what the caller passed.
+        among: the accepted names, in the order the message lists them; None for :func:`names`.
+        words: the message, a format of ``{name}`` (the ``repr`` of what was passed) and
+            ``{valid}`` (the accepted names, then "or None").
+        optional: whether None passes (it names no implementation: the default order).
+
+    Returns:
+        ``name``, a str, or None.
+
+    Raises:
+        ValueError: ``name`` not among the accepted names (a non-string included).
+
+    Example:
+        >>> check_name("reference"), check_name(None)
+        ('reference', None)
+        >>> check_name("flash", among=("xla",), words="implementation must be one of {valid}, "
+        ...            "got {name}")
+        Traceback (most recent call last):
+        ...
+        ValueError: implementation must be one of 'xla' or None, got 'flash'
+    """
+    if name is None and optional:
+        return None
+    valid = tuple(_REGISTRY) if among is None else tuple(among)
+    if not isinstance(name, str) or name not in valid:
+        listed = ", ".join(map(repr, valid))
+        raise ValueError(words.format(name=repr(name), valid=f"{listed} or None"))
+    return name
+
+
 def get(name: Any) -> Implementation:
     """The implementation registered as ``name``.
 
@@ -217,8 +303,4 @@ def get(name: Any) -> Implementation:
         >>> get("reference").name
         'reference'
     """
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(
-            f"unknown implementation {name!r}; valid: {', '.join(map(repr, _REGISTRY))} or None"
-        )
-    return _REGISTRY[name]
+    return _REGISTRY[check_name(name, optional=False)]

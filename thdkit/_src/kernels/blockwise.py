@@ -1,8 +1,9 @@
 """The blockwise method: online softmax over the visited (query tile, key tile) pairs.
 
-Each query tile visits only its range of key tiles (:mod:`thdkit._src.kernels.tiles`); inside a tile
-the mask is rebuilt from ids, positions and document lengths (:func:`thdkit._src.masks.pair_mask`), so
-the result is exact for every valid layout, ring steps included. A ``jax.custom_vjp`` recomputes
+Each query tile visits only its range of key tiles (:mod:`thdkit._src.kernels.tiles`); inside a
+tile the mask is rebuilt from ids, positions and document lengths
+(:func:`thdkit.kernels.pair_mask`), so the result is exact for every valid layout, ring steps
+included. A ``jax.custom_vjp`` recomputes
 the tiles in the backward pass, saving only the output and each row's largest logit and sum of
 exponentials (so that the largest weight is recomputed exactly, at any magnitude of the logits:
 :mod:`thdkit._src.kernels.flash_vjp`): O(T·tile) memory.

@@ -257,8 +257,8 @@ class Cudnn(Implementation):
         if config.window_size is not None and not config.mask_type.uses_positions:
             raise NotImplementedError("applies sliding windows with a causal mask only")
 
-    def check_layout(self, q: Segments, kv: Segments, config: AttentionConfig) -> None:
-        """Raises NotImplementedError where compact metadata cannot express the layout.
+    def check_segments(self, q: Segments, kv: Segments, config: AttentionConfig) -> None:
+        """Raises NotImplementedError where compact metadata cannot express these Segments.
 
         Self-attention without a window always holds (:func:`thdkit.kernels.is_representable`)
         and reads nothing. Otherwise the layout must be concrete and every row representable.
@@ -267,7 +267,7 @@ class Cudnn(Implementation):
             >>> seg = Segments.from_ids(jnp.array([[1, 1]]))
             >>> config = AttentionConfig.parse(mask_type="causal", window_size=None,
             ...     max_segments_per_seq=1, seq_q=2, seq_kv=2, self_attention=True)
-            >>> Cudnn().check_layout(seg, seg, config)
+            >>> Cudnn().check_segments(seg, seg, config)
         """
         left = window_bound(config.window_size, 0)
         if config.self_attention and left is None:
@@ -276,8 +276,8 @@ class Cudnn(Implementation):
         if not is_concrete(*(a for side in sides for a in (side.ids, side.positions))):
             raise NotImplementedError(TRACED)
         rows = representable_rows(
-            (q.ids, q.positions),
-            None if config.self_attention else (kv.ids, kv.positions),
+            q,
+            None if config.self_attention else kv,
             mask_type=config.mask_type,
             num_segments=config.max_segments_per_seq,
             window_left=left,

@@ -19,7 +19,7 @@ Three kernels (:mod:`thdkit._src.kernels.pallas_kernels`), each on a grid of ind
   accumulated in the kernel rather than written per query head and reduced afterwards.
 
 Inside a tile the mask is rebuilt from ids, positions and document lengths
-(:func:`thdkit._src.masks.pair_mask`), so the result is exact for every valid layout, ring steps
+(:func:`thdkit.kernels.pair_mask`), so the result is exact for every valid layout, ring steps
 included, and every masked product is a select. Logits and accumulators are float32; the matmul
 operands keep the input dtype (bfloat16/float16 weights are rounded to it before the weighted
 sums, as flash attention does).
@@ -27,8 +27,9 @@ sums, as flash attention does).
 The tile ranges reach the kernels as inputs on GPU (Triton) and through scalar prefetch
 (``PrefetchScalarGridSpec``, SMEM) on TPU; in both the kernels read ``lo_ref[program]``. On CPU
 the kernels run in Pallas interpret mode (slow: for tests). Isolation of non-finite values is the
-blockwise method's: inputs sanitised once (:func:`thdkit._src.isolation.sanitize`), each tile records
-whether an allowed key or value was non-finite, such rows come out NaN and pass no gradient.
+blockwise method's: inputs sanitised once (:func:`thdkit._src.isolation.sanitize`), each tile
+records whether an allowed key or value was non-finite, such rows come out NaN and pass no
+gradient.
 """
 
 from __future__ import annotations

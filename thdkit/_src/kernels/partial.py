@@ -48,14 +48,11 @@ def check_partial_implementation(implementation: Any) -> str:
         'blockwise'
     """
     names = partial_implementations()
-    if implementation is None:
-        return names[0]
-    if not isinstance(implementation, str) or implementation not in names:
-        raise ValueError(
-            f"implementation={implementation!r} cannot run context-parallel attention (it "
-            f"returns no log-sum-exp, or is unknown); valid: {', '.join(map(repr, names))} or None"
-        )
-    return implementation
+    words = (
+        "implementation={name} cannot run context-parallel attention (it returns no "
+        "log-sum-exp, or is unknown); valid: {valid}"
+    )
+    return base.check_name(implementation, among=names, words=words) or names[0]
 
 
 def attention_partial(

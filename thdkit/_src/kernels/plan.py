@@ -95,7 +95,7 @@ def candidates(
         candidate = base.get(name)
         try:
             candidate.check_config(config)
-            candidate.check_layout(q, kv, config)
+            candidate.check_segments(q, kv, config)
         except NotImplementedError as reason:
             reasons[name] = str(reason)
             continue

@@ -8,13 +8,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Int
 
-from thdkit._src.validate.inputs import as_layouts
 from thdkit._src.kernels.config import AttentionConfig
-from thdkit._src.validate.rules import validate_concrete
 from thdkit._src.mask_types import MaskType
-from thdkit._src.metadata import seqlens_and_offsets
+from thdkit._src.metadata import segments_metadata
 from thdkit._src.programs import program
-from thdkit._src.segments import run_lengths
+from thdkit._src.segments import Segments, run_lengths
+from thdkit._src.validate.inputs import as_layouts
+from thdkit._src.validate.rules import validate_concrete
 
 __all__ = ["is_representable", "representable_rows"]
 
@@ -36,8 +36,10 @@ def _count_is(
 def _reproduces_row(
     ids_q,
     pos_q,
+    lengths_q,
     ids_kv,
     pos_kv,
+    lengths_kv,
     q_seqlens,
     kv_seqlens,
     q_offsets,
@@ -67,8 +69,8 @@ def _reproduces_row(
     threshold = pos_q
     diagonal = row
     if mask.is_bottom_right:
-        rl_kv = run_lengths(ids_kv)[jnp.clip(start_kv, 0, ids_kv.shape[0] - 1)]
-        threshold = pos_q - (run_lengths(ids_q) - rl_kv)
+        rl_kv = lengths_kv[jnp.clip(start_kv, 0, ids_kv.shape[0] - 1)]
+        threshold = pos_q - (lengths_q - rl_kv)
         diagonal = row + len_kv - len_q
     upper = jnp.clip(diagonal + 1, 0, len_kv)
     ok = _count_is(pos_kv, start_kv, len_kv, threshold, upper)
@@ -83,20 +85,22 @@ def _reproduces_row(
 
 @program(static_argnames=("mask_type", "num_segments", "window_left"))
 def representable_rows(
-    q: tuple[Int[Array, "*B T_q"], Int[Array, "*B T_q"]],
-    kv: tuple[Int[Array, "*B T_kv"], Int[Array, "*B T_kv"]] | None,
+    q: Segments,
+    kv: Segments | None,
     *,
     mask_type: MaskType,
     num_segments: int,
     window_left: int | None,
 ) -> Bool[Array, "*B"]:
-    """:func:`is_representable` on checked layouts, optionally with a left window.
+    """:func:`is_representable` of checked Segments, optionally with a left window.
 
     With ``window_left`` the kernel's index window ``c >= a - left`` must also reproduce the
-    position window ``pos_kv >= pos_q - left``, and no kernel row may end up empty.
+    position window ``pos_kv >= pos_q - left``, and no kernel row may end up empty. Nothing is
+    validated: the metadata comes from :func:`thdkit._src.metadata.segments_metadata`.
 
     Args:
-        q: ``(ids, pos)`` int32[*B, T_q] of the queries, already checked.
+        q: the queries' :class:`thdkit.Segments`, int32[*B, T_q] fields, already checked (the
+            lengths are the run lengths, as a plan's).
         kv: the same for keys/values, or None for self-attention.
         mask_type: a parsed ``MaskType``.
         num_segments: S, a static int.
@@ -106,26 +110,20 @@ def representable_rows(
         bool[*B].
 
     Example:
-        >>> ids, pos = jnp.array([[1, 1, 1, 1]]), jnp.array([[0, 1, 2, 3]])
-        >>> representable_rows((ids, pos), None, mask_type=MaskType.CAUSAL, num_segments=1,
+        >>> seg = Segments.from_ids(jnp.array([[1, 1, 1, 1]]))
+        >>> representable_rows(seg, None, mask_type=MaskType.CAUSAL, num_segments=1,
         ...                    window_left=1)
         Array([ True], dtype=bool)
     """
     if not mask_type.uses_positions and window_left is None:
-        return jnp.ones(q[0].shape[:-1], bool)
-    kv_given = {} if kv is None else {"segment_ids_kv": kv[0], "segment_pos_kv": kv[1]}
-    raw = seqlens_and_offsets(
-        segment_ids_q=q[0],
-        segment_pos_q=q[1],
-        **kv_given,
-        mask_type=mask_type,
-        max_segments_per_seq=num_segments,
-        compact=False,
+        return jnp.ones(q.ids.shape[:-1], bool)
+    raw = segments_metadata(
+        q, kv, mask_type=mask_type, max_segments_per_seq=num_segments, compact=False
     )
     kv = q if kv is None else kv
     row_fn = functools.partial(_reproduces_row, mask=mask_type, window_left=window_left)
-    arrays = (*q, *kv, *raw)
-    batch = q[0].shape[:-1]
+    arrays = (q.ids, q.positions, q.lengths, kv.ids, kv.positions, kv.lengths, *raw)
+    batch = q.ids.shape[:-1]
     flat = [a.reshape(-1, a.shape[-1]) for a in arrays]
     return jax.vmap(row_fn)(*flat).reshape(batch)
 
@@ -183,4 +181,5 @@ def is_representable(
     mask, num_segments = config.mask_type, config.max_segments_per_seq
     q, kv = as_layouts(segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv)
     validate_concrete(q, kv, max_segments_per_seq=num_segments, mask_type=mask)
+    q, kv = (None if side is None else Segments(*side, run_lengths(side[0])) for side in (q, kv))
     return representable_rows(q, kv, mask_type=mask, num_segments=num_segments, window_left=None)

@@ -208,9 +208,9 @@ def tile_ranges(
         mask_type: a parsed ``MaskType``.
         window_size: ``(left, right)`` or None.
         block_q, block_kv: tile sizes (not capped here).
-        ops: the array module: :data:`thdkit._src.host.JAX` (traced, the default) or, on Segments of
-            NumPy fields, :data:`thdkit._src.host.NUMPY` (NumPy ``lo`` and ``hi``, equal to the device
-            ones; nothing compiles).
+        ops: the array module: :data:`thdkit._src.host.JAX` (traced, the default) or, on Segments
+            of NumPy fields, :data:`thdkit._src.host.NUMPY` (NumPy ``lo`` and ``hi``, equal to the
+            device ones; nothing compiles).
 
     Returns:
         :class:`TileRanges`.

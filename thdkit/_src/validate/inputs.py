@@ -17,13 +17,15 @@ from jaxtyping import Array, ArrayLike, Bool, Int
 
 from thdkit._src.counting import shift
 from thdkit._src.host import JAX, ArrayOps
-from thdkit._src.limits import INT32, MAX_POSITION, MAX_SEQ_LEN, is_concrete
+from thdkit._src.limits import INT32, MAX_POSITION, MAX_SEQ_LEN, check_int, is_concrete
 
 __all__ = [
+    "as_integers",
     "as_layout",
     "as_layouts",
     "check_cu_seqlens",
     "check_not_below",
+    "check_padding_id",
     "checked_pair",
     "field_int32",
     "int32_array",
@@ -36,30 +38,56 @@ __all__ = [
 ]
 
 
-def integer_array(x: Any, what: str) -> np.ndarray | Array:
-    """``x`` as an integer NumPy or JAX array of its own dtype, with its shape checked.
+def as_integers(x: Any, name: str) -> np.ndarray | Array:
+    """``x`` as a NumPy or JAX array of integers of its own dtype, or an error naming it.
 
-    Python lists (and other array-likes) become NumPy arrays; Python ints beyond int64 give an
-    object array, which :func:`to_int32` reads exactly.
+    The one check that an array argument holds integers. NumPy and JAX arrays (traced too) keep
+    their dtype; anything else (nested lists, scalars) becomes a NumPy array, Python ints beyond
+    int64 an object array of ints, which :func:`to_int32` reads exactly. Bools are not integers.
+
+    Args:
+        x: an integer array-like.
+        name: the caller's name of the argument, for messages.
+
+    Returns:
+        The NumPy or JAX array, values unchecked.
+
+    Raises:
+        TypeError: a non-integer dtype (bool included), an object array of non-integers.
+        ValueError: a ragged nested list.
+
+    Example:
+        >>> as_integers([[1, 2**70]], "segment_ids").dtype
+        dtype('O')
+        >>> as_integers([[1, 2], [3]], "segment_ids")
+        Traceback (most recent call last):
+        ...
+        ValueError: segment_ids must be a rectangular integer array (every row the same length): ...
     """
-    if x is None:
-        raise TypeError(f"{what} is required, got None")
     if not isinstance(x, (np.ndarray, jax.Array)):
         try:
             x = np.asarray(x)
         except ValueError as error:  # ragged nested lists
-            raise ValueError(f"{what} must be a rectangular integer array: {error}") from None
-    if x.dtype.kind == "O" and not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-        for v in x.reshape(-1)
-    ):
-        raise TypeError(f"{what} must be an integer array, got an object array of non-integers")
-    dtype = x.dtype
-    integer = dtype.kind == "O" or (
-        jnp.issubdtype(dtype, jnp.integer) and not jnp.issubdtype(dtype, jnp.bool_)
-    )
-    if not integer:
-        raise TypeError(f"{what} must be an integer array, got dtype {dtype}")
+            raise ValueError(
+                f"{name} must be a rectangular integer array (every row the same length): {error}"
+            ) from None
+    if x.dtype.kind == "O":
+        if not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+            for v in x.reshape(-1)
+        ):
+            raise TypeError(f"{name} must be an integer array, got an object array of non-integers")
+    elif not jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == np.bool_:
+        raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}")
+    return x
+
+
+def integer_array(x: Any, what: str) -> np.ndarray | Array:
+    """``x`` as an integer NumPy or JAX array of its own dtype (:func:`as_integers`), with its
+    shape checked."""
+    if x is None:
+        raise TypeError(f"{what} is required, got None")
+    x = as_integers(x, what)
     if x.ndim == 0:
         raise ValueError(f"{what} must be at least 1-D ([*B, T]), got a scalar")
     if x.shape[-1] == 0:
@@ -291,23 +319,7 @@ def field_int32(value: Any, name: str) -> np.ndarray:
 def _in_int32(x: Any, name: str) -> Any:
     """``x`` (an array, or a NumPy array for a list) once its dtype and, when concrete, its
     values are checked against int32: int32 NumPy for concrete values, the tracer as it is."""
-    if not hasattr(x, "dtype"):
-        try:
-            x = np.asarray(x)
-        except ValueError as error:  # ragged nested lists
-            raise ValueError(
-                f"{name} must be a rectangular integer array (every row the same number of "
-                f"entries), got a ragged sequence: {error}"
-            ) from None
-    dtype = x.dtype
-    python_ints = dtype.kind == "O" and all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-        for v in np.asarray(x).reshape(-1)
-    )
-    if not python_ints and (
-        dtype.kind == "O" or not jnp.issubdtype(dtype, jnp.integer) or dtype == np.bool_
-    ):
-        raise TypeError(f"{name} must be an integer array, got dtype {dtype}")
+    x = as_integers(x, name)
     if isinstance(x, jax.core.Tracer):
         return x
     host = np.asarray(x)
@@ -316,6 +328,32 @@ def _in_int32(x: Any, name: str) -> Any:
         index = tuple(int(i) for i in np.unravel_index(int(np.argmax(outside)), host.shape))
         raise ValueError(f"{name} at {index}: {int(host[index])} is outside the int32 range")
     return host.astype(np.int32)
+
+
+def check_padding_id(padding_id: Any) -> int:
+    """``padding_id`` as :meth:`thdkit.Segments.from_ids` reads it: 0 or -1.
+
+    Args:
+        padding_id: a Python or NumPy int (not a bool).
+
+    Returns:
+        0 or -1, an ``int``.
+
+    Raises:
+        TypeError: not an int.
+        ValueError: not 0 or -1.
+
+    Example:
+        >>> check_padding_id(np.int64(-1))
+        -1
+    """
+    try:
+        return check_int(padding_id, "padding_id", low=-1, high=0, kind="0 or -1")
+    except ValueError:
+        raise ValueError(
+            "padding_id must be 0 or -1 (0: ids 1..n are documents; -1: ids 0..n-1 are "
+            f"documents and -1 is padding), got {padding_id}"
+        ) from None
 
 
 def check_not_below(ids: Array, lowest: int, *, name: str, highest: int | None = None) -> None:
@@ -359,17 +397,8 @@ def check_cu_seqlens(cu: np.ndarray, total_len: int) -> None:
 def position_ids_array(position_ids: ArrayLike) -> Array:
     """``position_ids`` as int32 after its checks; errors speak of positions, never ids."""
     name = "position_ids"
-    x = position_ids
-    if not isinstance(x, (np.ndarray, jax.Array)):
-        try:
-            x = np.asarray(x)
-        except ValueError as error:  # ragged nested lists
-            raise ValueError(f"{name} must be a rectangular integer array: {error}") from None
-    integer = x.dtype.kind in "iu" or (
-        x.dtype.kind == "O"
-        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in x.flat)
-    )
-    if integer and is_concrete(x) and x.ndim >= 1 and x.size:
+    x = as_integers(position_ids, name)
+    if is_concrete(x) and x.ndim >= 1 and x.size:
         host = np.asarray(x)
         bad = (host < 0) | (host > MAX_POSITION)
         if bad.any():

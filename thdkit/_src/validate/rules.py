@@ -41,10 +41,10 @@ from jaxtyping import Array, ArrayLike, Bool, Int
 
 from thdkit._src.counting import shift
 from thdkit._src.host import JAX, NUMPY, ArrayOps, on_host
-from thdkit._src.validate.inputs import as_layout, checked_pair, positions_name, row_label, to_int32
 from thdkit._src.limits import MAX_POSITION, MAX_SEGMENTS, is_concrete, segment_bound
 from thdkit._src.mask_types import MaskType
 from thdkit._src.programs import program
+from thdkit._src.validate.inputs import as_layout, checked_pair, positions_name, row_label, to_int32
 
 __all__ = [
     "LayoutError",

@@ -7,19 +7,61 @@ are concrete; the constructors of :class:`thdkit.Segments` build layouts that pa
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import numpy as np
 
 from thdkit._src.host import readable
-from thdkit._src.validate.inputs import as_layout, row_label
-from thdkit._src.validate.rules import validate_layout
-from thdkit._src.limits import MAX_SEQ_LEN, check_max_segments, is_concrete
+from thdkit._src.limits import MAX_SEQ_LEN, check_bool, check_max_segments, is_concrete
 from thdkit._src.mask_types import MaskType
 from thdkit._src.segments import Segments
+from thdkit._src.validate.inputs import as_layout, row_label
+from thdkit._src.validate.rules import validate_layout
 
-__all__ = ["validate_segments"]
+__all__ = ["as_segments", "validate_segments"]
 
 _FIELDS = ("ids", "positions", "lengths")
+
+
+def as_segments(segments: Any, name: str, *, rows: bool = False) -> Segments:
+    """``segments`` checked to be a :class:`Segments` whose fields are arrays; values unread.
+
+    The first check of every entry point that takes Segments (and of :func:`validate_segments`).
+
+    Args:
+        segments: what the caller passed.
+        name: the parameter it was passed as, for messages.
+        rows: whether the fields must be [B, T] (one batch dim).
+
+    Returns:
+        ``segments``.
+
+    Raises:
+        TypeError: not a :class:`Segments`, or a field that is not a JAX or NumPy array.
+        ValueError: ``rows`` and fields that are not [B, T].
+
+    Example:
+        >>> as_segments(Segments.from_ids(jnp.array([1, 1, 2])), "q_segments", rows=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: q_segments must have [B, T] fields, got shape (3,)
+    """
+    if not isinstance(segments, Segments):
+        raise TypeError(
+            f"{name} must be a thdkit.Segments (e.g. Segments.from_ids(ids, positions)), "
+            f"got {type(segments).__name__}"
+        )
+    for field in _FIELDS:
+        value = getattr(segments, field)
+        if not isinstance(value, (jax.Array, np.ndarray)):
+            raise TypeError(
+                f"{name}.{field} must be a JAX or NumPy array (or a list, converted when the "
+                f"Segments is built), got {type(value).__name__}"
+            )
+    if rows and segments.ids.ndim != 2:
+        raise ValueError(f"{name} must have [B, T] fields, got shape {segments.ids.shape}")
+    return segments
 
 
 def validate_segments(
@@ -82,19 +124,8 @@ def validate_segments(
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
-    if not isinstance(global_lengths, (bool, np.bool_)):
-        raise TypeError(f"global_lengths must be a bool, got {type(global_lengths).__name__}")
-    if not isinstance(segments, Segments):
-        raise TypeError(
-            f"{name} must be a thdkit.Segments (e.g. Segments.from_ids(ids, positions)), "
-            f"got {type(segments).__name__}"
-        )
-    for field in _FIELDS:
-        value = getattr(segments, field)
-        if not isinstance(value, (jax.Array, np.ndarray)):
-            raise TypeError(
-                f"{name}.{field} must be a JAX or NumPy array, got {type(value).__name__}"
-            )
+    global_lengths = check_bool(global_lengths, "global_lengths")
+    as_segments(segments, name)
     ids, pos, lengths = segments.ids, segments.positions, segments.lengths
     if lengths.dtype != np.int32:
         raise TypeError(
