@@ -214,22 +214,6 @@ def ring_layout(seed: int, order: str, q_rank: int, kv_rank: int) -> dict[str, n
     return ring_step_layout(ids, pos, order, q_rank, kv_rank)
 
 
-def attention_inputs(seed: int, seq_kv: int, dtype=np.float32, *, seq_q: int = ATTN_T):
-    """``(q, k, v, w_out, w_lse)``: random inputs and loss weights of the shared shape."""
-    import jax.numpy as jnp
-
-    rng = np.random.default_rng(100 + seed)
-    shapes = (
-        (ATTN_B, seq_q, ATTN_H_Q, ATTN_D),
-        (ATTN_B, seq_kv, ATTN_H_KV, ATTN_D),
-        (ATTN_B, seq_kv, ATTN_H_KV, ATTN_D_V),
-        (ATTN_B, seq_q, ATTN_H_Q, ATTN_D_V),
-    )
-    q, k, v, w_out = (jnp.asarray(rng.normal(size=s), dtype) for s in shapes)
-    w_lse = jnp.asarray(rng.normal(size=(ATTN_B, seq_q, ATTN_H_Q)), jnp.float32)
-    return q, k, v, w_out, w_lse
-
-
 def reorder_pair(name: str, cp: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """(forward, inverse) of a named reorder ("none", "striped<k>", "dual_chunk_swap"), each
     called as ``fn(x, axis=...)``."""

@@ -334,7 +334,7 @@ def run_lengths(segment_ids: Int[ArrayLike, "*B T"]) -> Int[Array, "*B T"]:
 
     A run is a maximal stretch of equal consecutive ids. For valid layouts this is the length of
     the token's document (in this row or shard). Host data (NumPy arrays, lists) is computed in
-    NumPy and compiles nothing (:mod:`thdkit._src.host`); JAX arrays in one compiled program.
+    NumPy and compiles nothing (``host``); JAX arrays in one compiled program.
 
     Args:
         segment_ids: int[*B, T]; 0 = padding.

@@ -14,6 +14,7 @@ D head dim, S = ``max_segments_per_seq`` (the largest segment id).
 Both take a layout as :class:`thdkit.Segments`, never as raw ids: build it with
 ``thdkit.Segments.from_ids(ids, positions)``, and with ``padding_id=-1`` where ids are numbered
 from 0 (else the document with id 0 would be read as padding).
+
 - :class:`PackedSelfAttention` is an NNX self-attention layer with Flax's argument names and
   parameter layout (``query``, ``key``, ``value``, ``out``: ``nnx.LinearGeneral``) plus what a
   packed decoder needs: RoPE from each token's position inside its document (:func:`rope`),
@@ -30,8 +31,8 @@ check_layout=True)`` adds :func:`thdkit.check_layout` (``jax.experimental.checki
 layouts, so a step wrapped with ``checkify.checkify`` reports an id above S or a broken run.
 
 Install with ``pip install "thdkit[flax]"``; the rest of thdkit never imports this
-subpackage. Its modules: :mod:`thdkit.flax.rotary`, :mod:`thdkit.flax.plumbing` (planning and
-attending on a plan, shared), :mod:`thdkit.flax.attention_fn` and :mod:`thdkit.flax.layer`.
+subpackage. Its modules: ``thdkit.flax.rotary``, ``thdkit.flax.plumbing`` (planning and
+attending on a plan, shared), ``thdkit.flax.attention_fn`` and ``thdkit.flax.layer``.
 """
 
 from thdkit.flax.attention_fn import make_attention_fn

@@ -247,9 +247,9 @@ def ring_attention(
     """Ring attention: :func:`context_parallel_attention` with ``strategy="ring"``.
 
     Args:
-        query, key, value, q_segments, kv_segments, mask_type, window_size,
-            max_segments_per_seq, mesh, axis_name, scale, implementation: as
-            :func:`context_parallel_attention`.
+        query, key, value, q_segments, kv_segments: as :func:`context_parallel_attention`.
+        mask_type, window_size, max_segments_per_seq: as :func:`context_parallel_attention`.
+        mesh, axis_name, scale, implementation: as :func:`context_parallel_attention`.
         segment_ids_q: deprecated, int[B, T_q]: pass ``q_segments`` instead.
         segment_pos_q: deprecated, int[B, T_q]: the positions of ``q_segments``.
         segment_ids_kv: deprecated, int[B, T_kv]: pass ``kv_segments`` instead.

@@ -238,7 +238,7 @@ class Strategy:
 
 STRATEGIES: dict[str, Strategy] = {}
 """Every strategy by name, in registration order (the built-ins:
-:mod:`thdkit._src.context_parallel.builtins`). Add one with :func:`register`."""
+``builtins``). Add one with :func:`register`."""
 
 
 def register(strategy: Strategy, *, replace: bool = False) -> None:

@@ -304,9 +304,10 @@ def dot_product_attention_weights(
     Args:
         query: float[B, T, N, H] or [T, N, H].
         key: float[B, S, K, H] (rank as ``query``), the query's dtype; N a multiple of K.
-        bias, mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths,
-            local_window_size, segment_ids, segment_positions, plan, max_segments_per_seq: as
-            :func:`dot_product_attention`.
+        bias, mask, scale, is_causal: as :func:`dot_product_attention`.
+        query_seq_lengths, key_value_seq_lengths: as :func:`dot_product_attention`.
+        local_window_size, segment_ids, segment_positions: as :func:`dot_product_attention`.
+        plan, max_segments_per_seq: as :func:`dot_product_attention`.
         padding_id: 0 (0 = padding unless padding_id says otherwise: ids 1..n are documents) or
             -1 (ids 0..n-1 are documents), as :func:`dot_product_attention`.
 

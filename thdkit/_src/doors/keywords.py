@@ -94,10 +94,10 @@ def plan_attention(
 ) -> AttentionPlan:
     """The plan of one packed layout: compute it once per batch, pass it to every layer.
 
-    Validates each side as a whole (:func:`thdkit._src.validate.segments.validate_segments`
+    Validates each side as a whole (``validate_segments``
     with S and the mask type: fields, dtypes, shapes, the layout rules and the run lengths, when
     concrete), chooses the candidates (every implementation of the default order that can run
-    this configuration and layout, or the one asked for; :mod:`thdkit._src.kernels.base`) and
+    this configuration and layout, or the one asked for; :class:`thdkit.kernels.Implementation`) and
     computes what each reads (``prepare``): tile ranges for blockwise and pallas, compact
     metadata and key spans for cuDNN. cuDNN needs the compact metadata to express the layout:
     always true for self-attention without a window; otherwise checked here on concrete layouts,

@@ -124,7 +124,7 @@ class Implementation:
     ) -> Any:
         """The implementation's auxiliary data of one layout (a pytree, traceable); None if
         it needs none. Computed once per plan and passed to every :meth:`forward`. ``ops`` is
-        :data:`thdkit._src.host.NUMPY` only where ``prepares_on_host`` is True."""
+        ``NUMPY`` only where ``prepares_on_host`` is True."""
         del q, kv, config, ops
 
     def check_arrays(self, query: Array, key: Array, value: Array) -> None:

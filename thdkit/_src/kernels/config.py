@@ -57,7 +57,7 @@ class AttentionConfig:
 
         Args:
             mask_type: a :class:`thdkit.MaskType` or its name.
-            window_size: ``(left, right)`` or None (:func:`thdkit._src.mask_types.check_window`).
+            window_size: ``(left, right)`` or None (``check_window``).
             max_segments_per_seq: S, a static int in ``[1, MAX_SEGMENTS]``, or None where it is
                 not known (then tile sizes default to :data:`thdkit.kernels.DEFAULT_BLOCK`).
             block_q, block_kv: positive ints, or None for

@@ -192,7 +192,7 @@ def pallas_attention(
 ) -> tuple[Float[Array, "B T_q H_q D_v"], Float[Array, "B T_q H_q"]]:
     """Flash attention in Pallas kernels over precomputed tile ranges: ``(out, lse)``.
 
-    The same function as :func:`thdkit._src.kernels.blockwise.blockwise_attention` (same
+    The same function as ``blockwise_attention`` (same
     semantics, isolation of non-finite values and return values), computed by the kernels of
     this module. Differentiable with respect to query, key and value (custom VJP: a dq kernel
     and a dk/dv kernel), including through ``lse``. Nothing of the layout is recomputed; the
@@ -208,7 +208,7 @@ def pallas_attention(
         kv_segments: the keys'/values', int32[B, T_kv] fields.
         ranges: :class:`thdkit.kernels.TileRanges` of this layout (``tile_ranges``).
         mask_type: a parsed ``MaskType``.
-        window_size: a parsed window (:func:`thdkit._src.mask_types.check_window`).
+        window_size: a parsed window (``check_window``).
         scale: multiplies the logits.
         interpret: True runs the kernels in Pallas interpret mode, False compiles them; None
             means interpret mode exactly when ``backend`` is ``"cpu"`` (the only mode there). A

@@ -92,7 +92,7 @@ def attention_partial(
             context-parallel shard: :meth:`thdkit.Segments.with_global_lengths`).
         kv_segments: the same for keys/values, int32[B, T_kv] fields.
         mask_type: a ``MaskType`` or its name.
-        window_size: ``(left, right)`` or None (:func:`thdkit._src.mask_types.check_window`).
+        window_size: ``(left, right)`` or None (``check_window``).
         scale: multiplies the logits.
         implementation: one of :func:`partial_implementations` (``"blockwise"``, ``"pallas"``,
             ``"reference"``, or one's own), or None for the first.

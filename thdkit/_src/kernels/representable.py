@@ -150,8 +150,9 @@ def is_representable(
     layouts are validated when concrete.
 
     Args:
-        segment_ids_q, segment_pos_q, segment_ids_kv, segment_pos_kv, mask_type,
-            max_segments_per_seq: as for :func:`thdkit.seqlens_and_offsets`.
+        segment_ids_q, segment_pos_q: as for :func:`thdkit.seqlens_and_offsets`.
+        segment_ids_kv, segment_pos_kv: as for :func:`thdkit.seqlens_and_offsets`.
+        mask_type, max_segments_per_seq: as for :func:`thdkit.seqlens_and_offsets`.
 
     Returns:
         bool[*B].

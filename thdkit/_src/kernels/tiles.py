@@ -115,9 +115,9 @@ def kv_spans(
         q: the queries' :class:`thdkit.Segments`, int32[B, T_q] fields.
         kv: the keys' :class:`thdkit.Segments`, int32[B, T_kv] fields.
         mask_type: a parsed ``MaskType``.
-        window_size: a parsed window (:func:`thdkit._src.mask_types.check_window`).
-        ops: the array module (:data:`thdkit._src.host.JAX` or, on NumPy fields,
-            :data:`thdkit._src.host.NUMPY`).
+        window_size: a parsed window (``check_window``).
+        ops: the array module (``JAX`` or, on NumPy fields,
+            ``NUMPY``).
 
     Returns:
         ``(lo, hi)``: int32[B, K] each, key token indices.
@@ -173,7 +173,7 @@ def pad_tokens(x: Array, length: int, fill: float = 0, *, ops: ArrayOps = JAX) -
         x: [B, T, ...] of any dtype.
         length: the new token count, at least T.
         fill: the value of the added entries.
-        ops: the array module (:data:`thdkit._src.host.JAX` or :data:`thdkit._src.host.NUMPY`).
+        ops: the array module (``JAX`` or ``NUMPY``).
 
     Returns:
         [B, length, ...], ``x``'s dtype.
@@ -208,8 +208,8 @@ def tile_ranges(
         mask_type: a parsed ``MaskType``.
         window_size: ``(left, right)`` or None.
         block_q, block_kv: tile sizes (not capped here).
-        ops: the array module: :data:`thdkit._src.host.JAX` (traced, the default) or, on Segments
-            of NumPy fields, :data:`thdkit._src.host.NUMPY` (NumPy ``lo`` and ``hi``, equal to the
+        ops: the array module: ``JAX`` (traced, the default) or, on Segments
+            of NumPy fields, ``NUMPY`` (NumPy ``lo`` and ``hi``, equal to the
             device ones; nothing compiles).
 
     Returns:
