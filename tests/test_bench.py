@@ -36,7 +36,6 @@ from thdkit._src.segments import Segments, run_lengths
 from thdkit.bench import measure, report, units
 from thdkit.bench.attention import (
     AttentionBench,
-    attention_program,
     dtype_names,
     run_attention_bench,
 )
@@ -581,52 +580,6 @@ def test_plot_names_ticks_panels_device_and_marks_what_did_not_run():
 # --- the attention benchmark ----------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
-NOT_INSTALLED = 'not installed: pip install "thdkit[peers]"'
-
-
-PEERS_MISSING = "ejkernel is not installed (extra thdkit[peers]; its release pins jax 0.10.x)"
-
-
-def _needs_peers(names):
-    if any(name.startswith("ejkernel") for name in names):
-        pytest.importorskip("ejkernel", reason=PEERS_MISSING)
-
-
-@pytest.mark.parametrize(
-    ("mask_type", "names"),
-    [
-        ("padding_causal", ("blockwise", "blockwise-serial", "jax-nn-xla")),
-        ("padding_causal", ("ejkernel-xla",)),
-        ("padding", ("jax-nn-xla",)),  # the peers' own mask options
-        ("padding", ("ejkernel-xla",)),
-    ],
-)
-def test_attention_programs_match_the_reference(mask_type, names):
-    """The programs the benchmark times compute the packed attention: output and gradients."""
-    _needs_peers(names)
-    rng = np.random.default_rng(3)
-    ids, pos = synth.filled_segments(rng, batch=2, seq_len=64, segments=5)
-    qkv = [jnp.asarray(rng.standard_normal((2, 64, 2, 8)), jnp.float32) for _ in range(3)]
-    config = AttentionBench(mask_type=mask_type, block_q=16, block_kv=16)
-    run = lambda name: jax.jit(attention_program(config, name, 5, "fwd+bwd"))(*qkv, ids, pos)  # noqa: E731
-    want = jax.tree.leaves(run("reference"))
-    for name in names:
-        for got, expected in zip(jax.tree.leaves(run(name)), want, strict=True):
-            np.testing.assert_allclose(got, expected, atol=3e-5, rtol=3e-5, err_msg=name)
-
-
-@pytest.mark.parametrize("name", ["ejkernel-xla", "jax-nn-cudnn"])
-def test_attention_programs_refuse_what_they_cannot_run(name):
-    _needs_peers([name])
-    spec = [jax.ShapeDtypeStruct((1, 64, 1, 8), jnp.float32)] * 3
-    spec += [jax.ShapeDtypeStruct((1, 64), jnp.int32)] * 2
-    bottom_right = AttentionBench(mask_type="padding_causal_bottom_right")
-    if name == "ejkernel-xla":
-        with pytest.raises(NotImplementedError, match="ejkernel-xla: top-left masks"):
-            jax.eval_shape(attention_program(bottom_right, name, 2, "fwd"), *spec)
-    elif jax.default_backend() == "cpu":
-        with pytest.raises(NotImplementedError, match="needs a gpu backend"):
-            jax.eval_shape(attention_program(bottom_right, name, 2, "fwd"), *spec)
 
 
 def test_bench_attention_command_reports_efficiency_ratios_and_pairs(tmp_path):
@@ -664,20 +617,6 @@ def test_bench_attention_command_reports_efficiency_ratios_and_pairs(tmp_path):
         mine, blockwise = (median(r) for r in (record, records[segments, "blockwise", passes]))
         assert record["efficiency"] == pytest.approx(record["needed_flops"] / mine * 1e3 / rate)
         assert record["vs_blockwise"] == pytest.approx(mine / blockwise)
-
-
-def test_a_peer_not_installed_is_reported_so(monkeypatch):
-    for name in ["ejkernel", *(n for n in sys.modules if n.startswith("ejkernel."))]:
-        monkeypatch.setitem(sys.modules, name, None)  # import ejkernel... now fails
-    config = AttentionBench(
-        seq_lens=(64,), segments=(2,), heads=1, head_dim=8, repeats=1, warmup=0,
-        implementations=("ejkernel-xla",),
-    )  # fmt: skip
-    records = run_attention_bench(config)
-    assert [r["pass"] for r in records] == ["fwd", "fwd+bwd"]
-    for missing in records:
-        assert missing["skip_reason"] == NOT_INSTALLED and missing["temp_bytes"] is None
-        assert missing["latency_ms"] is missing["efficiency"] is missing["vs_blockwise"] is None
 
 
 def test_device_check_runs_tiny_here_and_fails_with_a_test(tmp_path):

@@ -6,9 +6,11 @@ where one runs, and which pairs it visits, is read from the implementation itsel
 
 B batch, T tokens per row (self-attention), H heads, D head dim, S documents per row. Per cell
 (T, S), rows filled with S documents of random lengths, every implementation and pass (forward,
-forward + backward) is planned and, where it fits, timed round-robin with the others. The peers:
-``jax-nn-xla`` (jax.nn on the dense mask from ids and positions), ``ejkernel-xla`` (extra
-``thdkit[peers]``) and ``jax-nn-cudnn`` (plain causal over whole rows: the speed of light).
+forward + backward) is planned and, where it fits, timed round-robin with the others. The peers
+(:mod:`thdkit.bench.peers`): ``jax-nn-xla`` (jax.nn on the dense mask from ids and positions),
+``ejkernel-xla`` (extra ``thdkit[peers]``), ``tokamax-xla``, ``tokamax-xla-chunked`` (tokamax
+on that dense mask) and ``tokamax-xla-range`` (tokamax on per-query key ranges; extra
+``thdkit[tokamax]``), and ``jax-nn-cudnn`` (plain causal over whole rows: the speed of light).
 """
 
 from __future__ import annotations
@@ -30,10 +32,16 @@ from thdkit._src.kernels.blockwise import Blockwise, blockwise_attention
 from thdkit._src.kernels.config import AttentionConfig
 from thdkit._src.kernels.dense import Dense
 from thdkit._src.mask_types import MaskType, check_window
-from thdkit._src.masks import pair_mask
 from thdkit._src.segments import Segments
 from thdkit.bench import measure
 from thdkit.bench.measure import SHAPE_OPTIONS, SILENT, Callbacks, Options, PlanConfig, median
+from thdkit.bench.peers import (
+    PEERS,
+    install_hint,
+    peer_backend_reason,
+    peer_program,
+    peer_visited_fraction,
+)
 from thdkit.bench.ring import work_per_rank
 from thdkit.kernels import attention, plan_attention
 
@@ -46,8 +54,6 @@ __all__ = [
     "run_attention_bench",
 ]
 
-PEERS = ("jax-nn-xla", "ejkernel-xla", "jax-nn-cudnn")
-_PEER_BACKENDS = {"jax-nn-cudnn": ("gpu",)}  # Else any.
 _VARIANTS = {"blockwise-serial": "blockwise"}  # A schedule of a registered implementation.
 # Matmul flops per allowed (query, key) pair, head and head-dim unit: QK^T and PV forward; the
 # backward adds dV, dP, dQ and dK.
@@ -61,8 +67,10 @@ def implementation_names() -> tuple[str, ...]:
 
     Example:
         >>> names = implementation_names()
-        >>> names[-3:], set(kernels.names()) < set(names), "blockwise-serial" in names
-        (('jax-nn-xla', 'ejkernel-xla', 'jax-nn-cudnn'), True, True)
+        >>> names[-len(PEERS) :] == PEERS, set(kernels.names()) < set(names)
+        (True, True)
+        >>> "blockwise-serial" in names, "tokamax-xla-range" in names
+        (True, True)
     """
     found: list[str] = []
     for name in kernels.names():
@@ -89,8 +97,7 @@ def _cannot_run_here(name: str, mask: Any = "padding_causal", window: Any = None
     a peer's backends), or None."""
     backend = jax.default_backend()
     if name in PEERS:
-        backends = _PEER_BACKENDS.get(name, (backend,))
-        return None if backend in backends else f"needs a {' or '.join(backends)} backend"
+        return peer_backend_reason(name, backend)
     config = AttentionConfig.parse(mask_type=mask, window_size=window, max_segments_per_seq=None)
     try:
         _registered(name).check_config(config)
@@ -111,9 +118,9 @@ def _by_default(name: str) -> bool:
 def _visited_fraction(name: str, work: Mapping[str, Any]) -> float | None:
     """Pairs the implementation visits over B T^2: its plan's tiles (a tiled implementation:
     its auxiliary data is the tile ranges), every pair (dense), or None (not known)."""
-    if name == "jax-nn-xla":
-        return 1.0
-    if name in PEERS or name not in implementation_names():
+    if name in PEERS:
+        return peer_visited_fraction(name)
+    if name not in implementation_names():
         return None
     implementation = _registered(name)
     if isinstance(implementation, Dense):
@@ -228,16 +235,16 @@ def attention_program(
     mask, window = MaskType.parse(config.mask_type), config.window_size
     layout = {"mask_type": mask, "window_size": window}
     blocks = {"block_q": config.block_q, "block_kv": config.block_kv}
-    if implementation == "ejkernel-xla":
-        from ejkernel.modules.operations import flash_attention
-        from ejkernel.types import MaskInfo
+    peer = peer_program(implementation, mask, window) if implementation in PEERS else None
 
     def forward(q, k, v, ids, pos):
-        side = Segments.from_ids(ids, pos)
         reason = _cannot_run_here(implementation, mask, window)
         if reason is not None:
             raise NotImplementedError(reason)
+        if peer is not None:
+            return peer(q, k, v, ids, pos)
         if implementation in ("blockwise", *_VARIANTS):
+            side = Segments.from_ids(ids, pos)
             plan = plan_attention(
                 side, **layout, max_segments_per_seq=segments, implementation="blockwise", **blocks
             )
@@ -246,16 +253,6 @@ def attention_program(
                 schedule="serial" if implementation.endswith("serial") else "parallel",
             )  # fmt: skip
             return out.astype(q.dtype)
-        if implementation == "jax-nn-xla":
-            dense = pair_mask(side, side, **layout)[:, None]  # [B, 1, T, T]
-            return jax.nn.dot_product_attention(q, k, v, mask=dense, implementation="xla")
-        if implementation == "jax-nn-cudnn":  # Causal over the whole row: no packing.
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-        if implementation == "ejkernel-xla":
-            if mask.is_bottom_right or window is not None:
-                raise NotImplementedError("ejkernel-xla: top-left masks without a window only")
-            info = MaskInfo.from_segments(ids - 1)  # Its ids start at 0; -1 is padding.
-            return flash_attention(q, k, v, mask_info=info, causal=mask.is_causal, platform="xla")
         return attention(
             q, k, v, segment_ids_q=ids, segment_pos_q=pos, max_segments_per_seq=segments,
             implementation=implementation, **layout, **blocks,
@@ -345,7 +342,7 @@ def run_attention_bench(
                 program = attention_program(config, implementation, segments, passes)
                 plan = measure.plan(program, *args, compile_timeout_s=config.compile_timeout_s)
             except ImportError:
-                plan = measure.skipped('not installed: pip install "thdkit[peers]"')
+                plan = measure.skipped(f"not installed: {install_hint(implementation)}")
             plans[implementation, passes] = plan
         plans["matmul"] = measure.plan(_matmul, *args, compile_timeout_s=config.compile_timeout_s)
         callbacks.step(f"{label}: timing")

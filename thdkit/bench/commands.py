@@ -328,7 +328,9 @@ def _bench(
 @_bench_app.command("attention", cls=_Command)
 @_options(AttentionBench)
 def _bench_attention(json_path: JsonPath = None, **fields: Any) -> None:
-    """Packed attention: thdkit's implementations and peers (jax.nn, ejkernel), interleaved.
+    """Packed attention: thdkit's implementations and peers (jax.nn, ejkernel, tokamax).
+
+    Interleaved, in one run.
 
     Per T and document count: scratch bytes, forward and forward+backward latency where the plan
     fits in memory, latency over blockwise's, efficiency against a matmul, pairs visited/allowed.

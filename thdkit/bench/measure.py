@@ -377,7 +377,7 @@ def median(record: Mapping[str, Any]) -> float | None:
     return (record.get("latency_ms") or {}).get("median")
 
 
-PEERS = ("ejkernel",)
+PEERS = ("ejkernel", "tokamax")
 """The peer libraries a benchmark may time next to thdkit (imported only when they run)."""
 
 
