@@ -25,14 +25,13 @@ from thdkit._src.context_parallel import builtins  # noqa: F401  (fills STRATEGI
 from thdkit._src.context_parallel.base import Shapes, StrategyConfig, StrategyName, get
 from thdkit._src.context_parallel.program import run_strategy
 from thdkit._src.context_parallel.shards import (
-    check_fits,
     check_mesh,
     check_split,
     readable,
     row_segments,
     validate_shards,
 )
-from thdkit._src.kernels.arguments import check_arguments
+from thdkit._src.kernels.arguments import check_arguments, check_layout_shapes
 from thdkit._src.kernels.config import AttentionConfig
 from thdkit._src.kernels.partial import check_partial_implementation
 from thdkit._src.mask_types import MaskType
@@ -198,7 +197,8 @@ def _attention(
     query, key, value, scale = check_arguments(query, key, value, scale=scale)
     rows_q, rows_kv, names = layout
     self_attention = rows_kv is None
-    check_fits(query, key, rows_q, rows_kv, names)
+    kv_ids = None if rows_kv is None else rows_kv.ids
+    check_layout_shapes(query, key, rows_q.ids, kv_ids, names=names)
     check_split(query, key, cp, axis_name)
     chosen.check(Shapes.of(query, key, value, cross=not self_attention), cp)
     if query.shape[0] == 0:

@@ -4,8 +4,8 @@ Axis legend: B batch, T row length, S = ``max_segments_per_seq``, cp = size of t
 context-parallel mesh axis, n = T / cp tokens per shard.
 
 - Entry checks: :func:`check_mesh`, :func:`check_split`, :func:`row_segments` (the layout,
-  :class:`thdkit.Segments` or the deprecated arrays, read once), :func:`check_fits` and
-  :func:`validate_shards` (each rank's shard of a concrete row is a valid layout).
+  :class:`thdkit.Segments` or the deprecated arrays, read once) and :func:`validate_shards`
+  (each rank's shard of a concrete row is a valid layout).
 - Inside ``shard_map``: :func:`with_document_lengths` (global document lengths by a ``psum``) and
   :func:`gather_row` (the whole row's layout, sorted back into document order).
 - Token order: :func:`sort_by_document`, :func:`take_tokens`, :func:`inverse_order`.
@@ -27,7 +27,6 @@ from jaxtyping import Array, ArrayLike, Int
 
 from thdkit._src import reorder
 from thdkit._src.context_parallel.base import StrategyConfig
-from thdkit._src.kernels.arguments import check_layout_shapes
 from thdkit._src.limits import is_concrete
 from thdkit._src.mask_types import MaskType
 from thdkit._src.segments import Segments, global_lengths, lengths_from_counts, segment_counts
@@ -36,7 +35,6 @@ from thdkit._src.validate.rules import validate_layout
 
 __all__ = [
     "DEPRECATED_LAYOUT",
-    "check_fits",
     "check_mesh",
     "check_split",
     "document_lengths",
@@ -227,47 +225,6 @@ def row_segments(
         return Segments(*layout, jnp.zeros_like(layout[0]))
 
     return whole(q), None if kv is None else whole(kv), names
-
-
-def check_fits(
-    query: Array, key: Array, q: Segments, kv: Segments | None, names: tuple[str, str]
-) -> None:
-    """Checks that the layouts fit ``query`` [B, T_q, ...] and ``key`` [B, T_kv, ...]: [B, T_q]
-    and [B, T_kv] fields, or self-attention with T_kv = T_q.
-
-    Args:
-        query, key: the attention's arrays.
-        q, kv: :func:`row_segments`' Segments; kv None for self-attention.
-        names: :func:`row_segments`' parameter names, for messages (the deprecated arrays'
-            messages are :func:`thdkit._src.kernels.arguments.check_layout_shapes`').
-
-    Raises:
-        ValueError: a mismatch, naming the parameter, the shapes and T.
-
-    Example:
-        >>> x = jnp.zeros((1, 8, 2, 4))
-        >>> seg = Segments.from_ids(jnp.ones((1, 8), int))
-        >>> check_fits(x, x[:, :4], seg, None, ("q_segments", "kv_segments"))
-        Traceback (most recent call last):
-        ...
-        ValueError: self-attention (no kv_segments) needs T_kv == T_q, got T_kv=4 and T_q=8...
-    """
-    if names[0] == DEPRECATED_LAYOUT[0]:
-        check_layout_shapes(query, key, q.ids, None if kv is None else kv.ids)
-        return
-    batch, seq_q = query.shape[:2]
-    seq_kv = key.shape[1]
-    if kv is None and seq_kv != seq_q:
-        raise ValueError(
-            f"self-attention (no {names[1]}) needs T_kv == T_q, got T_kv={seq_kv} and "
-            f"T_q={seq_q}; pass {names[1]}"
-        )
-    for name, side, seq, of in ((names[0], q, seq_q, "query"), (names[1], kv, seq_kv, "key")):
-        if side is not None and side.ids.shape != (batch, seq):
-            raise ValueError(
-                f"{name} must have [B, T] fields of shape {(batch, seq)} to match {of}, got "
-                f"{side.ids.shape}"
-            )
 
 
 def readable(*arrays: Array) -> bool:

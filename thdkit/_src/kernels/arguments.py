@@ -156,7 +156,14 @@ def check_arguments(
     return query, key, value, check_scale(scale, head_dim=query.shape[3])
 
 
-def check_layout_shapes(query: Array, key: Array, ids_q: Array, ids_kv: Array | None) -> None:
+def check_layout_shapes(
+    query: Array,
+    key: Array,
+    ids_q: Array,
+    ids_kv: Array | None,
+    *,
+    names: tuple[str, str] = ("segment_ids_q", "segment_ids_kv"),
+) -> None:
     """Checks that the layouts fit the arrays: ``[B, T_q]`` and ``[B, T_kv]``, or self-attention.
 
     Shared by every attention entry point, after :func:`check_arguments`.
@@ -167,6 +174,8 @@ def check_layout_shapes(query: Array, key: Array, ids_q: Array, ids_kv: Array | 
         ids_q: the query segment ids, int[B, T_q].
         ids_kv: the key/value segment ids, int[B, T_kv], or None for self-attention (then
             ``T_kv`` must equal ``T_q``).
+        names: the caller's parameters for the two layouts: the keyword arrays (the default),
+            or Segments (``("q_segments", "kv_segments")``, whose ids are checked).
 
     Raises:
         ValueError: a shape mismatch, naming the layout parameter and ``T_kv``/``T_q``.
@@ -180,18 +189,21 @@ def check_layout_shapes(query: Array, key: Array, ids_q: Array, ids_kv: Array | 
     """
     batch, seq_q = query.shape[:2]
     seq_kv = key.shape[1]
+    arrays = names[1] == "segment_ids_kv"
     if ids_kv is None and seq_kv != seq_q:
+        fix = "segment_ids_kv and segment_pos_kv" if arrays else names[1]
         raise ValueError(
-            f"self-attention (no segment_ids_kv) needs T_kv == T_q, got T_kv={seq_kv} and "
-            f"T_q={seq_q}; pass segment_ids_kv and segment_pos_kv"
+            f"self-attention (no {names[1]}) needs T_kv == T_q, got T_kv={seq_kv} and "
+            f"T_q={seq_q}; pass {fix}"
         )
+    shape = "shape [B, T] =" if arrays else "[B, T] fields of shape"
     for name, ids, seq, of in (
-        ("segment_ids_q", ids_q, seq_q, "query"),
-        ("segment_ids_kv", ids_kv, seq_kv, "key"),
+        (names[0], ids_q, seq_q, "query"),
+        (names[1], ids_kv, seq_kv, "key"),
     ):
         if ids is not None and ids.shape != (batch, seq):
             raise ValueError(
-                f"{name} must have shape [B, T] = {(batch, seq)} to match {of}, got {ids.shape}"
+                f"{name} must have {shape} {(batch, seq)} to match {of}, got {ids.shape}"
             )
 
 
