@@ -13,6 +13,8 @@ import pytest
 import thdkit
 import thdkit.kernels
 
+from .test_structure import SURFACE
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 _NAME = re.compile(r"(?<![\w/.-])(thdkit(?:\.[A-Za-z_]\w*)+)")
@@ -20,14 +22,7 @@ _PATH = re.compile(r"(?<![\w/.-])((?:thdkit|tests|examples|scripts|docs)/[\w/.-]
 _PRIVATE = re.compile(r"[\w./-]*[./]_src\b[\w./-]*")
 """A dotted name or a path through a ``_src`` folder; only JAX's own (``jax._src...``) may be
 named, as the library thdkit calls into."""
-PUBLIC_MODULES = [
-    "thdkit",
-    "thdkit.kernels",
-    "thdkit.context_parallel",
-    "thdkit.reorder",
-    "thdkit.flax",
-    "thdkit.data",
-]
+PUBLIC_MODULES = list(SURFACE)
 """The modules whose ``__all__`` is the API (README.md, "The public modules")."""
 
 
