@@ -33,7 +33,7 @@ SURFACE = {
     ],
     "thdkit.kernels": [
         "AttentionConfig", "AttentionPlan", "DEFAULT_BLOCK", "Implementation", "TileRanges",
-        "attention", "attention_partial", "default_block", "default_order", "get",
+        "attach_sinks", "attention", "attention_partial", "default_block", "default_order", "get",
         "is_representable", "names", "pair_mask", "pallas_attention", "partial_implementations",
         "plan_attention", "register", "tile_ranges", "unregister",
     ],

@@ -106,6 +106,7 @@ def reference_attention(
     mask_type: MaskType,
     window_size: Window,
     scale: float,
+    logits_soft_cap: float | None = None,
 ) -> tuple[Float[Array, "B T_q H_q D_v"], Float[Array, "B T_q H_q"]]:
     """Dense masked-softmax attention over :func:`thdkit.kernels.pair_mask`: the oracle.
 
@@ -130,6 +131,8 @@ def reference_attention(
         kv_segments: the keys'/values' :class:`thdkit.Segments`, int32[B, T_kv] fields.
         mask_type, window_size: as for :func:`thdkit.kernels.pair_mask`.
         scale: multiplies the logits; any finite float.
+        logits_soft_cap: ``cap`` of the soft cap ``cap * tanh(logit / cap)`` applied to the
+            scaled logits before the mask (docs/semantics.md, "Soft-capped logits"), or None.
 
     Returns:
         ``(out, lse)`` in the compute dtype (float32, or float64 with x64 enabled):
@@ -164,7 +167,12 @@ def reference_attention(
     groups = heads_q // heads_kv
     (query, bad_q), (key, bad_k), (value, bad_v) = (sanitize(x) for x in (query, key, value))
     q = query.astype(dtype).reshape(batch, seq_q, heads_kv, groups, -1)
-    dots = jnp.einsum("bqhgd,bkhd->bhgqk", q, key.astype(dtype))  # The logits over ``scale``.
+    # The values whose multiples by ``unit`` are the logits: the dots (logits over ``scale``),
+    # or under a soft cap the capped logits themselves (bounded: no large-magnitude care needed).
+    dots = jnp.einsum("bqhgd,bkhd->bhgqk", q, key.astype(dtype))
+    if logits_soft_cap is not None:
+        cap = jnp.asarray(logits_soft_cap, dtype)
+        dots, scale = cap * jnp.tanh(dots * (jnp.asarray(scale, dtype) / cap)), 1.0
     allowed = pair_mask(q_segments, kv_segments, mask_type=mask_type, window_size=window_size)
     allowed = allowed[:, None, None]
     # The shift: the allowed dot that gives the largest logit (the largest dot for scale >= 0,

@@ -23,6 +23,7 @@ from thdkit._src.kernels.partial import attention_partial
 from thdkit._src.kernels.partial import partial_implementations
 from thdkit._src.kernels.plan import AttentionPlan
 from thdkit._src.kernels.representable import is_representable
+from thdkit._src.kernels.sinks import attach_sinks
 from thdkit._src.kernels.tiles import DEFAULT_BLOCK
 from thdkit._src.kernels.tiles import TileRanges
 from thdkit._src.kernels.tiles import default_block
@@ -36,6 +37,7 @@ __all__ = [
     "AttentionPlan",
     "Implementation",
     "TileRanges",
+    "attach_sinks",
     "attention",
     "attention_partial",
     "default_block",

@@ -22,7 +22,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from thdkit._src.host import JAX, NUMPY, on_host, readable
 from thdkit._src.kernels import base, builtins  # noqa: F401  (builtins: the built-in implementations)
 from thdkit._src.kernels.arguments import check_arguments, check_layout_shapes
-from thdkit._src.kernels.config import AttentionConfig
+from thdkit._src.kernels.config import AttentionConfig, check_soft_cap
 from thdkit._src.kernels.plan import (
     AttentionPlan,
     candidates,
@@ -30,6 +30,7 @@ from thdkit._src.kernels.plan import (
     no_candidate,
     prepare_on_host,
 )
+from thdkit._src.kernels.sinks import attach_sinks, check_sinks
 from thdkit._src.limits import check_max_segments
 from thdkit._src.mask_types import MaskType
 from thdkit._src.programs import program
@@ -51,6 +52,7 @@ def _checked(
     block_q: Any,
     block_kv: Any,
     implementation: Any,
+    logits_soft_cap: Any,
 ) -> tuple[Segments, Segments, AttentionConfig]:
     """Both sides' Segments validated once (when concrete) and the parsed configuration."""
     check_max_segments(max_segments_per_seq)
@@ -63,6 +65,7 @@ def _checked(
         seq_q=q.seq_len,
         seq_kv=q.seq_len if kv is None else kv.seq_len,
         self_attention=kv is None,
+        logits_soft_cap=logits_soft_cap,
     )
     base.check_name(implementation)
     if kv is not None and kv.ids.shape[0] != q.ids.shape[0]:
@@ -91,6 +94,7 @@ def plan_attention(
     block_q: int | None = None,
     block_kv: int | None = None,
     implementation: str | None = None,
+    logits_soft_cap: float | None = None,
 ) -> AttentionPlan:
     """The plan of one packed layout: compute it once per batch, pass it to every layer.
 
@@ -115,6 +119,9 @@ def plan_attention(
         implementation: a registered name (``"reference"``, ``"blockwise"``, ``"cudnn"``,
             ``"pallas"``, or one's own: :func:`thdkit.kernels.register`), or None for the
             default order (cuDNN, then blockwise).
+        logits_soft_cap: ``cap`` of the soft cap ``cap * tanh(logit / cap)`` applied to the scaled
+            logits before the mask (docs/semantics.md, "Soft-capped logits"), or None; part of
+            the plan (the candidates are those that implement it).
 
     Returns:
         :class:`AttentionPlan`.
@@ -147,18 +154,23 @@ def plan_attention(
         block_q=block_q,
         block_kv=block_kv,
         implementation=implementation,
+        logits_soft_cap=logits_soft_cap,
     )
     return make_plan(q, kv, config, implementation)
 
 
 def _runnable(
-    names: tuple[str, ...], query: Array, key: Array, value: Array
+    names: tuple[str, ...], query: Array, key: Array, value: Array, *, sinks: bool
 ) -> base.Implementation:
-    """The first of ``names`` that takes these arrays."""
+    """The first of ``names`` that takes these arrays (and returns a log-sum-exp, for sinks)."""
     reasons = {}
     for name in names:
         candidate = base.get(name)
         try:
+            if sinks and not candidate.returns_lse:
+                raise NotImplementedError(
+                    "it returns no log-sum-exp, through which attention sinks join"
+                )
             candidate.check_arrays(query, key, value)
         except NotImplementedError as reason:
             reasons[name] = str(reason)
@@ -167,19 +179,33 @@ def _runnable(
     raise no_candidate(reasons)
 
 
-@program(static_argnames=("implementation", "config", "scale"))
-def _forward(query, key, value, q, kv, aux, *, implementation, config, scale):
-    """One implementation's forward, its output in the query's dtype."""
-    out, _ = implementation.forward(query, key, value, q, kv, aux, config, scale=scale)
+def _joined(query, key, value, q, kv, aux, sinks, *, implementation, config, scale):
+    """One implementation's forward, the sinks joined, its output in the query's dtype."""
+    out, lse = implementation.forward(query, key, value, q, kv, aux, config, scale=scale)
+    if sinks is not None:
+        out, _ = attach_sinks(out, lse, sinks)
     return out.astype(query.dtype)
 
 
+_forward = program(_joined, static_argnames=("implementation", "config", "scale"))
+
+
 @program(static_argnames=("implementation", "config", "scale"))
-def _prepare_and_forward(query, key, value, q, kv, *, implementation, config, scale):
+def _prepare_and_forward(query, key, value, q, kv, sinks, *, implementation, config, scale):
     """One implementation's auxiliary data and forward: the whole keyword call, one program."""
     aux = implementation.prepare(q, kv, config)
-    out, _ = implementation.forward(query, key, value, q, kv, aux, config, scale=scale)
-    return out.astype(query.dtype)
+    return _joined(
+        query,
+        key,
+        value,
+        q,
+        kv,
+        aux,
+        sinks,
+        implementation=implementation,
+        config=config,
+        scale=scale,
+    )
 
 
 _LAYOUT_KEYWORDS = (
@@ -218,6 +244,8 @@ def attention(
     implementation: str | None = None,
     block_q: int | None = None,
     block_kv: int | None = None,
+    logits_soft_cap: float | None = None,
+    sinks: Float[ArrayLike, " H_q"] | None = None,
 ) -> Float[Array, "B T_q H_q D_v"]:
     """Scaled dot-product attention over packed rows, masked by segment ids and positions.
 
@@ -258,6 +286,13 @@ def attention(
             blockwise that can run.
         block_q, block_kv: tile sizes of the blockwise method, capped to T; None chooses them
             from the mean document length (:func:`thdkit.kernels.default_block`).
+        logits_soft_cap: ``cap`` of the soft cap ``cap * tanh(logit / cap)`` applied to the scaled
+            logits before the mask, in float32 (docs/semantics.md, "Soft-capped logits"), or
+            None. With ``plan``, the plan's (:func:`plan_attention`): None, or the same value.
+        sinks: float[H_q], one learned logit per query head that joins every row's softmax
+            denominator and attends to nothing (docs/semantics.md, "Attention sinks"), or None;
+            differentiable. Needs an implementation that returns a log-sum-exp (all built-ins but
+            cuDNN).
 
     Returns:
         [B, T_q, H_q, D_v] in the query's dtype (empty for B = 0).
@@ -267,8 +302,9 @@ def attention(
             ``max_segments_per_seq``, a non-real ``scale``.
         ValueError: ranks, batch/length/head mismatches, zero heads or head dims, a non-finite
             ``scale``, a bad ``window_size`` form or block size, an unknown ``mask_type`` or
-            ``implementation``, ``plan`` together with layout keywords, or (concrete layouts) a
-            layout that breaks a rule, naming the parameter, row and token.
+            ``implementation``, ``plan`` together with layout keywords, a ``logits_soft_cap``
+            other than the plan's or not positive, ``sinks`` not of shape [H_q], or (concrete
+            layouts) a layout that breaks a rule, naming the parameter, row and token.
         NotImplementedError: the implementation asked for cannot run this configuration, layout
             or these arrays; the message says why.
 
@@ -291,6 +327,7 @@ def attention(
     """
     query, key, value, scale = check_arguments(query, key, value, scale=scale)
     batch, seq_q = query.shape[:2]
+    sinks = check_sinks(sinks, heads_q=query.shape[2])
     layout = dict(
         zip(
             _LAYOUT_KEYWORDS,
@@ -331,12 +368,15 @@ def attention(
             block_q=block_q,
             block_kv=block_kv,
             implementation=implementation,
+            logits_soft_cap=logits_soft_cap,
         )
-        chosen = _runnable(candidates(q, kv, config, implementation), query, key, value)
+        chosen = _runnable(
+            candidates(q, kv, config, implementation), query, key, value, sinks=sinks is not None
+        )
         aux = prepare_on_host(q, kv, (chosen,), config)
         if aux is None:
             return _prepare_and_forward(
-                query, key, value, q, kv, implementation=chosen, config=config, scale=scale
+                query, key, value, q, kv, sinks, implementation=chosen, config=config, scale=scale
             )
         return _forward(
             query,
@@ -345,6 +385,7 @@ def attention(
             q,
             kv,
             aux[chosen.name],
+            sinks,
             implementation=chosen,
             config=config,
             scale=scale,
@@ -356,6 +397,12 @@ def attention(
         )
     if not isinstance(plan, AttentionPlan):
         raise TypeError(f"plan must be an AttentionPlan, got {type(plan).__name__}")
+    cap = check_soft_cap(logits_soft_cap)
+    if cap is not None and cap != plan.config.logits_soft_cap:
+        raise ValueError(
+            f"logits_soft_cap={cap} differs from the plan's ({plan.config.logits_soft_cap}): "
+            f"the cap is part of the plan; pass it to plan_attention(logits_soft_cap=...)"
+        )
     for name, side, seq, of in (
         ("plan.q_segments", plan.q_segments, seq_q, "query"),
         ("plan.kv_segments", plan.kv_segments, key.shape[1], "key"),
@@ -367,7 +414,7 @@ def attention(
             )
     if batch == 0:
         return _empty(query, value)
-    chosen = _runnable(plan.candidates, query, key, value)
+    chosen = _runnable(plan.candidates, query, key, value, sinks=sinks is not None)
     return _forward(
         query,
         key,
@@ -375,6 +422,7 @@ def attention(
         plan.q_segments,
         plan.kv_segments,
         plan.aux[chosen.name],
+        sinks,
         implementation=chosen,
         config=plan.config,
         scale=scale,

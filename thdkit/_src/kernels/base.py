@@ -17,7 +17,11 @@ method                        what it does                                      
 ============================  ======================================================  ==========
 
 ``returns_lse`` says whether ``forward`` returns the log-sum-exp; only such implementations
-serve :func:`thdkit.kernels.attention_partial` and so context parallelism.
+serve :func:`thdkit.kernels.attention_partial`, context parallelism and attention sinks (which
+join each row's softmax through its log-sum-exp, outside the implementation).
+``features`` names the optional features it implements (:data:`FEATURES`): a configuration or a
+layout that asks for one it lacks is refused before its own checks run, with the feature named,
+so that an implementation written before a feature existed refuses it rather than ignore it.
 ``interpreted_on`` names the backends (``jax.default_backend()``) where it runs in an
 interpreter (correct, slow: ``thdkit bench attention`` times it there only when named).
 ``prepares_on_host`` says whether ``prepare`` also runs in NumPy (``ops=thdkit._src.host.NUMPY``,
@@ -52,7 +56,9 @@ from thdkit._src.kernels.config import AttentionConfig
 from thdkit._src.segments import Segments
 
 __all__ = [
+    "FEATURES",
     "Implementation",
+    "check_features",
     "check_name",
     "default_order",
     "get",
@@ -60,6 +66,12 @@ __all__ = [
     "register",
     "unregister",
 ]
+
+
+FEATURES = {
+    "logits_soft_cap": "soft-capped logits (AttentionConfig.logits_soft_cap)",
+}
+"""The optional features an implementation may declare in ``features``, with what each is."""
 
 
 def _deprecated_check_layout(check_segments: Callable[..., None]) -> Callable[..., None]:
@@ -88,6 +100,7 @@ class Implementation:
     """
 
     name: ClassVar[str]
+    features: ClassVar[frozenset[str]] = frozenset()
     returns_lse: ClassVar[bool] = True
     prepares_on_host: ClassVar[bool] = False
     interpreted_on: ClassVar[tuple[str, ...]] = ()
@@ -146,6 +159,24 @@ class Implementation:
         """``(out, lse)``: float (out may be in the inputs' dtype) and float32 log-sum-exps
         (-inf where no key is allowed), or ``(out, None)`` where ``returns_lse`` is False."""
         raise NotImplementedError(f"{type(self).__name__} defines no forward")
+
+
+def check_features(implementation: Implementation, config: AttentionConfig) -> None:
+    """Raises NotImplementedError where ``config`` asks for a feature the implementation does
+    not declare in ``features``, naming each missing one.
+
+    Example:
+        >>> config = AttentionConfig.parse(mask_type="causal", window_size=None,
+        ...     max_segments_per_seq=1, logits_soft_cap=30.0)
+        >>> check_features(Implementation(), config)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        NotImplementedError: it does not implement soft-capped logits (AttentionConfig...
+    """
+    missing = sorted(config.features - frozenset(implementation.features))
+    if missing:
+        listed = ", ".join(FEATURES.get(name, name) for name in missing)
+        raise NotImplementedError(f"it does not implement {listed}")
 
 
 _REGISTRY: dict[str, Implementation] = {}

@@ -65,6 +65,13 @@ class _Tiles(NamedTuple):
     window: Window
     scale: float
     chunk: int  # work items per step; 1 walks them one at a time (the serial schedule)
+    cap: float | None = None  # the logits' soft cap
+
+    @property
+    def unit(self) -> float:
+        """What multiplies the tile values of :func:`_tile_logits` into logits: ``|scale|``, or 1
+        with a soft cap (the values are then the capped logits themselves)."""
+        return 1.0 if self.cap is not None else abs(self.scale)
 
 
 class _Work(NamedTuple):
@@ -107,13 +114,18 @@ def _add(x: Array, i: Array, value: Array) -> Array:
 
 
 def _tile_logits(tiles: _Tiles, q, k, layout_q, layout_kv, r, c):
-    """Logits over ``|scale|`` ``[*P, H_kv, G, block_q, block_kv]`` of tiles (r, c) (the dot
-    products, negated for a negative scale) and their mask ``[*P, 1, 1, block_q, block_kv]``,
-    rebuilt from ids, positions and document lengths."""
+    """Logits over ``tiles.unit`` ``[*P, H_kv, G, block_q, block_kv]`` of tiles (r, c) and their
+    mask ``[*P, 1, 1, block_q, block_kv]``, rebuilt from ids, positions and document lengths.
+
+    Without a soft cap the values are the dot products (negated for a negative scale), so that
+    the row maximum is a dot product (:mod:`~.flash_vjp`); with one they are the capped logits
+    ``cap * tanh(scale * dot / cap)``, in float32, bounded by the cap."""
     q_tile = _index(q, r).astype(jnp.float32)
     k_tile = _index(k, c).astype(jnp.float32)
     dots = jnp.einsum("...hgqd,...hkd->...hgqk", q_tile, k_tile)
-    if tiles.scale < 0:
+    if tiles.cap is not None:
+        dots = tiles.cap * jnp.tanh(dots * (tiles.scale / tiles.cap))
+    elif tiles.scale < 0:
         dots = -dots
     # Built once per tile, behind a branch: left to fusion, XLA:CPU recomputes the mask inside
     # every consumer, once per head. (r >= 0 always holds.) Both branches vary over the mesh
@@ -138,12 +150,19 @@ def _tile_logits(tiles: _Tiles, q, k, layout_q, layout_kv, r, c):
 
 
 def _exponents(tiles: _Tiles, dots: Array, shift: Array) -> Array:
-    """``(dots - shift) * |scale|``: the logits less their row's largest (``shift``, in the units
+    """``(dots - shift) * unit``: the logits less their row's largest (``shift``, in the units
     of ``dots``), exactly 0 at it and -inf where ``dots`` is (a masked pair)."""
-    magnitude = abs(tiles.scale)
-    if magnitude == 0:
+    if tiles.unit == 0:
         return jnp.where(dots == -jnp.inf, -jnp.inf, 0.0)
-    return (dots - shift) * magnitude
+    return (dots - shift) * tiles.unit
+
+
+def _d_dots(tiles: _Tiles, values: Array) -> Array | float:
+    """The derivative of the logit with respect to the dot product, at the tile values of
+    :func:`_tile_logits`: ``scale``, or ``scale * (1 - tanh^2)`` under a soft cap."""
+    if tiles.cap is None:
+        return tiles.scale
+    return tiles.scale * (1.0 - jnp.square(values / tiles.cap))
 
 
 def _chunk(work: _Work, step: Array, chunk: int) -> tuple[Array, Array, Array]:
@@ -168,7 +187,7 @@ def _steps(work: _Work, chunk: int) -> Array:
 
 def _forward_tiles(tiles: _Tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, work: _Work):
     """Online softmax over the visited tiles: (out, lse, poisoned, (row max, row sum)) per query
-    tile, float32; the row max is of the logits over ``|scale|`` (:func:`_exponents`).
+    tile, float32; the row max is of the logits over ``tiles.unit`` (:func:`_exponents`).
 
     Each step visits ``tiles.chunk`` work items. Items of one query tile are consecutive, so a
     chunk touches at most ``chunk`` query tiles, numbered by ``slot``: their running statistics are
@@ -179,7 +198,7 @@ def _forward_tiles(tiles: _Tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, w
     stats = (rows + 1, *q.shape[1:-1])
     init = (
         jnp.zeros((*stats, v.shape[-1]), jnp.float32),  # unnormalised output
-        jnp.full(stats, -jnp.inf, jnp.float32),  # running max of the logits over |scale|
+        jnp.full(stats, -jnp.inf, jnp.float32),  # running max of the logits over the unit
         jnp.zeros(stats, jnp.float32),  # running sum of exp(logit - max)
         jnp.zeros((stats[0], stats[1], stats[3]), jnp.float32),  # allowed non-finite keys
     )
@@ -222,7 +241,7 @@ def _forward_tiles(tiles: _Tiles, q, k, v, layout_q, layout_kv, bad_q, bad_kv, w
         x[:rows] for x in jax.lax.fori_loop(0, _steps(work, chunk), visit, init)
     )
     safe_total = jnp.where(total > 0, total, 1.0)
-    lse = jnp.where(total > 0, abs(tiles.scale) * row_max + jnp.log(safe_total), -jnp.inf)
+    lse = jnp.where(total > 0, tiles.unit * row_max + jnp.log(safe_total), -jnp.inf)
     poisoned = ((hits > 0)[:, :, None, :] | bad_q) & (total > 0)
     return acc / safe_total[..., None], lse, poisoned, (row_max, total)
 
@@ -248,7 +267,9 @@ def _backward_tiles(tiles: _Tiles, inputs, d_out, row_term, row_max, row_sum):
         do_tile = _index(d_out, row)
         d_weights = jnp.einsum("phgqd,phkd->phgqk", do_tile, _index(v, col).astype(jnp.float32))
         d_logits = jnp.where(
-            allowed, tiles.scale * weights * (d_weights + _index(row_term, row)[..., None]), 0.0
+            allowed,
+            _d_dots(tiles, dots) * weights * (d_weights + _index(row_term, row)[..., None]),
+            0.0,
         )
         dq = _add(dq, row, jnp.einsum("phgqk,phkd->phgqd", d_logits, k_tile))
         dk = _add(dk, col, jnp.einsum("phgqk,phgqd->phkd", d_logits, q_tile))
@@ -289,6 +310,7 @@ def blockwise_attention(
     mask_type: MaskType,
     window_size: Window,
     scale: float,
+    logits_soft_cap: float | None = None,
     schedule: Schedule = "parallel",
 ) -> tuple[Float[Array, "B T_q H_q D_v"], Float[Array, "B T_q H_q"]]:
     """The flash loop over precomputed tile ranges: ``(out, lse)`` as :func:`attention_partial`.
@@ -303,6 +325,8 @@ def blockwise_attention(
         mask_type: a parsed ``MaskType``.
         window_size: a parsed window (:func:`thdkit._src.mask_types.check_window`).
         scale: multiplies the logits.
+        logits_soft_cap: ``cap`` of ``cap * tanh(logit / cap)``, applied after the scale and
+            before the mask, or None for none.
         schedule: ``"parallel"`` visits ``PAIRS_PER_STEP[backend] // (block_q * block_kv)``
             tiles per step with batched matmuls, ``"serial"`` one tile per step.
 
@@ -346,7 +370,8 @@ def blockwise_attention(
     most = batch * num_q * num_kv  # no step needs more items than there are tiles
     pairs = PAIRS_PER_STEP.get(jax.default_backend(), PAIRS_PER_STEP["gpu"])
     chunk = 1 if schedule == "serial" else max(1, min(most, pairs // (block_q * block_kv)))
-    tiles = _Tiles(mask_type, window_size, float(scale), chunk)
+    cap = None if logits_soft_cap is None else float(logits_soft_cap)
+    tiles = _Tiles(mask_type, window_size, float(scale), chunk, cap)
     out, lse = _flash(tiles, q, k, v, tiled_q, tiled_kv, bad_q, bad_kv, work)
     out = out.transpose(0, 3, 1, 2, 4).reshape(batch, num_q * block_q, heads_q, dim_v)
     lse = lse.transpose(0, 3, 1, 2).reshape(batch, num_q * block_q, heads_q)
@@ -360,6 +385,7 @@ class Blockwise(Implementation):
     """
 
     name = "blockwise"
+    features = frozenset({"logits_soft_cap"})
     prepares_on_host = True
 
     def prepare(
@@ -386,4 +412,5 @@ class Blockwise(Implementation):
             mask_type=config.mask_type,
             window_size=config.window_size,
             scale=scale,
+            logits_soft_cap=config.logits_soft_cap,
         )

@@ -9,18 +9,59 @@ one message. The configuration is hashable: it is a static argument of every com
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
+
+import numpy as np
 
 from thdkit._src.kernels.tiles import default_block
 from thdkit._src.limits import check_int, check_max_segments
 from thdkit._src.mask_types import MaskType, Window, check_window
 
-__all__ = ["AttentionConfig"]
+__all__ = ["AttentionConfig", "check_soft_cap"]
+
+
+def check_soft_cap(logits_soft_cap: Any) -> float | None:
+    """``logits_soft_cap`` as a Python float, or None (no cap).
+
+    Args:
+        logits_soft_cap: a positive finite real (Python or NumPy), or None.
+
+    Returns:
+        A positive finite float, or None.
+
+    Raises:
+        TypeError: not a real number (bools and arrays are not: the cap is static).
+        ValueError: not positive and finite.
+
+    Example:
+        >>> check_soft_cap(np.float32(50)), check_soft_cap(None)
+        (50.0, None)
+        >>> check_soft_cap(0.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: logits_soft_cap must be a positive finite float or None, got 0.0
+    """
+    if logits_soft_cap is None:
+        return None
+    if isinstance(logits_soft_cap, (bool, np.bool_)) or not isinstance(
+        logits_soft_cap, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(
+            f"logits_soft_cap must be a Python float, a NumPy real or None (a static value), "
+            f"got {type(logits_soft_cap).__name__}"
+        )
+    cap = float(logits_soft_cap)
+    if not (math.isfinite(cap) and cap > 0):
+        raise ValueError(
+            f"logits_soft_cap must be a positive finite float or None, got {logits_soft_cap}"
+        )
+    return cap
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-    """Mask type, window, S, tile sizes and whether the keys share the queries' layout.
+    """Mask type, window, S, tile sizes, whether the keys share the queries' layout, soft cap.
 
     Attributes:
         mask_type: the parsed :class:`thdkit.MaskType`.
@@ -31,6 +72,9 @@ class AttentionConfig:
         block_q, block_kv: tile sizes of the tiled implementations, capped to T_q and T_kv; None
             where the row lengths were not given (a configuration that runs no tiles).
         self_attention: whether the keys/values share the queries' layout.
+        logits_soft_cap: ``cap`` of the logits' soft cap ``cap * tanh(logit / cap)``, applied
+            after the scale and before the mask (docs/semantics.md, "Soft-capped logits"), or
+            None for none.
     """
 
     mask_type: MaskType
@@ -39,6 +83,13 @@ class AttentionConfig:
     block_q: int | None
     block_kv: int | None
     self_attention: bool
+    logits_soft_cap: float | None = None
+
+    @property
+    def features(self) -> frozenset[str]:
+        """The optional features this configuration asks of an implementation (those of
+        ``Implementation.features``): ``"logits_soft_cap"`` where a cap is set."""
+        return frozenset({"logits_soft_cap"} if self.logits_soft_cap is not None else ())
 
     @classmethod
     def parse(
@@ -52,6 +103,7 @@ class AttentionConfig:
         seq_q: int | None = None,
         seq_kv: int | None = None,
         self_attention: bool = True,
+        logits_soft_cap: Any = None,
     ) -> AttentionConfig:
         """Checks every option once and resolves the tile sizes for rows of these lengths.
 
@@ -65,19 +117,23 @@ class AttentionConfig:
             seq_q, seq_kv: T_q and T_kv; the tile sizes are resolved and capped to them (left as
                 given, checked, where they are None).
             self_attention: whether the keys share the queries' layout.
+            logits_soft_cap: a positive finite float, or None (:func:`check_soft_cap`).
 
         Returns:
             :class:`AttentionConfig`.
 
         Raises:
-            TypeError: a non-int S, window bound or block size; a mask type of another type.
-            ValueError: an unknown mask type, a bad window form, S or a block size out of range.
+            TypeError: a non-int S, window bound or block size; a mask type of another type; a
+                non-real soft cap.
+            ValueError: an unknown mask type, a bad window form, S or a block size out of range,
+                a soft cap that is not positive and finite.
 
         Example:
             >>> AttentionConfig.parse(mask_type="causal", window_size=(-1, 0),
             ...     max_segments_per_seq=4, seq_q=8, seq_kv=8, self_attention=True)
             AttentionConfig(mask_type=<MaskType.CAUSAL: 'causal'>, window_size=(None, 0),
-                            max_segments_per_seq=4, block_q=8, block_kv=8, self_attention=True)
+                            max_segments_per_seq=4, block_q=8, block_kv=8, self_attention=True,
+                            logits_soft_cap=None)
         """
         mask = MaskType.parse(mask_type)
         window = check_window(window_size)
@@ -93,4 +149,5 @@ class AttentionConfig:
                 min(seq, default_block(seq, num_segments or 1) if b is None else b)
                 for b, seq in ((block_q, seq_q), (block_kv, seq_kv))
             )
-        return cls(mask, window, num_segments, block_q, block_kv, bool(self_attention))
+        cap = check_soft_cap(logits_soft_cap)
+        return cls(mask, window, num_segments, block_q, block_kv, bool(self_attention), cap)

@@ -21,6 +21,7 @@ class Dense(Implementation):
     """
 
     name = "reference"
+    features = frozenset({"logits_soft_cap"})
     prepares_on_host = True  # it prepares nothing
 
     def forward(self, query, key, value, q, kv, aux, config, *, scale):
@@ -33,4 +34,5 @@ class Dense(Implementation):
             mask_type=config.mask_type,
             window_size=config.window_size,
             scale=scale,
+            logits_soft_cap=config.logits_soft_cap,
         )

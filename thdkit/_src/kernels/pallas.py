@@ -340,6 +340,7 @@ class Pallas(Blockwise):
     """
 
     name = "pallas"
+    features = frozenset()  # not blockwise's: each feature is declared where it is implemented
     interpreted_on = ("cpu",)
 
     def check_config(self, config: AttentionConfig) -> None:

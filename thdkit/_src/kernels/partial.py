@@ -135,6 +135,7 @@ def attention_partial(
     )
     candidate = base.get(name)
     try:
+        base.check_features(candidate, config)
         candidate.check_config(config)
         candidate.check_arrays(query, key, value)
     except NotImplementedError as reason:

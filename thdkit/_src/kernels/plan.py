@@ -94,6 +94,7 @@ def candidates(
     for name in names:
         candidate = base.get(name)
         try:
+            base.check_features(candidate, config)
             candidate.check_config(config)
             candidate.check_segments(q, kv, config)
         except NotImplementedError as reason:
