@@ -69,6 +69,7 @@ def attention_partial(
     block_q: int | None = None,
     block_kv: int | None = None,
     max_segments_per_seq: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> tuple[Float[Array, "B T_q H_q D_v"], Float[Array, "B T_q H_q"]]:
     """Attention over one set of keys, with its log-sum-exp, for merging partial results.
 
@@ -100,6 +101,8 @@ def attention_partial(
             means :data:`thdkit.kernels.DEFAULT_BLOCK`.
         max_segments_per_seq: S where known, for implementations that read it; the built-in
             ones that return a log-sum-exp do not.
+        logits_soft_cap: ``cap`` of ``cap * tanh(logit / cap)`` applied to the scaled logits
+            before the mask (docs/semantics.md, "Soft-capped logits"), or None.
 
     Returns:
         ``(out, lse)``: float32[B, T_q, H_q, D_v], normalised over this call's keys (zeros where no
@@ -108,7 +111,8 @@ def attention_partial(
 
     Raises:
         ValueError: an implementation that returns no log-sum-exp, or an unknown one.
-        NotImplementedError: the implementation cannot run this configuration or these arrays.
+        NotImplementedError: the implementation cannot run this configuration or these arrays
+            (one that does not implement the soft cap included).
 
     Example:
         >>> seg = Segments.from_ids(jnp.array([[1, 1, 1, 0, 2, 2, 2, 2]]))
@@ -132,6 +136,7 @@ def attention_partial(
         seq_q=seq_q,
         seq_kv=seq_kv,
         self_attention=False,
+        logits_soft_cap=logits_soft_cap,
     )
     candidate = base.get(name)
     try:
