@@ -43,7 +43,8 @@ SURFACE = {
         "ring_attention", "ring_schedule", "unregister",
     ],
     "thdkit.reorder": [
-        "dual_chunk_swap", "ring_step", "shard", "striped", "undo_dual_chunk_swap", "unstriped",
+        "balanced_order", "dual_chunk_swap", "permute", "ring_step", "shard", "striped",
+        "token_work", "undo_dual_chunk_swap", "unpermute", "unstriped",
     ],
     "thdkit.flax": ["PackedSelfAttention", "make_attention_fn", "rope"],
     "thdkit.data": ["SEGMENTS", "pack", "reorder_batch"],

@@ -1,0 +1,161 @@
+"""The balanced reorder: a permutation per row, valid shards, whole documents, balanced work, and
+context-parallel attention on balanced rows equal to single-device attention."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.sharding import Mesh
+
+import thdkit
+from thdkit import Segments
+from thdkit.reorder import balanced_order, permute, token_work, unpermute
+
+T, CP = 64, 4
+
+
+def _row(lengths: list[int], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """One packed row of documents of ``lengths`` (then padding): ids and positions."""
+    ids = np.concatenate([np.full(n, d + 1) for d, n in enumerate(lengths)] + [np.zeros(0)])
+    pos = np.concatenate([np.arange(n) for n in lengths] + [np.zeros(0)])
+    pad = seq_len - ids.size
+    return (
+        np.concatenate([ids, np.zeros(pad)]).astype(np.int32),
+        np.concatenate([pos, np.zeros(pad)]).astype(np.int32),
+    )
+
+
+@st.composite
+def rows(draw, seq_len: int = T, batch: int = 2):
+    """Rows of documents of random lengths filling part or all of T."""
+    ids, pos = [], []
+    for _ in range(batch):
+        lengths, room = [], seq_len
+        while (room and draw(st.booleans())) or not lengths:
+            n = draw(st.integers(1, room))
+            lengths.append(n)
+            room -= n
+            if not room:
+                break
+        row_ids, row_pos = _row(lengths, seq_len)
+        ids.append(row_ids)
+        pos.append(row_pos)
+    return np.stack(ids), np.stack(pos)
+
+
+def _rank_of(order: np.ndarray, cp: int) -> np.ndarray:
+    """int[B, T]: the rank each original token goes to."""
+    rank = np.empty_like(order)
+    n = order.shape[1] // cp
+    for b in range(order.shape[0]):
+        rank[b, order[b]] = np.arange(order.shape[1]) // n
+    return rank
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows(), st.sampled_from(["padding_causal", "padding", "causal"]))
+def test_permutation_valid_shards_and_inverse(layout, mask_type):
+    ids, pos = layout
+    order = balanced_order(ids, pos, cp=CP, mask_type=mask_type)
+    assert order.dtype == np.int32 and order.shape == ids.shape
+    for row in order:
+        assert sorted(row.tolist()) == list(range(T))
+    shard_ids, shard_pos = permute(ids, order), permute(pos, order)
+    for rank in range(CP):
+        part = slice(rank * T // CP, (rank + 1) * T // CP)
+        # Each shard is a valid layout on its own (positions increasing in each document).
+        thdkit.validate_layout(
+            np.ascontiguousarray(shard_ids[:, part]), np.ascontiguousarray(shard_pos[:, part]),
+            max_segments_per_seq=None, mask_type=mask_type,
+        )  # fmt: skip
+    np.testing.assert_array_equal(unpermute(shard_ids, order), ids)
+    np.testing.assert_array_equal(unpermute(shard_pos, order), pos)
+
+
+def test_short_documents_stay_whole_and_balanced():
+    """Many short documents: none is cut, and the ranks' work is within 10% of the mean."""
+    rng = np.random.default_rng(0)
+    seq_len, cp = 4096, 4
+    lengths = []
+    while sum(lengths) < seq_len - 256:
+        lengths.append(int(rng.integers(16, 200)))
+    ids, pos = _row(lengths, seq_len)
+    ids, pos = ids[None], pos[None]
+    order = balanced_order(ids, pos, cp=cp)
+    rank = _rank_of(order, cp)
+    for doc in range(1, ids.max() + 1):
+        assert np.unique(rank[ids == doc]).size == 1, f"document {doc} was cut"
+    work = permute(token_work(ids, pos), order).reshape(cp, -1).sum(-1)
+    assert work.max() <= 1.10 * work.mean()
+
+
+@pytest.mark.parametrize("mask_type", ["padding_causal", "padding"])
+def test_one_long_document_is_spread_evenly(mask_type):
+    ids, pos = _row([1024], 1024)
+    order = balanced_order(ids[None], pos[None], cp=4, mask_type=mask_type)
+    work = permute(token_work(ids[None], pos[None], mask_type=mask_type), order)
+    per_rank = work.reshape(4, -1).sum(-1)
+    assert per_rank.max() <= 1.01 * per_rank.mean()
+
+
+def test_permute_any_feature_numpy_and_jax():
+    ids, pos = _row([5, 7, 3], 16)
+    order = balanced_order(ids[None], pos[None], cp=2)
+    x = np.arange(16 * 3 * 2, dtype=np.float32).reshape(1, 16, 3, 2)
+    for arr in (x, jnp.asarray(x)):
+        back = unpermute(permute(arr, order), order)
+        np.testing.assert_array_equal(np.asarray(back), x)
+    heads_first = np.moveaxis(x, 1, 2)  # [B, H, T, D]
+    np.testing.assert_array_equal(
+        permute(heads_first, order, axis=2), np.moveaxis(permute(x, order), 1, 2)
+    )
+
+
+def test_errors():
+    ids, _ = _row([5, 7], 12)
+    with pytest.raises(ValueError, match="multiple of cp=5"):
+        balanced_order(ids[None], cp=5)
+    with pytest.raises(TypeError, match="cp"):
+        balanced_order(ids[None], cp=2.0)
+    with pytest.raises(ValueError, match="tolerance"):
+        balanced_order(ids[None], cp=2, tolerance=-1)
+    broken = np.array([[1, 1, 2, 1]])  # document 1 in two runs
+    with pytest.raises(ValueError, match="segment_ids"):
+        balanced_order(broken, cp=2)
+
+
+@pytest.mark.parametrize("strategy", ["ring", "all_gather", "all_to_all"])
+def test_context_parallel_on_balanced_rows_equals_single_device(strategy):
+    """Outputs and gradients on balanced rows, unpermuted, equal single-device attention."""
+    cp = 4
+    ids = np.stack([_row([20, 9, 30, 5], 64)[0], _row([64], 64)[0]])
+    pos = np.stack([_row([20, 9, 30, 5], 64)[1], _row([64], 64)[1]])
+    rng = np.random.default_rng(1)
+    q, k, v, w = (rng.standard_normal((2, 64, 4, 8)).astype(np.float32) for _ in range(4))
+    order = balanced_order(ids, pos, cp=cp)
+    mesh = Mesh(np.array(jax.devices()[:cp]), ("cp",))
+
+    def single(q, k, v):
+        out = thdkit.attention(
+            q, k, v, segment_ids_q=ids, segment_pos_q=pos, max_segments_per_seq=4
+        )
+        return jnp.sum(out * w), out
+
+    def balanced(q, k, v):
+        seg = Segments(permute(ids, order), permute(pos, order), np.zeros_like(ids))
+        out = thdkit.context_parallel_attention(
+            *(permute(x, order) for x in (q, k, v)), q_segments=seg, mask_type="padding_causal",
+            max_segments_per_seq=4, mesh=mesh, axis_name="cp", strategy=strategy,
+        )  # fmt: skip
+        out = unpermute(out, order)
+        return jnp.sum(out * w), out
+
+    (_, want), want_grads = jax.value_and_grad(single, (0, 1, 2), has_aux=True)(q, k, v)
+    (_, got), got_grads = jax.value_and_grad(balanced, (0, 1, 2), has_aux=True)(q, k, v)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    for g, h in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, h, atol=1e-5, rtol=1e-5)

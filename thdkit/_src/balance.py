@@ -1,0 +1,335 @@
+"""The balanced reorder: per row, whole documents where they fit, long ones spread over the ranks.
+
+Every static reorder trades one cost for another on packed rows (docs/context-parallel.md,
+"Which reorder to use"). :func:`balanced_order` reads each row's documents and computes a
+permutation of its own, so that the contiguous shard ``r`` of ``T / cp`` tokens holds:
+
+- whole documents, each on one rank, where they fit: none of their pairs crosses ranks, so a
+  ring step whose keys hold none of the rank's documents has nothing to compute;
+- the few documents too costly to keep whole spread over every rank in ``2 * cp`` chunks, rank
+  r holding chunks r and ``2 * cp - 1 - r`` (the dual-chunk swap of one document), which splits
+  a causal triangle evenly;
+- as near the same attention work as the documents allow.
+
+The work of a query token is the number of keys the mask type and window allow it (its pairs):
+``pos + 1`` under a causal type (the window's left bound caps it), the document's length (or the
+window's band) under no_mask and padding. Algorithm, per row: documents are taken by decreasing
+work and each is given to the rank with the least work that has room for all of it (greedy
+longest-processing-time, with the token budget ``T / cp`` per rank as a second constraint). If
+the busiest rank then carries more than ``tolerance`` over the mean, the costliest document still
+whole is spread instead and the packing redone (a document longer than ``T / cp`` is spread from
+the start). A document that finds no rank with room is cut, by position, into the room left; the
+row's padding fills what remains. Inside each shard the tokens are sorted by document and
+position (padding last), so every shard is a valid layout on its own (each document one run,
+positions increasing, docs/semantics.md). Deterministic; O(T log T) per row.
+
+Guarantees: each rank holds exactly ``T / cp`` tokens; a document is cut only when it is spread or
+finds no room; the shards are valid layouts. Limits: self-attention rows only (one permutation of
+the row); the work model counts allowed pairs, which the blockwise kernel's visited tiles follow
+for documents longer than a tile (``thdkit bench ring`` reports both).
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+import numpy as np
+from jaxtyping import Int
+
+from thdkit._src.host import NUMPY
+from thdkit._src.limits import check_int
+from thdkit._src.mask_types import MaskType, check_window, window_bound
+from thdkit._src.segments import run_lengths
+from thdkit._src.validate.inputs import as_layouts
+from thdkit._src.validate.rules import validate_layout
+
+__all__ = ["balanced_order", "permute", "token_work", "unpermute"]
+
+
+def token_work(
+    segment_ids: Int[np.ndarray, "B T"],
+    segment_pos: Int[np.ndarray, "B T"],
+    *,
+    mask_type: MaskType | str = "padding_causal",
+    window_size: tuple[int | None, int | None] | None = None,
+) -> Int[np.ndarray, "B T"]:
+    """Each query token's allowed keys under self-attention: the work model of the reorder.
+
+    Args:
+        segment_ids: int[B, T]; 0 = padding.
+        segment_pos: int[B, T]; positions inside the documents (0, 1, 2, ... in each).
+        mask_type: a :class:`thdkit.MaskType` or its name.
+        window_size: ``(left, right)`` or None.
+
+    Returns:
+        int64[B, T]: ``pos + 1`` (causal types; ``min(pos, left) + 1`` with a left window), the
+        document's length (no_mask/padding; the band ``min(pos, left) + min(L - 1 - pos,
+        right) + 1`` with a window), 0 on padding.
+
+    Example:
+        >>> ids = np.array([[1, 1, 1, 2, 2, 0]])
+        >>> pos = np.array([[0, 1, 2, 0, 1, 0]])
+        >>> token_work(ids, pos).tolist(), token_work(ids, pos, mask_type="padding").tolist()
+        ([[1, 2, 3, 1, 2, 0]], [[3, 3, 3, 2, 2, 0]])
+    """
+    mask = MaskType.parse(mask_type)
+    window = check_window(window_size)
+    ids = np.asarray(segment_ids, np.int32)
+    pos = np.asarray(segment_pos).astype(np.int64)
+    left, right = window_bound(window, 0), window_bound(window, 1)
+    before = pos if left is None else np.minimum(pos, left)
+    if mask.uses_positions:
+        work = before + 1
+    else:
+        lengths = run_lengths(ids).astype(np.int64)
+        after = lengths - 1 - pos
+        work = before + (after if right is None else np.minimum(after, right)) + 1
+    return np.where(ids != 0, work, 0)
+
+
+def _spread(tokens: np.ndarray, cp: int) -> list[np.ndarray]:
+    """A document's tokens (sorted by position) for each rank: chunks r and 2cp - 1 - r of
+    ``2 * cp`` near-equal chunks."""
+    bounds = np.linspace(0, tokens.size, 2 * cp + 1).round().astype(np.int64)
+    chunks = [tokens[bounds[i] : bounds[i + 1]] for i in range(2 * cp)]
+    return [np.concatenate([chunks[r], chunks[2 * cp - 1 - r]]) for r in range(cp)]
+
+
+def _pack(
+    docs: list[tuple[int, np.ndarray, np.ndarray]],
+    spread: dict[int, list[tuple[np.ndarray, int]]],
+    cp: int,
+    room: int,
+) -> tuple[list[list[np.ndarray]], np.ndarray, list[int]]:
+    """One packing: the spread documents dealt over every rank (``spread[index][rank]`` = the
+    tokens and work of the rank's share), then the others whole, costliest first, each to the
+    least-loaded rank with room. Returns each rank's token lists, its work, and the documents
+    (by index) that found no rank with room."""
+    parts: list[list[np.ndarray]] = [[] for _ in range(cp)]
+    load = np.zeros(cp, np.int64)
+    free = np.full(cp, room, np.int64)
+    for index in sorted(spread):
+        for rank, (tokens, work) in enumerate(spread[index]):
+            parts[rank].append(tokens)
+            load[rank] += work
+            free[rank] -= tokens.size
+    homeless = []
+    heap = [(0, rank) for rank in range(cp)]
+    for index, (total, tokens, _) in enumerate(docs):
+        if index in spread:
+            continue
+        # The least-loaded rank with room: pop until one fits (those without room return).
+        skipped, chosen = [], None
+        while heap:
+            _, rank = heapq.heappop(heap)
+            if free[rank] >= tokens.size:
+                chosen = rank
+                break
+            skipped.append(rank)
+        for rank in skipped:
+            heapq.heappush(heap, (int(load[rank]), rank))
+        if chosen is None:
+            homeless.append(index)
+            continue
+        parts[chosen].append(tokens)
+        load[chosen] += total
+        free[chosen] -= tokens.size
+        heapq.heappush(heap, (int(load[chosen]), chosen))
+    return parts, load, homeless
+
+
+def _fill(
+    parts: list[list[np.ndarray]],
+    load: np.ndarray,
+    homeless: list[np.ndarray],
+    padding: np.ndarray,
+    ids: np.ndarray,
+    work: np.ndarray,
+    room: int,
+) -> np.ndarray:
+    """Cuts the documents without a rank with room, by position, into the room left (the least
+    loaded rank first), then the padding; returns the ranks' work."""
+    load = load.copy()
+    stream = np.concatenate([*homeless, padding]).astype(np.int64)
+    at = 0
+    for rank in np.argsort(load, kind="stable").tolist():
+        free = room - sum(p.size for p in parts[rank])
+        piece = stream[at : at + free]
+        at += free
+        load[rank] += int(work[piece].sum())
+        cuts = np.flatnonzero(ids[piece][1:] != ids[piece][:-1]) + 1
+        parts[rank].extend(np.split(piece, cuts))
+    return load
+
+
+def _row_order(
+    ids: np.ndarray, pos: np.ndarray, work: np.ndarray, cp: int, tolerance: float
+) -> np.ndarray:
+    """The permutation of one row."""
+    seq_len = ids.size
+    room = seq_len // cp
+    # By document, then position, padding (id 0) first: a packed row already is, but for padding.
+    key = ids.astype(np.int64) << 32 | pos.astype(np.int64)
+    order = np.arange(seq_len) if np.all(key[1:] >= key[:-1]) else np.argsort(key, kind="stable")
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    ends = np.r_[starts[1:], seq_len]
+    totals = np.add.reduceat(work[order], starts)
+    docs, padding = [], np.zeros(0, np.int64)
+    for start, end, total in zip(starts.tolist(), ends.tolist(), totals.tolist(), strict=True):
+        tokens = order[start:end]
+        if sorted_ids[start] == 0:
+            padding = tokens
+        else:
+            docs.append((total, tokens, work[tokens]))
+    # Costliest first; ties by document order (deterministic).
+    ranked = sorted(range(len(docs)), key=lambda i: (-docs[i][0], i))
+    docs = [docs[i] for i in ranked]
+    mean = sum(d[0] for d in docs) / cp
+    spread: dict[int, list[tuple[np.ndarray, int]]] = {}
+    spread_used = np.zeros(cp, np.int64)
+
+    def spread_if_room(index: int) -> bool:
+        """Spreads document ``index`` where every rank has room for its share."""
+        nonlocal spread_used
+        _, tokens, work = docs[index]
+        shares = _spread(np.arange(tokens.size), cp)
+        sizes = np.array([share.size for share in shares])
+        if np.any(spread_used + sizes > room):
+            return False
+        spread_used = spread_used + sizes
+        spread[index] = [(tokens[share], int(work[share].sum())) for share in shares]
+        return True
+
+    for index, (_, tokens, _) in enumerate(docs):
+        if tokens.size > room:
+            spread_if_room(index)
+    step = 1
+    while True:
+        parts, load, homeless = _pack(docs, spread, cp, room)
+        load = _fill(parts, load, [docs[i][1] for i in homeless], padding, ids, work, room)
+        whole = [i for i in range(len(docs)) if i not in spread]
+        if mean == 0 or load.max() <= (1 + tolerance) * mean or not whole:
+            break
+        # Spread the costliest documents without room, then the costliest whole ones: one, then
+        # two, four, ... per packing (a packing per doubling: O(log S) packings).
+        added = 0
+        for index in homeless + [i for i in whole if i not in homeless]:
+            if added == step:
+                break
+            added += spread_if_room(index)
+        if not added:
+            break
+        step *= 2
+    rows = []
+    for ranks in parts:
+        # Each part is one document's tokens in position order (or padding): sorted by document,
+        # padding last, the shard is a valid layout.
+        ranks = [p for p in ranks if p.size]
+        firsts = [(int(ids[p[0]]) or np.iinfo(np.int32).max, int(pos[p[0]])) for p in ranks]
+        ranked = sorted(range(len(ranks)), key=firsts.__getitem__)
+        rows.append(np.concatenate([ranks[i] for i in ranked]) if ranks else np.zeros(0, int))
+    return np.concatenate(rows)
+
+
+def balanced_order(
+    segment_ids: Int[Any, "B T"],
+    segment_pos: Int[Any, "B T"] | None = None,
+    *,
+    cp: int,
+    mask_type: MaskType | str = "padding_causal",
+    window_size: tuple[int | None, int | None] | None = None,
+    tolerance: float = 0.02,
+) -> Int[np.ndarray, "B T"]:
+    """Per row, the permutation that balances context-parallel attention over ``cp`` ranks.
+
+    Host-side (NumPy), for the input pipeline; the algorithm and its guarantees are in the
+    module's description (docs/context-parallel.md, "The balanced reorder"). Apply it with
+    :func:`permute` to the ids, the positions and every per-token feature (inputs, targets,
+    loss weights), and undo it with :func:`unpermute`.
+
+    Args:
+        segment_ids: int[B, T]; 0 = padding, documents one run each (a packed row).
+        segment_pos: int[B, T], or None to number each document's tokens 0, 1, 2, ...
+        cp: ranks; ``T`` a multiple of it.
+        mask_type: a :class:`thdkit.MaskType` or its name: the work model (:func:`token_work`).
+        window_size: ``(left, right)`` or None.
+        tolerance: the busiest rank's work over the mean above which another document is
+            spread (0.02: 2%).
+
+    Returns:
+        int32[B, T]: ``order[b, t]`` is the token of row b that goes to place t; shard r is
+        places ``[r * T / cp, (r + 1) * T / cp)``.
+
+    Raises:
+        TypeError: non-integer layouts, a non-int ``cp``.
+        ValueError: ``T`` not a multiple of ``cp``, a layout that breaks a rule (naming the
+            parameter, row and token), a negative ``tolerance``.
+
+    Example:
+        A causal document of six tokens and three of two, then padding, over two ranks: the
+        long one is spread (rank 0 holds its positions 0, 1, 4, 5, rank 1 its 2, 3), the short
+        ones stay whole; each rank's work (allowed pairs) is 14 and 16, against 21 and 9 with
+        the first document whole.
+
+        >>> ids = np.array([[1, 1, 1, 1, 1, 1, 2, 2, 3, 3, 4, 4, 0, 0, 0, 0]])
+        >>> order = balanced_order(ids, cp=2)
+        >>> permute(ids, order).tolist()
+        [[1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4]]
+        >>> pos = np.array([[0, 1, 2, 3, 4, 5, 0, 1, 0, 1, 0, 1, 0, 0, 0, 0]])
+        >>> permute(pos, order).tolist()
+        [[0, 1, 4, 5, 0, 0, 0, 0, 2, 3, 0, 1, 0, 1, 0, 1]]
+        >>> permute(token_work(ids, pos), order).reshape(2, 8).sum(axis=1).tolist()
+        [14, 16]
+    """
+    cp = check_int(cp, "cp", low=1)
+    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or tolerance < 0:
+        raise ValueError(f"tolerance must be a non-negative float, got {tolerance!r}")
+    (ids, pos), _ = as_layouts(
+        np.asarray(segment_ids), None if segment_pos is None else np.asarray(segment_pos),
+        None, None, ops=NUMPY, number_positions=True,
+    )  # fmt: skip
+    if ids.ndim != 2:
+        raise ValueError(f"segment_ids must be int[B, T], got shape {ids.shape}")
+    validate_layout(ids, pos, max_segments_per_seq=None, mask_type=mask_type)
+    seq_len = ids.shape[1]
+    if seq_len % cp:
+        raise ValueError(f"balanced_order needs T to be a multiple of cp={cp}, got T={seq_len}")
+    work = token_work(ids, pos, mask_type=mask_type, window_size=window_size)
+    rows = [_row_order(ids[b], pos[b], work[b], cp, float(tolerance)) for b in range(ids.shape[0])]
+    return np.stack(rows).astype(np.int32) if rows else np.zeros(ids.shape, np.int32)
+
+
+def permute(x: Any, order: Int[Any, "B T"], *, axis: int = 1) -> Any:
+    """``x`` with each row's tokens in ``order`` (:func:`balanced_order`).
+
+    Args:
+        x: a NumPy or JAX array [B, ..., T, ...] whose axis ``axis`` is the sequence.
+        order: int[B, T], a permutation per row.
+        axis: the sequence axis of ``x`` (1 by default; the batch is axis 0).
+
+    Returns:
+        ``x`` reordered, the same type and shape.
+
+    Example:
+        >>> permute(np.array([[10, 11, 12]]), np.array([[2, 0, 1]])).tolist()
+        [[12, 10, 11]]
+    """
+    import jax.numpy as jnp
+
+    xp = np if isinstance(x, np.ndarray) else jnp
+    index = xp.asarray(order).reshape(order.shape[:2] + (1,) * (x.ndim - 2))
+    index = xp.moveaxis(index, 1, axis) if axis != 1 else index
+    return xp.take_along_axis(x, index, axis=axis)
+
+
+def unpermute(x: Any, order: Int[Any, "B T"], *, axis: int = 1) -> Any:
+    """The inverse of :func:`permute`: ``unpermute(permute(x, order), order) == x``.
+
+    Example:
+        >>> order = np.array([[2, 0, 1]])
+        >>> unpermute(permute(np.array([[10, 11, 12]]), order), order).tolist()
+        [[10, 11, 12]]
+    """
+    return permute(x, np.argsort(np.asarray(order), axis=1, kind="stable"), axis=axis)
