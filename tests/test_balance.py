@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 
 import thdkit
 from thdkit import Segments
-from thdkit.reorder import balanced_order, permute, token_work, unpermute
+from thdkit.reorder import balance, permute, token_work, unpermute
 
 T, CP = 64, 4
 
@@ -60,11 +60,19 @@ def _rank_of(order: np.ndarray, cp: int) -> np.ndarray:
 @given(rows(), st.sampled_from(["padding_causal", "padding", "causal"]))
 def test_permutation_valid_shards_and_inverse(layout, mask_type):
     ids, pos = layout
-    order = balanced_order(ids, pos, cp=CP, mask_type=mask_type)
+    result = balance(ids, pos, cp=CP, mask_type=mask_type)
+    order = result.order
     assert order.dtype == np.int32 and order.shape == ids.shape
     for row in order:
         assert sorted(row.tolist()) == list(range(T))
-    shard_ids, shard_pos = permute(ids, order), permute(pos, order)
+    shard_ids, shard_pos = result.segment_ids, result.segment_pos
+    np.testing.assert_array_equal(shard_pos, permute(pos, order))
+    # The same documents, relabelled: equal old ids <=> equal new ids, padding stays padding.
+    old_ids = permute(ids, order)
+    np.testing.assert_array_equal(shard_ids == 0, old_ids == 0)
+    for b in range(ids.shape[0]):
+        pairs = {(int(o), int(n)) for o, n in zip(old_ids[b], shard_ids[b], strict=True) if o}
+        assert len({o for o, _ in pairs}) == len({n for _, n in pairs}) == len(pairs)
     for rank in range(CP):
         part = slice(rank * T // CP, (rank + 1) * T // CP)
         # Each shard is a valid layout on its own (positions increasing in each document).
@@ -72,7 +80,7 @@ def test_permutation_valid_shards_and_inverse(layout, mask_type):
             np.ascontiguousarray(shard_ids[:, part]), np.ascontiguousarray(shard_pos[:, part]),
             max_segments_per_seq=None, mask_type=mask_type,
         )  # fmt: skip
-    np.testing.assert_array_equal(unpermute(shard_ids, order), ids)
+    np.testing.assert_array_equal(unpermute(old_ids, order), ids)
     np.testing.assert_array_equal(unpermute(shard_pos, order), pos)
 
 
@@ -85,7 +93,7 @@ def test_short_documents_stay_whole_and_balanced():
         lengths.append(int(rng.integers(16, 200)))
     ids, pos = _row(lengths, seq_len)
     ids, pos = ids[None], pos[None]
-    order = balanced_order(ids, pos, cp=cp)
+    order = balance(ids, pos, cp=cp).order
     rank = _rank_of(order, cp)
     for doc in range(1, ids.max() + 1):
         assert np.unique(rank[ids == doc]).size == 1, f"document {doc} was cut"
@@ -96,7 +104,7 @@ def test_short_documents_stay_whole_and_balanced():
 @pytest.mark.parametrize("mask_type", ["padding_causal", "padding"])
 def test_one_long_document_is_spread_evenly(mask_type):
     ids, pos = _row([1024], 1024)
-    order = balanced_order(ids[None], pos[None], cp=4, mask_type=mask_type)
+    order = balance(ids[None], pos[None], cp=4, mask_type=mask_type).order
     work = permute(token_work(ids[None], pos[None], mask_type=mask_type), order)
     per_rank = work.reshape(4, -1).sum(-1)
     assert per_rank.max() <= 1.01 * per_rank.mean()
@@ -104,7 +112,7 @@ def test_one_long_document_is_spread_evenly(mask_type):
 
 def test_permute_any_feature_numpy_and_jax():
     ids, pos = _row([5, 7, 3], 16)
-    order = balanced_order(ids[None], pos[None], cp=2)
+    order = balance(ids[None], pos[None], cp=2).order
     x = np.arange(16 * 3 * 2, dtype=np.float32).reshape(1, 16, 3, 2)
     for arr in (x, jnp.asarray(x)):
         back = unpermute(permute(arr, order), order)
@@ -118,14 +126,14 @@ def test_permute_any_feature_numpy_and_jax():
 def test_errors():
     ids, _ = _row([5, 7], 12)
     with pytest.raises(ValueError, match="multiple of cp=5"):
-        balanced_order(ids[None], cp=5)
+        balance(ids[None], cp=5)
     with pytest.raises(TypeError, match="cp"):
-        balanced_order(ids[None], cp=2.0)
+        balance(ids[None], cp=2.0)
     with pytest.raises(ValueError, match="tolerance"):
-        balanced_order(ids[None], cp=2, tolerance=-1)
+        balance(ids[None], cp=2, tolerance=-1)
     broken = np.array([[1, 1, 2, 1]])  # document 1 in two runs
     with pytest.raises(ValueError, match="segment_ids"):
-        balanced_order(broken, cp=2)
+        balance(broken, cp=2)
 
 
 @pytest.mark.parametrize("strategy", ["ring", "all_gather", "all_to_all"])
@@ -136,7 +144,8 @@ def test_context_parallel_on_balanced_rows_equals_single_device(strategy):
     pos = np.stack([_row([20, 9, 30, 5], 64)[1], _row([64], 64)[1]])
     rng = np.random.default_rng(1)
     q, k, v, w = (rng.standard_normal((2, 64, 4, 8)).astype(np.float32) for _ in range(4))
-    order = balanced_order(ids, pos, cp=cp)
+    result = balance(ids, pos, cp=cp)
+    order = result.order
     mesh = Mesh(np.array(jax.devices()[:cp]), ("cp",))
 
     def single(q, k, v):
@@ -146,7 +155,7 @@ def test_context_parallel_on_balanced_rows_equals_single_device(strategy):
         return jnp.sum(out * w), out
 
     def balanced(q, k, v):
-        seg = Segments(permute(ids, order), permute(pos, order), np.zeros_like(ids))
+        seg = Segments(result.segment_ids, result.segment_pos, np.zeros_like(ids))
         out = thdkit.context_parallel_attention(
             *(permute(x, order) for x in (q, k, v)), q_segments=seg, mask_type="padding_causal",
             max_segments_per_seq=4, mesh=mesh, axis_name="cp", strategy=strategy,

@@ -43,7 +43,7 @@ SURFACE = {
         "ring_attention", "ring_schedule", "unregister",
     ],
     "thdkit.reorder": [
-        "balanced_order", "dual_chunk_swap", "permute", "ring_step", "shard", "striped",
+        "Balanced", "balance", "dual_chunk_swap", "permute", "ring_step", "shard", "striped",
         "token_work", "undo_dual_chunk_swap", "unpermute", "unstriped",
     ],
     "thdkit.flax": ["PackedSelfAttention", "make_attention_fn", "rope"],

@@ -1,8 +1,8 @@
 """The balanced reorder: per row, whole documents where they fit, long ones spread over the ranks.
 
 Every static reorder trades one cost for another on packed rows (docs/context-parallel.md,
-"Which reorder to use"). :func:`balanced_order` reads each row's documents and computes a
-permutation of its own, so that the contiguous shard ``r`` of ``T / cp`` tokens holds:
+"Which reorder to use"). :func:`balance` reads each row's documents and computes a permutation
+of its own, so that the contiguous shard ``r`` of ``T / cp`` tokens holds:
 
 - whole documents, each on one rank, where they fit: none of their pairs crosses ranks, so a
   ring step whose keys hold none of the rank's documents has nothing to compute;
@@ -15,36 +15,39 @@ The work of a query token is the number of keys the mask type and window allow i
 ``pos + 1`` under a causal type (the window's left bound caps it), the document's length (or the
 window's band) under no_mask and padding. Algorithm, per row: documents are taken by decreasing
 work and each is given to the rank with the least work that has room for all of it (greedy
-longest-processing-time, with the token budget ``T / cp`` per rank as a second constraint). If
-the busiest rank then carries more than ``tolerance`` over the mean, the costliest document still
-whole is spread instead and the packing redone (a document longer than ``T / cp`` is spread from
-the start). A document that finds no rank with room is cut, by position, into the room left; the
-row's padding fills what remains. Inside each shard the tokens are sorted by document and
-position (padding last), so every shard is a valid layout on its own (each document one run,
-positions increasing, docs/semantics.md). Deterministic; O(T log T) per row.
+longest-processing-time, with the token budget ``T / cp`` per rank as a second constraint).
+Documents longer than ``T / cp`` are spread from the start; if the busiest rank then carries more
+than ``tolerance`` over the mean, the costliest documents still whole (of at least ``2 * cp``
+tiles, so that no chunk is smaller than a tile) are spread, one, then two, four, ... per
+repacking. A document that finds no rank with room is cut, by position, into the room left (the
+least loaded rank first); the row's padding fills what remains. Inside each shard the documents
+are renumbered and sorted (padding last), so every shard is a valid layout on its own (each
+document one run, ids increasing, positions increasing; docs/semantics.md). Deterministic;
+O(T log T) per row, plus O(S log cp) per repacking.
 
-Guarantees: each rank holds exactly ``T / cp`` tokens; a document is cut only when it is spread or
-finds no room; the shards are valid layouts. Limits: self-attention rows only (one permutation of
-the row); the work model counts allowed pairs, which the blockwise kernel's visited tiles follow
-for documents longer than a tile (``thdkit bench ring`` reports both).
+Guarantees: each rank holds exactly ``T / cp`` tokens; a document is cut only when it is spread
+or finds no room; the shards are valid layouts. Limits: self-attention rows only (one
+permutation of the row); the work model counts allowed pairs, which the blockwise kernel's
+visited tiles follow for documents longer than a tile (``thdkit bench ring`` reports both).
 """
 
 from __future__ import annotations
 
 import heapq
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from jaxtyping import Int
 
 from thdkit._src.host import NUMPY
+from thdkit._src.kernels.tiles import DEFAULT_BLOCK
 from thdkit._src.limits import check_int
 from thdkit._src.mask_types import MaskType, check_window, window_bound
 from thdkit._src.segments import run_lengths
 from thdkit._src.validate.inputs import as_layouts
 from thdkit._src.validate.rules import validate_layout
 
-__all__ = ["balanced_order", "permute", "token_work", "unpermute"]
+__all__ = ["Balanced", "balance", "permute", "token_work", "unpermute"]
 
 
 def token_work(
@@ -88,10 +91,15 @@ def token_work(
     return np.where(ids != 0, work, 0)
 
 
-def _spread(tokens: np.ndarray, cp: int) -> list[np.ndarray]:
+def _spread(tokens: np.ndarray, cp: int, tile: int) -> list[np.ndarray]:
     """A document's tokens (sorted by position) for each rank: chunks r and 2cp - 1 - r of
-    ``2 * cp`` near-equal chunks."""
-    bounds = np.linspace(0, tokens.size, 2 * cp + 1).round().astype(np.int64)
+    ``2 * cp`` near-equal chunks, their bounds on multiples of ``tile`` where the document has
+    a tile per chunk (so that each share fills whole tiles; the last chunk takes the rest)."""
+    bounds = np.linspace(0, tokens.size, 2 * cp + 1)
+    if tokens.size >= 2 * cp * tile:
+        bounds = np.round(bounds / tile) * tile
+        bounds[-1] = tokens.size
+    bounds = bounds.round().astype(np.int64)
     chunks = [tokens[bounds[i] : bounds[i + 1]] for i in range(2 * cp)]
     return [np.concatenate([chunks[r], chunks[2 * cp - 1 - r]]) for r in range(cp)]
 
@@ -148,12 +156,13 @@ def _fill(
     work: np.ndarray,
     room: int,
 ) -> np.ndarray:
-    """Cuts the documents without a rank with room, by position, into the room left (the least
-    loaded rank first), then the padding; returns the ranks' work."""
+    """Cuts the documents without a rank with room, by position, into the room left, rank by
+    rank (so that a cut document ends one rank and starts the next), then the padding; returns
+    the ranks' work."""
     load = load.copy()
     stream = np.concatenate([*homeless, padding]).astype(np.int64)
     at = 0
-    for rank in np.argsort(load, kind="stable").tolist():
+    for rank in range(len(parts)):
         free = room - sum(p.size for p in parts[rank])
         piece = stream[at : at + free]
         at += free
@@ -164,9 +173,9 @@ def _fill(
 
 
 def _row_order(
-    ids: np.ndarray, pos: np.ndarray, work: np.ndarray, cp: int, tolerance: float
-) -> np.ndarray:
-    """The permutation of one row."""
+    ids: np.ndarray, pos: np.ndarray, work: np.ndarray, cp: int, tolerance: float, tile: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The permutation of one row and its new document labels."""
     seq_len = ids.size
     room = seq_len // cp
     # By document, then position, padding (id 0) first: a packed row already is, but for padding.
@@ -194,7 +203,7 @@ def _row_order(
         """Spreads document ``index`` where every rank has room for its share."""
         nonlocal spread_used
         _, tokens, work = docs[index]
-        shares = _spread(np.arange(tokens.size), cp)
+        shares = _spread(np.arange(tokens.size), cp, tile)
         sizes = np.array([share.size for share in shares])
         if np.any(spread_used + sizes > room):
             return False
@@ -202,6 +211,8 @@ def _row_order(
         spread[index] = [(tokens[share], int(work[share].sum())) for share in shares]
         return True
 
+    # Spread only documents whose chunks fill a tile: smaller chunks leave tiles half empty.
+    spreadable = [i for i, d in enumerate(docs) if d[1].size >= 2 * cp * tile]
     for index, (_, tokens, _) in enumerate(docs):
         if tokens.size > room:
             spread_if_room(index)
@@ -209,45 +220,91 @@ def _row_order(
     while True:
         parts, load, homeless = _pack(docs, spread, cp, room)
         load = _fill(parts, load, [docs[i][1] for i in homeless], padding, ids, work, room)
-        whole = [i for i in range(len(docs)) if i not in spread]
+        whole = [i for i in spreadable if i not in spread]
         if mean == 0 or load.max() <= (1 + tolerance) * mean or not whole:
             break
         # Spread the costliest documents without room, then the costliest whole ones: one, then
         # two, four, ... per packing (a packing per doubling: O(log S) packings).
         added = 0
-        for index in homeless + [i for i in whole if i not in homeless]:
+        for index in [i for i in homeless if i in whole] + [i for i in whole if i not in homeless]:
             if added == step:
                 break
             added += spread_if_room(index)
         if not added:
             break
         step *= 2
-    rows = []
+    return _relabelled(parts, {int(ids[docs[i][1][0]]) for i in spread}, ids, pos)
+
+
+def _relabelled(
+    parts: list[list[np.ndarray]], spread: set[int], ids: np.ndarray, pos: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The row's permutation and its new document labels.
+
+    Each part is one document's tokens in position order (or padding). The documents are
+    numbered in the order they are first met walking the ranks, the spread ones first: so each
+    shard's labels increase (a valid layout: padding last) and the documents whole on rank r
+    carry labels between those of the ranks before and after it, which keeps a query tile's key
+    span in another rank's shard empty where the two share no document.
+    """
+    label: dict[int, int] = {old: new for new, old in enumerate(sorted(spread), start=1)}
+    for rank, ranks in enumerate(parts):
+        later = {int(ids[p[0]]) for other in parts[rank + 1 :] for p in other if p.size}
+        # Documents met before first, then the rank's own, then those that go on to the next
+        # rank: a cut document is the last of one shard and the first of the next.
+        own = sorted(
+            (int(ids[p[0]]) for p in ranks if p.size and int(ids[p[0]]) not in label),
+            key=lambda old: (old in later, old),
+        )
+        for old in own:
+            if old:
+                label[old] = len(label) + 1
+    padding = len(label) + 1
+    order, labels = [], []
     for ranks in parts:
-        # Each part is one document's tokens in position order (or padding): sorted by document,
-        # padding last, the shard is a valid layout.
         ranks = [p for p in ranks if p.size]
-        firsts = [(int(ids[p[0]]) or np.iinfo(np.int32).max, int(pos[p[0]])) for p in ranks]
-        ranked = sorted(range(len(ranks)), key=firsts.__getitem__)
-        rows.append(np.concatenate([ranks[i] for i in ranked]) if ranks else np.zeros(0, int))
-    return np.concatenate(rows)
+        new = [label.get(int(ids[p[0]]), padding) for p in ranks]
+        ranked = sorted(range(len(ranks)), key=lambda i: (new[i], int(pos[ranks[i][0]])))
+        for i in ranked:
+            order.append(ranks[i])
+            labels.append(np.full(ranks[i].size, 0 if new[i] == padding else new[i], np.int32))
+    return np.concatenate(order), np.concatenate(labels)
 
 
-def balanced_order(
+class Balanced(NamedTuple):
+    """What :func:`balance` gives: the permutation and the permuted layout.
+
+    Attributes:
+        order: int32[B, T]; ``order[b, t]`` is the token of row b that goes to place t (apply it
+            to every per-token array with :func:`permute`, undo it with :func:`unpermute`).
+        segment_ids: int32[B, T]; the permuted row's segment ids, the documents renumbered
+            1, 2, ... in the order the shards meet them (the same documents, new labels: each
+            shard's ids increase, and documents whole on different ranks never interleave, which
+            keeps the kernel's key spans in other ranks' shards empty); 0 = padding.
+        segment_pos: int32[B, T]; the permuted positions (``permute(segment_pos, order)``).
+    """
+
+    order: Int[np.ndarray, "B T"]
+    segment_ids: Int[np.ndarray, "B T"]
+    segment_pos: Int[np.ndarray, "B T"]
+
+
+def balance(
     segment_ids: Int[Any, "B T"],
     segment_pos: Int[Any, "B T"] | None = None,
     *,
     cp: int,
     mask_type: MaskType | str = "padding_causal",
     window_size: tuple[int | None, int | None] | None = None,
-    tolerance: float = 0.02,
-) -> Int[np.ndarray, "B T"]:
+    tolerance: float = 0.05,
+    tile: int = DEFAULT_BLOCK,
+) -> Balanced:
     """Per row, the permutation that balances context-parallel attention over ``cp`` ranks.
 
-    Host-side (NumPy), for the input pipeline; the algorithm and its guarantees are in the
-    module's description (docs/context-parallel.md, "The balanced reorder"). Apply it with
-    :func:`permute` to the ids, the positions and every per-token feature (inputs, targets,
-    loss weights), and undo it with :func:`unpermute`.
+    Host-side (NumPy), for the input pipeline; the algorithm and its guarantees are in
+    docs/context-parallel.md, "The balanced reorder". Use the returned ``segment_ids`` and
+    ``segment_pos`` as the layout, apply ``order`` with :func:`permute` to every per-token
+    feature (inputs, targets, loss weights), and undo it on the outputs with :func:`unpermute`.
 
     Args:
         segment_ids: int[B, T]; 0 = padding, documents one run each (a packed row).
@@ -256,10 +313,14 @@ def balanced_order(
         mask_type: a :class:`thdkit.MaskType` or its name: the work model (:func:`token_work`).
         window_size: ``(left, right)`` or None.
         tolerance: the busiest rank's work over the mean above which another document is
-            spread (0.02: 2%).
+            spread (0.05: 5%).
+        tile: the attention kernel's tile (the blockwise kernel's and the ring's is
+            :data:`thdkit.kernels.DEFAULT_BLOCK`): only documents of at least ``2 * cp * tile``
+            tokens are spread (else their chunks would leave tiles half empty), and those longer
+            than ``T / cp``.
 
     Returns:
-        int32[B, T]: ``order[b, t]`` is the token of row b that goes to place t; shard r is
+        :class:`Balanced` ``(order, segment_ids, segment_pos)``, int32[B, T] each; shard r is
         places ``[r * T / cp, (r + 1) * T / cp)``.
 
     Raises:
@@ -268,22 +329,23 @@ def balanced_order(
             parameter, row and token), a negative ``tolerance``.
 
     Example:
-        A causal document of six tokens and three of two, then padding, over two ranks: the
-        long one is spread (rank 0 holds its positions 0, 1, 4, 5, rank 1 its 2, 3), the short
-        ones stay whole; each rank's work (allowed pairs) is 14 and 16, against 21 and 9 with
-        the first document whole.
+        A causal document of six tokens and three of two, then padding, over two ranks, with
+        tiles of one token (so that any document may be spread). The long document is spread
+        (rank 0 holds its positions 0, 1, 4, 5, rank 1 its 2, 3), the short ones stay whole:
+        the ranks' work (allowed pairs) is 17 and 13, against 21 and 9 with it whole.
 
         >>> ids = np.array([[1, 1, 1, 1, 1, 1, 2, 2, 3, 3, 4, 4, 0, 0, 0, 0]])
-        >>> order = balanced_order(ids, cp=2)
-        >>> permute(ids, order).tolist()
-        [[1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4]]
         >>> pos = np.array([[0, 1, 2, 3, 4, 5, 0, 1, 0, 1, 0, 1, 0, 0, 0, 0]])
-        >>> permute(pos, order).tolist()
-        [[0, 1, 4, 5, 0, 0, 0, 0, 2, 3, 0, 1, 0, 1, 0, 1]]
-        >>> permute(token_work(ids, pos), order).reshape(2, 8).sum(axis=1).tolist()
-        [14, 16]
+        >>> result = balance(ids, pos, cp=2, tile=1)
+        >>> result.segment_ids.tolist()
+        [[1, 1, 1, 1, 2, 2, 0, 0, 1, 1, 3, 3, 4, 4, 0, 0]]
+        >>> result.segment_pos.tolist()
+        [[0, 1, 4, 5, 0, 1, 0, 0, 2, 3, 0, 1, 0, 1, 0, 0]]
+        >>> permute(token_work(ids, pos), result.order).reshape(2, 8).sum(axis=1).tolist()
+        [17, 13]
     """
     cp = check_int(cp, "cp", low=1)
+    tile = check_int(tile, "tile", low=1)
     if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or tolerance < 0:
         raise ValueError(f"tolerance must be a non-negative float, got {tolerance!r}")
     (ids, pos), _ = as_layouts(
@@ -297,12 +359,19 @@ def balanced_order(
     if seq_len % cp:
         raise ValueError(f"balanced_order needs T to be a multiple of cp={cp}, got T={seq_len}")
     work = token_work(ids, pos, mask_type=mask_type, window_size=window_size)
-    rows = [_row_order(ids[b], pos[b], work[b], cp, float(tolerance)) for b in range(ids.shape[0])]
-    return np.stack(rows).astype(np.int32) if rows else np.zeros(ids.shape, np.int32)
+    rows = [
+        _row_order(ids[b], pos[b], work[b], cp, float(tolerance), tile) for b in range(ids.shape[0])
+    ]
+    if not rows:
+        empty = np.zeros(ids.shape, np.int32)
+        return Balanced(empty, empty, empty)
+    order = np.stack([r[0] for r in rows]).astype(np.int32)
+    labels = np.stack([r[1] for r in rows]).astype(np.int32)
+    return Balanced(order, labels, permute(pos.astype(np.int32), order))
 
 
 def permute(x: Any, order: Int[Any, "B T"], *, axis: int = 1) -> Any:
-    """``x`` with each row's tokens in ``order`` (:func:`balanced_order`).
+    """``x`` with each row's tokens in ``order`` (:attr:`Balanced.order`).
 
     Args:
         x: a NumPy or JAX array [B, ..., T, ...] whose axis ``axis`` is the sequence.

@@ -1,6 +1,7 @@
 """The ring benchmark: how evenly context-parallel reorders spread causal attention work.
 
-Per layout (rows filled with causal documents) and reorder (none, striped, dual-chunk swap): the
+Per layout (rows filled with causal documents, or rows drawn from a named length distribution)
+and reorder (none, striped, dual-chunk swap, balanced): the
 allowed (q, kv) pairs each rank has at each ring step, counted exactly on the host; the (query
 tile, key tile) pairs the blockwise kernel visits there; the steps ``ring_attention`` skips; and
 optionally its latency on cp devices. Ranks wait for the slowest, so ``max / mean`` over ranks is
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -22,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from rich.table import Table
 
-from thdkit._src import reorder, synth
+from thdkit._src import balance, reorder, synth
 from thdkit._src.context_parallel.schedule import difference_bounds
 from thdkit._src.mask_types import MaskType, check_window
 from thdkit._src.segments import Segments, lengths_from_counts, segment_counts
@@ -56,12 +58,19 @@ class RingBench(BenchConfig):
         "cp": ("Ranks of the ring.", 1),
         "seq_len": ("T, tokens per row; a multiple of 2 * cp and of cp * each stripe size.", 1),
         "stripe_sizes": ("Stripe sizes; a striped reorder is measured for each.", 1),
+        "distributions": (
+            "Length distributions measured besides the filled rows: short (many documents of "
+            "mean <= T / (4 cp)), lognormal, long_short (one document of half the row, then short "
+            "ones), one (one document per row).",
+            None,
+        ),
         "latency": ("Time ring_attention on a mesh of cp devices.", None),
     }
     cp: int = 4
     seq_len: int = 4096
     segments: tuple[int, ...] = (1, 16)
     stripe_sizes: tuple[int, ...] = (1, 2, 128)
+    distributions: tuple[str, ...] = ()
     heads: int = 2
     head_dim: int = 64
     latency: bool = True
@@ -69,24 +78,90 @@ class RingBench(BenchConfig):
     def _relations(self) -> list[tuple[str, Callable[[Any], bool], str]]:
         sizes = [2 * self.cp, *(self.cp * s for s in self.stripe_sizes)]
         rule = f"a multiple of 2 * cp and of cp * stripe_size ({', '.join(map(str, sizes))})"
+        known = ", ".join(DISTRIBUTIONS)
         return [
             ("seq_len", lambda t: not any(t % m for m in sizes), rule),
             ("segments", lambda s: s <= self.seq_len, f"at most seq_len={self.seq_len}"),
+            ("distributions", lambda d: d in DISTRIBUTIONS, f"one of {known}"),
         ]
 
 
 def reorder_names(stripe_sizes: Sequence[int]) -> list[str]:
-    """The reorders measured, in table order: none, striped(s) per stripe size, dual_chunk_swap."""
-    return ["none", *(f"striped({s})" for s in stripe_sizes), "dual_chunk_swap"]
+    """The reorders measured, in table order: none, striped(s) per stripe size, dual_chunk_swap,
+    balanced."""
+    return ["none", *(f"striped({s})" for s in stripe_sizes), "dual_chunk_swap", "balanced"]
 
 
-def _reordered(name: str, x: np.ndarray, cp: int) -> np.ndarray:
-    """``x`` in the order named by :func:`reorder_names`."""
+def _reordered(name: str, ids: np.ndarray, pos: np.ndarray, cp: int) -> tuple[np.ndarray, ...]:
+    """``(ids, pos)`` in the order named by :func:`reorder_names`."""
     if name == "none":
-        return x
+        return ids, pos
+    if name == "balanced":
+        balanced = balance.balance(ids, pos, cp=cp, mask_type=MASK_TYPE)
+        return balanced.segment_ids, balanced.segment_pos
     if name == "dual_chunk_swap":
-        return reorder.dual_chunk_swap(x, cp=cp)
-    return reorder.striped(x, cp=cp, stripe_size=int(name.removeprefix("striped(")[:-1]))
+        return tuple(reorder.dual_chunk_swap(x, cp=cp) for x in (ids, pos))
+    size = int(name.removeprefix("striped(")[:-1])
+    return tuple(reorder.striped(x, cp=cp, stripe_size=size) for x in (ids, pos))
+
+
+def _rows_of(lengths: Sequence[Sequence[int]], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows packed with documents of ``lengths`` (cut to the row), padding after them."""
+    ids = np.zeros((len(lengths), seq_len), np.int32)
+    pos = np.zeros((len(lengths), seq_len), np.int32)
+    for row, row_lengths in enumerate(lengths):
+        at = 0
+        for doc, n in enumerate(row_lengths, start=1):
+            n = min(int(n), seq_len - at)
+            if n <= 0:
+                break
+            ids[row, at : at + n] = doc
+            pos[row, at : at + n] = np.arange(n)
+            at += n
+    return ids, pos
+
+
+def _draw(rng: np.random.Generator, seq_len: int, sample: Callable[[], int]) -> list[int]:
+    """Lengths drawn until the row is full."""
+    lengths: list[int] = []
+    while sum(lengths) < seq_len:
+        lengths.append(max(1, int(sample())))
+    return lengths
+
+
+def distribution_rows(
+    name: str, rng: np.random.Generator, *, batch: int, seq_len: int, cp: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of one named length distribution (:data:`DISTRIBUTIONS`), full to ``seq_len``.
+
+    - ``short``: lengths uniform in ``[1, T / (2 cp)]`` (mean about ``T / (4 cp)``);
+    - ``lognormal``: lengths lognormal with median ``T / 32`` and sigma 1 (a mixed corpus: many
+      short documents, a few long ones);
+    - ``long_short``: one document of half the row, then short ones as ``short``;
+    - ``one``: one document per row.
+
+    Example:
+        >>> ids, _ = distribution_rows("long_short", np.random.default_rng(0), batch=1,
+        ...                            seq_len=64, cp=2)
+        >>> int((ids[0] == 1).sum())
+        32
+    """
+    short = lambda: rng.integers(1, max(2, seq_len // (2 * cp)) + 1)  # noqa: E731
+    rows = []
+    for _ in range(batch):
+        if name == "short":
+            rows.append(_draw(rng, seq_len, short))
+        elif name == "lognormal":
+            rows.append(_draw(rng, seq_len, lambda: rng.lognormal(np.log(seq_len / 32), 1.0)))
+        elif name == "long_short":
+            rows.append([seq_len // 2, *_draw(rng, seq_len - seq_len // 2, short)])
+        else:
+            rows.append([seq_len])
+    return _rows_of(rows, seq_len)
+
+
+DISTRIBUTIONS = ("short", "lognormal", "long_short", "one")
+"""The names :func:`distribution_rows` draws."""
 
 
 def document_lengths(segment_ids: np.ndarray) -> np.ndarray:
@@ -159,8 +234,9 @@ def visited_tiles(q: tuple, kv: tuple, *, mask: MaskType, window: Any = None, **
     return jnp.sum(ranges.hi - ranges.lo)
 
 
-def _balance(config: RingBench, segments: int, name: str, ids: np.ndarray, pos: np.ndarray):
+def _balance(config: RingBench, layout_name: str, name: str, ids: np.ndarray, pos: np.ndarray):
     """The record of one layout and reorder, without latency."""
+    segments = max(1, int(ids.max()))
     work = work_per_rank(ids, pos, cp=config.cp)
     schedule = ring_schedule(
         q_segments=Segments(ids, pos, np.zeros_like(ids)), cp=config.cp, mask_type=MASK_TYPE,
@@ -173,9 +249,15 @@ def _balance(config: RingBench, segments: int, name: str, ids: np.ndarray, pos: 
     count = lambda q, kv: int(visited_tiles(q, kv, mask=mask, block_q=block, block_kv=block))  # noqa: E731
     tiles = (_per_step(layout, config.cp, count) * runs).sum(axis=1)
     per_rank = work.sum(axis=1)
+    # The last ring step with work on any rank: a ring that stops there rotates the keys that
+    # many times (step 0 is the rank's own keys).
+    steps = runs.any(axis=0)
+    last_step = int(np.flatnonzero(steps)[-1]) if steps.any() else 0
+    shard_bytes = config.batch * (config.seq_len // config.cp) * config.heads * config.head_dim
+    shard_bytes *= 2 * 4  # keys and values, float32
     return {
         "cp": config.cp, "seq_len": config.seq_len, "batch": config.batch,
-        "segments": segments, "mask_type": MASK_TYPE, "reorder": name,
+        "layout": layout_name, "segments": segments, "mask_type": MASK_TYPE, "reorder": name,
         "work_per_rank": per_rank.tolist(), "work_max": int(per_rank.max()),
         "work_mean": float(per_rank.mean()),
         "imbalance": float(per_rank.max() / per_rank.mean()) if per_rank.any() else None,
@@ -185,24 +267,35 @@ def _balance(config: RingBench, segments: int, name: str, ids: np.ndarray, pos: 
         "steps_total": config.cp * config.cp, "steps_run": int(runs.sum()),
         "steps_skipped": int((~runs).sum()), "steps_empty": int((work == 0).sum()),
         "max_steps_run_per_rank": int(runs.sum(axis=1).max()),
-        "latency_ms": None, "skip_reason": None if config.latency else "latency not requested",
+        "last_step": last_step, "kv_bytes_needed": last_step * shard_bytes,
+        "latency_ms": None, "latency_fwd_bwd_ms": None,
+        "skip_reason": None if config.latency else "latency not requested",
     }  # fmt: skip
 
 
-def _latency(config: RingBench, layouts: Mapping[Any, tuple[np.ndarray, ...]]) -> Any:
-    """Latency of ring attention on each layout (one program: S only sizes per-segment bins)."""
+def _latency(
+    config: RingBench, layouts: Mapping[Any, tuple[np.ndarray, ...]], *, backward: bool = False
+) -> Any:
+    """Latency of ring attention on each layout (one program: S only sizes per-segment bins),
+    forward or forward and backward."""
     mesh = Mesh(np.array(jax.devices()[: config.cp]), ("cp",))
     tokens, heads = NamedSharding(mesh, P(None, "cp")), NamedSharding(mesh, P(None, "cp", None))
     rng = np.random.default_rng(config.seed)
     shape = (config.batch, config.seq_len, config.heads, config.head_dim)
     qkv = [jax.device_put(rng.standard_normal(shape, np.float32), heads) for _ in range(3)]
-    options = {"max_segments_per_seq": max(config.segments), "mesh": mesh, "axis_name": "cp"}
-    program = jax.jit(
-        lambda q, k, v, ids, pos: ring_attention(
+    most = max(int(xs[0].max()) for xs in layouts.values())
+    options = {"max_segments_per_seq": max(1, most), "mesh": mesh, "axis_name": "cp"}
+
+    def forward(q, k, v, ids, pos):
+        return ring_attention(
             q, k, v, q_segments=Segments(ids, pos, jnp.zeros_like(ids)), mask_type=MASK_TYPE,
             **options,
-        )
-    )  # fmt: skip
+        )  # fmt: skip
+
+    def forward_backward(q, k, v, ids, pos):
+        return jax.grad(lambda *x: jnp.sum(forward(*x, ids, pos)), (0, 1, 2))(q, k, v)
+
+    program = jax.jit(forward_backward if backward else forward)
     args = {key: (*qkv, *(jax.device_put(x, tokens) for x in xs)) for key, xs in layouts.items()}
     return measure.interleaved_latency(dict.fromkeys(layouts, program), args, config)
 
@@ -216,10 +309,14 @@ def run_ring_bench(config: RingBench, *, callbacks: Callbacks = SILENT) -> list[
             (layout, reorder).
 
     Returns:
-        JSON-ready records, one per (segments, reorder) in table order: ``work_*`` the allowed
-        pairs per rank (``imbalance`` = max / mean), ``tiles_*`` the visited tiles over the steps
-        that run (``tile_imbalance``), ``steps_*`` the ring steps run, skipped and without an
-        allowed pair, ``latency_ms`` and ``skip_reason`` (why ``latency_ms`` is None).
+        JSON-ready records, one per (layout, reorder) in table order: ``layout`` (``filled`` or a
+        name of :data:`DISTRIBUTIONS`), ``work_*`` the allowed pairs per rank (``imbalance`` =
+        max / mean), ``tiles_*`` the visited tiles over the steps that run
+        (``tile_imbalance``), ``steps_*`` the ring steps run, skipped and without an allowed
+        pair, ``last_step`` the last ring step any rank needs (a ring that stops there rotates
+        the keys ``last_step`` times) and ``kv_bytes_needed`` the key/value bytes each device
+        would then receive (float32), ``reorder_ms`` the host time of the reorder per row,
+        ``latency_ms`` / ``latency_fwd_bwd_ms`` and ``skip_reason`` (why they are None).
 
     Example:
         >>> config = RingBench(cp=4, seq_len=64, segments=(1,), stripe_sizes=(1, 2), latency=False)
@@ -229,18 +326,30 @@ def run_ring_bench(config: RingBench, *, callbacks: Callbacks = SILENT) -> list[
         striped(1) 1.05 0
         striped(2) 1.09 0
         dual_chunk_swap 1.0 0
+        balanced 1.0 0
     """
     rng = np.random.default_rng(config.seed)
-    records, layouts = [], {}
+    rows = {}
     for segments in config.segments:
-        ids, pos = synth.filled_segments(
+        rows["filled", segments] = synth.filled_segments(
             rng, batch=config.batch, seq_len=config.seq_len, segments=segments
         )
+    for name in config.distributions:
+        rows[name, None] = distribution_rows(
+            name, rng, batch=config.batch, seq_len=config.seq_len, cp=config.cp
+        )
+    records, layouts = [], {}
+    for (layout_name, segments), (ids, pos) in rows.items():
         for name in reorder_names(config.stripe_sizes):
-            callbacks.step(f"ring work: {segments} segments per row, reorder {name}")
-            layout = tuple(_reordered(name, x, config.cp) for x in (ids, pos))
-            records.append(_balance(config, segments, name, *layout))
-            layouts[segments, name] = layout
+            label = f"{segments} segments per row" if segments else f"{layout_name} rows"
+            callbacks.step(f"ring work: {label}, reorder {name}")
+            start = time.perf_counter()
+            layout = _reordered(name, ids, pos, config.cp)
+            elapsed = (time.perf_counter() - start) * 1e3 / max(1, config.batch)
+            record = _balance(config, layout_name, name, *layout)
+            record["reorder_ms"] = elapsed
+            records.append(record)
+            layouts[layout_name, record["segments"], name] = layout
             callbacks.cell_done()
     if config.latency and jax.device_count() < config.cp:
         reason = f"not run: needs {config.cp} devices, found {jax.device_count()}; on CPU set "
@@ -250,8 +359,11 @@ def run_ring_bench(config: RingBench, *, callbacks: Callbacks = SILENT) -> list[
     elif config.latency:
         callbacks.step(f"ring latency: compiling and timing {len(layouts)} layouts")
         latency = _latency(config, layouts)
+        callbacks.step(f"ring forward+backward: compiling and timing {len(layouts)} layouts")
+        latency_bwd = _latency(config, layouts, backward=True)
         for record in records:
-            record["latency_ms"] = latency[record["segments"], record["reorder"]]
+            key = record["layout"], record["segments"], record["reorder"]
+            record["latency_ms"], record["latency_fwd_bwd_ms"] = latency[key], latency_bwd[key]
     return records
 
 
@@ -263,15 +375,22 @@ def ring_table(records: Sequence[Mapping[str, Any]]) -> Table:
     ).format_map(records[0])
     count, ratio = "{:,}".format, "{:.3f}".format
     columns = [
-        ("segments", "segments"), ("reorder", "reorder", str, "left"),
+        ("layout", "layout", str, "left"), ("segments", "segments"),
+        ("reorder", "reorder", str, "left"),
         ("work max", "work_max", count), ("work mean", "work_mean", "{:,.0f}".format),
         ("max / mean", "imbalance", ratio), ("tiles max", "tiles_max", count),
         ("tiles total", "tiles_total", count), ("tiles max / mean", "tile_imbalance", ratio),
         ("steps run", lambda r: f"{r['steps_run']}/{r['steps_total']}"),
         ("skipped", "steps_skipped"), ("empty", "steps_empty"),
+        ("last step", "last_step"), ("kv MiB needed", lambda r: r["kv_bytes_needed"] / 2**20,
+                                     "{:.3g}".format),
+        ("reorder ms/row", "reorder_ms", "{:.3g}".format),
         ("latency ms", median, "{:.3g}".format),
+        ("fwd+bwd ms", lambda r: (r["latency_fwd_bwd_ms"] or {}).get("median"), "{:.3g}".format),
         ("runs", lambda r: (r["latency_ms"] or {}).get("samples")),
     ]  # fmt: skip
     reasons = sorted({r["skip_reason"] for r in records if r["skip_reason"]})
     caption = "latency: " + "; ".join(reasons) if reasons else None
-    return measure.table(title, columns, records, section=lambda r: r["segments"], caption=caption)
+    return measure.table(
+        title, columns, records, section=lambda r: (r["layout"], r["segments"]), caption=caption
+    )
