@@ -1,8 +1,9 @@
 """The Pallas kernels, in interpret mode on CPU, against the float64 oracle of tests/harness.py:
 forward, log-sum-exp and gradients for every mask type, windows, GQA and MQA, cross-attention,
 ring steps, padding at the end of rows, isolation of non-finite values, the scalar-prefetch (TPU)
-path in the TPU interpreter and the ``attention(..., implementation="pallas")`` entry point; and
-the lowering of the compiled kernels for GPU (Triton) and TPU (Mosaic), which runs on CPU through
+path in the TPU interpreter and the ``attention(..., implementation="pallas")`` entry point;
+soft-capped logits and attention sinks against a float64 oracle of their own; and the lowering
+of the compiled kernels for GPU (Triton) and TPU (Mosaic), which runs on CPU through
 ``jax.export``.
 
 Interpret mode compiles slowly, so the layouts of one shape are stacked into one batch (rows with
@@ -39,6 +40,8 @@ from thdkit.kernels import (
 from . import harness
 from .harness import SCALE
 from .strategies import (
+    ATTN_H_KV,
+    ATTN_H_Q,
     ATTN_S,
     ATTN_T,
     ATTN_T_KV,
@@ -77,12 +80,15 @@ BATCH = SQUARE["ids_q"].shape[0]
 
 @functools.partial(
     jax.jit,
-    static_argnames=("mask", "window", "implementation", "tpu"),
+    static_argnames=("mask", "window", "implementation", "tpu", "cap"),
     compiler_options=FAST_COMPILE,
 )
-def _run(q, k, v, w_out, w_lse, layout, *, mask, window, implementation="pallas", tpu=False):
+def _run(
+    q, k, v, w_out, w_lse, layout, *, mask, window, implementation="pallas", tpu=False, cap=None
+):
     """(out, lse, (dq, dk, dv)) of harness.partial_grads; ``tpu``: the pallas kernels take the
-    TPU path (scalar prefetch) in the TPU interpreter."""
+    TPU path (scalar prefetch) in the TPU interpreter; ``cap``: the logits' soft cap (pallas
+    only)."""
     sides = segments_of(layout)
 
     def partial(q, k, v):
@@ -95,7 +101,8 @@ def _run(q, k, v, w_out, w_lse, layout, *, mask, window, implementation="pallas"
         )
         return pallas_attention(
             q, k, v, *sides.values(), ranges, mask_type=mask, window_size=window, scale=SCALE,
-            interpret=pltpu.InterpretParams() if tpu else None, backend="tpu" if tpu else None,
+            logits_soft_cap=cap, interpret=pltpu.InterpretParams() if tpu else None,
+            backend="tpu" if tpu else None,
         )  # fmt: skip
 
     return harness.partial_grads(partial, q, k, v, w_out, w_lse)
@@ -133,6 +140,123 @@ def test_tpu_path_matches_float64_oracle_mqa():
     inputs = harness.layout_inputs(layout, 2, heads=(2, 1))
     got = _run(*inputs, layout, mask=MaskType.CAUSAL, window=None, tpu=True)
     assert harness.check_partial(got, inputs, layout, MaskType.CAUSAL, None, what="tpu").any()
+
+
+# --- soft-capped logits and attention sinks ----------------------------------------------------
+
+
+def _capped_oracle(q, k, v, lay, mask, window, *, scale, cap, w_out, w_lse=None, sinks=None):
+    """float64 ``(out, lse, (dq, dk, dv), d_sinks)`` written from the formulas: logits
+    ``s = cap * tanh(scale * q.k / cap)`` over the allowed keys (harness.allowed), one sink logit
+    per query head joining each row's denominator, ``out = sum_j exp(s_j) v_j / (sum_j exp(s_j)
+    + exp(sink))`` (zeros for a query with no allowed key), ``lse = log sum_j exp(s_j)`` (without
+    the sink; -inf for such a query); gradients of ``sum(out * w_out) + sum(lse * w_lse)`` by
+    hand: ``d s = p (w_out . v - w_out . out)`` plus ``w_lse`` times the weights without the
+    sink, ``d dot = d s * scale * (1 - tanh^2)``, ``d sink = -p_sink (w_out . out)``."""
+    q, k, v, w_out = (np.asarray(x).astype(np.float64) for x in (q, k, v, w_out))
+    groups = q.shape[2] // k.shape[2]
+    kh, vh = (np.repeat(x, groups, axis=2) for x in (k, v))
+    keep = harness.allowed(lay, mask, window)[:, None]  # [B, 1, T_q, T_kv]
+    tanh = np.tanh(scale * np.einsum("bqhd,bkhd->bhqk", q, kh) / cap)
+    logits = np.where(keep, cap * tanh, -np.inf)
+    top = np.max(logits, axis=-1, keepdims=True)
+    sink = np.full((1, q.shape[2], 1, 1), -np.inf)
+    if sinks is not None:
+        sink = np.asarray(sinks, np.float64).reshape(1, -1, 1, 1)
+        top = np.maximum(top, sink)
+    top = np.where(np.isfinite(top), top, 0.0)
+    weights = np.where(keep, np.exp(logits - top), 0.0)
+    total, sink_weight = np.sum(weights, axis=-1, keepdims=True), np.exp(sink - top)
+    denominator = total + sink_weight
+    safe = np.where(denominator > 0, denominator, 1.0)
+    p, p_sink = weights / safe, sink_weight / safe
+    out = np.einsum("bhqk,bkhd->bqhd", p, vh)
+    safe_total = np.where(total > 0, total, 1.0)
+    lse = np.where(total > 0, top + np.log(safe_total), -np.inf)[..., 0]
+    row = np.einsum("bqhd,bqhd->bhq", w_out, out)[..., None]
+    d_logits = p * (np.einsum("bqhd,bkhd->bhqk", w_out, vh) - row)
+    if w_lse is not None:
+        d_logits += (
+            np.asarray(w_lse, np.float64).transpose(0, 2, 1)[..., None] * weights / safe_total
+        )
+    d_dots = d_logits * scale * (1.0 - np.square(tanh))
+    dq = np.einsum("bhqk,bkhd->bqhd", d_dots, kh)
+    b, t_kv, h_kv = k.shape[:3]
+    dk = np.einsum("bhqk,bqhd->bkhd", d_dots, q).reshape(b, t_kv, h_kv, groups, -1).sum(3)
+    dv = np.einsum("bhqk,bqhd->bkhd", p, w_out).reshape(b, t_kv, h_kv, groups, -1).sum(3)
+    d_sinks = -np.sum(p_sink * row, axis=(0, 2, 3))
+    return out, lse.transpose(0, 2, 1), (dq, dk, dv), d_sinks
+
+
+# Soft caps that matter: queries scaled by 4 give logits scale * q.k of magnitude ~10, which a cap
+# of 2 saturates (tanh near +-1, its derivative near 0) and a cap of 8 bends. Float32 on the
+# square rows (GQA, a missing segment, ring steps) and on cross-attention; one bfloat16 case.
+CAP_CASES = [
+    (MaskType.PADDING, None, 2.0, "float32"),
+    (MaskType.PADDING_CAUSAL, (3, 0), 2.0, "float32"),
+    (MaskType.PADDING_CAUSAL_BOTTOM_RIGHT, (4, -1), 8.0, "float32"),
+    (MaskType.CAUSAL, None, 2.0, "bfloat16"),
+]
+
+
+@pytest.mark.parametrize(
+    ("mask", "window", "cap", "dtype"),
+    CAP_CASES,
+    ids=[f"{m.value}-{w}-cap{c:g}-{d}" for m, w, c, d in CAP_CASES],
+)
+def test_soft_cap_matches_float64_oracle(mask, window, cap, dtype):
+    window = check_window(window)
+    layout = cross_layout(5) if mask.is_bottom_right else SQUARE
+    q, k, v, w_out, w_lse = harness.layout_inputs(layout, 6, dtype=dtype)
+    q = q * np.asarray(4, q.dtype)  # exact in every dtype
+    out, lse, grads = _run(q, k, v, w_out, w_lse, layout, mask=mask, window=window, cap=cap)
+    want_out, want_lse, want_grads, _ = _capped_oracle(
+        q, k, v, layout, mask, window, scale=SCALE, cap=cap, w_out=w_out, w_lse=w_lse
+    )
+    # The cap matters: logits reach ~10 and, uncapped, the outputs differ.
+    first = np.float64(q[:, :, :: ATTN_H_Q // ATTN_H_KV])  # the first query head of each group
+    logits = SCALE * np.einsum("bqhd,bkhd->bhqk", first, np.float64(k))
+    uncapped, _, _ = harness.partial_oracle(q, k, v, layout, mask, window)
+    assert np.abs(logits).max() > 8 and np.abs(uncapped - want_out).max() > 0.1
+    # The kernels return float32 outputs; the oracle's checks read them in the inputs' dtype.
+    got = (out.astype(dtype), lse, grads)
+    harness.check_outputs(
+        got, (want_out, want_lse, want_grads), dtype=dtype, what="pallas soft cap", zero_dq=True
+    )
+
+
+def test_attention_pallas_soft_cap_and_sinks_match_float64_oracle():
+    """``attention(..., implementation="pallas", logits_soft_cap=..., sinks=...)``: the sinks
+    join after the kernels through their log-sum-exp; forward and gradients (the sinks' too)
+    close to the float64 oracle, a row with no allowed key at 0 with no gradient to the sinks."""
+    layout = missing_layout(9)
+    q, k, v, w_out, _ = harness.layout_inputs(layout, 7)
+    q = 4 * q
+    sinks = np.linspace(-1.0, 2.0, ATTN_H_Q, dtype=np.float32)
+    mask, cap = MaskType.PADDING_CAUSAL, 2.0
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    def step(q, k, v, sinks):
+        def loss(q, k, v, sinks):
+            out = attention(
+                q, k, v, segment_ids_q=layout["ids_q"], segment_pos_q=layout["pos_q"],
+                segment_ids_kv=layout["ids_kv"], segment_pos_kv=layout["pos_kv"],
+                mask_type=mask, max_segments_per_seq=S, scale=SCALE, implementation="pallas",
+                logits_soft_cap=cap, sinks=sinks,
+            )  # fmt: skip
+            return jnp.sum(out * w_out), out
+
+        return jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True)(q, k, v, sinks)
+
+    (_, out), (*grads, d_sinks) = step(q, k, v, sinks)
+    want_out, want_lse, want_grads, want_d_sinks = _capped_oracle(
+        q, k, v, layout, mask, None, scale=SCALE, cap=cap, w_out=w_out, sinks=sinks
+    )
+    harness.check_outputs(
+        (out, None, grads), (want_out, want_lse, want_grads), dtype="float32", what="sinks"
+    )
+    harness.assert_close(d_sinks, want_d_sinks, harness.TOLERANCES["float32"]["grad"], "d sinks")
+    assert np.isneginf(want_lse).any()  # segment 2 has no keys: its rows output 0
 
 
 # --- isolation of non-finite values ------------------------------------------------------------
@@ -329,10 +453,12 @@ _CONFIG = AttentionConfig.parse(
     [("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")],
     ids=["gpu-triton", "tpu-mosaic"],
 )
-def test_compiled_kernels_lower_for_gpu_and_tpu(platform, target):
+@pytest.mark.parametrize("cap", [None, 30.0], ids=["no-cap", "soft-cap"])
+def test_compiled_kernels_lower_for_gpu_and_tpu(platform, target, cap):
     """Forward and backward kernels lower (Pallas to Triton IR, Pallas to Mosaic) for bfloat16
-    GQA inputs with 128-token tiles and a head dim Triton pads, on a window of a causal mask.
-    Exported from CPU: the lowering runs here, the device compilers do not."""
+    GQA inputs with 128-token tiles and a head dim Triton pads, on a window of a causal mask,
+    with and without a soft cap. Exported from CPU: the lowering runs here, the device compilers
+    do not."""
     backend = {"cuda": "gpu", "tpu": "tpu"}[platform]
     seq, mask, window = 256, MaskType.PADDING_CAUSAL, (64, 0)
 
@@ -353,6 +479,7 @@ def test_compiled_kernels_lower_for_gpu_and_tpu(platform, target):
                 mask_type=mask,
                 window_size=window,
                 scale=0.125,
+                logits_soft_cap=cap,
                 interpret=False,
                 backend=backend,
             )

@@ -25,6 +25,7 @@ from jaxtyping import Array, Float, Int
 
 from thdkit._src.host import JAX, ArrayOps
 from thdkit._src.isolation import sanitize
+from thdkit._src.kernels import soft_cap
 from thdkit._src.kernels.base import Implementation
 from thdkit._src.kernels.config import AttentionConfig
 from thdkit._src.kernels.flash_vjp import flash_vjp, match_varying, varying_axes
@@ -69,9 +70,8 @@ class _Tiles(NamedTuple):
 
     @property
     def unit(self) -> float:
-        """What multiplies the tile values of :func:`_tile_logits` into logits: ``|scale|``, or 1
-        with a soft cap (the values are then the capped logits themselves)."""
-        return 1.0 if self.cap is not None else abs(self.scale)
+        """What multiplies the tile values into logits (:func:`~.soft_cap.unit`)."""
+        return soft_cap.unit(scale=self.scale, cap=self.cap)
 
 
 class _Work(NamedTuple):
@@ -114,19 +114,13 @@ def _add(x: Array, i: Array, value: Array) -> Array:
 
 
 def _tile_logits(tiles: _Tiles, q, k, layout_q, layout_kv, r, c):
-    """Logits over ``tiles.unit`` ``[*P, H_kv, G, block_q, block_kv]`` of tiles (r, c) and their
-    mask ``[*P, 1, 1, block_q, block_kv]``, rebuilt from ids, positions and document lengths.
-
-    Without a soft cap the values are the dot products (negated for a negative scale), so that
-    the row maximum is a dot product (:mod:`~.flash_vjp`); with one they are the capped logits
-    ``cap * tanh(scale * dot / cap)``, in float32, bounded by the cap."""
+    """The tile values (:func:`~.soft_cap.tile_values`: logits over ``tiles.unit``) ``[*P, H_kv,
+    G, block_q, block_kv]`` of tiles (r, c) and their mask ``[*P, 1, 1, block_q, block_kv]``,
+    rebuilt from ids, positions and document lengths."""
     q_tile = _index(q, r).astype(jnp.float32)
     k_tile = _index(k, c).astype(jnp.float32)
     dots = jnp.einsum("...hgqd,...hkd->...hgqk", q_tile, k_tile)
-    if tiles.cap is not None:
-        dots = tiles.cap * jnp.tanh(dots * (tiles.scale / tiles.cap))
-    elif tiles.scale < 0:
-        dots = -dots
+    dots = soft_cap.tile_values(dots, scale=tiles.scale, cap=tiles.cap)
     # Built once per tile, behind a branch: left to fusion, XLA:CPU recomputes the mask inside
     # every consumer, once per head. (r >= 0 always holds.) Both branches vary over the mesh
     # axes the layout and tile indices do, inside a shard_map.
@@ -150,19 +144,8 @@ def _tile_logits(tiles: _Tiles, q, k, layout_q, layout_kv, r, c):
 
 
 def _exponents(tiles: _Tiles, dots: Array, shift: Array) -> Array:
-    """``(dots - shift) * unit``: the logits less their row's largest (``shift``, in the units
-    of ``dots``), exactly 0 at it and -inf where ``dots`` is (a masked pair)."""
-    if tiles.unit == 0:
-        return jnp.where(dots == -jnp.inf, -jnp.inf, 0.0)
-    return (dots - shift) * tiles.unit
-
-
-def _d_dots(tiles: _Tiles, values: Array) -> Array | float:
-    """The derivative of the logit with respect to the dot product, at the tile values of
-    :func:`_tile_logits`: ``scale``, or ``scale * (1 - tanh^2)`` under a soft cap."""
-    if tiles.cap is None:
-        return tiles.scale
-    return tiles.scale * (1.0 - jnp.square(values / tiles.cap))
+    """:func:`~.soft_cap.exponents` of the tile values."""
+    return soft_cap.exponents(dots, shift, scale=tiles.scale, cap=tiles.cap)
 
 
 def _chunk(work: _Work, step: Array, chunk: int) -> tuple[Array, Array, Array]:
@@ -268,7 +251,9 @@ def _backward_tiles(tiles: _Tiles, inputs, d_out, row_term, row_max, row_sum):
         d_weights = jnp.einsum("phgqd,phkd->phgqk", do_tile, _index(v, col).astype(jnp.float32))
         d_logits = jnp.where(
             allowed,
-            _d_dots(tiles, dots) * weights * (d_weights + _index(row_term, row)[..., None]),
+            soft_cap.d_dots(dots, scale=tiles.scale, cap=tiles.cap)
+            * weights
+            * (d_weights + _index(row_term, row)[..., None]),
             0.0,
         )
         dq = _add(dq, row, jnp.einsum("phgqk,phkd->phgqd", d_logits, k_tile))
@@ -385,7 +370,7 @@ class Blockwise(Implementation):
     """
 
     name = "blockwise"
-    features = frozenset({"logits_soft_cap"})
+    features = frozenset({"logits_soft_cap", "prefix"})
     prepares_on_host = True
 
     def prepare(

@@ -22,7 +22,9 @@ Inside a tile the mask is rebuilt from ids, positions and document lengths
 (:func:`thdkit.kernels.pair_mask`), so the result is exact for every valid layout, ring steps
 included, and every masked product is a select. Logits and accumulators are float32; the matmul
 operands keep the input dtype (bfloat16/float16 weights are rounded to it before the weighted
-sums, as flash attention does).
+sums, as flash attention does). A soft cap is the blockwise method's: each tile's capped logits
+``cap * tanh(scale * dot / cap)`` in float32 before the mask, the online softmax over them, and
+``scale * (1 - (capped / cap)^2)`` as the derivative of the logit in the backward kernels.
 
 The tile ranges reach the kernels as inputs on GPU (Triton) and through scalar prefetch
 (``PrefetchScalarGridSpec``, SMEM) on TPU; in both the kernels read ``lo_ref[program]``. On CPU
@@ -42,7 +44,7 @@ from jaxtyping import Array, Float, Int
 
 from thdkit._src.isolation import sanitize
 from thdkit._src.kernels.blockwise import Blockwise
-from thdkit._src.kernels.config import AttentionConfig
+from thdkit._src.kernels.config import AttentionConfig, check_soft_cap
 from thdkit._src.kernels.flash_vjp import flash_vjp, varying_axes
 from thdkit._src.kernels.pallas_kernels import KernelConfig, run_dkv, run_dq, run_forward
 from thdkit._src.kernels.tiles import TileRanges, pad_tokens
@@ -187,6 +189,7 @@ def pallas_attention(
     mask_type: MaskType,
     window_size: Window,
     scale: float,
+    logits_soft_cap: float | None = None,
     interpret: Any = None,
     backend: str | None = None,
 ) -> tuple[Float[Array, "B T_q H_q D_v"], Float[Array, "B T_q H_q"]]:
@@ -210,6 +213,9 @@ def pallas_attention(
         mask_type: a parsed ``MaskType``.
         window_size: a parsed window (``check_window``).
         scale: multiplies the logits.
+        logits_soft_cap: ``cap`` of ``cap * tanh(logit / cap)``, applied (in float32) after the
+            scale and before the mask (docs/semantics.md, "Soft-capped logits"), or None for
+            none; a positive finite float.
         interpret: True runs the kernels in Pallas interpret mode, False compiles them; None
             means interpret mode exactly when ``backend`` is ``"cpu"`` (the only mode there). A
             Pallas interpret-params object (``pltpu.InterpretParams()``, which emulates TPU
@@ -231,7 +237,8 @@ def pallas_attention(
 
     Raises:
         ValueError: ``ranges`` that do not fit the arrays (tile counts, batch size), an unknown
-            ``backend``.
+            ``backend``, a ``logits_soft_cap`` that is not positive and finite.
+        TypeError: a ``logits_soft_cap`` that is not a real number.
         NotImplementedError: compiled (not interpret) on CPU, or tile sizes the compiled
             kernels cannot take (GPU: powers of two >= 16; TPU: multiples of 128 or one tile
             per row).
@@ -248,11 +255,20 @@ def pallas_attention(
         Array([0. , 0.5, 2. , 2.5], dtype=float32)
         >>> jnp.exp(lse[0, :, 0])
         Array([1., 2., 1., 2.], dtype=float32)
+
+        A soft cap of 2 bounds the logits: ``2 * tanh(5)`` for a dot product of 10, not 10.
+
+        >>> q = k = jnp.ones((1, 4, 1, 1))
+        >>> _, lse = pallas_attention(q, 10 * k, v, side, side, ranges,
+        ...     mask_type=MaskType.CAUSAL, window_size=None, scale=1.0, logits_soft_cap=2.0)
+        >>> [round(x, 4) for x in lse[0, :2, 0].tolist()]  # 2 tanh(5), + log(2) for two keys
+        [1.9998, 2.693]
     """
     if backend is None:
         backend = jax.default_backend()
     elif backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(_BACKENDS)} or None, got {backend!r}")
+    cap = check_soft_cap(logits_soft_cap)
     if interpret is None:
         interpret = backend == "cpu"
     if interpret is True and varying_axes(query, key, value, q_segments, kv_segments, ranges):
@@ -316,6 +332,7 @@ def pallas_attention(
         groups=heads_q // heads_kv,
         interpret=interpret,
         backend=backend,
+        cap=cap,
     )
     out, lse = _flash(
         config,
@@ -335,12 +352,14 @@ def pallas_attention(
 
 class Pallas(Blockwise):
     """Flash-attention kernels over the tile ranges: Triton on GPU, Mosaic on TPU, interpret
-    mode on CPU (slow: for tests). Every mask type, window and cross-attention; not in the
-    default order. Its auxiliary data is the blockwise method's: the layout's tile ranges.
+    mode on CPU (slow: for tests). Every mask type, window and cross-attention, soft-capped
+    logits; not in the default order. Its auxiliary data is the blockwise method's: the layout's
+    tile ranges.
     """
 
     name = "pallas"
-    features = frozenset()  # not blockwise's: each feature is declared where it is implemented
+    # Declared here, not inherited from blockwise: each feature where the kernels implement it.
+    features = frozenset({"logits_soft_cap"})
     interpreted_on = ("cpu",)
 
     def check_config(self, config: AttentionConfig) -> None:
@@ -401,4 +420,5 @@ class Pallas(Blockwise):
             mask_type=config.mask_type,
             window_size=config.window_size,
             scale=scale,
+            logits_soft_cap=config.logits_soft_cap,
         )

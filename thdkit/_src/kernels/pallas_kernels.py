@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array
 
+from thdkit._src.kernels import soft_cap
 from thdkit._src.kernels.flash_vjp import match_varying, varying_axes
 from thdkit._src.mask_types import MaskType, Window
 from thdkit._src.masks import pair_mask
@@ -38,6 +39,12 @@ class KernelConfig(NamedTuple):
     groups: int  # G, query heads per key/value head
     interpret: Any  # pallas_call's: False (compiled), True or interpret params
     backend: str  # "tpu": tile ranges through scalar prefetch; "gpu", "cpu": as inputs
+    cap: float | None = None  # the logits' soft cap
+
+    @property
+    def unit(self) -> float:
+        """What multiplies the tile values into logits (:func:`~.soft_cap.unit`)."""
+        return soft_cap.unit(scale=self.scale, cap=self.cap)
 
 
 # --- Kernels ---------------------------------------------------------------------------------
@@ -56,18 +63,14 @@ def _dot(a: Array, b: Array, *, contract: tuple[int, int]) -> Array:
 
 
 def _dots(config: KernelConfig, q: Array, k: Array) -> Array:
-    """The logits of a tile over ``|scale|``: its dot products, negated for a negative scale."""
-    dots = _dot(q, k, contract=(1, 1))
-    return -dots if config.scale < 0 else dots
+    """A tile's values (:func:`~.soft_cap.tile_values`: logits over ``config.unit``),
+    float32[block_q, block_kv]."""
+    return soft_cap.tile_values(_dot(q, k, contract=(1, 1)), scale=config.scale, cap=config.cap)
 
 
 def _exponents(config: KernelConfig, dots: Array, shift: Array) -> Array:
-    """``(dots - shift) * |scale|``: exactly 0 at the row's largest logit (``shift``, in the
-    units of ``dots``), -inf where ``dots`` is (a masked pair)."""
-    magnitude = abs(config.scale)
-    if magnitude == 0:
-        return jnp.where(dots == -jnp.inf, -jnp.inf, 0.0)
-    return (dots - shift) * magnitude
+    """:func:`~.soft_cap.exponents` of the tile values."""
+    return soft_cap.exponents(dots, shift, scale=config.scale, cap=config.cap)
 
 
 def _segments(layout_ref, tokens) -> Segments:
@@ -86,7 +89,7 @@ def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, config: KernelCo
     Blocks: q [block_q, D]; k, v [T_kv_pad, D or D_v] (the row of its key/value head); layout
     [3, block_q] and [3, T_kv_pad]; flags [1, block_q], [1, T_kv_pad]. Writes the
     normalised output [block_q, D_v], and per query row [1, block_q] the log-sum-exp, the
-    poisoned flag, the largest logit over ``|scale|`` and the sum of the exponentials.
+    poisoned flag, the largest logit over ``config.unit`` and the sum of the exponentials.
     """
     q_layout, kv_layout, bad_q_ref, bad_kv_ref, out_ref, lse_ref, poisoned_ref = refs[:7]
     max_ref, sum_ref = refs[7:]
@@ -120,7 +123,7 @@ def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, config: KernelCo
 
     init = (
         jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32),  # unnormalised output
-        jnp.full((block_q,), -jnp.inf, jnp.float32),  # running max of the logits / |scale|
+        jnp.full((block_q,), -jnp.inf, jnp.float32),  # running max of the logits / unit
         jnp.zeros((block_q,), jnp.float32),  # running sum of exp(logit - max)
         jnp.zeros((block_q,), jnp.float32),  # 1 where an allowed key or value was non-finite
     )
@@ -128,7 +131,7 @@ def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, config: KernelCo
     visited = total > 0
     safe_total = jnp.where(visited, total, 1.0)
     out_ref[...] = acc / safe_total[:, None]
-    lse_ref[0, :] = jnp.where(visited, abs(config.scale) * row_max + jnp.log(safe_total), -jnp.inf)
+    lse_ref[0, :] = jnp.where(visited, config.unit * row_max + jnp.log(safe_total), -jnp.inf)
     poisoned = visited & ((hits > 0) | (bad_q_ref[0, :] > 0))
     poisoned_ref[0, :] = jnp.where(poisoned, 1.0, 0.0)
     max_ref[0, :] = row_max
@@ -137,16 +140,21 @@ def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, config: KernelCo
 
 def _tile_weights(config: KernelConfig, q, k, row_max, inverse_sum, allowed):
     """Softmax weights of a tile from the forward's row maxima and (inverse) sums, exactly
-    ``1 / sum`` at a row's largest logit: float32[block_q, block_kv]."""
+    ``1 / sum`` at a row's largest logit, and the tile values of :func:`_dots` they come from:
+    float32[block_q, block_kv] each."""
+    values = _dots(config, q, k)
     # Clamped at 0: a recomputed dot can never weigh more than the forward's largest.
-    exponents = jnp.minimum(_exponents(config, _dots(config, q, k), row_max[:, None]), 0.0)
-    return jnp.where(allowed, jnp.exp(exponents) * inverse_sum[:, None], 0.0)
+    exponents = jnp.minimum(_exponents(config, values, row_max[:, None]), 0.0)
+    return jnp.where(allowed, jnp.exp(exponents) * inverse_sum[:, None], 0.0), values
 
 
-def _tile_logit_grads(config: KernelConfig, weights, d_out, v, row_term, allowed):
-    """d logit = scale * p * (d_out . v + row_term) on allowed pairs, 0 elsewhere."""
+def _tile_logit_grads(config: KernelConfig, weights, values, d_out, v, row_term, allowed):
+    """d dot = d logit / d dot * p * (d_out . v + row_term) on allowed pairs, 0 elsewhere
+    (:func:`~.soft_cap.d_dots` at the tile values)."""
     d_weights = _dot(d_out, v, contract=(1, 1))
-    return jnp.where(allowed, config.scale * weights * (d_weights + row_term[:, None]), 0.0)
+    d_logits = weights * (d_weights + row_term[:, None])
+    scale, cap = config.scale, config.cap
+    return jnp.where(allowed, soft_cap.d_dots(values, scale=scale, cap=cap) * d_logits, 0.0)
 
 
 def _dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, config: KernelConfig):
@@ -166,8 +174,10 @@ def _dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, config: KernelConfig)
             mask_type=config.mask,
             window_size=config.window,
         )
-        weights = _tile_weights(config, q, k, row_max, inverse_sum, allowed)
-        d_logits = _tile_logit_grads(config, weights, d_out, v_ref[keys, :], row_term, allowed)
+        weights, values = _tile_weights(config, q, k, row_max, inverse_sum, allowed)
+        d_logits = _tile_logit_grads(
+            config, weights, values, d_out, v_ref[keys, :], row_term, allowed
+        )
         return dq + _dot(d_logits.astype(k.dtype), k, contract=(1, 0))
 
     init = jnp.zeros(q.shape, jnp.float32)
@@ -199,11 +209,13 @@ def _dkv_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, config: KernelConfig
         def head(g, carry):
             dk, dv = carry
             q, d_out = q_ref[g, rows, :], d_out_ref[g, rows, :]
-            weights = _tile_weights(
+            weights, values = _tile_weights(
                 config, q, k, max_ref[g, 0, rows], inverse_ref[g, 0, rows], allowed
             )
             dv = dv + _dot(weights.astype(d_out.dtype), d_out, contract=(0, 0))
-            d_logits = _tile_logit_grads(config, weights, d_out, v, term_ref[g, 0, rows], allowed)
+            d_logits = _tile_logit_grads(
+                config, weights, values, d_out, v, term_ref[g, 0, rows], allowed
+            )
             return dk + _dot(d_logits.astype(q.dtype), q, contract=(0, 0)), dv
 
         return jax.lax.fori_loop(0, config.groups, head, carry)
@@ -304,7 +316,7 @@ def _query_grid(config: KernelConfig, seq_kv: int) -> _QueryGrid:
 
 def run_forward(config: KernelConfig, q, k, v, layout: tuple[Array, Array], bad_q, bad_kv, lo, hi):
     """The forward kernel: (out [B, H_q, T_q_pad, D_v], then lse, poisoned, row max over
-    ``|scale|`` and row sum, each [B, H_q, 1, T_q_pad]), float32, nothing poisoned yet."""
+    ``config.unit`` and row sum, each [B, H_q, 1, T_q_pad]), float32, nothing poisoned yet."""
     batch, heads_q, seq_q, dim = q.shape
     dim_v = v.shape[3]
     specs = _query_grid(config, v.shape[2])
