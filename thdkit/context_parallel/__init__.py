@@ -2,7 +2,9 @@
 implementers and the registry of strategies (docs/context-parallel.md).
 
 A strategy is a :class:`Strategy` (its ``name``, the per-device body ``local`` and the shape
-``check``; the cost model ``traffic`` / ``work`` is optional and read by the bench only);
+``check``; the cost model ``traffic`` / ``work`` is optional and read by the bench only; the
+optional features its body implements, soft-capped logits and attention sinks, are declared in
+``features`` and refused to a strategy that does not declare them);
 :func:`register` makes it reachable by name from :func:`context_parallel_attention` and
 :class:`thdkit.flax.PackedSelfAttention` (``strategy=``).
 """

@@ -17,6 +17,10 @@ run per document, so the gathered keys are first sorted by (segment id, position
 (:func:`thdkit._src.context_parallel.shards.gather_row`): that is the original document order, a
 valid layout, and dense tiles.
 
+Soft-capped logits are the attention call's (``attention_partial(logits_soft_cap=...)``);
+attention sinks join the call's ``(out, lse)`` (:func:`thdkit.kernels.attach_sinks`), the whole
+row's result for this rank's queries.
+
 Memory: the keys and values of the whole row on every device (2 · B · T_kv · H_kv · D values),
 against one visiting shard for the ring.
 """
@@ -42,6 +46,7 @@ from thdkit._src.context_parallel.shards import (
     with_document_lengths,
 )
 from thdkit._src.kernels.partial import attention_partial
+from thdkit._src.kernels.sinks import attach_sinks
 from thdkit._src.mask_types import MaskType, Window
 from thdkit._src.segments import Segments, lengths_from_counts, segment_counts
 
@@ -55,10 +60,13 @@ def all_gather_local(config: StrategyConfig) -> LocalBody:
         config: the checked configuration.
 
     Returns:
-        The ``local`` body of :class:`thdkit.context_parallel.Strategy`: float32 output.
+        The ``local`` body of :class:`thdkit.context_parallel.Strategy`: float32 output; the
+        sinks, where given, join the result over the whole row.
     """
 
-    def local(q, k, v, q_segments: Segments, kv_segments: Segments) -> Array:
+    def local(
+        q, k, v, q_segments: Segments, kv_segments: Segments, *, sinks: Array | None = None
+    ) -> Array:
         self_attention = kv_segments is q_segments
         # One collective step: the four gathers (k, v, ids, positions) are independent.
         k, v = (lax.all_gather(x, config.axis_name, axis=1, tiled=True) for x in (k, v))
@@ -69,7 +77,7 @@ def all_gather_local(config: StrategyConfig) -> LocalBody:
             q_segments = Segments(q_segments.ids, q_segments.positions, lengths)
         else:
             q_segments = with_document_lengths(q_segments, config)
-        out, _ = attention_partial(
+        out, lse = attention_partial(
             q,
             take_tokens(k, order),
             take_tokens(v, order),
@@ -79,7 +87,10 @@ def all_gather_local(config: StrategyConfig) -> LocalBody:
             window_size=config.window_size,
             scale=config.scale,
             implementation=config.implementation,
+            logits_soft_cap=config.logits_soft_cap,
         )
+        if sinks is not None:
+            out, _ = attach_sinks(out, lse, sinks)
         return out
 
     return local
@@ -124,7 +135,11 @@ def all_gather_work(
 
 
 ALL_GATHER = Strategy(
-    name="all_gather", local=all_gather_local, traffic=all_gather_traffic, work=all_gather_work
+    name="all_gather",
+    local=all_gather_local,
+    traffic=all_gather_traffic,
+    work=all_gather_work,
+    features=frozenset({"logits_soft_cap", "sinks"}),
 )
 """Keys and values gathered once, one collective step each way; memory: the whole row's keys and
 values on every device."""

@@ -15,6 +15,11 @@ set of tile ranges for all of them; every rank computes the same). After attenti
 put back in shard order and a second ``all_to_all`` returns the tokens. The backward pass is the
 same two exchanges, transposed.
 
+Soft-capped logits are the attention call's (``attention_partial(logits_soft_cap=...)``).
+Attention sinks join before the reverse exchange, while each rank holds the whole row for its own
+heads: rank r joins the sinks of its query heads ``[r H_q / cp, (r + 1) H_q / cp)``
+(:func:`thdkit.kernels.attach_sinks`); the sinks' gradient is the sum of every rank's.
+
 Memory per device: the q, k, v and output of the whole row for H / cp heads, as many values as
 their shards; the tile ranges are O(T) integers.
 """
@@ -34,6 +39,7 @@ from thdkit._src.context_parallel.base import (
 )
 from thdkit._src.context_parallel.shards import gather_row, inverse_order, sorted_row, take_tokens
 from thdkit._src.kernels.partial import attention_partial
+from thdkit._src.kernels.sinks import attach_sinks
 from thdkit._src.mask_types import MaskType, Window
 from thdkit._src.segments import Segments
 
@@ -77,7 +83,8 @@ def all_to_all_local(config: StrategyConfig) -> LocalBody:
         config: the checked configuration.
 
     Returns:
-        The ``local`` body of :class:`thdkit.context_parallel.Strategy`: float32 output.
+        The ``local`` body of :class:`thdkit.context_parallel.Strategy`, output in the query's
+        dtype; the sinks, where given, join each rank's heads before the reverse exchange.
     """
     axis = config.axis_name
 
@@ -88,12 +95,18 @@ def all_to_all_local(config: StrategyConfig) -> LocalBody:
     def to_tokens(x: Array) -> Array:
         return lax.all_to_all(x, axis, split_axis=1, concat_axis=2, tiled=True)
 
-    def local(q, k, v, q_segments: Segments, kv_segments: Segments) -> Array:
+    def own_heads(sinks: Array, heads: int) -> Array:
+        """The sinks of this rank's ``heads`` query heads (the slice ``to_heads`` gave it)."""
+        return lax.dynamic_slice_in_dim(sinks, lax.axis_index(axis) * heads, heads)
+
+    def local(
+        q, k, v, q_segments: Segments, kv_segments: Segments, *, sinks: Array | None = None
+    ) -> Array:
         q_row, q_order = gather_row(q_segments, config)
         kv_row, kv_order = (q_row, q_order)
         if kv_segments is not q_segments:
             kv_row, kv_order = gather_row(kv_segments, config)
-        out, _ = attention_partial(
+        out, lse = attention_partial(
             take_tokens(to_heads(q), q_order),
             take_tokens(to_heads(k), kv_order),
             take_tokens(to_heads(v), kv_order),
@@ -103,7 +116,10 @@ def all_to_all_local(config: StrategyConfig) -> LocalBody:
             window_size=config.window_size,
             scale=config.scale,
             implementation=config.implementation,
+            logits_soft_cap=config.logits_soft_cap,
         )
+        if sinks is not None:
+            out, _ = attach_sinks(out, lse, own_heads(sinks, out.shape[2]))
         # Back to shard order, then back to this rank's tokens (in the query's dtype: the
         # exchange moves as many bytes as the queries).
         out = take_tokens(out.astype(q.dtype), inverse_order(q_order))
@@ -157,6 +173,7 @@ ALL_TO_ALL = Strategy(
     traffic=all_to_all_traffic,
     work=all_to_all_work,
     check=check_heads,
+    features=frozenset({"logits_soft_cap", "sinks"}),
 )
 """Heads exchanged for tokens (Ulysses): two collective steps each way; cp must divide H_q and
 H_kv; memory: as much as the shards."""

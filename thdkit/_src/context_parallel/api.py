@@ -22,7 +22,13 @@ from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from thdkit._src.context_parallel import builtins  # noqa: F401  (fills STRATEGIES)
-from thdkit._src.context_parallel.base import Shapes, StrategyConfig, StrategyName, get
+from thdkit._src.context_parallel.base import (
+    Shapes,
+    StrategyConfig,
+    StrategyName,
+    check_features,
+    get,
+)
 from thdkit._src.context_parallel.program import run_strategy
 from thdkit._src.context_parallel.shards import (
     check_mesh,
@@ -31,9 +37,12 @@ from thdkit._src.context_parallel.shards import (
     row_segments,
     validate_shards,
 )
+from thdkit._src.kernels import base
 from thdkit._src.kernels.arguments import check_arguments, check_layout_shapes
 from thdkit._src.kernels.config import AttentionConfig
 from thdkit._src.kernels.partial import check_partial_implementation
+from thdkit._src.kernels.plan import no_candidate
+from thdkit._src.kernels.sinks import check_sinks
 from thdkit._src.mask_types import MaskType
 from thdkit._src.segments import Segments
 
@@ -55,6 +64,8 @@ def context_parallel_attention(
     strategy: StrategyName = "ring",
     scale: float | None = None,
     implementation: str | None = None,
+    logits_soft_cap: float | None = None,
+    sinks: Float[ArrayLike, " H_q"] | None = None,
     segment_ids_q: Int[ArrayLike, "B T_q"] | None = None,
     segment_pos_q: Int[ArrayLike, "B T_q"] | None = None,
     segment_ids_kv: Int[ArrayLike, "B T_kv"] | None = None,
@@ -107,6 +118,13 @@ def context_parallel_attention(
         scale: multiplier of the logits; default ``1 / sqrt(D)``.
         implementation: the attention each device runs on its part, one of
             :func:`thdkit.kernels.partial_implementations`; None for the first.
+        logits_soft_cap: ``cap`` of the soft cap ``cap * tanh(logit / cap)`` applied to the
+            scaled logits before the mask, in float32 (docs/semantics.md, "Soft-capped
+            logits"), or None. The strategy and the implementation must implement it.
+        sinks: float[H_q], one learned logit per query head that joins every row's softmax
+            denominator and attends to nothing (docs/semantics.md, "Attention sinks"), or None;
+            replicated to every device, differentiable. Each row's sink joins once, after its
+            partial results are merged (:func:`thdkit.kernels.attach_sinks`).
         segment_ids_q: deprecated, int[B, T_q]: pass ``q_segments`` instead.
         segment_pos_q: deprecated, int[B, T_q]: the positions of ``q_segments``.
         segment_ids_kv: deprecated, int[B, T_kv]: pass ``kv_segments`` instead.
@@ -120,10 +138,14 @@ def context_parallel_attention(
             ``Segments``, a mesh that is not a ``Mesh``.
         ValueError: an unknown strategy, implementation or axis, a cp that does not divide T (or
             what the strategy splits, e.g. the heads for ``"all_to_all"``), no query layout, the
-            Segments together with the deprecated arrays, mismatched shapes, bad options, or
-            (concrete inputs) a shard that breaks a layout rule, naming the parameter passed
+            Segments together with the deprecated arrays, mismatched shapes, bad options (a
+            ``logits_soft_cap`` not positive, ``sinks`` not of shape [H_q]), or (concrete
+            inputs) a shard that breaks a layout rule, naming the parameter passed
             (``q_segments``, or ``segment_ids_q`` / ``segment_pos_q`` for the arrays), the row
             as (batch index, shard index) and the token.
+        NotImplementedError: a soft cap or sinks asked of a strategy that does not declare them
+            (``Strategy.features``), naming both, or a soft cap of an implementation that does
+            not implement it.
 
     Warns:
         DeprecationWarning: the layout given as the arrays ``segment_ids_q`` ...; accepted for
@@ -169,6 +191,8 @@ def context_parallel_attention(
         strategy=strategy,
         scale=scale,
         implementation=implementation,
+        logits_soft_cap=logits_soft_cap,
+        sinks=sinks,
     )
 
 
@@ -186,21 +210,45 @@ def _attention(
     strategy: StrategyName,
     scale: float | None,
     implementation: str | None,
+    logits_soft_cap: float | None,
+    sinks: Float[ArrayLike, " H_q"] | None,
 ) -> Float[Array, "B T_q H_q D_v"]:
     """The entry points' body, on the layout as :func:`row_segments` returns it."""
     chosen = get(strategy)
     implementation = check_partial_implementation(implementation)
     options = AttentionConfig.parse(
-        mask_type=mask_type, window_size=window_size, max_segments_per_seq=max_segments_per_seq
+        mask_type=mask_type,
+        window_size=window_size,
+        max_segments_per_seq=max_segments_per_seq,
+        logits_soft_cap=logits_soft_cap,
     )
     cp = check_mesh(mesh, axis_name)
     query, key, value, scale = check_arguments(query, key, value, scale=scale)
+    sinks = check_sinks(sinks, heads_q=query.shape[2])
     rows_q, rows_kv, names = layout
     self_attention = rows_kv is None
     kv_ids = None if rows_kv is None else rows_kv.ids
     check_layout_shapes(query, key, rows_q.ids, kv_ids, names=names)
     check_split(query, key, cp, axis_name)
     chosen.check(Shapes.of(query, key, value, cross=not self_attention), cp)
+    config = StrategyConfig(
+        mesh=mesh,
+        axis_name=axis_name,
+        mask_type=options.mask_type,
+        window_size=options.window_size,
+        max_segments_per_seq=options.max_segments_per_seq,
+        scale=scale,
+        self_attention=self_attention,
+        implementation=implementation,
+        logits_soft_cap=options.logits_soft_cap,
+    )
+    # The optional features, refused here rather than ignored: the strategy's, then the local
+    # attention's (which sinks do not concern: they join outside it, through its lse).
+    check_features(chosen, config, sinks=sinks is not None)
+    try:
+        base.check_features(base.get(implementation), options)
+    except NotImplementedError as reason:
+        raise no_candidate({implementation: str(reason)}) from None
     if query.shape[0] == 0:
         return jnp.zeros((*query.shape[:3], value.shape[3]), query.dtype)
     for name, rows in zip(names, (rows_q, rows_kv), strict=True):
@@ -212,17 +260,7 @@ def _attention(
                 mask=options.mask_type,
                 name=name,
             )
-    config = StrategyConfig(
-        mesh=mesh,
-        axis_name=axis_name,
-        mask_type=options.mask_type,
-        window_size=options.window_size,
-        max_segments_per_seq=options.max_segments_per_seq,
-        scale=scale,
-        self_attention=self_attention,
-        implementation=implementation,
-    )
-    return run_strategy(chosen, config, query, key, value, rows_q, rows_kv)
+    return run_strategy(chosen, config, query, key, value, rows_q, rows_kv, sinks=sinks)
 
 
 def ring_attention(
@@ -239,6 +277,8 @@ def ring_attention(
     axis_name: str,
     scale: float | None = None,
     implementation: str | None = None,
+    logits_soft_cap: float | None = None,
+    sinks: Float[ArrayLike, " H_q"] | None = None,
     segment_ids_q: Int[ArrayLike, "B T_q"] | None = None,
     segment_pos_q: Int[ArrayLike, "B T_q"] | None = None,
     segment_ids_kv: Int[ArrayLike, "B T_kv"] | None = None,
@@ -250,6 +290,7 @@ def ring_attention(
         query, key, value, q_segments, kv_segments: as :func:`context_parallel_attention`.
         mask_type, window_size, max_segments_per_seq: as :func:`context_parallel_attention`.
         mesh, axis_name, scale, implementation: as :func:`context_parallel_attention`.
+        logits_soft_cap, sinks: as :func:`context_parallel_attention`.
         segment_ids_q: deprecated, int[B, T_q]: pass ``q_segments`` instead.
         segment_pos_q: deprecated, int[B, T_q]: the positions of ``q_segments``.
         segment_ids_kv: deprecated, int[B, T_kv]: pass ``kv_segments`` instead.
@@ -259,7 +300,7 @@ def ring_attention(
         float[B, T_q, H_q, D_v] in the dtype of ``query``, as :func:`context_parallel_attention`.
 
     Raises:
-        TypeError, ValueError: as :func:`context_parallel_attention`.
+        TypeError, ValueError, NotImplementedError: as :func:`context_parallel_attention`.
 
     Warns:
         DeprecationWarning: as :func:`context_parallel_attention`.
@@ -304,4 +345,6 @@ def ring_attention(
         strategy="ring",
         scale=scale,
         implementation=implementation,
+        logits_soft_cap=logits_soft_cap,
+        sinks=sinks,
     )

@@ -27,6 +27,7 @@ from thdkit._src.mask_types import MaskType, Window
 from thdkit._src.segments import Segments
 
 __all__ = [
+    "FEATURES",
     "STRATEGIES",
     "Call",
     "LocalBody",
@@ -36,6 +37,7 @@ __all__ = [
     "StrategyName",
     "Traffic",
     "Work",
+    "check_features",
     "get",
     "names",
     "no_check",
@@ -47,6 +49,12 @@ __all__ = [
 
 StrategyName: TypeAlias = Literal["ring", "all_gather", "all_to_all"] | str
 """A key of :data:`STRATEGIES`: a built-in name, or the name of one given to :func:`register`."""
+
+FEATURES = {
+    "logits_soft_cap": "soft-capped logits (StrategyConfig.logits_soft_cap)",
+    "sinks": "attention sinks (the body's sinks keyword)",
+}
+"""The optional features a strategy may declare in ``Strategy.features``, with what each is."""
 
 
 class StrategyConfig(NamedTuple):
@@ -66,12 +74,15 @@ class StrategyConfig(NamedTuple):
         self_attention: whether the keys share the queries' layout (no kv layout was given).
         implementation: the local attention, a name of
             :func:`thdkit.kernels.partial_implementations`.
+        logits_soft_cap: ``cap`` of the soft cap ``cap * tanh(logit / cap)`` applied to the
+            scaled logits before the mask (docs/semantics.md, "Soft-capped logits"), or None;
+            a strategy passes it to every :func:`thdkit.kernels.attention_partial` it calls.
 
     Example:
         >>> mesh = Mesh(np.array(jax.devices()[:2]), ("cp",))
         >>> config = StrategyConfig(mesh, "cp", MaskType.CAUSAL, None, 4, 0.5, True, "blockwise")
-        >>> config.cp, config.max_segments_per_seq
-        (2, 4)
+        >>> config.cp, config.max_segments_per_seq, config.logits_soft_cap
+        (2, 4, None)
     """
 
     mesh: Mesh
@@ -82,11 +93,19 @@ class StrategyConfig(NamedTuple):
     scale: float
     self_attention: bool
     implementation: str
+    logits_soft_cap: float | None = None
 
     @property
     def cp(self) -> int:
         """The size of the context-parallel axis."""
         return int(self.mesh.shape[self.axis_name])
+
+    @property
+    def features(self) -> frozenset[str]:
+        """The optional features (:data:`FEATURES`) this configuration asks of a strategy:
+        ``"logits_soft_cap"`` where a cap is set (sinks are an argument of the call, not of the
+        configuration)."""
+        return frozenset({"logits_soft_cap"} if self.logits_soft_cap is not None else ())
 
     @property
     def mask(self) -> MaskType:
@@ -169,8 +188,8 @@ class Call(NamedTuple):
     heads_split: int
 
 
-LocalBody: TypeAlias = Callable[[Array, Array, Array, Segments, Segments], Float[Array, "B n H Dv"]]
-"""``local(q, k, v, q_segments, kv_segments) -> out``: a strategy's per-device body.
+LocalBody: TypeAlias = Callable[..., Float[Array, "B n H Dv"]]
+"""``local(q, k, v, q_segments, kv_segments[, *, sinks]) -> out``: a strategy's per-device body.
 
 Run under ``shard_map`` over the cp axis on this rank's shards: q [B, n_q, H_q, D], k
 [B, n_kv, H_kv, D], v [B, n_kv, H_kv, D_v] and the :class:`thdkit.Segments` of its tokens
@@ -179,6 +198,12 @@ document lengths of the whole row derives them, e.g. with
 :func:`thdkit._src.context_parallel.shards.with_document_lengths`). Under self-attention
 ``kv_segments is q_segments``. Returns the output shard, [B, n_q, H_q, D_v], in any float dtype
 (the entry point casts it to the query's).
+
+The keyword ``sinks`` is passed only when the call has attention sinks, and only to a strategy
+that declares the feature ``"sinks"`` (``Strategy.features``): float32[H_q], the same on every
+rank, differentiable. The body joins them once per row after its partial results are merged
+(:func:`thdkit.kernels.attach_sinks` on the merged ``(out, lse)``; docs/semantics.md,
+"Attention sinks"), each query head with its own.
 """
 
 
@@ -227,6 +252,12 @@ class Strategy:
             form of the :class:`Shapes` (O(B·S) per-segment counts left out); None: no cost
             model.
         work: each rank's attention calls (:class:`Work`); None: no cost model.
+        features: the optional features the body implements (:data:`FEATURES`):
+            ``"logits_soft_cap"`` (it passes ``StrategyConfig.logits_soft_cap`` to its attention
+            calls) and ``"sinks"`` (its body takes the ``sinks`` keyword, :data:`LocalBody`). A
+            call that asks for a feature the strategy does not declare is refused
+            (:func:`check_features`), so that a strategy written before a feature existed
+            refuses it rather than ignore it.
     """
 
     local: Callable[[StrategyConfig], LocalBody]
@@ -234,6 +265,39 @@ class Strategy:
     check: Callable[[Shapes, int], None] = no_check
     traffic: Callable[[Shapes, int], Traffic] | None = None
     work: Work | None = None
+    features: frozenset[str] = frozenset()
+
+
+def check_features(strategy: Strategy, config: StrategyConfig, *, sinks: bool) -> None:
+    """Raises NotImplementedError where the call asks for a feature the strategy does not
+    declare in ``Strategy.features``, naming the strategy and each missing feature.
+
+    Args:
+        strategy: the strategy chosen.
+        config: its configuration (:attr:`StrategyConfig.features`).
+        sinks: whether the call has attention sinks.
+
+    Raises:
+        NotImplementedError: a feature asked for and not declared.
+
+    Example:
+        >>> mesh = Mesh(np.array(jax.devices()[:2]), ("cp",))
+        >>> config = StrategyConfig(mesh, "cp", MaskType.CAUSAL, None, 4, 0.5, True, "blockwise",
+        ...                         logits_soft_cap=30.0)
+        >>> mine = Strategy(name="mine", local=lambda config: None)
+        >>> check_features(mine, config, sinks=True)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        NotImplementedError: strategy='mine' does not implement soft-capped logits (...), ...
+    """
+    asked = config.features | (frozenset({"sinks"}) if sinks else frozenset())
+    missing = sorted(asked - frozenset(strategy.features))
+    if missing:
+        listed = ", ".join(FEATURES.get(name, name) for name in missing)
+        raise NotImplementedError(
+            f"strategy={strategy.name!r} does not implement {listed}; declare them in "
+            "Strategy.features once its body implements them"
+        )
 
 
 STRATEGIES: dict[str, Strategy] = {}

@@ -25,27 +25,32 @@ __all__ = ["run_strategy"]
 
 
 @functools.lru_cache(maxsize=64)
-def _program(strategy: Strategy, config: StrategyConfig) -> Callable[..., Array]:
+def _program(strategy: Strategy, config: StrategyConfig, sinks: bool) -> Callable[..., Array]:
     """The jitted, shard-mapped strategy for one static configuration (keyed by the strategy
-    itself, so that a name registered anew never reuses another strategy's program)."""
+    itself, so that a name registered anew never reuses another strategy's program); with
+    ``sinks``, the program takes them last, replicated, and passes them to the body."""
     body = strategy.local(config)
 
-    def local(q, k, v, ids_q, pos_q, ids_kv, pos_kv):
+    def local(q, k, v, ids_q, pos_q, ids_kv, pos_kv, *joined):
         # Each shard as a layout on its own (its run lengths: strategies derive the lengths of
         # whole documents as they need them; unused lengths are compiled away).
         q_segments = Segments(ids_q, pos_q, run_lengths(ids_q))
         kv_segments = q_segments
         if not config.self_attention:
             kv_segments = Segments(ids_kv, pos_kv, run_lengths(ids_kv))
-        return body(q, k, v, q_segments, kv_segments).astype(q.dtype)
+        # The keyword only with sinks: a body written without them runs unchanged.
+        options = dict(sinks=joined[0]) if sinks else {}
+        return body(q, k, v, q_segments, kv_segments, **options).astype(q.dtype)
 
     axis = config.axis_name
     tokens = P(None, axis)
     heads = P(None, axis, None, None)
+    # The sinks are replicated: each rank's gradient to them is summed over the axis.
+    replicated = (P(),) if sinks else ()
     mapped = jax.shard_map(
         local,
         mesh=config.mesh,
-        in_specs=(heads, heads, heads, tokens, tokens, tokens, tokens),
+        in_specs=(heads, heads, heads, tokens, tokens, tokens, tokens, *replicated),
         out_specs=heads,
         # Manual over the context-parallel axis only: other mesh axes (e.g. a sharded batch)
         # stay automatic.
@@ -66,6 +71,8 @@ def run_strategy(
     value: Float[Array, "B T_kv H_kv D_v"],
     q_segments: Segments,
     kv_segments: Segments | None,
+    *,
+    sinks: Float[Array, " H_q"] | None = None,
 ) -> Float[Array, "B T_q H_q D_v"]:
     """Runs ``strategy`` on checked arguments: the sequence axes split into cp shards.
 
@@ -81,10 +88,13 @@ def run_strategy(
         value: [B, T_kv, H_kv, D_v].
         q_segments: the query rows, int32[B, T_q] fields.
         kv_segments: the key rows, int32[B, T_kv] fields, or None for self-attention.
+        sinks: float32[H_q], the attention sinks (replicated to every rank, passed to the body
+            as its ``sinks`` keyword), or None.
 
     Returns:
         [B, T_q, H_q, D_v] in the dtype of ``query``, sharded as ``query``.
     """
     kv = q_segments if kv_segments is None else kv_segments
     layout = (q_segments.ids, q_segments.positions, kv.ids, kv.positions)
-    return _program(strategy, config)(query, key, value, *layout)
+    joined = () if sinks is None else (sinks,)
+    return _program(strategy, config, sinks is not None)(query, key, value, *layout, *joined)

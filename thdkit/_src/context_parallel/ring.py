@@ -18,6 +18,10 @@ The backward pass is a second ring (a ``jax.custom_vjp``): each step recomputes 
 the cotangent back through ``attention_partial`` and adds the key/value gradients to buffers that
 travel with the keys, so memory per device stays O(n) instead of holding every visited shard.
 
+Soft-capped logits are each step's (``attention_partial(logits_soft_cap=...)``). Attention sinks
+join once per row, after the last step, on the merged ``(out, lse)``
+(:func:`thdkit.kernels.attach_sinks`): the ring differentiates through its log-sum-exp too.
+
 Isolation: a query row whose partial at any step is poisoned (NaN log-sum-exp: it read a
 non-finite query, key or value) stays poisoned through every later merge, out and log-sum-exp
 NaN, and passes no gradient back; every other row merges and differentiates exactly as without
@@ -49,6 +53,7 @@ from thdkit._src.context_parallel.schedule import (
 )
 from thdkit._src.context_parallel.shards import split_row, with_document_lengths
 from thdkit._src.kernels.partial import attention_partial
+from thdkit._src.kernels.sinks import attach_sinks
 from thdkit._src.mask_types import MaskType, Window
 from thdkit._src.segments import Segments
 
@@ -93,12 +98,13 @@ def merge_partials(out: Array, lse: Array, out_k: Array, lse_k: Array) -> Partia
     )
 
 
-def _build_core(config: StrategyConfig) -> Callable[..., Array]:
+def _build_core(config: StrategyConfig) -> Callable[..., Partial]:
     """The per-device ring (forward and backward rings) for one configuration.
 
     The returned function takes local shards ``(q, k, v, q_segments, kv_segments, runs)``, the
     :class:`thdkit.Segments` carrying global document lengths and ``runs`` bool[cp] (step k
-    runs), and returns the float32 output shard.
+    runs), and returns the merged float32 ``(out, lse)`` of the shard, differentiable through
+    both.
     """
     cp = config.cp
     perm = [(j, (j + 1) % cp) for j in range(cp)]
@@ -117,6 +123,7 @@ def _build_core(config: StrategyConfig) -> Callable[..., Array]:
             window_size=config.window_size,
             scale=config.scale,
             implementation=config.implementation,
+            logits_soft_cap=config.logits_soft_cap,
         )
 
     def forward(q, k, v, q_segments, kv_segments, runs) -> Partial:
@@ -144,14 +151,15 @@ def _build_core(config: StrategyConfig) -> Callable[..., Array]:
 
     @jax.custom_vjp
     def core(q, k, v, q_segments, kv_segments, runs):
-        return forward(q, k, v, q_segments, kv_segments, runs)[0]
+        return forward(q, k, v, q_segments, kv_segments, runs)
 
     def core_fwd(q, k, v, q_segments, kv_segments, runs):
         out, lse = forward(q, k, v, q_segments, kv_segments, runs)
-        return out, (q, k, v, q_segments, kv_segments, runs, out, lse)
+        return (out, lse), (q, k, v, q_segments, kv_segments, runs, out, lse)
 
-    def core_bwd(residuals, d_out):
+    def core_bwd(residuals, cotangents):
         q, k, v, q_segments, kv_segments, runs, out, lse = residuals
+        d_out, d_lse = cotangents
         # Rows with a key and no poison. The others pass nothing back: rows without a key have
         # no gradient, and rows that read a non-finite input (NaN lse) pass none, as in
         # `attention`; their cotangents and outputs are selected away before any product.
@@ -159,7 +167,8 @@ def _build_core(config: StrategyConfig) -> Callable[..., Array]:
         d_out = jnp.where(live[..., None], d_out.astype(jnp.float32), 0.0)
         out = jnp.where(live[..., None], out, 0.0)
         lse_live = jnp.where(live, lse, 0.0)
-        d_out_dot_out = jnp.sum(d_out * out, axis=-1)
+        # <d_out, out> - d_lse: the part of each step's d lse_k shared by every step.
+        row_term = jnp.sum(d_out * out, axis=-1) - jnp.where(live, d_lse, 0.0)
 
         def body(carry, step):
             d_q, kv, d_kv = carry
@@ -168,12 +177,13 @@ def _build_core(config: StrategyConfig) -> Callable[..., Array]:
                 (out_k, lse_k), pull = jax.vjp(
                     lambda q, k, v: partial(q, k, v, q_segments, kv[2]), q, kv[0], kv[1]
                 )
-                # out = sum_k w_k out_k with w_k = exp(lse_k - logsumexp_m lse_m), so
-                # d out_k = w_k d_out and d lse_k = w_k <d_out, out_k - out>. A live row's
-                # partials are finite or empty (-inf: weight 0, out_k 0) at every step.
+                # out = sum_k w_k out_k and lse = logsumexp_m lse_m with
+                # w_k = exp(lse_k - lse), so d out_k = w_k d_out and
+                # d lse_k = w_k (<d_out, out_k - out> + d_lse). A live row's partials are finite
+                # or empty (-inf: weight 0, out_k 0) at every step.
                 weight = jnp.where(live, jnp.exp(lse_k - lse_live), 0.0)
                 d_out_dot_out_k = jnp.sum(jnp.where(live[..., None], d_out * out_k, 0.0), -1)
-                d_lse_k = jnp.where(live, weight * (d_out_dot_out_k - d_out_dot_out), 0.0)
+                d_lse_k = jnp.where(live, weight * (d_out_dot_out_k - row_term), 0.0)
                 d_q_k, d_k_k, d_v_k = pull((weight[..., None] * d_out, d_lse_k))
                 return d_q + d_q_k.astype(jnp.float32), (
                     d_kv[0] + d_k_k.astype(jnp.float32),
@@ -204,16 +214,22 @@ def ring_local(config: StrategyConfig) -> LocalBody:
         config: the checked configuration.
 
     Returns:
-        The ``local`` body of :class:`thdkit.context_parallel.Strategy`: float32 output.
+        The ``local`` body of :class:`thdkit.context_parallel.Strategy`: float32 output; the
+        sinks, where given, join the merged result of the last step.
     """
     core = _build_core(config)
 
-    def local(q, k, v, q_segments: Segments, kv_segments: Segments) -> Array:
+    def local(
+        q, k, v, q_segments: Segments, kv_segments: Segments, *, sinks: Array | None = None
+    ) -> Array:
         same = kv_segments is q_segments
         q_segments = with_document_lengths(q_segments, config)
         kv_segments = q_segments if same else with_document_lengths(kv_segments, config)
         runs = rank_schedule(q_segments, kv_segments, config)
-        return core(q, k, v, q_segments, kv_segments, runs)
+        out, lse = core(q, k, v, q_segments, kv_segments, runs)
+        if sinks is not None:
+            out, _ = attach_sinks(out, lse, sinks)
+        return out
 
     return local
 
@@ -269,6 +285,12 @@ def ring_work(
     ]
 
 
-RING = Strategy(name="ring", local=ring_local, traffic=ring_traffic, work=ring_work)
+RING = Strategy(
+    name="ring",
+    local=ring_local,
+    traffic=ring_traffic,
+    work=ring_work,
+    features=frozenset({"logits_soft_cap", "sinks"}),
+)
 """Key/value shards travel around the ring: cp - 1 dependent steps, skipping steps without work;
 memory: one visiting shard."""
