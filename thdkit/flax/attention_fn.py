@@ -12,6 +12,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 import thdkit
+from thdkit._src.kernels.config import check_soft_cap
 from thdkit._src.mask_types import check_window
 from thdkit.flax.plumbing import attend, check_implementation, default_segments, plan_layout
 
@@ -75,6 +76,7 @@ def _plan_of(
     window_size: Any,
     max_segments_per_seq: int | None,
     implementation: str | None,
+    logits_soft_cap: float | None,
 ) -> thdkit.AttentionPlan:
     """The plan of a call's layout (a plan as it is; Segments or None planned here), its shape
     checked against the call's arrays; ``source`` names where the layout came from."""
@@ -126,6 +128,7 @@ def _plan_of(
             q, kv, seq_len=max(seq_q, seq_kv), given=max_segments_per_seq
         ),
         implementation=implementation,
+        logits_soft_cap=logits_soft_cap,
     )
 
 
@@ -182,6 +185,7 @@ def make_attention_fn(
     window_size: tuple[int | None, int | None] | None = None,
     max_segments_per_seq: int | None = None,
     implementation: str | None = None,
+    logits_soft_cap: float | None = None,
 ) -> Callable[..., Array]:
     """An ``attention_fn`` for Flax's attention modules that attends within packed documents.
 
@@ -221,6 +225,10 @@ def make_attention_fn(
         max_segments_per_seq: S of layouts planned here; None is the largest id of concrete
             Segments, ``max(T, T_kv)`` for traced ones.
         implementation: of layouts planned here (see :func:`thdkit.plan_attention`).
+        logits_soft_cap: the soft cap ``cap * tanh(logit / cap)`` of layouts planned here
+            (:func:`thdkit.plan_attention`; docs/semantics.md, "Soft-capped logits"), on every
+            path (the dense one of ``bias``, ``mask``, dropout and ``sow_weights`` too), or None.
+            A plan carries its own.
 
     Returns:
         ``attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True,
@@ -230,11 +238,13 @@ def make_attention_fn(
         same for the three; flattened to one B = their product, the B of a plan).
 
     Raises:
-        TypeError: a ``layout`` of another type; at call time an integer ``mask``.
-        ValueError: planning options together with a plan, an unknown ``implementation``; at
-            call time a ``mask`` or ``bias`` that does not broadcast to [batch..., N, T, T_kv]
-            or a layout of other shapes (naming ``mask`` or ``layout`` and the query's shape),
-            a broken layout rule (naming them, the row and the token), errors of
+        TypeError: a ``layout`` of another type, a non-real ``logits_soft_cap``; at call time an
+            integer ``mask``.
+        ValueError: planning options together with a plan, an unknown ``implementation``, a
+            ``logits_soft_cap`` not positive and finite; at call time a ``mask`` or ``bias``
+            that does not broadcast to [batch..., N, T, T_kv] or a layout of other shapes
+            (naming ``mask`` or ``layout`` and the query's shape), a broken layout rule
+            (naming them, the row and the token), errors of
             :func:`thdkit.dot_product_attention` (e.g. ``is_causal=True`` with a non-causal
             plan), or dropout without ``dropout_rng``.
 
@@ -259,6 +269,7 @@ def make_attention_fn(
         window_size=window_size,
         max_segments_per_seq=max_segments_per_seq,
         implementation=implementation,
+        logits_soft_cap=check_soft_cap(logits_soft_cap),
     )
     if isinstance(layout, thdkit.AttentionPlan) and any(v is not None for v in options.values()):
         given = ", ".join(name for name, v in options.items() if v is not None)
@@ -290,8 +301,8 @@ def make_attention_fn(
         ):
             raise ValueError(
                 "the module was given a plan as its mask; make_attention_fn's planning "
-                "options (mask_type, window_size, max_segments_per_seq, implementation) "
-                "apply to Segments only"
+                "options (mask_type, window_size, max_segments_per_seq, implementation, "
+                "logits_soft_cap) apply to Segments only: the plan carries its own"
             )
         source = "mask" if call_layout is mask else "layout"
         if mask_array is not None:

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
 import thdkit
+from thdkit._src.kernels.config import check_soft_cap
 from thdkit._src.mask_types import check_window
 from thdkit.flax.plumbing import (
     attend,
@@ -25,12 +26,16 @@ from thdkit.flax.plumbing import (
 )
 from thdkit.flax.rotary import rope
 
-__all__ = ["DEFAULT_BIAS_INIT", "DEFAULT_KERNEL_INIT", "PackedSelfAttention"]
+__all__ = ["DEFAULT_BIAS_INIT", "DEFAULT_KERNEL_INIT", "DEFAULT_SINKS_INIT", "PackedSelfAttention"]
 
 DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()
 """Flax's default kernel initialiser (``nnx.MultiHeadAttention``'s)."""
 DEFAULT_BIAS_INIT = nnx.initializers.zeros_init()
 """Flax's default bias initialiser."""
+DEFAULT_SINKS_INIT = nnx.initializers.normal(stddev=0.02)
+"""The attention sinks' initialiser: gpt-oss's practice as Hugging Face transformers trains it
+(``GptOssPreTrainedModel._init_weights``: ``normal_(mean=0.0, std=initializer_range)``, whose
+default is 0.02); the reference release of gpt-oss allocates them empty and loads them."""
 
 
 class PackedSelfAttention(nnx.Module):
@@ -46,8 +51,11 @@ class PackedSelfAttention(nnx.Module):
     What it adds: RoPE (:func:`rope`) on q and k at each token's position inside its document,
     the packed mask, one plan per batch (:meth:`plan`) shared by the layers, context
     parallelism (``mesh=``, ``axis_name=``: :func:`thdkit.context_parallel_attention` with the
-    layer's ``strategy``), and an opt-in check
-    of traced layouts (``check_layout=True``). Segment ids numbered from 0 (splash attention's
+    layer's ``strategy``), soft-capped logits (``logits_soft_cap``) and learned attention sinks
+    (``sinks=True``: a parameter ``sinks``, float[N], one logit per query head joining every
+    row's softmax denominator; docs/semantics.md, "Attention sinks"), both on every path (the
+    kernels, the dense path of dropout, the mesh), and an opt-in check of traced layouts
+    (``check_layout=True``). Segment ids numbered from 0 (splash attention's
     and kvax's convention) become Segments with ``thdkit.Segments.from_ids(ids, positions,
     padding_id=-1)``; with the default ``padding_id=0`` id 0 is padding.
 
@@ -92,13 +100,25 @@ class PackedSelfAttention(nnx.Module):
         keep_rngs: as Flax: store ``rngs.dropout`` for dropout (when ``dropout_rate > 0``).
         check_layout: add :func:`thdkit.check_layout` (checkify) for traced layouts (see
             above); False (the default) adds nothing to the program.
+        logits_soft_cap: ``cap`` of the soft cap ``cap * tanh(logit / cap)`` on the scaled
+            logits (docs/semantics.md, "Soft-capped logits"; Gemma 2 uses 50.0), or None. Part
+            of the layer's plans: a plan given to the call must carry the same.
+        sinks: whether the layer learns attention sinks: a parameter ``sinks`` of shape [N]
+            (``param_dtype``, initialised by ``sinks_init``) passed to the attention on every
+            call. Needs an implementation that returns a log-sum-exp (not ``"cudnn"``).
+        sinks_init: the sinks' initialiser (:data:`DEFAULT_SINKS_INIT`: normal, stddev 0.02,
+            as gpt-oss in Hugging Face transformers; ``nnx.initializers.zeros_init()`` starts
+            every sink at 0). Drawn after the projections, so they still equal Flax's.
 
     Raises:
-        TypeError: a non-int size, a non-bool ``check_layout``.
+        TypeError: a non-int size, a non-bool ``check_layout`` or ``sinks``, a non-real
+            ``logits_soft_cap``.
         ValueError: a size below 1, ``qkv_features`` not a multiple of N, N not a multiple of
             K, an odd D with RoPE, a non-positive ``rope_theta``, a ``dropout_rate`` outside
             [0, 1), an unknown ``mask_type``, ``implementation`` or ``strategy``, a bad
-            ``window_size``.
+            ``window_size``, a ``logits_soft_cap`` not positive and finite.
+        NotImplementedError: ``logits_soft_cap`` or ``sinks`` with an ``implementation`` that
+            cannot take it (the message names the feature).
 
     Examples:
         >>> from flax import nnx
@@ -110,6 +130,13 @@ class PackedSelfAttention(nnx.Module):
         (1, 8, 8)
         >>> layer.query.kernel.shape, layer.key.kernel.shape, layer.out.kernel.shape
         ((8, 2, 4), (8, 1, 4), (2, 4, 8))
+
+        Soft-capped logits and learned sinks (one per query head):
+
+        >>> gemma_like = PackedSelfAttention(2, 8, logits_soft_cap=50.0, sinks=True,
+        ...                                  rngs=nnx.Rngs(0))
+        >>> gemma_like(jnp.ones((1, 8, 8)), seg).shape, gemma_like.sinks.shape
+        ((1, 8, 8), (2,))
 
         An id above S under ``jit``, caught by ``check_layout=True`` and checkify:
 
@@ -151,6 +178,9 @@ class PackedSelfAttention(nnx.Module):
         rngs: nnx.Rngs,
         keep_rngs: bool = True,
         check_layout: bool = False,
+        logits_soft_cap: float | None = None,
+        sinks: bool = False,
+        sinks_init: Callable[..., Array] = DEFAULT_SINKS_INIT,
     ) -> None:
         self.num_heads = check_size("num_heads", num_heads)
         self.in_features = check_size("in_features", in_features)
@@ -197,6 +227,10 @@ class PackedSelfAttention(nnx.Module):
         if not isinstance(check_layout, (bool, np.bool_)):
             raise TypeError(f"check_layout must be a bool, got {type(check_layout).__name__}")
         self.check_layout = bool(check_layout)
+        self.logits_soft_cap = check_soft_cap(logits_soft_cap)
+        if not isinstance(sinks, (bool, np.bool_)):
+            raise TypeError(f"sinks must be a bool, got {type(sinks).__name__}")
+        _check_features(implementation, logits_soft_cap=self.logits_soft_cap, sinks=bool(sinks))
 
         def linear(fan_in: Any, fan_out: Any, **kw: Any) -> nnx.LinearGeneral:
             return nnx.LinearGeneral(
@@ -222,6 +256,9 @@ class PackedSelfAttention(nnx.Module):
             axis=(-2, -1),
             kernel_init=out_kernel_init or kernel_init,
             bias_init=out_bias_init or bias_init,
+        )
+        self.sinks = (
+            nnx.Param(sinks_init(rngs.params(), (self.num_heads,), param_dtype)) if sinks else None
         )
         self.rngs = rngs.dropout.fork() if keep_rngs and dropout_rate > 0 else None
 
@@ -263,6 +300,7 @@ class PackedSelfAttention(nnx.Module):
             window_size=self.window_size,
             max_segments_per_seq=num_segments,
             implementation=self.implementation,
+            logits_soft_cap=self.logits_soft_cap,
         )
 
     def _check(self, segments: thdkit.Segments, name: str, *, num_segments: int, cp: int) -> None:
@@ -314,12 +352,13 @@ class PackedSelfAttention(nnx.Module):
         Raises:
             TypeError: ``segments_or_plan`` of another type; a plan together with a mesh.
             ValueError: ``x`` not [B, T, in_features], a layout of another [B, T], a plan whose
-                mask or window differ from the layer's (or a cross-attention plan), ``mesh``
-                without ``axis_name`` (or the reverse), S given with a plan, dropout without
-                ``deterministic`` or without an rng stream, a mesh with an ``implementation``
-                that returns no log-sum-exp; concrete Segments that break the layout rules
-                (naming ``segments_or_plan``, the row and the token; with a mesh shard by
-                shard, and on a one-device axis saying that cp = 1 reads rows whole).
+                mask, window or soft cap differ from the layer's (or a cross-attention plan),
+                ``mesh`` without ``axis_name`` (or the reverse), S given with a plan, dropout
+                without ``deterministic`` or without an rng stream, a mesh with an
+                ``implementation`` that returns no log-sum-exp; concrete Segments that break
+                the layout rules (naming ``segments_or_plan``, the row and the token; with a
+                mesh shard by shard, and on a one-device axis saying that cp = 1 reads rows
+                whole).
             NotImplementedError: dropout together with a mesh.
         """
         if x.ndim != 3 or x.shape[-1] != self.in_features:
@@ -352,14 +391,18 @@ class PackedSelfAttention(nnx.Module):
                 raise ValueError(
                     "segments_or_plan is a cross-attention plan; this layer is self-attention"
                 )
-            if (plan.config.mask_type, plan.config.window_size) != (
+            config = plan.config
+            if (config.mask_type, config.window_size, config.logits_soft_cap) != (
                 self.mask_type,
                 self.window_size,
+                self.logits_soft_cap,
             ):
                 raise ValueError(
-                    f"segments_or_plan: the plan's mask_type={plan.config.mask_type.value!r}, "
-                    f"window_size={plan.config.window_size} differ from the layer's "
-                    f"mask_type={self.mask_type.value!r}, window_size={self.window_size}"
+                    f"segments_or_plan: the plan's mask_type={config.mask_type.value!r}, "
+                    f"window_size={config.window_size}, logits_soft_cap={config.logits_soft_cap} "
+                    f"differ from the layer's mask_type={self.mask_type.value!r}, "
+                    f"window_size={self.window_size}, logits_soft_cap={self.logits_soft_cap} "
+                    "(plan with the layer's plan())"
                 )
         if segments.ids.shape != x.shape[:2]:
             raise ValueError(
@@ -394,6 +437,7 @@ class PackedSelfAttention(nnx.Module):
                 dropout_rate=self.dropout_rate,
                 deterministic=dropout_rng is None,
                 module=None,
+                sinks=self._sinks(),
             )
         return self.out(out)
 
@@ -407,9 +451,9 @@ class PackedSelfAttention(nnx.Module):
         mesh: Mesh,
         axis_name: str,
     ) -> Array:
-        """:func:`thdkit.context_parallel_attention` with the layer's mask, window, implementation
-        and strategy, its messages naming the caller's ``segments_or_plan``; on a one-device
-        axis, why a reordered row is refused."""
+        """:func:`thdkit.context_parallel_attention` with the layer's mask, window, implementation,
+        strategy, soft cap and sinks, its messages naming the caller's ``segments_or_plan``; on
+        a one-device axis, why a reordered row is refused."""
         num_segments = default_segments(
             segments, seq_len=segments.seq_len, given=max_segments_per_seq
         )
@@ -427,9 +471,15 @@ class PackedSelfAttention(nnx.Module):
             max_segments_per_seq=num_segments,
             implementation=self.implementation,
             strategy=self.strategy,
+            logits_soft_cap=self.logits_soft_cap,
+            sinks=self._sinks(),
             mesh=mesh,
             axis_name=axis_name,
         )
+
+    def _sinks(self) -> Array | None:
+        """The sinks parameter's value (float[N]), or None without sinks."""
+        return None if self.sinks is None else self.sinks[...]
 
     def _dropout_rng(self, deterministic: bool | None, rngs: Any) -> Array | None:
         """Flax's rule: dropout needs ``deterministic`` (call or constructor) and a stream."""
@@ -447,3 +497,22 @@ class PackedSelfAttention(nnx.Module):
         if stream is None:
             raise ValueError("dropout needs an rng stream: pass rngs to the call (keep_rngs=False)")
         return stream()
+
+
+def _check_features(implementation: str | None, *, logits_soft_cap: Any, sinks: bool) -> None:
+    """Refuses, at construction, a soft cap or sinks that ``implementation`` cannot take: the
+    cap needs it to declare ``"logits_soft_cap"`` (:class:`thdkit.kernels.Implementation`'s
+    ``features``), sinks a log-sum-exp (``returns_lse``). None picks one that can at each call."""
+    if implementation is None:
+        return
+    kernel = thdkit.kernels.get(implementation)
+    if logits_soft_cap is not None and "logits_soft_cap" not in kernel.features:
+        raise NotImplementedError(
+            f"logits_soft_cap: implementation={implementation!r} does not implement soft-capped "
+            "logits; pass implementation=None (the first that can), 'blockwise' or 'reference'"
+        )
+    if sinks and not kernel.returns_lse:
+        raise NotImplementedError(
+            f"sinks: implementation={implementation!r} returns no log-sum-exp, through which "
+            "attention sinks join; pass implementation=None, 'blockwise' or 'reference'"
+        )

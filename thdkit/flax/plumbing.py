@@ -158,17 +158,20 @@ def attend(
     deterministic: bool,
     module: Any,
     batch_shape: tuple[int, ...] | None = None,
+    sinks: Array | None = None,
 ) -> Array:
     """Attention of [B, T, N, D] arrays on a plan: thdkit's kernels, or the dense path when the
     weights are needed (sowing, dropout) with Flax's dropout, bit for bit. ``batch_shape``: the
-    caller's batch dims that B flattens (the sown weights get them back), None for B itself."""
+    caller's batch dims that B flattens (the sown weights get them back), None for B itself.
+    The soft cap is the plan's; ``sinks`` (float[N] or None) join every row's denominator, on
+    the dense path too (the weights then sum to less than 1, the rest the sink's share)."""
     dropout = not deterministic and dropout_rate > 0.0
     if not dropout and module is None:
         return thdkit.dot_product_attention(
-            query, key, value, bias, mask, is_causal=is_causal, plan=plan
+            query, key, value, bias, mask, is_causal=is_causal, plan=plan, sinks=sinks
         )
     weights = thdkit.dot_product_attention_weights(
-        query, key, bias, mask, is_causal=is_causal, plan=plan
+        query, key, bias, mask, is_causal=is_causal, plan=plan, sinks=sinks
     )
     if module is not None:
         shape = weights.shape if batch_shape is None else (*batch_shape, *weights.shape[1:])

@@ -8,7 +8,9 @@ same arguments (``is_causal``, ``query_seq_lengths``, ``key_value_seq_lengths``,
 ``local_window_size``, ``bias``, ``mask``, ``scale``) mean the same thing, with one documented
 difference (a query row with no allowed key gives zeros here; see the docstring). The packed
 layout is added on top: ``segment_ids`` / ``segment_positions`` (several documents per row), or
-a ``plan`` from :func:`thdkit.plan_attention` computed once per batch.
+a ``plan`` from :func:`thdkit.plan_attention` computed once per batch; and so are soft-capped
+logits (``logits_soft_cap``, tokamax's spelling) and attention sinks (``sinks``, one logit per
+query head), which ``jax.nn``'s signature does not offer.
 
 Without ``bias`` and ``mask`` the call runs :func:`thdkit.attention` (cuDNN or the blockwise
 flash loop: no ``[T, S]`` array). With either of them it runs a dense path that builds the
@@ -32,6 +34,7 @@ from thdkit._src.doors.keywords import attention
 from thdkit._src.kernels import base
 from thdkit._src.kernels.arguments import check_scale
 from thdkit._src.kernels.plan import AttentionPlan
+from thdkit._src.kernels.sinks import check_sinks
 
 __all__ = ["dot_product_attention", "dot_product_attention_weights", "implementation_names"]
 
@@ -51,6 +54,26 @@ dense path, as ``jax.nn``'s XLA implementation)."""
 
 _DENSE = (None, "xla", "reference")
 """The implementations a call with ``bias`` or ``mask`` may name: it runs the dense path."""
+
+
+def _check_cudnn_features(implementation: str | None, logits_soft_cap: Any, sinks: Any) -> None:
+    """``implementation="cudnn"`` is ``jax.nn``'s cuDNN fused attention, whose signature has
+    neither a soft cap nor sinks (nor returns thdkit's cuDNN call a log-sum-exp to join sinks
+    through): refused with that reason, naming the alternative."""
+    if implementation != "cudnn":
+        return
+    asked = [
+        name
+        for name, x in (("logits_soft_cap", logits_soft_cap), ("sinks", sinks))
+        if x is not None
+    ]
+    if asked:
+        raise NotImplementedError(
+            f"implementation='cudnn' cannot take {' and '.join(asked)}: jax.nn's cuDNN fused "
+            "attention expresses neither a logits soft cap nor attention sinks (and returns no "
+            "log-sum-exp here to join sinks through); pass implementation=None or 'xla' "
+            "(thdkit's blockwise loop)"
+        )
 
 
 def implementation_names() -> tuple[str, ...]:
@@ -95,12 +118,14 @@ def _kernel_attention(
     layout: CallLayout,
     implementation: str | None,
     scale: Any,
+    sinks: Array | None,
 ) -> Array:
-    """The call on :func:`thdkit.attention` (a plan made here unless the caller gave one);
-    an implementation that cannot run is reported under the caller's name for it."""
+    """The call on :func:`thdkit.attention` (a plan made here unless the caller gave one, with
+    the layout's soft cap); an implementation that cannot run is reported under the caller's
+    name for it."""
     kernel = _ALIASES.get(implementation, implementation)
     try:
-        return attention(query, key, value, plan=layout.planned(kernel), scale=scale)
+        return attention(query, key, value, plan=layout.planned(kernel), scale=scale, sinks=sinks)
     except NotImplementedError as error:
         if kernel == implementation:
             raise
@@ -130,6 +155,8 @@ def dot_product_attention(
     plan: AttentionPlan | None = None,
     max_segments_per_seq: int | None = None,
     padding_id: int = 0,
+    logits_soft_cap: float | None = None,
+    sinks: Float[ArrayLike, " N"] | None = None,
 ) -> Float[Array, "B T N H_v"]:
     """``jax.nn.dot_product_attention`` (same arguments and meaning), over packed rows too.
 
@@ -143,6 +170,17 @@ def dot_product_attention(
     - ``local_window_size=(left, right)``: ``i - left <= j <= i + right``; an int ``w`` is
       ``(w, w)``.
     - ``mask`` (True: attend) is and-ed in, ``bias`` added to the logits: both run the dense path.
+
+    Two options beyond ``jax.nn``'s, on every path (docs/semantics.md, "Soft-capped logits" and
+    "Attention sinks"): ``logits_soft_cap`` replaces each scaled logit ``l`` by
+    ``cap * tanh(l / cap)`` (float32, before ``bias`` and the masks, so a ``-inf`` bias still
+    masks), and ``sinks`` adds ``exp(sinks[n])`` to the softmax denominator of every row of
+    query head ``n`` (a logit that attends to nothing):
+    ``out_i = sum_j exp(l_ij) v_j / (sum_j exp(l_ij) + exp(sinks[n]))``. Per implementation:
+    ``"xla"`` (blockwise, or the dense path) takes both; ``"cudnn"`` takes neither (``jax.nn``'s
+    cuDNN path expresses neither: ``NotImplementedError``); thdkit's own take the cap where they
+    declare it (:class:`thdkit.kernels.Implementation` ``features``) and sinks where they return
+    a log-sum-exp; None picks the first that can run.
 
     Query head ``n`` reads key/value head ``n // (N // K)`` (GQA/MQA, as ``jax.nn``).
 
@@ -199,6 +237,11 @@ def dot_product_attention(
             (ids 1..n are documents: thdkit's, Grain's and cuDNN's convention) or -1 (ids
             0..n-1 are documents, -1 is padding: splash attention's and kvax's). Ids that number
             documents from 0 need ``padding_id=-1``: with the default, document 0 is padding.
+        logits_soft_cap: a positive finite float ``cap`` (static), or None for no cap. With
+            ``plan``: the plan's (:func:`thdkit.plan_attention` takes it), or None.
+        sinks: float[N], one learned logit per query head (``jax.nn``'s N), or None;
+            differentiable. Its gradient is 0 from rows with no allowed key (they output 0)
+            and NaN-free from other documents' non-finite rows.
 
     Returns:
         float[B, T, N, H_v] (or [T, N, H_v] unbatched) in the query's dtype; float32
@@ -207,14 +250,18 @@ def dot_product_attention(
     Raises:
         TypeError: non-float or mixed dtypes, a non-bool ``mask`` or ``is_causal``, non-integer
             seq lengths or segment ids, a non-int window bound, ``max_segments_per_seq`` or
-            ``padding_id``, a ``plan`` of another type.
+            ``padding_id``, a ``plan`` of another type, a non-real ``logits_soft_cap``, non-float
+            ``sinks``.
         ValueError: ranks and shapes (naming the argument; a query laid out [B, N, T, H] is
             told so), a value outside int32, a negative window bound, an unknown
             ``implementation``, a ``padding_id`` other than 0 or -1, a ``bias``/``mask`` that
             does not broadcast, layout keywords together with ``plan``, a broken layout rule
-            (concrete layouts; naming the argument, the row and the token, with the fix).
-        NotImplementedError: ``bias``/``mask`` with a kernel implementation, or an
-            implementation that cannot run here (the message says why).
+            (concrete layouts; naming the argument, the row and the token, with the fix), a
+            ``logits_soft_cap`` not positive and finite or other than the plan's, ``sinks`` not
+            of shape [N].
+        NotImplementedError: ``bias``/``mask`` with a kernel implementation, ``logits_soft_cap``
+            or ``sinks`` with ``"cudnn"``, or an implementation that cannot run here (the
+            message says why, naming the feature).
 
     Example:
         >>> q = k = v = jax.random.normal(jax.random.key(0), (2, 8, 4, 16))
@@ -232,6 +279,10 @@ def dot_product_attention(
         ...                                   padding_id=-1)  # documents 0, 1, 2; -1 padding
         >>> out.shape, bool(jnp.array_equal(out, from_zero))
         ((2, 8, 4, 16), True)
+        >>> capped = dot_product_attention(q, k, v, is_causal=True, segment_ids=ids,
+        ...                                logits_soft_cap=30.0, sinks=jnp.zeros(4))
+        >>> capped.shape
+        (2, 8, 4, 16)
     """
     query, key, value, unbatched = as_arrays(query, key, value)
     implementation = base.check_name(
@@ -252,7 +303,10 @@ def dot_product_attention(
         plan=plan,
         max_segments_per_seq=max_segments_per_seq,
         padding_id=padding_id,
+        logits_soft_cap=logits_soft_cap,
     )
+    sinks = check_sinks(sinks, heads_q=query.shape[2])
+    _check_cudnn_features(implementation, layout.logits_soft_cap, sinks)
     if plan is not None and implementation is not None:
         raise ValueError(
             f"the plan fixes the implementation; do not pass implementation={implementation!r} "
@@ -269,10 +323,10 @@ def dot_product_attention(
         _check_empty_call(bias, mask, scale, (batch, heads_q, seq_q, key.shape[1]))
         out = jnp.zeros((batch, seq_q, heads_q, value.shape[3]), query.dtype)
     elif bias is not None or mask is not None:
-        out = dense_attention(query, key, value, bias, mask, layout, scale)[2]
+        out = dense_attention(query, key, value, bias, mask, layout, scale, sinks)[2]
         out = out.astype(query.dtype)
     else:
-        out = _kernel_attention(query, key, value, layout, implementation, scale)
+        out = _kernel_attention(query, key, value, layout, implementation, scale, sinks)
     return out[0] if unbatched else out
 
 
@@ -292,14 +346,19 @@ def dot_product_attention_weights(
     plan: AttentionPlan | None = None,
     max_segments_per_seq: int | None = None,
     padding_id: int = 0,
+    logits_soft_cap: float | None = None,
+    sinks: Float[ArrayLike, " N"] | None = None,
 ) -> Float[Array, "B N T S"]:
     """The dense attention weights of :func:`dot_product_attention` (Flax's weights function).
 
     ``softmax(scale · q·k + bias)`` over the allowed keys, the same mask as
     :func:`dot_product_attention`; a row with no allowed key is zeros, a row reading a non-finite
-    query or key is NaN. For sowing the weights and for attention-weight dropout
-    (:func:`thdkit.flax.make_attention_fn`); O(B·N·T·S) memory. T = 0 or S = 0 gives an empty
-    result.
+    query or key is NaN. With ``logits_soft_cap`` they are the weights of the capped logits;
+    with ``sinks`` each row's weights sum to ``1 - exp(sink) / (sum_j exp(l_ij) + exp(sink))``,
+    less than 1 (the rest is the sink's share), so ``weights @ value`` is the output of
+    :func:`dot_product_attention` in every case. For sowing the weights and for
+    attention-weight dropout (:func:`thdkit.flax.make_attention_fn`); O(B·N·T·S) memory. T = 0 or
+    S = 0 gives an empty result.
 
     Args:
         query: float[B, T, N, H] or [T, N, H].
@@ -310,6 +369,7 @@ def dot_product_attention_weights(
         plan, max_segments_per_seq: as :func:`dot_product_attention`.
         padding_id: 0 (0 = padding unless padding_id says otherwise: ids 1..n are documents) or
             -1 (ids 0..n-1 are documents), as :func:`dot_product_attention`.
+        logits_soft_cap, sinks: as :func:`dot_product_attention`.
 
     Returns:
         [B, N, T, S] (or [N, T, S] unbatched) in the query's dtype, computed in float32.
@@ -324,6 +384,9 @@ def dot_product_attention_weights(
         >>> w = dot_product_attention_weights(q, k, segment_ids=[[0, 0, -1]], padding_id=-1)
         >>> (w[0, 0] * 2).tolist()
         [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+        >>> w = dot_product_attention_weights(q, k, is_causal=True, sinks=jnp.zeros(1))
+        >>> jnp.round(w[0, 0] * 12).tolist()  # the sink takes 1/2, 1/3, 1/4 of the rows
+        [[6.0, 0.0, 0.0], [4.0, 4.0, 0.0], [3.0, 3.0, 3.0]]
     """
     query, key, _, unbatched = as_arrays(query, key, key)
     layout = layout_of(
@@ -339,13 +402,15 @@ def dot_product_attention_weights(
         plan=plan,
         max_segments_per_seq=max_segments_per_seq,
         padding_id=padding_id,
+        logits_soft_cap=logits_soft_cap,
     )
+    sinks = check_sinks(sinks, heads_q=query.shape[2])
     batch, seq_q, heads_q = query.shape[:3]
     shape = (batch, heads_q, seq_q, key.shape[1])
     if layout.q is None:  # T = 0 or S = 0: an empty [B, N, T, S]
         _check_empty_call(bias, mask, scale, shape)
         probs = jnp.zeros(shape, query.dtype)
     else:
-        probs, poisoned, _ = dense_attention(query, key, None, bias, mask, layout, scale)
+        probs, poisoned, _ = dense_attention(query, key, None, bias, mask, layout, scale, sinks)
         probs = jnp.where(poisoned[..., None], jnp.nan, probs).astype(query.dtype)
     return probs[0] if unbatched else probs

@@ -2,7 +2,10 @@
 
 It builds the ``[B, N, T, S]`` logits, as ``jax.nn``'s XLA implementation does, combining the
 boolean mask with the packed one (``allowed[i, j]`` of docs/attention.md) and adding the bias;
-non-finite inputs stay in their document.
+non-finite inputs stay in their document. The soft cap (``cap * tanh(logit / cap)``) applies to
+the scaled logits before the bias and the masks, so a ``-inf`` bias still masks; sinks join each
+row's denominator through its log-sum-exp (:func:`thdkit.kernels.attach_sinks`), so the weights
+of a row then sum to ``1 - sigmoid(sink - lse)``, less than 1.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from jaxtyping import Array, Bool, Float
 
 from thdkit._src.doors.jax_nn_layout import CallLayout
 from thdkit._src.kernels.arguments import check_scale
+from thdkit._src.kernels.sinks import attach_sinks
 
 __all__ = ["dense_attention"]
 
@@ -68,12 +72,15 @@ def dense_attention(
     mask: Any,
     layout: CallLayout,
     scale: Any,
+    sinks: Array | None = None,
 ) -> tuple[Float[Array, "B N T S"], Bool[Array, "B N T"], Array | None]:
     """Weights (float32 [B, N, T, S]), poisoned rows, and (with ``value``) the output.
 
     The arrays come checked (:func:`thdkit._src.doors.jax_nn_checks.as_arrays`; ``value`` None:
-    the weights alone); this checks the layout rules (concrete layouts) and ``scale`` (None:
-    ``1 / sqrt(H)``) first.
+    the weights alone), ``sinks`` too (float32[N] or None:
+    :func:`thdkit.kernels.check_sinks`); this checks the layout rules (concrete layouts) and
+    ``scale`` (None: ``1 / sqrt(H)``) first. The soft cap is the layout's
+    (``layout.logits_soft_cap``: the caller's or the plan's).
 
     Every non-finite input element is replaced by zero with a select before any product; the
     rows the dense computation would make NaN (a row with an allowed key whose own query, or one
@@ -110,6 +117,9 @@ def dense_attention(
     logits = jnp.einsum(
         "btkgh,bskh->bkgts", q.reshape(batch, seq_q, heads_kv, groups, dim), k
     ).reshape(shape) * jnp.float32(scale)
+    cap = layout.logits_soft_cap
+    if cap is not None:  # before the bias and the masks: a -inf bias still masks
+        logits = jnp.float32(cap) * jnp.tanh(logits / jnp.float32(cap))
     if bias is not None:
         logits = logits + _as_dense_4d(bias, "bias", shape).astype(jnp.float32)
     masked = jnp.where(allow, logits, -jnp.inf)
@@ -134,4 +144,15 @@ def dense_attention(
         safe_total = jnp.where(total > 0, total, jnp.ones_like(total))
         out = unnormalised / jnp.swapaxes(safe_total[..., 0], 1, 2)[..., None]
         out = jnp.where(jnp.swapaxes(poisoned, 1, 2)[..., None], jnp.nan, out)
+    if sinks is not None:
+        # The row's log-sum-exp (-inf where no key is allowed, NaN where poisoned), through a
+        # select: log(0)'s infinite derivative never meets a zero cotangent.
+        live = total > 0
+        lse = top + jnp.log(jnp.where(live, total, jnp.ones_like(total)))
+        lse = jnp.where(live, lse, -jnp.inf)[..., 0]
+        lse = jnp.swapaxes(jnp.where(poisoned, jnp.nan, lse), 1, 2)  # [B, T, N]
+        # The weights take the same share as the output: [B, N, T, S] read as [B, T, N, "D_v"].
+        probs = jnp.swapaxes(attach_sinks(jnp.swapaxes(probs, 1, 2), lse, sinks)[0], 1, 2)
+        if out is not None:
+            out = attach_sinks(out, lse, sinks)[0]
     return probs, poisoned, out

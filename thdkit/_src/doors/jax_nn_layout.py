@@ -4,12 +4,12 @@ Axis legend (``jax.nn``'s letters): B batch, T query length, S key/value length,
 K key/value heads, H head dim.
 
 :func:`layout_of` reads ``is_causal``, ``query_seq_lengths``, ``key_value_seq_lengths``,
-``local_window_size``, ``segment_ids``, ``segment_positions``, ``plan``, ``max_segments_per_seq``
-and ``padding_id`` into a :class:`CallLayout`: a plan's fields, or the Segments and options that
-plan one. Every value is checked against int32 before any cast (docs/semantics.md, "Accepted
-ranges"), and every error names the argument the caller passed (``segment_ids[1]`` for the
-key/value half of a pair) and, for layout errors, the row and the token, with the fix
-(:mod:`thdkit._src.doors.jax_nn_checks`).
+``local_window_size``, ``segment_ids``, ``segment_positions``, ``plan``, ``max_segments_per_seq``,
+``padding_id`` and ``logits_soft_cap`` into a :class:`CallLayout`: a plan's fields, or the
+Segments and options that plan one. Every value is checked against int32 before any cast
+(docs/semantics.md, "Accepted ranges"), and every error names the argument the caller passed
+(``segment_ids[1]`` for the key/value half of a pair) and, for layout errors, the row and the
+token, with the fix (:mod:`thdkit._src.doors.jax_nn_checks`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from thdkit._src.doors.jax_nn_checks import (
     shape_error,
 )
 from thdkit._src.doors.keywords import plan_attention
+from thdkit._src.kernels.config import check_soft_cap
 from thdkit._src.kernels.plan import AttentionPlan
 from thdkit._src.limits import MAX_SEGMENTS, check_bool, check_max_segments
 from thdkit._src.mask_types import MaskType
@@ -52,6 +53,7 @@ class CallLayout(NamedTuple):
     window: tuple[int | None, int | None] | None
     max_segments_per_seq: int
     plan: AttentionPlan | None  # the caller's plan, or None
+    logits_soft_cap: float | None = None  # the caller's, or the plan's
 
     def planned(self, implementation: str | None) -> AttentionPlan:
         """The caller's plan, or one of this layout for ``implementation``: building it
@@ -65,6 +67,7 @@ class CallLayout(NamedTuple):
             window_size=self.window,
             max_segments_per_seq=self.max_segments_per_seq,
             implementation=implementation,
+            logits_soft_cap=self.logits_soft_cap,
         )
 
 
@@ -234,8 +237,11 @@ def _num_segments(max_segments_per_seq: Any, ids: list[Any], *, seq_len: int) ->
 # --- The layout --------------------------------------------------------------------------------
 
 
-def _plan_layout(plan: Any, *, given: dict[str, Any], is_causal: bool, shapes: Any) -> CallLayout:
-    """The layout of a caller's plan, which fixes everything the keywords would say."""
+def _plan_layout(
+    plan: Any, *, given: dict[str, Any], is_causal: bool, shapes: Any, logits_soft_cap: Any
+) -> CallLayout:
+    """The layout of a caller's plan, which fixes everything the keywords would say; a
+    ``logits_soft_cap`` given with it must be the plan's."""
     if not isinstance(plan, AttentionPlan):
         raise TypeError(f"plan must be a thdkit.AttentionPlan, got {type(plan).__name__}")
     passed = [name for name, x in given.items() if x is not None]
@@ -256,6 +262,12 @@ def _plan_layout(plan: Any, *, given: dict[str, Any], is_causal: bool, shapes: A
             f"the plan's layout has shapes {planned[0]} (query) and {planned[1]} (key/value); "
             f"the arrays need [B, T] = {shapes[0]} and [B, S] = {shapes[1]}"
         )
+    cap = check_soft_cap(logits_soft_cap)
+    if cap is not None and cap != plan.config.logits_soft_cap:
+        raise ValueError(
+            f"logits_soft_cap={cap} differs from the plan's ({plan.config.logits_soft_cap}): "
+            "the cap is part of the plan; pass it to thdkit.plan_attention(logits_soft_cap=...)"
+        )
     return CallLayout(
         plan.q_segments,
         None if plan.config.self_attention else plan.kv_segments,
@@ -263,6 +275,7 @@ def _plan_layout(plan: Any, *, given: dict[str, Any], is_causal: bool, shapes: A
         plan.config.window_size,
         plan.config.max_segments_per_seq,
         plan,
+        plan.config.logits_soft_cap,
     )
 
 
@@ -280,6 +293,7 @@ def layout_of(
     plan: Any,
     max_segments_per_seq: Any,
     padding_id: Any,
+    logits_soft_cap: Any = None,
 ) -> CallLayout:
     """The call's layout: the plan's, or the Segments, mask and window the keywords describe.
 
@@ -292,6 +306,7 @@ def layout_of(
     """
     is_causal = check_bool(is_causal, "is_causal")
     padding_id = check_padding_id(padding_id)
+    cap = check_soft_cap(logits_soft_cap)
     if plan is not None:
         given = dict(
             query_seq_lengths=query_seq_lengths,
@@ -303,7 +318,9 @@ def layout_of(
             padding_id=padding_id or None,
         )
         shapes = (query_shape[:2], key_shape[:2])
-        return _plan_layout(plan, given=given, is_causal=is_causal, shapes=shapes)
+        return _plan_layout(
+            plan, given=given, is_causal=is_causal, shapes=shapes, logits_soft_cap=logits_soft_cap
+        )
     batch, seq_q, seq_kv = query_shape[0], query_shape[1], key_shape[1]
     window = check_local_window(local_window_size)
     lengths = (
@@ -327,7 +344,7 @@ def layout_of(
             side, side_ids, num_segments=num_segments, mask_type=mask_type, padding_id=padding_id
         )
     if len(sides) < 2:  # T = 0 or S = 0: nothing to attend, no Segments
-        return CallLayout(None, None, mask_type, window, num_segments, None)
+        return CallLayout(None, None, mask_type, window, num_segments, None, cap)
     # One layout for both sides (self-attention: cuDNN needs no representability check) when
     # nothing tells them apart: the same ids, positions and lengths (None, or the same array).
     shared = (
@@ -338,4 +355,4 @@ def layout_of(
     )
     q = _segments(q_side, ids[0])
     kv = None if shared else _segments(kv_side, ids[1])
-    return CallLayout(q, kv, mask_type, window, num_segments, None)
+    return CallLayout(q, kv, mask_type, window, num_segments, None, cap)
