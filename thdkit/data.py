@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import grain
+import jax
 import numpy as np
 
 from thdkit._src.limits import MAX_SEGMENTS, MAX_SEQ_LEN
@@ -149,11 +150,16 @@ def _document_lengths(ids: np.ndarray) -> np.ndarray:
 
 
 def _batch_segments(
-    batch: Mapping[str, np.ndarray], *, features: Sequence[str], max_segments_per_seq: int
+    batch: Mapping[str, np.ndarray],
+    *,
+    features: Sequence[str],
+    max_segments_per_seq: int,
+    prefix_feature: str | None = None,
 ) -> Segments:
     """The Segments of a packed batch (document order), after checking it on the host: every
     feature's ids and positions keep the layout rules (ids <= S, one run per document, ids
-    increasing, positions increasing inside each document) and agree across the features."""
+    increasing, positions increasing inside each document) and agree across the features; with
+    ``prefix_feature``, its nonzero tokens mark each document's prefix (its first tokens)."""
     first = features[0]
     ids, pos = batch[first + "_segment_ids"], batch[first + "_positions"]
     try:
@@ -179,7 +185,13 @@ def _batch_segments(
                     "document must have the same length"
                 )
     ids, pos = np.asarray(ids, np.int32), np.asarray(pos, np.int32)
-    return Segments(ids=ids, positions=pos, lengths=_document_lengths(ids))
+    segments = Segments(ids=ids, positions=pos, lengths=_document_lengths(ids))
+    if prefix_feature is None:
+        return segments
+    try:
+        return segments.with_prefix(np.asarray(batch[prefix_feature]) != 0, name=prefix_feature)
+    except ValueError as error:
+        raise ValueError(f"pack: prefix_feature {error}") from None
 
 
 def reorder_batch(
@@ -193,9 +205,9 @@ def reorder_batch(
 
     Every value's last axis is the sequence axis (tokens, segment ids, positions, labels, loss
     weights alike), so all of them stay aligned; a :class:`thdkit.Segments` value (``pack``'s
-    ``batch["segments"]``) is reordered field by field, its lengths staying the whole documents'
-    lengths. The output comes back from :func:`thdkit.context_parallel_attention` in the same
-    order; a token-wise loss over reordered labels needs no inverse
+    ``batch["segments"]``) is reordered field by field, its lengths (and prefix lengths) staying
+    the whole documents'. The output comes back from :func:`thdkit.context_parallel_attention`
+    in the same order; a token-wise loss over reordered labels needs no inverse
     (:func:`thdkit.reorder.unstriped` restores the order otherwise).
 
     Args:
@@ -235,8 +247,7 @@ def reorder_batch(
     for name, value in batch.items():
         try:
             if isinstance(value, Segments):
-                fields = (value.ids, value.positions, value.lengths)
-                out[name] = Segments(*(move(field) for field in fields))
+                out[name] = jax.tree.map(move, value)
             else:
                 out[name] = move(value)
         except ValueError as error:
@@ -251,6 +262,7 @@ def pack(
     max_segments_per_seq: int,
     batch_size: int,
     features: Sequence[str] = ("inputs",),
+    prefix_feature: str | None = None,
     num_packing_bins: int | None = None,
     algorithm: Algorithm = "first_fit",
     shuffle_bins: bool = False,
@@ -284,6 +296,11 @@ def pack(
             ``max_sequences_per_bin``); pass the same S to :func:`thdkit.plan_attention`.
         batch_size: B, rows per batch.
         features: the per-token features to pack (not ``"segments"``, the key of the layout).
+        prefix_feature: None, or one of ``features`` whose nonzero tokens mark each document's
+            prefix (its first tokens by position, e.g. a 0/1 mask over the prompt of a
+            prefix-LM): ``batch["segments"]`` then carries ``prefix_lengths``, which the
+            attention entry points read as prefix-LM masks (docs/semantics.md, "Prefix-LM
+            masks"). A document whose marks are not its first tokens raises while iterating.
         num_packing_bins: rows packed at once (more bins, less padding); None means
             ``batch_size``.
         algorithm: ``"first_fit"`` (``FirstFitPackIterDataset``) or ``"best_fit"``
@@ -300,20 +317,24 @@ def pack(
         dtype; 0 on padding), ``f_segment_ids`` (int32[B, T]; 0 = padding, 1..n <= S documents)
         and ``f_positions`` (int32[B, T]; position inside the document, 0 on padding); and
         ``"segments"``, the batch's :class:`thdkit.Segments` (NumPy int32[B, T] ids, positions
-        and document lengths). Every value is reordered along T when ``cp > 1``.
+        and document lengths, and prefix lengths with ``prefix_feature``). Every value is
+        reordered along T when ``cp > 1``.
 
     Raises:
         TypeError: ``dataset`` not a Grain dataset; a non-int size or ``seed``; ``features`` a
-            str (one name: pass ``("inputs",)``) or not a sequence of str; a non-bool
+            str (one name: pass ``("inputs",)``) or not a sequence of str; a non-str
+            ``prefix_feature``; a non-bool
             ``shuffle_bins`` or ``drop_remainder``; a non-str ``algorithm`` or ``reorder``.
         ValueError: a size below 1, T above :data:`thdkit.MAX_SEQ_LEN`, S above
             :data:`thdkit.MAX_SEGMENTS`, a negative ``seed``, no features, a repeated feature,
-            one named ``"segments"`` or one that collides with another's packed keys, an unknown
+            one named ``"segments"`` or one that collides with another's packed keys, a
+            ``prefix_feature`` not among ``features``, an unknown
             ``algorithm`` or ``reorder``, T not divisible for the reorder, a
             ``grain.MapDataset`` whose first document lacks a feature (each names the
             parameter); while iterating, a document that is not a dict of 1-D arrays of equal
             lengths holding every feature (an ``IterDataset`` is read only then), or a packed
-            batch that breaks the layout rules (naming the key, the row and the token).
+            batch that breaks the layout rules or whose prefix marks are not each document's
+            first tokens (naming the key, the row and the token).
 
     Example:
         >>> docs = [{"inputs": np.arange(1, n + 1)} for n in (3, 2, 4, 1)]
@@ -344,6 +365,16 @@ def pack(
     bins = batch_size if num_packing_bins is None else num_packing_bins
     bins = _positive_int(bins, "num_packing_bins")
     features = _feature_names(features)
+    if prefix_feature is not None:
+        if not isinstance(prefix_feature, str):
+            raise TypeError(
+                f"prefix_feature must be a feature name or None, got "
+                f"{type(prefix_feature).__name__}"
+            )
+        if prefix_feature not in features:
+            raise ValueError(
+                f"prefix_feature must be one of features {features}, got {prefix_feature!r}"
+            )
     packers = {
         "first_fit": grain.experimental.FirstFitPackIterDataset,
         "best_fit": grain.experimental.BestFitPackIterDataset,
@@ -396,7 +427,12 @@ def pack(
     batches = packed.batch(batch_size, drop_remainder=drop_remainder)
 
     def finish(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray | Segments]:
-        segments = _batch_segments(batch, features=features, max_segments_per_seq=num_segments)
+        segments = _batch_segments(
+            batch,
+            features=features,
+            max_segments_per_seq=num_segments,
+            prefix_feature=prefix_feature,
+        )
         batch = {**batch, SEGMENTS: segments}
         if cp == 1:
             return batch

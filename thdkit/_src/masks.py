@@ -16,6 +16,10 @@ causal, padding_causal         ``pos_q[i] >= pos_kv[j]`` (top-left aligned)
 causal_bottom_right,           ``rl_q[i] - pos_q[i] <= rl_kv[j] - pos_kv[j]``
 padding_causal_bottom_right    (bottom-right aligned; rl = run length of the token's run)
 =============================  =========================================================
+
+Prefix-LM masks (Segments with ``prefix_lengths``): a pair of the same document is also allowed
+where both tokens lie in the document's prefix, ``pos_q[i] < P_q[i] and pos_kv[j] < P_kv[j]``,
+whatever ``rel`` and the window say (:func:`in_prefix`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
     from thdkit._src.segments import Segments
 
 __all__ = [
+    "in_prefix",
     "in_window",
     "pair_mask",
     "rel",
@@ -115,6 +120,32 @@ def in_window(
     return inside
 
 
+def in_prefix(
+    pos_q: Int[Array, "..."],
+    pos_kv: Int[Array, "..."],
+    prefix_q: Int[Array, "..."],
+    prefix_kv: Int[Array, "..."],
+) -> Bool[Array, "..."]:
+    """Whether both tokens lie in their documents' prefixes, broadcasting the arguments.
+
+    Args:
+        pos_q, pos_kv: int32 positions inside the documents.
+        prefix_q, prefix_kv: int32 prefix lengths of the tokens' documents (0 = none).
+
+    Returns:
+        bool array of the broadcast shape: ``pos_q < prefix_q and pos_kv < prefix_kv``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> pos = jnp.arange(3)
+        >>> in_prefix(pos[:, None], pos[None, :], 2, 2).astype(int)
+        Array([[1, 1, 0],
+               [1, 1, 0],
+               [0, 0, 0]], dtype=int32)
+    """
+    return (pos_q < prefix_q) & (pos_kv < prefix_kv)
+
+
 def pair_mask(
     q: Segments,
     kv: Segments,
@@ -127,6 +158,8 @@ def pair_mask(
     With ``Segments`` built from whole rows and no window this is ``allowed[]`` of
     docs/semantics.md; ring steps pass the global document lengths instead, which the
     bottom-right rule needs there. Tiles of a layout are ``jax.tree.map`` slices of its Segments.
+    Where both sides carry ``prefix_lengths``, a pair of one document inside its prefix is
+    allowed too, whatever the mask type and window (:func:`in_prefix`).
 
     Args:
         q: the queries' :class:`thdkit.Segments`, int32[*B, T_q] fields.
@@ -144,8 +177,20 @@ def pair_mask(
         Array([[1, 0, 0],
                [1, 1, 0],
                [0, 1, 1]], dtype=int32)
+        >>> pre = seg.with_prefix(jnp.array([True, True, False]))
+        >>> pair_mask(pre, pre, mask_type=MaskType.CAUSAL, window_size=(0, 0)).astype(int)
+        Array([[1, 1, 0],
+               [1, 1, 0],
+               [0, 0, 1]], dtype=int32)
     """
     ids_q, pos_q, rl_q = (a[..., :, None] for a in (q.ids, q.positions, q.lengths))
     ids_kv, pos_kv, rl_kv = (a[..., None, :] for a in (kv.ids, kv.positions, kv.lengths))
-    allowed = (ids_q == ids_kv) & (ids_q != 0) & rel(mask_type, pos_q, pos_kv, rl_q, rl_kv)
-    return allowed & in_window(mask_type, window_size, pos_q, pos_kv, rl_q, rl_kv)
+    same = (ids_q == ids_kv) & (ids_q != 0)
+    ruled = rel(mask_type, pos_q, pos_kv, rl_q, rl_kv) & in_window(
+        mask_type, window_size, pos_q, pos_kv, rl_q, rl_kv
+    )
+    if q.prefix_lengths is not None and kv.prefix_lengths is not None:
+        ruled = ruled | in_prefix(
+            pos_q, pos_kv, q.prefix_lengths[..., :, None], kv.prefix_lengths[..., None, :]
+        )
+    return same & ruled

@@ -318,7 +318,8 @@ def segments_metadata(
     """:func:`seqlens_and_offsets` of checked :class:`thdkit.Segments`: no validation.
 
     The core every entry point that holds Segments calls (a plan, an implementation's
-    auxiliary data); the layouts must be valid (docs/semantics.md).
+    auxiliary data); the layouts must be valid (docs/semantics.md). Segments with
+    ``prefix_lengths`` (prefix-LM masks) have no varlen metadata and are refused.
 
     Args:
         q: the queries' Segments, int32[*B, T_q] fields.
@@ -330,6 +331,9 @@ def segments_metadata(
     Returns:
         :class:`SeqMeta`.
 
+    Raises:
+        ValueError: a side carries ``prefix_lengths``.
+
     Example:
         >>> seg = Segments.from_ids(jnp.array([[1, 1, 1, 2, 2, 0, 0, 3]]),
         ...                         jnp.array([[0, 1, 2, 0, 1, 2, 0, 0]]))
@@ -337,6 +341,13 @@ def segments_metadata(
         ...                   max_segments_per_seq=4).q_offsets
         Array([[ 0,  3,  7, -1, -1]], dtype=int32)
     """
+    for name, side in (("q", q), ("kv", kv)):
+        if side is not None and side.prefix_lengths is not None:
+            raise ValueError(
+                f"the {name} Segments carry prefix_lengths (a prefix-LM mask), which varlen "
+                "metadata cannot describe: a document's prefix attends keys after its queries, "
+                "which no (offset, length) pair of a causal varlen kernel expresses"
+            )
     return _compute(
         (q.ids, q.positions),
         None if kv is None else (kv.ids, kv.positions),

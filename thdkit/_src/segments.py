@@ -6,7 +6,8 @@ document). Attention also needs each token's *document length* (the bottom-right
 compares ``length - position``); computing it once, next to the ids, means no layer recomputes it,
 and context-parallel shards can carry the length of the whole document rather than of their slice.
 
-``Segments`` holds those three int32 ``[*B, T]`` arrays. Build one per batch with a converter:
+``Segments`` holds those three int32 ``[*B, T]`` arrays (and optional prefix lengths). Build one
+per batch with a converter:
 
 - :meth:`Segments.from_ids`: segment ids (0 or -1 marking padding) and optional positions;
 - :meth:`Segments.from_cu_seqlens`: cumulative document lengths (FlashAttention / HF varlen);
@@ -29,7 +30,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Int
+from jaxtyping import Array, ArrayLike, Bool, Int
 
 from thdkit._src.counting import shift
 from thdkit._src.host import JAX, NUMPY, ArrayOps, on_host, readable
@@ -40,12 +41,13 @@ from thdkit._src.validate.inputs import (
     check_cu_seqlens,
     check_not_below,
     check_padding_id,
+    check_rows_start_at_zero,
     field_int32,
     int32_array,
     position_ids_array,
     positions_in_runs,
-    row_label,
 )
+from thdkit._src.validate.prefix import with_prefix
 from thdkit._src.validate.rules import validate_layout
 
 __all__ = [
@@ -58,13 +60,13 @@ __all__ = [
 ]
 
 
-_FIELDS = ("ids", "positions", "lengths")
+_FIELDS = ("ids", "positions", "lengths", "prefix_lengths")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Segments:
-    """One side's packed layout: segment ids, positions and document lengths (a pytree).
+    """One side's packed layout: segment ids, positions, document lengths and prefixes (a pytree).
 
     Attributes:
         ids: int32[*B, T]; 0 = padding, 1..n = the document of each token (one run per document,
@@ -72,6 +74,8 @@ class Segments:
         positions: int32[*B, T]; each token's position inside its document.
         lengths: int32[*B, T]; the length of each token's document (0 on padding): the run length
             in a whole row, the global document length in a context-parallel shard.
+        prefix_lengths: int32[*B, T] or None (no prefix anywhere); each token's document prefix
+            length P (0 = none, and on padding; :meth:`with_prefix`).
 
     Fields given as Python lists are converted to int32 NumPy arrays at construction (a value
     outside int32 raises ``ValueError`` naming the field, a non-integer entry ``TypeError``);
@@ -88,6 +92,7 @@ class Segments:
     ids: Int[Array, "*B T"]
     positions: Int[Array, "*B T"]
     lengths: Int[Array, "*B T"]
+    prefix_lengths: Int[Array, "*B T"] | None = None
 
     def __post_init__(self) -> None:
         # Python lists become int32 NumPy arrays, their values checked against int32 first;
@@ -115,8 +120,9 @@ class Segments:
         segment_pos: Int[ArrayLike, "*B T"] | None = None,
         *,
         padding_id: int = 0,
+        prefix: Bool[ArrayLike, "*B T"] | None = None,
     ) -> Segments:
-        """Segments from per-token segment ids and (optionally) positions.
+        """Segments from per-token segment ids and (optionally) positions and prefix flags.
 
         When the inputs are concrete the layout rules that need neither
         ``max_segments_per_seq`` nor a mask type are checked (each document one run, ids
@@ -131,22 +137,23 @@ class Segments:
             padding_id: 0 (ids 1..n are documents: thdkit's, Grain's and cuDNN's convention) or
                 -1 (ids 0..n-1 are documents: splash attention's and kvax's); -1 shifts every id
                 up by one.
+            prefix: bool[*B, T] or None; True on each document's prefix (:meth:`with_prefix`).
 
         Returns:
             :class:`Segments` with int32[*B, T] fields.
 
         Raises:
-            TypeError: non-integer arrays, or a ``padding_id`` that is not an int.
+            TypeError: non-integer arrays (non-bool ``prefix``), or a non-int ``padding_id``.
             ValueError: shapes (scalars, empty rows, ids and positions of different shapes),
                 ``padding_id`` other than 0 or -1, an id below ``padding_id``, or (concrete inputs)
-                a broken layout rule, naming the parameter, the row and the token.
+                a broken layout rule (or prefix flags), naming the parameter, row and token.
 
         Example:
             >>> seg = Segments.from_ids(jnp.array([0, 0, 1, 1, -1]), padding_id=-1)
             >>> seg.ids, seg.positions
             (Array([1, 1, 2, 2, 0], dtype=int32), Array([0, 1, 0, 1, 0], dtype=int32))
         """
-        return segments_from_ids(segment_ids, segment_pos, padding_id=padding_id)
+        return segments_from_ids(segment_ids, segment_pos, padding_id=padding_id, prefix=prefix)
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: Int[ArrayLike, "*B N1"], *, total_len: int) -> Segments:
@@ -235,11 +242,13 @@ class Segments:
         """
         pos = position_ids_array(position_ids)
         if is_concrete(pos):
-            _check_rows_start_at_zero(np.asarray(pos))
+            check_rows_start_at_zero(np.asarray(pos))
         first = jnp.broadcast_to(jnp.arange(pos.shape[-1]) == 0, pos.shape)
         # Ids 1, 2, ... by construction: one run each, increasing (rules 3 and 4 hold).
         ids = jnp.cumsum((pos == 0) | first, axis=-1, dtype=jnp.int32)
         return cls(ids, pos, run_lengths(ids))
+
+    with_prefix = with_prefix  # a method: thdkit._src.validate.prefix.with_prefix
 
     def with_global_lengths(self, *, axis_name: str, max_segments_per_seq: int) -> Segments:
         """Inside ``shard_map``: the lengths of whole documents across the shards of ``axis_name``.
@@ -277,24 +286,12 @@ class Segments:
         return dataclasses.replace(self, lengths=lengths)
 
 
-def _check_rows_start_at_zero(pos: np.ndarray) -> None:
-    firsts = pos.reshape(-1, pos.shape[-1])[:, 0]
-    bad = np.flatnonzero(firsts != 0)
-    if bad.size:
-        row = int(bad[0])
-        raise ValueError(
-            f"position_ids {row_label(row, pos.shape[:-1])}, token 0: position {int(firsts[row])}"
-            " where a row must start with 0; a document starts where the position is 0 (as in "
-            "Hugging Face's prepare_fa_kwargs_from_position_ids), so the tokens before this "
-            "row's first 0 would belong to no document of the row"
-        )
-
-
 def segments_from_ids(
     segment_ids: Int[ArrayLike, "*B T"],
     segment_pos: Int[ArrayLike, "*B T"] | None = None,
     *,
     padding_id: int = 0,
+    prefix: Bool[ArrayLike, "*B T"] | None = None,
     name: str = "segment_ids",
 ) -> Segments:
     """:meth:`Segments.from_ids`, its messages naming the ids ``name`` (the caller's parameter:
@@ -326,6 +323,8 @@ def segments_from_ids(
         # S is not known here: ids <= S and rule 6 (mask-dependent) are checked by the plan.
         validate_layout(ids, pos, max_segments_per_seq=None, mask_type="padding", name=name)
     segments = Segments(ids, pos, run_lengths(ids))
+    if prefix is not None:
+        segments = segments.with_prefix(readable(prefix) if to_device else prefix, name="prefix")
     return jax.device_put(segments) if to_device else segments
 
 

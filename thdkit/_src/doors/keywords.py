@@ -66,6 +66,7 @@ def _checked(
         seq_kv=q.seq_len if kv is None else kv.seq_len,
         self_attention=kv is None,
         logits_soft_cap=logits_soft_cap,
+        prefix=any(side is not None and side.prefix_lengths is not None for side in (q, kv)),
     )
     base.check_name(implementation)
     if kv is not None and kv.ids.shape[0] != q.ids.shape[0]:
@@ -108,7 +109,10 @@ def plan_attention(
     and refused for traced ones. At call time the first candidate that takes the arrays runs.
 
     Args:
-        q_segments: :class:`thdkit.Segments` of the queries, int32[B, T_q] fields.
+        q_segments: :class:`thdkit.Segments` of the queries, int32[B, T_q] fields; with
+            ``prefix_lengths`` (:meth:`thdkit.Segments.with_prefix`) the plan is of prefix-LM
+            masks (docs/semantics.md, "Prefix-LM masks"), which only the implementations that
+            declare ``"prefix"`` run.
         kv_segments: of the keys/values, int32[B, T_kv] fields, or None for self-attention.
         mask_type: a :class:`thdkit.MaskType` or its name.
         window_size: ``(left, right)`` or None; a bound that is None, negative or ``>= 2**31 - 1``

@@ -70,6 +70,7 @@ __all__ = [
 
 FEATURES = {
     "logits_soft_cap": "soft-capped logits (AttentionConfig.logits_soft_cap)",
+    "prefix": "per-document prefix-LM masks (Segments.prefix_lengths)",
 }
 """The optional features an implementation may declare in ``features``, with what each is."""
 

@@ -61,7 +61,8 @@ def check_soft_cap(logits_soft_cap: Any) -> float | None:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-    """Mask type, window, S, tile sizes, whether the keys share the queries' layout, soft cap.
+    """Mask type, window, S, tile sizes, whether the keys share the queries' layout, soft cap,
+    prefix.
 
     Attributes:
         mask_type: the parsed :class:`thdkit.MaskType`.
@@ -75,6 +76,8 @@ class AttentionConfig:
         logits_soft_cap: ``cap`` of the logits' soft cap ``cap * tanh(logit / cap)``, applied
             after the scale and before the mask (docs/semantics.md, "Soft-capped logits"), or
             None for none.
+        prefix: whether the layout carries document prefixes (``prefix_lengths`` on either
+            side's Segments): prefix-LM masks, docs/semantics.md, "Prefix-LM masks".
     """
 
     mask_type: MaskType
@@ -84,12 +87,15 @@ class AttentionConfig:
     block_kv: int | None
     self_attention: bool
     logits_soft_cap: float | None = None
+    prefix: bool = False
 
     @property
     def features(self) -> frozenset[str]:
         """The optional features this configuration asks of an implementation (those of
-        ``Implementation.features``): ``"logits_soft_cap"`` where a cap is set."""
-        return frozenset({"logits_soft_cap"} if self.logits_soft_cap is not None else ())
+        ``Implementation.features``): ``"logits_soft_cap"`` where a cap is set, ``"prefix"``
+        where the layout carries document prefixes."""
+        asked = {"logits_soft_cap": self.logits_soft_cap is not None, "prefix": self.prefix}
+        return frozenset(name for name, on in asked.items() if on)
 
     @classmethod
     def parse(
@@ -104,6 +110,7 @@ class AttentionConfig:
         seq_kv: int | None = None,
         self_attention: bool = True,
         logits_soft_cap: Any = None,
+        prefix: bool = False,
     ) -> AttentionConfig:
         """Checks every option once and resolves the tile sizes for rows of these lengths.
 
@@ -118,6 +125,7 @@ class AttentionConfig:
                 given, checked, where they are None).
             self_attention: whether the keys share the queries' layout.
             logits_soft_cap: a positive finite float, or None (:func:`check_soft_cap`).
+            prefix: whether either side's Segments carries ``prefix_lengths``.
 
         Returns:
             :class:`AttentionConfig`.
@@ -133,7 +141,7 @@ class AttentionConfig:
             ...     max_segments_per_seq=4, seq_q=8, seq_kv=8, self_attention=True)
             AttentionConfig(mask_type=<MaskType.CAUSAL: 'causal'>, window_size=(None, 0),
                             max_segments_per_seq=4, block_q=8, block_kv=8, self_attention=True,
-                            logits_soft_cap=None)
+                            logits_soft_cap=None, prefix=False)
         """
         mask = MaskType.parse(mask_type)
         window = check_window(window_size)
@@ -150,4 +158,6 @@ class AttentionConfig:
                 for b, seq in ((block_q, seq_q), (block_kv, seq_kv))
             )
         cap = check_soft_cap(logits_soft_cap)
-        return cls(mask, window, num_segments, block_q, block_kv, bool(self_attention), cap)
+        return cls(
+            mask, window, num_segments, block_q, block_kv, bool(self_attention), cap, bool(prefix)
+        )

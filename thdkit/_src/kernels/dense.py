@@ -21,7 +21,7 @@ class Dense(Implementation):
     """
 
     name = "reference"
-    features = frozenset({"logits_soft_cap"})
+    features = frozenset({"logits_soft_cap", "prefix"})
     prepares_on_host = True  # it prepares nothing
 
     def forward(self, query, key, value, q, kv, aux, config, *, scale):

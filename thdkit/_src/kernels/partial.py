@@ -90,7 +90,9 @@ def attention_partial(
         value: float[B, T_kv, H_kv, D_v].
         q_segments: the queries' :class:`thdkit.Segments`, int32[B, T_q] fields; ``lengths`` as
             the bottom-right rule reads them (run lengths, or the global document lengths in a
-            context-parallel shard: :meth:`thdkit.Segments.with_global_lengths`).
+            context-parallel shard: :meth:`thdkit.Segments.with_global_lengths`); with
+            ``prefix_lengths`` on both sides, prefix pairs are allowed (docs/semantics.md,
+            "Prefix-LM masks").
         kv_segments: the same for keys/values, int32[B, T_kv] fields.
         mask_type: a ``MaskType`` or its name.
         window_size: ``(left, right)`` or None (``check_window``).
@@ -112,7 +114,8 @@ def attention_partial(
     Raises:
         ValueError: an implementation that returns no log-sum-exp, or an unknown one.
         NotImplementedError: the implementation cannot run this configuration or these arrays
-            (one that does not implement the soft cap included).
+            (one that does not implement the soft cap, or prefix-LM masks where the Segments
+            carry ``prefix_lengths``, included).
 
     Example:
         >>> seg = Segments.from_ids(jnp.array([[1, 1, 1, 0, 2, 2, 2, 2]]))
@@ -137,6 +140,7 @@ def attention_partial(
         seq_kv=seq_kv,
         self_attention=False,
         logits_soft_cap=logits_soft_cap,
+        prefix=q_segments.prefix_lengths is not None or kv_segments.prefix_lengths is not None,
     )
     candidate = base.get(name)
     try:

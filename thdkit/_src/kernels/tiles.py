@@ -108,7 +108,11 @@ def kv_spans(
     bottom-right types and for no_mask/padding without a window, a superset otherwise (the right
     bound of a window is not applied). For a segment absent from the key row both ends are where
     its run would start, so the ends never decrease along a query row: the span of a query tile is
-    the lo of its first non-padding token to the hi of its last.
+    the lo of its first non-padding token to the hi of its last. With prefix-LM masks
+    (``prefix_lengths`` on both sides) a token inside its document's prefix spans from the run's
+    first key to at least the end of the key prefix: exact without a left window (a superset
+    with one, the hull of the two intervals); the ends of prefix tokens may then exceed those of
+    later tokens (cross attention with a longer key prefix), which :func:`tile_ranges` reads.
 
     Args:
         tokens: int32[B, K]; indices of query tokens, per row.
@@ -152,18 +156,31 @@ def kv_spans(
         threshold = threshold - (at(rl_q, tokens) - at(rl_kv, first))
     above = xp.clip(threshold, -1, _THRESHOLD_MAX - 1) + 1
     left = window_bound(window_size, 0)
-    if left is None:
-        return start, first_at_least(pos_kv, start, end, above, ops=ops)
-    # threshold - left where positive, else 0 (the same search); no int32 overflow.
-    lowest = xp.minimum(xp.maximum(threshold, left) - left, _THRESHOLD_MAX)
-    both = first_at_least(
+    # Prefix-LM masks: a query token inside its document's prefix also attends the keys of the
+    # document's key prefix, the run's first keys up to the first at position >= P_kv.
+    prefix = q.prefix_lengths is not None and kv.prefix_lengths is not None
+    bounds = [above]
+    if prefix:
+        bounds.append(xp.clip(at(kv.prefix_lengths, first), 0, _THRESHOLD_MAX))
+    if left is not None:
+        # threshold - left where positive, else 0 (the same search); no int32 overflow.
+        bounds.append(xp.minimum(xp.maximum(threshold, left) - left, _THRESHOLD_MAX))
+    found = first_at_least(
         pos_kv,
-        xp.concatenate([start, start], axis=-1),
-        xp.concatenate([end, end], axis=-1),
-        xp.concatenate([lowest, above], axis=-1),
+        xp.concatenate([start] * len(bounds), axis=-1),
+        xp.concatenate([end] * len(bounds), axis=-1),
+        xp.concatenate(bounds, axis=-1),
         ops=ops,
     )
-    return both[:, : tokens.shape[-1]], both[:, tokens.shape[-1] :]
+    k = tokens.shape[-1]
+    hi = found[:, :k]
+    lo = found[:, -k:] if left is not None else start
+    if prefix:
+        prefix_end = found[:, k : 2 * k]
+        inside = (at(pos_q, tokens) < at(q.prefix_lengths, tokens)) & (prefix_end > start)
+        hi = xp.where(inside, xp.maximum(hi, prefix_end), hi)
+        lo = xp.where(inside, start, lo)
+    return lo, hi
 
 
 def pad_tokens(x: Array, length: int, fill: float = 0, *, ops: ArrayOps = JAX) -> Array:
@@ -200,7 +217,9 @@ def tile_ranges(
     """The contiguous range of key tiles each query tile of the blockwise method visits.
 
     O(T) passes (run lengths, per-tile first/last non-padding token) and a binary search per tile
-    end; no [T_q, T_kv] array. Every allowed pair lies inside a visited tile.
+    end; no [T_q, T_kv] array. Every allowed pair lies inside a visited tile. With prefix-LM
+    masks (``prefix_lengths`` on both sides) the spans of each tile's first and last tokens
+    inside a prefix join those of its first and last tokens.
 
     Args:
         q: the queries' :class:`thdkit.Segments`, int32[B, T_q] fields.
@@ -231,20 +250,7 @@ def tile_ranges(
     batch, seq_q = q.ids.shape
     num_q = -(-seq_q // block_q)
     nonpad = pad_tokens(q.ids, num_q * block_q, ops=ops).reshape(batch, num_q, block_q) != 0
-    base = xp.arange(num_q, dtype=np.int32)[None, :] * block_q
-    first = base + xp.argmax(nonpad, axis=-1).astype(np.int32)
-    last = base + block_q - 1 - xp.argmax(nonpad[..., ::-1], axis=-1).astype(np.int32)
-    last = xp.minimum(last, seq_q - 1)
-    lo, hi = kv_spans(
-        xp.concatenate([first, last], axis=-1),
-        q,
-        kv,
-        mask_type=mask_type,
-        window_size=window_size,
-        ops=ops,
-    )
-    lo, hi = lo[:, :num_q], hi[:, num_q:]
-    empty = ~xp.any(nonpad, axis=-1) | (hi <= lo)
+    lo, hi, empty = _tile_ends(q, kv, nonpad, mask_type, window_size, block_q, ops)
     return TileRanges(
         lo=xp.where(empty, 0, lo // block_kv).astype(np.int32),
         hi=xp.where(empty, 0, -(-hi // block_kv)).astype(np.int32),
@@ -252,3 +258,46 @@ def tile_ranges(
         block_q=block_q,
         block_kv=block_kv,
     )
+
+
+def _tile_ends(
+    q: Segments,
+    kv: Segments,
+    nonpad: Array,
+    mask_type: MaskType,
+    window_size: Window,
+    block_q: int,
+    ops: ArrayOps,
+) -> tuple[Array, Array, Array]:
+    """Key token ``[lo, hi)`` of each query tile, and which tiles visit nothing.
+
+    The ends of the spans increase along the row, except that a token inside its document's
+    prefix may reach further: so the tile's ends are those of its first and last non-padding
+    tokens and, with prefixes, of its first and last tokens inside a prefix (a prefix token's
+    span starts at its document's first key, and reaches the end of the key prefix, which
+    grows from document to document).
+    """
+    xp = ops.xp
+    batch, num_q, _ = nonpad.shape
+    seq_q = q.ids.shape[-1]
+    masks = [nonpad]
+    prefix = q.prefix_lengths is not None and kv.prefix_lengths is not None
+    if prefix:
+        inside = q.positions < q.prefix_lengths
+        masks.append(nonpad & (pad_tokens(inside, num_q * block_q, ops=ops).reshape(nonpad.shape)))
+    base = xp.arange(num_q, dtype=np.int32)[None, :] * block_q
+    ends = []
+    for mask in masks:
+        first = base + xp.argmax(mask, axis=-1).astype(np.int32)
+        last = base + block_q - 1 - xp.argmax(mask[..., ::-1], axis=-1).astype(np.int32)
+        ends += [first, xp.minimum(last, seq_q - 1)]
+    lo, hi = kv_spans(
+        xp.concatenate(ends, axis=-1), q, kv, mask_type=mask_type, window_size=window_size, ops=ops
+    )
+    lo, hi = (x.reshape(batch, len(ends), num_q) for x in (lo, hi))
+    tile_lo, tile_hi = lo[:, 0], hi[:, 1]
+    if prefix:
+        has = xp.any(masks[1], axis=-1)
+        tile_lo = xp.where(has, xp.minimum(tile_lo, lo[:, 2]), tile_lo)
+        tile_hi = xp.where(has, xp.maximum(tile_hi, hi[:, 3]), tile_hi)
+    return tile_lo, tile_hi, ~xp.any(nonpad, axis=-1) | (tile_hi <= tile_lo)

@@ -26,6 +26,7 @@ __all__ = [
     "check_cu_seqlens",
     "check_not_below",
     "check_padding_id",
+    "check_rows_start_at_zero",
     "checked_pair",
     "field_int32",
     "int32_array",
@@ -418,3 +419,17 @@ def position_ids_array(position_ids: ArrayLike) -> Array:
             )
     pos, _ = as_layout(x, x, name=name)  # dtype and shape checks; the values passed above
     return pos
+
+
+def check_rows_start_at_zero(pos: np.ndarray) -> None:
+    """Raises for the first row of ``position_ids`` that does not start with position 0."""
+    firsts = pos.reshape(-1, pos.shape[-1])[:, 0]
+    bad = np.flatnonzero(firsts != 0)
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(
+            f"position_ids {row_label(row, pos.shape[:-1])}, token 0: position {int(firsts[row])}"
+            " where a row must start with 0; a document starts where the position is 0 (as in "
+            "Hugging Face's prepare_fa_kwargs_from_position_ids), so the tokens before this "
+            "row's first 0 would belong to no document of the row"
+        )

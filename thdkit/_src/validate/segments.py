@@ -17,11 +17,12 @@ from thdkit._src.limits import MAX_SEQ_LEN, check_bool, check_max_segments, is_c
 from thdkit._src.mask_types import MaskType
 from thdkit._src.segments import Segments
 from thdkit._src.validate.inputs import as_layout, row_label
+from thdkit._src.validate.prefix import check_prefix_lengths
 from thdkit._src.validate.rules import validate_layout
 
 __all__ = ["as_segments", "validate_segments"]
 
-_FIELDS = ("ids", "positions", "lengths")
+_FIELDS = ("ids", "positions", "lengths", "prefix_lengths")
 
 
 def as_segments(segments: Any, name: str, *, rows: bool = False) -> Segments:
@@ -54,6 +55,8 @@ def as_segments(segments: Any, name: str, *, rows: bool = False) -> Segments:
         )
     for field in _FIELDS:
         value = getattr(segments, field)
+        if field == "prefix_lengths" and value is None:
+            continue  # no prefix anywhere
         if not isinstance(value, (jax.Array, np.ndarray)):
             raise TypeError(
                 f"{name}.{field} must be a JAX or NumPy array (or a list, converted when the "
@@ -72,12 +75,12 @@ def validate_segments(
     mask_type: MaskType | str | None = None,
     global_lengths: bool = False,
 ) -> None:
-    """Checks a :class:`Segments` as a whole: its three fields, and their values when concrete.
+    """Checks a :class:`Segments` as a whole: its fields, and their values when concrete.
 
     Always (also under ``jit``, ``vmap`` and ``shard_map``, where the fields are traced):
 
     - ``segments`` is a :class:`Segments` and each field a JAX or NumPy array;
-    - ``lengths`` is int32 and has the shape of ``ids``;
+    - ``lengths`` (and ``prefix_lengths`` when not None) is int32 and has the shape of ``ids``;
     - ids and positions have integer dtypes and one shape, at least 1-D, with
       ``1 <= T <= MAX_SEQ_LEN`` (:func:`thdkit._src.validate.rules.as_layout`);
     - ``max_segments_per_seq`` and ``mask_type``, when given, are valid.
@@ -93,7 +96,9 @@ def validate_segments(
       each run; with ``global_lengths=False`` (a whole row) it equals the run's length; with
       ``global_lengths=True`` (a context-parallel shard, lengths of whole documents as
       :meth:`Segments.with_global_lengths` computes them) it is at least the run's length and
-      at most ``MAX_SEQ_LEN``.
+      at most ``MAX_SEQ_LEN``;
+    - ``prefix_lengths``, when not None (named ``{name}.prefix_lengths``), is 0 on padding, in
+      ``[0, length]`` and the same for every token of a document.
 
     Args:
         segments: the :class:`Segments` to check, int32[*B, T] fields.
@@ -105,8 +110,9 @@ def validate_segments(
 
     Raises:
         TypeError: ``segments`` is not a :class:`Segments`, a field is not an array, ids or
-            positions not of an integer dtype, ``lengths`` not int32, ``name`` not a str,
-            ``global_lengths`` not a bool, a bad ``max_segments_per_seq`` or ``mask_type``.
+            positions not of an integer dtype, ``lengths`` or ``prefix_lengths`` not int32,
+            ``name`` not a str, ``global_lengths`` not a bool, a bad ``max_segments_per_seq`` or
+            ``mask_type``.
         ValueError: shapes that differ (or a scalar, or an empty row), a bad
             ``max_segments_per_seq`` or ``mask_type`` value, or a broken rule: one message naming
             the field, the row (its index in the batch dims) and the token.
@@ -137,6 +143,18 @@ def validate_segments(
             f"{name}.lengths must have the shape of {name}.ids, {tuple(ids.shape)}, got "
             f"{tuple(lengths.shape)}"
         )
+    prefix = segments.prefix_lengths
+    if prefix is not None:
+        if prefix.dtype != np.int32:
+            raise TypeError(
+                f"{name}.prefix_lengths must be int32 (each token's document prefix length), got "
+                f"dtype {prefix.dtype}"
+            )
+        if prefix.shape != ids.shape:
+            raise ValueError(
+                f"{name}.prefix_lengths must have the shape of {name}.ids, {tuple(ids.shape)}, "
+                f"got {tuple(prefix.shape)}"
+            )
     num_segments = (
         None if max_segments_per_seq is None else check_max_segments(max_segments_per_seq)
     )
@@ -149,6 +167,13 @@ def validate_segments(
     validate_layout(ids, pos, max_segments_per_seq=num_segments, mask_type=mask, name=name)
     if is_concrete(lengths):
         _check_lengths(np.asarray(ids), np.asarray(lengths), name, global_lengths=global_lengths)
+        if prefix is not None and is_concrete(prefix):
+            check_prefix_lengths(
+                np.asarray(ids),
+                np.asarray(lengths),
+                np.asarray(readable(prefix)),
+                name=f"{name}.prefix_lengths",
+            )
 
 
 def _check_lengths(
