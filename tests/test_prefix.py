@@ -8,6 +8,7 @@ of the ``prefix_lengths`` field, packing, isolation and context parallelism.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import grain
@@ -424,28 +425,58 @@ def test_pack_refuses_marks_that_are_not_the_first_tokens():
 # --- Context parallelism -------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="context parallelism does not carry prefix_lengths through its gathers, nor the "
-    "prefix pairs into the ring's step skipping, nor refuses the prefix: wrong results",
-)
+@pytest.mark.parametrize("order", ["plain", "striped"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_context_parallel_attention_matches_one_device(strategy):
+def test_context_parallel_attention_matches_one_device(strategy, order):
+    """Outputs and gradients on four ranks (two for all-to-all) equal one device's: the prefix
+    lengths travel with the shards, and the ring runs the steps whose only pairs are prefix
+    pairs (a prefix query attends later keys, which a causal schedule alone would skip)."""
+    cp = 2 if strategy == "all_to_all" else 4  # all_to_all splits the 2 key/value heads
+    lay = prefix_layout(False)
+    q_seg, _ = sides(lay)
+    q, k, v, w = (jnp.asarray(a) for a in layout_inputs(lay, seed=5)[:4])
+    plan = thdkit.plan_attention(
+        q_seg, mask_type="causal", max_segments_per_seq=S, implementation="reference"
+    )
+
+    def one_device(q, k, v):
+        return jnp.sum(thdkit.attention(q, k, v, scale=SCALE, plan=plan) * w)
+
+    mesh = Mesh(np.array(jax.devices()[:cp]), ("cp",))
+    if order == "striped":
+        forward = lambda x, axis=-1: thdkit.reorder.striped(x, cp=cp, axis=axis)  # noqa: E731
+        back = lambda x: thdkit.reorder.unstriped(x, cp=cp, axis=1)  # noqa: E731
+    else:
+        forward, back = (lambda x, axis=-1: x), (lambda x: x)
+    shards = jax.tree.map(forward, q_seg)
+
+    def parallel(q, k, v):
+        out = thdkit.context_parallel_attention(
+            *(forward(x, axis=1) for x in (q, k, v)), q_segments=shards, mask_type="causal",
+            max_segments_per_seq=S, mesh=mesh, axis_name="cp", strategy=strategy, scale=SCALE,
+        )  # fmt: skip
+        return jnp.sum(back(out) * w)
+
+    want = jax.value_and_grad(one_device, (0, 1, 2))(q, k, v)
+    got = jax.value_and_grad(parallel, (0, 1, 2))(q, k, v)
+    for g, x in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, x, atol=2e-5, rtol=2e-5)
+
+
+def test_a_strategy_without_the_prefix_is_refused():
+    """A strategy written outside that does not declare "prefix" never drops it silently."""
     lay = prefix_layout(False)
     q_seg, _ = sides(lay)
     q, k, v = (jnp.asarray(a) for a in layout_inputs(lay, seed=5)[:3])
-    want = thdkit.attention(
-        q, k, v, scale=SCALE,
-        plan=thdkit.plan_attention(
-            q_seg, mask_type="causal", max_segments_per_seq=S, implementation="reference"
-        ),
-    )  # fmt: skip
-    mesh = Mesh(np.array(jax.devices()[:2]), ("cp",))
-    striped = jax.tree.map(lambda a: thdkit.reorder.striped(a, cp=2), q_seg)
-    got = thdkit.context_parallel_attention(
-        *(thdkit.reorder.striped(x, cp=2, axis=1) for x in (q, k, v)),
-        q_segments=striped, mask_type="causal", max_segments_per_seq=S, mesh=mesh,
-        axis_name="cp", strategy=strategy, scale=SCALE,
-    )  # fmt: skip
-    got = thdkit.reorder.unstriped(got, cp=2, axis=1)
-    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    ring = thdkit.context_parallel.get("ring")
+    mine = dataclasses.replace(ring, name="no_prefix", features=frozenset({"sinks"}))
+    thdkit.context_parallel.register(mine)
+    try:
+        with pytest.raises(NotImplementedError, match=r"no_prefix.*prefix-LM"):
+            thdkit.context_parallel_attention(
+                q, k, v, q_segments=q_seg, mask_type="causal", max_segments_per_seq=S,
+                mesh=Mesh(np.array(jax.devices()[:2]), ("cp",)), axis_name="cp",
+                strategy="no_prefix",
+            )  # fmt: skip
+    finally:
+        thdkit.context_parallel.unregister("no_prefix")

@@ -27,6 +27,8 @@ against one visiting shard for the ring.
 
 from __future__ import annotations
 
+import dataclasses
+
 from jax import lax
 from jaxtyping import Array
 
@@ -74,7 +76,7 @@ def all_gather_local(config: StrategyConfig) -> LocalBody:
         if self_attention:  # the whole row is here: no collective for the lengths
             counts = segment_counts(kv_row.ids, num_segments=config.max_segments_per_seq)
             lengths = lengths_from_counts(q_segments.ids, counts)
-            q_segments = Segments(q_segments.ids, q_segments.positions, lengths)
+            q_segments = dataclasses.replace(q_segments, lengths=lengths)
         else:
             q_segments = with_document_lengths(q_segments, config)
         out, lse = attention_partial(
@@ -139,7 +141,7 @@ ALL_GATHER = Strategy(
     local=all_gather_local,
     traffic=all_gather_traffic,
     work=all_gather_work,
-    features=frozenset({"logits_soft_cap", "sinks"}),
+    features=frozenset({"logits_soft_cap", "sinks", "prefix"}),
 )
 """Keys and values gathered once, one collective step each way; memory: the whole row's keys and
 values on every device."""

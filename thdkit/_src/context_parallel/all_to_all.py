@@ -173,7 +173,7 @@ ALL_TO_ALL = Strategy(
     traffic=all_to_all_traffic,
     work=all_to_all_work,
     check=check_heads,
-    features=frozenset({"logits_soft_cap", "sinks"}),
+    features=frozenset({"logits_soft_cap", "sinks", "prefix"}),
 )
 """Heads exchanged for tokens (Ulysses): two collective steps each way; cp must divide H_q and
 H_kv; memory: as much as the shards."""

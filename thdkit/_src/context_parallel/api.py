@@ -17,6 +17,8 @@ concrete shard's layout) and runs the strategy chosen from
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Float, Int
@@ -244,9 +246,10 @@ def _attention(
     )
     # The optional features, refused here rather than ignored: the strategy's, then the local
     # attention's (which sinks do not concern: they join outside it, through its lse).
-    check_features(chosen, config, sinks=sinks is not None)
+    prefix = any(r is not None and r.prefix_lengths is not None for r in (rows_q, rows_kv))
+    check_features(chosen, config, sinks=sinks is not None, prefix=prefix)
     try:
-        base.check_features(base.get(implementation), options)
+        base.check_features(base.get(implementation), dataclasses.replace(options, prefix=prefix))
     except NotImplementedError as reason:
         raise no_candidate({implementation: str(reason)}) from None
     if query.shape[0] == 0:

@@ -53,6 +53,7 @@ StrategyName: TypeAlias = Literal["ring", "all_gather", "all_to_all"] | str
 FEATURES = {
     "logits_soft_cap": "soft-capped logits (StrategyConfig.logits_soft_cap)",
     "sinks": "attention sinks (the body's sinks keyword)",
+    "prefix": "per-document prefix-LM masks (Segments.prefix_lengths, carried to every shard)",
 }
 """The optional features a strategy may declare in ``Strategy.features``, with what each is."""
 
@@ -268,7 +269,9 @@ class Strategy:
     features: frozenset[str] = frozenset()
 
 
-def check_features(strategy: Strategy, config: StrategyConfig, *, sinks: bool) -> None:
+def check_features(
+    strategy: Strategy, config: StrategyConfig, *, sinks: bool, prefix: bool = False
+) -> None:
     """Raises NotImplementedError where the call asks for a feature the strategy does not
     declare in ``Strategy.features``, naming the strategy and each missing feature.
 
@@ -276,6 +279,7 @@ def check_features(strategy: Strategy, config: StrategyConfig, *, sinks: bool) -
         strategy: the strategy chosen.
         config: its configuration (:attr:`StrategyConfig.features`).
         sinks: whether the call has attention sinks.
+        prefix: whether the layout carries document prefixes.
 
     Raises:
         NotImplementedError: a feature asked for and not declared.
@@ -290,7 +294,7 @@ def check_features(strategy: Strategy, config: StrategyConfig, *, sinks: bool) -
         ...
         NotImplementedError: strategy='mine' does not implement soft-capped logits (...), ...
     """
-    asked = config.features | (frozenset({"sinks"}) if sinks else frozenset())
+    asked = config.features | {name for name, on in (("sinks", sinks), ("prefix", prefix)) if on}
     missing = sorted(asked - frozenset(strategy.features))
     if missing:
         listed = ", ".join(FEATURES.get(name, name) for name in missing)

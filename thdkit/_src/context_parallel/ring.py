@@ -101,16 +101,29 @@ def merge_partials(out: Array, lse: Array, out_k: Array, lse_k: Array) -> Partia
 def _build_core(config: StrategyConfig) -> Callable[..., Partial]:
     """The per-device ring (forward and backward rings) for one configuration.
 
-    The returned function takes local shards ``(q, k, v, q_segments, kv_segments, runs)``, the
-    :class:`thdkit.Segments` carrying global document lengths and ``runs`` bool[cp] (step k
-    runs), and returns the merged float32 ``(out, lse)`` of the shard, differentiable through
-    both.
+    The returned function takes local shards ``(q, k, v, q_segments, kv_segments, runs,
+    last)``, the :class:`thdkit.Segments` carrying global document lengths, ``runs`` bool[cp]
+    (step k runs) and ``last`` int32[] (the last step any rank runs, the same on every rank),
+    and returns the merged float32 ``(out, lse)`` of the shard, differentiable through both.
+    The keys move ``last`` times forward; backward they move ``last`` times with their
+    gradients, which then go home in one move: a batch whose documents are all rank-local moves
+    nothing.
     """
     cp = config.cp
-    perm = [(j, (j + 1) % cp) for j in range(cp)]
+
+    def shift(tree: Any, by: int) -> Any:
+        """Each rank's ``tree`` sent ``by`` ranks on round the ring."""
+        perm = [(j, (j + by) % cp) for j in range(cp)]
+        return jax.tree.map(lambda a: lax.ppermute(a, config.axis_name, perm), tree)
 
     def rotate(tree: Any) -> Any:
-        return jax.tree.map(lambda a: lax.ppermute(a, config.axis_name, perm), tree)
+        return shift(tree, 1)
+
+    def home(tree: Any, last: Array) -> Any:
+        """Buffers that travelled ``last`` ranks on, sent back in one move (``last`` is the same
+        on every rank: every rank takes the same branch)."""
+        branches = [lambda t: t] + [lambda t, k=k: shift(t, -k) for k in range(1, cp)]
+        return lax.switch(last, branches, tree)
 
     def partial(q: Array, k: Array, v: Array, q_segments: Segments, kv_segments: Segments):
         return attention_partial(
@@ -126,7 +139,7 @@ def _build_core(config: StrategyConfig) -> Callable[..., Partial]:
             logits_soft_cap=config.logits_soft_cap,
         )
 
-    def forward(q, k, v, q_segments, kv_segments, runs) -> Partial:
+    def forward(q, k, v, q_segments, kv_segments, runs, last) -> Partial:
         batch, n_q, heads, _ = q.shape
         out = jnp.zeros((batch, n_q, heads, v.shape[-1]), jnp.float32)
         lse = jnp.full((batch, n_q, heads), -jnp.inf, jnp.float32)
@@ -137,28 +150,30 @@ def _build_core(config: StrategyConfig) -> Callable[..., Partial]:
 
             return lax.cond(runs[step], run, lambda out, lse: (out, lse), out, lse)
 
-        def body(carry, step):
-            out, lse, kv = carry
+        def body(carry):
+            step, out, lse, kv = carry
             # Sent before the step's compute so that the transfer can overlap it.
             incoming = rotate(kv)
             out, lse = visit(step, out, lse, kv)
-            return (out, lse, incoming), None
+            return step + 1, out, lse, incoming
 
         kv = (k, v, kv_segments)
-        # The last step needs no transfer, so it is peeled off the loop.
-        (out, lse, kv), _ = lax.scan(body, (out, lse, kv), jnp.arange(cp - 1))
-        return visit(cp - 1, out, lse, kv)
+        # Steps 0 .. last; the last needs no transfer, so it is peeled off the loop.
+        _, out, lse, kv = lax.while_loop(
+            lambda carry: carry[0] < last, body, (jnp.int32(0), out, lse, kv)
+        )
+        return visit(last, out, lse, kv)
 
     @jax.custom_vjp
-    def core(q, k, v, q_segments, kv_segments, runs):
-        return forward(q, k, v, q_segments, kv_segments, runs)
+    def core(q, k, v, q_segments, kv_segments, runs, last):
+        return forward(q, k, v, q_segments, kv_segments, runs, last)
 
-    def core_fwd(q, k, v, q_segments, kv_segments, runs):
-        out, lse = forward(q, k, v, q_segments, kv_segments, runs)
-        return (out, lse), (q, k, v, q_segments, kv_segments, runs, out, lse)
+    def core_fwd(q, k, v, q_segments, kv_segments, runs, last):
+        out, lse = forward(q, k, v, q_segments, kv_segments, runs, last)
+        return (out, lse), (q, k, v, q_segments, kv_segments, runs, last, out, lse)
 
     def core_bwd(residuals, cotangents):
-        q, k, v, q_segments, kv_segments, runs, out, lse = residuals
+        q, k, v, q_segments, kv_segments, runs, last, out, lse = residuals
         d_out, d_lse = cotangents
         # Rows with a key and no poison. The others pass nothing back: rows without a key have
         # no gradient, and rows that read a non-finite input (NaN lse) pass none, as in
@@ -170,9 +185,7 @@ def _build_core(config: StrategyConfig) -> Callable[..., Partial]:
         # <d_out, out> - d_lse: the part of each step's d lse_k shared by every step.
         row_term = jnp.sum(d_out * out, axis=-1) - jnp.where(live, d_lse, 0.0)
 
-        def body(carry, step):
-            d_q, kv, d_kv = carry
-
+        def visit(step, d_q, kv, d_kv):
             def run(d_q, d_kv):
                 (out_k, lse_k), pull = jax.vjp(
                     lambda q, k, v: partial(q, k, v, q_segments, kv[2]), q, kv[0], kv[1]
@@ -190,18 +203,24 @@ def _build_core(config: StrategyConfig) -> Callable[..., Partial]:
                     d_kv[1] + d_v_k.astype(jnp.float32),
                 )
 
-            d_q, d_kv = lax.cond(runs[step], run, lambda d_q, d_kv: (d_q, d_kv), d_q, d_kv)
-            # The gradient buffers travel with the keys; after cp moves they are home again.
-            return (d_q, *rotate((kv, d_kv))), None
+            return lax.cond(runs[step], run, lambda d_q, d_kv: (d_q, d_kv), d_q, d_kv)
+
+        def body(carry):
+            step, d_q, kv, d_kv = carry
+            d_q, d_kv = visit(step, d_q, kv, d_kv)
+            # The gradient buffers travel with the keys.
+            return (step + 1, d_q, *rotate((kv, d_kv)))
 
         def zeros(x: Array) -> Array:
             return jnp.zeros(x.shape, jnp.float32)
 
-        carry = (zeros(q), (k, v, kv_segments), (zeros(k), zeros(v)))
-        # cp moves, one more than the keys need: the gradients must get home, and one loop body
-        # compiles faster than a peeled last step.
-        (d_q, _, (d_k, d_v)), _ = lax.scan(body, carry, jnp.arange(cp))
-        return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None, None, None
+        carry = (jnp.int32(0), zeros(q), (k, v, kv_segments), (zeros(k), zeros(v)))
+        _, d_q, kv, d_kv = lax.while_loop(lambda carry: carry[0] < last, body, carry)
+        d_q, (d_k, d_v) = visit(last, d_q, kv, d_kv)
+        # The gradients of the keys visited last are `last` ranks from home: one move back.
+        d_k, d_v = home((d_k, d_v), last)
+        grads = d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+        return (*grads, None, None, None, None)
 
     core.defvjp(core_fwd, core_bwd)
     return core
@@ -217,7 +236,7 @@ def ring_local(config: StrategyConfig) -> LocalBody:
         The ``local`` body of :class:`thdkit.context_parallel.Strategy`: float32 output; the
         sinks, where given, join the merged result of the last step.
     """
-    core = _build_core(config)
+    core, cp = _build_core(config), config.cp
 
     def local(
         q, k, v, q_segments: Segments, kv_segments: Segments, *, sinks: Array | None = None
@@ -226,7 +245,10 @@ def ring_local(config: StrategyConfig) -> LocalBody:
         q_segments = with_document_lengths(q_segments, config)
         kv_segments = q_segments if same else with_document_lengths(kv_segments, config)
         runs = rank_schedule(q_segments, kv_segments, config)
-        out, lse = core(q, k, v, q_segments, kv_segments, runs)
+        # The last step any rank runs: after it no key needs to move on.
+        steps = jnp.arange(cp, dtype=jnp.int32)
+        last = lax.pmax(jnp.max(jnp.where(runs, steps, 0)), config.axis_name)
+        out, lse = core(q, k, v, q_segments, kv_segments, runs, last)
         if sinks is not None:
             out, _ = attach_sinks(out, lse, sinks)
         return out
@@ -290,7 +312,7 @@ RING = Strategy(
     local=ring_local,
     traffic=ring_traffic,
     work=ring_work,
-    features=frozenset({"logits_soft_cap", "sinks"}),
+    features=frozenset({"logits_soft_cap", "sinks", "prefix"}),
 )
 """Key/value shards travel around the ring: cp - 1 dependent steps, skipping steps without work;
 memory: one visiting shard."""

@@ -19,6 +19,7 @@ the same spans, so they agree.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -95,11 +96,13 @@ def difference_bounds(mask: MaskType, window: Window) -> DifferenceBounds:
 
 
 class SegmentSpans(NamedTuple):
-    """Per row and segment 0..S of one shard: presence and the span of the compared quantity."""
+    """Per row and segment 0..S of one shard: presence, the span of the compared quantity, and
+    whether the shard holds a token of the segment's prefix (None: no prefixes)."""
 
     present: Bool[Array, "*B S1"]
     low: Int[Array, "*B S1"]
     high: Int[Array, "*B S1"]
+    prefix: Bool[Array, "*B S1"] | None = None
 
 
 def segment_spans(segments: Segments, bounds: DifferenceBounds, num_segments: int) -> SegmentSpans:
@@ -122,8 +125,14 @@ def segment_spans(segments: Segments, bounds: DifferenceBounds, num_segments: in
     flat = (a.reshape(-1, a.shape[-1]) for a in (ids, x))
     low, high = segment_extrema(*flat, num_segments=num_segments)
     low, high = (a.reshape(*ids.shape[:-1], num_segments + 1) for a in (low, high))
-    present = high >= low
-    return SegmentSpans(present.at[..., 0].set(False), low, high)
+    present = (high >= low).at[..., 0].set(False)
+    prefix = None
+    if segments.prefix_lengths is not None:
+        inside = (segments.positions < segments.prefix_lengths).astype(jnp.int32)
+        flat = (a.reshape(-1, a.shape[-1]) for a in (ids, inside))
+        _, any_inside = segment_extrema(*flat, num_segments=num_segments)
+        prefix = present & (any_inside.reshape(present.shape) > 0)
+    return SegmentSpans(present, low, high, prefix)
 
 
 def may_attend(q: SegmentSpans, kv: SegmentSpans, bounds: DifferenceBounds) -> Bool[Array, "*B S1"]:
@@ -141,6 +150,9 @@ def may_attend(q: SegmentSpans, kv: SegmentSpans, bounds: DifferenceBounds) -> B
         ok &= kv.low - q.high <= bounds.hi
     if bounds.lo is not None:
         ok &= kv.high - q.low >= bounds.lo
+    # Two tokens of one document's prefix attend each other whatever the rule.
+    if q.prefix is not None and kv.prefix is not None:
+        ok |= q.prefix & kv.prefix
     return ok
 
 
@@ -249,8 +261,8 @@ def _schedule(
     def shard_spans(row: Segments) -> SegmentSpans:
         lengths = document_lengths(row.ids, num_segments)
         split = (*row.ids.shape[:-1], cp, row.seq_len // cp)
-        shards = Segments(*(a.reshape(split) for a in (row.ids, row.positions, lengths)))
-        return segment_spans(shards, bounds, num_segments)
+        row = dataclasses.replace(row, lengths=lengths)
+        return segment_spans(jax.tree.map(lambda a: a.reshape(split), row), bounds, num_segments)
 
     pair = (
         jax.tree.map(lambda a: a[..., :, None, :], shard_spans(q)),

@@ -31,6 +31,7 @@ from thdkit._src.limits import is_concrete
 from thdkit._src.mask_types import MaskType
 from thdkit._src.segments import Segments, global_lengths, lengths_from_counts, segment_counts
 from thdkit._src.validate.inputs import as_layout, as_layouts
+from thdkit._src.validate.prefix import check_prefix_lengths
 from thdkit._src.validate.rules import validate_layout
 
 __all__ = [
@@ -123,6 +124,27 @@ def _segments_layout(segments: Any, name: str) -> tuple[Array, Array]:
     return as_layout(segments.ids, segments.positions, name=name)
 
 
+def _prefix_field(segments: Segments, ids: Array, name: str) -> Array | None:
+    """A side's prefix lengths (docs/semantics.md, "Prefix-LM masks"), checked: an integer
+    array of the ids' shape, its values checked against the row where concrete."""
+    prefix = segments.prefix_lengths
+    if prefix is None:
+        return None
+    field = f"{name}.prefix_lengths"
+    dtype = getattr(prefix, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"{field} must be an integer array, got {type(prefix).__name__}")
+    if prefix.shape != ids.shape:
+        raise ValueError(f"{field} must have the ids' shape {ids.shape}, got {prefix.shape}")
+    if readable(ids, prefix):
+        host_ids = np.asarray(ids)
+        counts = [np.unique(row, return_inverse=True, return_counts=True) for row in
+                  host_ids.reshape(-1, host_ids.shape[-1])]  # fmt: skip
+        lengths = np.stack([c[2][c[1]] for c in counts]).reshape(host_ids.shape)
+        check_prefix_lengths(host_ids, lengths, np.asarray(prefix), name=field)
+    return prefix if isinstance(prefix, np.ndarray) else jnp.asarray(prefix, jnp.int32)
+
+
 def _deprecation(caller: str, given: list[str]) -> str:
     """The message of the deprecated layout keywords ``given`` to ``caller``."""
     new = ["q_segments=thdkit.Segments.from_ids(ids, positions)"]
@@ -212,19 +234,29 @@ def row_segments(
         names = ("q_segments", "kv_segments")
         q = _segments_layout(q_segments, names[0])
         kv = None if kv_segments is None else _segments_layout(kv_segments, names[1])
+        prefixes = tuple(
+            None if side is None else _prefix_field(side, ids, name)
+            for side, ids, name in (
+                (q_segments, q[0], names[0]),
+                (kv_segments, None if kv is None else kv[0], names[1]),
+            )
+        )
     if kv is not None and kv[0].shape[:-1] != q[0].shape[:-1]:
         raise ValueError(
             f"{names[0]} and {names[1]} must have the same batch dims, got shapes {q[0].shape} "
             f"and {kv[0].shape}"
         )
 
-    def whole(layout: tuple[Array, Array]) -> Segments:
+    if given:
+        prefixes = (None, None)
+
+    def whole(layout: tuple[Array, Array], prefix: Array | None) -> Segments:
         # Not the document lengths: counting ids over a row sharded across devices is a global
         # computation (a scatter over the sharded axis, which explicitly sharded meshes reject).
         # Each strategy computes them inside its program, per shard, where it needs them.
-        return Segments(*layout, jnp.zeros_like(layout[0]))
+        return Segments(*layout, jnp.zeros_like(layout[0]), prefix)
 
-    return whole(q), None if kv is None else whole(kv), names
+    return whole(q, prefixes[0]), None if kv is None else whole(kv, prefixes[1]), names
 
 
 def readable(*arrays: Array) -> bool:
@@ -365,7 +397,11 @@ def gather_row(segments: Segments, config: StrategyConfig) -> tuple[Segments, In
         for x in (segments.ids, segments.positions)
     )
     ids, pos, order = sort_by_document(ids, pos)
-    return Segments(ids, pos, document_lengths(ids, config.max_segments_per_seq)), order
+    prefix = segments.prefix_lengths
+    if prefix is not None:
+        prefix = take_tokens(lax.all_gather(prefix, config.axis_name, axis=1, tiled=True), order)
+    lengths = document_lengths(ids, config.max_segments_per_seq)
+    return Segments(ids, pos, lengths, prefix), order
 
 
 def split_row(row: Segments, cp: int) -> list[Segments]:
@@ -388,4 +424,8 @@ def sorted_row(row: Segments) -> Segments:
         [[1, 2, 2]]
     """
     ids, pos, order = sort_by_document(jnp.asarray(row.ids), jnp.asarray(row.positions))
-    return Segments(ids, pos, jnp.take_along_axis(jnp.asarray(row.lengths), order, axis=1))
+    moved = (
+        None if x is None else jnp.take_along_axis(jnp.asarray(x), order, axis=1)
+        for x in (row.lengths, row.prefix_lengths)
+    )
+    return Segments(ids, pos, *moved)
