@@ -3,7 +3,8 @@
 It holds the layouts (two fixed shapes: self-attention over B = 2 rows of T = 32 tokens and
 cross-attention of T_q = 24 queries to T_kv = 40 keys, a few documents per row with padding,
 drawn from fixed seeds), a float64 NumPy oracle written from the rule of docs/semantics.md (and
-the window of docs/attention.md, "Semantics"; outputs, log-sum-exps and gradients written by hand),
+the window of docs/attention.md, "Semantics"; outputs, log-sum-exps and gradients written by hand;
+optionally soft-capped logits, attention sinks and per-document prefixes),
 the tolerances per dtype and the functions that compare against it: the inputs, losses and checks
 the kernel tests share, on these layouts or on their own.
 
@@ -219,11 +220,18 @@ def _bound(bound: int | None) -> int | None:
 def allowed(lay: dict[str, np.ndarray], mask: MaskType, window) -> np.ndarray:
     """bool[B, T_q, T_kv]: the rule of docs/attention.md, "Semantics" (the mask types of
     docs/semantics.md and the window), on ``ids_q, pos_q, ids_kv, pos_kv`` and optionally
-    ``rl_q, rl_kv`` (document lengths; by default the run lengths of the ids)."""
+    ``rl_q, rl_kv`` (document lengths; by default the run lengths of the ids).
+
+    Optionally ``pl_q, pl_kv`` (both or neither): each token's document's prefix length (0 = no
+    prefix, as on padding). A pair of the same non-padding document that the mask type and the
+    window refuse is allowed where both tokens lie in the prefix: ``pos_q < pl_q`` and
+    ``pos_kv < pl_kv`` (a prefix-LM mask: the prefix attends to itself bidirectionally).
+    """
     ids_q, pos_q, ids_kv, pos_kv = (
         np.asarray(lay[k], np.int64) for k in ("ids_q", "pos_q", "ids_kv", "pos_kv")
     )
-    keep = (ids_q[:, :, None] == ids_kv[:, None, :]) & (ids_q[:, :, None] != 0)
+    same = (ids_q[:, :, None] == ids_kv[:, None, :]) & (ids_q[:, :, None] != 0)
+    keep = np.ones_like(same)
     pq, pk = pos_q[:, :, None], pos_kv[:, None, :]
     # Tokens from each one to the end of its document: the bottom-right rule compares them.
     end_q, end_kv = (
@@ -239,7 +247,12 @@ def allowed(lay: dict[str, np.ndarray], mask: MaskType, window) -> np.ndarray:
         keep &= (end_q + left >= end_kv) if mask.is_bottom_right else (pk >= pq - left)
     if right is not None and not mask.is_bottom_right:
         keep &= pk <= pq + right
-    return keep
+    if ("pl_q" in lay) != ("pl_kv" in lay):
+        raise ValueError("a layout gives the prefix lengths of both sides (pl_q, pl_kv) or none")
+    if "pl_q" in lay:
+        pl_q, pl_kv = (np.asarray(lay[k], np.int64) for k in ("pl_q", "pl_kv"))
+        keep |= (pq < pl_q[:, :, None]) & (pk < pl_kv[:, None, :])
+    return same & keep
 
 
 def _float64(x) -> np.ndarray:
@@ -247,40 +260,76 @@ def _float64(x) -> np.ndarray:
 
 
 def partial_oracle(
-    q, k, v, lay, mask: MaskType, window, *, w_out=None, w_lse=None, scale: float = SCALE
+    q,
+    k,
+    v,
+    lay,
+    mask: MaskType,
+    window,
+    *,
+    w_out=None,
+    w_lse=None,
+    scale: float = SCALE,
+    logits_soft_cap: float | None = None,
+    sinks=None,
 ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
-    """float64 ``(out, lse, (dq, dk, dv))`` of ``softmax(scale * q.k) . v`` over the allowed keys
+    """float64 ``(out, lse, (dq, dk, dv))`` of ``softmax(s) . v`` over the allowed keys
     (:func:`allowed`), as ``attention_partial`` returns them: zeros and an lse of -inf for a
     query with none; gradients (written by hand) of ``sum(out * w_out) + sum(lse * w_lse)`` over
     the finite lse, a weight left out counting as zeros.
 
+    The logits are ``s = scale * q.k``, or with ``logits_soft_cap`` ``c`` the capped ``s = c *
+    tanh(scale * q.k / c)`` (before the mask). With ``sinks`` (float[H_q], one logit per query
+    head) each row with an allowed key has ``D_i = sum_j exp(s_ij) + exp(sink_h)``: ``p_ij =
+    exp(s_ij) / D_i``, ``out_i = sum_j p_ij v_j``, ``lse_i = log D_i``, and the gradients end in
+    ``d sinks``: ``d sink_h = sum_i (w_lse_i - w_out_i . out_i) * exp(sink_h) / D_i`` over that
+    head's rows. A row with no allowed key stays out of it all: output zeros, lse -inf (here
+    the mark of such rows), no gradient to anything, the sinks included.
+
     Shapes: q ``[B, T_q, H_q, D]``, k and v ``[B, T_kv, H_kv, D | D_v]``; out ``[B, T_q, H_q,
-    D_v]``, lse ``[B, T_q, H_q]``.
+    D_v]``, lse ``[B, T_q, H_q]``; with ``sinks`` the gradients are ``(dq, dk, dv, dsinks)``,
+    ``dsinks [H_q]``.
     """
     q, k, v = (_float64(x) for x in (q, k, v))
     groups = q.shape[2] // k.shape[2]
     kh, vh = (np.repeat(x, groups, axis=2) for x in (k, v))
     keep = allowed(lay, mask, window)[:, None]  # [B, 1, T_q, T_kv]
-    logits = np.where(keep, scale * np.einsum("bqhd,bkhd->bhqk", q, kh), -np.inf)
+    raw = scale * np.einsum("bqhd,bkhd->bhqk", q, kh)
+    capped = None if logits_soft_cap is None else np.tanh(raw / logits_soft_cap)
+    logits = np.where(keep, raw if capped is None else logits_soft_cap * capped, -np.inf)
     top = np.max(logits, axis=-1, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
+    has = np.isfinite(top)  # [B, H_q, T_q, 1]: the row has an allowed key
+    sink = None if sinks is None else _float64(sinks).reshape(1, -1, 1, 1)
+    if sink is not None:
+        top = np.maximum(top, sink)  # the largest term of each row's denominator
+    top = np.where(has, top, 0.0)
     weights = np.where(keep, np.exp(logits - top), 0.0)
     total = np.sum(weights, axis=-1, keepdims=True)
-    p = np.where(total > 0, weights / np.where(total > 0, total, 1.0), 0.0)
+    if sink is not None:
+        sink_weight = np.exp(np.where(has, sink - top, -np.inf))
+        total = total + sink_weight
+    total = np.where(has, total, 1.0)
+    p = np.where(has, weights / total, 0.0)
     out = np.einsum("bhqk,bkhd->bqhd", p, vh)
-    lse = np.where(total > 0, top + np.log(np.where(total > 0, total, 1.0)), -np.inf)[..., 0]
+    lse = np.where(has, top + np.log(total), -np.inf)[..., 0]
     w_out = np.zeros_like(out) if w_out is None else _float64(w_out)
     w_lse = np.zeros(lse.shape) if w_lse is None else _float64(w_lse).transpose(0, 2, 1)
     dp = np.einsum("bqhd,bkhd->bhqk", w_out, vh)
     row = np.einsum("bqhd,bqhd->bhq", w_out, out)
     ds = p * (dp - row[..., None] + w_lse[..., None])  # d lse / d logit = p
+    if capped is not None:
+        ds = ds * (1.0 - capped**2)  # through the cap, to the scaled logits
     dq = scale * np.einsum("bhqk,bkhd->bqhd", ds, kh)
     dkh = scale * np.einsum("bhqk,bqhd->bkhd", ds, q)
     dvh = np.einsum("bhqk,bqhd->bkhd", p, w_out)
     b, t_kv, h_kv = k.shape[:3]
     dk = dkh.reshape(b, t_kv, h_kv, groups, -1).sum(3)
     dv = dvh.reshape(b, t_kv, h_kv, groups, -1).sum(3)
-    return out, lse.transpose(0, 2, 1), (dq, dk, dv)
+    grads = (dq, dk, dv)
+    if sink is not None:
+        share = np.where(has, sink_weight / total, 0.0)[..., 0]  # exp(sink) / D, [B, H_q, T_q]
+        grads += (np.sum(share * (w_lse - row), axis=(0, 2)),)
+    return out, lse.transpose(0, 2, 1), grads
 
 
 # --- Running an implementation and comparing -----------------------------------------------------
@@ -334,6 +383,10 @@ def check_partial(got, inputs, lay, mask: MaskType, window, *, what: str) -> np.
     return check_outputs(got, want, dtype="float32", what=what, zero_dq=True)
 
 
+# The gradients compared, in the order the oracle returns them (``dsinks`` only with sinks).
+GRADIENTS = ("dq", "dk", "dv", "dsinks")
+
+
 def assert_close(got, want, tol: dict[str, float], what: str) -> None:
     """Elementwise ``|got - want| <= atol + rtol * |want|``, ``got`` all finite."""
     got = _float64(got)
@@ -342,19 +395,22 @@ def assert_close(got, want, tol: dict[str, float], what: str) -> None:
 
 
 def assert_agree(got, want, *, dtype: str = "float32", what: str) -> None:
-    """``got = (out, (dq, dk, dv))`` finite and close to ``want`` within ``TOLERANCES[dtype]``:
-    against the float64 oracle, or the same computation by another route (a transform, a plan,
-    the keyword form), whose float32 results agree far more closely."""
+    """``got = (out, (dq, dk, dv))`` (or ``(dq, dk, dv, dsinks)``) finite and close to ``want``
+    within ``TOLERANCES[dtype]``: against the float64 oracle, or the same computation by another
+    route (a transform, a plan, the keyword form), whose float32 results agree far more
+    closely."""
     (out, grads), (want_out, want_grads), tol = got, want, TOLERANCES[dtype]
+    assert len(grads) == len(want_grads), f"{what}: {len(grads)} gradients, {len(want_grads)}"
     assert_close(out, want_out, tol["forward"], f"{what}: out")
-    for label, g, w in zip(("dq", "dk", "dv"), grads, want_grads, strict=True):
+    for label, g, w in zip(GRADIENTS, grads, want_grads, strict=False):
         assert_close(g, w, tol["grad"], f"{what}: {label}")
 
 
 def check_outputs(got, want, *, dtype: str, what: str, zero_dq: bool = False) -> np.ndarray:
     """Checks ``got = (out, lse, (dq, dk, dv))`` (``lse`` None where the entry point returns
-    none) against ``want`` of :func:`partial_oracle`, within ``TOLERANCES[dtype]``
-    (:func:`assert_agree`): the output and the gradients in ``dtype``, the lse in float32, all
+    none; ``dsinks`` after ``dv`` where the oracle ran with sinks) against ``want`` of
+    :func:`partial_oracle`, within ``TOLERANCES[dtype]`` (:func:`assert_agree`): the output and
+    the gradients in ``dtype`` (``dsinks`` in float32, the sinks' dtype), the lse in float32, all
     close and finite; a query with no allowed key outputs zeros (and an lse of -inf) exactly,
     and with ``zero_dq`` gets a zero query gradient exactly.
 
@@ -363,8 +419,9 @@ def check_outputs(got, want, *, dtype: str, what: str, zero_dq: bool = False) ->
     """
     (out, lse, grads), (want_out, want_lse, want_grads) = got, want
     empty = np.isneginf(want_lse)
-    for label, x in zip(("out", "dq", "dk", "dv"), (out, *grads), strict=True):
-        assert x.dtype == DTYPES[dtype], f"{what}: {label} dtype {x.dtype}"
+    for label, x in zip(("out", *GRADIENTS), (out, *grads), strict=False):
+        want_dtype = jnp.float32 if label == "dsinks" else DTYPES[dtype]
+        assert x.dtype == want_dtype, f"{what}: {label} dtype {x.dtype}"
     assert_agree((out, grads), (want_out, want_grads), dtype=dtype, what=what)
     assert np.all(_float64(out)[empty] == 0), f"{what}: out of rows with no key"
     if lse is not None:
