@@ -36,6 +36,9 @@ from thdkit._src.segments import Segments, run_lengths
 from thdkit.bench import measure, report, units
 from thdkit.bench.attention import (
     AttentionBench,
+    attention_program,
+    attention_table,
+    bench_sinks,
     dtype_names,
     run_attention_bench,
 )
@@ -737,3 +740,127 @@ def test_an_implementation_registered_at_run_time_is_benchmarked_by_name(tmp_pat
     assert all(r["skip_reason"] is None and r["visited_pair_fraction"] == 1.0 for r in records)
     with pytest.raises(ConfigError, match=r"implementations: must be among .*'dense_here'"):
         AttentionBench(implementations=("dense_here",))
+
+
+# --- soft cap and sinks beside plain attention ------------------------------------------------
+
+
+def test_bench_attention_times_soft_cap_and_sinks_beside_plain(tmp_path):
+    """``--soft-cap`` and ``--sinks`` add a record per thdkit implementation and pass for each
+    feature, timed in the cell's rounds; the peers stay plain; ``vs_plain`` and ``vs_blockwise``
+    compare within the implementation and within the feature."""
+    json_path = tmp_path / "attention.json"
+    args = [
+        *("bench", "attention", "--seq-len", "64", "--segments", "2", "--heads", "2"),
+        *("--head-dim", "8", "--repeats", "1", "--warmup", "0", "--dtype", "float32"),
+        *("--implementation", "blockwise,jax-nn-xla", "--soft-cap", "5"),
+        *("--sinks", "--json", str(json_path)),
+    ]
+    result = CliRunner().invoke(app, args, catch_exceptions=False, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "soft cap 5.0, sinks" in result.output and "× plain" in result.output
+    document = json.loads(json_path.read_text())
+    assert (document["config"]["logits_soft_cap"], document["config"]["sinks"]) == (5.0, True)
+    records = {(r["implementation"], r["pass"], r["feature"]): r for r in document["records"]}
+    features, passes = ("plain", "soft_cap", "sinks"), ("fwd", "fwd+bwd")
+    expected = set(itertools.product(["blockwise"], passes, features))
+    expected |= {("jax-nn-xla", p, "plain") for p in passes}
+    assert set(records) == expected and len(document["records"]) == len(expected)
+    for (name, pass_, feature), record in records.items():
+        assert record["skip_reason"] is None, record
+        mine = median(record)
+        plain = median(records[name, pass_, "plain"])
+        assert record["vs_plain"] == pytest.approx(mine / plain)
+        assert record["vs_blockwise"] == pytest.approx(
+            mine / median(records["blockwise", pass_, feature])
+        )
+        assert record["needed_flops"] == records[name, pass_, "plain"]["needed_flops"]
+    assert {records[n, p, "plain"]["vs_plain"] for n, p, _ in expected} == {1.0}
+
+
+def test_attention_table_shows_features_only_where_timed():
+    """Without features (or from a report written before them) the table keeps its columns."""
+    assert AttentionBench().features == ("plain",)
+    assert AttentionBench(sinks=True).features == ("plain", "sinks")
+    record = {
+        "seq_len": 64, "segments": 2, "implementation": "blockwise", "pass": "fwd",
+        "temp_bytes": 1024, "latency_ms": {"median": 2.0}, "vs_blockwise": 1.0,
+        "efficiency": 0.5, "visited_pair_fraction": 0.5, "allowed_pair_fraction": 0.25,
+        "skip_reason": None, "matmul_flop_rate": 1e9,
+    }  # fmt: skip
+    timed = [record, record | {"feature": "sinks", "vs_plain": 1.25}]
+
+    def text(records):
+        console = Console(width=250, record=True)
+        console.print(attention_table(records))
+        return console.export_text()
+
+    old = text([record])
+    assert "× blockwise" in old and "× plain" not in old and "feature" not in old
+    new = text(timed)
+    assert "× plain" in new and "feature" in new and "sinks" in new and "1.25" in new
+
+
+def _oracle(logits_soft_cap, sinks, q, k, v, ids, pos, scale):
+    """float64 ``(out, gradient of sum(out**2) / 2 in the sinks)`` of padding-causal attention from
+    the formulas (docs/semantics.md, "Soft-capped logits" and "Attention sinks"): one row."""
+    q, k, v = (np.asarray(x, np.float64)[0] for x in (q, k, v))  # [T, H, D]
+    ids, pos = np.asarray(ids)[0], np.asarray(pos)[0]
+    tokens, heads = q.shape[:2]
+    out, d_sinks = np.zeros(v.shape), np.zeros(heads)
+    for i, h in itertools.product(range(tokens), range(heads)):
+        allowed = (ids == ids[i]) & (ids[i] != 0) & (pos <= pos[i])
+        if not allowed.any():
+            continue
+        logits = scale * k[allowed, h] @ q[i, h]
+        if logits_soft_cap is not None:
+            logits = logits_soft_cap * np.tanh(logits / logits_soft_cap)
+        weights = np.exp(logits)
+        total = weights.sum() + (0.0 if sinks is None else np.exp(sinks[h]))
+        out[i, h] = weights @ v[allowed, h] / total
+        if sinks is not None:  # d out / d sink = -p out, the cotangent is out itself
+            d_sinks[h] -= np.exp(sinks[h]) / total * out[i, h] @ out[i, h]
+    return out[None], d_sinks
+
+
+@pytest.mark.parametrize("feature", ["soft_cap", "sinks"])
+def test_feature_programs_equal_a_float64_oracle(feature):
+    """The programs the bench times compute the feature: blockwise's against the formulas in
+    float64, forward and (sinks) the sinks' gradient in the pullback."""
+    config = AttentionBench(seq_lens=(16,), segments=(3,), heads=2, head_dim=4, logits_soft_cap=1.5)
+    rng = np.random.default_rng(7)
+    ids = jnp.array([[1] * 5 + [0] * 2 + [2] * 6 + [3] * 3])
+    pos = jnp.array([[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5, 0, 1, 2]])
+    q, k, v = (jnp.asarray(3 * rng.standard_normal((1, 16, 2, 4)), jnp.float32) for _ in range(3))
+    cap = 1.5 if feature == "soft_cap" else None
+    sinks = bench_sinks(config) if feature == "sinks" else None
+    want, want_d_sinks = _oracle(cap, sinks, q, k, v, ids, pos, scale=0.5)  # D = 4: 1 / sqrt(D)
+    got = attention_program(config, "blockwise", 3, "fwd", feature=feature)(q, k, v, ids, pos)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    out, grads = attention_program(config, "blockwise", 3, "fwd+bwd", feature=feature)(
+        q, k, v, ids, pos
+    )
+    np.testing.assert_allclose(out, want, atol=2e-5)
+    assert len(grads) == (4 if feature == "sinks" else 3)
+    if feature == "sinks":
+        np.testing.assert_allclose(grads[3], want_d_sinks, atol=2e-5)
+    plain, _ = _oracle(None, None, q, k, v, ids, pos, scale=0.5)
+    assert not np.allclose(want, plain, atol=1e-2)  # the feature changes these outputs
+
+
+def test_feature_options_are_checked_and_peers_stay_plain():
+    with pytest.raises(ConfigError, match=r"^logits_soft_cap: .*positive finite") as error:
+        AttentionBench(logits_soft_cap=0.0)
+    assert error.value.field == "logits_soft_cap"
+    with pytest.raises(ConfigError, match=r"^logits_soft_cap: "):
+        AttentionBench(logits_soft_cap=float("nan"))
+    result = CliRunner().invoke(app, ["bench", "attention", "--soft-cap", "-1"])
+    assert result.exit_code == 2 and "'--soft-cap'" in result.output, result.output
+    spec = [jax.ShapeDtypeStruct((1, 8, 1, 4), jnp.float32)] * 3
+    spec += [jax.ShapeDtypeStruct((1, 8), jnp.int32)] * 2
+    with pytest.raises(NotImplementedError, match="without features"):
+        jax.eval_shape(
+            attention_program(AttentionBench(), "jax-nn-xla", 2, "fwd", feature="sinks"), *spec
+        )
+    with pytest.raises(ValueError, match=r"needs config\.logits_soft_cap"):
+        attention_program(AttentionBench(), "blockwise", 2, "fwd", feature="soft_cap")

@@ -119,3 +119,24 @@ def test_a_block_calling_a_deprecated_spelling_fails(tmp_path: Path) -> None:
     )
     with pytest.raises(DeprecationWarning, match="old is deprecated"):
         _run_python_blocks(doc)
+
+
+@pytest.mark.parametrize(
+    ("title", "supports"),
+    [
+        ("Soft-capped logits", lambda impl: "logits_soft_cap" in impl.features),
+        ("Attention sinks", lambda impl: impl.returns_lse),
+    ],
+)
+def test_semantics_names_the_implementations_of_each_feature(title, supports):
+    """docs/semantics.md's "Implementations:" line of each feature lists the built-ins that
+    support it (before the ";") and those refused it (after), as the registry says today."""
+    text = (ROOT / "docs" / "semantics.md").read_text("utf-8")
+    section = text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+    supported, refused = section.split("\nImplementations: ", 1)[1].split(";", 1)
+    named = lambda words: set(re.findall(r'`"(\w+)"`', words))  # noqa: E731
+    built_in = {"cudnn", "blockwise", "pallas", "reference"}
+    assert built_in <= set(thdkit.kernels.names())
+    want = {name for name in built_in if supports(thdkit.kernels.get(name))}
+    assert named(supported) == want
+    assert named(refused.split("(", 1)[0]) == built_in - want

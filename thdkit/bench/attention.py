@@ -11,6 +11,10 @@ forward + backward) is planned and, where it fits, timed round-robin with the ot
 ``ejkernel-xla`` (extra ``thdkit[peers]``), ``tokamax-xla``, ``tokamax-xla-chunked`` (tokamax
 on that dense mask) and ``tokamax-xla-range`` (tokamax on per-query key ranges; extra
 ``thdkit[tokamax]``), and ``jax-nn-cudnn`` (plain causal over whole rows: the speed of light).
+
+With ``logits_soft_cap`` and ``sinks`` each of thdkit's implementations is also timed with that
+feature (:data:`FEATURES`; soft-capped logits, learned attention sinks), in the same rounds as
+plain attention: a record's ``feature`` says which, and ``vs_plain`` its latency over plain's.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from rich.table import Table
 from thdkit import kernels
 from thdkit._src import synth
 from thdkit._src.kernels.blockwise import Blockwise, blockwise_attention
-from thdkit._src.kernels.config import AttentionConfig
+from thdkit._src.kernels.config import AttentionConfig, check_soft_cap
 from thdkit._src.kernels.dense import Dense
 from thdkit._src.mask_types import MaskType, check_window
 from thdkit._src.segments import Segments
@@ -43,12 +47,14 @@ from thdkit.bench.peers import (
     peer_visited_fraction,
 )
 from thdkit.bench.ring import work_per_rank
-from thdkit.kernels import attention, plan_attention
+from thdkit.kernels import attach_sinks, attention, plan_attention
 
 __all__ = [
+    "FEATURES",
     "PEERS",
     "AttentionBench",
     "attention_program",
+    "bench_sinks",
     "implementation_names",
     "matmul_rate",
     "run_attention_bench",
@@ -59,6 +65,9 @@ _VARIANTS = {"blockwise-serial": "blockwise"}  # A schedule of a registered impl
 # backward adds dV, dP, dQ and dK.
 NEEDED_FLOPS_PER_PAIR = {"fwd": 4, "fwd+bwd": 12}
 MATMUL_SIZE = 2048
+FEATURES = ("plain", "soft_cap", "sinks")
+"""What a record's ``feature`` may be: plain attention, soft-capped logits
+(``AttentionBench.logits_soft_cap``), learned attention sinks (``AttentionBench.sinks``)."""
 
 
 def implementation_names() -> tuple[str, ...]:
@@ -194,6 +203,16 @@ class AttentionBench(PlanConfig):
         ),
         "block_q": ("Query tile size. \\[default: from the mean document length]", 1),
         "block_kv": ("Key tile size. \\[default: from the mean document length]", 1),
+        "logits_soft_cap": (
+            "Also time thdkit's implementations with the logits soft-capped at this value "
+            "(cap * tanh(logit / cap)), interleaved with plain attention. \\[default: none]",
+            check_soft_cap,
+        ),
+        "sinks": (
+            "Also time thdkit's implementations with learned attention sinks (random, one per "
+            "head; fwd+bwd includes their gradient), interleaved with plain attention.",
+            None,
+        ),
     }
     seq_lens: tuple[int, ...] = (8192, 32768)
     segments: tuple[int, ...] = (1, 16, 256)
@@ -207,6 +226,8 @@ class AttentionBench(PlanConfig):
     dtype: str | None = None
     block_q: int | None = None
     block_kv: int | None = None
+    logits_soft_cap: float | None = None
+    sinks: bool = False
     time_per_program_s: float = 2.0
     compile_timeout_s: float = 120.0
 
@@ -214,16 +235,48 @@ class AttentionBench(PlanConfig):
         shortest = min(self.seq_lens)
         return [("segments", lambda s: s <= shortest, f"at most min(seq_lens) = {shortest}")]
 
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The features timed: ``"plain"``, then ``"soft_cap"`` and ``"sinks"`` where asked.
+
+        Example:
+            >>> AttentionBench(logits_soft_cap=30.0, sinks=True).features
+            ('plain', 'soft_cap', 'sinks')
+        """
+        asked = {"soft_cap": self.logits_soft_cap is not None, "sinks": bool(self.sinks)}
+        return ("plain", *(feature for feature, on in asked.items() if on))
+
+
+def bench_sinks(config: AttentionBench) -> np.ndarray:
+    """The sinks the benchmark times: float32[H], standard normal draws of ``config.seed``.
+
+    Example:
+        >>> bench_sinks(AttentionBench(heads=2)).shape
+        (2,)
+    """
+    return np.random.default_rng(config.seed).standard_normal(config.heads).astype(np.float32)
+
 
 def attention_program(
-    config: AttentionBench, implementation: str, segments: int, passes: str
+    config: AttentionBench,
+    implementation: str,
+    segments: int,
+    passes: str,
+    *,
+    feature: str = "plain",
 ) -> Callable[..., Any]:
     """``fn(q, k, v, ids, pos)``: one pass (``"fwd"``: out, ``"fwd+bwd"``: out and the pullback
     of out) of one implementation on float[B, T, H, D] inputs and int32[B, T] ids and positions.
-    Where it cannot run here (backend, mask type) ``fn`` raises NotImplementedError when traced.
+    Where it cannot run here (backend, mask type, a feature it lacks; a peer with any feature but
+    ``"plain"``) ``fn`` raises NotImplementedError when traced.
+
+    ``feature`` (:data:`FEATURES`): ``"soft_cap"`` caps the logits at ``config.logits_soft_cap``;
+    ``"sinks"`` joins :func:`bench_sinks` (the pullback then includes the sinks' gradient).
 
     Raises:
         ImportError: a peer that is not installed.
+        ValueError: a ``feature`` not in :data:`FEATURES`, or ``"soft_cap"`` without
+            ``config.logits_soft_cap``.
 
     Example:
         >>> fn = attention_program(AttentionBench(), "jax-nn-xla", 2, "fwd")
@@ -235,34 +288,53 @@ def attention_program(
     mask, window = MaskType.parse(config.mask_type), config.window_size
     layout = {"mask_type": mask, "window_size": window}
     blocks = {"block_q": config.block_q, "block_kv": config.block_kv}
+    if feature not in FEATURES:
+        raise ValueError(f"feature must be one of {', '.join(FEATURES)}, got {feature!r}")
     peer = peer_program(implementation, mask, window) if implementation in PEERS else None
+    cap = config.logits_soft_cap if feature == "soft_cap" else None
+    if feature == "soft_cap" and cap is None:
+        raise ValueError('feature="soft_cap" needs config.logits_soft_cap')
+    sinks = bench_sinks(config) if feature == "sinks" else None
 
-    def forward(q, k, v, ids, pos):
+    def forward(q, k, v, ids, pos, sinks):
         reason = _cannot_run_here(implementation, mask, window)
         if reason is not None:
             raise NotImplementedError(reason)
         if peer is not None:
+            if feature != "plain":
+                raise NotImplementedError(f"the peers are timed without features, not {feature}")
             return peer(q, k, v, ids, pos)
         if implementation in ("blockwise", *_VARIANTS):
             side = Segments.from_ids(ids, pos)
             plan = plan_attention(
-                side, **layout, max_segments_per_seq=segments, implementation="blockwise", **blocks
-            )
-            out, _ = blockwise_attention(
+                side, **layout, max_segments_per_seq=segments, implementation="blockwise",
+                logits_soft_cap=cap, **blocks,
+            )  # fmt: skip
+            out, lse = blockwise_attention(
                 q, k, v, side, side, plan.aux["blockwise"], **layout, scale=q.shape[-1] ** -0.5,
+                logits_soft_cap=cap,
                 schedule="serial" if implementation.endswith("serial") else "parallel",
             )  # fmt: skip
+            if sinks is not None:
+                out, _ = attach_sinks(out, lse, sinks)
             return out.astype(q.dtype)
         return attention(
             q, k, v, segment_ids_q=ids, segment_pos_q=pos, max_segments_per_seq=segments,
-            implementation=implementation, **layout, **blocks,
+            implementation=implementation, logits_soft_cap=cap, sinks=sinks, **layout, **blocks,
         )  # fmt: skip
 
+    def forward_only(q, k, v, ids, pos):
+        return forward(q, k, v, ids, pos, None if sinks is None else jnp.asarray(sinks))
+
     def forward_backward(q, k, v, ids, pos):
-        out, pullback = jax.vjp(lambda q, k, v: forward(q, k, v, ids, pos), q, k, v)
+        if sinks is None:
+            out, pullback = jax.vjp(lambda q, k, v: forward(q, k, v, ids, pos, None), q, k, v)
+        else:  # The sinks are learned: their gradient is part of the pass.
+            call = lambda q, k, v, s: forward(q, k, v, ids, pos, s)  # noqa: E731
+            out, pullback = jax.vjp(call, q, k, v, jnp.asarray(sinks))
         return out, pullback(out)
 
-    return forward if passes == "fwd" else forward_backward
+    return forward_only if passes == "fwd" else forward_backward
 
 
 def _work(config: AttentionBench, ids: np.ndarray, pos: np.ndarray) -> dict[str, Any]:
@@ -309,8 +381,10 @@ def run_attention_bench(
             (T, S) cell.
 
     Returns:
-        JSON-ready records, one per (seq_len, segments, implementation, pass), with the fields
-        docs/benchmarks.md describes (efficiency, vs_blockwise, pairs visited and allowed...).
+        JSON-ready records, one per (seq_len, segments, implementation, pass, feature), with the
+        fields docs/benchmarks.md describes (efficiency, vs_blockwise, pairs visited and
+        allowed...); ``feature`` is one of ``config.features`` (the peers: ``"plain"`` only) and
+        ``vs_plain`` the latency over the same implementation's and pass's plain one.
 
     Example:
         >>> config = AttentionBench(seq_lens=(256,), segments=(4,), heads=1, head_dim=8,
@@ -336,47 +410,69 @@ def run_attention_bench(
         same["dtype"] = qkv[0].dtype.name  # The dtype that runs (JAX may narrow a request).
         args = (*qkv, jnp.asarray(ids), jnp.asarray(pos))
         plans = {}
-        for implementation, passes in itertools.product(config.implementations, ("fwd", "fwd+bwd")):
-            callbacks.step(f"{label}: compile {implementation} {passes}")
+        for implementation, passes, feature in itertools.product(
+            config.implementations, ("fwd", "fwd+bwd"), config.features
+        ):
+            if implementation in PEERS and feature != "plain":
+                continue  # The peers are called without features.
+            shown = "" if feature == "plain" else f" {feature}"
+            callbacks.step(f"{label}: compile {implementation} {passes}{shown}")
             try:
-                program = attention_program(config, implementation, segments, passes)
+                program = attention_program(
+                    config, implementation, segments, passes, feature=feature
+                )
                 plan = measure.plan(program, *args, compile_timeout_s=config.compile_timeout_s)
             except ImportError:
                 plan = measure.skipped(f"not installed: {install_hint(implementation)}")
-            plans[implementation, passes] = plan
+            plans[implementation, passes, feature] = plan
         plans["matmul"] = measure.plan(_matmul, *args, compile_timeout_s=config.compile_timeout_s)
         callbacks.step(f"{label}: timing")
         outcome = measure.run_plans(plans, args, config, config.memory_limit_bytes)
         matmul_ms = median(outcome.pop("matmul"))
         rate = matmul_ms and 2e3 * MATMUL_SIZE**3 / matmul_ms
-        for (implementation, passes), fields in outcome.items():
+        for (implementation, passes, feature), fields in outcome.items():
             needed = work["allowed_pairs"] * NEEDED_FLOPS_PER_PAIR[passes] * flops_per_pair
-            blockwise, mine = median(outcome.get(("blockwise", passes), {})), median(fields)
+            mine = median(fields)
+            blockwise = median(outcome.get(("blockwise", passes, feature), {}))
+            plain = median(outcome.get((implementation, passes, "plain"), {}))
             records.append(
                 {"seq_len": seq_len, "segments": segments, **same}
-                | {"implementation": implementation, "pass": passes, **fields, **work}
+                | {"implementation": implementation, "pass": passes, "feature": feature}
+                | {**fields, **work}
                 | {"visited_pair_fraction": _visited_fraction(implementation, work)}
                 | {"needed_flops": float(needed), "matmul_flop_rate": rate}
                 | {"efficiency": mine and rate and needed / (mine / 1e3) / rate}
                 | {"vs_blockwise": mine / blockwise if blockwise and mine else None}
+                | {"vs_plain": mine / plain if plain and mine else None}
             )
         callbacks.cell_done()
     return records
 
 
+def _feature(record: Mapping[str, Any]) -> str:
+    """The record's feature (``"plain"`` in records written before features were timed)."""
+    return record.get("feature", "plain")
+
+
 def attention_table(records: Sequence[Mapping[str, Any]]) -> Table:
-    """ATTENTION: scratch bytes, latency, × blockwise, efficiency, pairs visited and allowed."""
+    """ATTENTION: scratch bytes, latency, × blockwise, efficiency, pairs visited and allowed;
+    with features timed, the feature of each row and its latency over plain attention's."""
     percent = "{:.1%}".format
+    features = any(_feature(r) != "plain" for r in records)
     columns = [
         ("T", "seq_len"), ("S", "segments"), ("impl", "implementation", str, "left"),
-        ("pass", "pass", str, "left"), ("temp", "temp_bytes", measure.format_bytes),
-        ("median ms", median, "{:.1f}".format), ("× blockwise", "vs_blockwise", "{:.2f}".format),
+        ("pass", "pass", str, "left"), *[("feature", _feature, str, "left")] * features,
+        ("temp", "temp_bytes", measure.format_bytes), ("median ms", median, "{:.1f}".format),
+        *[("× plain", lambda r: r.get("vs_plain"), "{:.2f}".format)] * features,
+        ("× blockwise", "vs_blockwise", "{:.2f}".format),
         ("efficiency", "efficiency", percent), ("visited", "visited_pair_fraction", percent),
         ("allowed", "allowed_pair_fraction", percent),
         ("status", lambda r: r["skip_reason"] or "", str, "left"),
     ]  # fmt: skip
     caption = (
-        "× blockwise: latency / blockwise's; efficiency: the allowed pairs' matmul flops per "
+        "× blockwise: latency / blockwise's"
+        + " (same feature); × plain: latency / the same implementation's plain one" * features
+        + "; efficiency: the allowed pairs' matmul flops per "
         f"second / those of a {MATMUL_SIZE}^3 matmul timed with them (median "
         f"{(matmul_rate(records) or 0) / 1e9:.1f} GFLOP/s); pairs visited, allowed / B·T^2"
     )

@@ -334,9 +334,12 @@ def _bench_attention(json_path: JsonPath = None, **fields: Any) -> None:
 
     Per T and document count: scratch bytes, forward and forward+backward latency where the plan
     fits in memory, latency over blockwise's, efficiency against a matmul, pairs visited/allowed.
+    With --soft-cap and --sinks, thdkit's implementations also with those features, beside plain.
     """
     config = _config(AttentionBench, fields)
     header = "attention: T={seq_lens}, B={batch}, H={heads}, D={head_dim}, {mask_type}"
+    header += ", soft cap {logits_soft_cap}" * (config.logits_soft_cap is not None)
+    header += ", sinks" * config.sinks
     cells = len(config.seq_lens) * len(config.segments)
     tables = lambda records: [attention_table(records)]  # noqa: E731
     rate = lambda records: {"matmul_flop_rate": matmul_rate(records)}  # noqa: E731

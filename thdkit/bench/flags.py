@@ -73,10 +73,12 @@ FLAGS = {
     "mask_types": "--mask-type",
     "methods": "--method",
     "implementations": "--implementation",
+    "logits_soft_cap": "--soft-cap",  # the cap of cap * tanh(logit / cap); its value is the CAP
 }
 """The config fields whose option is not ``--`` + the field's name (hyphens, no ``_s``): the
 plural fields of the benchmarks that sweep an idea, and ``batch``, so that each idea has one
-option name in every subcommand (and in ``examples/train_packed_lm.py``)."""
+option name in every subcommand (and in ``examples/train_packed_lm.py``); ``logits_soft_cap``,
+``thdkit.attention``'s keyword, is ``--soft-cap`` on the command line."""
 
 
 def flag_name(field: str) -> str:
