@@ -161,10 +161,12 @@ def test_bench_ring_subcommand(runner, tmp_path):
     assert document["summary"] == {} and document["config"]["seed"] == 0
     records = document["records"]
     reorders = {(r["segments"], r["reorder"]) for r in records}
-    assert reorders == {(s, r) for s in (1, 4) for r in ("none", "striped(1)", "dual_chunk_swap")}
+    names = ("none", "striped(1)", "dual_chunk_swap", "balanced")
+    assert reorders == {(s, r) for s in (1, 4) for r in names}
     striped = next(r for r in records if r["segments"] == 1 and r["reorder"] == "striped(1)")
     assert striped["imbalance"] < 1.05
     assert all(r["latency_ms"] is not None and r["skip_reason"] is None for r in records)
+    assert all(r["latency_fwd_bwd_ms"]["samples"] >= 1 for r in records)
 
 
 def test_bench_cp_subcommand(runner, tmp_path):
@@ -186,6 +188,28 @@ def test_bench_ring_without_latency(runner, tmp_path):
     records = _document(json_path)["records"]
     assert all(r["latency_ms"] is None for r in records)
     assert {r["skip_reason"] for r in records} == {"latency not requested"}
+
+
+def test_bench_ring_distributions(runner, tmp_path):
+    """The named length distributions, each with every reorder; the balanced one keeps rows of
+    short documents rank-local (fewer ring steps, an earlier last step than striped)."""
+    json_path = tmp_path / "ring.json"
+    args = ("--distributions", "short,lognormal,long_short,one", "--segments", "4")
+    _invoke(runner, *TINY_RING, *args, "--no-latency", "--json", str(json_path))
+    records = _document(json_path)["records"]
+    layouts = {r["layout"] for r in records}
+    assert layouts == {"filled", "short", "lognormal", "long_short", "one"}
+    by = {(r["layout"], r["reorder"]): r for r in records}
+    for layout in layouts:
+        balanced = by[layout, "balanced"]
+        assert balanced["work_max"] <= by[layout, "none"]["work_max"]
+        assert balanced["last_step"] <= by[layout, "striped(1)"]["last_step"]
+        assert balanced["kv_bytes_needed"] == balanced["last_step"] * (
+            by[layout, "striped(1)"]["kv_bytes_needed"]
+            // max(1, by[layout, "striped(1)"]["last_step"])
+        )
+    one = by["one", "balanced"]
+    assert one["imbalance"] == pytest.approx(1.0, abs=1e-9)  # one document: dual-chunk swap
 
 
 def test_bench_attention_subcommand(runner, tmp_path):

@@ -126,6 +126,7 @@ def test_a_block_calling_a_deprecated_spelling_fails(tmp_path: Path) -> None:
     [
         ("Soft-capped logits", lambda impl: "logits_soft_cap" in impl.features),
         ("Attention sinks", lambda impl: impl.returns_lse),
+        ("Prefix-LM masks", lambda impl: "prefix" in impl.features),
     ],
 )
 def test_semantics_names_the_implementations_of_each_feature(title, supports):
