@@ -494,3 +494,12 @@ def refusal(name: str) -> str | None:
     except NotImplementedError as reason:
         return str(reason)
     return None
+
+
+def machine_marks(name: str) -> list:
+    """The marks of a test of implementation ``name``: none, or where it cannot run on this
+    machine (:func:`refusal`) ``gpu`` and a skip that says why."""
+    import pytest
+
+    reason = refusal(name)
+    return [] if reason is None else [pytest.mark.gpu, pytest.mark.skip(reason=f"{name}: {reason}")]

@@ -30,7 +30,7 @@ from thdkit._src.kernels.base import FEATURES
 from thdkit._src.mask_types import MaskType
 
 from . import harness
-from .harness import HEADS, ROW_IDS, ROW_POS, SCALE, B, Case, D, S, T, refusal
+from .harness import HEADS, ROW_IDS, ROW_POS, SCALE, B, Case, D, S, T, machine_marks, refusal
 
 CAP = 1.5  # the scaled logits of the harness's inputs reach about 4: the cap bends them
 SOFT_CAP = "logits_soft_cap"
@@ -176,9 +176,7 @@ def _params() -> list:
     """Per implementation, each case of :data:`MATRIX` with its turn of :data:`TURNS`."""
     params = []
     for name in kernels.names():
-        marks = []
-        if name in _REFUSED:
-            marks = [pytest.mark.gpu, pytest.mark.skip(reason=f"{name}: {_REFUSED[name]}")]
+        marks = machine_marks(name)
         for case, (features, entry) in zip(MATRIX, TURNS, strict=True):
             params.append(
                 pytest.param(
@@ -238,9 +236,7 @@ def _sinks_implementations() -> list:
     for name in kernels.names():
         if not kernels.get(name).returns_lse:
             continue
-        marks = []
-        if name in _REFUSED:
-            marks = [pytest.mark.gpu, pytest.mark.skip(reason=f"{name}: {_REFUSED[name]}")]
+        marks = machine_marks(name)
         params.append(pytest.param(name, marks=marks, id=name))
     return params
 
@@ -537,9 +533,7 @@ def _isolation_params() -> list:
         cap = CAP if SOFT_CAP in implementation.features else None
         if cap is None and not implementation.returns_lse:
             continue  # neither feature: nothing of this file to isolate
-        marks = []
-        if name in _REFUSED:
-            marks = [pytest.mark.gpu, pytest.mark.skip(reason=f"{name}: {_REFUSED[name]}")]
+        marks = machine_marks(name)
         params.append(pytest.param(name, cap, implementation.returns_lse, marks=marks, id=name))
     return params
 

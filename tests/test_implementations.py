@@ -17,18 +17,13 @@ from thdkit import kernels
 from thdkit._src.kernels.base import get
 
 from . import harness
-from .harness import CASES, B, Case, D, T, check_case, check_implementation, refusal
-
-# Implementations that cannot run on this machine at all, with the reason (e.g. no GPU).
-_REFUSED = {name: reason for name in kernels.names() if (reason := refusal(name)) is not None}
+from .harness import CASES, B, Case, D, T, check_case, check_implementation, machine_marks
 
 
 def _params() -> list:
     params = []
     for name in kernels.names():
-        marks = []
-        if name in _REFUSED:
-            marks = [pytest.mark.gpu, pytest.mark.skip(reason=f"{name}: {_REFUSED[name]}")]
+        marks = machine_marks(name)
         params += [pytest.param(name, case, id=f"{name}-{case.id}", marks=marks) for case in CASES]
     return params
 

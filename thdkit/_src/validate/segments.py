@@ -133,27 +133,19 @@ def validate_segments(
     global_lengths = check_bool(global_lengths, "global_lengths")
     as_segments(segments, name)
     ids, pos, lengths = segments.ids, segments.positions, segments.lengths
-    if lengths.dtype != np.int32:
-        raise TypeError(
-            f"{name}.lengths must be int32 (each token's document length), got dtype "
-            f"{lengths.dtype}"
-        )
-    if lengths.shape != ids.shape:
-        raise ValueError(
-            f"{name}.lengths must have the shape of {name}.ids, {tuple(ids.shape)}, got "
-            f"{tuple(lengths.shape)}"
-        )
     prefix = segments.prefix_lengths
-    if prefix is not None:
-        if prefix.dtype != np.int32:
-            raise TypeError(
-                f"{name}.prefix_lengths must be int32 (each token's document prefix length), got "
-                f"dtype {prefix.dtype}"
-            )
-        if prefix.shape != ids.shape:
+    for field, value, what in (
+        ("lengths", lengths, "each token's document length"),
+        ("prefix_lengths", prefix, "each token's document prefix length"),
+    ):
+        if value is None:
+            continue
+        if value.dtype != np.int32:
+            raise TypeError(f"{name}.{field} must be int32 ({what}), got dtype {value.dtype}")
+        if value.shape != ids.shape:
             raise ValueError(
-                f"{name}.prefix_lengths must have the shape of {name}.ids, {tuple(ids.shape)}, "
-                f"got {tuple(prefix.shape)}"
+                f"{name}.{field} must have the shape of {name}.ids, {tuple(ids.shape)}, got "
+                f"{tuple(value.shape)}"
             )
     num_segments = (
         None if max_segments_per_seq is None else check_max_segments(max_segments_per_seq)
