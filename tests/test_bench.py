@@ -37,11 +37,11 @@ from thdkit.bench import measure, report, units
 from thdkit.bench.attention import (
     AttentionBench,
     attention_program,
-    attention_table,
     bench_sinks,
     dtype_names,
     run_attention_bench,
 )
+from thdkit.bench.attention_report import attention_table
 from thdkit.bench.commands import app
 from thdkit.bench.cp import CPBench
 from thdkit.bench.measure import MAX_RANKS, BenchConfig, ConfigError, median

@@ -30,10 +30,10 @@ from typer.core import TyperCommand, TyperGroup
 
 from thdkit.bench.attention import (
     AttentionBench,
-    attention_table,
     matmul_rate,
     run_attention_bench,
 )
+from thdkit.bench.attention_report import attention_table
 from thdkit.bench.compile import CompileBench, run_compile_bench
 from thdkit.bench.compile_report import compile_table, host_table
 from thdkit.bench.cp import CPBench, cp_table, run_cp_bench

@@ -7,20 +7,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
 import thdkit
 from thdkit._src.kernels.config import check_soft_cap
+from thdkit._src.limits import check_bool
 from thdkit._src.mask_types import check_window
 from thdkit.flax.plumbing import (
     attend,
+    check_features,
     check_implementation,
     check_size,
     check_strategy,
     default_segments,
+    dropout_stream,
     plan_layout,
     ring,
 )
@@ -33,9 +35,8 @@ DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()
 DEFAULT_BIAS_INIT = nnx.initializers.zeros_init()
 """Flax's default bias initialiser."""
 DEFAULT_SINKS_INIT = nnx.initializers.normal(stddev=0.02)
-"""The attention sinks' initialiser: gpt-oss's practice as Hugging Face transformers trains it
-(``GptOssPreTrainedModel._init_weights``: ``normal_(mean=0.0, std=initializer_range)``, whose
-default is 0.02); the reference release of gpt-oss allocates them empty and loads them."""
+"""The attention sinks' initialiser: gpt-oss's as Hugging Face transformers trains it
+(``GptOssPreTrainedModel._init_weights``: a normal of std ``initializer_range``, 0.02)."""
 
 
 class PackedSelfAttention(nnx.Module):
@@ -224,25 +225,16 @@ class PackedSelfAttention(nnx.Module):
         self.dropout_rate = float(dropout_rate)
         self.deterministic = deterministic
         self.use_bias = use_bias
-        if not isinstance(check_layout, (bool, np.bool_)):
-            raise TypeError(f"check_layout must be a bool, got {type(check_layout).__name__}")
-        self.check_layout = bool(check_layout)
+        self.check_layout = check_bool(check_layout, "check_layout")
         self.logits_soft_cap = check_soft_cap(logits_soft_cap)
-        if not isinstance(sinks, (bool, np.bool_)):
-            raise TypeError(f"sinks must be a bool, got {type(sinks).__name__}")
-        _check_features(implementation, logits_soft_cap=self.logits_soft_cap, sinks=bool(sinks))
+        sinks = check_bool(sinks, "sinks")
+        check_features(implementation, logits_soft_cap=self.logits_soft_cap, sinks=sinks)
 
         def linear(fan_in: Any, fan_out: Any, **kw: Any) -> nnx.LinearGeneral:
             return nnx.LinearGeneral(
-                fan_in,
-                fan_out,
-                use_bias=use_bias,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                precision=precision,
-                rngs=rngs,
-                **kw,
-            )
+                fan_in, fan_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                precision=precision, rngs=rngs, **kw,
+            )  # fmt: skip
 
         heads = (self.num_heads, self.head_dim)
         kv_heads = (self.num_kv_heads, self.head_dim)
@@ -251,12 +243,9 @@ class PackedSelfAttention(nnx.Module):
         self.key = linear(self.in_features, kv_heads, **init)
         self.value = linear(self.in_features, kv_heads, **init)
         self.out = linear(
-            heads,
-            self.out_features,
-            axis=(-2, -1),
-            kernel_init=out_kernel_init or kernel_init,
+            heads, self.out_features, axis=(-2, -1), kernel_init=out_kernel_init or kernel_init,
             bias_init=out_bias_init or bias_init,
-        )
+        )  # fmt: skip
         self.sinks = (
             nnx.Param(sinks_init(rngs.params(), (self.num_heads,), param_dtype)) if sinks else None
         )
@@ -289,9 +278,8 @@ class PackedSelfAttention(nnx.Module):
         self, segments: thdkit.Segments, name: str, max_segments_per_seq: int | None
     ) -> thdkit.AttentionPlan:
         """:meth:`plan`, its messages naming the caller's argument ``name``."""
-        num_segments = default_segments(
-            segments, seq_len=segments.seq_len, given=max_segments_per_seq
-        )
+        given, seq_len = max_segments_per_seq, segments.seq_len
+        num_segments = default_segments(segments, seq_len=seq_len, given=given)
         self._check(segments, name, num_segments=num_segments, cp=1)
         return plan_layout(
             segments,
@@ -392,11 +380,8 @@ class PackedSelfAttention(nnx.Module):
                     "segments_or_plan is a cross-attention plan; this layer is self-attention"
                 )
             config = plan.config
-            if (config.mask_type, config.window_size, config.logits_soft_cap) != (
-                self.mask_type,
-                self.window_size,
-                self.logits_soft_cap,
-            ):
+            mine = (self.mask_type, self.window_size, self.logits_soft_cap)
+            if (config.mask_type, config.window_size, config.logits_soft_cap) != mine:
                 raise ValueError(
                     f"segments_or_plan: the plan's mask_type={config.mask_type.value!r}, "
                     f"window_size={config.window_size}, logits_soft_cap={config.logits_soft_cap} "
@@ -409,7 +394,9 @@ class PackedSelfAttention(nnx.Module):
                 f"segments_or_plan has [B, T] = {tuple(segments.ids.shape)}; it must be "
                 f"{tuple(x.shape[:2])} to match x of shape {tuple(x.shape)}"
             )
-        dropout_rng = self._dropout_rng(deterministic, rngs)
+        dropout_rng = dropout_stream(
+            self.dropout_rate, deterministic, rngs, default=self.deterministic, own=self.rngs
+        )
         if dropout_rng is not None and mesh is not None:
             raise NotImplementedError(
                 "attention-weight dropout runs densely and does not shard: use dropout_rate=0 "
@@ -425,20 +412,11 @@ class PackedSelfAttention(nnx.Module):
             if plan is None:
                 plan = self._plan(segments, "segments_or_plan", max_segments_per_seq)
             out = attend(
-                q,
-                k,
-                v,
-                plan=plan,
-                bias=None,
-                mask=None,
-                is_causal=False,
-                broadcast_dropout=self.broadcast_dropout,
-                dropout_rng=dropout_rng,
-                dropout_rate=self.dropout_rate,
-                deterministic=dropout_rng is None,
-                module=None,
+                q, k, v, plan=plan, bias=None, mask=None, is_causal=False,
+                broadcast_dropout=self.broadcast_dropout, dropout_rng=dropout_rng,
+                dropout_rate=self.dropout_rate, deterministic=dropout_rng is None, module=None,
                 sinks=self._sinks(),
-            )
+            )  # fmt: skip
         return self.out(out)
 
     def _ring(
@@ -454,65 +432,19 @@ class PackedSelfAttention(nnx.Module):
         """:func:`thdkit.context_parallel_attention` with the layer's mask, window, implementation,
         strategy, soft cap and sinks, its messages naming the caller's ``segments_or_plan``; on
         a one-device axis, why a reordered row is refused."""
-        num_segments = default_segments(
-            segments, seq_len=segments.seq_len, given=max_segments_per_seq
-        )
+        given, seq_len = max_segments_per_seq, segments.seq_len
+        num_segments = default_segments(segments, seq_len=seq_len, given=given)
         cp = mesh.shape.get(axis_name, 1)
         if segments.seq_len % cp == 0:  # Else ring_attention says why it cannot split.
             self._check(segments, "segments_or_plan", num_segments=num_segments, cp=cp)
         return ring(
-            q,
-            k,
-            v,
-            segments,
-            name="segments_or_plan",
-            mask_type=self.mask_type,
-            window_size=self.window_size,
-            max_segments_per_seq=num_segments,
-            implementation=self.implementation,
-            strategy=self.strategy,
-            logits_soft_cap=self.logits_soft_cap,
-            sinks=self._sinks(),
-            mesh=mesh,
+            q, k, v, segments, name="segments_or_plan", mask_type=self.mask_type,
+            window_size=self.window_size, max_segments_per_seq=num_segments,
+            implementation=self.implementation, strategy=self.strategy,
+            logits_soft_cap=self.logits_soft_cap, sinks=self._sinks(), mesh=mesh,
             axis_name=axis_name,
-        )
+        )  # fmt: skip
 
     def _sinks(self) -> Array | None:
         """The sinks parameter's value (float[N]), or None without sinks."""
         return None if self.sinks is None else self.sinks[...]
-
-    def _dropout_rng(self, deterministic: bool | None, rngs: Any) -> Array | None:
-        """Flax's rule: dropout needs ``deterministic`` (call or constructor) and a stream."""
-        if self.dropout_rate == 0.0:
-            return None
-        deterministic = deterministic if deterministic is not None else self.deterministic
-        if deterministic is None:
-            raise ValueError(
-                "dropout_rate > 0: pass deterministic to the constructor or to the call"
-            )
-        if deterministic:
-            return None
-        stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs
-        stream = stream if stream is not None else self.rngs
-        if stream is None:
-            raise ValueError("dropout needs an rng stream: pass rngs to the call (keep_rngs=False)")
-        return stream()
-
-
-def _check_features(implementation: str | None, *, logits_soft_cap: Any, sinks: bool) -> None:
-    """Refuses, at construction, a soft cap or sinks that ``implementation`` cannot take: the
-    cap needs it to declare ``"logits_soft_cap"`` (:class:`thdkit.kernels.Implementation`'s
-    ``features``), sinks a log-sum-exp (``returns_lse``). None picks one that can at each call."""
-    if implementation is None:
-        return
-    kernel = thdkit.kernels.get(implementation)
-    if logits_soft_cap is not None and "logits_soft_cap" not in kernel.features:
-        raise NotImplementedError(
-            f"logits_soft_cap: implementation={implementation!r} does not implement soft-capped "
-            "logits; pass implementation=None (the first that can), 'blockwise' or 'reference'"
-        )
-    if sinks and not kernel.returns_lse:
-        raise NotImplementedError(
-            f"sinks: implementation={implementation!r} returns no log-sum-exp, through which "
-            "attention sinks join; pass implementation=None, 'blockwise' or 'reference'"
-        )

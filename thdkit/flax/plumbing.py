@@ -23,10 +23,12 @@ import thdkit
 
 __all__ = [
     "attend",
+    "check_features",
     "check_implementation",
     "check_size",
     "check_strategy",
     "default_segments",
+    "dropout_stream",
     "plan_layout",
     "renamed",
     "ring",
@@ -190,3 +192,41 @@ def attend(
     grouped = weights.reshape(batch, heads_kv, heads_q // heads_kv, seq_q, key.shape[1])
     out = jnp.einsum("bkgts,bskd->btkgd", grouped.astype(jnp.float32), value.astype(jnp.float32))
     return out.reshape(batch, seq_q, heads_q, value.shape[-1]).astype(query.dtype)
+
+
+def check_features(implementation: str | None, *, logits_soft_cap: Any, sinks: bool) -> None:
+    """Refuses, at construction, a soft cap or sinks that ``implementation`` cannot take: the
+    cap needs it to declare ``"logits_soft_cap"`` (:class:`thdkit.kernels.Implementation`'s
+    ``features``), sinks a log-sum-exp (``returns_lse``). None picks one that can at each call."""
+    if implementation is None:
+        return
+    kernel = thdkit.kernels.get(implementation)
+    if logits_soft_cap is not None and "logits_soft_cap" not in kernel.features:
+        raise NotImplementedError(
+            f"logits_soft_cap: implementation={implementation!r} does not implement soft-capped "
+            "logits; pass implementation=None (the first that can), 'blockwise' or 'reference'"
+        )
+    if sinks and not kernel.returns_lse:
+        raise NotImplementedError(
+            f"sinks: implementation={implementation!r} returns no log-sum-exp, through which "
+            "attention sinks join; pass implementation=None, 'blockwise' or 'reference'"
+        )
+
+
+def dropout_stream(
+    rate: float, deterministic: bool | None, rngs: Any, *, default: bool | None, own: Any
+) -> Array | None:
+    """Flax's rule: dropout needs ``deterministic`` (the call's, else the layer's ``default``)
+    and a stream (the call's ``rngs``, else the layer's ``own``); None without dropout."""
+    if rate == 0.0:
+        return None
+    deterministic = deterministic if deterministic is not None else default
+    if deterministic is None:
+        raise ValueError("dropout_rate > 0: pass deterministic to the constructor or to the call")
+    if deterministic:
+        return None
+    stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs
+    stream = stream if stream is not None else own
+    if stream is None:
+        raise ValueError("dropout needs an rng stream: pass rngs to the call (keep_rngs=False)")
+    return stream()
