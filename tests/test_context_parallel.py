@@ -242,19 +242,27 @@ def test_invalid_arguments(overrides: dict[str, Any], error: type, match: str) -
         _call(**overrides)
 
 
-def _collectives(jaxpr: Any, times: int = 1) -> list[tuple[str, Any, int]]:
-    """(primitive, operand aval, times executed) of every collective, scan bodies multiplied."""
+def _collectives(jaxpr: Any, times: int = 1, *, trips: int = 1) -> list[tuple[str, Any, int]]:
+    """(primitive, operand aval, times executed) of every collective: scan bodies multiplied by
+    their length, while bodies by ``trips`` (the loops whose trip count the data sets: the
+    ring's, ``cp - 1`` steps on the test's layouts), and of a ``cond`` the branch that moves
+    the most (one branch runs)."""
     found = []
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name in traffic.RECEIVED:
             found += [(name, var.aval, times) for var in eqn.invars]
-        inner = times * (eqn.params["length"] if name == "scan" else 1)
+        inner = times * {"scan": eqn.params.get("length", 1), "while": trips}.get(name, 1)
+        subs = []
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else [param]:
                 sub = getattr(sub, "jaxpr", sub)
                 if hasattr(sub, "eqns"):
-                    found += _collectives(sub, inner)
+                    subs.append(_collectives(sub, inner, trips=trips))
+        if name == "cond" and subs:
+            found += max(subs, key=lambda f: sum(a.size * t for _, a, t in f))
+        else:
+            found += [x for sub in subs for x in sub]
     return found
 
 
@@ -290,7 +298,7 @@ def test_byte_formulas_match_the_traced_collectives(strategy: str, cross: bool) 
     for passes, fn in (("fwd", loss), ("bwd", jax.grad(loss, (0, 1, 2)))):
         counted = sum(
             traffic.RECEIVED[name](cp) * aval.size * aval.dtype.itemsize * times
-            for name, aval, times in _collectives(jax.make_jaxpr(fn)(q, k, v).jaxpr)
+            for name, aval, times in _collectives(jax.make_jaxpr(fn)(q, k, v).jaxpr, trips=cp - 1)
             if not (aval.ndim == 2 and aval.shape[1] == 2)  # per-segment bins, [B, S + 1]
         )
         total = expected.forward + (expected.backward if passes == "bwd" else 0)

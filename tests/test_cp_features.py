@@ -238,9 +238,9 @@ def test_a_strategy_is_refused_the_features_it_does_not_declare(undeclared: str)
     assert "soft-capped" not in str(error.value)
 
 
-def test_the_built_ins_declare_both_features() -> None:
+def test_the_built_ins_declare_every_feature() -> None:
     for name in BUILT_INS:
-        assert context_parallel.get(name).features == {"logits_soft_cap", "sinks"}
+        assert context_parallel.get(name).features == {"logits_soft_cap", "sinks", "prefix"}
 
 
 class _Uncapped(thdkit.kernels.Implementation):

@@ -258,20 +258,20 @@ def ring_local(config: StrategyConfig) -> LocalBody:
 
 def ring_traffic(s: Shapes, cp: int) -> Traffic:
     """The ring's bytes per device at most: ``(cp - 1) B n_kv (kv b + 12)`` forward (k, v, ids,
-    positions and lengths, cp - 1 moves); backward ``cp B n_kv (kv (b + 4) + 12)`` (cp - 1
-    moves of k, v, the layout and the float32 dk, dv, then dk, dv home); ``kv = H_kv (D +
-    D_v)``. The ring stops after the last step any rank needs (``last``, from the layout): it
-    then moves ``last`` instead of ``cp - 1`` times, and none for rank-local documents (``thdkit
-    bench ring`` reports the step).
+    positions and lengths, cp - 1 moves); backward ``(cp - 1) B n_kv (kv (b + 4) + 12) + B n_kv
+    kv 4`` (cp - 1 moves of k, v, the layout and the float32 dk, dv, then dk, dv home in one);
+    ``kv = H_kv (D + D_v)``. The ring stops after the last step any rank needs (``last``, from
+    the layout): it then moves ``last`` instead of ``cp - 1`` times, and none for rank-local
+    documents (``thdkit bench ring`` reports the step).
 
     Example:
         >>> ring_traffic(Shapes(1, 8, 8, 1, 1, 1, 1, 4, False), 2)
-        Traffic(forward=80, backward=224, steps_forward=1, steps_backward=2)
+        Traffic(forward=80, backward=144, steps_forward=1, steps_backward=2)
     """
     n_kv = s.seq_kv // cp
     kv = s.heads_kv * (s.dim + s.dim_v)
     forward = (cp - 1) * s.batch * n_kv * (kv * s.itemsize + 12)
-    backward = cp * s.batch * n_kv * (kv * (s.itemsize + 4) + 12)
+    backward = (cp - 1) * s.batch * n_kv * (kv * (s.itemsize + 4) + 12) + s.batch * n_kv * kv * 4
     return Traffic(forward, backward, cp - 1, cp)
 
 

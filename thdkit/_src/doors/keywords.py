@@ -183,7 +183,7 @@ def _runnable(
     raise no_candidate(reasons)
 
 
-def _joined(query, key, value, q, kv, aux, sinks, *, implementation, config, scale):
+def _forward(query, key, value, q, kv, aux, sinks, *, implementation, config, scale):
     """One implementation's forward, the sinks joined, its output in the query's dtype."""
     out, lse = implementation.forward(query, key, value, q, kv, aux, config, scale=scale)
     if sinks is not None:
@@ -191,14 +191,14 @@ def _joined(query, key, value, q, kv, aux, sinks, *, implementation, config, sca
     return out.astype(query.dtype)
 
 
-_forward = program(_joined, static_argnames=("implementation", "config", "scale"))
+_forward_program = program(_forward, static_argnames=("implementation", "config", "scale"))
 
 
 @program(static_argnames=("implementation", "config", "scale"))
 def _prepare_and_forward(query, key, value, q, kv, sinks, *, implementation, config, scale):
     """One implementation's auxiliary data and forward: the whole keyword call, one program."""
     aux = implementation.prepare(q, kv, config)
-    return _joined(
+    return _forward(
         query,
         key,
         value,
@@ -382,7 +382,7 @@ def attention(
             return _prepare_and_forward(
                 query, key, value, q, kv, sinks, implementation=chosen, config=config, scale=scale
             )
-        return _forward(
+        return _forward_program(
             query,
             key,
             value,
@@ -419,7 +419,7 @@ def attention(
     if batch == 0:
         return _empty(query, value)
     chosen = _runnable(plan.candidates, query, key, value, sinks=sinks is not None)
-    return _forward(
+    return _forward_program(
         query,
         key,
         value,
