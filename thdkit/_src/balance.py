@@ -105,7 +105,7 @@ def _spread(tokens: np.ndarray, cp: int, tile: int) -> list[np.ndarray]:
 
 
 def _pack(
-    docs: list[tuple[int, np.ndarray, np.ndarray]],
+    docs: list[tuple[int, np.ndarray]],
     spread: dict[int, list[tuple[np.ndarray, int]]],
     cp: int,
     room: int,
@@ -124,7 +124,7 @@ def _pack(
             free[rank] -= tokens.size
     homeless = []
     heap = [(0, rank) for rank in range(cp)]
-    for index, (total, tokens, _) in enumerate(docs):
+    for index, (total, tokens) in enumerate(docs):
         if index in spread:
             continue
         # The least-loaded rank with room: pop until one fits (those without room return).
@@ -191,7 +191,7 @@ def _row_order(
         if sorted_ids[start] == 0:
             padding = tokens
         else:
-            docs.append((total, tokens, work[tokens]))
+            docs.append((total, tokens))
     # Costliest first; ties by document order (deterministic).
     ranked = sorted(range(len(docs)), key=lambda i: (-docs[i][0], i))
     docs = [docs[i] for i in ranked]
@@ -202,18 +202,18 @@ def _row_order(
     def spread_if_room(index: int) -> bool:
         """Spreads document ``index`` where every rank has room for its share."""
         nonlocal spread_used
-        _, tokens, work = docs[index]
+        tokens = docs[index][1]
         shares = _spread(np.arange(tokens.size), cp, tile)
         sizes = np.array([share.size for share in shares])
         if np.any(spread_used + sizes > room):
             return False
         spread_used = spread_used + sizes
-        spread[index] = [(tokens[share], int(work[share].sum())) for share in shares]
+        spread[index] = [(tokens[share], int(work[tokens[share]].sum())) for share in shares]
         return True
 
     # Spread only documents whose chunks fill a tile: smaller chunks leave tiles half empty.
     spreadable = [i for i, d in enumerate(docs) if d[1].size >= 2 * cp * tile]
-    for index, (_, tokens, _) in enumerate(docs):
+    for index, (_, tokens) in enumerate(docs):
         if tokens.size > room:
             spread_if_room(index)
     step = 1
@@ -247,28 +247,30 @@ def _relabelled(
     carry labels between those of the ranks before and after it, which keeps a query tile's key
     span in another rank's shard empty where the two share no document.
     """
+    # Each rank's parts with their document ids (0: padding), read once.
+    parts = [[(int(ids[p[0]]), p) for p in ranks if p.size] for ranks in parts]
+    last_rank = {old: rank for rank, ranks in enumerate(parts) for old, _ in ranks}
     label: dict[int, int] = {old: new for new, old in enumerate(sorted(spread), start=1)}
     for rank, ranks in enumerate(parts):
-        later = {int(ids[p[0]]) for other in parts[rank + 1 :] for p in other if p.size}
         # Documents met before first, then the rank's own, then those that go on to the next
         # rank: a cut document is the last of one shard and the first of the next.
         own = sorted(
-            (int(ids[p[0]]) for p in ranks if p.size and int(ids[p[0]]) not in label),
-            key=lambda old: (old in later, old),
+            (old for old, _ in ranks if old and old not in label),
+            key=lambda old: (last_rank[old] > rank, old),
         )
-        for old in own:
-            if old:
-                label[old] = len(label) + 1
-    padding = len(label) + 1
-    order, labels = [], []
-    for ranks in parts:
-        ranks = [p for p in ranks if p.size]
-        new = [label.get(int(ids[p[0]]), padding) for p in ranks]
-        ranked = sorted(range(len(ranks)), key=lambda i: (new[i], int(pos[ranks[i][0]])))
-        for i in ranked:
-            order.append(ranks[i])
-            labels.append(np.full(ranks[i].size, 0 if new[i] == padding else new[i], np.int32))
-    return np.concatenate(order), np.concatenate(labels)
+        base = len(label) + 1
+        label.update((old, base + i) for i, old in enumerate(own))
+    order = [
+        part
+        for ranks in parts
+        for _, part in sorted(
+            ranks, key=lambda r: (label.get(r[0], len(label) + 1), int(pos[r[1][0]]))
+        )
+    ]
+    order = np.concatenate(order)
+    lookup = np.zeros(int(ids.max()) + 1, np.int32)
+    lookup[list(label)] = list(label.values())
+    return order, lookup[ids[order]]
 
 
 class Balanced(NamedTuple):
