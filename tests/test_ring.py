@@ -284,6 +284,48 @@ def test_skipped_steps_are_not_computed(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 @slow
+@pytest.mark.parametrize(("lengths", "moved"), [((16, 16, 16, 16), False), ((24, 8, 16, 16), True)])
+def test_the_ring_stops_after_the_last_step_with_work(
+    monkeypatch: pytest.MonkeyPatch, lengths: tuple[int, ...], moved: bool
+) -> None:
+    """Documents that each lie inside one rank's shard move no key, value or gradient, forward
+    or backward; one document across a boundary makes the keys move. Outputs and gradients equal
+    one device's either way."""
+    moves: list[int] = []
+    real = jax.lax.ppermute
+
+    def counted(x: Any, axis_name: Any, perm: Any) -> Any:
+        jax.debug.callback(lambda: moves.append(1))
+        return real(x, axis_name, perm)
+
+    monkeypatch.setattr(ring.lax, "ppermute", counted)
+    ids, pos = packed_row(64, [(n, n) for n in lengths])
+    ids, pos = ids[None], pos[None]
+    x, w = _random((1, 64, HEADS, DIM), 1), _random((1, 64, HEADS, DIM), 2)
+    # A scale used nowhere else (one per case) gives a program traced afresh, with the counting
+    # ppermute and this case's list.
+    options = dict(max_segments_per_seq=4, scale=0.3129 if moved else 0.3127)
+
+    def parallel(q, k, v):
+        out = ring_attention(
+            q, k, v, q_segments=_rows(ids, pos), mesh=_mesh(4), axis_name="cp", **options
+        )
+        return jnp.sum(out * w)
+
+    def single(q, k, v):
+        out = attention(q, k, v, segment_ids_q=ids, segment_pos_q=pos, **options)
+        return jnp.sum(out * w)
+
+    got = jax.value_and_grad(parallel, (0, 1, 2))(x, x, x)
+    jax.block_until_ready(got)
+    jax.effects_barrier()
+    assert bool(moves) == moved
+    want = jax.value_and_grad(single, (0, 1, 2))(x, x, x)
+    for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, h, atol=ATOL, rtol=ATOL)
+
+
+@slow
 def test_eager_call_and_zero_rows() -> None:
     # An all-padding row gives zeros; the eager path validates and runs the cached program.
     ids = np.stack([packed_row(32, [(20, 20)])[0], np.zeros(32, np.int32)])
