@@ -318,3 +318,57 @@ def test_malformed_documents_are_refused(docs, match):
     )
     with pytest.raises(ValueError, match=match):
         next(iter(dataset))
+
+
+def test_reorder_batch_balanced_keeps_every_array_aligned_and_returns_the_order():
+    """The balanced reorder: one permutation per row applied to every array, the documents
+    renumbered alike in the Segments and the ``*_segment_ids``, and ``"order"`` undoing it."""
+    ids = np.array([[1] * 20 + [2] * 4 + [3] * 6 + [0] * 2, [1] * 32])
+    pos = np.array([[*range(20), *range(4), *range(6), 0, 0], [*range(32)]])
+    segments = thdkit.Segments(ids, pos, np.zeros_like(ids))
+    tokens = 100 + np.arange(64).reshape(2, 32)
+    batch = {"inputs": tokens, "inputs_segment_ids": ids, "inputs_positions": pos, "seg": segments}
+    out = reorder_batch(batch, cp=4, reorder="balanced")
+    order = out["order"]
+    np.testing.assert_array_equal(thdkit.reorder.unpermute(out["inputs"], order), tokens)
+    np.testing.assert_array_equal(out["inputs_positions"], out["seg"].positions)
+    np.testing.assert_array_equal(out["inputs_segment_ids"], out["seg"].ids)
+    moved = thdkit.reorder.permute(ids, order)
+    for b in range(2):  # the same documents, new numbers
+        pairs = {(int(o), int(n)) for o, n in zip(moved[b], out["seg"].ids[b], strict=True)}
+        assert len({o for o, _ in pairs}) == len({n for _, n in pairs}) == len(pairs)
+    for rank in range(4):
+        shard = slice(8 * rank, 8 * rank + 8)
+        thdkit.validate_layout(
+            np.ascontiguousarray(out["seg"].ids[:, shard]),
+            np.ascontiguousarray(out["seg"].positions[:, shard]),
+            max_segments_per_seq=None,
+        )
+    with pytest.raises(ValueError, match="'order'"):
+        reorder_batch({**batch, "order": ids}, cp=4, reorder="balanced")
+    with pytest.raises(ValueError, match="layout"):
+        reorder_batch({"inputs": tokens}, cp=4, reorder="balanced")
+
+
+def test_pack_balanced_feeds_the_ring():
+    """pack(cp=4, reorder="balanced") yields batches whose Segments the ring takes as they are:
+    its output, unpermuted, equals single-device attention on the unreordered batch."""
+    docs = [{"inputs": np.arange(1, n + 1)} for n in (20, 5, 9, 30, 3, 7)]
+    kwargs = dict(seq_len=32, max_segments_per_seq=4, batch_size=2)
+    plain = next(iter(pack(grain.MapDataset.source(docs), **kwargs)))
+    packed = next(iter(pack(grain.MapDataset.source(docs), cp=4, reorder="balanced", **kwargs)))
+    order = packed["order"]
+    np.testing.assert_array_equal(
+        thdkit.reorder.unpermute(packed["inputs"], order), plain["inputs"]
+    )
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 32, 2, 8)).astype(np.float32)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("cp",))
+    got = thdkit.context_parallel_attention(
+        *(thdkit.reorder.permute(q, order) for _ in range(3)), q_segments=packed[SEGMENTS],
+        max_segments_per_seq=4, mesh=mesh, axis_name="cp",
+    )  # fmt: skip
+    want = thdkit.attention(q, q, q, plan=thdkit.plan_attention(
+        plain[SEGMENTS], mask_type="padding_causal", max_segments_per_seq=4
+    ))  # fmt: skip
+    np.testing.assert_allclose(thdkit.reorder.unpermute(got, order), want, atol=1e-5)

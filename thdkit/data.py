@@ -15,8 +15,9 @@ around them:
 - ``batch["segments"]``: the batch's :class:`thdkit.Segments` (ids, positions, document lengths),
   ready for :func:`thdkit.plan_attention`, :class:`thdkit.flax.PackedSelfAttention` and
   :func:`thdkit.context_parallel_attention`;
-- for context parallelism, the load-balancing reorder (:func:`thdkit.reorder.striped` or
-  :func:`thdkit.reorder.dual_chunk_swap`) applied on the host, in NumPy, to every per-token
+- for context parallelism, the load-balancing reorder (:func:`thdkit.reorder.striped`,
+  :func:`thdkit.reorder.dual_chunk_swap` or the per-row :func:`thdkit.reorder.balance`) applied
+  on the host, in NumPy, to every per-token
   array of the batch and to ``batch["segments"]``, so the device never reorders: shard the
   sequence axis over the mesh and pass ``batch["segments"]`` to
   :func:`thdkit.context_parallel_attention` (``q_segments=``) or to the layer with a mesh. A
@@ -35,18 +36,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import grain
-import jax
 import numpy as np
 
+from thdkit._src.batches import REORDERS, Reorder, reorder_batch
 from thdkit._src.limits import MAX_SEGMENTS, MAX_SEQ_LEN
-from thdkit._src.reorder import dual_chunk_swap, striped
 from thdkit._src.segments import Segments
 from thdkit._src.validate.rules import validate_layout
 
 __all__ = ["SEGMENTS", "pack", "reorder_batch"]
 
 Algorithm = Literal["first_fit", "best_fit"]
-Reorder = Literal["striped", "dual_chunk_swap"]
 
 
 _SUFFIXES = ("_segment_ids", "_positions")  # What Grain's packers add to each feature's name.
@@ -194,67 +193,6 @@ def _batch_segments(
         raise ValueError(f"pack: prefix_feature {error}") from None
 
 
-def reorder_batch(
-    batch: Mapping[str, np.ndarray | Segments],
-    *,
-    cp: int,
-    reorder: Reorder = "striped",
-    stripe_size: int = 1,
-) -> dict[str, np.ndarray | Segments]:
-    """Applies the context-parallel reorder to every per-token array of a batch (host side).
-
-    Every value's last axis is the sequence axis (tokens, segment ids, positions, labels, loss
-    weights alike), so all of them stay aligned; a :class:`thdkit.Segments` value (``pack``'s
-    ``batch["segments"]``) is reordered field by field, its lengths (and prefix lengths) staying
-    the whole documents'. The output comes back from :func:`thdkit.context_parallel_attention`
-    in the same order; a token-wise loss over reordered labels needs no inverse
-    (:func:`thdkit.reorder.unstriped` restores the order otherwise).
-
-    Args:
-        batch: mapping of name to NumPy array [..., T] or :class:`thdkit.Segments`.
-        cp: the number of context-parallel ranks, an int >= 1.
-        reorder: ``"striped"`` (causal masks, packed rows) or ``"dual_chunk_swap"``.
-        stripe_size: tokens per stripe (``"striped"`` only).
-
-    Returns:
-        A new dict with the same keys, each array (each Segments field) reordered along its last
-        axis.
-
-    Raises:
-        TypeError: ``batch`` not a mapping, a non-int ``cp`` or ``stripe_size``, a non-str
-            ``reorder``.
-        ValueError: an unknown ``reorder``, or a sequence length that the reorder cannot split
-            (T must be a multiple of ``cp * stripe_size``, or of ``2 * cp``), naming the key.
-
-    Example:
-        >>> batch = {"inputs_segment_ids": np.array([[1, 1, 1, 1, 2, 2, 0, 0]])}
-        >>> reorder_batch(batch, cp=2)["inputs_segment_ids"]
-        array([[1, 1, 2, 0, 1, 1, 2, 0]])
-    """
-    if not isinstance(batch, Mapping):
-        raise TypeError(f"batch must be a mapping of name to array, got {type(batch).__name__}")
-    cp = _positive_int(cp, "cp")
-    stripe_size = _positive_int(stripe_size, "stripe_size")
-    reorder = _choice(reorder, "reorder", ("striped", "dual_chunk_swap"))
-
-    def move(array: Any) -> np.ndarray:
-        array = np.asarray(array)
-        if reorder == "striped":
-            return striped(array, cp=cp, stripe_size=stripe_size)
-        return dual_chunk_swap(array, cp=cp)
-
-    out: dict[str, np.ndarray | Segments] = {}
-    for name, value in batch.items():
-        try:
-            if isinstance(value, Segments):
-                out[name] = jax.tree.map(move, value)
-            else:
-                out[name] = move(value)
-        except ValueError as error:
-            raise ValueError(f"batch[{name!r}]: {error}") from None
-    return out
-
-
 def pack(
     dataset: grain.IterDataset | grain.MapDataset,
     *,
@@ -309,7 +247,9 @@ def pack(
         seed: the seed of that shuffle.
         cp: context-parallel ranks; above 1 every value of a batch is reordered by
             :func:`reorder_batch` (host side, NumPy).
-        reorder, stripe_size: the reorder (see :func:`reorder_batch`).
+        reorder, stripe_size: the reorder (see :func:`reorder_batch`): ``"striped"``,
+            ``"dual_chunk_swap"`` or ``"balanced"`` (a permutation per row from its documents,
+            returned under ``"order"``; the documents renumbered).
         drop_remainder: drop a last, smaller batch.
 
     Returns:
@@ -318,7 +258,8 @@ def pack(
         and ``f_positions`` (int32[B, T]; position inside the document, 0 on padding); and
         ``"segments"``, the batch's :class:`thdkit.Segments` (NumPy int32[B, T] ids, positions
         and document lengths, and prefix lengths with ``prefix_feature``). Every value is
-        reordered along T when ``cp > 1``.
+        reordered along T when ``cp > 1`` (and ``"order"``, int32[B, T], added by
+        ``reorder="balanced"``).
 
     Raises:
         TypeError: ``dataset`` not a Grain dataset; a non-int size or ``seed``; ``features`` a
@@ -380,12 +321,12 @@ def pack(
         "best_fit": grain.experimental.BestFitPackIterDataset,
     }
     algorithm = _choice(algorithm, "algorithm", tuple(packers))
-    reorder = _choice(reorder, "reorder", ("striped", "dual_chunk_swap"))
+    reorder = _choice(reorder, "reorder", REORDERS)
     shuffle_bins = _flag(shuffle_bins, "shuffle_bins")
     seed = _positive_int(seed, "seed", low=0)
     drop_remainder = _flag(drop_remainder, "drop_remainder")
     if cp > 1:
-        multiple = cp * stripe_size if reorder == "striped" else 2 * cp
+        multiple = {"striped": cp * stripe_size, "dual_chunk_swap": 2 * cp}.get(reorder, cp)
         if seq_len % multiple:
             raise ValueError(
                 f"seq_len={seq_len} must be a multiple of {multiple} for reorder={reorder!r} "
