@@ -359,7 +359,7 @@ def balance(
     validate_layout(ids, pos, max_segments_per_seq=None, mask_type=mask_type)
     seq_len = ids.shape[1]
     if seq_len % cp:
-        raise ValueError(f"balanced_order needs T to be a multiple of cp={cp}, got T={seq_len}")
+        raise ValueError(f"balance needs T to be a multiple of cp={cp}, got T={seq_len}")
     work = token_work(ids, pos, mask_type=mask_type, window_size=window_size)
     rows = [
         _row_order(ids[b], pos[b], work[b], cp, float(tolerance), tile) for b in range(ids.shape[0])
