@@ -20,6 +20,8 @@ from jax.sharding import Mesh
 from jaxtyping import Array
 
 import thdkit
+from thdkit._src.kernels.base import check_features as check_kernel_features
+from thdkit._src.kernels.config import AttentionConfig
 
 __all__ = [
     "attend",
@@ -195,22 +197,22 @@ def attend(
 
 
 def check_features(implementation: str | None, *, logits_soft_cap: Any, sinks: bool) -> None:
-    """Refuses, at construction, a soft cap or sinks that ``implementation`` cannot take: the
-    cap needs it to declare ``"logits_soft_cap"`` (:class:`thdkit.kernels.Implementation`'s
-    ``features``), sinks a log-sum-exp (``returns_lse``). None picks one that can at each call."""
+    """Refuses, at construction, a soft cap or sinks that ``implementation`` cannot take (the
+    registry's rule: ``thdkit.kernels.Implementation.features``, and a log-sum-exp for sinks).
+    None picks one that can at each call."""
     if implementation is None:
         return
-    kernel = thdkit.kernels.get(implementation)
-    if logits_soft_cap is not None and "logits_soft_cap" not in kernel.features:
+    config = AttentionConfig.parse(
+        mask_type="padding", window_size=None, max_segments_per_seq=None,
+        logits_soft_cap=logits_soft_cap,
+    )  # fmt: skip
+    try:
+        check_kernel_features(thdkit.kernels.get(implementation), config, sinks=sinks)
+    except NotImplementedError as reason:
         raise NotImplementedError(
-            f"logits_soft_cap: implementation={implementation!r} does not implement soft-capped "
-            "logits; pass implementation=None (the first that can), 'blockwise' or 'reference'"
-        )
-    if sinks and not kernel.returns_lse:
-        raise NotImplementedError(
-            f"sinks: implementation={implementation!r} returns no log-sum-exp, through which "
-            "attention sinks join; pass implementation=None, 'blockwise' or 'reference'"
-        )
+            f"implementation={implementation!r} cannot take the layer's options: {reason}; pass "
+            "implementation=None (the first that can), 'blockwise' or 'reference'"
+        ) from None
 
 
 def dropout_stream(

@@ -164,17 +164,20 @@ def plan_attention(
 
 
 def _runnable(
-    names: tuple[str, ...], query: Array, key: Array, value: Array, *, sinks: bool
+    names: tuple[str, ...],
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    config: AttentionConfig,
+    sinks: bool,
 ) -> base.Implementation:
-    """The first of ``names`` that takes these arrays (and returns a log-sum-exp, for sinks)."""
+    """The first of ``names`` that takes these arrays (and the call's sinks)."""
     reasons = {}
     for name in names:
         candidate = base.get(name)
         try:
-            if sinks and not candidate.returns_lse:
-                raise NotImplementedError(
-                    "it returns no log-sum-exp, through which attention sinks join"
-                )
+            base.check_features(candidate, config, sinks=sinks)
             candidate.check_arrays(query, key, value)
         except NotImplementedError as reason:
             reasons[name] = str(reason)
@@ -374,9 +377,8 @@ def attention(
             implementation=implementation,
             logits_soft_cap=logits_soft_cap,
         )
-        chosen = _runnable(
-            candidates(q, kv, config, implementation), query, key, value, sinks=sinks is not None
-        )
+        names = candidates(q, kv, config, implementation)
+        chosen = _runnable(names, query, key, value, config=config, sinks=sinks is not None)
         aux = prepare_on_host(q, kv, (chosen,), config)
         if aux is None:
             return _prepare_and_forward(
@@ -418,7 +420,9 @@ def attention(
             )
     if batch == 0:
         return _empty(query, value)
-    chosen = _runnable(plan.candidates, query, key, value, sinks=sinks is not None)
+    chosen = _runnable(
+        plan.candidates, query, key, value, config=plan.config, sinks=sinks is not None
+    )
     return _forward_program(
         query,
         key,

@@ -162,9 +162,12 @@ class Implementation:
         raise NotImplementedError(f"{type(self).__name__} defines no forward")
 
 
-def check_features(implementation: Implementation, config: AttentionConfig) -> None:
+def check_features(
+    implementation: Implementation, config: AttentionConfig, *, sinks: bool = False
+) -> None:
     """Raises NotImplementedError where ``config`` asks for a feature the implementation does
-    not declare in ``features``, naming each missing one.
+    not declare in ``features``, naming each missing one, or where the call has attention sinks
+    and the implementation returns no log-sum-exp (``returns_lse``: sinks join through it).
 
     Example:
         >>> config = AttentionConfig.parse(mask_type="causal", window_size=None,
@@ -174,10 +177,15 @@ def check_features(implementation: Implementation, config: AttentionConfig) -> N
         ...
         NotImplementedError: it does not implement soft-capped logits (AttentionConfig...
     """
+    reasons = []
     missing = sorted(config.features - frozenset(implementation.features))
     if missing:
         listed = ", ".join(FEATURES.get(name, name) for name in missing)
-        raise NotImplementedError(f"it does not implement {listed}")
+        reasons.append(f"it does not implement {listed}")
+    if sinks and not implementation.returns_lse:
+        reasons.append("it returns no log-sum-exp, through which attention sinks join")
+    if reasons:
+        raise NotImplementedError("; ".join(reasons))
 
 
 _REGISTRY: dict[str, Implementation] = {}
