@@ -180,9 +180,8 @@ def as_layout(
     for what, kind, x in ((name, "id", ids), (pos_name, "position", pos)):
         x32, outside = to_int32(x, ops=ops)
         if isinstance(outside, np.ndarray) and outside.any():
-            flat = int(np.flatnonzero(outside.reshape(-1))[0])
-            row, token = divmod(flat, x.shape[-1])
-            value = int(np.asarray(x).reshape(-1)[flat])
+            row, token = first_bad(outside)
+            value = int(np.asarray(x).reshape(-1, x.shape[-1])[row, token])
             raise ValueError(
                 f"{what} {row_label(row, x.shape[:-1])}, token {token}: {kind} {value} is "
                 f"outside the int32 range; {_RANGES[kind]}"
@@ -278,6 +277,16 @@ def positions_name(ids_name: str) -> str:
     if "segment_ids" in ids_name:
         return ids_name.replace("segment_ids", "segment_pos")
     return f"{ids_name} positions"
+
+
+def first_bad(bad: np.ndarray) -> tuple[int, int]:
+    """``(flat row, token)`` of the first true entry of ``bad`` [*B, T] (one must be true).
+
+    Example:
+        >>> first_bad(np.array([[False, False], [False, True]]))
+        (1, 1)
+    """
+    return divmod(int(np.flatnonzero(bad.reshape(-1))[0]), bad.shape[-1])
 
 
 def row_label(flat_row: int, batch: tuple[int, ...]) -> str:
@@ -403,9 +412,8 @@ def position_ids_array(position_ids: ArrayLike) -> Array:
         host = np.asarray(x)
         bad = (host < 0) | (host > MAX_POSITION)
         if bad.any():
-            flat = int(np.flatnonzero(bad.reshape(-1))[0])
-            row, token = divmod(flat, host.shape[-1])
-            value = int(host.reshape(-1)[flat])
+            row, token = first_bad(bad)
+            value = int(host.reshape(-1, host.shape[-1])[row, token])
             info = np.iinfo(np.int32)
             if not info.min <= value <= info.max:
                 problem = f"position {value} is outside the int32 range"

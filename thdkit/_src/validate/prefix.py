@@ -20,7 +20,7 @@ from jaxtyping import Array, ArrayLike, Bool, Int
 from thdkit._src.counting import shift
 from thdkit._src.host import JAX, NUMPY, ArrayOps, on_host, readable
 from thdkit._src.programs import program
-from thdkit._src.validate.inputs import row_label
+from thdkit._src.validate.inputs import first_bad, row_label
 
 __all__ = [
     "check_prefix_flags",
@@ -155,7 +155,7 @@ def _raise_at(bad: np.ndarray, batch: tuple[int, ...], message: Any) -> None:
     """Raises ``message(row, token)`` for the first true entry of ``bad`` [N, T], if any."""
     if not bad.any():
         return
-    row, token = divmod(int(np.flatnonzero(bad.reshape(-1))[0]), bad.shape[-1])
+    row, token = first_bad(bad)
     raise ValueError(message(row, token, row_label(row, batch)))
 
 

@@ -16,7 +16,7 @@ from thdkit._src.host import readable
 from thdkit._src.limits import MAX_SEQ_LEN, check_bool, check_max_segments, is_concrete
 from thdkit._src.mask_types import MaskType
 from thdkit._src.segments import Segments
-from thdkit._src.validate.inputs import as_layout, row_label
+from thdkit._src.validate.inputs import as_layout, first_bad, row_label
 from thdkit._src.validate.prefix import check_prefix_lengths
 from thdkit._src.validate.rules import validate_layout
 
@@ -191,16 +191,15 @@ def _check_lengths(
         bad = lengths != run_len
     if not bad.any():
         return
-    flat = int(np.flatnonzero(bad.reshape(-1))[0])
-    row, token = divmod(flat, seq_len)
+    row, token = first_bad(bad)
     value, run_length = int(lengths[row, token]), int(run_len[row, token])
     where = f"{name}.lengths {row_label(row, batch)}, token {token}"
     if ids[row, token] == 0:
         problem = f"{value} on a padding token (id 0); padding tokens have length 0"
     elif varies[row, token] and not short[row, token]:
-        start = int(first.reshape(-1)[flat]) - row * seq_len
+        start = int(first[row, token]) - row * seq_len
         problem = (
-            f"{value} differs from {int(at_start.reshape(-1)[flat])} at token {start}, where the "
+            f"{value} differs from {int(at_start[row, token])} at token {start}, where the "
             f"run of id {int(ids[row, token])} starts; every token of a document has its length"
         )
     elif long[row, token]:
