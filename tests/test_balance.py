@@ -13,7 +13,8 @@ from jax.sharding import Mesh
 
 import thdkit
 from thdkit import Segments
-from thdkit.reorder import balance, permute, token_work, unpermute
+from thdkit.context_parallel import ring_schedule
+from thdkit.reorder import balance, permute, striped, token_work, unpermute
 
 T, CP = 64, 4
 
@@ -99,6 +100,80 @@ def test_short_documents_stay_whole_and_balanced():
         assert np.unique(rank[ids == doc]).size == 1, f"document {doc} was cut"
     work = permute(token_work(ids, pos), order).reshape(cp, -1).sum(-1)
     assert work.max() <= 1.10 * work.mean()
+
+
+def _striped_order(ids: np.ndarray, cp: int, tile: int) -> np.ndarray:
+    """Each row's documents in order, then its padding, striped in stripes of a tile (or of the
+    largest divisor of the shard's length below it)."""
+    seq_len = ids.shape[1]
+    stripe = int(np.gcd(tile, seq_len // cp))
+    rows = []
+    for row in ids:
+        tokens = np.r_[np.flatnonzero(row != 0), np.flatnonzero(row == 0)]
+        rows.append(striped(tokens, cp=cp, stripe_size=stripe))
+    return np.stack(rows)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows(), st.sampled_from([1, 2, 4]), st.sampled_from([0.0, 0.05, 0.5]))
+def test_documents_whole_cut_at_a_bound_or_spread(layout, tile, spread_tolerance):
+    """Per row, the order is the striped one, or each document is whole on one rank, cut at
+    the bounds of consecutive ranks in position order (its first part on the lower rank;
+    skipping only ranks that spread documents fill), or spread over every rank; and the busiest
+    rank's work is never more than the excess over the striped order's."""
+    ids, pos = layout
+    result = balance(ids, pos, cp=CP, tile=tile, spread_tolerance=spread_tolerance)
+    rank = _rank_of(result.order, CP)
+    stripes = _striped_order(ids, CP, tile)
+    work = token_work(ids, pos)
+    for b in range(ids.shape[0]):
+        busiest = work[b, result.order[b]].reshape(CP, -1).sum(-1).max()
+        # The excess is at most the larger of the two tolerances (0.05 and spread_tolerance).
+        excess = max(0.05, spread_tolerance)
+        assert busiest <= (1 + excess) * work[b, stripes[b]].reshape(CP, -1).sum(-1).max()
+        if np.array_equal(result.order[b], stripes[b]):
+            continue
+        docs = range(1, ids[b].max() + 1)
+        spread = {d for d in docs if np.unique(rank[b, ids[b] == d]).size == CP}
+        # Ranks that the spread documents' shares fill hold no other token: skipped by a cut.
+        full = {r for r in range(CP) if np.isin(ids[b, rank[b] == r], list(spread)).all()}
+        for doc in set(docs) - spread:
+            ranks = rank[b, ids[b] == doc]  # in position order
+            assert np.all(np.diff(ranks) >= 0), f"row {b} document {doc}: {ranks}"
+            between = set(range(ranks[0], ranks[-1] + 1)) - set(ranks.tolist())
+            assert between <= full, f"row {b} document {doc}: {ranks}"
+
+
+def _unchecked(ids: np.ndarray, pos: np.ndarray) -> Segments:
+    """A reordered layout as the ring reads it (shard by shard; the lengths are recomputed)."""
+    return Segments(ids, pos, np.zeros_like(ids))
+
+
+@pytest.mark.parametrize("cp", [4, 8])
+def test_rows_of_short_documents_need_one_ring_step(cp):
+    """Full rows of documents up to T / (2 cp) long: whole or cut at a bound, so that a causal
+    ring needs step 1 at most (a striped order needs every step)."""
+    rng = np.random.default_rng(cp)
+    seq_len = 4096
+    rows_ = []
+    for _ in range(3):
+        lengths = []
+        while sum(lengths) < seq_len:
+            lengths.append(int(rng.integers(1, seq_len // (2 * cp) + 1)))
+        lengths[-1] -= sum(lengths) - seq_len
+        rows_.append(_row([n for n in lengths if n], seq_len))
+    ids, pos = np.stack([r[0] for r in rows_]), np.stack([r[1] for r in rows_])
+    result = balance(ids, pos, cp=cp)
+    steps = np.asarray(
+        ring_schedule(q_segments=_unchecked(result.segment_ids, result.segment_pos), cp=cp,
+                      max_segments_per_seq=int(result.segment_ids.max()))
+    ).any(axis=(0, 1))  # fmt: skip
+    assert steps[1] and not steps[2:].any(), steps
+    plain = np.asarray(
+        ring_schedule(q_segments=_unchecked(*(striped(x, cp=cp) for x in (ids, pos))),
+                      cp=cp, max_segments_per_seq=int(ids.max()))
+    ).any(axis=(0, 1))  # fmt: skip
+    assert plain.all()
 
 
 @pytest.mark.parametrize("mask_type", ["padding_causal", "padding"])

@@ -14,14 +14,14 @@ fit, long ones spread; the work of each rank near the mean) with the permuted la
 
 from thdkit._src.balance import Balanced
 from thdkit._src.balance import balance
-from thdkit._src.balance import permute
 from thdkit._src.balance import token_work
-from thdkit._src.balance import unpermute
 from thdkit._src.reorder import dual_chunk_swap
+from thdkit._src.reorder import permute
 from thdkit._src.reorder import ring_step
 from thdkit._src.reorder import shard
 from thdkit._src.reorder import striped
 from thdkit._src.reorder import undo_dual_chunk_swap
+from thdkit._src.reorder import unpermute
 from thdkit._src.reorder import unstriped
 
 __all__ = [

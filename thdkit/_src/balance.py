@@ -6,9 +6,12 @@ of its own, so that the contiguous shard ``r`` of ``T / cp`` tokens holds:
 
 - whole documents, each on one rank, where they fit: none of their pairs crosses ranks, so a
   ring step whose keys hold none of the rank's documents has nothing to compute;
+- at most one document cut at each bound between ranks r and r + 1, which ends rank r and
+  starts rank r + 1: under a causal mask only ring step 1 carries its pairs, so a row with no
+  spread document needs one rotation of the ring, not ``cp - 1``;
 - the few documents too costly to keep whole spread over every rank in ``2 * cp`` chunks, rank
   r holding chunks r and ``2 * cp - 1 - r`` (the dual-chunk swap of one document), which splits
-  a causal triangle evenly;
+  a causal triangle evenly (and makes the ring run every step);
 - as near the same attention work as the documents allow.
 
 The work of a query token is the number of keys the mask type and window allow it (its pairs):
@@ -16,24 +19,30 @@ The work of a query token is the number of keys the mask type and window allow i
 window's band) under no_mask and padding. Algorithm, per row: documents are taken by decreasing
 work and each is given to the rank with the least work that has room for all of it (greedy
 longest-processing-time, with the token budget ``T / cp`` per rank as a second constraint).
-Documents longer than ``T / cp`` are spread from the start; if the busiest rank then carries more
-than ``tolerance`` over the mean, the costliest documents still whole (of at least ``2 * cp``
-tiles, so that no chunk is smaller than a tile) are spread, one, then two, four, ... per
-repacking. A document that finds no rank with room is cut, by position, into the room left (the
-least loaded rank first); the row's padding fills what remains. Inside each shard the documents
-are renumbered and sorted (padding last), so every shard is a valid layout on its own (each
-document one run, ids increasing, positions increasing; docs/semantics.md). Deterministic;
-O(T log T) per row, plus O(S log cp) per repacking.
+The ranks' documents are then laid end to end, rank after rank (each rank's largest first),
+the gap up to each rank's bound filled with padding, else with the documents that found no
+room (the smallest that reaches the bound, else the largest), and the sequence is cut at the
+bounds. Documents longer than ``T / cp`` are spread from the start; if the busiest rank then
+carries more than ``spread_tolerance`` over the mean, the costliest documents still whole (of
+at least ``2 * cp`` tiles, so that no chunk is smaller than a tile) are spread, one, then two,
+four, ... per repacking, down to ``tolerance`` once one is spread (or at cp = 2, where step 1
+is the whole ring). Inside each shard the documents are renumbered (spread ones first, padding
+last), so every shard is a valid layout on its own (each document one run, ids increasing,
+positions increasing; docs/semantics.md). Deterministic; O(T log T) per row, plus O(T + S log
+cp) per repacking.
 
 Guarantees: each rank holds exactly ``T / cp`` tokens; a document is cut only when it is spread
-or finds no room; the shards are valid layouts. Limits: self-attention rows only (one
-permutation of the row); the work model counts allowed pairs, which the blockwise kernel's
-visited tiles follow for documents longer than a tile (``thdkit bench ring`` reports both).
+or at a bound between two ranks (then in position order, its first part on the lower rank);
+the shards are valid layouts. Limits: self-attention rows only (one permutation of the row); the
+work model counts allowed pairs, which the blockwise kernel's visited tiles follow for documents
+longer than a tile (``thdkit bench ring`` reports both); under a non-causal mask a cut
+document's first part also needs its second's keys (ring step ``cp - 1``).
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -43,11 +52,12 @@ from thdkit._src.host import NUMPY
 from thdkit._src.kernels.tiles import DEFAULT_BLOCK
 from thdkit._src.limits import check_int
 from thdkit._src.mask_types import MaskType, check_window, window_bound
+from thdkit._src.reorder import permute, striped
 from thdkit._src.segments import run_lengths
 from thdkit._src.validate.inputs import as_layouts
 from thdkit._src.validate.rules import validate_layout
 
-__all__ = ["Balanced", "balance", "permute", "token_work", "unpermute"]
+__all__ = ["Balanced", "balance", "token_work"]
 
 
 def token_work(
@@ -147,33 +157,60 @@ def _pack(
     return parts, load, homeless
 
 
-def _fill(
+def _compose(
     parts: list[list[np.ndarray]],
-    load: np.ndarray,
+    spread: int,
     homeless: list[np.ndarray],
     padding: np.ndarray,
-    ids: np.ndarray,
-    work: np.ndarray,
     room: int,
-) -> np.ndarray:
-    """Cuts the documents without a rank with room, by position, into the room left, rank by
-    rank (so that a cut document ends one rank and starts the next), then the padding; returns
-    the ranks' work."""
-    load = load.copy()
-    stream = np.concatenate([*homeless, padding]).astype(np.int64)
-    at = 0
-    for rank in range(len(parts)):
-        free = room - sum(p.size for p in parts[rank])
-        piece = stream[at : at + free]
-        at += free
-        load[rank] += int(work[piece].sum())
-        cuts = np.flatnonzero(ids[piece][1:] != ids[piece][:-1]) + 1
-        parts[rank].extend(np.split(piece, cuts))
-    return load
+) -> list[list[np.ndarray]]:
+    """Each rank's tokens, in shard order: its shares of the ``spread`` spread documents (the
+    first entries of each part), then its place in one sequence of the whole documents cut at
+    the ranks' bounds, padding last.
+
+    The sequence walks the ranks in order: the rank's own documents (largest first), then, up to
+    the rank's bound, padding, else the documents that found no room (the smallest that reaches
+    the bound, else the largest). Cutting it at the bounds cuts at most one document per bound,
+    which then ends one rank and starts the next: under a causal mask only ring step 1 carries
+    its pairs.
+    """
+    homeless = sorted(homeless, key=lambda tokens: tokens.size)
+    sequence, length, bound, at_padding = [], 0, 0, 0
+    capacity = [room - sum(p.size for p in ranks[:spread]) for ranks in parts]
+    for rank, ranks in enumerate(parts):
+        bound += capacity[rank]
+        own = sorted(ranks[spread:], key=lambda tokens: -tokens.size)
+        sequence.extend(own)
+        length += sum(tokens.size for tokens in own)
+        while length < bound and (at_padding < padding.size or homeless):
+            if at_padding < padding.size:
+                piece = padding[at_padding : at_padding + bound - length]
+                at_padding += piece.size
+            else:
+                reach = [i for i, tokens in enumerate(homeless) if tokens.size >= bound - length]
+                piece = homeless.pop(reach[0] if reach else -1)
+            sequence.append(piece)
+            length += piece.size
+    tokens = np.concatenate([*sequence, *homeless, padding[at_padding:]]).astype(np.int64)
+    shards, start = [], 0
+    for rank, ranks in enumerate(parts):
+        shards.append([*ranks[:spread], tokens[start : start + capacity[rank]]])
+        start += capacity[rank]
+    return shards
+
+
+def _loads(shards: list[list[np.ndarray]], work: np.ndarray) -> np.ndarray:
+    """Each rank's work: the summed work of the tokens it holds."""
+    return np.array([sum(int(work[p].sum()) for p in ranks) for ranks in shards], np.int64)
 
 
 def _row_order(
-    ids: np.ndarray, pos: np.ndarray, work: np.ndarray, cp: int, tolerance: float, tile: int
+    ids: np.ndarray,
+    pos: np.ndarray,
+    work: np.ndarray,
+    cp: int,
+    tolerances: tuple[float, float],
+    tile: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The permutation of one row and its new document labels."""
     seq_len = ids.size
@@ -218,10 +255,14 @@ def _row_order(
             spread_if_room(index)
     step = 1
     while True:
-        parts, load, homeless = _pack(docs, spread, cp, room)
-        load = _fill(parts, load, [docs[i][1] for i in homeless], padding, ids, work, room)
+        parts, _, homeless = _pack(docs, spread, cp, room)
+        shards = _compose(parts, len(spread), [docs[i][1] for i in homeless], padding, room)
+        load = _loads(shards, work)
         whole = [i for i in spreadable if i not in spread]
-        if mean == 0 or load.max() <= (1 + tolerance) * mean or not whole:
+        # Spreading the first document makes the ring run every step (but at cp = 2, where one
+        # step is the whole ring): it takes the larger excess.
+        excess = tolerances[0] if spread or cp == 2 else tolerances[1]
+        if mean == 0 or load.max() <= (1 + excess) * mean or not whole:
             break
         # Spread the costliest documents without room, then the costliest whole ones: one, then
         # two, four, ... per packing (a packing per doubling: O(log S) packings).
@@ -233,40 +274,43 @@ def _row_order(
         if not added:
             break
         step *= 2
-    return _relabelled(parts, {int(ids[docs[i][1][0]]) for i in spread}, ids, pos)
+    # The striped order (stripes of a tile) when it is lighter by more than the same excess:
+    # rows of documents about a shard long, which fit neither whole nor in chunks of a tile.
+    in_order = np.concatenate([order[sorted_ids != 0], order[sorted_ids == 0]])
+    stripes = striped(in_order, cp=cp, stripe_size=math.gcd(tile, room))
+    if load.max() > (1 + excess) * work[stripes].reshape(cp, room).sum(axis=1).max():
+        labels = np.zeros(int(ids.max()) + 1, np.int32)
+        labels[np.unique(ids[ids != 0])] = np.arange(1, len(docs) + 1)
+        return stripes, labels[ids[stripes]]
+    return _relabelled(shards, len(spread), ids)
 
 
 def _relabelled(
-    parts: list[list[np.ndarray]], spread: set[int], ids: np.ndarray, pos: np.ndarray
+    shards: list[list[np.ndarray]], spread: int, ids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """The row's permutation and its new document labels.
 
-    Each part is one document's tokens in position order (or padding). The documents are
-    numbered in the order they are first met walking the ranks, the spread ones first: so each
-    shard's labels increase (a valid layout: padding last) and the documents whole on rank r
-    carry labels between those of the ranks before and after it, which keeps a query tile's key
-    span in another rank's shard empty where the two share no document.
+    Each rank's first ``spread`` parts are its shares of the spread documents (the same
+    documents on every rank, in the same order), the last its place in the sequence of whole
+    documents (:func:`_compose`). The documents are numbered in the order they are first met
+    walking the ranks, the spread ones first, padding moved to the end of each shard: so each
+    shard's labels increase (a valid layout) and the documents whole on rank r carry labels
+    between those of the ranks before and after it, which keeps a query tile's key span in
+    another rank's shard empty where the two share no document.
     """
-    # Each rank's parts with their document ids (0: padding), read once.
-    parts = [[(int(ids[p[0]]), p) for p in ranks if p.size] for ranks in parts]
-    last_rank = {old: rank for rank, ranks in enumerate(parts) for old, _ in ranks}
-    label: dict[int, int] = {old: new for new, old in enumerate(sorted(spread), start=1)}
-    for rank, ranks in enumerate(parts):
-        # Documents met before first, then the rank's own, then those that go on to the next
-        # rank: a cut document is the last of one shard and the first of the next.
-        own = sorted(
-            (old for old, _ in ranks if old and old not in label),
-            key=lambda old: (last_rank[old] > rank, old),
-        )
-        base = len(label) + 1
-        label.update((old, base + i) for i, old in enumerate(own))
-    order = [
-        part
-        for ranks in parts
-        for _, part in sorted(
-            ranks, key=lambda r: (label.get(r[0], len(label) + 1), int(pos[r[1][0]]))
-        )
-    ]
+    label: dict[int, int] = {}
+    order = []
+    for ranks in shards:
+        *shares, piece = ranks
+        piece_ids = ids[piece]
+        piece = np.concatenate([piece[piece_ids != 0], piece[piece_ids == 0]])
+        for part in (*shares, piece):
+            part_ids = ids[part]
+            firsts = part_ids[np.r_[True, part_ids[1:] != part_ids[:-1]]] if part.size else ()
+            for old in np.asarray(firsts).tolist():
+                if old and old not in label:
+                    label[old] = len(label) + 1
+        order.extend((*shares, piece))
     order = np.concatenate(order)
     lookup = np.zeros(int(ids.max()) + 1, np.int32)
     lookup[list(label)] = list(label.values())
@@ -299,6 +343,7 @@ def balance(
     mask_type: MaskType | str = "padding_causal",
     window_size: tuple[int | None, int | None] | None = None,
     tolerance: float = 0.05,
+    spread_tolerance: float = 0.1,
     tile: int = DEFAULT_BLOCK,
 ) -> Balanced:
     """Per row, the permutation that balances context-parallel attention over ``cp`` ranks.
@@ -315,7 +360,11 @@ def balance(
         mask_type: a :class:`thdkit.MaskType` or its name: the work model (:func:`token_work`).
         window_size: ``(left, right)`` or None.
         tolerance: the busiest rank's work over the mean above which another document is
-            spread (0.05: 5%).
+            spread once the ring runs every step (0.05: 5%): a document is spread already, or
+            ``cp == 2``.
+        spread_tolerance: the same before the first document is spread (0.1: 10%): spreading
+            one makes the ring run every step, moving every key and value round it, where a row
+            of documents whole or cut at the bounds needs one step.
         tile: the attention kernel's tile (the blockwise kernel's and the ring's is
             :data:`thdkit.kernels.DEFAULT_BLOCK`): only documents of at least ``2 * cp * tile``
             tokens are spread (else their chunks would leave tiles half empty), and those longer
@@ -328,7 +377,7 @@ def balance(
     Raises:
         TypeError: non-integer layouts, a non-int ``cp``.
         ValueError: ``T`` not a multiple of ``cp``, a layout that breaks a rule (naming the
-            parameter, row and token), a negative ``tolerance``.
+            parameter, row and token), a negative ``tolerance`` or ``spread_tolerance``.
 
     Example:
         A causal document of six tokens and three of two, then padding, over two ranks, with
@@ -348,8 +397,9 @@ def balance(
     """
     cp = check_int(cp, "cp", low=1)
     tile = check_int(tile, "tile", low=1)
-    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or tolerance < 0:
-        raise ValueError(f"tolerance must be a non-negative float, got {tolerance!r}")
+    for name, value in (("tolerance", tolerance), ("spread_tolerance", spread_tolerance)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative float, got {value!r}")
     (ids, pos), _ = as_layouts(
         np.asarray(segment_ids), None if segment_pos is None else np.asarray(segment_pos),
         None, None, ops=NUMPY, number_positions=True,
@@ -362,7 +412,8 @@ def balance(
         raise ValueError(f"balance needs T to be a multiple of cp={cp}, got T={seq_len}")
     work = token_work(ids, pos, mask_type=mask_type, window_size=window_size)
     rows = [
-        _row_order(ids[b], pos[b], work[b], cp, float(tolerance), tile) for b in range(ids.shape[0])
+        _row_order(ids[b], pos[b], work[b], cp, (float(tolerance), float(spread_tolerance)), tile)
+        for b in range(ids.shape[0])
     ]
     if not rows:
         empty = np.zeros(ids.shape, np.int32)
@@ -370,37 +421,3 @@ def balance(
     order = np.stack([r[0] for r in rows]).astype(np.int32)
     labels = np.stack([r[1] for r in rows]).astype(np.int32)
     return Balanced(order, labels, permute(pos.astype(np.int32), order))
-
-
-def permute(x: Any, order: Int[Any, "B T"], *, axis: int = 1) -> Any:
-    """``x`` with each row's tokens in ``order`` (:attr:`Balanced.order`).
-
-    Args:
-        x: a NumPy or JAX array [B, ..., T, ...] whose axis ``axis`` is the sequence.
-        order: int[B, T], a permutation per row.
-        axis: the sequence axis of ``x`` (1 by default; the batch is axis 0).
-
-    Returns:
-        ``x`` reordered, the same type and shape.
-
-    Example:
-        >>> permute(np.array([[10, 11, 12]]), np.array([[2, 0, 1]])).tolist()
-        [[12, 10, 11]]
-    """
-    import jax.numpy as jnp
-
-    xp = np if isinstance(x, np.ndarray) else jnp
-    index = xp.asarray(order).reshape(order.shape[:2] + (1,) * (x.ndim - 2))
-    index = xp.moveaxis(index, 1, axis) if axis != 1 else index
-    return xp.take_along_axis(x, index, axis=axis)
-
-
-def unpermute(x: Any, order: Int[Any, "B T"], *, axis: int = 1) -> Any:
-    """The inverse of :func:`permute`: ``unpermute(permute(x, order), order) == x``.
-
-    Example:
-        >>> order = np.array([[2, 0, 1]])
-        >>> unpermute(permute(np.array([[10, 11, 12]]), order), order).tolist()
-        [[10, 11, 12]]
-    """
-    return permute(x, np.argsort(np.asarray(order), axis=1, kind="stable"), axis=axis)

@@ -13,9 +13,9 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from thdkit._src.balance import balance, permute
+from thdkit._src.balance import balance
 from thdkit._src.limits import check_int
-from thdkit._src.reorder import dual_chunk_swap, striped
+from thdkit._src.reorder import dual_chunk_swap, permute, striped
 from thdkit._src.segments import Segments
 
 __all__ = ["REORDERS", "Reorder", "reorder_batch"]

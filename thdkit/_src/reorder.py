@@ -8,10 +8,11 @@ holds what rank ``r`` owns:
 - ``dual_chunk_swap``: the row cut into ``2 * cp`` chunks; rank r holds chunks r and
   ``2 * cp - 1 - r`` (balances causal work). Needs ``T % (2 * cp) == 0``.
 
-Reorder ids, positions and every per-token array with the same function. Works on NumPy and JAX
-arrays, under jit (the permutation is static); other array-likes (lists) are read as NumPy arrays
-and give NumPy arrays. Arguments are checked on every call, before the cached permutation is
-built, and accept Python and NumPy integers (not bools).
+Reorder ids, positions and every per-token array with the same function (a permutation per
+row, e.g. :func:`thdkit.reorder.balance`'s, with ``permute``; ``unpermute`` undoes it). Works on
+NumPy and JAX arrays, under jit (the permutation is static); other array-likes (lists) are read
+as NumPy arrays and give NumPy arrays. Arguments are checked on every call, before the cached
+permutation is built, and accept Python and NumPy integers (not bools).
 """
 
 from __future__ import annotations
@@ -22,15 +23,18 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Int
 
 from thdkit._src.limits import check_int
 
 __all__ = [
     "dual_chunk_swap",
+    "permute",
     "ring_step",
     "shard",
     "striped",
     "undo_dual_chunk_swap",
+    "unpermute",
     "unstriped",
 ]
 
@@ -247,3 +251,35 @@ def ring_step(
         _shard(segment_ids, cp=cp, rank=kv_rank, axis=-1, rank_name="kv_rank"),
         _shard(segment_pos, cp=cp, rank=kv_rank, axis=-1, rank_name="kv_rank"),
     )
+
+
+def permute(x: Any, order: Int[Any, "B T"], *, axis: int = 1) -> Any:
+    """``x`` with each row's tokens in ``order`` (e.g. :attr:`thdkit.reorder.Balanced.order`).
+
+    Args:
+        x: a NumPy or JAX array [B, ..., T, ...] whose axis ``axis`` is the sequence.
+        order: int[B, T], a permutation per row.
+        axis: the sequence axis of ``x`` (1 by default; the batch is axis 0).
+
+    Returns:
+        ``x`` reordered, the same type and shape.
+
+    Example:
+        >>> permute(np.array([[10, 11, 12]]), np.array([[2, 0, 1]])).tolist()
+        [[12, 10, 11]]
+    """
+    xp = np if isinstance(x, np.ndarray) else jnp
+    index = xp.asarray(order).reshape(order.shape[:2] + (1,) * (x.ndim - 2))
+    index = xp.moveaxis(index, 1, axis) if axis != 1 else index
+    return xp.take_along_axis(x, index, axis=axis)
+
+
+def unpermute(x: Any, order: Int[Any, "B T"], *, axis: int = 1) -> Any:
+    """The inverse of :func:`permute`: ``unpermute(permute(x, order), order) == x``.
+
+    Example:
+        >>> order = np.array([[2, 0, 1]])
+        >>> unpermute(permute(np.array([[10, 11, 12]]), order), order).tolist()
+        [[10, 11, 12]]
+    """
+    return permute(x, np.argsort(np.asarray(order), axis=1, kind="stable"), axis=axis)
