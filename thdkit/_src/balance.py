@@ -119,42 +119,42 @@ def _pack(
     spread: dict[int, list[tuple[np.ndarray, int]]],
     cp: int,
     room: int,
-) -> tuple[list[list[np.ndarray]], np.ndarray, list[int]]:
+) -> tuple[list[list[np.ndarray]], list[int]]:
     """One packing: the spread documents dealt over every rank (``spread[index][rank]`` = the
     tokens and work of the rank's share), then the others whole, costliest first, each to the
-    least-loaded rank with room. Returns each rank's token lists, its work, and the documents
-    (by index) that found no rank with room."""
+    least-loaded rank with room. Returns each rank's token lists and the documents (by index)
+    that found no rank with room."""
     parts: list[list[np.ndarray]] = [[] for _ in range(cp)]
-    load = np.zeros(cp, np.int64)
-    free = np.full(cp, room, np.int64)
+    load, free = [0] * cp, [room] * cp  # Python ints: this loop runs once per document
     for index in sorted(spread):
         for rank, (tokens, work) in enumerate(spread[index]):
             parts[rank].append(tokens)
             load[rank] += work
             free[rank] -= tokens.size
     homeless = []
-    heap = [(0, rank) for rank in range(cp)]
+    heap = [(load[rank], rank) for rank in range(cp)]
+    heapq.heapify(heap)
     for index, (total, tokens) in enumerate(docs):
         if index in spread:
             continue
         # The least-loaded rank with room: pop until one fits (those without room return).
-        skipped, chosen = [], None
+        size, skipped, chosen = tokens.size, [], None
         while heap:
-            _, rank = heapq.heappop(heap)
-            if free[rank] >= tokens.size:
-                chosen = rank
+            entry = heapq.heappop(heap)
+            if free[entry[1]] >= size:
+                chosen = entry[1]
                 break
-            skipped.append(rank)
-        for rank in skipped:
-            heapq.heappush(heap, (int(load[rank]), rank))
+            skipped.append(entry)
+        for entry in skipped:
+            heapq.heappush(heap, entry)
         if chosen is None:
             homeless.append(index)
             continue
         parts[chosen].append(tokens)
         load[chosen] += total
-        free[chosen] -= tokens.size
-        heapq.heappush(heap, (int(load[chosen]), chosen))
-    return parts, load, homeless
+        free[chosen] -= size
+        heapq.heappush(heap, (load[chosen], chosen))
+    return parts, homeless
 
 
 def _compose(
@@ -255,7 +255,7 @@ def _row_order(
             spread_if_room(index)
     step = 1
     while True:
-        parts, _, homeless = _pack(docs, spread, cp, room)
+        parts, homeless = _pack(docs, spread, cp, room)
         shards = _compose(parts, len(spread), [docs[i][1] for i in homeless], padding, room)
         load = _loads(shards, work)
         whole = [i for i in spreadable if i not in spread]
@@ -298,23 +298,19 @@ def _relabelled(
     between those of the ranks before and after it, which keeps a query tile's key span in
     another rank's shard empty where the two share no document.
     """
-    label: dict[int, int] = {}
     order = []
     for ranks in shards:
         *shares, piece = ranks
         piece_ids = ids[piece]
-        piece = np.concatenate([piece[piece_ids != 0], piece[piece_ids == 0]])
-        for part in (*shares, piece):
-            part_ids = ids[part]
-            firsts = part_ids[np.r_[True, part_ids[1:] != part_ids[:-1]]] if part.size else ()
-            for old in np.asarray(firsts).tolist():
-                if old and old not in label:
-                    label[old] = len(label) + 1
-        order.extend((*shares, piece))
+        order.extend((*shares, piece[piece_ids != 0], piece[piece_ids == 0]))
     order = np.concatenate(order)
+    # Labels 1, 2, ... in the order the documents are first met.
+    met = ids[order]
+    runs = met[np.flatnonzero(np.r_[True, met[1:] != met[:-1]])]
+    old, first = np.unique(runs[runs != 0], return_index=True)
     lookup = np.zeros(int(ids.max()) + 1, np.int32)
-    lookup[list(label)] = list(label.values())
-    return order, lookup[ids[order]]
+    lookup[old[np.argsort(first, kind="stable")]] = np.arange(1, old.size + 1, dtype=np.int32)
+    return order, lookup[met]
 
 
 class Balanced(NamedTuple):
@@ -382,18 +378,19 @@ def balance(
     Example:
         A causal document of six tokens and three of two, then padding, over two ranks, with
         tiles of one token (so that any document may be spread). The long document is spread
-        (rank 0 holds its positions 0, 1, 4, 5, rank 1 its 2, 3), the short ones stay whole:
-        the ranks' work (allowed pairs) is 17 and 13, against 21 and 9 with it whole.
+        (rank 0 holds its positions 0, 1, 4, 5, rank 1 its 2, 3), the short ones stay whole on
+        rank 1, and the padding fills rank 0: the ranks' work (allowed pairs) is 14 and 16,
+        against 21 and 9 with the long document whole.
 
         >>> ids = np.array([[1, 1, 1, 1, 1, 1, 2, 2, 3, 3, 4, 4, 0, 0, 0, 0]])
         >>> pos = np.array([[0, 1, 2, 3, 4, 5, 0, 1, 0, 1, 0, 1, 0, 0, 0, 0]])
         >>> result = balance(ids, pos, cp=2, tile=1)
         >>> result.segment_ids.tolist()
-        [[1, 1, 1, 1, 2, 2, 0, 0, 1, 1, 3, 3, 4, 4, 0, 0]]
+        [[1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4]]
         >>> result.segment_pos.tolist()
-        [[0, 1, 4, 5, 0, 1, 0, 0, 2, 3, 0, 1, 0, 1, 0, 0]]
+        [[0, 1, 4, 5, 0, 0, 0, 0, 2, 3, 0, 1, 0, 1, 0, 1]]
         >>> permute(token_work(ids, pos), result.order).reshape(2, 8).sum(axis=1).tolist()
-        [17, 13]
+        [14, 16]
     """
     cp = check_int(cp, "cp", low=1)
     tile = check_int(tile, "tile", low=1)

@@ -225,6 +225,9 @@ def _row_checks(
             else None
         ),
     }
+    if xp is np and not any(where.any() for where in broken.values() if where is not None):
+        # Host layouts are mostly valid: one pass per rule, and no per-token codes to build.
+        return np.zeros(ids.shape[0], ids.dtype), np.full(ids.shape[0], -1, np.int32)
     code_per_token = xp.zeros_like(ids)
     for code, where in reversed(broken.items()):
         if where is not None:
