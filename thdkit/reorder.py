@@ -6,7 +6,8 @@ holds what rank ``r`` owns: :func:`striped` (blocks of ``stripe_size`` tokens de
 and :func:`dual_chunk_swap` (rank r holds chunks r and ``2 * cp - 1 - r``), each with its inverse;
 :func:`shard` cuts rank r's shard and :func:`ring_step` the view of one ring step.
 :func:`balance` computes a permutation per row from its documents (whole documents where they
-fit, long ones spread; the work of each rank near the mean) with the permuted layout;
+fit, long ones spread; the work of each rank near the mean; one per side for cross-attention
+rows) with the permuted layout;
 :func:`permute` applies it to every per-token array and :func:`unpermute` undoes it.
 """
 
