@@ -23,6 +23,7 @@ from thdkit._src.segments import Segments, run_lengths
 
 __all__ = [
     "DEFAULT_BLOCK",
+    "LARGE_BLOCK",
     "MIN_BLOCK",
     "TileRanges",
     "default_block",
@@ -32,7 +33,14 @@ __all__ = [
 ]
 
 DEFAULT_BLOCK = 128
-"""The largest tile :func:`default_block` chooses, and the tile of ring steps."""
+"""The largest tile :func:`default_block` chooses but for long documents on CPU, and the tile of
+ring steps."""
+
+LARGE_BLOCK = 512
+"""The tile :func:`default_block` chooses on CPU where documents average at least 8 of them:
+XLA:CPU runs a matmul of that size on every core (one of 128 on one), which roughly halves the
+forward on one long document; the backward, whose elementwise work grows with the visited
+pairs, gains less and loses on shorter documents (docs/attention.md, "Blockwise")."""
 
 MIN_BLOCK = 32
 """The smallest tile :func:`default_block` chooses."""
@@ -68,26 +76,32 @@ class TileRanges:
         return jnp.sum(self.hi - self.lo).astype(jnp.float32) / total
 
 
-def default_block(seq_len: int, max_segments_per_seq: int) -> int:
+def default_block(seq_len: int, max_segments_per_seq: int, *, backend: str | None = None) -> int:
     """The tile size for rows of ``seq_len`` tokens holding up to S documents.
 
     The power of two nearest the mean document length ``seq_len / S``, within
     ``[MIN_BLOCK, DEFAULT_BLOCK]``: short documents get small tiles, so that a tile holds few
     pairs of different documents (with 32-token documents, 128-token tiles visit about 8x the
-    allowed pairs, 32-token tiles about 2.6x), long ones the largest tile.
+    allowed pairs, 32-token tiles about 2.6x), long ones the largest tile. On CPU, documents
+    averaging at least 4,096 tokens get 512-token tiles (docs/attention.md, "Blockwise").
 
     Args:
         seq_len: T, tokens per row.
         max_segments_per_seq: S, documents per row at most.
+        backend: the backend the tiles run on; None for ``jax.default_backend()``.
 
     Returns:
-        A power of two in ``[MIN_BLOCK, DEFAULT_BLOCK]``.
+        A power of two in ``[MIN_BLOCK, DEFAULT_BLOCK]``, or 512.
 
     Example:
-        >>> default_block(8192, 1), default_block(8192, 16), default_block(8192, 256)
+        >>> default_block(8192, 1, backend="gpu"), default_block(8192, 16), default_block(8192, 256)
         (128, 128, 32)
+        >>> default_block(8192, 1, backend="cpu")
+        512
     """
     mean = seq_len / max(1, max_segments_per_seq)
+    if (backend or jax.default_backend()) == "cpu" and mean >= 8 * LARGE_BLOCK:
+        return LARGE_BLOCK
     nearest = 2 ** round(math.log2(max(mean, 1)))
     return min(DEFAULT_BLOCK, max(MIN_BLOCK, nearest))
 
