@@ -72,6 +72,6 @@ __all__ = [
     "validate_layout",
 ]
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 
 moved.install()
