@@ -20,7 +20,7 @@ import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -259,44 +259,64 @@ def _float64(x) -> np.ndarray:
     return np.asarray(x).astype(np.float64)
 
 
-def partial_oracle(
+class Oracle(NamedTuple):
+    """What :func:`dense_oracle` gives, float64.
+
+    Attributes:
+        out: ``[B, T_q, H_q, D_v]``.
+        lse: ``[B, T_q, H_q]``; -inf for a query with no allowed key.
+        weights: ``[B, H_q, T_q, T_kv]``, the softmax weights (the sinks' share left out).
+        grads: ``(dq, dk, dv)``, and ``d sinks [H_q]`` last with sinks.
+        d_logits: ``[B, H_q, T_q, T_kv]``, the gradient of the final logits (a bias's).
+    """
+
+    out: np.ndarray
+    lse: np.ndarray
+    weights: np.ndarray
+    grads: tuple[np.ndarray, ...]
+    d_logits: np.ndarray
+
+
+def dense_oracle(
     q,
     k,
     v,
-    lay,
-    mask: MaskType,
-    window,
+    keep,
     *,
     w_out=None,
     w_lse=None,
     scale: float = SCALE,
     logits_soft_cap: float | None = None,
     sinks=None,
-) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
-    """float64 ``(out, lse, (dq, dk, dv))`` of ``softmax(s) . v`` over the allowed keys
-    (:func:`allowed`), as ``attention_partial`` returns them: zeros and an lse of -inf for a
-    query with none; gradients (written by hand) of ``sum(out * w_out) + sum(lse * w_lse)`` over
-    the finite lse, a weight left out counting as zeros.
+    bias=None,
+) -> Oracle:
+    """float64 attention over the keys ``keep`` allows, with gradients written by hand of
+    ``sum(out * w_out) + sum(lse * w_lse)`` over the finite lse (a weight left out counting as
+    zeros): zeros and an lse of -inf for a query with no allowed key.
 
     The logits are ``s = scale * q.k``, or with ``logits_soft_cap`` ``c`` the capped ``s = c *
-    tanh(scale * q.k / c)`` (before the mask). With ``sinks`` (float[H_q], one logit per query
-    head) each row with an allowed key has ``D_i = sum_j exp(s_ij) + exp(sink_h)``: ``p_ij =
-    exp(s_ij) / D_i``, ``out_i = sum_j p_ij v_j``, ``lse_i = log D_i``, and the gradients end in
-    ``d sinks``: ``d sink_h = sum_i (w_lse_i - w_out_i . out_i) * exp(sink_h) / D_i`` over that
-    head's rows. A row with no allowed key stays out of it all: output zeros, lse -inf (here
-    the mark of such rows), no gradient to anything, the sinks included.
+    tanh(scale * q.k / c)``, plus ``bias``, then masked. With ``sinks`` (float[H_q], one logit
+    per query head) each row with an allowed key has ``D_i = sum_j exp(s_ij) + exp(sink_h)``:
+    ``p_ij = exp(s_ij) / D_i``, ``out_i = sum_j p_ij v_j``, ``lse_i = log D_i``, and the
+    gradients end in ``d sinks``: ``d sink_h = sum_i (w_lse_i - w_out_i . out_i) exp(sink_h) /
+    D_i`` over that head's rows. A row with no allowed key stays out of it all: output zeros,
+    lse -inf, no gradient to anything, the sinks included.
 
-    Shapes: q ``[B, T_q, H_q, D]``, k and v ``[B, T_kv, H_kv, D | D_v]``; out ``[B, T_q, H_q,
-    D_v]``, lse ``[B, T_q, H_q]``; with ``sinks`` the gradients are ``(dq, dk, dv, dsinks)``,
-    ``dsinks [H_q]``.
+    Shapes: q ``[B, T_q, H_q, D]``, k and v ``[B, T_kv, H_kv, D | D_v]``; ``keep`` bool
+    ``[B, T_q, T_kv]`` or ``[B, H_q | 1, T_q, T_kv]``; ``bias`` broadcasting to ``[B, H_q, T_q,
+    T_kv]``.
     """
     q, k, v = (_float64(x) for x in (q, k, v))
     groups = q.shape[2] // k.shape[2]
     kh, vh = (np.repeat(x, groups, axis=2) for x in (k, v))
-    keep = allowed(lay, mask, window)[:, None]  # [B, 1, T_q, T_kv]
+    keep = np.asarray(keep)
+    keep = keep[:, None] if keep.ndim == 3 else keep  # [B, H_q | 1, T_q, T_kv]
     raw = scale * np.einsum("bqhd,bkhd->bhqk", q, kh)
     capped = None if logits_soft_cap is None else np.tanh(raw / logits_soft_cap)
-    logits = np.where(keep, raw if capped is None else logits_soft_cap * capped, -np.inf)
+    logits = raw if capped is None else logits_soft_cap * capped
+    if bias is not None:
+        logits = logits + _float64(bias)
+    logits = np.where(keep, logits, -np.inf)
     top = np.max(logits, axis=-1, keepdims=True)
     has = np.isfinite(top)  # [B, H_q, T_q, 1]: the row has an allowed key
     sink = None if sinks is None else _float64(sinks).reshape(1, -1, 1, 1)
@@ -316,9 +336,8 @@ def partial_oracle(
     w_lse = np.zeros(lse.shape) if w_lse is None else _float64(w_lse).transpose(0, 2, 1)
     dp = np.einsum("bqhd,bkhd->bhqk", w_out, vh)
     row = np.einsum("bqhd,bqhd->bhq", w_out, out)
-    ds = p * (dp - row[..., None] + w_lse[..., None])  # d lse / d logit = p
-    if capped is not None:
-        ds = ds * (1.0 - capped**2)  # through the cap, to the scaled logits
+    d_logits = p * (dp - row[..., None] + w_lse[..., None])  # d lse / d logit = p
+    ds = d_logits if capped is None else d_logits * (1.0 - capped**2)  # to the scaled logits
     dq = scale * np.einsum("bhqk,bkhd->bqhd", ds, kh)
     dkh = scale * np.einsum("bhqk,bqhd->bkhd", ds, q)
     dvh = np.einsum("bhqk,bqhd->bkhd", p, w_out)
@@ -329,7 +348,32 @@ def partial_oracle(
     if sink is not None:
         share = np.where(has, sink_weight / total, 0.0)[..., 0]  # exp(sink) / D, [B, H_q, T_q]
         grads += (np.sum(share * (w_lse - row), axis=(0, 2)),)
-    return out, lse.transpose(0, 2, 1), grads
+    return Oracle(out, lse.transpose(0, 2, 1), p, grads, d_logits)
+
+
+def partial_oracle(
+    q,
+    k,
+    v,
+    lay,
+    mask: MaskType,
+    window,
+    *,
+    w_out=None,
+    w_lse=None,
+    scale: float = SCALE,
+    logits_soft_cap: float | None = None,
+    sinks=None,
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+    """:func:`dense_oracle` over the keys a layout allows (:func:`allowed`), as
+    ``attention_partial`` returns them: float64 ``(out, lse, grads)``; with ``sinks`` the
+    gradients are ``(dq, dk, dv, dsinks)``.
+    """
+    oracle = dense_oracle(
+        q, k, v, allowed(lay, mask, window), w_out=w_out, w_lse=w_lse, scale=scale,
+        logits_soft_cap=logits_soft_cap, sinks=sinks,
+    )  # fmt: skip
+    return oracle.out, oracle.lse, oracle.grads
 
 
 # --- Running an implementation and comparing -----------------------------------------------------

@@ -1,8 +1,8 @@
 """Soft-capped logits and attention sinks through every context-parallel strategy.
 
 On 2 simulated CPU devices, each built-in strategy with a soft cap, with sinks and with both
-equals single-device ``thdkit.attention`` with the same options and a float64 oracle written here
-from the formulas (docs/semantics.md, "Soft-capped logits" and "Attention sinks"), forward and
+equals single-device ``thdkit.attention`` with the same options and the float64 oracle of
+tests/harness.py (docs/semantics.md, "Soft-capped logits" and "Attention sinks"), forward and
 gradients (dq, dk, dv and d sinks), under a causal and a padding mask, one cross-attention case,
 grouped-query attention and a striped token order. A NaN in one document under sinks reaches no
 other document's output or gradient, nor the sinks' gradient. A strategy that does not declare a
@@ -25,7 +25,7 @@ import thdkit
 from thdkit import context_parallel
 from thdkit._src.mask_types import MaskType
 
-from .harness import SCALE, S, allowed, layout, layout_inputs
+from .harness import SCALE, S, allowed, layout, layout_inputs, partial_oracle
 from .strategies import reorder_pair
 
 CP = 2
@@ -41,48 +41,6 @@ CASES = {
     "both": (CAP, True, MaskType.PADDING_CAUSAL_BOTTOM_RIGHT, True, "striped1"),
 }
 pytestmark = pytest.mark.slow  # compiles context-parallel programs on a simulated mesh
-
-
-def oracle(q, k, v, w, sinks, lay, mask: MaskType, cap: float | None):
-    """float64 ``(out, (dq, dk, dv, d_sinks))`` of ``sum(out * w)``, by hand from the formulas.
-
-    Logit ``l = scale q.k``, capped ``c = cap tanh(l / cap)`` (or ``l``), over the allowed keys;
-    ``p_ij = exp(c_ij) / (sum_j exp(c_ij) + exp(sink_h))`` (no sink term without sinks);
-    ``out_i = sum_j p_ij v_j``. With ``r_i = <w_i, out_i>``: ``dc_ij = p_ij (<w_i, v_j> - r_i)``,
-    ``dl = dc (1 - tanh^2(l / cap))``, ``d sink_h = -sum_i p_sink_i r_i`` with
-    ``p_sink_i = exp(sink_h) / (sum_j exp(c_ij) + exp(sink_h))``.
-    """
-    q, k, v, w = (np.asarray(x, np.float64) for x in (q, k, v, w))
-    groups = q.shape[2] // k.shape[2]
-    kh, vh = (np.repeat(x, groups, axis=2) for x in (k, v))
-    keep = allowed(lay, mask, None)[:, None]  # [B, 1, T_q, T_kv]
-    logits = SCALE * np.einsum("bqhd,bkhd->bhqk", q, kh)
-    capped = logits if cap is None else cap * np.tanh(logits / cap)
-    capped = np.where(keep, capped, -np.inf)
-    sink = None if sinks is None else np.asarray(sinks, np.float64)[None, :, None, None]
-    top = np.max(capped, axis=-1, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    if sink is not None:
-        top = np.maximum(top, sink)
-    weights = np.where(keep, np.exp(capped - top), 0.0)
-    sink_weight = 0.0 if sink is None else np.exp(sink - top)
-    total = np.sum(weights, axis=-1, keepdims=True) + sink_weight
-    safe = np.where(total > 0, total, 1.0)
-    p = weights / safe
-    out = np.einsum("bhqk,bkhd->bqhd", p, vh)
-    row = np.einsum("bqhd,bqhd->bhq", w, out)
-    d_capped = p * (np.einsum("bqhd,bkhd->bhqk", w, vh) - row[..., None])
-    d_logits = d_capped if cap is None else d_capped * (1.0 - np.tanh(logits / cap) ** 2)
-    dq = SCALE * np.einsum("bhqk,bkhd->bqhd", d_logits, kh)
-    dkh = SCALE * np.einsum("bhqk,bqhd->bkhd", d_logits, q)
-    dvh = np.einsum("bhqk,bqhd->bkhd", p, w)
-    b, t_kv, h_kv = k.shape[:3]
-    dk = dkh.reshape(b, t_kv, h_kv, groups, -1).sum(3)
-    dv = dvh.reshape(b, t_kv, h_kv, groups, -1).sum(3)
-    d_sinks = None
-    if sink is not None:
-        d_sinks = -np.sum((sink_weight / safe)[..., 0] * row, axis=(0, 2))
-    return out, (dq, dk, dv, d_sinks)
 
 
 def _loss_and_grads(attend):
@@ -156,7 +114,9 @@ def test_matches_single_device_and_the_oracle(strategy: str, features: str) -> N
     run = _context_parallel(strategy, mask, cross, cap)
     out, grads = _on_the_mesh(run, order, q, k, v, w, sinks, ids)
     out_ref, grads_ref = _single_device(mask, cap)(q, k, v, w, sinks, *ids)
-    out_64, grads_64 = oracle(q, k, v, w, sinks, lay, mask, cap)
+    out_64, _, grads_64 = partial_oracle(
+        q, k, v, lay, mask, None, w_out=w, logits_soft_cap=cap, sinks=sinks
+    )
     where = f"{strategy} {features}"
     np.testing.assert_allclose(out, out_ref, err_msg=where, **TOL)
     np.testing.assert_allclose(out, out_64, err_msg=f"{where} (oracle)", **TOL)

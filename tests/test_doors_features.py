@@ -2,8 +2,8 @@
 (the kernel path and the dense path of ``bias`` / ``mask``), ``dot_product_attention_weights``,
 ``thdkit.flax.make_attention_fn`` and ``PackedSelfAttention`` (off and on a mesh).
 
-Each is held against a float64 oracle written here from the formulas (docs/semantics.md,
-"Soft-capped logits" and "Attention sinks"), forward and gradients (dq, dk, dv, d sinks and
+Each is held against the float64 oracle of tests/harness.py (docs/semantics.md, "Soft-capped
+logits" and "Attention sinks"), forward and gradients (dq, dk, dv, d sinks and
 d bias), under ``jit``. A row with no allowed key outputs zeros and gives the sinks no gradient;
 a NaN in one document reaches no other row's output or gradient, nor the sinks'. Errors name
 the parameter; ``implementation="cudnn"`` refuses both features, saying why.
@@ -22,6 +22,8 @@ import thdkit
 from thdkit._src import reorder
 from thdkit.flax import PackedSelfAttention, make_attention_fn
 from thdkit.flax.plumbing import attend
+
+from .harness import dense_oracle
 
 B, T, N, K, H = 2, 8, 4, 2, 8
 CAP = 2.0
@@ -51,54 +53,14 @@ def _allowed(ids: np.ndarray = IDS, pos: np.ndarray = POS) -> np.ndarray:
 
 
 def oracle(q, k, v, w, allowed, *, scale, cap=None, sinks=None, bias=None):
-    """float64 ``(out, weights, (dq, dk, dv, d_sinks, d_bias))`` of ``sum(out * w)``, by hand.
-
-    ``c = scale q.k``, capped ``cap tanh(c / cap)``, plus ``bias``: ``l``. Over the allowed
-    keys ``p_ij = exp(l_ij) / (sum_j exp(l_ij) + exp(sink_n))`` (no sink term without sinks, a
-    row with no allowed key all zeros), ``out_i = sum_j p_ij v_j``. With ``r_i = <w_i, out_i>``:
-    ``dl_ij = p_ij (<w_i, v_j> - r_i)`` (= d bias), through the cap ``* (1 - tanh^2)``, and
-    ``d sink_n = -sum_i r_i exp(sink_n) / D_i`` over the rows of head n that have a key.
-    Shapes: q, w [B, T, N, H], k, v [B, S, K, H]; ``allowed`` [B, T, S] or [B, N, T, S].
-    """
-    q, k, v, w = (np.asarray(x, np.float64) for x in (q, k, v, w))
-    groups = q.shape[2] // k.shape[2]
-    kh, vh = (np.repeat(x, groups, axis=2) for x in (k, v))
-    keep = np.asarray(allowed)
-    keep = keep[:, None] if keep.ndim == 3 else keep
-    keep = np.broadcast_to(keep, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
-    raw = scale * np.einsum("bqnh,bknh->bnqk", q, kh)
-    tanh = None if cap is None else np.tanh(raw / cap)
-    logits = raw if cap is None else cap * tanh
-    if bias is not None:
-        logits = logits + np.asarray(bias, np.float64)
-    masked = np.where(keep, logits, -np.inf)
-    has = np.any(keep, axis=-1, keepdims=True)
-    top = np.where(has, np.max(masked, axis=-1, keepdims=True), 0.0)
-    sink = None if sinks is None else np.asarray(sinks, np.float64).reshape(1, -1, 1, 1)
-    if sink is not None:
-        top = np.maximum(top, sink)
-    e = np.where(keep, np.exp(masked - top), 0.0)
-    total = np.sum(e, axis=-1, keepdims=True)
-    if sink is not None:
-        share_num = np.where(has, np.exp(sink - top), 0.0)
-        total = total + share_num
-    total = np.where(has, total, 1.0)
-    p = e / total
-    out = np.einsum("bnqk,bknh->bqnh", p, vh)
-    dp = np.einsum("bqnh,bknh->bnqk", w, vh)
-    r = np.einsum("bqnh,bqnh->bnq", w, out)
-    dl = p * (dp - r[..., None])
-    draw = dl if cap is None else dl * (1.0 - tanh**2)
-    dq = scale * np.einsum("bnqk,bknh->bqnh", draw, kh)
-    dkh = scale * np.einsum("bnqk,bqnh->bknh", draw, q)
-    dvh = np.einsum("bnqk,bqnh->bknh", p, w)
-    b, s, kv_heads = k.shape[:3]
-    dk = dkh.reshape(b, s, kv_heads, groups, -1).sum(3)
-    dv = dvh.reshape(b, s, kv_heads, groups, -1).sum(3)
-    d_sinks = None
-    if sink is not None:
-        d_sinks = -np.sum((share_num / total)[..., 0] * r, axis=(0, 2))
-    return out, p, (dq, dk, dv, d_sinks, dl)
+    """float64 ``(out, weights, (dq, dk, dv, d_sinks, d_bias))`` of ``sum(out * w)``: the
+    oracle of tests/harness.py (:func:`dense_oracle`) over the keys ``allowed`` [B, T, S] or
+    [B, N, T, S] admits, ``d_sinks`` None without sinks, ``d_bias`` the logits' gradient."""
+    want = dense_oracle(
+        q, k, v, allowed, w_out=w, scale=scale, logits_soft_cap=cap, sinks=sinks, bias=bias
+    )
+    dq, dk, dv, *d_sinks = want.grads
+    return want.out, want.weights, (dq, dk, dv, d_sinks[0] if d_sinks else None, want.d_logits)
 
 
 def _close(got, want, what: str) -> None:
