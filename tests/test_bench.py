@@ -42,6 +42,7 @@ from thdkit.bench.attention import (
     run_attention_bench,
 )
 from thdkit.bench.attention_report import attention_table
+from thdkit.bench.attention_work import tile_matmuls
 from thdkit.bench.commands import app
 from thdkit.bench.cp import CPBench
 from thdkit.bench.measure import MAX_RANKS, BenchConfig, ConfigError, median
@@ -620,6 +621,43 @@ def test_bench_attention_command_reports_efficiency_ratios_and_pairs(tmp_path):
         mine, blockwise = (median(r) for r in (record, records[segments, "blockwise", passes]))
         assert record["efficiency"] == pytest.approx(record["needed_flops"] / mine * 1e3 / rate)
         assert record["vs_blockwise"] == pytest.approx(mine / blockwise)
+        if name != "blockwise":
+            assert record["tile_matmul_ms"] is record["tile_rate"] is record["in_matmuls"] is None
+            continue
+        # Blockwise's efficiency is the product of its factors (thdkit.bench.attention_work).
+        floor, factor = record["tile_matmul_ms"], {"fwd": 4 / 4, "fwd+bwd": 12 / 14}[passes]
+        assert floor > 0 and record["in_matmuls"] == pytest.approx(floor / mine)
+        tile_flops = 3 * 64 * 64 * {"fwd": 4, "fwd+bwd": 14}[passes] * 2 * 8
+        assert record["tile_rate"] == pytest.approx(tile_flops / floor * 1e3 / rate)
+        product = 8256 / (3 * 64 * 64) * factor * record["tile_rate"] * record["in_matmuls"]
+        assert record["efficiency"] == pytest.approx(product)
+
+
+def test_tile_matmuls_are_blockwise_visits_without_the_softmax():
+    """The benchmark's matmul floor (thdkit.bench.attention_work.tile_matmuls) against NumPy: the
+    visits i = 0, 1, ... pair query tile i mod 3 with key tile i mod 3 (T = 12, tiles of 4)."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 12, 2, 5)).astype(np.float32) for _ in range(3))
+    tiles = lambda x: x[0].reshape(3, 4, 2, 5).transpose(0, 2, 1, 3)  # noqa: E731
+    qt, kt, vt = tiles(q), tiles(k), tiles(v)
+    out, dq, dk, dv = (np.zeros_like(qt) for _ in range(4))
+    for i in range(7):
+        r = c = i % 3
+        values = qt[r] @ kt[c].transpose(0, 2, 1)
+        out[r] += values @ vt[c]
+        d_values = qt[r] @ vt[c].transpose(0, 2, 1)  # the query stands in for the output's grad
+        dq[r] += d_values @ kt[c]
+        dk[c] += d_values.transpose(0, 2, 1) @ qt[r]
+        dv[c] += values.transpose(0, 2, 1) @ qt[r]
+    args = dict(block_q=4, block_kv=4, tiles=7)
+    (got,) = jax.jit(tile_matmuls, static_argnames=("block_q", "block_kv", "tiles", "passes"))(
+        q, k, v, passes="fwd", **args
+    )
+    np.testing.assert_allclose(got, out, rtol=1e-5, atol=1e-4)
+    for got, want in zip(
+        tile_matmuls(q, k, v, passes="fwd+bwd", **args), (out, dq, dk, dv), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
 def test_device_check_runs_tiny_here_and_fails_with_a_test(tmp_path):

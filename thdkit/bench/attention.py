@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -37,6 +36,14 @@ from thdkit._src.kernels.dense import Dense
 from thdkit._src.mask_types import MaskType, check_window
 from thdkit._src.segments import Segments
 from thdkit.bench import measure
+from thdkit.bench.attention_work import (
+    MATMUL_SIZE,
+    NEEDED_FLOPS_PER_PAIR,
+    TILE_FLOPS_PER_PAIR,
+    cell_work,
+    matmul_program,
+    tile_matmuls,
+)
 from thdkit.bench.measure import SHAPE_OPTIONS, SILENT, Callbacks, Options, PlanConfig, median
 from thdkit.bench.peers import (
     PEERS,
@@ -45,7 +52,6 @@ from thdkit.bench.peers import (
     peer_program,
     peer_visited_fraction,
 )
-from thdkit.bench.ring import work_per_rank
 from thdkit.kernels import attach_sinks, attention, plan_attention
 
 __all__ = [
@@ -55,15 +61,10 @@ __all__ = [
     "attention_program",
     "bench_sinks",
     "implementation_names",
-    "matmul_rate",
     "run_attention_bench",
 ]
 
 _VARIANTS = {"blockwise-serial": "blockwise"}  # A schedule of a registered implementation.
-# Matmul flops per allowed (query, key) pair, head and head-dim unit: QK^T and PV forward; the
-# backward adds dV, dP, dQ and dK.
-NEEDED_FLOPS_PER_PAIR = {"fwd": 4, "fwd+bwd": 12}
-MATMUL_SIZE = 2048
 FEATURES = ("plain", "soft_cap", "sinks")
 """What a record's ``feature`` may be: plain attention, soft-capped logits
 (``AttentionBench.logits_soft_cap``), learned attention sinks (``AttentionBench.sinks``)."""
@@ -336,39 +337,6 @@ def attention_program(
     return forward_only if passes == "fwd" else forward_backward
 
 
-def _work(config: AttentionBench, ids: np.ndarray, pos: np.ndarray) -> dict[str, Any]:
-    """The cell's tiles visited by blockwise's plan, its allowed pairs and sum_s len_s^2."""
-    mask, window = MaskType.parse(config.mask_type), config.window_size
-    side = Segments.from_ids(ids, pos)
-    plan = plan_attention(
-        side, mask_type=mask, window_size=window, max_segments_per_seq=int(ids.max()),
-        implementation="blockwise", block_q=config.block_q, block_kv=config.block_kv,
-    )  # fmt: skip
-    ranges = plan.aux["blockwise"]
-    visited, pairs = int(jnp.sum(ranges.hi - ranges.lo)), ids.size * ids.shape[1]
-    allowed = int(work_per_rank(ids, pos, cp=1, mask_type=mask, window_size=window).sum())
-    return {
-        "tiles_visited": visited, "block_q": plan.config.block_q, "block_kv": plan.config.block_kv,
-        "tiles_visited_fraction": visited / ranges.lo.size / ranges.num_kv_tiles,
-        "tile_pair_fraction": visited * plan.config.block_q * plan.config.block_kv / pairs,
-        "allowed_pairs": allowed, "allowed_pair_fraction": allowed / pairs,
-        "sum_len_squared_fraction": int(side.lengths.sum()) / pairs,  # Each token adds its length.
-    }  # fmt: skip
-
-
-def _matmul(q: jax.Array, k: jax.Array, *_: Any) -> jax.Array:
-    """``x @ y``, [2048, 2048] each in the cell's dtype (q's and k's values, repeated as needed):
-    timed with the cell's programs, it gives their FLOP rate under the same load."""
-    x, y = (jnp.resize(a, (MATMUL_SIZE, MATMUL_SIZE)) for a in (q, k))
-    return x @ y
-
-
-def matmul_rate(records: Sequence[Mapping[str, Any]]) -> float | None:
-    """The median of the records' ``matmul_flop_rate`` (FLOP/s): the rate of the run."""
-    rates = [r["matmul_flop_rate"] for r in records if r["matmul_flop_rate"]]
-    return statistics.median(rates) if rates else None
-
-
 def run_attention_bench(
     config: AttentionBench, *, callbacks: Callbacks = SILENT
 ) -> list[dict[str, Any]]:
@@ -382,7 +350,9 @@ def run_attention_bench(
     Returns:
         JSON-ready records, one per (seq_len, segments, implementation, pass, feature), with the
         fields docs/benchmarks.md describes (efficiency, vs_blockwise, pairs visited and
-        allowed...); ``feature`` is one of ``config.features`` (the peers: ``"plain"`` only) and
+        allowed, and for blockwise the factors of its efficiency, ``tile_matmul_ms``,
+        ``tile_rate`` and ``in_matmuls``: :mod:`thdkit.bench.attention_work`...);
+        ``feature`` is one of ``config.features`` (the peers: ``"plain"`` only) and
         ``vs_plain`` the latency over the same implementation's and pass's plain one.
 
     Example:
@@ -403,7 +373,10 @@ def run_attention_bench(
             rng, batch=config.batch, seq_len=seq_len, segments=segments
         )
         callbacks.step(f"{label}: work")
-        work = _work(config, ids, pos)
+        work = cell_work(
+            ids, pos, mask_type=config.mask_type, window_size=config.window_size,
+            block_q=config.block_q, block_kv=config.block_kv,
+        )  # fmt: skip
         shape = (config.batch, seq_len, config.heads, config.head_dim)
         qkv = [jnp.asarray(rng.standard_normal(shape, np.float32), dtype) for _ in range(3)]
         same["dtype"] = qkv[0].dtype.name  # The dtype that runs (JAX may narrow a request).
@@ -424,14 +397,27 @@ def run_attention_bench(
             except ImportError:
                 plan = measure.skipped(f"not installed: {install_hint(implementation)}")
             plans[implementation, passes, feature] = plan
-        plans["matmul"] = measure.plan(_matmul, *args, compile_timeout_s=config.compile_timeout_s)
+        timeout = config.compile_timeout_s
+        plans["matmul"] = measure.plan(matmul_program, *args, compile_timeout_s=timeout)
+        tiled = [n for n in config.implementations if _VARIANTS.get(n, n) == "blockwise"]
+        for passes in ("fwd", "fwd+bwd") if tiled else ():
+            plans["tiles", passes] = measure.plan(
+                tile_matmuls, *args, compile_timeout_s=timeout, block_q=work["block_q"],
+                block_kv=work["block_kv"], tiles=work["tiles_visited"], passes=passes,
+            )  # fmt: skip
         callbacks.step(f"{label}: timing")
         outcome = measure.run_plans(plans, args, config, config.memory_limit_bytes)
         matmul_ms = median(outcome.pop("matmul"))
         rate = matmul_ms and 2e3 * MATMUL_SIZE**3 / matmul_ms
+        tile_ms = {p: median(outcome.pop(("tiles", p))) for p in ("fwd", "fwd+bwd") if tiled}
         for (implementation, passes, feature), fields in outcome.items():
             needed = work["allowed_pairs"] * NEEDED_FLOPS_PER_PAIR[passes] * flops_per_pair
             mine = median(fields)
+            floor = tile_ms.get(passes) if implementation in tiled else None
+            tile_flops = (
+                work["tiles_visited"] * work["block_q"] * work["block_kv"]
+                * TILE_FLOPS_PER_PAIR[passes] * flops_per_pair
+            )  # fmt: skip
             blockwise = median(outcome.get(("blockwise", passes, feature), {}))
             plain = median(outcome.get((implementation, passes, "plain"), {}))
             records.append(
@@ -441,6 +427,9 @@ def run_attention_bench(
                 | {"visited_pair_fraction": _visited_fraction(implementation, work)}
                 | {"needed_flops": float(needed), "matmul_flop_rate": rate}
                 | {"efficiency": mine and rate and needed / (mine / 1e3) / rate}
+                | {"tile_matmul_ms": floor}
+                | {"tile_rate": floor and rate and tile_flops / (floor / 1e3) / rate}
+                | {"in_matmuls": floor and mine and floor / mine}
                 | {"vs_blockwise": mine / blockwise if blockwise and mine else None}
                 | {"vs_plain": mine / plain if plain and mine else None}
             )

@@ -28,12 +28,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from typer.core import TyperCommand, TyperGroup
 
-from thdkit.bench.attention import (
-    AttentionBench,
-    matmul_rate,
-    run_attention_bench,
-)
+from thdkit.bench.attention import AttentionBench, run_attention_bench
 from thdkit.bench.attention_report import attention_table
+from thdkit.bench.attention_work import matmul_rate
 from thdkit.bench.compile import CompileBench, run_compile_bench
 from thdkit.bench.compile_report import compile_table, host_table
 from thdkit.bench.cp import CPBench, cp_table, run_cp_bench
