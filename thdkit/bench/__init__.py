@@ -2,8 +2,9 @@
 
 :mod:`~thdkit.bench.measure` holds what they share; the metadata benchmark is ``sweep`` (what),
 ``run`` (how), ``report`` (the tables and the closing line) and ``plot``, written with ``units``;
-then ``attention``, ``plan``, ``ring``, ``cp``, ``compile`` and
-``commands`` (the command line).
+then ``attention`` (with ``attention_work``, the work and the matmuls its efficiency is measured
+against, and ``attention_report``), ``plan``, ``ring``, ``cp``, ``compile`` and ``commands`` (the
+command line).
 """
 
 

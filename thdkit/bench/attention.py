@@ -6,7 +6,9 @@ where one runs, and which pairs it visits, is read from the implementation itsel
 
 B batch, T tokens per row (self-attention), H heads, D head dim, S documents per row. Per cell
 (T, S), rows filled with S documents of random lengths, every implementation and pass (forward,
-forward + backward) is planned and, where it fits, timed round-robin with the others. The peers
+forward + backward) is planned and, where it fits, timed round-robin with the others, with a
+2048³ matmul and blockwise's tile matmuls alone (:mod:`thdkit.bench.attention_work`: what its
+efficiency is measured against, and the factors of that efficiency). The peers
 (:mod:`thdkit.bench.peers`): ``jax-nn-xla`` (jax.nn on the dense mask from ids and positions),
 ``ejkernel-xla`` (extra ``thdkit[peers]``), ``tokamax-xla``, ``tokamax-xla-chunked`` (tokamax
 on that dense mask) and ``tokamax-xla-range`` (tokamax on per-query key ranges; extra
@@ -30,7 +32,7 @@ import numpy as np
 
 from thdkit import kernels
 from thdkit._src import synth
-from thdkit._src.kernels.blockwise import Blockwise, blockwise_attention
+from thdkit._src.kernels.blockwise import Blockwise, blockwise_attention, step_tiles
 from thdkit._src.kernels.config import AttentionConfig, check_soft_cap
 from thdkit._src.kernels.dense import Dense
 from thdkit._src.mask_types import MaskType, check_window
@@ -404,6 +406,7 @@ def run_attention_bench(
             plans["tiles", passes] = measure.plan(
                 tile_matmuls, *args, compile_timeout_s=timeout, block_q=work["block_q"],
                 block_kv=work["block_kv"], tiles=work["tiles_visited"], passes=passes,
+                chunk=step_tiles(work["block_q"], work["block_kv"], most=work["tiles_total"]),
             )  # fmt: skip
         callbacks.step(f"{label}: timing")
         outcome = measure.run_plans(plans, args, config, config.memory_limit_bytes)

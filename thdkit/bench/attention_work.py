@@ -66,7 +66,8 @@ def cell_work(
         block_q, block_kv: the tile sizes, or None for the plan's.
 
     Returns:
-        Record fields: ``tiles_visited``, ``block_q``, ``block_kv``, ``tiles_visited_fraction``,
+        Record fields: ``tiles_visited``, ``block_q``, ``block_kv``, ``tiles_total`` (the
+        batch's query tiles times its key tiles), ``tiles_visited_fraction``,
         ``tile_pair_fraction`` (the visited tiles' pairs over B·T²), ``allowed_pairs``,
         ``allowed_pair_fraction`` and ``sum_len_squared_fraction``.
 
@@ -88,6 +89,7 @@ def cell_work(
     allowed = int(work_per_rank(ids, pos, cp=1, mask_type=mask, window_size=window_size).sum())
     return {
         "tiles_visited": visited, "block_q": plan.config.block_q, "block_kv": plan.config.block_kv,
+        "tiles_total": ranges.lo.size * ranges.num_kv_tiles,  # (query tile, key tile) pairs
         "tiles_visited_fraction": visited / ranges.lo.size / ranges.num_kv_tiles,
         "tile_pair_fraction": visited * plan.config.block_q * plan.config.block_kv / pairs,
         "allowed_pairs": allowed, "allowed_pair_fraction": allowed / pairs,
@@ -125,21 +127,27 @@ def tile_matmuls(
     block_kv: int,
     tiles: int,
     passes: Pass,
+    chunk: int = 1,
 ) -> tuple[jax.Array, ...]:
     """Blockwise's tile matmuls and nothing else: ``tiles`` visits of a (query tile, key tile)
-    pair, sliced from the inputs and accumulated into them as blockwise slices and accumulates
-    (one loop step per tile, float32), with QKᵀ and PV forward, then a second loop with the
-    backward's recomputed QKᵀ, dP, dQ, dK and dV (``passes="fwd+bwd"``; the tile values stand in
-    for the weights and their gradient: no softmax, no mask).
+    pair, ``chunk`` per loop step (a step's tiles gathered from the inputs and its products added
+    back as blockwise's schedule does; one tile is a slice), float32, with QKᵀ and PV forward,
+    then a second loop with the backward's recomputed QKᵀ, dP, dQ, dK and dV
+    (``passes="fwd+bwd"``; the tile values stand in for the weights and their gradient: no
+    softmax, no mask). Visit i pairs query tile ``i mod N_q`` with key tile ``i mod N_kv``; the
+    last step runs whole, as blockwise's does.
 
     Args:
         q, k, v: [B, T, H, D] the cell's inputs (the query stands in for the output's gradient).
         block_q, block_kv: the plan's tile sizes.
         tiles: the number of tiles the plan visits (``cell_work``'s ``tiles_visited``).
         passes: ``"fwd"`` or ``"fwd+bwd"``.
+        chunk: tiles per step (blockwise's parallel schedule: ``PAIRS_PER_STEP[backend] //
+            (block_q * block_kv)``).
 
     Returns:
-        The accumulators (forward: the output's tiles; forward + backward: also dQ, dK and dV).
+        The accumulators, float32[B * (T // block), H, block, D]: forward the output's tiles;
+        forward + backward also dQ, dK and dV.
 
     Example:
         >>> x = jnp.ones((1, 8, 2, 4))
@@ -149,34 +157,40 @@ def tile_matmuls(
     """
     qt, kt, vt = _tiles(q, block_q), _tiles(k, block_kv), _tiles(v, block_kv)
 
-    def pair(i: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return i % qt.shape[0], i % kt.shape[0]
+    def pairs(step: jax.Array) -> tuple[jax.Array, jax.Array]:
+        items = step * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        return items % qt.shape[0], items % kt.shape[0]
 
-    def tile(x: jax.Array, index: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_index_in_dim(x, index, keepdims=False)
+    def take(x: jax.Array, index: jax.Array) -> jax.Array:
+        if chunk == 1:
+            return jax.lax.dynamic_slice_in_dim(x, index[0], 1)
+        return jnp.take(x, index, axis=0)
 
     def add(x: jax.Array, index: jax.Array, value: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_update_index_in_dim(x, tile(x, index) + value, index, 0)
+        if chunk == 1:
+            return jax.lax.dynamic_update_slice_in_dim(x, take(x, index) + value, index[0], 0)
+        return x.at[index].add(value)
 
-    def forward(i: jax.Array, out: jax.Array) -> jax.Array:
-        r, c = pair(i)
-        values = jnp.einsum("hqd,hkd->hqk", tile(qt, r), tile(kt, c))
-        return add(out, r, jnp.einsum("hqk,hkd->hqd", values, tile(vt, c)))
+    def forward(step: jax.Array, out: jax.Array) -> jax.Array:
+        r, c = pairs(step)
+        values = jnp.einsum("phqd,phkd->phqk", take(qt, r), take(kt, c))
+        return add(out, r, jnp.einsum("phqk,phkd->phqd", values, take(vt, c)))
 
-    def backward(i: jax.Array, grads: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    def backward(step: jax.Array, grads: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         dq, dk, dv = grads
-        r, c = pair(i)
-        q_tile, k_tile, d_out = tile(qt, r), tile(kt, c), tile(qt, r)
-        values = jnp.einsum("hqd,hkd->hqk", q_tile, k_tile)
-        d_values = jnp.einsum("hqd,hkd->hqk", d_out, tile(vt, c))
+        r, c = pairs(step)
+        q_tile, k_tile, d_out = take(qt, r), take(kt, c), take(qt, r)
+        values = jnp.einsum("phqd,phkd->phqk", q_tile, k_tile)
+        d_values = jnp.einsum("phqd,phkd->phqk", d_out, take(vt, c))
         return (
-            add(dq, r, jnp.einsum("hqk,hkd->hqd", d_values, k_tile)),
-            add(dk, c, jnp.einsum("hqk,hqd->hkd", d_values, q_tile)),
-            add(dv, c, jnp.einsum("hqk,hqd->hkd", values, d_out)),
+            add(dq, r, jnp.einsum("phqk,phkd->phqd", d_values, k_tile)),
+            add(dk, c, jnp.einsum("phqk,phqd->phkd", d_values, q_tile)),
+            add(dv, c, jnp.einsum("phqk,phqd->phkd", values, d_out)),
         )
 
-    out = jax.lax.fori_loop(0, tiles, forward, jnp.zeros_like(qt))
+    steps = -(-tiles // chunk)
+    out = jax.lax.fori_loop(0, steps, forward, jnp.zeros_like(qt))
     if passes == "fwd":
         return (out,)
     zeros = tuple(jnp.zeros_like(x) for x in (qt, kt, vt))
-    return (out, *jax.lax.fori_loop(0, tiles, backward, zeros))
+    return (out, *jax.lax.fori_loop(0, steps, backward, zeros))

@@ -39,6 +39,7 @@ __all__ = [
     "Blockwise",
     "Schedule",
     "blockwise_attention",
+    "step_tiles",
 ]
 
 # Tiles are stored head-major, as the batched matmuls read them: query tile r is
@@ -57,6 +58,28 @@ PAIRS_PER_STEP = {"cpu": 128 * 128, "gpu": 16 * 128 * 128, "tpu": 16 * 128 * 128
 Larger steps amortise the per-step cost; on CPU the batched gathers cost more than that saves
 beyond one 128 x 128 tile's worth (docs/attention.md, "Blockwise"), on accelerators 16 tiles of
 128 x 128 keep the device busy."""
+
+
+def step_tiles(block_q: int, block_kv: int, *, most: int, backend: str | None = None) -> int:
+    """Tiles the parallel schedule visits per step: ``PAIRS_PER_STEP[backend]`` pairs' worth of
+    ``block_q x block_kv`` tiles, at least one and at most ``most``.
+
+    Args:
+        block_q, block_kv: the tile sizes.
+        most: no step needs more (the batch's query tiles times its key tiles).
+        backend: None for ``jax.default_backend()``.
+
+    Returns:
+        The chunk, an int in ``[1, max(most, 1)]``.
+
+    Example:
+        >>> [step_tiles(block, block, most=1000, backend="cpu") for block in (32, 128, 512)]
+        [16, 1, 1]
+        >>> step_tiles(128, 128, most=9, backend="gpu")
+        9
+    """
+    pairs = PAIRS_PER_STEP.get(backend or jax.default_backend(), PAIRS_PER_STEP["gpu"])
+    return max(1, min(most, pairs // (block_q * block_kv)))
 
 
 class _Tiles(NamedTuple):
@@ -353,8 +376,7 @@ def blockwise_attention(
     tiled_q = jax.tree.map(lambda a: tile(a, block_q, num_q), q_segments)
     tiled_kv = jax.tree.map(lambda a: tile(a, block_kv, num_kv), kv_segments)
     most = batch * num_q * num_kv  # no step needs more items than there are tiles
-    pairs = PAIRS_PER_STEP.get(jax.default_backend(), PAIRS_PER_STEP["gpu"])
-    chunk = 1 if schedule == "serial" else max(1, min(most, pairs // (block_q * block_kv)))
+    chunk = 1 if schedule == "serial" else step_tiles(block_q, block_kv, most=most)
     cap = None if logits_soft_cap is None else float(logits_soft_cap)
     tiles = _Tiles(mask_type, window_size, float(scale), chunk, cap)
     out, lse = _flash(tiles, q, k, v, tiled_q, tiled_kv, bad_q, bad_kv, work)
