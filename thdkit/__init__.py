@@ -72,6 +72,6 @@ __all__ = [
     "validate_layout",
 ]
 
-__version__ = "0.3.1"
+__version__ = "0.3.2"
 
 moved.install()
