@@ -649,15 +649,20 @@ def test_tile_matmuls_are_blockwise_visits_without_the_softmax():
         dq[r] += d_values @ kt[c]
         dk[c] += d_values.transpose(0, 2, 1) @ qt[r]
         dv[c] += values.transpose(0, 2, 1) @ qt[r]
-    args = dict(block_q=4, block_kv=4, tiles=7)
-    (got,) = jax.jit(tile_matmuls, static_argnames=("block_q", "block_kv", "tiles", "passes"))(
-        q, k, v, passes="fwd", **args
-    )
-    np.testing.assert_allclose(got, out, rtol=1e-5, atol=1e-4)
-    for got, want in zip(
-        tile_matmuls(q, k, v, passes="fwd+bwd", **args), (out, dq, dk, dv), strict=True
-    ):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    static = ("block_q", "block_kv", "tiles", "passes", "chunk")
+    for chunk in (1, 7):  # one tile per step (slices), or every visit in one step (gathers)
+        args = dict(block_q=4, block_kv=4, tiles=7, chunk=chunk)
+        (got,) = jax.jit(tile_matmuls, static_argnames=static)(q, k, v, passes="fwd", **args)
+        np.testing.assert_allclose(got, out, rtol=1e-5, atol=1e-4)
+        grads = tile_matmuls(q, k, v, passes="fwd+bwd", **args)
+        for got, want in zip(grads, (out, dq, dk, dv), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    # Three steps of three visits: the last step runs whole (visits 7 and 8 too).
+    more = dict(block_q=4, block_kv=4, tiles=7, chunk=3)
+    (got,) = tile_matmuls(q, k, v, passes="fwd", **more)
+    (nine,) = tile_matmuls(q, k, v, passes="fwd", **more | dict(tiles=9))
+    np.testing.assert_allclose(got, nine, rtol=1e-6)
+    assert not np.allclose(got, out)
 
 
 def test_device_check_runs_tiny_here_and_fails_with_a_test(tmp_path):
