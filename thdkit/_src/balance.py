@@ -384,18 +384,16 @@ def balance(
         raise ValueError(f"segment_ids must be int[B, T], got shape {ids.shape}")
     validate_layout(ids, pos, max_segments_per_seq=None, mask_type=mask_type)
     sides = [(ids, pos)]
-    if kv_segment_ids is None:
-        if kv_segment_pos is not None:
-            raise ValueError("kv_segment_pos was given without kv_segment_ids")
-        if ids.shape[1] % cp:
-            raise ValueError(f"balance needs T to be a multiple of cp={cp}, got T={ids.shape[1]}")
-    else:
+    if kv_segment_ids is not None:
         sides.append(_kv_layout(kv_segment_ids, kv_segment_pos, ids.shape[0], mask_type))
-        for name, side in (("T_q", ids), ("T_kv", sides[1][0])):
-            if side.shape[1] % cp:
-                raise ValueError(
-                    f"balance needs {name} to be a multiple of cp={cp}, got {name}={side.shape[1]}"
-                )
+    elif kv_segment_pos is not None:
+        raise ValueError("kv_segment_pos was given without kv_segment_ids")
+    names = ("T",) if len(sides) == 1 else ("T_q", "T_kv")
+    for name, (side, _) in zip(names, sides, strict=True):
+        if side.shape[1] % cp:
+            raise ValueError(
+                f"balance needs {name} to be a multiple of cp={cp}, got {name}={side.shape[1]}"
+            )
     work = token_work(
         ids, pos, mask_type=mask_type, window_size=window_size,
         kv_segment_ids=None if len(sides) == 1 else sides[1][0],
